@@ -1,0 +1,78 @@
+"""The Mamba-2 mixer (SPEC section 3), over the chunked SSD scan and causal conv1d of `kernels/`.
+
+`state` (inference only) is a dict {"conv": (b, conv_dim, K-1), "ssm": (b, heads, head_dim, state) fp32}: the scan
+starts from it and it is replaced by the states after the last token, so prefill and decode share one code path.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.conv1d import causal_conv1d
+from kernels.ssd import ssd_scan
+
+from .norm import GatedRMSNorm
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_heads = cfg.mamba_num_heads
+        self.head_dim = cfg.mamba_head_dim
+        self.groups = cfg.mamba_groups
+        self.state_size = cfg.ssm_state_size
+        self.chunk_size = cfg.chunk_size
+        self.time_step_range = (cfg.time_step_min, cfg.time_step_max, cfg.time_step_floor)
+        self.a_init_range = cfg.a_init_range
+        d_inner = cfg.mamba_d_inner
+        conv_dim = cfg.mamba_conv_dim
+        self.in_proj = nn.Linear(cfg.hidden_size, cfg.mamba_in_proj_size, bias=False)  # z | x | B | C | dt
+        # nn.Conv1d only holds the (channels, 1, K) weight and bias in the checkpoint's layout; the op is kernels'
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.conv_kernel, groups=conv_dim, bias=True)
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = GatedRMSNorm(d_inner, group_size=d_inner // self.groups, eps=cfg.norm_eps)
+        self.out_proj = nn.Linear(d_inner, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, seq_idx=None, state=None) -> torch.Tensor:
+        b, s, _ = x.shape
+        # sizes come from the parameters, so a tensor-parallel shard (fewer heads and groups) runs the same code
+        heads = self.dt_bias.shape[0]
+        d_inner = heads * self.head_dim
+        bc_size = (self.conv1d.weight.shape[0] - d_inner) // 2
+        z, xbc, dt = self.in_proj(x).split([d_inner, d_inner + 2 * bc_size, heads], dim=-1)
+        xbc, conv_state = causal_conv1d(
+            xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
+            initial_state=None if state is None else state["conv"], activation="silu",
+        )
+        xs, B, C = xbc.split([d_inner, bc_size, bc_size], dim=-1)
+        groups = bc_size // self.state_size
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # no clamp in training (SPEC)
+        A = -torch.exp(self.A_log.float())
+        y, ssm_state = ssd_scan(
+            xs.reshape(b, s, heads, self.head_dim), dt, A,
+            B.reshape(b, s, groups, self.state_size), C.reshape(b, s, groups, self.state_size),
+            D=self.D, chunk_size=self.chunk_size, seq_idx=seq_idx,
+            initial_state=None if state is None else state["ssm"],
+        )
+        if state is not None:
+            state["conv"], state["ssm"] = conv_state.to(state["conv"].dtype), ssm_state
+        y = self.norm(y.reshape(b, s, d_inner), z)
+        return self.out_proj(y)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float):
+        nn.init.normal_(self.in_proj.weight, std=std)
+        nn.init.normal_(self.out_proj.weight, std=out_std)
+        self.conv1d.reset_parameters()  # PyTorch's default (kaiming-uniform), as mamba_ssm and Megatron keep it
+        lo, hi = self.a_init_range
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(lo, hi).log())
+        dt_min, dt_max, dt_floor = self.time_step_range
+        u = torch.rand(self.num_heads, device=self.dt_bias.device, dtype=torch.float32)
+        dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.D.fill_(1.0)
+        self.norm.init_weights()

@@ -1,0 +1,67 @@
+"""Multi-token prediction (SPEC section 3): one physical `*E` block, applied at depths 1..D with shared weights.
+
+Depth k reads the main model's embedding of the tokens shifted left by k and the previous depth's hidden state
+(depth 0: the final-normed trunk output), and its output goes through the shared lm_head to predict token t+k+1.
+Checkpoint layout: `mtp.layers.0.{enorm,hnorm,eh_proj,norm,mixer}` (attention) and
+`mtp.layers.1.{norm,mixer,final_layernorm}` (LatentMoE).
+"""
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .moe import LatentMoE
+from .norm import RMSNorm
+
+
+class MTPAttentionLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        h = cfg.hidden_size
+        self.enorm = RMSNorm(h, cfg.norm_eps)
+        self.hnorm = RMSNorm(h, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.norm = RMSNorm(h, cfg.norm_eps)
+        self.mixer = Attention(h, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+
+    def forward(self, embedded, previous_hidden, seq_idx=None, state=None):
+        u = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(previous_hidden)], dim=-1))
+        return u + self.mixer(self.norm(u), seq_idx=seq_idx, state=state)
+
+
+class MTPMoELayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mixer = LatentMoE(cfg)
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, u, seq_idx=None):
+        return self.final_layernorm(u + self.mixer(self.norm(u), seq_idx=seq_idx))
+
+
+class MTPBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList([MTPAttentionLayer(cfg), MTPMoELayer(cfg)])
+
+    def forward(self, embedded, previous_hidden, seq_idx=None, state=None):
+        """One depth: (embedding of the shifted tokens, h_{k-1}) -> h_k, ready for the shared lm_head."""
+        u = self.layers[0](embedded, previous_hidden, seq_idx=seq_idx, state=state)
+        return self.layers[1](u, seq_idx=seq_idx)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float):
+        first, second = self.layers
+        for norm in (first.enorm, first.hnorm, first.norm, second.norm, second.final_layernorm):
+            norm.init_weights()
+        nn.init.normal_(first.eh_proj.weight, std=std)
+        first.mixer.init_weights(std, out_std)
+        second.mixer.init_weights(std, out_std)
+
+
+def shift_left(t: torch.Tensor, k: int, fill) -> torch.Tensor:
+    """t[:, i] <- t[:, i + k]; the last k positions get `fill`."""
+    out = torch.full_like(t, fill)
+    out[:, :-k] = t[:, k:]
+    return out
