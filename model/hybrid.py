@@ -104,7 +104,10 @@ class HybridModel(nn.Module):
         for i, block in enumerate(self.backbone.layers):
             x = block(x, seq_idx=seq_idx, state=None if cache is None else cache.layers[i])
         hidden = self.backbone.norm_f(x)
-        out = ModelOutput(hidden=hidden, expert_load=self._expert_load())
+        trunk_moe = [b.mixer for b in self.backbone.layers if b.kind == "moe"]
+        aux_terms = [m.aux_loss for m in trunk_moe if m.aux_loss is not None]
+        loads = [m.load for m in trunk_moe]
+        out = ModelOutput(hidden=hidden, expert_load=torch.stack(loads) if loads else None)
         if labels is None:
             out.logits = self.lm_head(hidden)
             return out
@@ -112,13 +115,18 @@ class HybridModel(nn.Module):
         out.lm_loss = self.head_loss(hidden, labels)
         out.loss = out.lm_loss
         if self.mtp is not None:
-            out.mtp_losses = self.mtp_losses(input_ids, labels, hidden, seq_idx)
+            mtp_moe, mtp_load = self.mtp.layers[1].mixer, 0
+            for depth_loss in self._mtp_depths(input_ids, labels, hidden, seq_idx):
+                # the shared block runs once per depth: every depth's balance loss and routing counts
+                out.mtp_losses.append(depth_loss)
+                aux_terms.append(mtp_moe.aux_loss)
+                mtp_load = mtp_load + mtp_moe.load
+            loads.append(mtp_load)
             out.loss = out.loss + self.cfg.mtp_loss_weight / len(out.mtp_losses) * sum(out.mtp_losses)
-        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        if aux:
-            out.aux_loss = sum(aux)
+        if aux_terms:
+            out.aux_loss = sum(aux_terms)
             out.loss = out.loss + self.cfg.moe_aux_loss_coeff * out.aux_loss
-        out.expert_load = self._expert_load()  # MTP's MoE ran too
+        out.expert_load = torch.stack(loads) if loads else None
         return out
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -127,21 +135,19 @@ class HybridModel(nn.Module):
 
     def mtp_losses(self, input_ids, labels, hidden, seq_idx=None) -> list:
         """CE of each MTP depth k = 1..D: position t predicts token t+k+1 from h_{k-1}(t) and token t+k."""
-        losses, previous = [], hidden
+        return list(self._mtp_depths(input_ids, labels, hidden, seq_idx))
+
+    def _mtp_depths(self, input_ids, labels, hidden, seq_idx):
+        previous = hidden
         for k in range(1, self.cfg.mtp_depths + 1):
             embedded = self.backbone.embeddings(shift_left(input_ids, k, 0))
             previous = self.mtp(embedded, previous, seq_idx=seq_idx)
-            losses.append(self.head_loss(previous, shift_left(labels, k, IGNORE_INDEX)))
-        return losses
+            yield self.head_loss(previous, shift_left(labels, k, IGNORE_INDEX))
 
     # ----- MoE balancing -----------------------------------------------------------------------------------
     def moe_layers(self) -> list:
-        """Every LatentMoE, trunk first, then the MTP block's."""
+        """Every LatentMoE, trunk first, then the MTP block's (the rows of `expert_load`)."""
         return [m for m in self.modules() if isinstance(m, LatentMoE)]
-
-    def _expert_load(self):
-        loads = [m.load for m in self.moe_layers() if m.load is not None]
-        return torch.stack(loads) if loads else None
 
     @torch.no_grad()
     def update_expert_bias(self, global_load: torch.Tensor):

@@ -18,7 +18,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, results):
+def _worker(rank, world_size, port, fn, args, results, collected):
     import torch
     import torch.distributed as dist
 
@@ -30,6 +30,8 @@ def _worker(rank, world_size, port, fn, args, results):
         value = fn(rank, world_size, *args)
         dist.barrier()  # without it, 4-process runs sometimes abort at exit after finishing their work
         results.put((rank, True, value))
+        # tensors travel through shared memory owned by this process: stay alive until the parent has them
+        collected.wait(timeout=120)
     except BaseException:  # noqa: BLE001 - the traceback travels to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -39,9 +41,10 @@ def _worker(rank, world_size, port, fn, args, results):
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
+    results, collected = ctx.Queue(), ctx.Event()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, collected))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     outcome = {}
@@ -52,6 +55,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             outcome[rank] = value
     finally:
+        collected.set()
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():

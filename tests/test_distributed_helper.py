@@ -26,3 +26,12 @@ def test_runs_in_n_processes():
 def test_failures_name_the_rank():
     with pytest.raises(RuntimeError, match="rank 1 failed(.|\n)*boom on rank one"):
         run_distributed(_fail_on_rank_one, 2, timeout=60)
+
+
+def _return_tensor(rank, world_size):
+    return torch.full((1000,), float(rank))
+
+
+def test_tensors_come_back_intact():
+    out = run_distributed(_return_tensor, 2)
+    assert torch.equal(out[0], torch.zeros(1000)) and torch.equal(out[1], torch.ones(1000))

@@ -120,9 +120,25 @@ def test_expert_load_counts_every_token_choice():
     model = HybridModel(small())
     ids = torch.randint(0, 97, (2, 9))
     out = model(ids[:, :-1], labels=ids[:, 1:])
-    # trunk MoE + MTP MoE at each of 2 depths (the MTP block's counts are from its last application)
+    # rows: the trunk MoE, then the MTP block's MoE summed over its 2 depths (each routes every token top-2)
     assert out.expert_load.shape == (2, 6)
-    assert (out.expert_load.sum(-1) == 2 * 8 * 2).all()
+    assert out.expert_load[0].sum() == 2 * 8 * 2
+    assert out.expert_load[1].sum() == 2 * (2 * 8 * 2)
+
+
+def test_aux_loss_counts_every_mtp_depth():
+    torch.manual_seed(0)
+    model = HybridModel(small())
+    ids = torch.randint(0, 97, (2, 9))
+    out = model(ids[:, :-1], labels=ids[:, 1:])
+    trunk = model.backbone.layers[2].mixer
+    with torch.no_grad():
+        h = model(ids[:, :-1]).hidden
+        trunk_aux = trunk.aux_loss.item()
+        mtp_aux = 0.0
+        for loss in model._mtp_depths(ids[:, :-1], ids[:, 1:], h, None):
+            mtp_aux += model.mtp.layers[1].mixer.aux_loss.item()
+    assert out.aux_loss.item() == pytest.approx(trunk_aux + mtp_aux, rel=1e-6)
 
 
 def test_incremental_decoding_equals_full_forward():

@@ -1,0 +1,130 @@
+"""ChatML rendering with the reasoning switch and per-token loss masks.
+
+Layout (control tokens in caps are single ids, everything else is encoded text):
+
+    IM_START "system\\n" {content} IM_END "\\n"
+    IM_START "user\\n" {content} IM_END "\\n"
+    IM_START "assistant\\n" THINK "\\n" {reasoning} "\\n" THINK_END "\\n" {content} IM_END "\\n"   (thinking on)
+    IM_START "assistant\\n" THINK THINK_END {content} IM_END "\\n"                      (thinking off, or none)
+
+The generation prompt is IM_START "assistant\\n" THINK (thinking on) or IM_START "assistant\\n" THINK THINK_END
+(thinking off). The loss covers exactly what the model produces after that prompt: the reasoning, THINK_END, the
+answer and IM_END; never the prompt, the other roles or the newline after IM_END.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+CHAT_FORMAT_VERSION = 1  # bump when the layout changes (part of tokenization cache keys)
+ROLES = ("system", "user", "assistant")
+_THINK_RE = re.compile(r"^\s*<think>(.*?)</think>\s*", re.DOTALL)
+
+
+@dataclass
+class ChatTokens:
+    ids: List[int]
+    assistant_mask: List[bool]  # True where the token is produced by the assistant (gets the loss as a target)
+
+
+def split_reasoning(message: dict) -> Tuple[Optional[str], str]:
+    """(reasoning, answer) of an assistant message: `reasoning_content`, or a leading <think>...</think> block."""
+    content = message.get("content") or ""
+    reasoning = message.get("reasoning_content")
+    match = _THINK_RE.match(content)
+    if match:
+        if reasoning is None:
+            reasoning = match.group(1)
+        content = content[match.end():]
+    reasoning = reasoning.strip() if isinstance(reasoning, str) else None
+    return (reasoning or None), content
+
+
+def normalize_record(record) -> List[dict]:
+    """The messages of one SFT record: {"messages": [...]} or {"prompt", "completion"[, "system"]}.
+
+    Raises ValueError with the reason for anything malformed.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list")
+    elif "prompt" in record and "completion" in record:
+        messages = []
+        if record.get("system"):
+            messages.append({"role": "system", "content": record["system"]})
+        messages.append({"role": "user", "content": record["prompt"]})
+        assistant = {"role": "assistant", "content": record["completion"]}
+        if record.get("reasoning_content") is not None:
+            assistant["reasoning_content"] = record["reasoning_content"]
+        messages.append(assistant)
+    else:
+        raise ValueError(f"expected 'messages' or 'prompt' and 'completion' (keys: {', '.join(map(str, record))})")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"message {i} is {type(m).__name__}, expected an object with role and content")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"message {i} has role {m.get('role')!r}; supported roles: {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} ({m['role']}) content must be a string")
+        rc = m.get("reasoning_content")
+        if rc is not None and not isinstance(rc, str):
+            raise ValueError(f"message {i} reasoning_content must be a string")
+    return messages
+
+
+def _segments(messages: Sequence[dict], enable_thinking: bool, add_generation_prompt: bool):
+    """(text or control-token name, trained) pieces of the layout in the module docstring."""
+    out = []
+    for m in messages:
+        role = m["role"]
+        out += [("<|im_start|>", False), (f"{role}\n", False)]
+        if role != "assistant":
+            out += [(m["content"], False), ("<|im_end|>", False), ("\n", False)]
+            continue
+        reasoning, answer = split_reasoning(m)
+        if enable_thinking and reasoning:
+            out += [("<think>", False), (f"\n{reasoning}\n", True), ("</think>", True), ("\n", True)]
+        else:
+            # After a thinking-on generation prompt (ending in THINK) the model itself closes the empty block.
+            out += [("<think>", False), ("</think>", enable_thinking)]
+        out += [(answer, True), ("<|im_end|>", True), ("\n", False)]
+    if add_generation_prompt:
+        out += [("<|im_start|>", False), ("assistant\n", False), ("<think>", False)]
+        if not enable_thinking:
+            out.append(("</think>", False))
+    return out
+
+
+def render_chat(tokenizer, messages: Sequence[dict], *, enable_thinking: bool = True,
+                add_generation_prompt: bool = False) -> ChatTokens:
+    """Token ids and assistant mask of a conversation. Message text is encoded as plain text: a "<|im_end|>"
+    typed by a user stays text and can not end a turn."""
+    ids: List[int] = []
+    mask: List[bool] = []
+    for piece, trained in _segments(messages, enable_thinking, add_generation_prompt):
+        if piece in tokenizer.special_ids:
+            piece_ids = [tokenizer.special_ids[piece]]
+        elif piece:
+            piece_ids = tokenizer.encode(piece)
+        else:
+            continue
+        ids += piece_ids
+        mask += [trained] * len(piece_ids)
+    return ChatTokens(ids, mask)
+
+
+def render_chat_text(messages: Sequence[dict], *, enable_thinking: bool = True,
+                     add_generation_prompt: bool = False) -> str:
+    """The same conversation as one string (for reading and debugging; decode(render_chat(...).ids) equals it)."""
+    return "".join(p for p, _ in _segments(messages, enable_thinking, add_generation_prompt))
+
+
+def prompt_messages(messages: Sequence[dict]) -> List[dict]:
+    """The conversation up to (not including) its last assistant turn: the prompt for generation / GRPO."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    return list(messages[:last])

@@ -1,0 +1,132 @@
+"""Configuration of the data pipeline: the fields of the Hydra group `data` (recipes/data/*.yaml)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import List, Optional
+
+BUILTIN_STDLIB = "builtin:stdlib"  # the embedded pretraining corpus: Python standard library sources
+BUILTIN_CHAT = "builtin:arithmetic_chat"  # the embedded SFT / GRPO prompt set: generated arithmetic problems
+
+DEFAULT_CACHE_ENV = "LATENTFORGE_CACHE"
+SPLITS = ("train", "valid", "test")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get(DEFAULT_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "latentforge")
+
+
+def resolve_cache_dir(cache_dir: Optional[str]) -> str:
+    path = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer: every kind puts the special tokens at the same ids (see data.tokenizer)."""
+
+    kind: str = "bpe"  # "bpe": byte-level BPE trained on the stdlib corpus; "tekken"; "hf": a tokenizer.json
+    path: Optional[str] = None  # "hf": the tokenizer.json file (a trained BPE saved next to data is one too)
+    vocab_size: int = 4096  # "bpe" only; tekken is always 131072, "hf" is whatever the file holds
+    train_max_mb: float = 4.0  # "bpe" only: train on the first this-many MB of the stdlib corpus
+
+
+@dataclass
+class DataConfig:
+    """One data source description for pretraining (`kind: pretrain`) or chat fine-tuning (`kind: sft`).
+
+    pretrain: `paths` are Megatron indexed-dataset prefixes (`<prefix>.bin/.idx`, written by
+    `python -m data.preprocess` or by Megatron-LM) or "builtin:stdlib"; `weights` blend them.
+    sft: `paths` are JSONL files (`messages` or `prompt`/`completion` per line) or "builtin:arithmetic_chat".
+    """
+
+    kind: str = "pretrain"
+    paths: List[str] = field(default_factory=lambda: [BUILTIN_STDLIB])
+    weights: Optional[List[float]] = None  # None: proportional to each source's token count
+    split: str = "98,1,1"  # train, valid, test shares of each source's documents (Megatron's split string)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    cache_dir: Optional[str] = None  # None: $LATENTFORGE_CACHE, else ~/.cache/latentforge
+    seed: int = 1234
+    # A new document starts after each </s>: seq_idx numbers documents so the Mamba scan and conv reset their
+    # state there and attention stays inside its document. Off: seq_idx is all zeros (plain concatenation).
+    reset_at_documents: bool = True
+    # Drop the loss on the token that follows </s> (predicting the next document's first token from the previous
+    # document, as Megatron's eod_mask_loss does). None: follow reset_at_documents.
+    mask_document_end_labels: Optional[bool] = None
+    num_workers: int = 2  # tokenizer processes for first-use preprocessing
+    stdlib_max_mb: float = 8.0  # the embedded corpus: the first this-many MB of the stdlib's .py files
+    mid_level_dataset_surplus: float = 0.005  # Megatron's blend margin; raise it if a blend reports oversampling
+    # sft only
+    enable_thinking: bool = True  # keep reasoning in <think>...</think>; False renders an empty <think></think>
+    packing: bool = True  # best-fit pack several conversations per row (False: one conversation per row)
+    truncation: str = "truncate"  # a conversation longer than the row: "truncate" (keep its head), "drop", "error"
+    skip_bad: bool = False  # skip (and count) malformed JSONL lines instead of stopping at the first one
+    synthetic_num_train: int = 20000  # builtin:arithmetic_chat sizes
+    synthetic_num_heldout: int = 500
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def masks_document_end_labels(self) -> bool:
+        if self.mask_document_end_labels is None:
+            return self.reset_at_documents
+        return self.mask_document_end_labels
+
+    def validate(self) -> None:
+        if isinstance(self.tokenizer, dict):
+            self.tokenizer = TokenizerConfig(**self.tokenizer)
+        if self.kind not in ("pretrain", "sft"):
+            raise ValueError(f"data.kind must be 'pretrain' or 'sft', got {self.kind!r}")
+        if isinstance(self.paths, str):
+            self.paths = [self.paths]
+        self.paths = list(self.paths)
+        if not self.paths:
+            raise ValueError(f"data.paths is empty: list sources, or use [{BUILTIN_STDLIB}] / [{BUILTIN_CHAT}]")
+        if self.weights is not None:
+            self.weights = [float(w) for w in self.weights]
+            if len(self.weights) != len(self.paths):
+                raise ValueError(f"data.weights has {len(self.weights)} entries for {len(self.paths)} paths: "
+                                 "give one weight per path, or weights: null to blend by token count")
+            if any(w <= 0 for w in self.weights):
+                raise ValueError(f"data.weights must all be > 0, got {self.weights}")
+        split_shares(self.split)  # raises on a malformed split
+        if self.truncation not in ("truncate", "drop", "error"):
+            raise ValueError(f"data.truncation must be truncate, drop or error, got {self.truncation!r}")
+        if self.num_workers < 1:
+            raise ValueError(f"data.num_workers must be >= 1, got {self.num_workers}")
+        if self.tokenizer.kind not in ("bpe", "tekken", "hf"):
+            raise ValueError(f"data.tokenizer.kind must be bpe, tekken or hf, got {self.tokenizer.kind!r}")
+
+    @classmethod
+    def from_any(cls, cfg) -> "DataConfig":
+        """A DataConfig from itself, a dict or an OmegaConf node (unknown keys are an error)."""
+        if isinstance(cfg, cls):
+            return cfg
+        if not isinstance(cfg, dict):
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown data config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**cfg)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def split_shares(split: str) -> List[float]:
+    """'98,1,1' -> [0.98, 0.01, 0.01] (Megatron's convention: missing entries are 0)."""
+    try:
+        parts = [float(p) for p in str(split).replace("/", ",").split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"data.split must be comma-separated numbers like '98,1,1', got {split!r}") from None
+    if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise ValueError(f"data.split must be 1 to 3 non-negative numbers with a positive sum, got {split!r}")
+    parts += [0.0] * (3 - len(parts))
+    total = sum(parts)
+    return [p / total for p in parts]
