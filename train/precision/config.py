@@ -1,0 +1,105 @@
+"""The precision section of a recipe (Hydra group `precision`, files in recipes/precision/)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from kernels.quant import RECIPES
+
+# formats that quantize (everything else runs in the model's own dtype)
+QUANTIZED_FORMATS = ("fp8_current", "fp8_delayed", "fp8_block", "mxfp8", "nvfp4")
+
+
+class PrecisionConfigError(ValueError):
+    """A precision setting that cannot work; the message names the field and the fix."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Which GEMM format each layer gets, and how the recipe quantizes.
+
+    Module names are the model's (Hugging Face) names; patterns are shell-style (`fnmatch`, `*` also matches
+    dots). Rules apply in this order, the first that matches decides:
+      1. `fp32` patterns: never quantised, computed in fp32 (the router);
+      2. `never` patterns: never quantised (embedding, lm_head);
+      3. `name: bf16`: everything else in high precision too;
+      4. `keep_bf16` patterns, `keep_layers` indices, the last `keep_last_layers` backbone layers: high precision;
+      5. `mxfp8` patterns: MXFP8;
+      6. everything else: `name`.
+    """
+
+    name: str = "bf16"  # bf16 | fp8_current | fp8_delayed | fp8_block | mxfp8 | nvfp4
+    emulate: bool = False  # quantize in PyTorch (kernels/quant.py, any device) instead of Transformer Engine
+
+    keep_bf16: list = field(default_factory=list)
+    keep_last_layers: int = 0
+    keep_layers: list = field(default_factory=list)  # backbone layer indices; negative counts from the end
+    mxfp8: list = field(default_factory=list)
+    fp32: list = field(default_factory=lambda: ["*.gate"])
+    never: list = field(default_factory=lambda: ["backbone.embeddings", "lm_head"])
+
+    # recipe options (the Transformer Engine recipe fields of the same meaning)
+    fp8_format: str = "hybrid"  # fp8_current / fp8_delayed: hybrid (E4M3 forward, E5M2 gradients) or e4m3
+    amax_history_len: int = 1024  # fp8_delayed
+    amax_compute_algo: str = "max"  # fp8_delayed: max or most_recent
+    margin: int = 0  # fp8_delayed
+    nvfp4_rht: bool = True  # 16x16 random Hadamard transform on the wgrad operands
+    nvfp4_stochastic_rounding: bool = True  # on gradients
+    nvfp4_2d_weights: bool = True  # 16x16 weight blocks
+    seed: int = 0  # emulation: seed of the stochastic-rounding generator (on TE, TE's own RNG)
+
+    def __post_init__(self):
+        for name in ("keep_bf16", "keep_layers", "mxfp8", "fp32", "never"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not hasattr(value, "__iter__"):
+                raise PrecisionConfigError(f"precision.{name} must be a list, got {value!r}")
+            setattr(self, name, list(value))
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str):
+            if not ok:
+                raise PrecisionConfigError(message)
+
+        need(self.name in RECIPES, f"precision.name {self.name!r} is not a precision; choose one of "
+                                   f"{', '.join(RECIPES)} (on the command line: precision=<name>)")
+        need(self.fp8_format in ("hybrid", "e4m3"),
+             f"precision.fp8_format must be 'hybrid' or 'e4m3', got {self.fp8_format!r}")
+        need(self.amax_compute_algo in ("max", "most_recent"),
+             f"precision.amax_compute_algo must be 'max' or 'most_recent', got {self.amax_compute_algo!r}")
+        need(self.amax_history_len >= 1, f"precision.amax_history_len must be >= 1, got {self.amax_history_len}")
+        need(self.keep_last_layers >= 0, f"precision.keep_last_layers must be >= 0, got {self.keep_last_layers}")
+        need(all(isinstance(i, int) for i in self.keep_layers),
+             f"precision.keep_layers must hold layer indices (ints), got {self.keep_layers}")
+        for name in ("keep_bf16", "mxfp8", "fp32", "never"):
+            need(all(isinstance(p, str) for p in getattr(self, name)),
+                 f"precision.{name} must hold module-name patterns (strings), got {getattr(self, name)}")
+
+    def recipe_options(self, fmt: str) -> dict:
+        """Keyword options of kernels.quant.make_recipe for one format."""
+        if fmt in ("fp8_current",):
+            return {"fp8_format": self.fp8_format}
+        if fmt == "fp8_delayed":
+            return {"fp8_format": self.fp8_format, "amax_history_len": self.amax_history_len,
+                    "margin": self.margin, "amax_compute_algo": self.amax_compute_algo}
+        if fmt == "nvfp4":
+            return {"rht": self.nvfp4_rht, "stochastic_rounding": self.nvfp4_stochastic_rounding,
+                    "two_d_weights": self.nvfp4_2d_weights}
+        return {}
+
+    @classmethod
+    def from_dict(cls, values) -> "PrecisionConfig":
+        """From a plain dict or the `precision` node of a composed recipe (unknown keys are named)."""
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(values, DictConfig):
+                values = OmegaConf.to_container(values, resolve=True)
+        except ImportError:  # pragma: no cover - omegaconf is a dependency
+            pass
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise PrecisionConfigError(f"unknown precision key(s) {unknown}; valid keys: {sorted(known)}. "
+                                       "Fix the recipe's `precision:` section.")
+        return cls(**dict(values))
