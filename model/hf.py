@@ -151,7 +151,8 @@ def save_pretrained(model: HybridModel, path, *, dtype: torch.dtype | None = Non
     """Write config.json and safetensors shards (with an index when there is more than one shard)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    # Transformer Engine modules add `*._extra_state` (FP8 metadata): not weights, not part of the checkpoint
+    state = {k: v.detach() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tensors = {k: v.contiguous().cpu() for k, v in to_hf_tensors(state).items()}

@@ -1,0 +1,1 @@
+"""LatentForge training: the pretrain.py / sft.py entry points, the trainer loop and its parts (docs/INTERFACES.md)."""

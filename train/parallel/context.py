@@ -1,0 +1,223 @@
+"""What one optimizer step's micro-batches look like on this rank, and the losses computed from its pieces.
+
+Every loss term is a *partial sum* normalised by a *global* count, so that summing the partial losses of all ranks
+(data-parallel ranks: different sequences; context- and sequence-parallel ranks: different pieces of a sequence;
+pipeline stages: different layers) gives exactly the single-process loss of the whole global batch:
+
+    loss = sum_tokens CE / N_lm + (w / D) sum_k sum_tokens CE_k / N_k + coeff * sum_layers sum_seqs aux / N_seq
+
+with N_lm, N_k the target tokens (labels != -100) of the main and k-th MTP head and N_seq the sequences, over the
+global batch. Gradients then only need *summing* over ranks (FSDP with divide factor 1, all-to-all backward,
+tensor-parallel all-reduce), never averaging.
+
+The sequence-level balance loss of a MoE layer, per sequence, is sum_e f_e P_e with f_e = E/(k T) * (tokens routed
+to e) and P_e = mean over tokens of the normalised score. f is a count over the *whole* sequence (summed over the
+ranks holding its pieces, no gradient); P is linear in the tokens, so each rank adds f_e * (its tokens' score sum)/T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from kernels.cross_entropy import linear_cross_entropy
+from model.hybrid import IGNORE_INDEX
+from model.mtp import shift_left
+
+from .collectives import all_reduce_sum
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as this rank sees it: `*_local` are this rank's slice of the sequence (CP then TP)."""
+
+    batch: int
+    seq_len: int
+    ids_local: torch.Tensor
+    labels_local: torch.Tensor
+    seq_local: torch.Tensor  # document ids of the local slice
+    seq_cp: torch.Tensor  # document ids of this CP rank's chunk (what a tensor-parallel mixer sees)
+    seq_full: torch.Tensor  # document ids of the whole sequence (context-parallel masks and states)
+    mtp_ids_local: list = field(default_factory=list)  # shifted inputs per MTP depth (local slice)
+    mtp_labels_local: list = field(default_factory=list)
+
+
+@dataclass
+class Counts:
+    lm: float  # target tokens of the main head (at least 1: a divisor)
+    mtp: list
+    sequences: float
+    targets: int = 0  # the actual number of target tokens
+
+
+class ParallelContext:
+    """Shared by the stage modules, the parallel mixers and the router hooks of one runner."""
+
+    def __init__(self, groups, model_cfg, device):
+        self.groups = groups
+        self.cfg = model_cfg
+        self.device = device
+        lay = groups.layout
+        self.cp, self.tp = lay.cp, lay.tp
+        self.micro_batches: list = []
+        self.counts: Optional[Counts] = None
+        self.current: Optional[MicroBatch] = None
+        self.recording = False  # router hooks record only during a real forward (not an AC recompute)
+        self.routes: list = []  # (moe index, scores, topk_idx) of the stage forward in progress
+        self.num_moe = 0
+        self.reset_step()
+
+    # ----- per step ------------------------------------------------------------------------------------------
+    def reset_step(self):
+        depths = self.cfg.mtp_depths
+        self.stat_lm = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.stat_mtp = torch.zeros(depths, dtype=torch.float64, device=self.device)
+        self.stat_aux = torch.zeros((), dtype=torch.float64, device=self.device)  # unweighted, / N_seq
+        self.load = torch.zeros(max(self.num_moe, 1), self.cfg.num_experts, dtype=torch.float64, device=self.device)
+
+    def prepare(self, micro_batches: list) -> None:
+        """Slice every micro-batch for this rank and count the global batch's targets (summed over DP ranks)."""
+        if not micro_batches:
+            raise ValueError("forward_backward got no micro-batches")
+        self.reset_step()
+        depths = self.cfg.mtp_depths
+        # [lm targets, sequences, mtp targets per depth, micro-batches, micro-batches^2, 1]
+        counts = torch.zeros(5 + depths, dtype=torch.float64, device=self.device)
+        n = len(micro_batches)
+        counts[2 + depths:] = torch.tensor([n, n * n, 1], dtype=torch.float64)
+        prepared = []
+        for mb in micro_batches:
+            ids, labels, seq_idx = _unpack(mb, self.device)
+            b, s = ids.shape
+            local = self.local_slice(s)
+            cp_slice = self.cp_slice(s)
+            counts[0] += (labels != IGNORE_INDEX).sum()
+            counts[1] += b
+            item = MicroBatch(batch=b, seq_len=s, ids_local=ids[:, local], labels_local=labels[:, local],
+                              seq_local=seq_idx[:, local], seq_cp=seq_idx[:, cp_slice], seq_full=seq_idx)
+            for k in range(1, depths + 1):
+                shifted_labels = shift_left(labels, k, IGNORE_INDEX)
+                counts[1 + k] += (shifted_labels != IGNORE_INDEX).sum()
+                item.mtp_ids_local.append(shift_left(ids, k, 0)[:, local])
+                item.mtp_labels_local.append(shifted_labels[:, local])
+            prepared.append(item)
+        all_reduce_sum(counts, self.groups.dp_group)
+        values = counts.tolist()
+        total, squares, ranks = values[2 + depths:]
+        if squares * ranks != total * total:  # not every data-parallel rank has the same number of micro-batches
+            from .config import LayoutError
+
+            raise LayoutError(f"forward_backward: the data-parallel ranks got different numbers of micro-batches "
+                              f"(this rank {n}, {total:g} over {ranks:g} ranks); every rank must run the same "
+                              "number per step (their collectives pair up)")
+        self.micro_batches = prepared
+        self.counts = Counts(lm=max(values[0], 1.0), sequences=max(values[1], 1.0),
+                             mtp=[max(v, 1.0) for v in values[2:2 + depths]], targets=int(values[0]))
+
+    def local_slice(self, seq_len: int) -> slice:
+        """This rank's tokens: the CP chunk, then the TP (sequence-parallel) piece of it."""
+        pieces = self.cp * self.tp
+        if seq_len % pieces:
+            from .config import LayoutError
+
+            raise LayoutError(f"sequence length {seq_len} must be divisible by cp ({self.cp}) x tp ({self.tp}) = "
+                              f"{pieces}; change the sequence length")
+        size = seq_len // pieces
+        start = (self.groups.cp_rank * self.tp + self.groups.tp_rank) * size
+        return slice(start, start + size)
+
+    def cp_slice(self, seq_len: int) -> slice:
+        size = seq_len // self.cp
+        start = self.groups.cp_rank * size
+        return slice(start, start + size)
+
+    def begin(self, index: int) -> MicroBatch:
+        self.current = self.micro_batches[index]
+        self.routes = []
+        self.recording = True
+        return self.current
+
+    def end(self):
+        self.recording = False
+
+    # ----- MoE routing -----------------------------------------------------------------------------------------
+    def router_hook(self, module, inputs, outputs):
+        if self.recording:
+            scores, topk_idx, _ = outputs
+            self.routes.append((module._lf_moe_index, scores, topk_idx))
+
+    def routed_aux(self) -> torch.Tensor:
+        """The balance-loss partial of the routes recorded in this stage forward (already / N_seq); records loads."""
+        total = None
+        mb = self.current
+        for index, scores, topk_idx in self.routes:
+            E = scores.shape[-1]
+            self.load[index] += torch.bincount(topk_idx.flatten(), minlength=E).to(self.load.dtype)
+            partial = sequence_aux_partial(scores, topk_idx, mb.batch, mb.seq_len, self.groups.seq_group)
+            total = partial if total is None else total + partial
+        self.routes = []
+        if total is None:
+            return None
+        total = total / self.counts.sequences
+        self.stat_aux += total.detach().double()
+        return total
+
+    # ----- heads -----------------------------------------------------------------------------------------------
+    def head_losses(self, part, hidden, mtp_embeddings) -> torch.Tensor:
+        """LM and MTP partial losses of the last stage (normalised by the global counts); records statistics."""
+        mb = self.current
+        weight = part.lm_head.weight
+        lm = _ce_sum(hidden, weight, mb.labels_local) / self.counts.lm
+        self.stat_lm += lm.detach().double()
+        loss = lm
+        depths = self.cfg.mtp_depths
+        if depths:
+            previous = hidden
+            mtp_total = 0.0
+            for k in range(1, depths + 1):
+                previous = part.mtp(mtp_embeddings[k - 1], previous, seq_idx=mb.seq_local)
+                term = _ce_sum(previous, weight, mb.mtp_labels_local[k - 1]) / self.counts.mtp[k - 1]
+                self.stat_mtp[k - 1] += term.detach().double()
+                mtp_total = mtp_total + term
+            loss = loss + self.cfg.mtp_loss_weight / depths * mtp_total
+        return loss
+
+    def aux_weight(self) -> float:
+        return self.cfg.moe_aux_loss_coeff
+
+
+def _ce_sum(hidden, weight, labels):
+    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def sequence_aux_partial(scores, topk_idx, batch: int, seq_len: int, seq_group) -> torch.Tensor:
+    """sum over this rank's sequences of sum_e f_e P_e, with this rank's tokens' share of P (see module doc).
+
+    scores (b * s_local, E) fp32; topk_idx (b * s_local, k); f uses the counts summed over `seq_group`."""
+    tokens, top_k = topk_idx.shape
+    E = scores.shape[-1]
+    local = tokens // batch
+    with torch.no_grad():
+        chosen = torch.zeros(batch, local, E, device=scores.device, dtype=scores.dtype)
+        chosen.scatter_(-1, topk_idx.view(batch, local, top_k), 1.0)
+        f = all_reduce_sum(chosen.sum(1), seq_group) * (E / (top_k * seq_len))
+    p = (scores / scores.sum(-1, keepdim=True)).view(batch, local, E).sum(1) / seq_len
+    return (f * p).sum()
+
+
+def _unpack(mb: dict, device):
+    try:
+        ids = mb["input_ids"]
+        labels = mb["labels"]
+    except KeyError as missing:
+        raise KeyError(f"a micro-batch needs 'input_ids' and 'labels' (data/ batches), missing {missing}") from None
+    seq_idx = mb.get("seq_idx")
+    if seq_idx is None:
+        seq_idx = torch.zeros_like(ids, dtype=torch.int32)
+    if ids.shape != labels.shape or ids.shape != seq_idx.shape or ids.dim() != 2:
+        raise ValueError(f"micro-batch tensors must share one (batch, seq) shape: input_ids {tuple(ids.shape)}, "
+                         f"labels {tuple(labels.shape)}, seq_idx {tuple(seq_idx.shape)}")
+    return ids.to(device), labels.to(device), seq_idx.to(device)

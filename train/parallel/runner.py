@@ -1,0 +1,280 @@
+"""`build_runner`: the one object the trainer talks to; it owns the mesh, the sharded model parts and the schedule.
+
+    runner = build_runner(model, model_cfg, parallel_cfg)
+    result = runner.forward_backward(micro_batches)   # gradients accumulated, losses normalised globally
+    norm = runner.clip_grad_norm_(1.0)
+    optimizer.step(); runner.update_expert_bias(result["expert_load"])
+
+A world of one process runs the same code with no mesh and no process group (plain forward/backward over the
+micro-batches). See docs/INTERFACES.md ("train/parallel/ <-> the trainer").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .config import LayoutError, ParallelConfig, check_microbatches, check_sequence, validate_layout
+from .context import ParallelContext
+from .expert_parallel import apply_expert_parallel
+from .grads import all_reduce_replicated_grads, clip_grad_norm_, parameters
+from .mesh import build_groups, default_device
+from .mixers import parallelize_mixers
+from .pipeline import stage_ranks
+from .stage import StageModule, split_model
+from .wrapping import Sharder, initialise_unit, units, wrap_unit
+
+
+class Runner:
+    def __init__(self, *, stages: list, stage_ids: list, groups, ctx: ParallelContext, pc: ParallelConfig,
+                 model_cfg, fsdp_modules: list, device: torch.device):
+        self.stages = stages
+        self.stage_ids = stage_ids
+        self.groups = groups
+        self.ctx = ctx
+        self.parallel_cfg = pc
+        self.model_cfg = model_cfg
+        self.layout = groups.layout
+        self.device = device
+        self._fsdp = bool(fsdp_modules)
+        self._schedules: dict = {}
+        self._checked_seq_lens: set = set()
+
+    # ----- the contract -------------------------------------------------------------------------------------------
+    @property
+    def model_parts(self) -> list:
+        """The model parts this rank owns (unsharded-model names; DTensor parameters when sharded)."""
+        return [stage.part for stage in self.stages]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.groups.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp
+
+    @property
+    def is_metrics_rank(self) -> bool:
+        return self.groups.is_metrics_rank
+
+    @property
+    def mesh(self):
+        return self.groups.mesh
+
+    def forward_backward(self, micro_batches: list) -> dict:
+        """Forward and backward of every micro-batch; returns the global batch's losses (same on every rank).
+
+        `micro_batches`: this data-parallel rank's share of the global batch (full sequences); every rank of a
+        data-parallel group passes the same number of micro-batches, ranks sharing a dp_rank the same ones."""
+        ctx = self.ctx
+        ctx.prepare(micro_batches)
+        seq_len = ctx.micro_batches[0].seq_len
+        if seq_len not in self._checked_seq_lens:
+            check_sequence(self.model_cfg, self.parallel_cfg, seq_len)
+            self._checked_seq_lens.add(seq_len)
+        n = len(micro_batches)
+        if self.layout.pp == 1:
+            stage = self.stages[0]
+            for i in range(n):
+                if self._fsdp:
+                    stage.set_requires_gradient_sync(i == n - 1)
+                loss = stage(torch.tensor([i], device=self.device))
+                loss.sum().backward()
+        else:
+            check_microbatches(n, self.parallel_cfg)
+            first = ctx.micro_batches[0]
+            if any(mb.ids_local.shape != first.ids_local.shape for mb in ctx.micro_batches):
+                raise LayoutError("forward_backward: pipeline parallelism needs every micro-batch of a step to have "
+                                  "the same (batch, sequence) shape; pad or drop the uneven one")
+            ids = torch.arange(n, device=self.device)
+            self._schedule(n, first.ids_local.shape).step(ids, target=ids, return_outputs=False)
+        all_reduce_replicated_grads(self.model_parts, self.groups.tp_group)
+        return self._result()
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Global gradient norm over every shard and stage; scales the gradients when it exceeds `max_norm`."""
+        stage_size = self.layout.world_size // self.layout.pp
+        return clip_grad_norm_(self.model_parts, max_norm, stage_size)
+
+    def update_expert_bias(self, expert_load: torch.Tensor) -> None:
+        """Aux-loss-free balancing of the MoE layers this rank owns (rows of `expert_load` by global MoE index)."""
+        from model.moe import LatentMoE
+
+        rate = self.model_cfg.expert_bias_update_rate
+        for part in self.model_parts:
+            for module in part.modules():
+                if isinstance(module, LatentMoE):
+                    module.update_bias(expert_load[module.gate._lf_moe_index], rate)
+
+    # ----- internals --------------------------------------------------------------------------------------------------
+    def _result(self) -> dict:
+        ctx = self.ctx
+        depths = self.model_cfg.mtp_depths
+        stats = torch.cat([ctx.stat_lm.view(1), ctx.stat_mtp, ctx.stat_aux.view(1), ctx.load.flatten()])
+        if self.groups.distributed:
+            dist.all_reduce(stats)
+        lm = stats[0]
+        mtp = stats[1:1 + depths]
+        aux = stats[1 + depths]
+        loss = lm
+        if depths:
+            loss = loss + self.model_cfg.mtp_loss_weight / depths * mtp.sum()
+        if ctx.num_moe:
+            loss = loss + self.model_cfg.moe_aux_loss_coeff * aux
+        load = stats[2 + depths:].view(-1, self.model_cfg.num_experts)[:ctx.num_moe]
+        return {
+            "loss": float(loss), "lm_loss": float(lm), "mtp_losses": [float(x) for x in mtp],
+            "aux_loss": float(aux) if ctx.num_moe else None, "tokens": float(ctx.counts.targets),
+            "expert_load": load.round().to(torch.long) if ctx.num_moe else None,
+        }
+
+    def _schedule(self, n: int, local_shape):
+        key = (n, tuple(local_shape))
+        if key in self._schedules:
+            return self._schedules[key]
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+        num_stages = self.layout.num_stages
+        pipeline_stages = []
+        for stage, stage_id in zip(self.stages, self.stage_ids):
+            inputs, outputs = self._stage_metas(stage_id, local_shape)
+            pipeline_stages.append(PipelineStage(stage, stage_id, num_stages, self.device, input_args=inputs,
+                                                 output_args=outputs, group=self.groups.pp_group))
+        kind = self.parallel_cfg.pp_schedule
+        common = dict(n_microbatches=n, loss_fn=_stage_loss, scale_grads=False)
+        if kind == "interleaved_1f1b":
+            schedule = ScheduleInterleaved1F1B(pipeline_stages, **common)
+        elif kind == "gpipe":
+            schedule = ScheduleGPipe(pipeline_stages[0], **common)
+        else:
+            schedule = Schedule1F1B(pipeline_stages[0], **common)
+        self._schedules[key] = schedule
+        return schedule
+
+    def _stage_metas(self, stage_id: int, local_shape):
+        """Shapes of what each stage receives and sends (given up front: no shape-inference forward, which would
+        run the stage's collectives on empty tensors): (mb index, hidden, *MTP embeddings), the loss at the end."""
+        dtype = next(self.model_parts[0].parameters()).dtype
+        index = torch.empty(1, dtype=torch.long, device="meta")
+        hidden = torch.empty(*local_shape, self.model_cfg.hidden_size, dtype=dtype, device="meta",
+                             requires_grad=True)  # float activations carry gradients back
+        between = (index, hidden) + (hidden,) * self.model_cfg.mtp_depths
+        inputs = (index,) if stage_id == 0 else between
+        last = stage_id == self.layout.num_stages - 1
+        loss_dtype = torch.promote_types(dtype, torch.float32)
+        outputs = (torch.empty(1, dtype=loss_dtype, device="meta", requires_grad=True),) if last else between
+        return inputs, outputs
+
+
+def _stage_loss(output, target):
+    # the last stage already computed its (globally normalised) partial loss
+    return output.sum()
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def build_runner(model, model_cfg, parallel_cfg=None) -> Runner:
+    """Validate the layout for the launched world, build the mesh, split and shard `model` (in place), and
+    return the runner. `parallel_cfg`: a ParallelConfig, a dict or the recipe's `parallel` node (None: defaults).
+
+    `model` may be built on the meta device: each unit (embedding, block, final norm, lm_head, MTP block) is then
+    allocated and initialised (HybridModel's init, seeded by torch.initial_seed() + unit index, so the values do
+    not depend on the layout) right before it is sharded, so the full model never exists on one rank."""
+    pc = parallel_cfg if isinstance(parallel_cfg, ParallelConfig) else ParallelConfig.from_dict(parallel_cfg)
+    layout = validate_layout(model_cfg, pc, _world_size())
+    device = default_device()
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and any(not p.is_meta for p in model.parameters()):
+        raise LayoutError("build_runner: the model is partly on the meta device; build it entirely on the meta "
+                          "device (or entirely on a real one)")
+    if not on_meta:
+        model.to(device)
+    groups = build_groups(layout, device.type)
+    base_seed = torch.initial_seed()
+    if groups.distributed:
+        if on_meta:
+            base_seed = _agreed_seed(device)
+        else:
+            _check_same_model(model, device)
+    ctx = ParallelContext(groups, model_cfg, device)
+
+    moe_layers = model.moe_layers()
+    for index, moe in enumerate(moe_layers):
+        moe.gate._lf_moe_index = index
+        old = getattr(moe.gate, "_lf_hook", None)
+        if old is not None:
+            old.remove()
+        moe.gate._lf_hook = moe.gate.register_forward_hook(ctx.router_hook)
+    ctx.num_moe = len(moe_layers)
+    ctx.reset_step()
+
+    num_stages = layout.num_stages
+    if layout.pp == 1:
+        stage_ids, parts = [0], [model]
+    else:
+        owner = stage_ranks(num_stages, layout.pp)
+        stage_ids = [s for s in range(num_stages) if owner[s] == groups.pp_rank]
+        parts = split_model(model, layout.stage_layers, stage_ids)
+
+    # every rank built the same model (same seed), so shards can be cut locally when it was initialised here
+    src = None if on_meta else 0
+    tp_mesh = groups.sub("tp") if layout.tp > 1 else None
+    ep_mesh = groups.sub("ep") if layout.ep > 1 else None
+    checkpointed = pc.checkpointed_kinds()
+    sharder = Sharder(groups, pc.fsdp_reshard_after_forward)
+    stages = []
+    for stage_id, part in zip(stage_ids, parts):
+        for index, kind, unit in units(part):
+            if on_meta:
+                initialise_unit(index, kind, unit, model_cfg, device, base_seed)
+            if layout.tp > 1 or layout.cp > 1:
+                parallelize_mixers([unit], ctx, tp_mesh, src)
+            if ep_mesh is not None:
+                apply_expert_parallel([unit], ep_mesh, src)
+            wrap_unit(kind, unit, checkpointed, pc.compile)
+            sharder.shard_unit(kind, unit)
+        stage = StageModule(part, ctx, first=(stage_id == 0), last=(stage_id == num_stages - 1))
+        sharder.shard_root(stage)
+        stages.append(stage)
+    return Runner(stages=stages, stage_ids=stage_ids, groups=groups, ctx=ctx, pc=pc, model_cfg=model_cfg,
+                  fsdp_modules=sharder.modules, device=device)
+
+
+def _agreed_seed(device) -> int:
+    """Global rank 0's torch.initial_seed(), so every rank initialises a meta-built model alike."""
+    seed = torch.tensor([torch.initial_seed() % 2**62], dtype=torch.long, device=device)
+    dist.broadcast(seed, src=0)
+    return int(seed)
+
+
+@torch.no_grad()
+def _check_same_model(model, device) -> None:
+    """Every rank must start from the same weights (shards are cut from each rank's own copy)."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for t in model.state_dict().values():
+        if t.is_floating_point():
+            total[0] += t.double().sum()
+            total[1] += t.double().square().sum()
+    low, high = total.clone(), total.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise LayoutError("build_runner: the model's weights differ between ranks; seed every rank the same "
+                          "(torch.manual_seed(seed)) before building it, or build it on the meta device and let the "
+                          "runner initialise it")
+
+
+def describe(runner: Runner) -> str:
+    """One line per stage this rank owns: its layers and parameter count (for logs and --dry-run)."""
+    lines = [runner.layout.describe()]
+    for stage_id, part in zip(runner.stage_ids, runner.model_parts):
+        layers = part.backbone.layers
+        names = list(layers.keys()) if hasattr(layers, "keys") else [str(i) for i in range(len(layers))]
+        count = sum(p.numel() for p in parameters([part]))
+        lines.append(f"stage {stage_id}: layers {names[0]}..{names[-1]} ({len(names)}), {count:,} parameters")
+    return "\n".join(lines)
+
+

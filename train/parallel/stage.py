@@ -1,0 +1,99 @@
+"""A pipeline stage: the part of the model one rank runs for one stage, and the forward that drives it.
+
+`split_model` hands each stage a `HybridModel` shell that holds only its own modules (the first stage the
+embedding, the last the final norm, lm_head and MTP block), under the unsharded model's names: layers sit in a
+ModuleDict keyed by their index in the full model, so `backbone.layers.7.mixer...` is the same key in every layout
+(that is what lets DCP reshard a checkpoint from one layout to another).
+
+`StageModule` wraps a part. The first stage's forward takes the micro-batch index (a (1,) long tensor: the stage
+looks the micro-batch up in the shared context); every later stage takes what the previous one returned:
+(index, hidden, *MTP embeddings), the embeddings of the shifted tokens being computed on the first stage, where the
+embedding lives, and carried to the MTP block on the last. The last stage returns its partial loss (context.py)
+as a (1,) tensor. The MoE balance loss of a non-last stage reaches the backward through `AuxLossInjector` on the
+stage output.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class AuxLossInjector(torch.autograd.Function):
+    """Identity on `hidden`; in the backward it also hands `aux` a gradient of 1 (it is already weighted), so a
+    loss computed on a non-last pipeline stage is trained without travelling down the pipeline."""
+
+    @staticmethod
+    def forward(ctx, hidden, aux):
+        ctx.aux_dtype = aux.dtype
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones((), dtype=ctx.aux_dtype, device=grad.device)
+
+
+class StageModule(nn.Module):
+    def __init__(self, part, ctx, *, first: bool, last: bool):
+        super().__init__()
+        self.part = part
+        self.first, self.last = first, last
+        # the context is shared, not owned: keep it out of the module tree
+        object.__setattr__(self, "ctx", ctx)
+
+    def forward(self, mb_index: torch.Tensor, *activations):
+        ctx = self.ctx
+        mb = ctx.begin(int(mb_index.reshape(-1)[0]))
+        try:
+            part = self.part
+            if self.first:
+                embed = part.backbone.embeddings
+                hidden = embed(mb.ids_local)
+                mtp_embeddings = [embed(ids) for ids in mb.mtp_ids_local]
+            else:
+                hidden, *mtp_embeddings = activations
+            layers = part.backbone.layers
+            for block in layers.values() if isinstance(layers, nn.ModuleDict) else layers:
+                hidden = block(hidden, seq_idx=mb.seq_local)
+            aux = ctx.routed_aux()  # trunk MoE layers of this stage
+            if not self.last:
+                if aux is not None:
+                    hidden = AuxLossInjector.apply(hidden, ctx.aux_weight() * aux)
+                return (mb_index, hidden, *mtp_embeddings)
+            hidden = part.backbone.norm_f(hidden)
+            loss = ctx.head_losses(part, hidden, mtp_embeddings)
+            mtp_aux = ctx.routed_aux()  # the MTP block's MoE, once per depth
+            for term in (aux, mtp_aux):
+                if term is not None:
+                    loss = loss + ctx.aux_weight() * term
+            return loss.reshape(1)
+        finally:
+            ctx.end()
+
+
+def split_model(model, stage_layers: list, stage_ids: list) -> list:
+    """One HybridModel shell per stage in `stage_ids`, holding (not copying) that stage's modules of `model`."""
+    heavy = {"embeddings": model.backbone.embeddings, "layers": model.backbone.layers,
+             "norm_f": model.backbone.norm_f, "lm_head": model.lm_head, "mtp": model.mtp}
+    last = len(stage_layers) - 1
+    parts = []
+    # copy the module skeleton without its parameters, then put the stage's own modules in
+    model.backbone.embeddings = model.backbone.layers = model.backbone.norm_f = None
+    model.lm_head = model.mtp = None
+    try:
+        for s in stage_ids:
+            shell = copy.deepcopy(model)
+            shell.backbone.layers = nn.ModuleDict({str(i): heavy["layers"][i] for i in stage_layers[s]})
+            if s == 0:
+                shell.backbone.embeddings = heavy["embeddings"]
+            if s == last:
+                shell.backbone.norm_f = heavy["norm_f"]
+                shell.lm_head = heavy["lm_head"]
+                shell.mtp = heavy["mtp"]
+            parts.append(shell)
+    finally:
+        model.backbone.embeddings, model.backbone.layers = heavy["embeddings"], heavy["layers"]
+        model.backbone.norm_f, model.lm_head, model.mtp = heavy["norm_f"], heavy["lm_head"], heavy["mtp"]
+    return parts

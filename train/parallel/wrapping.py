@@ -1,0 +1,121 @@
+"""Per-unit preparation of a stage: (meta) initialisation, activation checkpointing, torch.compile, FSDP2.
+
+A stage part is processed one *unit* at a time (embedding, each block, final norm, lm_head, MTP block), in this
+order per unit (as TorchTitan): initialise it if it was built on the meta device, tensor/context/expert
+parallelise it, wrap its forward for activation checkpointing / compile (inside FSDP's hooks, names unchanged),
+then fully_shard it. A model built on the meta device therefore never exists unsharded: the peak is one unit.
+
+FSDP2 gradients are *summed* over data-parallel ranks (divide factor 1): the losses are already normalised by the
+global batch's token counts (see context.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def units(part) -> list:
+    """(unit index in the whole model, kind, module) of every unit this part holds, in model order."""
+    n = part.cfg.num_layers
+    found = []
+    if part.backbone.embeddings is not None:
+        found.append((0, "embeddings", part.backbone.embeddings))
+    layers = part.backbone.layers
+    for key, block in (layers.items() if hasattr(layers, "items") else enumerate(layers)):
+        found.append((3 + int(key), "block", block))
+    if part.backbone.norm_f is not None:
+        found.append((2, "norm_f", part.backbone.norm_f))
+    if part.lm_head is not None:
+        found.append((1, "lm_head", part.lm_head))
+    if part.mtp is not None:
+        found.append((3 + n, "mtp", part.mtp))
+    return found
+
+
+@torch.no_grad()
+def initialise_unit(index: int, kind: str, module, cfg, device, base_seed: int) -> None:
+    """Allocate a meta-built unit on `device` and initialise it as HybridModel.init_weights does, from its own
+    seed (base_seed + unit index): the same values under every parallel layout (on one device type)."""
+    module.to_empty(device=device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(base_seed + index)
+        std = cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.num_layers) if cfg.scale_output_init else std
+        if kind in ("embeddings", "lm_head"):
+            torch.nn.init.normal_(module.weight, std=std)
+        elif kind == "norm_f":
+            module.init_weights()
+        elif kind == "block":
+            module.norm.init_weights()
+            module.mixer.init_weights(std, out_std)
+        elif kind == "mtp":
+            module.init_weights(std, out_std)
+
+
+def _checkpointed(inner):
+    def forward(*args, **kwargs):
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    return forward
+
+
+def wrap_unit(kind: str, module, checkpointed: set, compile_blocks: bool) -> None:
+    """Activation checkpointing and/or torch.compile of a block's (or each MTP layer's) own forward."""
+    if kind == "block":
+        targets = [module] if module.kind in checkpointed else []
+        compiled = [module]
+    elif kind == "mtp":
+        targets = list(module.layers) if "mtp" in checkpointed else []
+        compiled = list(module.layers)
+    else:
+        return
+    for target in targets:
+        target.forward = _checkpointed(target.forward)
+    if compile_blocks:
+        for target in compiled:
+            target.forward = torch.compile(target.forward)
+
+
+class Sharder:
+    """fully_shard over the data-parallel mesh (2-D for HSDP); routed experts over their own mesh."""
+
+    def __init__(self, groups, reshard_after_forward: bool = True):
+        self.mesh = groups.fsdp_mesh()
+        self.expert_mesh = groups.expert_fsdp_mesh()
+        self.reshard_after_forward = reshard_after_forward
+        self.modules: list = []
+
+    @property
+    def active(self) -> bool:
+        return self.mesh is not None
+
+    def _shard(self, module, mesh, reshard):
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+        self.modules.append(module)
+
+    def shard_unit(self, kind: str, module) -> None:
+        if not self.active:
+            return
+        from .expert_parallel import ExpertParallelExperts
+
+        for sub in module.modules():
+            if isinstance(sub, ExpertParallelExperts):
+                self._shard(sub, self.expert_mesh, self.reshard_after_forward)
+        if kind == "block":
+            self._shard(module, self.mesh, self.reshard_after_forward)
+        elif kind == "mtp":
+            for layer in module.layers:
+                self._shard(layer, self.mesh, self.reshard_after_forward)
+
+    def shard_root(self, stage) -> None:
+        # the root holds the embedding / final norm / lm_head; the backward needs them again right away
+        if self.active:
+            self._shard(stage, self.mesh, False)

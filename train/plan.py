@@ -1,0 +1,52 @@
+"""The run's plan, computed without allocating anything (`train/pretrain.py --dry-run` prints it; a normal start
+prints it too): the model, the mesh, the batch, FLOPs per token, and per-GPU memory of the parameters, gradients and
+optimizer state. Per-GPU parameter counts come from `train.parallel.layout_plan`, which counts every tensor as the
+runner stores it (tensor-parallel splits, expert-parallel shards, FSDP shards, pipeline stages).
+
+Memory model (FSDP2 with fp32 master weights, as the runner trains): 4 bytes (fp32 weight) + 4 (fp32 gradient) +
+8 (AdamW's two moments) = 16 bytes per stored parameter. Activations and the transient unsharded copy of one layer
+are not included.
+"""
+
+from __future__ import annotations
+
+BYTES_PARAM, BYTES_GRAD, BYTES_ADAM = 4, 4, 8
+GIB = 2**30
+
+
+def format_plan(model_cfg, parallel_cfg, layout, *, seq_len: int, micro_batch_size: int,
+                global_batch_size: int) -> str:
+    from model.params import count_parameters, meta_model, training_flops_per_token
+    from train.parallel import layout_plan
+
+    counts = count_parameters(meta_model(model_cfg))
+    accumulation = global_batch_size // (micro_batch_size * layout.dp) if layout.dp else 0
+    lines = [
+        f"model      {model_cfg.layer_pattern} ({model_cfg.num_layers} layers), {counts.total:,} parameters "
+        f"({counts.active:,} active per token), MTP depths {model_cfg.mtp_depths}",
+        f"mesh       {layout.describe()}  (data-parallel size {layout.dp})",
+        f"batch      {global_batch_size} sequences x {seq_len} tokens = {global_batch_size * seq_len:,} tokens per "
+        f"step; micro-batch {micro_batch_size}, {accumulation} micro-batch(es) per step per data-parallel rank",
+        f"flops      {training_flops_per_token(model_cfg, seq_len) / 1e9:.2f} GFLOP per token (training, "
+        "Megatron hybrid formula)",
+    ]
+    if parallel_cfg is not None:
+        lines.append(f"pipeline   schedule {parallel_cfg.pp_schedule}, activation checkpointing "
+                     f"{sorted(parallel_cfg.checkpointed_kinds()) or 'none'}, compile {parallel_cfg.compile}")
+    _, stages = layout_plan(model_cfg, parallel_cfg, layout.world_size, seq_len=seq_len)
+    lines.append("memory per GPU (fp32 weights + fp32 grads + AdamW moments = 16 B/param; activations not included)")
+    per_rank: dict = {}
+    for stage in stages:
+        entry = per_rank.setdefault(stage.pp_rank, {"layers": [], "pattern": [], "params": 0.0, "experts": 0})
+        entry["layers"] += stage.layers
+        entry["pattern"].append(stage.pattern)
+        entry["params"] += stage.parameters_per_gpu
+        entry["experts"] += stage.expert_parameters
+    for rank, entry in sorted(per_rank.items()):
+        params = entry["params"]
+        lines.append(
+            f"  pp rank {rank}: layers {min(entry['layers'])}-{max(entry['layers'])} {'|'.join(entry['pattern'])}  "
+            f"{params:,.0f} params per GPU ({entry['experts']:,} routed-expert params in the stage): weights "
+            f"{params * BYTES_PARAM / GIB:.2f} GiB, grads {params * BYTES_GRAD / GIB:.2f} GiB, optimizer "
+            f"{params * BYTES_ADAM / GIB:.2f} GiB, total {params * (BYTES_PARAM + BYTES_GRAD + BYTES_ADAM) / GIB:.2f} GiB")
+    return "\n".join(lines)

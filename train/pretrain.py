@@ -1,0 +1,237 @@
+"""Pretraining entry point: one code path from 2 CPU processes to thousands of GPUs.
+
+    torchrun --nproc-per-node 2 train/pretrain.py recipe=tiny            # gloo on CPU, NCCL with CUDA
+    python train/pretrain.py recipe=tiny train.steps=20                  # a single process
+    python train/pretrain.py recipe=super_120b --dry-run [--world-size 64]  # print the plan, allocate nothing
+
+Arguments are Hydra overrides of recipes/config.yaml. The run directory (train.run_dir, default
+runs/<train.run_name>) is the same on every rank by construction; starting again with the same run directory
+continues from its newest complete checkpoint (train.resume=false starts over in place).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    # run as a file (torchrun train/pretrain.py): import the packages from the repository root, not from train/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import torch  # noqa: E402
+
+USAGE = "python train/pretrain.py [--dry-run] [--world-size N] key=value ..."
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(usage=USAGE, description="LatentForge pretraining (Hydra overrides as arguments)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the mesh, pipeline stages and memory per GPU, then exit without allocating")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --dry-run: plan for this many ranks (default: the launched world, else the "
+                             "product of the recipe's parallel sizes)")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        parser.error(f"unknown option(s) {bad}; everything else must be a Hydra override key=value")
+    return args, overrides
+
+
+def load_configs(overrides):
+    """The composed recipe and the validated config objects of each group."""
+    from omegaconf import OmegaConf
+
+    from data.config import DataConfig
+    from model.recipes import compose, model_config_from
+    from train.config import OptimConfig, TrainConfig
+    from train.parallel import ParallelConfig
+    from train.precision import PrecisionConfig
+
+    cfg = compose(overrides)
+
+    def plain(node):
+        return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+    return cfg, {
+        "model": model_config_from(cfg),
+        "train": TrainConfig.from_dict(plain(cfg.train)),
+        "optim": OptimConfig.from_dict(plain(cfg.optim)),
+        "parallel": ParallelConfig.from_dict(plain(cfg.get("parallel"))),
+        "precision": PrecisionConfig.from_dict(plain(cfg.get("precision"))),
+        "data": DataConfig.from_any(plain(cfg.data)),
+    }
+
+
+def planned_world_size(pc, requested) -> int:
+    if requested:
+        return requested
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if pc.dp_shard == -1:
+        return pc.pp * pc.dp_replicate * pc.cp * pc.tp * max(1, pc.ep // pc.cp)
+    return pc.pp * pc.dp_replicate * pc.dp_shard * pc.cp * pc.tp
+
+
+def print_plan(configs, world_size: int) -> None:
+    from train.parallel.config import validate_layout
+    from train.plan import format_plan
+
+    train_cfg = configs["train"]
+    layout = validate_layout(configs["model"], configs["parallel"], world_size, seq_len=train_cfg.seq_len)
+    print(format_plan(configs["model"], configs["parallel"], layout, seq_len=train_cfg.seq_len,
+                      micro_batch_size=train_cfg.micro_batch_size, global_batch_size=train_cfg.global_batch_size))
+
+
+def run_dir_of(train_cfg) -> str:
+    return os.path.abspath(train_cfg.run_dir or os.path.join("runs", train_cfg.run_name))
+
+
+def tokenizer_file(tokenizer):
+    """The Hugging Face tokenizer.json behind the tokenizer (copied into checkpoints and exports), else None."""
+    from data.tokenizer import HFTokenizer
+
+    if isinstance(tokenizer, HFTokenizer) and os.path.isfile(tokenizer.path):
+        return tokenizer.path
+    return None
+
+
+def checkpoint_extra_writer(cfg, configs, tokenizer):
+    """Rank 0 writes human-readable files next to the shards: what export and people need."""
+    from omegaconf import OmegaConf
+
+    from train.export import MODEL_CONFIG_FILE, TOKENIZER_FILE
+
+    model_config = configs["model"].to_dict()
+    source = tokenizer_file(tokenizer)
+
+    def write(directory: str) -> None:
+        with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
+            json.dump(model_config, f, indent=2)
+        with open(os.path.join(directory, "config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+        if source is not None:
+            shutil.copyfile(source, os.path.join(directory, TOKENIZER_FILE))
+
+    return write
+
+
+def build_model(configs, device):
+    from model import HybridModel
+    from train.precision import apply_precision
+
+    with torch.device(device):
+        model = HybridModel(configs["model"])
+    table = apply_precision(model, configs["precision"])
+    return model, table
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg, configs = load_configs(overrides)
+    train_cfg, model_cfg = configs["train"], configs["model"]
+
+    if args.dry_run:
+        print_plan(configs, planned_world_size(configs["parallel"], args.world_size))
+        return 0
+
+    from data.pretrain import build_pretrain_loader
+    from data.tokenizer import load_tokenizer
+    from model.params import training_flops_per_token
+    from train import distributed as world
+    from train.callbacks import (ConsoleLogger, JSONLWriter, PreemptionHandler, ProgressBar, SpeedMonitor,
+                                 WandbLogger)
+    from train.checkpoint import CheckpointManager
+    from train.parallel import build_runner
+    from train.trainer import Trainer
+
+    world.init_distributed()
+    try:
+        device = world.training_device()
+        is_rank0 = world.rank() == 0
+        run_dir = run_dir_of(train_cfg)
+        data_cfg = configs["data"]
+        tokenizer = load_tokenizer(data_cfg.tokenizer, cache_dir=data_cfg.cache_dir)
+        if tokenizer.vocab_size > model_cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                             f"{model_cfg.vocab_size}: use a model with at least that many rows, or another "
+                             "tokenizer (data.tokenizer)")
+
+        torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
+        model, _ = build_model(configs, device)
+        runner = build_runner(model, model_cfg, configs["parallel"])
+        loader = build_pretrain_loader(data_cfg, tokenizer, seq_len=train_cfg.seq_len,
+                                       micro_batch_size=train_cfg.micro_batch_size, dp_rank=runner.dp_rank,
+                                       dp_size=runner.dp_size)
+
+        if is_rank0:
+            from omegaconf import OmegaConf
+
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+                f.write(OmegaConf.to_yaml(cfg, resolve=True))
+        world.barrier()
+
+        from omegaconf import OmegaConf
+
+        log_every = train_cfg.log_interval
+        callbacks = [
+            SpeedMonitor(training_flops_per_token(model_cfg, train_cfg.seq_len), device, world.world_size()),
+            ConsoleLogger(log_every),
+            JSONLWriter(os.path.join(run_dir, "metrics.jsonl"), log_every),
+            WandbLogger(train_cfg.wandb, train_cfg.run_name, run_dir, OmegaConf.to_container(cfg, resolve=True),
+                        log_every),
+            PreemptionHandler(),
+        ]
+        if train_cfg.progress_bar:
+            callbacks.append(ProgressBar())
+        trainer = Trainer(runner=runner, loader=loader, train_cfg=train_cfg, optim_cfg=configs["optim"],
+                          checkpoints=CheckpointManager(os.path.join(run_dir, "checkpoints"), train_cfg.keep_last,
+                                                        train_cfg.async_checkpoint),
+                          callbacks=callbacks, device=device, model_config=model_cfg.to_dict(), tokenizer=tokenizer,
+                          write_checkpoint_extra=checkpoint_extra_writer(cfg, configs, tokenizer))
+        resumed = trainer.resume_if_possible()
+
+        if runner.is_metrics_rank:
+            print_start(configs, trainer, run_dir, resumed, world.world_size(), device)
+        reason = trainer.fit()
+        if runner.is_metrics_rank:
+            print(f"stopped at step {trainer.state.step}/{train_cfg.steps} ({reason}); "
+                  f"{trainer.state.skipped_steps} skipped step(s); checkpoint {trainer.last_checkpoint}", flush=True)
+
+        if train_cfg.export_hf and reason == "finished" and trainer.last_checkpoint:
+            if is_rank0:
+                from train.export import export_checkpoint
+
+                out = export_checkpoint(trainer.last_checkpoint, os.path.join(run_dir, "hf"))
+                print(f"Hugging Face export: {out}", flush=True)
+            world.barrier()
+    finally:
+        world.shutdown_distributed()
+    return 0
+
+
+def print_start(configs, trainer, run_dir, resumed, world_size, device) -> None:
+    """The run's header: where, on what, the layout and its memory plan, and where it starts from."""
+    from train.flops import device_label
+    from train.plan import format_plan
+
+    train_cfg = configs["train"]
+    runner = trainer.runner
+    lines = [
+        f"run        {run_dir}",
+        f"devices    {world_size} x {device_label(device)}",
+        format_plan(configs["model"], configs["parallel"], runner.layout, seq_len=train_cfg.seq_len,
+                    micro_batch_size=train_cfg.micro_batch_size, global_batch_size=train_cfg.global_batch_size),
+        f"schedule   {configs['optim'].schedule}, peak lr {configs['optim'].lr:g}, {train_cfg.steps} steps"
+        + (f", this launch stops at {train_cfg.stop_at_step}" if train_cfg.stop_at_step else ""),
+        "start      " + (f"resumed from {resumed} at step {trainer.state.step}" if resumed else "step 0 (new run)"),
+    ]
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""The training loop: micro-batches -> runner.forward_backward -> clip -> AdamW -> expert-bias update.
+
+Everything else (console, JSONL, W&B, speed/MFU, SIGTERM, progress bar) is a callback. The loop owns the training
+state that a resume must restore exactly: step, tokens seen, skip counters, model, optimizer, data position and the
+RNG of every rank; all of it goes into one DCP checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+from . import distributed as world
+from .checkpoint import CheckpointManager, checkpoint_keys, pack, unpack
+from .config import OptimConfig, TrainConfig
+from .optim import OptimizerContainer
+from .schedule import LRSchedule
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run stops instead of silently skipping forever."""
+
+
+class ResumeMismatchError(RuntimeError):
+    """The checkpoint was written for a different model or tokenizer than this run uses."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken (skipped ones included)
+    tokens_seen: int = 0
+    skipped_steps: int = 0  # steps whose loss or gradient was not finite
+    consecutive_nonfinite: int = 0
+    callbacks: dict = field(default_factory=dict)  # name -> callback state (W&B run id)
+    model_config: Optional[dict] = None
+    tokenizer: Optional[dict] = None  # the tokenizer's fingerprint
+    schedule: Optional[dict] = None
+
+
+class ModelState:
+    """The model parts of this rank as one DCP `Stateful` (fully-qualified names, any parallel layout)."""
+
+    def __init__(self, model_parts: list):
+        self.model_parts = list(model_parts)
+
+    def state_dict(self) -> dict:
+        merged = {}
+        for part in self.model_parts:
+            merged.update(get_model_state_dict(part))
+        return merged
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for part in self.model_parts:
+            own = get_model_state_dict(part).keys()
+            set_model_state_dict(part, {k: state_dict[k] for k in own},
+                                 options=StateDictOptions(strict=True))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _float(value) -> float:
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+class Trainer:
+    def __init__(self, *, runner, loader, train_cfg: TrainConfig, optim_cfg: OptimConfig, checkpoints: CheckpointManager,
+                 callbacks: list = (), device: Optional[torch.device] = None, model_config: Optional[dict] = None,
+                 tokenizer=None, write_checkpoint_extra: Optional[Callable[[str], None]] = None):
+        self.runner = runner
+        self.loader = loader
+        self.cfg = train_cfg
+        self.optim_cfg = optim_cfg
+        self.checkpoints = checkpoints
+        self.callbacks = sorted(callbacks, key=lambda c: c.order)
+        self.device = device or torch.device("cpu")
+        self.tokenizer = tokenizer
+        self.write_checkpoint_extra = write_checkpoint_extra
+
+        self.grad_accumulation = train_cfg.grad_accumulation(runner.dp_size)
+        self.optimizer = OptimizerContainer(runner.model_parts, optim_cfg)
+        self.schedule = LRSchedule(optim_cfg, train_cfg.steps)
+        self.state = TrainState(model_config=model_config,
+                                tokenizer=tokenizer.fingerprint() if tokenizer is not None else None,
+                                schedule=self.schedule.state_dict())
+        self.print_hook = None  # the progress bar routes console lines through itself
+        self._stop_reason: Optional[str] = None
+        self._batches = None
+        self.last_checkpoint: Optional[str] = None
+
+    # ----- small accessors the callbacks use -------------------------------------------------------------------
+    @property
+    def is_metrics_rank(self) -> bool:
+        return self.runner.is_metrics_rank
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.steps
+
+    @property
+    def last_step(self) -> int:
+        return self.cfg.last_step
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.global_batch_size * self.cfg.seq_len
+
+    def request_stop(self, reason: str) -> None:
+        self._stop_reason = self._stop_reason or reason
+
+    def print(self, line: str, stream=None) -> None:
+        if self.print_hook is not None:
+            self.print_hook(line)
+        else:
+            print(line, file=stream or sys.stdout, flush=True)
+
+    # ----- checkpoint state ------------------------------------------------------------------------------------
+    def _named_callbacks(self) -> dict:
+        return {type(c).__name__: c for c in self.callbacks}
+
+    def checkpoint_state(self) -> dict:
+        self.state.callbacks = {name: c.state_dict() for name, c in self._named_callbacks().items()}
+        return {
+            "model": ModelState(self.runner.model_parts),
+            "optimizer": self.optimizer,
+            "trainer": pack(asdict(self.state)),
+            # position in the data differs per data-parallel rank; ranks that share a dp rank hold the same one
+            f"dataloader_dp{self.runner.dp_rank}": pack(self.loader.state_dict()),
+            f"rng_rank{world.rank()}": pack(rng_state()),
+        }
+
+    def save_checkpoint(self) -> str:
+        path = self.checkpoints.save(self.state.step, self.checkpoint_state(), write_extra=self.write_checkpoint_extra)
+        self.last_checkpoint = path
+        for c in self.callbacks:
+            c.on_checkpoint(self, path)
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore everything `checkpoint_state` saved. Refuses a checkpoint of another model or tokenizer."""
+        stored = checkpoint_keys(path)
+        for required in ("model", "optimizer", "trainer"):
+            if required not in stored:
+                raise ResumeMismatchError(f"checkpoint {path} has no {required!r} entry; it was not written by "
+                                          "train/pretrain.py (or is damaged): start a new run directory")
+        # the small trainer record first: a checkpoint of another model is refused by name, not by a shape error
+        head = {"trainer": b""}
+        self.checkpoints.load(path, head)  # collective, like every load below: all ranks call it together
+        saved = TrainState(**unpack(head["trainer"]))
+        self._check_compatible(saved, path)
+
+        state = self.checkpoint_state()
+        del state["trainer"]
+        loader_key = f"dataloader_dp{self.runner.dp_rank}"
+        if loader_key not in stored:
+            # saved with fewer data-parallel ranks: the loaders keep one global position (consumed samples, the same
+            # on every rank, as data.loader.BatchLoader does), so data-parallel rank 0's is everyone's
+            del state[loader_key]
+            loader_key = "dataloader_dp0"
+            state[loader_key] = b""
+        missing = self.checkpoints.load(path, state)
+        if saved.schedule is not None and saved.schedule != self.state.schedule and self.is_metrics_rank:
+            self.print(f"note: the learning-rate schedule differs from the checkpoint's ({saved.schedule} -> "
+                       f"{self.state.schedule}); continuing with the new one from step {saved.step}")
+        saved.model_config = self.state.model_config
+        saved.tokenizer = self.state.tokenizer
+        saved.schedule = self.state.schedule
+        self.state = saved
+        for name, callback in self._named_callbacks().items():
+            callback.load_state_dict(saved.callbacks.get(name, {}))
+
+        if loader_key in missing:
+            raise ResumeMismatchError(f"checkpoint {path} holds no data-loader position")
+        self.loader.load_state_dict(unpack(state[loader_key]))
+        rng_key = f"rng_rank{world.rank()}"
+        if rng_key not in missing:  # a rank that did not exist under the saved layout keeps its fresh RNG
+            set_rng_state(unpack(state[rng_key]))
+        self._batches = None
+
+    def _check_compatible(self, saved: TrainState, path: str) -> None:
+        if saved.model_config is not None and self.state.model_config is not None \
+                and saved.model_config != self.state.model_config:
+            diff = sorted(k for k in set(saved.model_config) | set(self.state.model_config)
+                          if saved.model_config.get(k) != self.state.model_config.get(k))
+            raise ResumeMismatchError(
+                f"checkpoint {path} was written for another model: fields {diff} differ "
+                f"(saved {[saved.model_config.get(k) for k in diff]}, now "
+                f"{[self.state.model_config.get(k) for k in diff]}). Use the recipe it was trained with, "
+                "or a new train.run_dir")
+        if saved.tokenizer is not None and self.tokenizer is not None:
+            self.tokenizer.check_matches(saved.tokenizer, f"checkpoint {path}")
+
+    def resume_if_possible(self) -> Optional[str]:
+        if not self.cfg.resume:
+            return None
+        path = self.checkpoints.latest()
+        if path is not None:
+            self.load_checkpoint(path)
+        return path
+
+    # ----- the step --------------------------------------------------------------------------------------------
+    def _next_micro_batches(self) -> list:
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        micro = []
+        for _ in range(self.grad_accumulation):
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                raise RuntimeError(f"the data loader ran out at step {self.state.step}: give it more data or "
+                                   "fewer train.steps") from None
+            micro.append({k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                          for k, v in batch.items()})
+        return micro
+
+    def train_step(self) -> dict:
+        started = time.perf_counter()
+        step = self.state.step
+        micro_batches = self._next_micro_batches()
+        data_time = time.perf_counter() - started
+
+        self.optimizer.zero_grad()
+        result = self.runner.forward_backward(micro_batches)
+        loss = _float(result["loss"])
+        grad_norm = _float(self.runner.clip_grad_norm_(self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0
+                                                       else float("inf")))
+        lr = self.schedule.lr_at(step)
+        # the grad norm is global (every shard and stage), so every rank takes the same decision
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        expert_load = result.get("expert_load")
+        if skipped:
+            self.optimizer.zero_grad()
+            self.state.skipped_steps += 1
+            self.state.consecutive_nonfinite += 1
+        else:
+            self.optimizer.set_lr(lr)
+            self.optimizer.step()
+            if expert_load is not None:
+                self.runner.update_expert_bias(expert_load)
+            self.state.consecutive_nonfinite = 0
+        self.state.step += 1
+        self.state.tokens_seen += self.tokens_per_step
+
+        metrics = {
+            "step": self.state.step,
+            "loss": loss,
+            "lm_loss": _float(result["lm_loss"]) if result.get("lm_loss") is not None else loss,
+            "mtp_losses": [_float(x) for x in result.get("mtp_losses") or []],
+            "aux_loss": _float(result["aux_loss"]) if result.get("aux_loss") is not None else None,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens": self.tokens_per_step,
+            "target_tokens": int(_float(result["tokens"])) if result.get("tokens") is not None else None,
+            "tokens_seen": self.state.tokens_seen,
+            "skipped": skipped,
+            "skipped_steps": self.state.skipped_steps,
+            "moe_imbalance": moe_imbalance(expert_load),
+            "data_time": data_time,
+            "step_time": time.perf_counter() - started,
+        }
+        if self.state.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.state.consecutive_nonfinite} non-finite losses in a row, the last at step {self.state.step} "
+                f"(loss {loss}, grad norm {grad_norm}); stopping. Lower optim.lr or check the data; the last good "
+                f"checkpoint is {self.last_checkpoint or 'none'}")
+        return metrics
+
+    # ----- the loop --------------------------------------------------------------------------------------------
+    def fit(self) -> str:
+        """Train from the current state to `last_step`; returns why it stopped: "finished" (all train.steps done),
+        "train.stop_at_step=N", or the stop request's reason ("signal SIGTERM")."""
+        for c in self.callbacks:
+            c.on_train_start(self)
+        reason = "finished"
+        start_step = self.state.step
+        try:
+            while self.state.step < self.last_step:
+                metrics = self.train_step()
+                for c in self.callbacks:
+                    c.on_step_end(self, metrics)
+                self.checkpoints.poll()
+                if self._stop_reason is not None:
+                    reason = self._stop_reason
+                    break
+                if self.state.step % self.cfg.checkpoint_interval == 0 and self.state.step < self.last_step:
+                    self.save_checkpoint()
+            if self._stop_reason is None and self.state.step < self.total_steps:
+                reason = f"train.stop_at_step={self.last_step}"
+            if self.state.step > start_step:  # the end of this launch (finished, stop_at_step or a signal)
+                self.save_checkpoint()
+            elif self.last_checkpoint is None:
+                self.last_checkpoint = self.checkpoints.latest()  # nothing left to train: the resumed one
+            self.checkpoints.wait()
+        except BaseException as error:
+            reason = f"error: {type(error).__name__}"
+            raise
+        finally:
+            for c in self.callbacks:
+                try:
+                    c.on_train_end(self, reason)
+                except Exception as cleanup_error:  # noqa: BLE001 - the loop's own error matters more
+                    print(f"callback {type(c).__name__} failed at train end: {cleanup_error}", file=sys.stderr)
+        return reason
+
+
+def moe_imbalance(expert_load) -> Optional[float]:
+    """Max over MoE layers of (busiest expert's tokens / mean tokens per expert): 1.0 is perfect balance."""
+    if expert_load is None:
+        return None
+    load = expert_load.detach().float().cpu() if torch.is_tensor(expert_load) else torch.tensor(expert_load).float()
+    if load.numel() == 0:
+        return None
+    mean = load.mean(dim=-1).clamp_min(1e-9)
+    return float((load.max(dim=-1).values / mean).max())
