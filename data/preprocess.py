@@ -369,7 +369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     tokenizer, trained_tmp = args.tokenizer, None
     try:
         if tokenizer.startswith("train-bpe:"):
@@ -391,6 +391,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("interrupted: no output written", file=sys.stderr)
         return 130
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         if trained_tmp and os.path.exists(trained_tmp):
             os.remove(trained_tmp)
     print(report.summary())

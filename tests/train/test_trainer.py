@@ -153,11 +153,12 @@ class SignalAt(Callback):
 
 
 def test_sigterm_checkpoints_and_stops(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
     trainer, _ = make_trainer(tmp_path, steps=10, callbacks=[SignalAt(2), PreemptionHandler()])
     assert trainer.fit() == "signal SIGTERM"
     assert trainer.state.step == 2
     assert trainer.last_checkpoint.endswith("step_00000002")
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored after the run
 
 
 def test_resume_in_process_is_bitwise(tmp_path):
