@@ -1,0 +1,1 @@
+"""LatentForge RL: the generation engine (`rl.engine`), GRPO and its workers. Import submodules directly."""

@@ -1,0 +1,133 @@
+"""MTP drafting: the shared MTP block proposes k tokens per row, each depth with its own KV cache.
+
+Depth j at position s reads the token at s+j and the depth-(j-1) hidden state at s (the trunk's final-normed
+hidden at depth 1) and predicts the token at s+j+1, exactly as in training (SPEC section 3); depths beyond the
+trained ones reuse the same block. With a row whose main model has consumed P tokens and whose next token x_P is
+already chosen, depth j at position P-1 drafts token P+j, reading x_{P-1+j}: the real x_P at depth 1, the
+depth-(j-1) draft after that.
+
+Each depth keeps a KV cache of its own stream. An entry at position s is final once its inputs are: the token at
+s+j is known (s + j <= P) and so is the depth-(j-1) hidden at s. So after a catch-up at P, depth j holds final
+entries for positions < P-j+1, and the next catch-up (at P' > P) reruns depth j over [P-j+1, P'-1]: what the
+main model accepted since, plus the j-1 positions that had used drafts. Depth j-1 reruns from P-j+2, one position
+later, so the one hidden it lacks, h_{j-1}(P-j+1), is kept from the previous catch-up (it was final then).
+Per verify step that is j + (accepted drafts) positions at depth j, and k sequential MTP calls. Entries beyond a
+row's final length (rejected or padded positions) are masked by position and overwritten, so a rejection leaves
+no stale state behind.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .runner import ModelRunner
+
+
+class MTPDrafter:
+    def __init__(self, runner: ModelRunner, depths: int, num_slots: int):
+        model = runner.model
+        if model.mtp is None:
+            raise ValueError("draft_tokens > 0 needs a model with an MTP block (model.mtp_depths > 0); "
+                             "set draft_tokens=0 for plain decoding")
+        self.runner = runner
+        self.depths = depths
+        hidden = model.cfg.hidden_size
+        weight = model.lm_head.weight
+        self.processed = [0] * num_slots  # P at the last catch-up, per slot
+        # h_j(P - j) for j = 1..k-1: what depth j+1 needs at its first position next time
+        self.carry = torch.zeros(num_slots, max(depths - 1, 1), hidden, dtype=weight.dtype, device=weight.device)
+        self.drafts = torch.zeros(num_slots, depths, dtype=torch.long, device=weight.device)
+        self.draft_probs = None  # (slots, k, V), allocated on first use (its dtype is the sampler's)
+        self.has_probs = [False] * num_slots
+
+    def move_row(self, src: int, dst: int):
+        self.processed[dst] = self.processed[src]
+        self.carry[dst] = self.carry[src]
+        self.drafts[dst] = self.drafts[src]
+        self.has_probs[dst] = self.has_probs[src]
+        if self.draft_probs is not None:
+            self.draft_probs[dst] = self.draft_probs[src]
+
+    def reset_row(self, row: int):
+        self.processed[row] = 0
+
+    def cache_lengths(self, row: int) -> list:
+        """Final entries of each depth's KV cache for the row (what compaction must copy)."""
+        p = self.processed[row]
+        return [max(0, p - j + 1) for j in range(1, self.depths + 1)]
+
+    @torch.no_grad()
+    def catch_up(self, lo: int, sequences: list, new_processed: list, trunk_hidden: torch.Tensor, sampler):
+        """Advance the depth caches of slot rows lo..lo+m-1 and draft k tokens for each.
+
+        sequences[i]: row i's token ids, at least through position new_processed[i] (its next, chosen token).
+        trunk_hidden (m, c, H): the trunk's hidden at positions processed[i] .. new_processed[i]-1 (right-padded).
+        sampler(logits (m, V), depth) -> (tokens (m,), probs (m, V) or None when every row is greedy).
+        """
+        m = len(sequences)
+        rows = slice(lo, lo + m)
+        device = trunk_hidden.device
+        old = self.processed[lo : lo + m]
+        new = new_processed
+        drafted = [[] for _ in range(m)]
+        probs = []
+        carry_out = {}
+        previous = None  # depth j-1 hidden over its run [first[j-1], new-1]
+        previous_first = None
+        for depth in range(1, self.depths + 1):
+            first = [max(0, p - depth + 1) for p in old]
+            counts = [n - f for n, f in zip(new, first)]
+            width = max(counts)
+            rows_tokens = []
+            for i in range(m):
+                seq, p_new = sequences[i], new[i]
+                # position s reads token s+depth: known through p_new, this catch-up's drafts after it
+                head = first[i] + depth
+                row = seq[head : p_new + 1] + drafted[i][max(0, head - p_new - 1) :]
+                row = row[: counts[i]]
+                rows_tokens.append(row + [0] * (width - len(row)))
+            tokens = torch.tensor(rows_tokens, dtype=torch.long).to(device)
+            # one host->device copy for the per-row indices: column 0's position, last column, the shift against
+            # depth-1's run (1: prepend the carried hidden), and the column of h_depth(new - depth) to carry
+            shift = [pf - f for pf, f in zip(previous_first, first)] if depth > 1 else [0] * m
+            keep = [max(0, n - depth - f) for n, f in zip(new, first)]
+            meta = torch.tensor([first, [c - 1 for c in counts], shift, keep], dtype=torch.long).to(device)
+            start, last, shift, keep = meta
+            if depth == 1:
+                prev_hidden = trunk_hidden[:, :width]
+            else:
+                padded = torch.cat([self.carry[rows, depth - 2].unsqueeze(1), previous], dim=1)
+                index = torch.arange(width, device=device)[None, :] + 1 - shift[:, None]
+                index = index.clamp_(max=padded.shape[1] - 1)
+                prev_hidden = padded.gather(1, index[:, :, None].expand(-1, -1, padded.shape[-1]))
+            hidden, logits = self.runner.mtp_depth(depth, rows, tokens, prev_hidden, start, max(first), last)
+            chosen, chosen_probs = sampler(logits, depth)
+            for i, token in enumerate(chosen.tolist()):
+                drafted[i].append(token)
+            probs.append(chosen_probs)
+            if depth < self.depths:
+                # keep h_depth(new - depth) for depth+1's next catch-up (final wherever new - depth >= 0)
+                carry_out[depth] = hidden[torch.arange(m, device=device), keep]
+            previous, previous_first = hidden, first
+        for depth, value in carry_out.items():
+            self.carry[rows, depth - 1] = value
+        self.processed[lo : lo + m] = list(new)
+        self.drafts[rows] = torch.tensor(drafted, dtype=torch.long, device=device)
+        if any(p is None for p in probs):  # greedy rows: q is the one-hot of the draft, built when needed
+            self.has_probs[lo : lo + m] = [False] * m
+            return
+        stacked = torch.stack(probs, dim=1)
+        if self.draft_probs is None or self.draft_probs.dtype != stacked.dtype:
+            self.draft_probs = torch.zeros(len(self.processed), self.depths, stacked.shape[-1], dtype=stacked.dtype,
+                                           device=device)
+        self.draft_probs[rows] = stacked
+        self.has_probs[lo : lo + m] = [True] * m
+
+    def draft_distributions(self, n: int, vocab: int, dtype) -> torch.Tensor:
+        """q (n, k, V) of rows 0..n-1: the stored distributions, one-hot drafts for rows drafted greedily."""
+        one_hot = torch.zeros(n, self.depths, vocab, dtype=dtype, device=self.drafts.device)
+        one_hot.scatter_(-1, self.drafts[:n, :, None], 1.0)
+        if self.draft_probs is None or not any(self.has_probs[:n]):
+            return one_hot
+        stored = torch.tensor(self.has_probs[:n], device=self.drafts.device)[:, None, None]
+        return torch.where(stored, self.draft_probs[:n].to(dtype), one_hot)

@@ -1,0 +1,413 @@
+"""The generation engine: continuous batching over fixed slots, MTP speculative decoding, in-flight weight updates.
+
+    engine = Engine(model, EngineConfig(max_batch=16, max_seq_len=1024, draft_tokens=3))
+    rid = engine.add_request(prompt_ids, SamplingParams(temperature=1.0, max_new_tokens=256, seed=7))
+    while engine.has_unfinished():
+        for result in engine.step(): ...          # GenerationResult of the requests that finished this step
+    engine.update_weights(state_dict, version=5)  # between two steps; running sequences carry on
+
+One `step()`: waiting requests join free slots (prefill, or a copy of a cached prefill of the same prompt under
+the same weight version) and get their first token; then every running row advances by one decode step, or by one
+verify step of the k MTP drafts (1 to k+1 tokens). Rows that finish leave, the remaining rows are compacted to
+slots 0..n-1 so each forward runs on exactly the live rows.
+
+Every token records the weight version of the forward that chose it. `update_weights` copies new tensors into the
+model between steps; policy "continue" keeps the running rows' caches (computed under the old weights),
+"recompute" re-runs every running row's context under the new weights (main and MTP caches, drafts) before the
+next token. Prefill states are reused only under the version that produced them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .config import WEIGHT_UPDATE_POLICIES, EngineConfig, EngineStats, GenerationResult, SamplingParams
+from .drafter import MTPDrafter
+from .runner import ModelRunner
+from .sampling import greedy_accept, log_softmax_at, sample, sampling_probs, speculative_accept
+from .state import SlotStates
+
+
+@dataclass
+class _Request:
+    result: GenerationResult
+    params: SamplingParams
+    generator: torch.Generator
+    sequence: list  # prompt + generated tokens
+    processed: int = 0  # tokens the main model has consumed (the last generated token is not, yet)
+    logits: list = field(default_factory=list)
+    aborted: bool = False
+
+    def uniforms(self, count: int) -> torch.Tensor:
+        return torch.rand(count, generator=self.generator, dtype=torch.float64)
+
+
+class Engine:
+    def __init__(self, model, config: Optional[EngineConfig] = None, version: Any = 0):
+        self.model = model
+        self.config = config or EngineConfig()
+        self.version = version
+        cfg = self.config
+        k = cfg.draft_tokens
+        if k and model.mtp is None:
+            raise ValueError("EngineConfig.draft_tokens > 0 needs a model with an MTP block (model.mtp_depths > 0); "
+                             "use draft_tokens=0 for plain decoding")
+        self.device = model.lm_head.weight.device
+        self.vocab_size = model.cfg.vocab_size
+        # verify steps write k+1 positions past the row's length, MTP catch-up up to 2k past it
+        self.states = SlotStates(model, cfg.max_batch, cfg.max_seq_len + 3 * k + 2, draft_depths=k)
+        self.runner = ModelRunner(model, self.states)
+        self.drafter = MTPDrafter(self.runner, k, cfg.max_batch) if k else None
+        self.temperature = torch.zeros(cfg.max_batch, dtype=torch.float64, device=self.device)
+        self.top_p = torch.ones(cfg.max_batch, dtype=torch.float64, device=self.device)
+        self.top_k = torch.zeros(cfg.max_batch, dtype=torch.long, device=self.device)
+        self.waiting: list[_Request] = []
+        self.running: list[_Request] = []  # row i of the slot states is running[i]
+        self.prefix_cache: OrderedDict = OrderedDict()
+        self.stats = EngineStats(drafted=[0] * k, accepted=[0] * k)
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+
+    # ----- requests ------------------------------------------------------------------------------------------
+    def add_request(self, prompt_ids, params: Optional[SamplingParams] = None, request_id: Any = None) -> Any:
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("add_request: the prompt is empty; give at least one token (e.g. the BOS id)")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"add_request: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt) + params.max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"add_request: prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                             f"exceeds EngineConfig.max_seq_len={self.config.max_seq_len}; raise max_seq_len or lower "
+                             "max_new_tokens")
+        with self._lock:
+            number = next(self._ids)
+            request_id = number if request_id is None else request_id
+            seed = params.seed if params.seed is not None else hash((self.config.seed, number)) & (2**63 - 1)
+            generator = torch.Generator().manual_seed(seed)
+            result = GenerationResult(request_id=request_id, prompt_ids=list(prompt))
+            self.waiting.append(_Request(result, params, generator, list(prompt)))
+        return request_id
+
+    def abort(self, request_id) -> bool:
+        """Stop a request; it comes back from the next step() with finish_reason "abort"."""
+        with self._lock:
+            for request in self.waiting + self.running:
+                if request.result.request_id == request_id:
+                    request.aborted = True
+                    return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def generate(self, prompts, params=None) -> list:
+        """Run prompts (lists of ids) to completion; params: one SamplingParams or one per prompt."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"generate: {len(params)} SamplingParams for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        done = {}
+        while self.has_unfinished():
+            for result in self.step():
+                done[result.request_id] = result
+        return [done[i] for i in ids]
+
+    # ----- one engine step -----------------------------------------------------------------------------------
+    def step(self) -> list:
+        """Admit waiting requests, advance every running row once; return the results that finished."""
+        with self._lock:
+            finished = self._drop_aborted()
+            self._admit(finished)
+            if self.running:
+                if self.drafter is None:
+                    self._decode(finished)
+                else:
+                    self._verify(finished)
+                self.stats.steps += 1
+            return finished
+
+    def _drop_aborted(self) -> list:
+        finished = []
+        for request in [r for r in self.waiting if r.aborted]:
+            self.waiting.remove(request)
+            finished.append(self._finish(request, "abort"))
+        if any(r.aborted for r in self.running):
+            for request in self.running:
+                if request.aborted:
+                    finished.append(self._finish(request, "abort"))
+            self._compact([not r.aborted for r in self.running])
+        return finished
+
+    def _admit(self, finished: list):
+        free = self.config.max_batch - len(self.running)
+        if free <= 0 or not self.waiting:
+            return
+        joining, self.waiting = self.waiting[:free], self.waiting[free:]
+        # identical prompts next to each other: one prefill per distinct prompt, copied to the other rows
+        joining.sort(key=lambda r: (len(r.result.prompt_ids), r.result.prompt_ids))
+        lo = len(self.running)
+        for _, group in itertools.groupby(joining, key=lambda r: tuple(r.result.prompt_ids)):
+            group = list(group)
+            rows = range(lo, lo + len(group))
+            for row, request in zip(rows, group):
+                self.running.append(request)
+                self._set_row_params(row, request.params)
+            logits, hidden = self._prefill_group(group[0].result.prompt_ids, rows)
+            for request in group:
+                request.processed = len(request.sequence)
+            self._sample_first(group, lo, logits)
+            if self.drafter is not None:
+                for row in rows:
+                    self.drafter.reset_row(row)
+                self.drafter.catch_up(lo, [r.sequence for r in group], [r.processed for r in group],
+                                      hidden.expand(len(group), -1, -1), self._draft_sampler(lo, len(group)))
+            lo += len(group)
+        keep = [True] * len(self.running)
+        for i, request in enumerate(self.running):
+            reason = self._done_reason(request)
+            if reason:
+                finished.append(self._finish(request, reason))
+                keep[i] = False
+        if not all(keep):
+            self._compact(keep)
+
+    def _prefill_group(self, prompt: list, rows: range):
+        key = (self.version, tuple(prompt))
+        cached = self.prefix_cache.get(key)
+        if cached is not None:
+            self.prefix_cache.move_to_end(key)
+            snapshot, logits, hidden = cached
+            for row in rows:
+                self.states.load_row(row, snapshot)
+            self.stats.prefix_hits += len(rows)
+            return logits, hidden
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        logits, hidden = self.runner.prefill(rows[0], ids)
+        self.stats.prefill_tokens += len(prompt)
+        for row in rows[1:]:
+            self.states.move_row(rows[0], row, len(prompt))
+        self.stats.prefix_hits += len(rows) - 1
+        if self.config.prefix_cache_size:
+            snapshot = self.states.snapshot_row(rows[0], len(prompt))
+            self.prefix_cache[key] = (snapshot, logits, hidden if self.drafter is not None else None)
+            while len(self.prefix_cache) > self.config.prefix_cache_size:
+                self.prefix_cache.popitem(last=False)
+        return logits, hidden
+
+    def _sample_first(self, group: list, lo: int, logits: torch.Tensor):
+        logits = logits.expand(len(group), -1)
+        tokens, logprobs, _ = self._choose(logits, lo, group)
+        for request, token, logprob, row_logits in zip(group, tokens.tolist(), logprobs.tolist(), logits):
+            self._emit(request, token, logprob, row_logits)
+
+    def _decode(self, finished: list):
+        n = len(self.running)
+        ids = torch.tensor([[r.sequence[-1]] for r in self.running], dtype=torch.long, device=self.device)
+        positions = [r.processed for r in self.running]
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        out = self.runner.step(ids, pos, max(positions), keep_positions=False)
+        logits = out.logits[:, 0]
+        tokens, logprobs, _ = self._choose(logits, 0, self.running)
+        keep = []
+        for request, token, logprob, row_logits in zip(self.running, tokens.tolist(), logprobs.tolist(), logits):
+            request.processed += 1
+            self._emit(request, token, logprob, row_logits)
+            reason = self._done_reason(request)
+            if reason:
+                finished.append(self._finish(request, reason))
+            keep.append(not reason)
+        if not all(keep):
+            self._compact(keep)
+
+    def _verify(self, finished: list):
+        """Main model over [next token, k drafts] per row, acceptance, rollback, MTP catch-up for the next drafts."""
+        n, k = len(self.running), self.config.draft_tokens
+        drafter = self.drafter
+        rows = slice(0, n)
+        pending = torch.tensor([[r.sequence[-1]] for r in self.running], dtype=torch.long, device=self.device)
+        ids = torch.cat([pending, drafter.drafts[rows]], dim=1)
+        positions = [r.processed for r in self.running]
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        out = self.runner.step(ids, pos, max(positions), keep_positions=True)
+
+        drafts = drafter.drafts[rows]
+        if self._all_greedy(rows):
+            accepted, next_tokens = greedy_accept(out.logits, drafts)
+        else:
+            per_position = lambda t: t[rows].repeat_interleave(k + 1)  # noqa: E731
+            probs = sampling_probs(out.logits.reshape(n * (k + 1), -1), per_position(self.temperature),
+                                   per_position(self.top_k), per_position(self.top_p)).view(n, k + 1, -1)
+            uniforms = torch.stack([r.uniforms(k + 1) for r in self.running]).to(self.device)
+            draft_probs = drafter.draft_distributions(n, probs.shape[-1], probs.dtype)
+            accepted, next_tokens = speculative_accept(probs, draft_probs, drafts, uniforms[:, :k], uniforms[:, k])
+        self.runner.commit(out, accepted)  # Mamba/conv states after the last accepted token
+
+        counts = accepted.tolist()
+        self.stats.verify_rows += n
+        self.stats.verify_tokens += sum(counts) + n
+        for depth in range(k):
+            self.stats.drafted[depth] += n
+            self.stats.accepted[depth] += sum(1 for c in counts if c > depth)
+
+        # emitted tokens per row: the accepted drafts, then the correction / bonus token
+        emitted = torch.cat([drafts, next_tokens[:, None]], dim=1)
+        emitted = torch.where(torch.arange(k + 1, device=self.device)[None, :] == accepted[:, None],
+                              next_tokens[:, None], emitted)
+        logprobs = log_softmax_at(out.logits, emitted)  # greedy rows report the plain softmax
+        if not self._all_greedy(rows):
+            sampled = probs.gather(-1, emitted.unsqueeze(-1)).squeeze(-1).log()
+            logprobs = torch.where(self.temperature[rows, None] > 0, sampled, logprobs.to(sampled.dtype))
+        emitted_list, logprob_list = emitted.tolist(), logprobs.tolist()
+
+        keep = []
+        for i, request in enumerate(self.running):
+            request.processed += counts[i] + 1  # the pending token and the accepted drafts are consumed now
+            for j in range(counts[i] + 1):
+                self._emit(request, emitted_list[i][j], logprob_list[i][j], out.logits[i, j])
+                if self._done_reason(request):
+                    break
+            reason = self._done_reason(request)
+            if reason:
+                finished.append(self._finish(request, reason))
+            keep.append(not reason)
+        survivors = [i for i, kept in enumerate(keep) if kept]
+        if not all(keep):
+            self._compact(keep)
+        if survivors:
+            m = len(survivors)
+            index = torch.tensor(survivors, device=self.device)
+            trunk = out.hidden[index, : max(counts[i] for i in survivors) + 1]
+            drafter.catch_up(0, [r.sequence for r in self.running], [r.processed for r in self.running], trunk,
+                             self._draft_sampler(0, m))
+
+    # ----- helpers -------------------------------------------------------------------------------------------
+    def _all_greedy(self, rows: slice) -> bool:
+        return all(request.params.greedy for request in self.running[rows])
+
+    def _choose(self, logits: torch.Tensor, lo: int, requests: list, with_logprobs: bool = True):
+        """Sample one token per row from logits (m, V) of slot rows lo..lo+m-1.
+
+        Returns (tokens, logprobs, probs): probs is None when every row is greedy (no distribution is built)."""
+        rows = slice(lo, lo + len(requests))
+        if self._all_greedy(rows):
+            tokens = logits.argmax(-1)
+            return tokens, log_softmax_at(logits, tokens) if with_logprobs else None, None
+        probs = sampling_probs(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows])
+        uniforms = torch.stack([r.uniforms(1) for r in requests]).to(self.device)
+        tokens = sample(probs, uniforms[:, 0])
+        if not with_logprobs:
+            return tokens, None, probs
+        logprobs = probs.gather(-1, tokens[:, None]).squeeze(-1).log()
+        greedy = self.temperature[rows] <= 0
+        if bool(greedy.any()):
+            logprobs = torch.where(greedy, log_softmax_at(logits, tokens).to(logprobs.dtype), logprobs)
+        return tokens, logprobs, probs
+
+    def _draft_sampler(self, lo: int, m: int):
+        requests = self.running[lo : lo + m]
+
+        def draw(logits, depth):
+            tokens, _, probs = self._choose(logits, lo, requests, with_logprobs=False)
+            return tokens, probs
+
+        return draw
+
+    def _set_row_params(self, row: int, params: SamplingParams):
+        self.temperature[row] = params.temperature
+        self.top_p[row] = params.top_p
+        self.top_k[row] = params.top_k
+
+    def _emit(self, request: _Request, token: int, logprob: float, logits: torch.Tensor):
+        result = request.result
+        request.sequence.append(token)
+        result.token_ids.append(token)
+        result.logprobs.append(logprob)
+        result.versions.append(self.version)
+        if request.params.return_logits:
+            request.logits.append(logits.detach().float().cpu())
+        self.stats.generated_tokens += 1
+
+    @staticmethod
+    def _done_reason(request: _Request) -> Optional[str]:
+        result = request.result
+        if result.token_ids and result.token_ids[-1] in request.params.stop_token_ids:
+            return "stop"
+        if len(result.token_ids) >= request.params.max_new_tokens:
+            return "length"
+        return None
+
+    def _finish(self, request: _Request, reason: str) -> GenerationResult:
+        result = request.result
+        result.finish_reason = reason
+        if request.logits:
+            result.logits = torch.stack(request.logits)
+        return result
+
+    def _compact(self, keep: list):
+        """Drop rows whose keep is False; survivors move down to rows 0..m-1 in order (never onto a live row)."""
+        survivors = [i for i, kept in enumerate(keep) if kept]
+        for dst, src in enumerate(survivors):
+            if src == dst:
+                continue
+            request = self.running[src]
+            mtp_lengths = self.drafter.cache_lengths(src) if self.drafter is not None else ()
+            self.states.move_row(src, dst, request.processed, mtp_lengths)
+            if self.drafter is not None:
+                self.drafter.move_row(src, dst)
+            self.temperature[dst] = self.temperature[src]
+            self.top_p[dst] = self.top_p[src]
+            self.top_k[dst] = self.top_k[src]
+        self.running = [self.running[i] for i in survivors]
+
+    # ----- weights -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_weights(self, tensors: dict, version: Any, policy: Optional[str] = None, partial: bool = False):
+        """Load new weights between two steps without dropping the running sequences.
+
+        tensors: {state-dict name: tensor} in the model's names (`model.state_dict()` / INTERFACES.md); all of
+        them unless `partial` (e.g. one bucket of a chunked broadcast). version: stamped on every later token.
+        policy: "continue" (keep the caches computed under the old weights) or "recompute" (re-run every running
+        context under the new ones); default EngineConfig.weight_update_policy.
+        """
+        policy = policy or self.config.weight_update_policy
+        if policy not in WEIGHT_UPDATE_POLICIES:
+            raise ValueError(f"update_weights: policy must be one of {WEIGHT_UPDATE_POLICIES}, got {policy!r}")
+        with self._lock:
+            targets = self.model.state_dict(keep_vars=True)
+            unknown = sorted(set(tensors) - set(targets))
+            if unknown:
+                raise KeyError(f"update_weights: unknown tensor names {unknown[:5]}; expected the model's "
+                               "state-dict names (e.g. 'backbone.layers.0.mixer.in_proj.weight')")
+            missing = sorted(set(targets) - set(tensors))
+            if missing and not partial:
+                raise KeyError(f"update_weights: {len(missing)} tensors missing (e.g. {missing[:3]}); send all of "
+                               "them, or pass partial=True for a subset")
+            for name, value in tensors.items():
+                if tuple(value.shape) != tuple(targets[name].shape):
+                    raise ValueError(f"update_weights: {name} has shape {tuple(value.shape)}, the model's is "
+                                     f"{tuple(targets[name].shape)}")
+            for name, value in tensors.items():
+                targets[name].data.copy_(value)
+            self.version = version
+            self.prefix_cache.clear()  # states of the old weights must never be served as the new ones'
+            if policy == "recompute":
+                self._recompute_running()
+
+    def _recompute_running(self):
+        for row, request in enumerate(self.running):
+            context = torch.tensor([request.sequence[: request.processed]], dtype=torch.long, device=self.device)
+            _, hidden = self.runner.prefill(row, context)
+            self.stats.prefill_tokens += request.processed
+            if self.drafter is not None:
+                self.drafter.reset_row(row)
+                self.drafter.catch_up(row, [request.sequence], [request.processed], hidden,
+                                      self._draft_sampler(row, 1))

@@ -1,0 +1,170 @@
+"""Generate a completion from a checkpoint: `python -m rl.generate ckpt=<dir> prompt="..."`.
+
+    python -m rl.generate ckpt=out/tiny-hf prompt="What is 3 + 4 * 5?"
+    python -m rl.generate ckpt=runs/tiny prompt="def fib(n):" chat=false max_new_tokens=64 temperature=0.7
+    python -m rl.generate ckpt=out/tiny-hf prompt="..." think=false draft_tokens=3 stats=true
+
+ckpt: a Hugging Face directory (config.json + safetensors, e.g. from `python -m train.export`) or a DCP
+checkpoint / run directory written by the trainer. The tokenizer is the checkpoint's own `tokenizer.json`
+(or `tokenizer=<spec>`, e.g. bpe:4096). With chat=true (default) the prompt is a user turn in the ChatML template
+with reasoning on (think=true) or off, and generation stops at <|im_end|>; with chat=false the prompt text
+follows a document separator, as a document does in pretraining, and generation stops at </s>.
+Options (key=value): max_new_tokens=256 temperature=0 top_p=1.0 top_k=0 seed=0 draft_tokens=<MTP depths or 0>
+system="" think=true chat=true skip_special=false stats=false threads=<torch threads> device=cpu|cuda dtype=float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+TOKENIZER_FILE = "tokenizer.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class GenerateArgs:
+    ckpt: str = ""
+    prompt: str = ""
+    system: str = ""
+    chat: bool = True
+    think: bool = True
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    draft_tokens: int = -1  # -1: the checkpoint's MTP depth (0 without MTP)
+    tokenizer: str = ""
+    skip_special: bool = False
+    stats: bool = False
+    threads: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+def parse_key_values(argv, cls):
+    """`key=value` arguments into the dataclass `cls`; unknown keys and bad values are named."""
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("-").replace("-", "_")
+        if not sep:
+            raise SystemExit(f"argument {arg!r}: expected key=value (keys: {', '.join(known)})")
+        if key not in known:
+            raise SystemExit(f"unknown option {key!r}; options: {', '.join(known)}")
+        kind = type(known[key].default)
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                values[key] = value.lower() in ("true", "1", "yes")
+            else:
+                values[key] = kind(value)
+        except ValueError:
+            raise SystemExit(f"option {key}={value!r}: expected a {kind.__name__}") from None
+    return cls(**values)
+
+
+def load_model(ckpt: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """HybridModel from a Hugging Face directory or a trainer's DCP checkpoint (or run directory)."""
+    if not ckpt:
+        raise SystemExit("ckpt=<dir> is required: a Hugging Face directory or a DCP checkpoint / run directory")
+    if not os.path.exists(ckpt):
+        raise SystemExit(f"ckpt={ckpt}: no such directory")
+    if os.path.isfile(os.path.join(ckpt, "config.json")):
+        from model.hf import load_pretrained
+
+        model = load_pretrained(ckpt, dtype=dtype, device=device)
+    else:
+        try:
+            from train.export import load_model_from_checkpoint, resolve_checkpoint
+        except ImportError as error:
+            raise SystemExit(f"ckpt={ckpt} is not a Hugging Face directory (no config.json) and the DCP loader "
+                             f"(train.export) is unavailable: {error}") from None
+        try:
+            path = resolve_checkpoint(ckpt)
+        except FileNotFoundError as error:
+            raise SystemExit(f"ckpt={ckpt} is neither a Hugging Face directory (no config.json) nor a DCP "
+                             f"checkpoint: {error}") from None
+        model = load_model_from_checkpoint(path).to(device=device, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def find_tokenizer_file(ckpt: str) -> Optional[str]:
+    """The checkpoint's recorded tokenizer: tokenizer.json in it (HF export, DCP step dir) or its newest step."""
+    candidates = [os.path.join(ckpt, TOKENIZER_FILE)]
+    if not os.path.isfile(os.path.join(ckpt, "config.json")):
+        try:
+            from train.export import resolve_checkpoint
+
+            candidates.append(os.path.join(resolve_checkpoint(ckpt), TOKENIZER_FILE))
+        except (ImportError, FileNotFoundError):
+            pass
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+def load_tokenizer_for(ckpt: str, spec: str = ""):
+    from data.tokenizer import load_tokenizer
+
+    if spec:
+        return load_tokenizer(spec)
+    path = find_tokenizer_file(ckpt)
+    if path is None:
+        raise SystemExit(f"no {TOKENIZER_FILE} in {ckpt}: pass tokenizer=<spec> (e.g. tokenizer=bpe:4096, "
+                         "tokenizer=tekken or tokenizer=/path/tokenizer.json)")
+    return load_tokenizer(path)
+
+
+def prompt_ids(tokenizer, text: str, chat: bool, think: bool, system: str = "") -> list:
+    if not chat:
+        return [tokenizer.eod_id] + tokenizer.encode(text)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, enable_thinking=think, add_generation_prompt=True)
+
+
+def main(argv=None) -> int:
+    args = parse_key_values(sys.argv[1:] if argv is None else argv, GenerateArgs)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.dtype not in DTYPES:
+        raise SystemExit(f"dtype={args.dtype!r}: use one of {', '.join(DTYPES)}")
+    from rl.engine import Engine, EngineConfig, SamplingParams
+
+    model = load_model(args.ckpt, args.device, DTYPES[args.dtype])
+    tokenizer = load_tokenizer_for(args.ckpt, args.tokenizer)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.cfg.vocab_size}: "
+                         "pass the tokenizer the checkpoint was trained with")
+    ids = prompt_ids(tokenizer, args.prompt, args.chat, args.think, args.system)
+    draft = args.draft_tokens if args.draft_tokens >= 0 else model.cfg.mtp_depths
+    stop = (tokenizer.im_end_id, tokenizer.eod_id) if args.chat else (tokenizer.eod_id,)
+    engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=len(ids) + args.max_new_tokens,
+                                        draft_tokens=draft))
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_new_tokens=args.max_new_tokens, stop_token_ids=stop, seed=args.seed)
+    start = time.perf_counter()
+    (result,) = engine.generate([ids], params)
+    elapsed = time.perf_counter() - start
+    print(tokenizer.decode(result.token_ids, skip_special_tokens=args.skip_special))
+    if args.stats:
+        s = engine.stats
+        line = {"prompt_tokens": len(ids), "new_tokens": len(result.token_ids), "finish": result.finish_reason,
+                "seconds": round(elapsed, 3), "tokens_per_s": round(len(result.token_ids) / elapsed, 2),
+                "draft_tokens": draft}
+        if draft:
+            line.update(mean_accepted_length=round(s.mean_accepted_length, 3),
+                        acceptance=[round(a, 3) for a in s.acceptance_rate])
+        print(json.dumps(line), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
