@@ -1,0 +1,37 @@
+"""A reward worker: decodes completions and scores them (task verifier + user reward functions, all contained)."""
+
+from __future__ import annotations
+
+from typing import List
+
+from rl.buffer import Sample
+from rl.config import RewardConfig
+from rl.rewards import RewardScorer
+
+
+class RewardWorker:
+    def __init__(self, cfg: RewardConfig, tokenizer_spec):
+        from data.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_spec)
+        self.scorer = RewardScorer(cfg.functions, task_weight=cfg.task_weight)
+        self.stop_texts = ("<|im_end|>", "</s>")
+
+    def decode(self, sample: Sample) -> str:
+        text = self.tokenizer.decode(sample.completion_ids)
+        for stop in self.stop_texts:
+            if text.endswith(stop):
+                text = text[: -len(stop)]
+        return text
+
+    def score(self, samples: List[Sample], records: List[dict]) -> List[Sample]:
+        """Fill reward, reward_info and text of each sample (records[i] is samples[i]'s prompt record)."""
+        for sample, record in zip(samples, records):
+            sample.text = self.decode(sample)
+            result = self.scorer.score(record, sample.text)
+            sample.reward = result.score
+            sample.reward_info = {"correct": result.correct, **result.info}
+        return samples
+
+    def close(self):
+        self.scorer.close()

@@ -1,0 +1,92 @@
+"""A trainer rank as a Ray actor: joins the trainer group's torch.distributed world, hosts a PolicyTrainer, and
+(rank 0) sends weights to the rollout workers."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import List, Optional
+
+import torch
+
+from rl.buffer import Group
+from rl.config import GRPOConfig
+from rl.weight_sync import WeightSyncGroup, free_port, node_ip, send_state
+
+
+class TrainerRank:
+    def __init__(self, rank: int, world_size: int, threads: Optional[int] = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.rank, self.world_size = rank, world_size
+        self.trainer = None
+        self._sync: Optional[WeightSyncGroup] = None
+
+    def address(self) -> tuple:
+        """(ip, a free port) on this rank's node: rank 0 hosts the rendezvous of the trainer world."""
+        return node_ip(), free_port()
+
+    def setup(self, master: tuple, model_cfg: dict, cfg: GRPOConfig, optim_cfg, run_dir: str,
+              parallel_cfg: Optional[dict] = None) -> dict:
+        os.environ.update(MASTER_ADDR=str(master[0]), MASTER_PORT=str(master[1]), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        if torch.cuda.is_available():  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: it is device 0
+            torch.cuda.set_device(0)
+        from rl.trainer import PolicyTrainer
+
+        self.trainer = PolicyTrainer(model_cfg, cfg, optim_cfg, run_dir, parallel_cfg)
+        return {"rank": self.rank, "dp_rank": self.trainer.dp_rank, "dp_size": self.trainer.dp_size}
+
+    def train_step(self, groups: List[Group]) -> dict:
+        return self.trainer.train_step(groups)
+
+    # ----- weights out ---------------------------------------------------------------------------------------
+    def join_sync_group(self, host: str, port: int, world_size: int, backend: str) -> int:
+        """Rank 0 only: group rank 0 of the weight-sync group (it hosts the rendezvous)."""
+        self._sync = WeightSyncGroup(host, port, 0, world_size, backend)
+        return 0
+
+    def push_broadcast(self, bucket_mb: int) -> dict:
+        """Every trainer rank calls it (gathering sharded layouts is collective); rank 0 broadcasts."""
+        start = time.perf_counter()
+        state = self.trainer.full_state_dict()
+        gathered = time.perf_counter()
+        sent = 0
+        if self.rank == 0:
+            sent = send_state(self._sync, state, self.trainer.version, bucket_mb)
+        done = time.perf_counter()
+        return {"version": self.trainer.version, "gather_s": gathered - start, "sync_s": done - start,
+                "bytes": sent}
+
+    def export_weights(self):
+        """Object-store path: rank 0 returns the full CPU tensors (the driver passes the reference on)."""
+        state = self.trainer.full_state_dict()
+        if state is None:
+            return None
+        return {k: v.detach().cpu() for k, v in state.items()}
+
+    # ----- checkpoints ---------------------------------------------------------------------------------------
+    def save_checkpoint(self, loop_state: bytes) -> str:
+        return self.trainer.save_checkpoint(loop_state)
+
+    def latest_checkpoint(self):
+        return self.trainer.latest_checkpoint()
+
+    def load_checkpoint(self, path: str) -> bytes:
+        return self.trainer.load_checkpoint(path)
+
+    def version(self) -> int:
+        return self.trainer.version
+
+    def weights_digest(self) -> float:
+        """A cheap fingerprint of the weights (tests compare runs with it)."""
+        from rl.trainer import state_digest
+
+        state = self.trainer.full_state_dict()
+        return 0.0 if state is None else state_digest(state)
+
+    def close(self):
+        if self.trainer is not None:
+            self.trainer.close()
+        if self._sync is not None:
+            self._sync.close()

@@ -1,0 +1,420 @@
+"""The GRPO driver: Ray actors for the trainer group, rollout workers and reward workers, and the event loop that
+keeps them all busy under the staleness bound.
+
+Flow of one prompt: the prompt source hands it out (uid) -> G requests go to one rollout worker (same prompt, so
+its prefill is shared) stamped with `min_version` = the newest pushed version -> finished samples go to a reward
+worker -> scored samples gather in the buffer -> a complete group waits until a step takes it.
+
+Flow of one step v: the buffer gives `groups_per_step` groups whose every token is at most K versions old ->
+every trainer rank runs the GRPO update (weights v -> v + 1) -> the new weights are broadcast to every rollout
+worker, which applies them between two decode steps and keeps generating. Rollouts, rewards and admissions keep
+flowing while the trainer computes and while weights move.
+
+Admission control: at most (K + 1) x groups_per_step groups are outstanding (in flight, buffered, or in a step
+whose weights are not pushed yet), so rollouts run at most K versions ahead; the buffer's per-token check is the
+hard guarantee on top (too-old groups are dropped and their prompts served again). K = 0 is synchronous GRPO.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from typing import Dict, List, Optional
+
+import ray
+
+from rl.actors import RewardWorker, RolloutWorker, TrainerRank, remote
+from rl.buffer import StalenessBuffer
+from rl.config import GRPOConfig
+from rl.metrics import MetricsLogger, step_metrics
+from rl.prompts import PromptSource, build_records, prompt_token_ids
+from train.checkpoint import pack, unpack
+
+COLLECT_WAIT_S = 0.2
+
+
+class GRPOLoop:
+    def __init__(self, cfg: GRPOConfig, model_cfg: dict, optim_cfg, *, tokenizer_spec, run_dir: str,
+                 task_seed: int, enable_thinking: bool = True, parallel_cfg: Optional[dict] = None,
+                 print_fn=print, config_for_logs: Optional[dict] = None):
+        self.cfg = cfg
+        self.model_cfg = dict(model_cfg)
+        self.optim_cfg = optim_cfg
+        self.tokenizer_spec = tokenizer_spec
+        self.run_dir = os.path.abspath(run_dir)
+        self.task_seed = task_seed
+        self.enable_thinking = enable_thinking
+        self.parallel_cfg = parallel_cfg
+        self.print = print_fn
+        self.config_for_logs = config_for_logs or {"rl": cfg.to_dict(), "model": self.model_cfg}
+        self.G = cfg.rollout.group_size
+        self.B = cfg.groups_per_step
+        self.buffer = StalenessBuffer(self.G, cfg.max_staleness, cfg.filter_zero_advantage)
+        self.version = 0  # the trainer's weights
+        self.pushed_version = -1  # the newest version every rollout worker has received
+        self.inflight: Dict[int, dict] = {}  # uid -> {"worker", "left"}
+        self._training = 0  # groups of the step whose weights are not pushed yet
+        self._futures: Dict = {}  # ObjectRef -> (kind, payload)
+        self._eval_results: List = []
+        self._eval_pending = 0
+        self.counters = collections.Counter()
+        self.history: List[dict] = []
+        self._step_filtered: List[int] = []  # zero-advantage groups since the last step (logged with it)
+        self._evaluating = False
+        self._closed = False
+
+    # ================================================================== setup
+    def setup(self) -> None:
+        from data.tokenizer import load_tokenizer
+
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(self.tokenizer_spec)
+        if self.tokenizer.vocab_size > self.model_cfg["vocab_size"]:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size is "
+                             f"{self.model_cfg['vocab_size']}: use the tokenizer the policy was trained with")
+        train_records = build_records(cfg.prompts.tasks, "train", self.task_seed, self.enable_thinking)
+        self.eval_records = build_records(cfg.prompts.eval_tasks, "test", self.task_seed, self.enable_thinking)
+        self.source = PromptSource(train_records, seed=cfg.prompts.order_seed, shuffle=cfg.prompts.shuffle)
+        self._prompt_ids: Dict[str, List[int]] = {}
+        longest = max(len(self._ids(r)) for r in train_records + self.eval_records)
+        self.max_seq_len = longest + cfg.rollout.max_new_tokens + 8
+
+        if not ray.is_initialized():
+            ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True,
+                     ignore_reinit_error=True)
+        self._spawn()
+        self.logger = MetricsLogger(self.run_dir, cfg.run_name, cfg.wandb, self.config_for_logs, cfg.steps,
+                                    cfg.log_interval, self.print)
+        loop_state = self._resume()
+        self.logger.start(loop_state.get("wandb_run_id") if loop_state else None)
+        self._push_weights()  # every worker starts from the trainer's weights (fresh or resumed)
+        for i in range(len(self.rollouts)):
+            self._issue_collect(i)
+
+    def _ids(self, record: dict) -> List[int]:
+        key = record["id"]
+        if key not in self._prompt_ids:
+            self._prompt_ids[key] = prompt_token_ids(self.tokenizer, record)
+        return self._prompt_ids[key]
+
+    def _spawn(self) -> None:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        cfg = self.cfg
+        tc, rc, wc = cfg.trainer, cfg.rollout, cfg.reward
+        bundles = ([_bundle(tc.cpus_per_rank, tc.gpus_per_rank)] * tc.num_ranks
+                   + [_bundle(rc.cpus_per_worker, rc.gpus_per_worker)] * rc.num_workers
+                   + [_bundle(wc.cpus_per_worker, 0)] * wc.num_workers)
+        self.placement = placement_group(bundles, strategy="PACK")
+        ray.get(self.placement.ready(), timeout=600)
+
+        def at(i):
+            return PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=i)
+
+        env = {"env_vars": {"WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
+                            "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p)}}
+        trainer_cls = remote(TrainerRank, num_cpus=tc.cpus_per_rank, num_gpus=tc.gpus_per_rank, runtime_env=env)
+        self.trainers = [trainer_cls.options(scheduling_strategy=at(r)).remote(r, tc.num_ranks, tc.threads_per_rank)
+                         for r in range(tc.num_ranks)]
+        master = ray.get(self.trainers[0].address.remote())
+        self.trainer_info = ray.get([t.setup.remote(master, self.model_cfg, cfg, self.optim_cfg, self.run_dir,
+                                                    self.parallel_cfg) for t in self.trainers])
+
+        stop_ids = [self.tokenizer.im_end_id, self.tokenizer.eod_id]
+        rollout_cls = remote(RolloutWorker, num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker,
+                             max_concurrency=4, runtime_env=env)
+        base = tc.num_ranks
+        self.rollouts = [rollout_cls.options(scheduling_strategy=at(base + i)).remote(
+            i, self.model_cfg, rc, self.max_seq_len, stop_ids, cfg.seed + 1000 * (i + 1), None,
+            rc.threads_per_worker) for i in range(rc.num_workers)]
+        reward_cls = remote(RewardWorker, num_cpus=wc.cpus_per_worker, runtime_env=env)
+        base += rc.num_workers
+        self.rewarders = [reward_cls.options(scheduling_strategy=at(base + i)).remote(wc, self.tokenizer_spec)
+                          for i in range(wc.num_workers)]
+        self._reward_load = [0] * wc.num_workers
+
+        if rc.weight_sync == "broadcast":
+            backend = "nccl" if (tc.gpus_per_rank > 0 and rc.gpus_per_worker > 0) else "gloo"
+            host, port = ray.get(self.trainers[0].address.remote())
+            world = 1 + rc.num_workers
+            ray.get([self.trainers[0].join_sync_group.remote(host, port, world, backend)]
+                    + [w.join_sync_group.remote(host, port, 1 + i, world, backend)
+                       for i, w in enumerate(self.rollouts)])
+        self._worker_groups = [0] * rc.num_workers
+
+    # ================================================================== checkpoint / resume
+    def _resume(self) -> Optional[dict]:
+        if not self.cfg.resume:
+            return None
+        path = ray.get(self.trainers[0].latest_checkpoint.remote())
+        if path is None:
+            return None
+        blobs = ray.get([t.load_checkpoint.remote(path) for t in self.trainers])
+        state = unpack(blobs[0])
+        self.version = state["version"]
+        self.source.load_state_dict(state["prompts"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.counters.update(state["counters"])
+        self.print(f"resumed from {path} at step {self.version} (next prompt uid {self.source.next_uid}, "
+                   f"{len(state['prompts']['returned'])} prompts to regenerate, {len(self.buffer)} buffered groups)")
+        return state
+
+    def save_checkpoint(self) -> str:
+        prompts = self.source.state_dict()
+        # groups still being generated or scored are not saved: their prompts are served again after a resume
+        prompts["returned"] = sorted(set(prompts["returned"]) | set(self.inflight))
+        state = {"version": self.version, "prompts": prompts, "buffer": self.buffer.state_dict(),
+                 "counters": dict(self.counters), "wandb_run_id": self.logger.run_id}
+        blob = pack(state)
+        paths = ray.get([t.save_checkpoint.remote(blob) for t in self.trainers])
+        return paths[0]
+
+    # ================================================================== weights
+    def _push_weights(self) -> dict:
+        """Trainer weights (version self.version) -> every rollout worker; rollouts keep running meanwhile."""
+        rc = self.cfg.rollout
+        start = time.perf_counter()
+        if rc.weight_sync == "broadcast":
+            trainer_futs = [t.push_broadcast.remote(rc.sync_bucket_mb) for t in self.trainers]
+            worker_futs = [w.receive_broadcast.remote() for w in self.rollouts]
+            self._pump_until(trainer_futs + worker_futs)
+            sent = ray.get(trainer_futs[0])
+            received = ray.get(worker_futs)
+            result = {"sync_s": sent["sync_s"], "sync_gather_s": sent["gather_s"], "sync_bytes": sent["bytes"],
+                      "receive_s": max(r["receive_s"] for r in received)}
+        else:
+            # rank 0's tensors go into the object store once; each worker fetches them (the reference is resolved
+            # into the call's argument), the driver never holds them
+            exports = [t.export_weights.remote() for t in self.trainers]
+            loads = [w.load_weights.remote(exports[0], self.version) for w in self.rollouts]
+            self._pump_until(exports + loads)
+            result = {"sync_s": time.perf_counter() - start}
+        self.pushed_version = self.version
+        result["push_wall_s"] = time.perf_counter() - start
+        return result
+
+    # ================================================================== the event pump
+    def _issue_collect(self, i: int) -> None:
+        self._futures[self.rollouts[i].collect.remote(COLLECT_WAIT_S)] = ("collect", i)
+
+    def _admit(self) -> None:
+        if self.pushed_version < 0 or self._evaluating:
+            return  # the workers hold no policy weights yet / evaluation time is not training time
+        cap = (self.cfg.max_staleness + 1) * self.B
+        while len(self.inflight) + len(self.buffer) + self._training < cap:
+            uid, record = self.source.take()
+            worker = min(range(len(self.rollouts)), key=lambda i: self._worker_groups[i])
+            self._worker_groups[worker] += 1
+            ids = self._ids(record)
+            requests = [{"group_id": uid, "sample_index": j, "prompt_ids": ids, "kind": "train",
+                         "seed": sample_seed(self.cfg.seed, uid, j), "min_version": self.pushed_version}
+                        for j in range(self.G)]
+            self.inflight[uid] = {"worker": worker, "left": self.G}
+            self.rollouts[worker].submit.remote(requests)
+            self.counters["groups_admitted"] += 1
+
+    def _pump(self, extra=(), wait_s: float = 0.05) -> None:
+        """Admit, then handle whatever finished (samples, scores); returns after `wait_s` at most, or as soon as
+        something in `extra` (train / push futures) is done."""
+        self._admit()
+        watch = list(self._futures) + list(extra)
+        ready, _ = ray.wait(watch, num_returns=1, timeout=wait_s)
+        if ready:
+            ready, _ = ray.wait(watch, num_returns=len(watch), timeout=0)
+        for ref in ready:
+            if ref not in self._futures:
+                continue
+            kind, payload = self._futures.pop(ref)
+            if kind == "collect":
+                self._on_samples(ray.get(ref))
+                self._issue_collect(payload)
+            elif kind == "reward":
+                self._reward_load[payload] -= 1
+                self._on_scored(ray.get(ref))
+
+    def _pump_until(self, futures) -> None:
+        futures = list(futures)
+        while True:
+            done, _ = ray.wait(futures, num_returns=len(futures), timeout=0)
+            if len(done) == len(futures):
+                ray.get(futures)  # raise errors
+                return
+            self._pump(extra=futures)
+
+    def _on_samples(self, samples) -> None:
+        if not samples:
+            return
+        records = [self.eval_records[s.group_id] if s.meta.get("kind") == "eval" else self.source.record(s.group_id)
+                   for s in samples]
+        i = min(range(len(self.rewarders)), key=lambda k: self._reward_load[k])
+        self._reward_load[i] += 1
+        self._futures[self.rewarders[i].score.remote(samples, records)] = ("reward", i)
+
+    def _on_scored(self, samples) -> None:
+        for s in samples:
+            failures = s.reward_info.get("failures")
+            if failures:
+                self.counters["reward_failures"] += len(failures)
+                if self.counters["reward_failures"] <= 3:
+                    f = failures[0]
+                    self.print(f"reward function {f['function']} failed ({f['status']}), scored 0: "
+                               f"{f['message'].strip().splitlines()[-1] if f['message'].strip() else ''}")
+            if s.meta.get("kind") == "eval":
+                self._eval_results.append(s)
+                continue
+            entry = self.inflight.get(s.group_id)
+            if entry is None:  # a group abandoned at a checkpoint boundary of an earlier launch: never happens live
+                continue
+            entry["left"] -= 1
+            status = self.buffer.add(s)
+            if entry["left"] == 0:
+                self._worker_groups[entry["worker"]] -= 1
+                del self.inflight[s.group_id]
+                if status == "zero_advantage":
+                    self.counters["groups_zero_advantage"] += 1
+                    self._step_filtered.append(s.group_id)
+
+    def _evict_stale(self) -> None:
+        stale = self.buffer.evict_stale(self.version)
+        if stale:
+            self.source.give_back([g.group_id for g in stale])
+            self.counters["groups_stale_dropped"] += len(stale)
+
+    # ================================================================== evaluation
+    def evaluate(self) -> dict:
+        """Held-out prompts with the current weights (greedy by default): mean reward and accuracy."""
+        start = time.perf_counter()
+        self._eval_results = []
+        n = len(self.eval_records)
+        if n == 0:
+            return {}
+        per_worker = collections.defaultdict(list)
+        for i, record in enumerate(self.eval_records):
+            per_worker[i % len(self.rollouts)].append(
+                {"group_id": i, "sample_index": 0, "prompt_ids": self._ids(record), "kind": "eval", "seed": i,
+                 "temperature": self.cfg.eval_temperature, "min_version": self.pushed_version})
+        for w, requests in per_worker.items():
+            self.rollouts[w].submit.remote(requests)
+        self._evaluating = True
+        try:
+            while len(self._eval_results) < n:
+                self._pump()
+        finally:
+            self._evaluating = False
+        results = sorted(self._eval_results, key=lambda s: s.group_id)
+        self._eval_results = []
+        correct = [bool(s.reward_info.get("correct")) for s in results]
+        return {"eval_reward": sum(s.reward for s in results) / n, "eval_accuracy": sum(correct) / n,
+                "eval_response_len": sum(len(s.completion_ids) for s in results) / n, "eval_version": self.version,
+                "eval_s": time.perf_counter() - start, "eval_samples": [s.text for s in results[:3]]}
+
+    # ================================================================== the loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        if not hasattr(self, "trainers"):
+            self.setup()
+        summary = {"start_version": self.version}
+        self.wall_start = time.perf_counter()
+        self.eval_time = 0.0
+        if (self.version == 0 or cfg.eval_interval) and self.eval_records:
+            first = self.evaluate()
+            self.eval_time += first["eval_s"]
+            summary["eval_before"] = first
+            self.logger.log({"step": self.version, **first}, console=False)
+            self.print(f"eval before step {self.version}: reward {first['eval_reward']:.3f} "
+                       f"accuracy {first['eval_accuracy']:.3f} ({first['eval_s']:.1f}s)")
+        last_stats = self._rollout_stats()
+        trainer_wait = 0.0
+        while self.version < cfg.last_step:
+            step_start = time.perf_counter()
+            filtered_before = self.counters["groups_zero_advantage"]
+            while self.buffer.num_ready(self.version) < self.B:
+                self._pump()
+                self._evict_stale()
+                if self.counters["groups_zero_advantage"] - filtered_before > max(1000, 100 * self.B):
+                    raise RuntimeError(
+                        f"{self.counters['groups_zero_advantage'] - filtered_before} groups in a row had equal "
+                        "rewards for every sample (no learning signal): the policy solves all or none of these "
+                        "prompts. Start from a better (SFT'd) checkpoint, change the tasks, raise "
+                        "rl.rollout.group_size or temperature, or set rl.filter_zero_advantage=false")
+            waited = time.perf_counter() - step_start
+            trainer_wait += waited
+            groups = self.buffer.pop(self.B, self.version)
+            self._training = len(groups)
+            groups_ref = ray.put(groups)
+            train_futs = [t.train_step.remote(groups_ref) for t in self.trainers]
+            self._pump_until(train_futs)
+            train = ray.get(train_futs[0])
+            trained_version = self.version
+            self.version += 1
+            push = self._push_weights()
+            self._training = 0
+            self._evict_stale()
+            stats = self._rollout_stats()
+            wall = time.perf_counter() - self.wall_start - self.eval_time
+            self.counters["samples_overlong"] += sum(s.truncated for g in groups for s in g.samples)
+            metrics = step_metrics(
+                trained_version, groups, train, push, stats, last_stats, normalize_std=cfg.loss.normalize_std,
+                waited=waited, wall=wall, previous_wall=self.history[-1]["wall_s"] if self.history else 0.0,
+                trainer_wait=trainer_wait, counters=self.counters, filtered=self._step_filtered)
+            last_stats = stats
+            self._step_filtered = []
+            if cfg.eval_interval and self.version % cfg.eval_interval == 0 and self.version < cfg.last_step:
+                ev = self.evaluate()
+                self.eval_time += ev["eval_s"]
+                metrics.update(ev)
+            self.logger.log(metrics)
+            self.history.append(metrics)
+            if self.version % cfg.checkpoint_interval == 0 or self.version == cfg.last_step:
+                metrics["checkpoint"] = self.save_checkpoint()
+        wall = time.perf_counter() - self.wall_start - self.eval_time
+        final = self.evaluate()
+        summary.update(eval_after=final, steps=self.version, wall_s=wall, counters=dict(self.counters))
+        if final:
+            self.logger.log({"step": self.version, **final}, console=False)
+            self.print(f"eval after step {self.version}: reward {final['eval_reward']:.3f} "
+                       f"accuracy {final['eval_accuracy']:.3f}; training wall time {wall:.1f}s")
+        return summary
+
+    def _rollout_stats(self) -> list:
+        return ray.get([w.stats.remote() for w in self.rollouts])
+
+
+    # ================================================================== teardown
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for handle in getattr(self, "rollouts", []):
+            try:
+                ray.get(handle.stop.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - tearing down anyway
+                pass
+        for handle in getattr(self, "rewarders", []) + getattr(self, "trainers", []):
+            try:
+                ray.get(handle.close.remote(), timeout=30)
+            except Exception:  # noqa: BLE001
+                pass
+        for handle in getattr(self, "rollouts", []) + getattr(self, "rewarders", []) + getattr(self, "trainers", []):
+            ray.kill(handle)
+        if getattr(self, "placement", None) is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement)
+        if getattr(self, "logger", None) is not None:
+            self.logger.close()
+
+
+def sample_seed(run_seed: int, uid: int, index: int) -> int:
+    """The sampling seed of sample `index` of prompt `uid`: the same on every machine and after a resume
+    (Python hashes tuples of ints deterministically)."""
+    return hash((run_seed, uid, index)) & (2 ** 63 - 1)
+
+
+def _bundle(cpus: float, gpus: float) -> dict:
+    bundle = {"CPU": cpus}
+    if gpus:
+        bundle["GPU"] = gpus
+    return bundle

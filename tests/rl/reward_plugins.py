@@ -1,0 +1,51 @@
+"""User reward functions for the tests: well-behaved, raising, hanging, crashing, memory-hungry."""
+
+import os
+import time
+
+
+def length_bonus(record, completion):
+    return min(len(completion), 10) / 10
+
+
+def raises(record, completion):
+    raise RuntimeError("reward function bug")
+
+
+def hangs(record, completion):
+    if "hang" in completion:
+        while True:
+            time.sleep(0.01)
+    return 1.0
+
+
+def crashes(record, completion):
+    if "crash" in completion:
+        os._exit(3)
+    return 0.5
+
+
+def eats_memory(record, completion):
+    blob = bytearray(1 << 30)  # 1 GiB: over the sandbox's address-space limit
+    return float(len(blob))
+
+
+def returns_garbage(record, completion):
+    return "not a number"
+
+
+def parity(record, completion):
+    """A reward with spread for an untrained model: whether the completion text has an even length."""
+    return float(len(completion) % 2 == 0)
+
+
+_calls = {"n": 0}
+
+
+def hang_once(record, completion):
+    """Hangs on its first call in each sandbox process (the sandbox is killed and restarted), then behaves."""
+    _calls["n"] += 1
+    if _calls["n"] == 1:
+        while True:
+            time.sleep(0.01)
+    return 0.0

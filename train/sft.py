@@ -1,0 +1,549 @@
+"""Supervised fine-tuning (full or LoRA) entry point: the pretraining trainer, parallel layout and checkpoints on chat
+data (ChatML with the reasoning switch, assistant-only loss, packed with document boundaries).
+
+    python train/sft.py recipe=sft_tiny                             # from the tiny pretraining run (runs/tiny)
+    torchrun --nproc-per-node 2 train/sft.py recipe=sft_tiny data.path=my_chats.jsonl
+    python train/sft.py recipe=lora_tiny                            # LoRA adapters, saved in PEFT layout
+    python train/sft.py --accuracy runs/sft_tiny [--adapter DIR] [--problems 200]   # held-out share solved
+
+Starting weights (`sft.init_from`): a DCP checkpoint or run directory (train/pretrain.py, train/sft.py) or a
+Hugging Face directory (ours, or a `NemotronHForCausalLM` checkpoint). The model architecture and the tokenizer come
+from there (the recipe's `model` group is not used). Every `sft.eval_interval` steps the validation loss of the
+held-out split is measured; the best model goes to <run_dir>/best (a DCP checkpoint; with LoRA also best/adapter),
+the last one is the trainer's newest checkpoint (with LoRA also <run_dir>/adapter, a PEFT directory).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    # run as a file (torchrun train/sft.py): import the packages from the repository root, not from train/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+from dataclasses import asdict, dataclass, fields, replace  # noqa: E402
+from typing import List, Optional  # noqa: E402
+
+import torch  # noqa: E402
+
+from train.callbacks.base import Callback  # noqa: E402
+
+USAGE = ("python train/sft.py key=value ...   |   python train/sft.py --accuracy CHECKPOINT [--adapter DIR] "
+         "[--problems N]")
+
+
+class SFTConfigError(ValueError):
+    """An SFT setting, or a starting checkpoint, that cannot work; the message names the problem and the fix."""
+
+
+@dataclass
+class SFTConfig:
+    """The Hydra group `sft` (recipes/sft/*.yaml)."""
+
+    init_from: Optional[str] = None  # starting weights: DCP checkpoint / run directory, or Hugging Face directory
+    eval_interval: int = 50  # validation loss every this many steps and at the end; 0: never
+    eval_batches: int = 4  # validation micro-batches per data-parallel rank
+    save_best: bool = True  # keep the lowest-validation-loss model in <run_dir>/best
+    accuracy_problems: int = 0  # built-in chat data: greedy-solve this many held-out problems before and after
+    max_new_tokens: int = 96  # generation budget per problem for the accuracy check
+
+    def __post_init__(self):
+        for name in ("eval_interval", "eval_batches", "accuracy_problems"):
+            if getattr(self, name) < 0:
+                raise SFTConfigError(f"sft.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_new_tokens < 1:
+            raise SFTConfigError(f"sft.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.eval_interval and not self.eval_batches:
+            raise SFTConfigError("sft.eval_interval > 0 needs sft.eval_batches >= 1 (or set eval_interval=0)")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SFTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SFTConfigError(f"unknown sft config key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**values)
+
+
+# ----- configuration -------------------------------------------------------------------------------------------
+def rewrite_overrides(overrides: List[str]) -> List[str]:
+    """`data.path=file.jsonl` (one file, as in the README) is `data.paths=[file.jsonl]`."""
+    out = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if sep and key.lstrip("+") == "data.path":
+            value = value.strip()
+            out.append(f"data.paths=[{value}]" if not value.startswith("[") else f"data.paths={value}")
+        else:
+            out.append(o)
+    return out
+
+
+def load_configs(overrides):
+    """The composed recipe and each group's validated config (pretraining's groups plus `sft` and `lora`)."""
+    from omegaconf import OmegaConf
+
+    from train.lora import LoRAConfig
+    from train.pretrain import load_configs as load_pretrain_configs
+
+    cfg, configs = load_pretrain_configs(rewrite_overrides(overrides))
+    node = cfg.get("sft")
+    configs["sft"] = SFTConfig.from_dict(OmegaConf.to_container(node, resolve=True) if node is not None else {})
+    node = cfg.get("lora")
+    configs["lora"] = LoRAConfig.from_dict(OmegaConf.to_container(node, resolve=True)) if node is not None else None
+    if configs["data"].kind != "sft":
+        raise SFTConfigError(f"data.kind is {configs['data'].kind!r}: fine-tuning reads chat data. Use a recipe with "
+                             "`override /data: synthetic_chat` (sft_tiny, lora_tiny) or set data.kind=sft")
+    return cfg, configs
+
+
+# ----- the starting checkpoint ---------------------------------------------------------------------------------
+def starting_point(sft_cfg: SFTConfig):
+    """(kind, path, ModelConfig) of `sft.init_from`."""
+    from train.lora.checkpoint import model_config_of, resolve_source
+
+    if not sft_cfg.init_from:
+        raise SFTConfigError("sft.init_from is not set: give the starting weights (a run directory of "
+                             "train/pretrain.py such as runs/tiny, a DCP checkpoint, or a Hugging Face directory)")
+    if not os.path.exists(sft_cfg.init_from):
+        raise SFTConfigError(f"sft.init_from={sft_cfg.init_from} does not exist. Pretrain first "
+                             "(python train/pretrain.py recipe=tiny writes runs/tiny) or point it at a checkpoint")
+    kind, path = resolve_source(sft_cfg.init_from)
+    return kind, path, model_config_of(path)
+
+
+def _recorded_tokenizer(kind: str, path: str) -> Optional[dict]:
+    """The tokenizer fingerprint the starting DCP checkpoint's trainer state recorded (None if none)."""
+    if kind != "dcp":
+        return None
+    from train.checkpoint import CheckpointManager, checkpoint_keys, pack, unpack
+
+    if "trainer" not in checkpoint_keys(path):
+        return None
+    from train.trainer import TrainState
+
+    box = {"trainer": pack(asdict(TrainState()))}
+    CheckpointManager.load(path, box)
+    return unpack(box["trainer"]).get("tokenizer")
+
+
+def starting_tokenizer(kind: str, path: str, data_cfg, model_cfg):
+    """The starting checkpoint's tokenizer (and so its chat template's token ids). A tokenizer named in the data
+    config must be the same one: fine-tuning with another tokenizer would scramble every token."""
+    from data.config import TokenizerConfig
+    from data.tokenizer import HFTokenizer, TokenizerMismatchError, load_tokenizer
+
+    file = os.path.join(path, "tokenizer.json")
+    recorded = _recorded_tokenizer(kind, path)
+    requested = data_cfg.tokenizer if data_cfg.tokenizer != TokenizerConfig() else None
+    if os.path.isfile(file):
+        tokenizer = HFTokenizer(file)
+        if recorded is not None:
+            tokenizer.check_matches(recorded, f"the starting checkpoint {path}")
+        if requested is not None:
+            theirs = load_tokenizer(requested, cache_dir=data_cfg.cache_dir)
+            if theirs.fingerprint()["sha256"] != tokenizer.fingerprint()["sha256"]:
+                raise TokenizerMismatchError(
+                    f"data.tokenizer ({requested.kind}, vocab {theirs.vocab_size}) is not the tokenizer of the "
+                    f"starting checkpoint {path} ({file}, vocab {tokenizer.vocab_size}). The tokenizer and chat "
+                    "template come from the checkpoint: drop the data.tokenizer override, or start from a "
+                    "checkpoint trained with that tokenizer")
+    else:
+        # no tokenizer file (e.g. a tekken run): the data config names it, the checkpoint's record must agree
+        tokenizer = load_tokenizer(data_cfg.tokenizer, cache_dir=data_cfg.cache_dir)
+        if recorded is not None:
+            tokenizer.check_matches(recorded, f"the starting checkpoint {path}")
+        elif kind == "hf":
+            raise TokenizerMismatchError(
+                f"the Hugging Face directory {path} has no tokenizer.json, so its tokenizer is unknown: copy the "
+                "model's tokenizer.json there")
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise TokenizerMismatchError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the starting model only {model_cfg.vocab_size} "
+            "embedding rows: this tokenizer does not belong to that checkpoint")
+    return tokenizer
+
+
+def build_model(model_cfg, precision_cfg, kind: str, path: str, device):
+    """The starting model: weights loaded, then the precision policy (which keeps the weights it swaps around)."""
+    from model import HybridModel
+    from train.lora.checkpoint import load_base_weights
+    from train.precision import apply_precision
+
+    with torch.device(device):
+        model = HybridModel(model_cfg)
+    load_base_weights(model, path)
+    apply_precision(model, precision_cfg)
+    return model
+
+
+# ----- validation and the best checkpoint ----------------------------------------------------------------------
+def validation_batches(data_cfg, tokenizer, train_cfg, sft_cfg, dp_rank, dp_size) -> list:
+    """The first `sft.eval_batches` micro-batches of the held-out split for this data-parallel rank (fixed)."""
+    from data.sft import build_sft_loader
+
+    loader = build_sft_loader(data_cfg, tokenizer, seq_len=train_cfg.seq_len,
+                              micro_batch_size=train_cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                              split="valid")
+    per_pass = max(1, loader.samples_per_epoch // (train_cfg.micro_batch_size * dp_size))
+    return [next(loader) for _ in range(min(sft_cfg.eval_batches, per_pass))]
+
+
+def validation_loss(runner, batches: list, device) -> float:
+    """Mean next-token loss over the batches' assistant tokens, in eval mode (no dropout).
+
+    The runner's contract has no forward-only call, so this runs forward_backward and drops the gradients (the
+    trainer zeroes them before the next step anyway); costs one backward per validation micro-batch.
+    """
+    parts = runner.model_parts
+    modes = [p.training for p in parts]
+    for p in parts:
+        p.eval()
+    try:
+        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        result = runner.forward_backward(batches)
+    finally:
+        for p, mode in zip(parts, modes):
+            p.train(mode)
+        for p in parts:
+            for param in p.parameters():
+                param.grad = None
+    return float(result["lm_loss"])
+
+
+class Validation(Callback):
+    """Validation loss every `interval` steps and at the last one; saves the best model when it improves."""
+
+    order = 20  # after the speed monitor, before the writers: they log `val_loss`
+
+    def __init__(self, batches: list, interval: int, device, on_best=None):
+        self.batches = batches
+        self.interval = interval
+        self.device = device
+        self.on_best = on_best
+        self.best = math.inf
+        self.best_step = None
+        self.history = []  # (step, loss) of this launch
+
+    def measure(self, trainer) -> float:
+        return validation_loss(trainer.runner, self.batches, self.device)
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        step = metrics["step"]
+        if not self.interval or (step % self.interval and step != trainer.last_step):
+            return
+        loss = self.measure(trainer)
+        metrics["val_loss"] = loss
+        self.history.append((step, loss))
+        improved = loss < self.best
+        if improved:
+            self.best, self.best_step = loss, step
+            if self.on_best is not None:
+                self.on_best(trainer, step, loss)
+        if trainer.is_metrics_rank:
+            trainer.print(f"validation step {step}: loss {loss:.4f}{' (best)' if improved else ''}; best "
+                          f"{self.best:.4f} at step {self.best_step}")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state.get("best", math.inf)
+        self.best_step = state.get("best_step")
+
+
+def best_saver(run_dir: str, write_extra, lora_cfg, base_path: str):
+    """Saves the model parts to <run_dir>/best (DCP, newest only) and, with LoRA, best/adapter (PEFT)."""
+    from train.checkpoint import CheckpointManager
+    from train.lora import gather_lora_state_dict, write_adapter
+    from train.trainer import ModelState
+
+    folder = os.path.join(run_dir, "best")
+    manager = CheckpointManager(folder, keep_last=1)
+
+    def save(trainer, step: int, loss: float) -> None:
+        def extra(directory: str) -> None:
+            write_extra(directory)
+            with open(os.path.join(directory, "validation.json"), "w") as f:
+                json.dump({"step": step, "val_loss": loss}, f)
+
+        manager.save(step, {"model": ModelState(trainer.runner.model_parts)}, write_extra=extra)
+        if lora_cfg is not None:
+            tensors = gather_lora_state_dict(trainer.runner.model_parts)
+            if tensors is not None:
+                write_adapter(tensors, os.path.join(folder, "adapter"), lora_cfg, base_path)
+
+    return save
+
+
+# ----- held-out accuracy (built-in chat data) ------------------------------------------------------------------
+@torch.no_grad()
+def greedy_completions(model, prompts: List[List[int]], max_new_tokens: int, stop_ids: set) -> List[List[int]]:
+    """Greedy continuation of each prompt: prompts prefilled one by one into their rows of a shared cache (the
+    cache keeps a position per row), then decoded together."""
+    from model.cache import InferenceCache
+
+    max_len = max(len(p) for p in prompts) + max_new_tokens
+    cache = InferenceCache(model, len(prompts), max_len)
+    last = []
+    for row, prompt in enumerate(prompts):
+        single = InferenceCache(model, 1, max_len)
+        last.append(model(torch.tensor([prompt]), cache=single).logits[0, -1])
+        for batched, one in zip(cache.layers, single.layers):
+            if batched is not None:
+                for key in batched:
+                    batched[key][row] = one[key][0]
+    logits = torch.stack(last)
+    outputs: List[List[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        tokens = logits.argmax(-1)
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                outputs[row].append(token)
+                done[row] = token in stop_ids
+        if all(done):
+            break
+        logits = model(tokens[:, None], cache=cache).logits[:, -1]
+    return outputs
+
+
+def heldout_accuracy(model, tokenizer, data_cfg, num_problems: int, max_new_tokens: int, batch_size: int = 32):
+    """(solved, attempted, examples) on the first `num_problems` problems of the built-in chat test split.
+
+    Each example: question, answer, completion, correct, formatted (an 'Answer: N' line was produced at all)."""
+    from data.chat import render_chat
+    from data.synthetic import check_answer, extract_answer, problem_messages, synthetic_splits
+
+    problems = synthetic_splits(data_cfg.synthetic_num_train, data_cfg.synthetic_num_heldout,
+                                data_cfg.seed)["test"][:num_problems]
+    model = model.eval()
+    stop = {tokenizer.im_end_id, tokenizer.eod_id}
+    solved, examples = 0, []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start:start + batch_size]
+        prompts = [render_chat(tokenizer, problem_messages(p, with_solution=False),
+                               enable_thinking=data_cfg.enable_thinking, add_generation_prompt=True).ids
+                   for p in chunk]
+        for problem, completion in zip(chunk, greedy_completions(model, prompts, max_new_tokens, stop)):
+            # the prompt ends in <think> when thinking is on: put it back so the answer parser skips the reasoning
+            text = ("<think>" if data_cfg.enable_thinking else "") + tokenizer.decode(completion)
+            ok = check_answer(problem, text)
+            solved += ok
+            examples.append({"question": problem["question"], "answer": problem["answer"], "completion": text,
+                             "correct": ok, "formatted": extract_answer(text) is not None})
+    return solved, len(problems), examples
+
+
+def describe_accuracy(solved: int, total: int, examples: list) -> str:
+    formatted = sum(e["formatted"] for e in examples)
+    lines = [f"{solved}/{total} solved ({100 * solved / max(total, 1):.1f}%), {formatted}/{total} with an "
+             "'Answer: N' line"]
+    lines += [f"  [{'ok' if e['correct'] else 'wrong'}] {e['question']!r} -> {e['completion']!r}" for e in examples[:3]]
+    return "\n".join(lines)
+
+
+def uses_builtin_chat(data_cfg) -> bool:
+    from data.config import BUILTIN_CHAT
+
+    return BUILTIN_CHAT in data_cfg.paths
+
+
+# ----- the job -------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(usage=USAGE, description="LatentForge fine-tuning (Hydra overrides as arguments)")
+    parser.add_argument("--accuracy", metavar="CHECKPOINT", default=None,
+                        help="only measure the held-out share of built-in chat problems solved by CHECKPOINT "
+                             "(a run directory, DCP checkpoint or Hugging Face directory)")
+    parser.add_argument("--adapter", default=None, help="with --accuracy: a PEFT adapter directory to apply")
+    parser.add_argument("--problems", type=int, default=100, help="with --accuracy: how many held-out problems")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        parser.error(f"unknown option(s) {bad}; everything else must be a Hydra override key=value")
+    if args.accuracy:
+        return accuracy_main(args, overrides)
+    return run(overrides)
+
+
+def accuracy_main(args, overrides) -> int:
+    from train.lora.checkpoint import load_model, resolve_source
+
+    if not any(o.startswith("recipe=") for o in overrides):
+        overrides = ["recipe=sft_tiny", *overrides]  # the built-in chat set's settings
+    _, configs = load_configs(overrides)
+    data_cfg, sft_cfg = configs["data"], configs["sft"]
+    kind, path = resolve_source(args.accuracy)
+    model, _ = load_model(path, args.adapter)
+    tokenizer = starting_tokenizer(kind, path, data_cfg, model.cfg)
+    solved, total, examples = heldout_accuracy(model, tokenizer, data_cfg, args.problems, sft_cfg.max_new_tokens)
+    print(f"held-out accuracy of {path}{' + ' + args.adapter if args.adapter else ''}: "
+          + describe_accuracy(solved, total, examples))
+    return 0
+
+
+def run(overrides) -> int:
+    from omegaconf import OmegaConf
+
+    from data.sft import build_sft_loader
+    from model.params import training_flops_per_token
+    from train import distributed as world
+    from train.callbacks import (ConsoleLogger, JSONLWriter, PreemptionHandler, ProgressBar, SpeedMonitor,
+                                 WandbLogger)
+    from train.checkpoint import CheckpointManager
+    from train.lora import apply_lora, attach_tp_slices, lora_parameters, save_adapter
+    from train.lora.checkpoint import LORA_CONFIG_FILE
+    from train.parallel import build_runner
+    from train.pretrain import checkpoint_extra_writer, print_start, run_dir_of
+    from train.trainer import Trainer
+
+    cfg, configs = load_configs(overrides)
+    train_cfg, sft_cfg, lora_cfg, data_cfg = configs["train"], configs["sft"], configs["lora"], configs["data"]
+    kind, start_path, model_cfg = starting_point(sft_cfg)
+    if lora_cfg is not None:
+        # the base stays frozen, its MoE routing bias included (an adapter is only valid on the base it was
+        # trained against): no aux-loss-free balancing updates
+        model_cfg = replace(model_cfg, expert_bias_update_rate=0.0)
+        if lora_cfg.init_seed is None:  # the same adapter initialisation on every rank, whatever ran before
+            lora_cfg = replace(lora_cfg, init_seed=configs["train"].seed)
+            configs["lora"] = lora_cfg
+    configs["model"] = model_cfg  # the checkpoint's architecture, whatever the recipe's model group says
+    if lora_cfg is not None and lora_cfg.routed_experts and configs["parallel"].ep > 1:
+        raise SFTConfigError("lora.routed_experts=true does not run under expert parallelism (parallel.ep > 1): "
+                             "the expert-parallel layer rebuilds the experts without their adapters. Set "
+                             "parallel.ep=1 or lora.routed_experts=false")
+
+    world.init_distributed()
+    try:
+        device = world.training_device()
+        is_rank0 = world.rank() == 0
+        run_dir = run_dir_of(train_cfg)
+        tokenizer = starting_tokenizer(kind, start_path, data_cfg, model_cfg)
+
+        torch.manual_seed(train_cfg.seed)
+        model = build_model(model_cfg, configs["precision"], kind, start_path, device)
+        accuracy_before = None
+        if sft_cfg.accuracy_problems and uses_builtin_chat(data_cfg) and is_rank0:
+            solved, total, examples = heldout_accuracy(model, tokenizer, data_cfg, sft_cfg.accuracy_problems,
+                                                       sft_cfg.max_new_tokens)
+            accuracy_before = [solved, total, sum(e["formatted"] for e in examples)]
+            print("held-out accuracy before fine-tuning: " + describe_accuracy(solved, total, examples), flush=True)
+            model.train()
+        world.barrier()
+        if lora_cfg is not None:
+            adapted = apply_lora(model, lora_cfg)
+            if is_rank0:
+                count = sum(p.numel() for p in lora_parameters(model).values())
+                print(f"LoRA: rank {lora_cfg.rank}, alpha {lora_cfg.alpha}{' (rsLoRA)' if lora_cfg.use_rslora else ''}"
+                      f" on {len(adapted)} modules, {count:,} trainable parameters", flush=True)
+
+        runner = build_runner(model, model_cfg, configs["parallel"])
+        if lora_cfg is not None:
+            attach_tp_slices(runner.model_parts)
+            _refreeze(runner.model_parts)
+        loader = build_sft_loader(data_cfg, tokenizer, seq_len=train_cfg.seq_len,
+                                  micro_batch_size=train_cfg.micro_batch_size, dp_rank=runner.dp_rank,
+                                  dp_size=runner.dp_size, split="train")
+
+        if is_rank0:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+                f.write(OmegaConf.to_yaml(cfg, resolve=True))
+        world.barrier()
+
+        write_extra = checkpoint_extra_writer(cfg, configs, tokenizer)
+        if lora_cfg is not None:
+            base_writer = write_extra
+
+            def write_extra(directory: str) -> None:
+                base_writer(directory)
+                with open(os.path.join(directory, LORA_CONFIG_FILE), "w") as f:
+                    json.dump(lora_cfg.to_dict(), f, indent=2)
+
+        log_every = train_cfg.log_interval
+        callbacks = [
+            SpeedMonitor(training_flops_per_token(model_cfg, train_cfg.seq_len), device, world.world_size()),
+            ConsoleLogger(log_every),
+            JSONLWriter(os.path.join(run_dir, "metrics.jsonl"), log_every),
+            WandbLogger(train_cfg.wandb, train_cfg.run_name, run_dir, OmegaConf.to_container(cfg, resolve=True),
+                        log_every),
+            PreemptionHandler(),
+        ]
+        validation = None
+        if sft_cfg.eval_interval:
+            batches = validation_batches(data_cfg, tokenizer, train_cfg, sft_cfg, runner.dp_rank, runner.dp_size)
+            on_best = best_saver(run_dir, write_extra, lora_cfg, start_path) if sft_cfg.save_best else None
+            validation = Validation(batches, sft_cfg.eval_interval, device, on_best)
+            callbacks.append(validation)
+        if train_cfg.progress_bar:
+            callbacks.append(ProgressBar())
+        trainer = Trainer(runner=runner, loader=loader, train_cfg=train_cfg, optim_cfg=configs["optim"],
+                          checkpoints=CheckpointManager(os.path.join(run_dir, "checkpoints"), train_cfg.keep_last,
+                                                        train_cfg.async_checkpoint),
+                          callbacks=callbacks, device=device, model_config=model_cfg.to_dict(), tokenizer=tokenizer,
+                          write_checkpoint_extra=write_extra)
+        resumed = trainer.resume_if_possible()
+        if validation is not None and not resumed:
+            validation.on_step_end(trainer, {"step": 0})  # the starting model's validation loss (step 0)
+
+        if runner.is_metrics_rank:
+            print(f"start      {start_path} ({kind}); {loader.source.stats['conversations']} training "
+                  f"conversations, {loader.samples_per_epoch} packed rows per epoch", flush=True)
+            print_start(configs, trainer, run_dir, resumed, world.world_size(), device)
+        reason = trainer.fit()
+        if runner.is_metrics_rank:
+            print(f"stopped at step {trainer.state.step}/{train_cfg.steps} ({reason}); checkpoint "
+                  f"{trainer.last_checkpoint}", flush=True)
+
+        if lora_cfg is not None and trainer.last_checkpoint:
+            out = save_adapter(runner.model_parts, os.path.join(run_dir, "adapter"), lora_cfg, start_path)
+            if out is not None:
+                print(f"adapter (PEFT layout): {out}", flush=True)
+        if reason == "finished" and trainer.last_checkpoint and is_rank0:
+            finish(trainer.last_checkpoint, run_dir, train_cfg, sft_cfg, data_cfg, tokenizer, lora_cfg,
+                   accuracy_before)
+        world.barrier()
+    finally:
+        world.shutdown_distributed()
+    return 0
+
+
+def _refreeze(parts) -> None:
+    """Only adapters train, whatever the parallel layer rebuilt (its expert-parallel experts start trainable)."""
+    for part in parts:
+        for name, param in part.named_parameters():
+            param.requires_grad_(".lora_" in name)
+
+
+def finish(checkpoint, run_dir, train_cfg, sft_cfg, data_cfg, tokenizer, lora_cfg, accuracy_before) -> None:
+    """Rank 0 after training: the Hugging Face export (adapters merged) and the held-out accuracy."""
+    from train.lora.checkpoint import export_merged, load_model
+
+    if train_cfg.export_hf:
+        out = os.path.join(run_dir, "hf")
+        if lora_cfg is not None:
+            export_merged(checkpoint, out)
+        else:
+            from train.export import export_checkpoint
+
+            export_checkpoint(checkpoint, out)
+        print(f"Hugging Face export{' (adapters merged)' if lora_cfg is not None else ''}: {out}", flush=True)
+    if sft_cfg.accuracy_problems and uses_builtin_chat(data_cfg):
+        model, _ = load_model(checkpoint)
+        solved, total, examples = heldout_accuracy(model, tokenizer, data_cfg, sft_cfg.accuracy_problems,
+                                                   sft_cfg.max_new_tokens)
+        print("held-out accuracy after fine-tuning: " + describe_accuracy(solved, total, examples), flush=True)
+        if accuracy_before:
+            print(f"held-out accuracy: {accuracy_before[0]}/{accuracy_before[1]} before, {solved}/{total} after "
+                  "fine-tuning", flush=True)
+        with open(os.path.join(run_dir, "accuracy.json"), "w") as f:
+            json.dump({"before": accuracy_before, "after": [solved, total, sum(e["formatted"] for e in examples)],
+                       "checkpoint": checkpoint, "examples": examples}, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
