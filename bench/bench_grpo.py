@@ -125,22 +125,23 @@ def main(argv=None):
         "async_wall_s": async_summary["wall_s"], "async_time_to_sync_final_s": t_async,
         "speedup_to_sync_final": (t_sync / t_async) if t_async else None,
         "step_time_ratio": sync_summary["wall_s"] / async_summary["wall_s"],
-        "sync_eval": [sync_summary.get("eval_before", {}).get("eval_reward"),
-                      sync_summary.get("eval_after", {}).get("eval_reward")],
-        "async_eval": [async_summary.get("eval_before", {}).get("eval_reward"),
-                       async_summary.get("eval_after", {}).get("eval_reward")],
+        "sync_eval": [sync_summary.get("eval_before", {}).get("eval_sampled_reward"),
+                      sync_summary.get("eval_after", {}).get("eval_sampled_reward")],
+        "async_eval": [async_summary.get("eval_before", {}).get("eval_sampled_reward"),
+                       async_summary.get("eval_after", {}).get("eval_sampled_reward")],
         "async_staleness_hist": _sum_hist(async_hist),
         "trainer_idle_frac": [sync_hist[-1]["trainer_idle_frac"], async_hist[-1]["trainer_idle_frac"]],
         "parallel_capacity": capacity,
     }
     print()
     print(f"synchronous  (K=0): {len(sync_hist)} steps in {result['sync_wall_s']:.1f}s, final training reward "
-          f"{target:.3f} (mean of the last {w} steps, reached at {t_sync:.1f}s), held-out reward "
+          f"{target:.3f} (mean of the last {w} steps, reached at {t_sync:.1f}s), held-out sampled reward "
           f"{_fmt(result['sync_eval'][0])} -> {_fmt(result['sync_eval'][1])}, trainer idle "
           f"{result['trainer_idle_frac'][0]:.2f}")
     print(f"asynchronous (K={args.async_staleness}): {len(async_hist)} steps in {result['async_wall_s']:.1f}s, final "
-          f"training reward {result['async_final_reward']:.3f}, held-out reward {_fmt(result['async_eval'][0])} -> "
-          f"{_fmt(result['async_eval'][1])}, trainer idle {result['trainer_idle_frac'][1]:.2f}, "
+          f"training reward {result['async_final_reward']:.3f}, held-out sampled reward "
+          f"{_fmt(result['async_eval'][0])} -> {_fmt(result['async_eval'][1])}, trainer idle "
+          f"{result['trainer_idle_frac'][1]:.2f}, "
           f"token staleness {result['async_staleness_hist']}")
     if t_async:
         print(f"time to the synchronous final reward: sync {t_sync:.1f}s / async {t_async:.1f}s = "

@@ -124,7 +124,8 @@ class PromptConfig:
     order_seed: int = 0  # the prompt order's shuffle
 
     def __post_init__(self):
-        _need(bool(self.tasks), "rl.prompts.tasks is empty: list at least one task, e.g. [{name: arithmetic, num: 1000}]")
+        _need(bool(self.tasks),
+              "rl.prompts.tasks is empty: list at least one task, e.g. [{name: arithmetic, num: 1000}]")
         for spec in list(self.tasks) + list(self.eval_tasks):
             _need(isinstance(spec, dict) or hasattr(spec, "keys"),
                   f"rl.prompts tasks must be mappings like {{name: arithmetic, num: 1000}}, got {spec!r}")
@@ -152,7 +153,8 @@ class GRPOConfig:
     keep_last: int = 2
     resume: bool = True
     eval_interval: int = 0  # held-out evaluation every N steps (0: only before the first and after the last)
-    eval_temperature: float = 0.0  # 0 = greedy
+    eval_temperature: float = 0.0  # the one-answer-per-prompt evaluation; 0 = greedy
+    eval_samples: int = 4  # plus this many answers per prompt at the rollout temperature (0: none)
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerGroupConfig = field(default_factory=TrainerGroupConfig)

@@ -68,13 +68,16 @@ def main(argv=None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
-        print(f"unknown option(s) {bad}: arguments are Hydra overrides key=value, e.g. recipe=grpo_tiny", file=sys.stderr)
+        print(f"unknown option(s) {bad}: arguments are Hydra overrides key=value, e.g. recipe=grpo_tiny",
+              file=sys.stderr)
         return 2
     summary = run(overrides)
     before, after = summary.get("eval_before"), summary.get("eval_after")
     if before and after:
-        print(f"held-out reward {before['eval_reward']:.3f} -> {after['eval_reward']:.3f}, accuracy "
-              f"{before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}, wall {summary['wall_s']:.1f}s")
+        from rl.loop import describe_eval
+
+        print(f"held-out before: {describe_eval(before)}\nheld-out after:  {describe_eval(after)}\n"
+              f"training wall time {summary['wall_s']:.1f}s")
     return 0
 
 

@@ -284,31 +284,42 @@ class GRPOLoop:
 
     # ================================================================== evaluation
     def evaluate(self) -> dict:
-        """Held-out prompts with the current weights (greedy by default): mean reward and accuracy."""
+        """Held-out prompts with the current weights: one greedy answer each (`eval_temperature`, 0 = greedy) for
+        reward and accuracy, plus `eval_samples` answers each at the rollout temperature (the distribution RL
+        optimises) with fixed seeds, so evaluations before and after training draw the same random numbers."""
         start = time.perf_counter()
         self._eval_results = []
         n = len(self.eval_records)
         if n == 0:
             return {}
+        k = self.cfg.eval_samples
         per_worker = collections.defaultdict(list)
         for i, record in enumerate(self.eval_records):
-            per_worker[i % len(self.rollouts)].append(
-                {"group_id": i, "sample_index": 0, "prompt_ids": self._ids(record), "kind": "eval", "seed": i,
-                 "temperature": self.cfg.eval_temperature, "min_version": self.pushed_version})
+            for j in range(1 + k):
+                temperature = self.cfg.eval_temperature if j == 0 else self.cfg.rollout.temperature
+                per_worker[(i * (1 + k) + j) % len(self.rollouts)].append(
+                    {"group_id": i, "sample_index": j, "prompt_ids": self._ids(record), "kind": "eval",
+                     "seed": sample_seed(-1, i, j), "temperature": temperature, "min_version": self.pushed_version})
         for w, requests in per_worker.items():
             self.rollouts[w].submit.remote(requests)
         self._evaluating = True
         try:
-            while len(self._eval_results) < n:
+            while len(self._eval_results) < n * (1 + k):
                 self._pump()
         finally:
             self._evaluating = False
-        results = sorted(self._eval_results, key=lambda s: s.group_id)
+        results = sorted(self._eval_results, key=lambda s: (s.group_id, s.sample_index))
         self._eval_results = []
-        correct = [bool(s.reward_info.get("correct")) for s in results]
-        return {"eval_reward": sum(s.reward for s in results) / n, "eval_accuracy": sum(correct) / n,
-                "eval_response_len": sum(len(s.completion_ids) for s in results) / n, "eval_version": self.version,
-                "eval_s": time.perf_counter() - start, "eval_samples": [s.text for s in results[:3]]}
+        greedy = [s for s in results if s.sample_index == 0]
+        sampled = [s for s in results if s.sample_index > 0]
+        out = {"eval_reward": _mean(s.reward for s in greedy),
+               "eval_accuracy": _mean(bool(s.reward_info.get("correct")) for s in greedy),
+               "eval_response_len": _mean(len(s.completion_ids) for s in greedy), "eval_version": self.version,
+               "eval_s": time.perf_counter() - start, "eval_samples": [s.text for s in greedy[:3]]}
+        if sampled:
+            out.update(eval_sampled_reward=_mean(s.reward for s in sampled),
+                       eval_sampled_accuracy=_mean(bool(s.reward_info.get("correct")) for s in sampled))
+        return out
 
     # ================================================================== the loop
     def run(self) -> dict:
@@ -323,8 +334,7 @@ class GRPOLoop:
             self.eval_time += first["eval_s"]
             summary["eval_before"] = first
             self.logger.log({"step": self.version, **first}, console=False)
-            self.print(f"eval before step {self.version}: reward {first['eval_reward']:.3f} "
-                       f"accuracy {first['eval_accuracy']:.3f} ({first['eval_s']:.1f}s)")
+            self.print(f"eval before step {self.version}: {describe_eval(first)} ({first['eval_s']:.1f}s)")
         last_stats = self._rollout_stats()
         trainer_wait = 0.0
         while self.version < cfg.last_step:
@@ -374,8 +384,7 @@ class GRPOLoop:
         summary.update(eval_after=final, steps=self.version, wall_s=wall, counters=dict(self.counters))
         if final:
             self.logger.log({"step": self.version, **final}, console=False)
-            self.print(f"eval after step {self.version}: reward {final['eval_reward']:.3f} "
-                       f"accuracy {final['eval_accuracy']:.3f}; training wall time {wall:.1f}s")
+            self.print(f"eval after step {self.version}: {describe_eval(final)}; training wall time {wall:.1f}s")
         return summary
 
     def _rollout_stats(self) -> list:
@@ -405,6 +414,18 @@ class GRPOLoop:
             remove_placement_group(self.placement)
         if getattr(self, "logger", None) is not None:
             self.logger.close()
+
+
+def describe_eval(ev: dict) -> str:
+    text = f"greedy reward {ev['eval_reward']:.3f} accuracy {ev['eval_accuracy']:.3f}"
+    if "eval_sampled_reward" in ev:
+        text += f", sampled reward {ev['eval_sampled_reward']:.3f} accuracy {ev['eval_sampled_accuracy']:.3f}"
+    return text
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
 
 
 def sample_seed(run_seed: int, uid: int, index: int) -> int:

@@ -287,12 +287,13 @@ def greedy_completions(model, prompts: List[List[int]], max_new_tokens: int, sto
     cache keeps a position per row), then decoded together."""
     from model.cache import InferenceCache
 
+    device = model.lm_head.weight.device
     max_len = max(len(p) for p in prompts) + max_new_tokens
     cache = InferenceCache(model, len(prompts), max_len)
     last = []
     for row, prompt in enumerate(prompts):
         single = InferenceCache(model, 1, max_len)
-        last.append(model(torch.tensor([prompt]), cache=single).logits[0, -1])
+        last.append(model(torch.tensor([prompt], device=device), cache=single).logits[0, -1])
         for batched, one in zip(cache.layers, single.layers):
             if batched is not None:
                 for key in batched:

@@ -94,7 +94,8 @@ def test_adversarial_schedule_never_breaks_the_bound(k):
             assert min(group.staleness(version)) >= 0
             assert len(group.samples) == G
     c = buf.counters
-    assert c["groups_completed"] == c["groups_served"] + c["groups_zero_advantage"] + c["groups_stale_dropped"] + len(buf)
+    assert c["groups_completed"] == (c["groups_served"] + c["groups_zero_advantage"] + c["groups_stale_dropped"]
+                                     + len(buf))
     assert c["groups_served"] == len(served) > 0
     assert c["groups_stale_dropped"] > 0  # the schedule did produce too-old groups, and none was served
 

@@ -40,7 +40,8 @@ def loop_config(run_dir, **overrides):
             {"target": f"{PLUGINS}:parity", "isolation": "inline"},
             {"target": f"{PLUGINS}:raises", "isolation": "inline", "weight": 0.0},
             {"target": f"{PLUGINS}:hang_once", "isolation": "process", "timeout_s": 0.5, "weight": 0.0}]},
-        prompts={"tasks": [{"name": "arithmetic", "num": 300}], "eval_tasks": []})
+        prompts={"tasks": [{"name": "arithmetic", "num": 300}],
+                 "eval_tasks": [{"name": "arithmetic", "num": 2, "partial_credit": 0.5}]}, eval_samples=1)
     values.update(overrides)
     return GRPOConfig(**values)
 
@@ -66,6 +67,8 @@ def test_async_loop_resume_and_sync_mode(local_ray, tmp_path):
         first.close()
     steps = read_steps(run_dir)
     assert [s["step"] for s in steps] == [1, 2, 3] and summary["steps"] == 3
+    for key in ("eval_before", "eval_after"):  # held-out: one greedy + one sampled answer per prompt
+        assert 0 <= summary[key]["eval_reward"] <= 1 and 0 <= summary[key]["eval_sampled_reward"] <= 1
     for s in steps:
         assert max(int(k) for k in s["staleness_hist"]) <= 1  # K = 1, per token
         if s["mismatch_fresh_max"] is not None:
