@@ -34,8 +34,8 @@ def moving_average(values, window):
 def time_to_reach(history, target, window):
     """Wall time of the first step whose moving-average training reward reaches `target` (None: never)."""
     smooth = moving_average([m["reward_mean"] for m in history], window)
-    for m, r in zip(history, smooth):
-        if r >= target - 1e-9:
+    for i, (m, r) in enumerate(zip(history, smooth)):
+        if i >= window - 1 and r >= target - 1e-9:  # full windows only: one lucky early step does not count
             return m["wall_s"]
     return None
 
