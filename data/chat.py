@@ -10,6 +10,10 @@ Layout (control tokens in caps are single ids, everything else is encoded text):
 The generation prompt is IM_START "assistant\\n" THINK (thinking on) or IM_START "assistant\\n" THINK THINK_END
 (thinking off). The loss covers exactly what the model produces after that prompt: the reasoning, THINK_END, the
 answer and IM_END; never the prompt, the other roles or the newline after IM_END.
+
+The switch is per conversation, as Nemotron's chat template takes `enable_thinking` per request
+(`chat_template_kwargs`): the dataset's `data.enable_thinking` is the default and an SFT record's own
+`"enable_thinking": true|false` overrides it (`record_enable_thinking`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,17 @@ def split_reasoning(message: dict) -> Tuple[Optional[str], str]:
     return (reasoning or None), content
 
 
+def record_enable_thinking(record: dict, default: bool) -> bool:
+    """The reasoning switch of one SFT record: its `"enable_thinking"` (true/false) or, absent or null, the
+    dataset's `default`. Raises ValueError for any other value."""
+    value = record.get("enable_thinking") if isinstance(record, dict) else None
+    if value is None:
+        return bool(default)
+    if not isinstance(value, bool):
+        raise ValueError(f"'enable_thinking' must be true or false, got {value!r}")
+    return value
+
+
 def normalize_record(record) -> List[dict]:
     """The messages of one SFT record: {"messages": [...]} or {"prompt", "completion"[, "system"]}.
 
@@ -64,6 +79,7 @@ def normalize_record(record) -> List[dict]:
         messages.append(assistant)
     else:
         raise ValueError(f"expected 'messages' or 'prompt' and 'completion' (keys: {', '.join(map(str, record))})")
+    record_enable_thinking(record, True)  # a malformed switch is an error of the record
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ValueError(f"message {i} is {type(m).__name__}, expected an object with role and content")

@@ -59,7 +59,9 @@ class DataConfig:
     stdlib_max_mb: float = 8.0  # the embedded corpus: the first this-many MB of the stdlib's .py files
     mid_level_dataset_surplus: float = 0.005  # Megatron's blend margin; raise it if a blend reports oversampling
     # sft only
-    enable_thinking: bool = True  # keep reasoning in <think>...</think>; False renders an empty <think></think>
+    # keep reasoning in <think>...</think>; False renders an empty <think></think>. The dataset default: an SFT
+    # JSONL record's own "enable_thinking": true|false overrides it for that conversation
+    enable_thinking: bool = True
     packing: bool = True  # best-fit pack several conversations per row (False: one conversation per row)
     truncation: str = "truncate"  # a conversation longer than the row: "truncate" (keep its head), "drop", "error"
     skip_bad: bool = False  # skip (and count) malformed JSONL lines instead of stopping at the first one

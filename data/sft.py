@@ -4,6 +4,9 @@ best-fit into rows of seq_len + 1 tokens with their boundaries kept in seq_idx.
 Each epoch shuffles the conversations with a seed derived from (seed, epoch), packs them best-fit-decreasing
 and shuffles the rows; the number of rows per epoch does not depend on the shuffle (best-fit-decreasing only sees
 the multiset of lengths), so the global sample stream has fixed-size epochs like pretraining.
+
+The reasoning switch is per conversation: `data.enable_thinking` for the built-in set and as the default of a
+JSONL file, whose records may set their own `"enable_thinking": true|false` (data.chat.record_enable_thinking).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from data.chat import CHAT_FORMAT_VERSION, normalize_record, render_chat
+from data.chat import CHAT_FORMAT_VERSION, normalize_record, record_enable_thinking, render_chat
 from data.config import BUILTIN_CHAT, SPLITS, DataConfig, resolve_cache_dir
 from data.loader import BatchLoader
 from data.packing import best_fit_decreasing
@@ -26,7 +29,7 @@ from data.preprocess import MalformedInputError
 from data.tokenizer import Tokenizer
 from data.util import derive_seed
 
-SFT_CACHE_VERSION = 1
+SFT_CACHE_VERSION = 2  # 2: a record's own enable_thinking
 
 
 @dataclass
@@ -45,7 +48,8 @@ class Conversations:
         return np.diff(self.offsets)
 
 
-def _read_jsonl_records(path: str, skip_bad: bool, bad: List[str]):
+def _read_jsonl_records(path: str, skip_bad: bool, bad: List[str], enable_thinking: bool = True):
+    """(origin, messages, enable_thinking) of every valid line; `enable_thinking`: the default of the file."""
     from data.preprocess import load_streaming
 
     for line_no, row in enumerate(load_streaming("text", [path], sample_by="line"), start=1):
@@ -60,30 +64,31 @@ def _read_jsonl_records(path: str, skip_bad: bool, bad: List[str]):
             messages = normalize_record(record)
             if not any(m["role"] == "assistant" for m in messages):
                 raise ValueError("no assistant message: nothing to train on")
+            thinking = record_enable_thinking(record, enable_thinking)
         except ValueError as err:
             if not skip_bad:
                 raise MalformedInputError(f"{path}:{line_no}: {err} (set data.skip_bad=true to skip such lines)")
             bad.append(f"{path}:{line_no}: {err}")
             continue
-        yield f"{path}:{line_no}", messages
+        yield f"{path}:{line_no}", messages, thinking
 
 
 def _source_records(cfg: DataConfig, split: str, bad: List[str]):
-    """(origin, messages) of every conversation of the split, in a fixed order."""
+    """(origin, messages, enable_thinking) of every conversation of the split, in a fixed order."""
     for path in cfg.paths:
         if path == BUILTIN_CHAT:
             from data.synthetic import synthetic_splits
 
             problems = synthetic_splits(cfg.synthetic_num_train, cfg.synthetic_num_heldout, cfg.seed)[split]
             for p in problems:
-                yield f"{BUILTIN_CHAT}#{p['id']}", p["messages"]
+                yield f"{BUILTIN_CHAT}#{p['id']}", p["messages"], cfg.enable_thinking
         elif path.startswith("builtin:"):
             raise ValueError(f"unknown built-in chat source {path!r}; the built-in chat set is {BUILTIN_CHAT}")
         else:
             path = os.path.abspath(os.path.expanduser(path))
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"SFT file {path} does not exist")
-            records = list(_read_jsonl_records(path, cfg.skip_bad, bad))
+            records = list(_read_jsonl_records(path, cfg.skip_bad, bad, cfg.enable_thinking))
             keep = split_document_range(len(records), cfg.split, SPLITS.index(split))
             if len(keep) == 0:
                 raise ValueError(f"{path} has no conversations in the {split} split ({len(records)} in all, split "
@@ -118,8 +123,8 @@ def load_conversations(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> Con
         if not os.path.isfile(path):
             bad: List[str] = []
             ids, mask, offsets, origins = [], [], [0], []
-            for origin, messages in _source_records(cfg, split, bad):
-                chat = render_chat(tokenizer, messages, enable_thinking=cfg.enable_thinking)
+            for origin, messages, thinking in _source_records(cfg, split, bad):
+                chat = render_chat(tokenizer, messages, enable_thinking=thinking)
                 ids.append(np.asarray(chat.ids, dtype=np.int32))
                 mask.append(np.asarray(chat.assistant_mask, dtype=bool))
                 offsets.append(offsets[-1] + len(chat.ids))

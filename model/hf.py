@@ -224,3 +224,97 @@ def load_pretrained(path, *, dtype: torch.dtype = torch.float32, device="cpu", s
         )
     model.load_state_dict(state, strict=False)
     return model.to(dtype)
+
+
+# ----- DCP checkpoints (written by train/) -> Hugging Face -----------------------------------------------------
+# A trainer checkpoint is a torch.distributed.checkpoint directory `step_XXXXXXXX/` (complete once `.metadata`
+# exists; the trainer renames it into place) whose `model` entry is keyed by this model's parameter names, with
+# `model_config.json` (and `tokenizer.json` for file-based tokenizers) written next to the shards. DCP reassembles
+# full tensors from any parallel layout's shards, so one CPU process reads what thousands of GPUs wrote.
+MODEL_CONFIG_FILE = "model_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+LORA_CONFIG_FILE = "lora_config.json"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint directory, or a run directory / checkpoints folder -> its newest complete checkpoint."""
+    path = Path(path).resolve()
+    if (path / ".metadata").is_file():
+        return path
+    for folder in (path / "checkpoints", path):
+        steps = sorted((int(m.group(1)), child) for child in (folder.iterdir() if folder.is_dir() else [])
+                       if (m := STEP_DIR.match(child.name)) and (child / ".metadata").is_file())
+        if steps:
+            return steps[-1][1]
+    raise FileNotFoundError(f"no complete DCP checkpoint at {path} (expected a step_XXXXXXXX directory with a "
+                            ".metadata file, or a run directory holding checkpoints/)")
+
+
+def load_dcp_checkpoint(path) -> HybridModel:
+    """The plain model (CPU, fp32) with the weights of a trainer checkpoint (a run directory picks its newest)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    path = resolve_checkpoint(path)
+    config_file = path / MODEL_CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing: this checkpoint was not written by LatentForge's "
+                                "trainers (train/pretrain.py, train/sft.py, rl/grpo.py)")
+    cfg = ModelConfig.from_dict(json.loads(config_file.read_text()))
+    with torch.device("meta"):
+        model = HybridModel(cfg)
+    model = model.to_empty(device="cpu")  # every tensor is overwritten by the load below
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # DCP warns that a single-process load has no process group (asked for)
+        warnings.filterwarnings("ignore", message="torch.distributed is .*")
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def export_dcp_checkpoint(checkpoint, out_dir, dtype: torch.dtype = torch.float32) -> Path:
+    """DCP checkpoint (or run directory) -> Hugging Face directory (config.json, safetensors, tokenizer.json)."""
+    import shutil
+
+    checkpoint = resolve_checkpoint(checkpoint)
+    if (checkpoint / LORA_CONFIG_FILE).is_file():
+        raise ValueError(f"{checkpoint} is a LoRA checkpoint (it holds {LORA_CONFIG_FILE}): exporting its base "
+                         "alone would drop the adapters. Merge them: python -m train.lora merge "
+                         f"{checkpoint} OUT (or write the PEFT adapter: python -m train.lora save-adapter)")
+    model = load_dcp_checkpoint(checkpoint)
+    save_pretrained(model, out_dir, dtype=dtype)
+    tokenizer = checkpoint / TOKENIZER_FILE
+    if tokenizer.is_file():
+        shutil.copyfile(tokenizer, Path(out_dir) / TOKENIZER_FILE)
+    return Path(out_dir)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv=None) -> int:
+    """python -m model.hf export CHECKPOINT_OR_RUN_DIR OUT_DIR [--dtype bfloat16]"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m model.hf", description="Hugging Face interop")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="DCP checkpoint (any parallel layout) -> Hugging Face directory")
+    export.add_argument("checkpoint", help="a step_XXXXXXXX checkpoint directory, or a run directory (its newest)")
+    export.add_argument("out_dir", help="where config.json and the safetensors go")
+    export.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    args = parser.parse_args(argv)
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        export_dcp_checkpoint(checkpoint, args.out_dir, dtype=DTYPES[args.dtype])
+    except (FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"python -m model.hf export: {error}\n")
+    print(f"exported {checkpoint} -> {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

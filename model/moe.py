@@ -27,7 +27,8 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor):
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32 under mixed precision
+            scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
         _, topk_idx = torch.topk(scores + self.e_score_correction_bias.float(), self.top_k, dim=-1)
         topk_scores = scores.gather(-1, topk_idx)
         topk_weight = topk_scores / topk_scores.sum(-1, keepdim=True) * self.routed_scaling_factor

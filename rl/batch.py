@@ -2,13 +2,15 @@
 
 A sample of prompt p (P tokens) and completion c (C tokens) becomes one row: `input_ids = (p + c)[:-1]`,
 `targets = (p + c)[1:]`; the loss covers the C positions whose target is a completion token. Rows are padded on
-the right inside a micro-batch (causal model: padding never reaches a real position) with loss mask 0.
+the right inside a micro-batch (causal model: padding never reaches a real position) with loss mask 0; under a
+pipeline-parallel layout every micro-batch of a step is padded to one shape (rows and length), as the schedule
+needs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -16,6 +18,7 @@ from rl.buffer import Group
 from rl.losses import group_advantages
 
 PAD_ID = 0
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -57,39 +60,83 @@ def count(rows: List[dict], max_tokens: int) -> BatchCounts:
     return BatchCounts(float(tokens), float(sequences), max_tokens, float(positions))
 
 
-def collate(rows: List[dict], device=None) -> dict:
-    """Pad a list of rows into (b, s) tensors."""
-    length = max(len(r["input_ids"]) for r in rows)
+def collate(rows: List[dict], device=None, length: Optional[int] = None, num_rows: Optional[int] = None) -> dict:
+    """Pad a list of rows into (b, s) tensors: to `length` positions and `num_rows` rows when given (the parallel
+    layouts need equal or divisible shapes); padding has loss mask 0.
+
+    Everything the loss needs about a *whole* row is computed here and broadcast over its positions, so the loss
+    stays a sum over tokens when the runner cuts rows into pieces (context / sequence parallelism):
+    `row_tokens` (its loss tokens, for sequence-level aggregation) and `row_version` (the single version its
+    stamped tokens share, -2 when they differ, -1 when none is stamped: the staleness-0 mismatch statistic).
+    `labels` are the targets at real positions (-100 elsewhere): the runner shifts them for the MTP heads."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    length = longest if length is None else length
+    if length < longest:
+        raise ValueError(f"collate: length {length} is shorter than the longest row ({longest} tokens)")
+    if num_rows is not None:
+        if num_rows < len(rows):
+            raise ValueError(f"collate: num_rows {num_rows} is fewer than the {len(rows)} rows given")
+        rows = list(rows) + [PLACEHOLDER] * (num_rows - len(rows))
 
     def pad(key, value, dtype):
         return torch.tensor([r[key] + [value] * (length - len(r[key])) for r in rows], dtype=dtype, device=device)
 
-    advantages = torch.tensor([r["advantage"] for r in rows], dtype=torch.float32, device=device)
+    def per_row(values, dtype):
+        return torch.tensor(values, dtype=dtype, device=device)[:, None].expand(-1, length).contiguous()
+
+    valid = pad("input_ids", -1, torch.long) >= 0  # real (non-padding) positions
+    targets = pad("targets", PAD_ID, torch.long)
     return {
         "input_ids": pad("input_ids", PAD_ID, torch.long),
-        "targets": pad("targets", PAD_ID, torch.long),
+        "targets": targets,
+        "labels": torch.where(valid, targets, torch.full_like(targets, IGNORE_INDEX)),
         "loss_mask": pad("loss_mask", 0.0, torch.float32),
         "behaviour_logprobs": pad("behaviour_logprobs", 0.0, torch.float32),
         "versions": pad("versions", -1, torch.long),
-        "advantages": advantages[:, None].expand(-1, length).contiguous(),
-        "valid": pad("input_ids", -1, torch.long) >= 0,  # real (non-padding) positions
+        "advantages": per_row([r["advantage"] for r in rows], torch.float32),
+        "row_tokens": per_row([max(sum(r["loss_mask"]), 1.0) for r in rows], torch.float32),
+        "row_version": per_row([_row_version(r["versions"]) for r in rows], torch.long),
+        "valid": valid,
     }
 
 
-def shard_micro_batches(rows: List[dict], dp_rank: int, dp_size: int, micro_batch_size: int) -> List[List[dict]]:
-    """This data-parallel rank's micro-batches. Every rank gets the same number of micro-batches (collectives
-    inside FSDP must match); a rank short of rows gets placeholder rows with an all-zero loss mask."""
+def _row_version(versions: list) -> int:
+    stamped = {v for v in versions if v >= 0}
+    if not stamped:
+        return -1
+    return stamped.pop() if len(stamped) == 1 else -2
+
+
+def padded_length(rows: List[dict], multiple: int = 1) -> int:
+    """The longest row, rounded up to `multiple` (the layout's sequence divisor)."""
+    longest = max(len(r["input_ids"]) for r in rows) if rows else 1
+    return -(-longest // multiple) * multiple
+
+
+PLACEHOLDER = {"input_ids": [PAD_ID], "targets": [PAD_ID], "loss_mask": [0.0], "behaviour_logprobs": [0.0],
+               "versions": [-1], "advantage": 0.0, "group_id": -1, "sample_index": -1}
+
+
+def shard_micro_batches(rows: List[dict], dp_rank: int, dp_size: int, micro_batch_size: int,
+                        min_micro_batches: int = 1, multiple_of: int = 1) -> List[List[dict]]:
+    """This data-parallel rank's micro-batches. Every rank gets the same number (collectives inside FSDP must
+    match; a rank short of rows gets placeholder rows with an all-zero loss mask), at least `min_micro_batches`
+    and a multiple of `multiple_of` (pipeline schedules), and no micro-batch holds more than
+    `micro_batch_size` rows."""
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ValueError(f"bad data-parallel coordinates rank {dp_rank} of {dp_size}")
+    if micro_batch_size < 1 or min_micro_batches < 1 or multiple_of < 1:
+        raise ValueError(f"micro_batch_size ({micro_batch_size}), min_micro_batches ({min_micro_batches}) and "
+                         f"multiple_of ({multiple_of}) must be >= 1")
     per_rank = -(-len(rows) // dp_size)
-    num_micro = max(1, -(-per_rank // micro_batch_size))
+    num_micro = max(min_micro_batches, -(-per_rank // micro_batch_size), 1)
+    num_micro = -(-num_micro // multiple_of) * multiple_of
+    size = max(1, -(-per_rank // num_micro))  # spread the rows evenly: equal micro-batches pad little
     mine = rows[dp_rank::dp_size]
-    placeholder = {"input_ids": [PAD_ID], "targets": [PAD_ID], "loss_mask": [0.0], "behaviour_logprobs": [0.0],
-                   "versions": [-1], "advantage": 0.0, "group_id": -1, "sample_index": -1}
     # sort by length so a micro-batch pads little (the loss normalisers are global, so order does not matter)
     mine = sorted(mine, key=lambda r: len(r["input_ids"]))
     out = []
     for i in range(num_micro):
-        chunk = mine[i * micro_batch_size:(i + 1) * micro_batch_size]
-        out.append(chunk or [placeholder])
+        chunk = mine[i * size:(i + 1) * size]
+        out.append(chunk or [PLACEHOLDER])
     return out

@@ -1,5 +1,6 @@
-"""One trainer rank of GRPO: the policy on the pretraining parallel layout, the optimizer, the GRPO step, the full
-weights for the rollout workers, and the checkpoint (DCP, the trainer's own format).
+"""One trainer rank of GRPO: the policy on the pretraining parallel layout (train.parallel's runner, with the GRPO
+loss as its loss hook), the optimizer, the GRPO step, the full weights for the rollout workers, and the checkpoint
+(DCP, the trainer's own format).
 
 Plain Python (no Ray): `rl.actors.TrainerActor` hosts one per rank; tests use it directly. The rank joins the
 torch.distributed world described by its environment (MASTER_ADDR, RANK, WORLD_SIZE...), as under torchrun.
@@ -7,9 +8,9 @@ torch.distributed world described by its environment (MASTER_ADDR, RANK, WORLD_S
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
+import math
 import os
 import time
 from typing import List, Optional
@@ -18,14 +19,15 @@ import torch
 import torch.distributed as dist
 
 from model import HybridModel, ModelConfig
-from rl.batch import collate, count, group_rows, shard_micro_batches
+from rl.batch import collate, count, group_rows, padded_length, shard_micro_batches
 from rl.buffer import Group
 from rl.config import GRPOConfig
-from rl.policy import PolicyForward, add_stats, grpo_micro_batch_loss, mtp_labels_of, token_logprobs
+from rl.policy import GRPOLoss, token_logprobs
 from train import distributed as world
 from train.checkpoint import CheckpointManager, pack, unpack
 from train.config import OptimConfig
 from train.optim import OptimizerContainer
+from train.parallel import build_runner
 from train.schedule import LRSchedule
 from train.trainer import ModelState, rng_state, set_rng_state
 
@@ -79,35 +81,33 @@ def model_config_dict(cfg: ModelConfig) -> dict:
 
 
 class PolicyTrainer:
-    """Layouts: one process, or N data-parallel ranks (DistributedDataParallel: each rank a full replica,
-    gradients all-reduced). Model-sharding layouts (TP / PP / CP / EP / FSDP) need a GRPO loss hook in
-    train.parallel's runner, which does not exist yet: asking for one is a clear error."""
+    """One rank of the GRPO trainer group on any pretraining parallel layout: `train.parallel.build_runner` owns
+    the layout (a single process, FSDP2/HSDP data parallelism, TP, PP, CP, EP and their combinations, from the
+    recipe's `parallel` group) and the GRPO loss is its loss hook (rl.policy.GRPOLoss)."""
 
     def __init__(self, model_cfg: dict, cfg: GRPOConfig, optim_cfg: OptimConfig, run_dir: str,
                  parallel_cfg: Optional[dict] = None):
         world.init_distributed()
         self.cfg = cfg
-        self.device = world.training_device()
         self.model_cfg = ModelConfig.from_dict(dict(model_cfg))
-        sharded = {k: v for k, v in (parallel_cfg or {}).items()
-                   if k in ("tp", "pp", "cp", "ep", "dp_replicate") and v not in (None, 1)}
-        if sharded and world.world_size() > 1:
-            raise NotImplementedError(
-                f"the GRPO trainer group runs data-parallel replicas only; parallel settings {sharded} need a loss "
-                "hook in train.parallel's runner (see docs). Set them to 1 for rl/grpo.py")
-        model = load_initial_model(cfg.init_from, self.model_cfg, seed=cfg.seed).to(self.device)
+        model = load_initial_model(cfg.init_from, self.model_cfg, seed=cfg.seed)
+        if cfg.mtp_loss_weight == 0 and model.mtp is not None:
+            model.mtp.requires_grad_(False)  # rl.mtp_loss_weight=0: the MTP block stays as it is
         self.ref_model = None
         if cfg.loss.kl_coef > 0:
+            # the reference is a full, unsharded replica on every rank: it scores each rank's micro-batches (whole
+            # sequences) before the runner slices them, so it works under every layout, at the memory of one
+            # extra model per rank
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.runner = build_runner(model, self.model_cfg, parallel_cfg)  # splits / shards `model` in place
+        self.device = self.runner.device
+        if self.ref_model is not None:
+            self.ref_model.to(self.device)
+        # the policy module: the plain model in a world of one; under other layouts its pieces are sharded or
+        # split between ranks (use the runner, and full_state_dict() for the weights)
         self.model = model
-        self.forward = PolicyForward(model, with_mtp=cfg.mtp_loss_weight > 0)
-        self.dp_rank, self.dp_size = world.rank(), world.world_size()
-        if self.dp_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # unrouted experts and, without MTP training, the MTP block get no gradient in some micro-batches
-            self.forward = DistributedDataParallel(self.forward, find_unused_parameters=True)
-        self.parts = [model]
+        self.parts = self.runner.model_parts
+        self.dp_rank, self.dp_size = self.runner.dp_rank, self.runner.dp_size
         self.optim_cfg = optim_cfg
         self.optimizer = OptimizerContainer(self.parts, optim_cfg)
         self.schedule = LRSchedule(optim_cfg, cfg.steps)
@@ -122,75 +122,86 @@ class PolicyTrainer:
         cfg = self.cfg
         rows = group_rows(groups, cfg.loss.normalize_std, cfg.filter_overlong)
         counts = count(rows, cfg.rollout.max_new_tokens)
-        micro = shard_micro_batches(rows, self.dp_rank, self.dp_size, cfg.trainer.micro_batch_size)
-        self.model.train()
-        stats, loads = {}, []
-        for i, rows_mb in enumerate(micro):
-            mb = collate(rows_mb, self.device)
-            sync = self.dp_size == 1 or i == len(micro) - 1
-            with contextlib.nullcontext() if sync else self.forward.no_sync():
-                logits, mtp_sums, aux = self.forward(mb["input_ids"], mtp_labels_of(mb))
-                loss, mb_stats = grpo_micro_batch_loss(
-                    logits, mtp_sums, aux, mb, counts, cfg.loss, temperature=cfg.rollout.temperature,
-                    train_version=self.version, mtp_loss_weight=cfg.mtp_loss_weight,
-                    moe_aux_loss_coeff=self.model_cfg.moe_aux_loss_coeff, total_sequences=len(rows),
-                    ref_logprobs=self._ref_logprobs(mb))
-                # the loss is this micro-batch's share of a global sum; DDP averages gradients over ranks
-                (loss * self.dp_size).backward()
-            add_stats(stats, mb_stats)
-            loads.append(self._expert_load())
-        stats = self._reduce_stats(stats)
-        grad_norm = self._clip()
+        micro = self._micro_batches(rows)
+        loss_fn = GRPOLoss(counts, cfg.loss, temperature=cfg.rollout.temperature, train_version=self.version,
+                           mtp_loss_weight=cfg.mtp_loss_weight)
+        for part in self.parts:
+            part.train()
+        self.optimizer.zero_grad()
+        result = self.runner.forward_backward(micro, loss_fn)
+        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(self.runner.clip_grad_norm_(max_norm))
         lr = self.schedule.lr_at(self.version)
         self.optimizer.set_lr(lr)
         self.optimizer.step()
         self.optimizer.zero_grad()
-        if cfg.update_expert_bias and loads and loads[0] is not None:
-            load = torch.stack(loads).sum(0)
-            if world.is_distributed():
-                dist.all_reduce(load)
-            self.model.update_expert_bias(load)
+        if cfg.update_expert_bias and result["expert_load"] is not None:
+            self.runner.update_expert_bias(result["expert_load"])
         self.version += 1
+        stats = dict(result["stats"])
+        if result["aux_loss"] is not None:
+            stats["aux_loss_sum"] = result["aux_loss"]  # unweighted balance loss of the batch
         elapsed = time.perf_counter() - start
         tokens = sum(len(r["input_ids"]) for r in rows)
-        return {"grad_norm": grad_norm, "lr": lr, "train_s": elapsed, "train_tokens": tokens,
-                "train_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0, "sequences": len(rows),
-                "loss_tokens": counts.num_tokens, **stats}
+        return {"loss": result["loss"], "grad_norm": grad_norm, "lr": lr, "train_s": elapsed,
+                "train_tokens": tokens, "train_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+                "sequences": len(rows), "loss_tokens": counts.num_tokens, **stats}
 
-    def _ref_logprobs(self, mb) -> Optional[torch.Tensor]:
-        if self.ref_model is None:
-            return None
-        with torch.no_grad():
-            return token_logprobs(self.ref_model(mb["input_ids"]).logits, mb["targets"], self.cfg.rollout.temperature)
-
-    def _expert_load(self):
-        layers = self.model.moe_layers()
-        if not layers or any(m.load is None for m in layers):
-            return None
-        return torch.stack([m.load.float() for m in layers])
-
-    def _clip(self) -> float:
-        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
-        params = [p for part in self.parts for p in part.parameters() if p.grad is not None]
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-    def _reduce_stats(self, stats: dict) -> dict:
-        if not world.is_distributed():
-            return stats
-        keys = sorted(stats)
-        sums = torch.tensor([0.0 if k.endswith("_max") else stats[k] for k in keys], dtype=torch.float64)
-        maxes = torch.tensor([stats[k] if k.endswith("_max") else 0.0 for k in keys], dtype=torch.float64)
-        dist.all_reduce(sums)
-        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-        return {k: (maxes[i] if k.endswith("_max") else sums[i]).item() for i, k in enumerate(keys)}
+    def _micro_batches(self, rows: List[dict]) -> List[dict]:
+        """This rank's micro-batches as tensors, shaped for the layout: lengths divisible by the sequence split
+        (cp x tp; cp x chunk_size for Mamba under CP), and under pipeline parallelism enough micro-batches for
+        the schedule, all of one shape (padded rows and positions have loss mask 0)."""
+        lay, pc = self.runner.layout, self.runner.parallel_cfg
+        multiple = lay.cp * lay.tp
+        if lay.cp > 1 and "mamba" in self.model_cfg.layer_types:
+            multiple = math.lcm(multiple, lay.cp * self.model_cfg.chunk_size)
+        pipelined = lay.pp > 1
+        micro_rows = shard_micro_batches(
+            rows, self.dp_rank, self.dp_size, self.cfg.trainer.micro_batch_size,
+            min_micro_batches=lay.pp, multiple_of=lay.pp if pc.pp_schedule == "interleaved_1f1b" else 1)
+        if pipelined:
+            length, num_rows = padded_length(rows, multiple), max(len(m) for m in micro_rows)
+        batches = []
+        for chunk in micro_rows:
+            if pipelined:
+                mb = collate(chunk, self.device, length=length, num_rows=num_rows)
+            else:
+                mb = collate(chunk, self.device, length=padded_length(chunk, multiple))
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    logits = self.ref_model(mb["input_ids"]).logits
+                mb["ref_logprobs"] = token_logprobs(logits, mb["targets"], self.cfg.rollout.temperature)
+            batches.append(mb)
+        return batches
 
     # ----- weights for the rollout workers ---------------------------------------------------------------------
     def full_state_dict(self) -> Optional[dict]:
-        """Every tensor of the policy (parameters and persistent buffers): on rank 0, None elsewhere (the
-        data-parallel replicas are identical)."""
-        if world.rank() != 0:
-            return None
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+        """Every tensor of the policy (parameters and persistent buffers) under the unsharded model's names, on
+        global rank 0; None elsewhere. Collective over the trainer group: sharded tensors (DTensors of FSDP, TP,
+        EP, all stored in natural order with global shapes) are gathered in place, and under pipeline
+        parallelism each stage's tensors travel to rank 0 (from the stage's first rank, through CPU). Unsharded
+        tensors are the live ones, not copies (a world of one returns the parameters themselves)."""
+        from torch.distributed.tensor import DTensor
+
+        groups = self.runner.groups
+        pipelined = self.runner.layout.pp > 1
+        coords = groups.mesh.get_coordinate() if groups.mesh is not None else [0]
+        representative = all(c == 0 for c in coords[1:])  # the first rank of its pipeline stage
+        keep = world.rank() == 0 or (pipelined and representative)
+        state = {}
+        for part in self.parts:
+            for name, value in part.state_dict().items():
+                full = value.full_tensor() if isinstance(value, DTensor) else value.detach()  # collective
+                if keep:
+                    state[name] = full
+        if pipelined and representative:
+            mine = None if world.rank() == 0 else {k: v.cpu() for k, v in state.items()}
+            gathered = [None] * self.runner.layout.pp if world.rank() == 0 else None
+            dist.gather_object(mine, gathered, dst=0, group=groups.pp_group)
+            if world.rank() == 0:
+                for stage_state in gathered:
+                    state.update(stage_state or {})
+        return state if world.rank() == 0 else None
 
     # ----- checkpoint ------------------------------------------------------------------------------------------
     def _state(self, loop_state: bytes = b"") -> dict:

@@ -1,76 +1,44 @@
-"""DCP checkpoint -> Hugging Face directory (config.json + safetensors, MTP included, tokenizer copied).
+"""DCP checkpoint -> Hugging Face directory, for any trainer checkpoint (plain or LoRA).
 
-    python -m train.export runs/tiny/checkpoints/step_00000300 out/tiny-hf
-    python -m train.export runs/tiny out/tiny-hf            # a run directory: its newest complete checkpoint
+    python -m model.hf export runs/tiny out/tiny-hf            # a plain checkpoint (the model's own CLI)
+    python -m train.export runs/lora_tiny out/lora-merged-hf    # also a LoRA run: adapters merged into the base
 
-Runs in one process on CPU whatever layout wrote the checkpoint: DCP reassembles the full tensors from the shards.
-The checkpoint directory carries `model_config.json` (and `tokenizer.json` when the run used a file-based
-tokenizer), written by the trainer before the shards.
+A plain checkpoint goes through model.hf's DCP reader; a LoRA checkpoint (`lora_config.json` next to the shards)
+through train.lora's merge, so an export never silently drops trained adapters.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
 
 import torch
-import torch.distributed.checkpoint as dcp
 
-from .checkpoint import quiet_single_process, latest_checkpoint
+from model.hf import (DTYPES, LORA_CONFIG_FILE, MODEL_CONFIG_FILE, TOKENIZER_FILE, export_dcp_checkpoint,
+                      load_dcp_checkpoint)
+from model.hf import resolve_checkpoint as _resolve
 
-MODEL_CONFIG_FILE = "model_config.json"
-TOKENIZER_FILE = "tokenizer.json"
+__all__ = ["MODEL_CONFIG_FILE", "TOKENIZER_FILE", "resolve_checkpoint", "load_model_from_checkpoint",
+           "export_checkpoint", "main"]
 
 
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint directory, or a run directory / checkpoints folder -> its newest complete checkpoint."""
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, ".metadata")):
-        return path
-    for folder in (os.path.join(path, "checkpoints"), path):
-        found = latest_checkpoint(folder)
-        if found is not None:
-            return found
-    raise FileNotFoundError(f"no complete DCP checkpoint at {path} (expected a step_XXXXXXXX directory with a "
-                            ".metadata file, or a run directory holding checkpoints/)")
+    return str(_resolve(path))
 
 
 def load_model_from_checkpoint(path: str):
-    """The plain `HybridModel` (CPU, fp32) with the weights of a DCP checkpoint written by the trainer."""
-    from model import HybridModel, ModelConfig
-
-    path = resolve_checkpoint(path)
-    config_file = os.path.join(path, MODEL_CONFIG_FILE)
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{config_file} is missing: this checkpoint was not written by train/pretrain.py")
-    with open(config_file) as f:
-        cfg = ModelConfig.from_dict(json.load(f))
-    with torch.device("meta"):
-        model = HybridModel(cfg)
-    model = model.to_empty(device="cpu")  # every tensor is overwritten by the load below
-    state = {"model": model.state_dict()}
-    with quiet_single_process():
-        dcp.load(state, checkpoint_id=path, no_dist=True)
-    model.load_state_dict(state["model"])
-    return model
+    """The plain `HybridModel` (CPU, fp32) with the weights of a DCP checkpoint written by a trainer."""
+    return load_dcp_checkpoint(path)
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32) -> str:
-    from model import hf
-
     checkpoint = resolve_checkpoint(checkpoint)
-    model = load_model_from_checkpoint(checkpoint)
-    hf.save_pretrained(model, out_dir, dtype=dtype)
-    tokenizer = os.path.join(checkpoint, TOKENIZER_FILE)
-    if os.path.isfile(tokenizer):
-        shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_FILE))
-    return out_dir
+    if (_resolve(checkpoint) / LORA_CONFIG_FILE).is_file():
+        from train.lora.checkpoint import export_merged
 
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        return str(export_merged(checkpoint, out_dir, dtype=dtype))
+    return str(export_dcp_checkpoint(checkpoint, out_dir, dtype=dtype))
 
 
 def main(argv=None) -> int:

@@ -162,7 +162,7 @@ def main(argv=None) -> int:
 
         torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
         model, _ = build_model(configs, device)
-        runner = build_runner(model, model_cfg, configs["parallel"])
+        runner = build_runner(model, model_cfg, configs["parallel"], configs["precision"])
         loader = build_pretrain_loader(data_cfg, tokenizer, seq_len=train_cfg.seq_len,
                                        micro_batch_size=train_cfg.micro_batch_size, dp_rank=runner.dp_rank,
                                        dp_size=runner.dp_size)

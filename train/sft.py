@@ -194,24 +194,17 @@ def validation_batches(data_cfg, tokenizer, train_cfg, sft_cfg, dp_rank, dp_size
 
 
 def validation_loss(runner, batches: list, device) -> float:
-    """Mean next-token loss over the batches' assistant tokens, in eval mode (no dropout).
-
-    The runner's contract has no forward-only call, so this runs forward_backward and drops the gradients (the
-    trainer zeroes them before the next step anyway); costs one backward per validation micro-batch.
-    """
+    """Mean next-token loss over the batches' assistant tokens (the LM loss: no MTP or balance terms), in eval
+    mode (no dropout), forward only (`runner.evaluate`)."""
     parts = runner.model_parts
     modes = [p.training for p in parts]
     for p in parts:
         p.eval()
     try:
-        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-        result = runner.forward_backward(batches)
+        result = runner.evaluate([{k: v.to(device) for k, v in b.items()} for b in batches])
     finally:
         for p, mode in zip(parts, modes):
             p.train(mode)
-        for p in parts:
-            for param in p.parameters():
-                param.grad = None
     return float(result["lm_loss"])
 
 
@@ -413,10 +406,6 @@ def run(overrides) -> int:
             lora_cfg = replace(lora_cfg, init_seed=configs["train"].seed)
             configs["lora"] = lora_cfg
     configs["model"] = model_cfg  # the checkpoint's architecture, whatever the recipe's model group says
-    if lora_cfg is not None and lora_cfg.routed_experts and configs["parallel"].ep > 1:
-        raise SFTConfigError("lora.routed_experts=true does not run under expert parallelism (parallel.ep > 1): "
-                             "the expert-parallel layer rebuilds the experts without their adapters. Set "
-                             "parallel.ep=1 or lora.routed_experts=false")
 
     world.init_distributed()
     try:
@@ -442,10 +431,12 @@ def run(overrides) -> int:
                 print(f"LoRA: rank {lora_cfg.rank}, alpha {lora_cfg.alpha}{' (rsLoRA)' if lora_cfg.use_rslora else ''}"
                       f" on {len(adapted)} modules, {count:,} trainable parameters", flush=True)
 
-        runner = build_runner(model, model_cfg, configs["parallel"])
+        runner = build_runner(model, model_cfg, configs["parallel"], configs["precision"])
         if lora_cfg is not None:
+            # the adapters' TP slices are recorded on the first forward anyway; eagerly here, so a compiled first
+            # step does not trace it
             attach_tp_slices(runner.model_parts)
-            _refreeze(runner.model_parts)
+            check_only_adapters_train(runner.model_parts, runner.stage_ids)
         loader = build_sft_loader(data_cfg, tokenizer, seq_len=train_cfg.seq_len,
                                   micro_batch_size=train_cfg.micro_batch_size, dp_rank=runner.dp_rank,
                                   dp_size=runner.dp_size, split="train")
@@ -513,11 +504,24 @@ def run(overrides) -> int:
     return 0
 
 
-def _refreeze(parts) -> None:
-    """Only adapters train, whatever the parallel layer rebuilt (its expert-parallel experts start trainable)."""
-    for part in parts:
-        for name, param in part.named_parameters():
-            param.requires_grad_(".lora_" in name)
+def check_only_adapters_train(parts, stage_ids=None) -> None:
+    """After parallelisation only adapter parameters may be trainable (a layer that rebuilt a frozen parameter as a
+    trainable one would silently train, and give optimizer state to, the base), and every pipeline stage this rank
+    owns needs some adapter (its optimizer would have nothing to update)."""
+    wrong = [name for part in parts for name, param in part.named_parameters()
+             if param.requires_grad != (".lora_" in name)]
+    if wrong:
+        raise RuntimeError(f"LoRA: after build_runner {len(wrong)} parameter(s) have the wrong requires_grad (base "
+                           f"trainable or adapter frozen), e.g. {wrong[:4]}: a parallel layer lost the flag")
+    for index, part in enumerate(parts):
+        if not any(p.requires_grad for p in part.parameters()):
+            stage = stage_ids[index] if stage_ids is not None else index
+            layers = list(part.backbone.layers.keys()) if hasattr(part.backbone.layers, "keys") else []
+            raise SFTConfigError(
+                f"LoRA: pipeline stage {stage} (layers {layers}{', MTP' if part.mtp is not None else ''}) holds no "
+                "adapted module, so it has nothing to train. Add targets that occur in those layers to "
+                "lora.targets (e.g. up_proj/down_proj for dense MLP layers, lora.include_mtp=true for the MTP "
+                "block) or change parallel.pp")
 
 
 def finish(checkpoint, run_dir, train_cfg, sft_cfg, data_cfg, tokenizer, lora_cfg, accuracy_before) -> None:

@@ -59,7 +59,8 @@ class TrainerRank:
                 "bytes": sent}
 
     def export_weights(self):
-        """Object-store path: rank 0 returns the full CPU tensors (the driver passes the reference on)."""
+        """Object-store path: rank 0 returns the full CPU tensors (the driver passes the reference on); every
+        trainer rank calls it (gathering sharded layouts is collective)."""
         state = self.trainer.full_state_dict()
         if state is None:
             return None
@@ -79,7 +80,8 @@ class TrainerRank:
         return self.trainer.version
 
     def weights_digest(self) -> float:
-        """A cheap fingerprint of the weights (tests compare runs with it)."""
+        """A cheap fingerprint of the weights (tests compare runs with it). Every trainer rank calls it (gathering
+        sharded layouts is collective); rank 0 returns it, the others 0.0."""
         from rl.trainer import state_digest
 
         state = self.trainer.full_state_dict()

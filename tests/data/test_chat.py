@@ -67,6 +67,7 @@ def test_user_text_can_not_forge_control_tokens(bpe_tok):
     ({"messages": [{"role": "tool", "content": "x"}]}, "supported roles"),
     ({"messages": [{"role": "user", "content": 3}]}, "content must be a string"),
     ({"question": "x"}, "expected 'messages' or 'prompt' and 'completion'"),
+    ({"prompt": "q", "completion": "a", "enable_thinking": "no"}, "'enable_thinking' must be true or false"),
 ])
 def test_malformed_records(record, message):
     with pytest.raises(ValueError, match=message):

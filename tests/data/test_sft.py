@@ -149,6 +149,42 @@ def test_resume_across_dp_change(chat_file, bpe_tok, cache_dir):
     assert all(torch.equal(w, g) for w, g in zip(want, got))
 
 
+@pytest.mark.parametrize("default", [True, False])
+def test_enable_thinking_per_record_overrides_the_dataset(tmp_path, bpe_tok, cache_dir, default):
+    """A record's "enable_thinking" renders that conversation as the chat template would with that switch (the
+    reasoning and its </think> trained, or an empty <think></think> and no reasoning); absent: data.enable_thinking."""
+    conv = {"messages": [{"role": "user", "content": "two plus two"},
+                         {"role": "assistant", "content": "four", "reasoning_content": "two and two make four"}]}
+    records = [dict(conv, enable_thinking=True), dict(conv, enable_thinking=False), dict(conv),
+               {"prompt": "two plus two", "completion": "<think>add them</think>4", "enable_thinking": False}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    it = sft(str(path), bpe_tok, packing=False, enable_thinking=default)
+    assert it.samples_per_epoch == len(records)
+    b = next(it)  # one epoch: a conversation per row
+    rows = {}
+    for x, y, s in zip(b["input_ids"].tolist(), b["labels"].tolist(), b["seq_idx"].tolist()):
+        n = s.count(0)  # the conversation, then padding
+        rows[tuple(x[:n])] = [t for t in y[:n] if t != -100]
+    expected = [render_chat(bpe_tok, normalize_record(r), enable_thinking=think)
+                for r, think in zip(records, [True, False, default, False])]
+    assert len(rows) == 3  # the record without the key renders as the dataset default says
+    for chat in expected:
+        ids = tuple(chat.ids)  # shorter than the row: all of it among the inputs, padding after
+        assert ids in rows
+        assert rows[ids] == [t for t, m in zip(chat.ids[1:], chat.assistant_mask[1:]) if m]
+        text = bpe_tok.decode(chat.ids)
+        thinking = chat is expected[0] or (chat is expected[2] and default)
+        assert ("two and two make four" in text) == thinking
+        assert ("<think></think>" in text) == (not thinking)
+    # off: the reasoning is neither in the inputs nor in the loss; on: it is trained, <think> itself is prompt
+    on, off = expected[0], expected[1]
+    assert bpe_tok.think_id in on.ids and not on.assistant_mask[on.ids.index(bpe_tok.think_id)]
+    assert on.assistant_mask[on.ids.index(bpe_tok.think_end_id)]
+    assert not off.assistant_mask[off.ids.index(bpe_tok.think_end_id)]  # </think> is part of the thinking-off prompt
+    assert "add them" not in bpe_tok.decode(expected[3].ids)
+
+
 def test_malformed_jsonl(tmp_path, bpe_tok, cache_dir):
     path = tmp_path / "bad.jsonl"
     good = {"prompt": "a", "completion": "b"}

@@ -1,8 +1,11 @@
 """LoRA behaviour: targets by pattern, frozen base with optimizer state on adapters only, the adapter math against
-a hand-written W x + s B A x, rsLoRA, dropout, a bf16 base, clear errors; and the same loss and adapter gradients
-under the runner's tensor parallelism and FSDP2 (2 gloo ranks) as in one process."""
+a hand-written W x + s B A x, rsLoRA, dropout, a bf16 base, the PEFT warning for Mamba out_proj, clear errors; and
+the same loss, adapter gradients and adapters after an AdamW step under the runner's tensor, expert and pipeline
+parallelism and FSDP2 (2 gloo ranks) as in one process, with the base still frozen and optimizer state on the
+adapters only."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -12,8 +15,8 @@ from model import HybridModel
 from tests.distributed import run_distributed
 from tests.model.test_hf import randomize, tiny_config
 from train.config import OptimConfig
-from train.lora import (LoRAConfig, LoRAConfigError, apply_lora, attach_tp_slices, lora_parameters,
-                        lora_state_dict, merge_lora)
+from train.lora import (DEFAULT_TARGETS, LoRAConfig, LoRAConfigError, PEFTCompatibilityWarning, apply_lora,
+                        attach_tp_slices, lora_parameters, lora_state_dict, merge_lora, remove_lora)
 from train.optim import OptimizerContainer
 
 
@@ -36,9 +39,11 @@ def test_default_targets_freeze_and_identity_at_init():
     ids = torch.randint(0, model.cfg.vocab_size, (2, 13))
     with torch.no_grad():
         before = model(ids).logits
-    adapted = apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PEFTCompatibilityWarning)  # the default targets load with stock PEFT
+        adapted = apply_lora(model, LoRAConfig(rank=4, alpha=8))
     assert adapted == [
-        "backbone.layers.0.mixer.in_proj", "backbone.layers.0.mixer.out_proj",
+        "backbone.layers.0.mixer.in_proj",
         "backbone.layers.1.mixer.q_proj", "backbone.layers.1.mixer.k_proj", "backbone.layers.1.mixer.v_proj",
         "backbone.layers.1.mixer.o_proj",
         "backbone.layers.2.mixer.shared_experts.up_proj", "backbone.layers.2.mixer.shared_experts.down_proj"]
@@ -49,6 +54,28 @@ def test_default_targets_freeze_and_identity_at_init():
     assert trainable == set(lora_parameters(model))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)  # B = 0: the adapter starts as a no-op
+
+
+def test_mamba_out_proj_is_opt_in_with_a_peft_warning():
+    model = build()
+    with pytest.warns(PEFTCompatibilityWarning, match="PEFT .* refuses LoRA on a module named out_proj"):
+        adapted = apply_lora(model, LoRAConfig(rank=2, alpha=2, targets=DEFAULT_TARGETS + ["out_proj"]))
+    assert "backbone.layers.0.mixer.out_proj" in adapted
+
+
+def test_merge_and_remove_take_the_tensor_parallel_hook_away():
+    from train.lora.layers import _tp_slices_hook
+
+    def hooked(model):
+        return sorted(n for n, m in model.named_modules() if _tp_slices_hook in m._forward_pre_hooks.values())
+
+    parents = ["backbone.layers.0.mixer", "backbone.layers.1.mixer", "backbone.layers.2.mixer"]
+    for undo in (merge_lora, remove_lora):
+        model = build()
+        apply_lora(model, LoRAConfig(rank=2, alpha=2))
+        assert hooked(model) == parents  # once per block mixer, however many adapted layers under it
+        undo(model)
+        assert hooked(model) == []
 
 
 def test_adapter_math_rslora_and_dropout():
@@ -135,7 +162,7 @@ def test_unknown_key_is_named():
         LoRAConfig.from_dict({"ranks": 4})
 
 
-# ----- distributed: the runner's tensor parallelism and FSDP2 ----------------------------------------------------
+# ----- distributed: the runner's tensor, expert and pipeline parallelism, FSDP2 ---------------------------------
 def _grads(model) -> dict:
     out = {}
     for name, p in lora_parameters(model).items():
@@ -144,40 +171,101 @@ def _grads(model) -> dict:
     return out
 
 
-def _runner_worker(rank, world_size):
+# name: (parallel layout, LoRA settings, model settings). TP: every Linear kind incl. the row-parallel Mamba out_proj
+# and the Mamba in_proj's non-contiguous rows, with nobody calling attach_tp_slices; EP: the routed experts' own
+# adapters sharded with them (the experts frozen); PP: two stages (layers 0-2 | layer 3 and the MTP block, fed by the
+# frozen embedding of the first stage), the dense MLP and the MTP block adapted so the last stage has adapters too.
+DIST_LAYOUTS = {
+    "tp": (dict(tp=2, dp_shard=1), dict(targets=DEFAULT_TARGETS + ["out_proj"]), {}),
+    "fsdp": (dict(dp_shard=2), {}, {}),
+    "ep": (dict(ep=2, dp_shard=2), dict(routed_experts=True), {}),
+    "pp": (dict(pp=2, dp_shard=1), dict(targets=DEFAULT_TARGETS + ["up_proj", "down_proj"], include_mtp=True),
+           dict(mtp_depths=1)),
+}
+
+
+def _layouts_worker(rank, world_size):
     import copy
 
+    from train.lora.layers import LoRALinearMixin
     from train.parallel import ParallelConfig, build_runner
 
     ids = torch.randint(0, 211, (4, 16), generator=torch.Generator().manual_seed(7))
     labels = ids.roll(-1, 1)
     seq_idx = torch.zeros_like(ids, dtype=torch.int32)
     seq_idx[:, 9:] = 1  # two documents per row: the adapters must respect the resets too
-    results = {}
-    for name, layout in (("tp", dict(tp=2, dp_shard=1)), ("fsdp", dict(dp_shard=2))):
-        model = build(moe_aux_loss_coeff=0.0)
-        apply_lora(model, LoRAConfig(rank=4, alpha=8))  # every default target: Mamba in/out, q/k/v/o, shared
+    labels[:, 8] = -100
+    # eps 1e-4: AdamW's first step is ~ lr * sign(g), which float noise could flip where g ~ 0
+    optim_cfg = OptimConfig(lr=1e-2, weight_decay=0.0, eps=1e-4)
+    summary = {}
+    for name, (layout, lora_kw, model_kw) in DIST_LAYOUTS.items():
+        model = build(moe_aux_loss_coeff=0.0, expert_bias_update_rate=0.0, **model_kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PEFTCompatibilityWarning)
+            apply_lora(model, LoRAConfig(rank=4, alpha=8, **lora_kw))
         fill_adapters(model)
         reference = copy.deepcopy(model)
         ref_loss = reference(ids, labels=labels, seq_idx=seq_idx).loss
         ref_loss.backward()
+        expected_grads = _grads(reference)
+        OptimizerContainer([reference], optim_cfg).step()
+        expected_after = lora_state_dict(reference)
 
         runner = build_runner(model, model.cfg, ParallelConfig(**layout))
-        tp_layers = attach_tp_slices(runner.model_parts)
-        assert tp_layers == (8 if name == "tp" else 0)
+        parts = runner.model_parts
+        for part in parts:  # parallelisation re-creates sharded parameters: the flags must survive
+            for pname, p in part.named_parameters():
+                assert p.requires_grad == (".lora_" in pname), f"{name}: {pname} requires_grad={p.requires_grad}"
+        optimizer = OptimizerContainer(parts, optim_cfg)
         rows = slice(runner.dp_rank * 4 // runner.dp_size, (runner.dp_rank + 1) * 4 // runner.dp_size)
-        result = runner.forward_backward([{"input_ids": ids[rows], "labels": labels[rows], "seq_idx": seq_idx[rows]}])
-        assert abs(result["loss"] - ref_loss.item()) < 1e-5 * abs(ref_loss.item()), name
-        got, expected = _grads(runner.model_parts[0]), _grads(reference)
-        assert got.keys() == expected.keys()
-        for key in expected:
-            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-7, msg=f"{name}: grad of {key}")
-        assert all(p.grad is None for n, p in runner.model_parts[0].named_parameters() if "lora_" not in n)
-        state = lora_state_dict(runner.model_parts[0])  # a collective: gathers the FSDP shards
-        assert all(torch.equal(state[k], v) for k, v in lora_state_dict(reference).items())
-        results[name] = len(expected)
-    return results
+        mine = {"input_ids": ids[rows], "labels": labels[rows], "seq_idx": seq_idx[rows]}
+        n_micro = 2 if layout.get("pp", 1) > 1 else 1
+        step = mine["input_ids"].shape[0] // n_micro
+        micro = [{k: v[i * step:(i + 1) * step] for k, v in mine.items()} for i in range(n_micro)]
+        result = runner.forward_backward(micro)
+        assert abs(result["loss"] - ref_loss.item()) < 1e-5 * abs(ref_loss.item()), (name, result["loss"], ref_loss)
+
+        got = {}
+        for part in parts:
+            got.update(_grads(part))
+        assert got and set(got) <= set(expected_grads), name
+        for key, grad in got.items():
+            torch.testing.assert_close(grad, expected_grads[key], rtol=1e-5, atol=1e-7, msg=f"{name}: grad of {key}")
+        for part in parts:
+            assert all(p.grad is None for n, p in part.named_parameters() if ".lora_" not in n), name
+
+        optimizer.step()
+        with_state = {id(p) for opt in optimizer.optimizers for p in opt.state}
+        adapters = {id(p) for part in parts for p in lora_parameters(part).values()}
+        assert with_state == adapters, f"{name}: optimizer state on {len(with_state)} tensors, {len(adapters)} adapters"
+        after = {}
+        for part in parts:
+            after.update(lora_state_dict(part))  # a collective under FSDP / EP: full tensors
+        assert after and set(after) <= set(expected_after), name
+        for key, value in after.items():
+            torch.testing.assert_close(value, expected_after[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+
+        tp_sliced = sum(1 for part in parts for m in part.modules() if isinstance(m, LoRALinearMixin)
+                        and (m.__dict__.get("lora_tp_rows") is not None or m.__dict__.get("lora_tp_cols") is not None))
+        if name == "tp":  # recorded by the forward pre-hooks; the eager call finds the same layers
+            assert tp_sliced == 8 and attach_tp_slices(parts) == 8
+        else:
+            assert tp_sliced == 0 and attach_tp_slices(parts) == 0
+        summary[name] = sorted(got)
+    return summary
 
 
-def test_adapters_under_tensor_parallel_and_fsdp():
-    assert run_distributed(_runner_worker, 2) == [{"tp": 16, "fsdp": 16}] * 2
+def test_adapters_under_tensor_expert_pipeline_parallel_and_fsdp():
+    results = run_distributed(_layouts_worker, 2)
+    for name, (layout, lora_kw, model_kw) in DIST_LAYOUTS.items():
+        model = build(**model_kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PEFTCompatibilityWarning)
+            apply_lora(model, LoRAConfig(rank=4, alpha=8, **lora_kw))
+        every = sorted(lora_parameters(model))
+        if name == "pp":  # each stage's adapters on its own rank, together all of them
+            assert sorted(results[0][name] + results[1][name]) == every and not set(results[0][name]) & set(
+                results[1][name])
+        else:
+            assert results[0][name] == results[1][name] == every, name
+    assert any("experts.lora_A_up_proj" in n for n in results[0]["ep"])

@@ -1,6 +1,7 @@
 """Adapters saved in PEFT layout load with PEFT onto transformers' NemotronHForCausalLM (the independent reference):
-its logits equal ours with the adapter, and equal our merged model and its Hugging Face export. The reverse too: an
-adapter PEFT itself wrote loads onto our model."""
+its logits equal ours with the adapter, and equal our merged model and its Hugging Face export. The default targets
+load with stock PEFT; an adapter on the Mamba out_proj (opt-in) is refused by stock PEFT, and with that check
+switched off it matches too. The reverse as well: an adapter PEFT itself wrote loads onto our model."""
 
 from unittest import mock
 
@@ -10,13 +11,12 @@ import torch
 from model import HybridModel
 from model.hf import save_pretrained
 from tests.model.test_hf import hf_model, randomize, tiny_config
-from train.lora import (DEFAULT_TARGETS, LoRAConfig, apply_lora, load_adapter, lora_parameters, merge_lora,
-                        save_adapter)
+from train.lora import (DEFAULT_TARGETS, LoRAConfig, PEFTCompatibilityWarning, apply_lora, load_adapter,
+                        lora_parameters, merge_lora, save_adapter)
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-PEFT_LOADABLE = [t for t in DEFAULT_TARGETS if t != "out_proj"]  # stock PEFT refuses Mamba out_proj (see below)
 
 
 def relative_error(got, expected) -> float:
@@ -46,21 +46,28 @@ def peft_model(base_dir, adapter_dir):
 
 
 def no_mamba_check():
-    # PEFT refuses LoRA on Mamba `out_proj` for nemotron_h because transformers' fused CUDA training kernel reads
-    # out_proj.weight directly (bypassing the adapter); its CPU path and inference call the module, so the
-    # adapter itself is well-defined and the refusal is policy, not layout.
+    # PEFT refuses LoRA on any module named out_proj (or conv1d) of a nemotron_h model because transformers' fused
+    # CUDA training kernel reads out_proj.weight directly (bypassing the adapter); its CPU path and inference call
+    # the module, so the adapter itself is well-defined and the refusal is policy, not layout.
     return mock.patch("peft.tuners.tuners_utils._check_lora_target_modules_mamba", lambda *a, **k: None)
 
 
-@pytest.mark.parametrize("case", ["default_targets", "routed_experts_rslora"])
+@pytest.mark.parametrize("case", ["default_targets", "routed_experts_rslora", "mamba_out_proj"])
 def test_adapter_loads_in_peft_and_logits_match(tmp_path, case):
     model = build(mtp_depths=2)  # MTP present in ours, absent in transformers: adapters stay off it
     if case == "default_targets":
         cfg = LoRAConfig(rank=4, alpha=8, dropout=0.1)
+    elif case == "routed_experts_rslora":
+        cfg = LoRAConfig(rank=3, alpha=5, use_rslora=True, routed_experts=True)
     else:
-        cfg = LoRAConfig(rank=3, alpha=5, use_rslora=True, targets=PEFT_LOADABLE, routed_experts=True)
+        cfg = LoRAConfig(rank=4, alpha=8, targets=DEFAULT_TARGETS + ["out_proj"])
     save_pretrained(model, tmp_path / "base")
-    adapted = apply_lora(model, cfg)
+    if case == "mamba_out_proj":
+        with pytest.warns(PEFTCompatibilityWarning, match="out_proj"):
+            adapted = apply_lora(model, cfg)
+        assert "backbone.layers.0.mixer.out_proj" in adapted
+    else:
+        adapted = apply_lora(model, cfg)
     assert not any(n.startswith("mtp.") for n in adapted)
     randomize_adapters(model)
     model.eval()
@@ -69,12 +76,12 @@ def test_adapter_loads_in_peft_and_logits_match(tmp_path, case):
     ids = torch.randint(0, model.cfg.vocab_size, (2, 21))
     with torch.no_grad():
         ours = model(ids).logits
-        if case == "default_targets":
+        if case == "mamba_out_proj":
             with pytest.raises(ValueError, match="out_proj"):  # what stock PEFT 0.21 says about Mamba out_proj
                 peft_model(tmp_path / "base", tmp_path / "adapter")
             with no_mamba_check():
                 theirs_model = peft_model(tmp_path / "base", tmp_path / "adapter")
-        else:
+        else:  # stock PEFT, nothing patched
             theirs_model = peft_model(tmp_path / "base", tmp_path / "adapter")
         theirs = theirs_model(ids, use_cache=False).logits
         plain = hf_model(tmp_path / "base")(ids, use_cache=False).logits

@@ -106,12 +106,15 @@ def test_main_job_two_processes_then_resume_on_one(tmp_path, env):
     for (name, a), b in zip(from_dcp.state_dict().items(), exported.state_dict().values()):
         assert torch.equal(a, b), name
     assert os.path.isfile(os.path.join(main_run, "hf", "tokenizer.json"))
+    # the documented CLI, in its own process: `python -m model.hf export RUN_DIR OUT` (newest checkpoint)
+    run([sys.executable, "-m", "model.hf", "export", main_run, str(tmp_path / "cli_export")], env)
     from train.export import main as export_main
 
-    assert export_main([main_run, str(tmp_path / "cli_export")]) == 0  # `python -m train.export RUN_DIR OUT`
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        with open(os.path.join(main_run, "hf", name), "rb") as a, open(tmp_path / "cli_export" / name, "rb") as b:
-            assert a.read() == b.read(), name
+    assert export_main([final, str(tmp_path / "train_export")]) == 0  # `python -m train.export CKPT OUT`
+    for folder in ("cli_export", "train_export"):
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            with open(os.path.join(main_run, "hf", name), "rb") as a, open(tmp_path / folder / name, "rb") as b:
+                assert a.read() == b.read(), (folder, name)
 
     # the FSDP=2 checkpoint of step 8, continued by one process: the same losses up to reduction order
     one = str(tmp_path / "one")

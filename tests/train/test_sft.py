@@ -148,5 +148,31 @@ def test_validation_loss_is_the_token_weighted_mean():
                                                       b["labels"].flatten(), reduction="sum") for b in batches)
         expected = total / sum(int((b["labels"] != -100).sum()) for b in batches)
     runner = build_runner(model, model.cfg, ParallelConfig())
+    # forward only: no backward, and the gradients accumulated so far (mid-step) stay as they are
+    runner.forward_backward = lambda *a, **k: pytest.fail("validation ran a backward")
+    grads = {}
+    for name, p in model.named_parameters():
+        p.grad = torch.full_like(p, 0.5)
+        grads[name] = p.grad.clone()
+    model.train()
     assert validation_loss(runner, batches, torch.device("cpu")) == pytest.approx(float(expected), rel=1e-5)
-    assert all(p.grad is None for p in model.parameters())
+    assert model.training  # back in the mode it was in
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+
+
+def test_only_adapters_train_after_parallelisation_and_every_stage_has_some():
+    from train.lora import LoRAConfig, apply_lora
+    from train.sft import check_only_adapters_train
+
+    torch.manual_seed(0)
+    model = HybridModel(small_config(64))
+    apply_lora(model, LoRAConfig(rank=2, alpha=2, targets=["q_proj"]))
+    check_only_adapters_train([model])
+    model.backbone.layers[2].mixer.experts.up_proj.requires_grad_(True)  # as a layer that rebuilt it would
+    with pytest.raises(RuntimeError, match="experts.up_proj"):
+        check_only_adapters_train([model])
+    model.backbone.layers[2].mixer.experts.up_proj.requires_grad_(False)
+    stage = HybridModel(small_config(64))  # a pipeline stage without any adapter
+    stage.requires_grad_(False)
+    with pytest.raises(SFTConfigError, match="stage 1 .* holds no adapted module"):
+        check_only_adapters_train([stage], [1])

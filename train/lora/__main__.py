@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from model.hf import DTYPES
 
 
 def main(argv=None) -> int:

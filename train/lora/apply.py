@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from torch import nn
 
-from .config import LoRAConfig, LoRAConfigError
+from .config import PEFT_REFUSED, LoRAConfig, LoRAConfigError, PEFTCompatibilityWarning
 from .layers import (add_lora_experts, add_lora_linear, is_lora_module, lora_param_names, merge_and_remove,
                      remove)
 
@@ -48,23 +49,49 @@ def find_targets(model: nn.Module, cfg: LoRAConfig) -> tuple:
     return linears, experts
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list:
+def peft_refused(name: str) -> bool:
+    """Whether stock PEFT refuses a LoRA adapter on this module of NemotronH (see config.PEFT_REFUSED)."""
+    return name.rpartition(".")[2] in PEFT_REFUSED
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig, warn_peft: bool = True) -> list:
     """Add adapters (in place), freeze everything else, optionally cast the frozen base; returns adapted names.
 
-    Apply it after precision emulation (which replaces Linear modules) and before the model is parallelised.
+    Apply it after precision emulation (which replaces Linear modules) and before the model is parallelised
+    (tensor-parallel slicing then happens by itself; see layers.py). `warn_peft`: warn when a target is a module
+    stock PEFT refuses (Mamba out_proj), whose adapter our model trains and merges but PEFT will not load.
     """
     if any(is_lora_module(m) for m in model.modules()):
         raise RuntimeError("this model already carries LoRA adapters; merge or remove them first")
     linears, experts = find_targets(model, cfg)
+    refused = [n for n in linears if peft_refused(n)]
+    if refused and warn_peft:
+        warnings.warn(
+            f"LoRA on {len(refused)} Mamba out_proj layer(s) (e.g. {refused[0]}): training, our checkpoints and the "
+            "merged Hugging Face export handle it, but stock PEFT (0.21) refuses LoRA on a module named out_proj "
+            "or conv1d in a nemotron_h model (transformers' fused Mamba training kernel reads out_proj.weight "
+            "directly, bypassing an adapter), so PeftModel.from_pretrained will not load this adapter directory. "
+            "Drop out_proj from lora.targets for a PEFT-loadable adapter", PEFTCompatibilityWarning, stacklevel=2)
     generator = None
     if cfg.init_seed is not None:
         generator = torch.Generator().manual_seed(cfg.init_seed)
     for name in linears:
-        add_lora_linear(model.get_submodule(name), name, cfg.rank, cfg.scaling, cfg.dropout, generator=generator)
+        add_lora_linear(model.get_submodule(name), name, cfg.rank, cfg.scaling, cfg.dropout, generator=generator,
+                        hook_on=_hook_owner(model, name))
     for name in experts:
         add_lora_experts(model.get_submodule(name), name, cfg.rank, cfg.scaling, generator=generator)
     freeze_base(model, getattr(torch, cfg.base_dtype) if cfg.base_dtype else None)
     return linears + experts
+
+
+def _hook_owner(model: nn.Module, name: str) -> nn.Module:
+    """The module whose forward pre-hook records the TP slices of the adapted Linear `name` (layers.py): the
+    closest enclosing block mixer (always called as a module), else the Linear's parent."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        if parts[end - 1] == "mixer":
+            return model.get_submodule(".".join(parts[:end]))
+    return model.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else model
 
 
 def lora_modules(model: nn.Module) -> dict:
@@ -97,14 +124,14 @@ def freeze_base(model: nn.Module, dtype=None) -> None:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (in place); the model is a plain model again, all trainable."""
-    for module in lora_modules(model).values():
-        merge_and_remove(module)
+    for name, module in lora_modules(model).items():
+        merge_and_remove(module, _hook_owner(model, name))
     for param in model.parameters():
         param.requires_grad_(True)
     return model
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    for module in lora_modules(model).values():
-        remove(module)
+    for name, module in lora_modules(model).items():
+        remove(module, _hook_owner(model, name))
     return model

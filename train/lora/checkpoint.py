@@ -124,7 +124,7 @@ def load_model(source: str, adapter: Optional[str] = None) -> Tuple[nn.Module, O
             raise ValueError(f"{path} already holds trained adapters ({LORA_CONFIG_FILE}); pass its starting "
                              "checkpoint as the source to apply another adapter")
         lora_cfg.base_dtype = None  # evaluation and merging run in fp32 whatever the training held the base in
-        apply_lora(model, lora_cfg)
+        apply_lora(model, lora_cfg, warn_peft=False)
         box = {"model": {k: v for k, v in model.state_dict().items() if ".lora_" in k}}
         dcp.load(box, checkpoint_id=path, no_dist=True)
         model.load_state_dict(box["model"], strict=False)

@@ -5,14 +5,25 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
 
-# SPEC section 4 module names: attention q/k/v/o, Mamba in/out projections, the MoE shared expert.
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj",
+# SPEC section 4 module names: attention q/k/v/o, the Mamba input projection, the MoE shared expert. Not the Mamba
+# out_proj: stock PEFT refuses it (below), and the default adapter must load with PEFT onto transformers'
+# NemotronHForCausalLM (and so in vLLM). Add "out_proj" to lora.targets to adapt it anyway (a warning says so).
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj",
                    "shared_experts.up_proj", "shared_experts.down_proj"]
+# Module leaf names PEFT (0.21, peft.tuners.tuners_utils._check_lora_target_modules_mamba) refuses for LoRA in a
+# Mamba-family model (model_type nemotron_h among them), whatever the pattern or target_parameters route: in
+# transformers' training forward the fused kernel mamba2_split_conv1d_scan_combined receives out_proj.weight and
+# conv1d.weight as tensors, so an adapter wrapped around those modules would be silently skipped.
+PEFT_REFUSED = ("out_proj", "conv1d")
 BASE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class LoRAConfigError(ValueError):
     """A LoRA setting that cannot work; the message names the field and the fix."""
+
+
+class PEFTCompatibilityWarning(UserWarning):
+    """The adapter trains and merges here, but stock PEFT will not load it (see PEFT_REFUSED)."""
 
 
 @dataclass

@@ -222,6 +222,6 @@ def load_adapter(model: nn.Module, path, base_dtype: Optional[str] = None) -> Lo
     peft, tensors = read_adapter(path)
     cfg = config_from_peft(peft)
     cfg.base_dtype = base_dtype
-    apply_lora(model, cfg)
+    apply_lora(model, cfg, warn_peft=False)  # the adapter exists already: warnings were for its training
     load_adapter_weights(model, tensors)
     return cfg

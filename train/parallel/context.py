@@ -42,6 +42,24 @@ class MicroBatch:
     seq_full: torch.Tensor  # document ids of the whole sequence (context-parallel masks and states)
     mtp_ids_local: list = field(default_factory=list)  # shifted inputs per MTP depth (local slice)
     mtp_labels_local: list = field(default_factory=list)
+    extras: dict = field(default_factory=dict)  # the caller's other keys: (b, s, ...) tensors sliced, rest as-is
+
+
+@dataclass
+class TrunkOutput:
+    """What a loss hook gets from the last stage, for this rank's token slice (CP chunk, then TP piece).
+
+    `mtp_embeddings[k-1]` is the embedding of input_ids shifted left by k (computed on the first stage, where the
+    embedding lives) and `mtp_labels[k-1]` the labels shifted left by k (shifted on the full sequence, then
+    sliced): with `part.mtp` they rebuild the MTP recursion of HybridModel (detach the inputs to train the MTP
+    block alone). Every rank must call `part.mtp` equally often (its layers hold collectives)."""
+
+    hidden: torch.Tensor  # (b, s_local, H), after norm_f
+    lm_head_weight: torch.Tensor  # (V, H), the full weight (tensor parallelism never splits lm_head)
+    part: object  # this stage's model part (part.mtp, part.lm_head)
+    mtp_embeddings: list
+    mtp_labels: list
+    seq_idx: torch.Tensor  # (b, s_local) document ids
 
 
 @dataclass
@@ -67,6 +85,7 @@ class ParallelContext:
         self.recording = False  # router hooks record only during a real forward (not an AC recompute)
         self.routes: list = []  # (moe index, scores, topk_idx) of the stage forward in progress
         self.num_moe = 0
+        self.loss_fn = None  # the caller's loss hook for the step in progress (None: LM/MTP head losses)
         self.reset_step()
 
     # ----- per step ------------------------------------------------------------------------------------------
@@ -76,9 +95,15 @@ class ParallelContext:
         self.stat_mtp = torch.zeros(depths, dtype=torch.float64, device=self.device)
         self.stat_aux = torch.zeros((), dtype=torch.float64, device=self.device)  # unweighted, / N_seq
         self.load = torch.zeros(max(self.num_moe, 1), self.cfg.num_experts, dtype=torch.float64, device=self.device)
+        self.stat_custom = torch.zeros((), dtype=torch.float64, device=self.device)  # sum of the hook's losses
+        self.custom_stats: dict = {}  # the hook's statistics: summed (keys ending in _max: maximum)
 
-    def prepare(self, micro_batches: list) -> None:
-        """Slice every micro-batch for this rank and count the global batch's targets (summed over DP ranks)."""
+    def prepare(self, micro_batches: list, labels_required: bool = True) -> None:
+        """Slice every micro-batch for this rank and count the global batch's targets (summed over DP ranks).
+
+        Keys other than input_ids / labels / seq_idx go to `extras`: tensors shaped (b, s, ...) like input_ids are
+        sliced like it, anything else passes unchanged. Without `labels_required` (a loss hook) labels may be
+        absent (nothing is a target)."""
         if not micro_batches:
             raise ValueError("forward_backward got no micro-batches")
         self.reset_step()
@@ -89,14 +114,15 @@ class ParallelContext:
         counts[2 + depths:] = torch.tensor([n, n * n, 1], dtype=torch.float64)
         prepared = []
         for mb in micro_batches:
-            ids, labels, seq_idx = _unpack(mb, self.device)
+            ids, labels, seq_idx = _unpack(mb, self.device, labels_required)
             b, s = ids.shape
             local = self.local_slice(s)
             cp_slice = self.cp_slice(s)
             counts[0] += (labels != IGNORE_INDEX).sum()
             counts[1] += b
             item = MicroBatch(batch=b, seq_len=s, ids_local=ids[:, local], labels_local=labels[:, local],
-                              seq_local=seq_idx[:, local], seq_cp=seq_idx[:, cp_slice], seq_full=seq_idx)
+                              seq_local=seq_idx[:, local], seq_cp=seq_idx[:, cp_slice], seq_full=seq_idx,
+                              extras=_local_extras(mb, b, s, local, self.device))
             for k in range(1, depths + 1):
                 shifted_labels = shift_left(labels, k, IGNORE_INDEX)
                 counts[1 + k] += (shifted_labels != IGNORE_INDEX).sum()
@@ -184,6 +210,38 @@ class ParallelContext:
             loss = loss + self.cfg.mtp_loss_weight / depths * mtp_total
         return loss
 
+    def custom_loss(self, part, hidden, mtp_embeddings) -> torch.Tensor:
+        """The caller's loss hook on the last stage (instead of head_losses); records its loss and statistics."""
+        mb = self.current
+        output = TrunkOutput(hidden=hidden, lm_head_weight=part.lm_head.weight, part=part,
+                             mtp_embeddings=list(mtp_embeddings), mtp_labels=list(mb.mtp_labels_local),
+                             seq_idx=mb.seq_local)
+        local = {"input_ids": mb.ids_local, "labels": mb.labels_local, "seq_idx": mb.seq_local, **mb.extras}
+        returned = self.loss_fn(output, local)
+        if not (isinstance(returned, tuple) and len(returned) == 2 and isinstance(returned[1], dict)):
+            raise TypeError("loss_fn must return (loss, stats): a 0-dim tensor and a dict of 0-dim tensors, got "
+                            f"{type(returned).__name__}")
+        loss, stats = returned
+        if not torch.is_tensor(loss) or loss.numel() != 1:
+            raise TypeError(f"loss_fn's loss must be a one-element tensor, got {loss!r:.80}")
+        loss = loss.reshape(()).to(torch.promote_types(hidden.dtype, torch.float32))
+        if torch.is_grad_enabled() and not loss.requires_grad:
+            # a loss without a graph (e.g. nothing to learn in this micro-batch) still runs the backward, whose
+            # collectives (FSDP, tensor parallel) every rank must reach
+            loss = loss + 0.0 * hidden.sum()
+        self.stat_custom += loss.detach().double()
+        for key, value in stats.items():
+            value = torch.as_tensor(value).detach().to(device=self.device, dtype=torch.float64)
+            if value.numel() != 1:
+                raise ValueError(f"loss_fn stat {key!r} must be a single number, got shape {tuple(value.shape)}")
+            value = value.reshape(())
+            old = self.custom_stats.get(key)
+            if old is None:
+                self.custom_stats[key] = value.clone()
+            else:
+                self.custom_stats[key] = torch.maximum(old, value) if key.endswith("_max") else old + value
+        return loss
+
     def aux_weight(self) -> float:
         return self.cfg.moe_aux_loss_coeff
 
@@ -208,12 +266,16 @@ def sequence_aux_partial(scores, topk_idx, batch: int, seq_len: int, seq_group) 
     return (f * p).sum()
 
 
-def _unpack(mb: dict, device):
-    try:
-        ids = mb["input_ids"]
-        labels = mb["labels"]
-    except KeyError as missing:
-        raise KeyError(f"a micro-batch needs 'input_ids' and 'labels' (data/ batches), missing {missing}") from None
+def _unpack(mb: dict, device, labels_required: bool = True):
+    if not isinstance(mb, dict):
+        raise TypeError(f"a micro-batch must be a dict of tensors (data/ batches), got {type(mb).__name__}")
+    if "input_ids" not in mb or (labels_required and "labels" not in mb):
+        missing = [k for k in ("input_ids", "labels") if k not in mb]
+        raise KeyError(f"a micro-batch needs 'input_ids' and 'labels' (data/ batches), missing {missing}")
+    ids = mb["input_ids"]
+    labels = mb.get("labels")
+    if labels is None:  # a loss hook without targets: the global target count is 0
+        labels = torch.full_like(ids, IGNORE_INDEX)
     seq_idx = mb.get("seq_idx")
     if seq_idx is None:
         seq_idx = torch.zeros_like(ids, dtype=torch.int32)
@@ -221,3 +283,19 @@ def _unpack(mb: dict, device):
         raise ValueError(f"micro-batch tensors must share one (batch, seq) shape: input_ids {tuple(ids.shape)}, "
                          f"labels {tuple(labels.shape)}, seq_idx {tuple(seq_idx.shape)}")
     return ids.to(device), labels.to(device), seq_idx.to(device)
+
+
+_OWN_KEYS = ("input_ids", "labels", "seq_idx")
+
+
+def _local_extras(mb: dict, batch: int, seq_len: int, local: slice, device) -> dict:
+    """The caller's other micro-batch entries as this rank sees them: (b, s, ...) tensors sliced along the sequence
+    exactly like input_ids (on this device), everything else unchanged."""
+    out = {}
+    for key, value in mb.items():
+        if key in _OWN_KEYS:
+            continue
+        if torch.is_tensor(value) and value.dim() >= 2 and tuple(value.shape[:2]) == (batch, seq_len):
+            value = value.to(device)[:, local]
+        out[key] = value
+    return out

@@ -7,7 +7,10 @@ alignment), run through kernels.moe.grouped_mlp with the routing weight fused as
 back in arrival order, and returned by the reverse all-to-all; moe_unpermute sums each token's choices.
 
 The weights are DTensors `Shard(0)` on the EP mesh under the unsharded names (`...experts.up_proj` (E, I, D)), so
-checkpoints reshard between EP sizes.
+checkpoints reshard between EP sizes. Each parameter keeps its `requires_grad` (a LoRA-frozen base stays frozen).
+LoRA adapters on the routed experts (train.lora, `lora_A_up_proj` (E, r, D) ...) are sharded the same way and the
+layer stays a LoRA layer: its forward adds each local expert's B_e @ A_e to the local weights and calls
+`run_experts`.
 """
 
 from __future__ import annotations
@@ -27,17 +30,29 @@ class ExpertParallelExperts(nn.Module):
 
     def __init__(self, experts: nn.Module, ep_mesh, src_data_rank=0):
         super().__init__()
+        from train.lora.layers import LoRAExpertsMixin, lora_class, lora_param_names
+
         self.num_experts = experts.up_proj.shape[0]
         self.ep_group = ep_mesh.get_group()
         self.ep = ep_mesh.size()
-        self.up_proj, self.down_proj = experts.up_proj, experts.down_proj
-        shard_parameter(self, "up_proj", ep_mesh, 0, src_data_rank)
-        shard_parameter(self, "down_proj", ep_mesh, 0, src_data_rank)
+        adapters = lora_param_names(experts)  # [] unless train.lora adapted the experts
+        for name in ("up_proj", "down_proj", *adapters):
+            param = getattr(experts, name)
+            setattr(self, name, param)
+            shard_parameter(self, name, ep_mesh, 0, src_data_rank)
+            getattr(self, name).requires_grad_(param.requires_grad)
         self.linear_fn = experts.linear_fn
         self.alignment = experts.alignment
+        if adapters:
+            for attr in ("lora_rank", "lora_scaling", "lora_dropout", "lora_name"):
+                setattr(self, attr, getattr(experts, attr))
+            self.__class__ = lora_class(LoRAExpertsMixin, type(self))  # forward: adapted weights -> run_experts
 
     def forward(self, x, topk_idx, topk_weight):
-        w_up, w_down = local(self.up_proj), local(self.down_proj)
+        return self.run_experts(x, topk_idx, topk_weight, local(self.up_proj), local(self.down_proj))
+
+    def run_experts(self, x, topk_idx, topk_weight, w_up, w_down):
+        """The layer on this rank's experts' weights `w_up` (E / ep, I, D) and `w_down` (E / ep, D, I)."""
         ep, local_experts = self.ep, w_up.shape[0]
         x_sorted, perm = moe_permute(x, topk_idx, self.num_experts, alignment=1)
         weights_sorted = row_weights(perm, topk_weight)

@@ -4,6 +4,8 @@
     result = runner.forward_backward(micro_batches)   # gradients accumulated, losses normalised globally
     norm = runner.clip_grad_norm_(1.0)
     optimizer.step(); runner.update_expert_bias(result["expert_load"])
+    result = runner.forward_backward(micro_batches, loss_fn=my_loss)   # a caller's loss (GRPO) on the last stage
+    result = runner.evaluate(micro_batches)           # forward only (validation), same result keys
 
 A world of one process runs the same code with no mesh and no process group (plain forward/backward over the
 micro-batches). See docs/INTERFACES.md ("train/parallel/ <-> the trainer").
@@ -36,9 +38,11 @@ class Runner:
         self.model_cfg = model_cfg
         self.layout = groups.layout
         self.device = device
+        self._fsdp_modules = list(fsdp_modules)
         self._fsdp = bool(fsdp_modules)
         self._schedules: dict = {}
         self._checked_seq_lens: set = set()
+        self._hooked = False  # the last step ran a caller's loss_fn
 
     # ----- the contract -------------------------------------------------------------------------------------------
     @property
@@ -62,35 +66,68 @@ class Runner:
     def mesh(self):
         return self.groups.mesh
 
-    def forward_backward(self, micro_batches: list) -> dict:
+    def forward_backward(self, micro_batches: list, loss_fn=None) -> dict:
         """Forward and backward of every micro-batch; returns the global batch's losses (same on every rank).
 
         `micro_batches`: this data-parallel rank's share of the global batch (full sequences); every rank of a
-        data-parallel group passes the same number of micro-batches, ranks sharing a dp_rank the same ones."""
+        data-parallel group passes the same number of micro-batches, ranks sharing a dp_rank the same ones.
+
+        `loss_fn(output, micro_batch_local) -> (loss, stats)`, when given, replaces the LM/MTP head losses on the
+        last pipeline stage: `output` is a context.TrunkOutput (final hidden state of this rank's tokens, lm_head
+        weight, model part, MTP embeddings and shifted labels, seq_idx) and `micro_batch_local` the micro-batch
+        with every (b, s, ...) tensor sliced to this rank's tokens like input_ids. The loss must be this
+        micro-batch's share of the global batch loss (gradients are summed over micro-batches and ranks, never
+        averaged); stats are 0-dim tensors, summed over micro-batches and ranks (keys ending in `_max`: maximum).
+        The MoE balance loss is still added by the runner."""
+        self._run(micro_batches, loss_fn, backward=True)
+        all_reduce_replicated_grads(self.model_parts, self.groups.tp_group)
+        return self._result()
+
+    def evaluate(self, micro_batches: list, loss_fn=None) -> dict:
+        """Forward only (no gradient, .grad untouched): the same result as forward_backward on these batches."""
+        try:
+            with torch.no_grad():
+                self._run(micro_batches, loss_fn, backward=False)
+        finally:
+            for module in self._fsdp_modules:  # the root keeps its parameters gathered after a forward
+                module.reshard()
+        return self._result()
+
+    def _run(self, micro_batches: list, loss_fn, backward: bool) -> None:
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (output, micro_batch) -> (loss, stats), got {loss_fn!r}")
         ctx = self.ctx
-        ctx.prepare(micro_batches)
+        ctx.prepare(micro_batches, labels_required=loss_fn is None)
         seq_len = ctx.micro_batches[0].seq_len
         if seq_len not in self._checked_seq_lens:
             check_sequence(self.model_cfg, self.parallel_cfg, seq_len)
             self._checked_seq_lens.add(seq_len)
         n = len(micro_batches)
-        if self.layout.pp == 1:
-            stage = self.stages[0]
-            for i in range(n):
-                if self._fsdp:
-                    stage.set_requires_gradient_sync(i == n - 1)
-                loss = stage(torch.tensor([i], device=self.device))
-                loss.sum().backward()
-        else:
-            check_microbatches(n, self.parallel_cfg)
-            first = ctx.micro_batches[0]
-            if any(mb.ids_local.shape != first.ids_local.shape for mb in ctx.micro_batches):
-                raise LayoutError("forward_backward: pipeline parallelism needs every micro-batch of a step to have "
-                                  "the same (batch, sequence) shape; pad or drop the uneven one")
-            ids = torch.arange(n, device=self.device)
-            self._schedule(n, first.ids_local.shape).step(ids, target=ids, return_outputs=False)
-        all_reduce_replicated_grads(self.model_parts, self.groups.tp_group)
-        return self._result()
+        ctx.loss_fn = loss_fn
+        self._hooked = loss_fn is not None
+        try:
+            if self.layout.pp == 1:
+                stage = self.stages[0]
+                for i in range(n):
+                    if self._fsdp and backward:
+                        stage.set_requires_gradient_sync(i == n - 1)
+                    loss = stage(torch.tensor([i], device=self.device))
+                    if backward:
+                        loss.sum().backward()
+            else:
+                check_microbatches(n, self.parallel_cfg)
+                first = ctx.micro_batches[0]
+                if any(mb.ids_local.shape != first.ids_local.shape for mb in ctx.micro_batches):
+                    raise LayoutError("forward_backward: pipeline parallelism needs every micro-batch of a step to "
+                                      "have the same (batch, sequence) shape; pad or drop the uneven one")
+                ids = torch.arange(n, device=self.device)
+                schedule = self._schedule(n, first.ids_local.shape)
+                if backward:
+                    schedule.step(ids, target=ids, return_outputs=False)
+                else:
+                    schedule.eval(ids, target=ids)
+        finally:
+            ctx.loss_fn = None
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Global gradient norm over every shard and stage; scales the gradients when it exceeds `max_norm`."""
@@ -111,23 +148,56 @@ class Runner:
     def _result(self) -> dict:
         ctx = self.ctx
         depths = self.model_cfg.mtp_depths
-        stats = torch.cat([ctx.stat_lm.view(1), ctx.stat_mtp, ctx.stat_aux.view(1), ctx.load.flatten()])
+        hooked = self._hooked
+        keys = self._stat_keys() if hooked else []
+        sum_keys = [k for k in keys if not k.endswith("_max")]
+        max_keys = [k for k in keys if k.endswith("_max")]
+        zero = ctx.stat_custom.new_zeros(())
+        custom_sums = torch.stack([ctx.custom_stats.get(k, zero) for k in sum_keys] or [zero])
+        # a pipeline stage without the hook holds no value: -inf never wins the maximum
+        custom_max = torch.stack([ctx.custom_stats.get(k, zero - float("inf")) for k in max_keys] or [zero])
+        stats = torch.cat([ctx.stat_lm.view(1), ctx.stat_mtp, ctx.stat_aux.view(1), ctx.stat_custom.view(1),
+                           custom_sums, ctx.load.flatten()])
         if self.groups.distributed:
+            # the ranks of one pipeline stage hold different tokens and only the last stage adds losses and stats,
+            # so a sum (a maximum) over the world is the global batch's
             dist.all_reduce(stats)
+            if max_keys:
+                dist.all_reduce(custom_max, op=dist.ReduceOp.MAX)
         lm = stats[0]
         mtp = stats[1:1 + depths]
         aux = stats[1 + depths]
-        loss = lm
-        if depths:
-            loss = loss + self.model_cfg.mtp_loss_weight / depths * mtp.sum()
+        custom = stats[2 + depths]
+        custom_sums = stats[3 + depths:3 + depths + custom_sums.numel()]
+        load = stats[3 + depths + custom_sums.numel():].view(-1, self.model_cfg.num_experts)[:ctx.num_moe]
+        if hooked:
+            loss = custom
+        else:
+            loss = lm
+            if depths:
+                loss = loss + self.model_cfg.mtp_loss_weight / depths * mtp.sum()
         if ctx.num_moe:
             loss = loss + self.model_cfg.moe_aux_loss_coeff * aux
-        load = stats[2 + depths:].view(-1, self.model_cfg.num_experts)[:ctx.num_moe]
-        return {
-            "loss": float(loss), "lm_loss": float(lm), "mtp_losses": [float(x) for x in mtp],
+        result = {
+            "loss": float(loss), "lm_loss": None if hooked else float(lm),
+            "mtp_losses": [] if hooked else [float(x) for x in mtp],
             "aux_loss": float(aux) if ctx.num_moe else None, "tokens": float(ctx.counts.targets),
             "expert_load": load.round().to(torch.long) if ctx.num_moe else None,
         }
+        if hooked:
+            result["stats"] = {**dict(zip(sum_keys, custom_sums.tolist())),
+                               **dict(zip(max_keys, custom_max.tolist()))}
+        return result
+
+    def _stat_keys(self) -> list:
+        """The loss hook's statistic names, the same list on every rank (the ranks of non-last pipeline stages
+        never call the hook, so they learn the names from the others)."""
+        keys = sorted(self.ctx.custom_stats)
+        if self.groups.distributed:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, keys)
+            keys = sorted(set().union(*map(set, gathered)))
+        return keys
 
     def _schedule(self, n: int, local_shape):
         key = (n, tuple(local_shape))
@@ -155,7 +225,7 @@ class Runner:
     def _stage_metas(self, stage_id: int, local_shape):
         """Shapes of what each stage receives and sends (given up front: no shape-inference forward, which would
         run the stage's collectives on empty tensors): (mb index, hidden, *MTP embeddings), the loss at the end."""
-        dtype = next(self.model_parts[0].parameters()).dtype
+        dtype = getattr(self, "activation_dtype", None) or next(self.model_parts[0].parameters()).dtype
         index = torch.empty(1, dtype=torch.long, device="meta")
         hidden = torch.empty(*local_shape, self.model_cfg.hidden_size, dtype=dtype, device="meta",
                              requires_grad=True)  # float activations carry gradients back
@@ -176,9 +246,11 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def build_runner(model, model_cfg, parallel_cfg=None) -> Runner:
+def build_runner(model, model_cfg, parallel_cfg=None, precision=None) -> Runner:
     """Validate the layout for the launched world, build the mesh, split and shard `model` (in place), and
     return the runner. `parallel_cfg`: a ParallelConfig, a dict or the recipe's `parallel` node (None: defaults).
+    `precision`: the recipe's PrecisionConfig (or dict / None: defaults); its param_dtype / reduce_dtype pick the
+    mixed precision of the forward/backward (wrapping.py; "auto": bf16 on GPU, fp32 on CPU).
 
     `model` may be built on the meta device: each unit (embedding, block, final norm, lm_head, MTP block) is then
     allocated and initialised (HybridModel's init, seeded by torch.initial_seed() + unit index, so the values do
@@ -224,7 +296,9 @@ def build_runner(model, model_cfg, parallel_cfg=None) -> Runner:
     tp_mesh = groups.sub("tp") if layout.tp > 1 else None
     ep_mesh = groups.sub("ep") if layout.ep > 1 else None
     checkpointed = pc.checkpointed_kinds()
-    sharder = Sharder(groups, pc.fsdp_reshard_after_forward)
+    precision = _precision_config(precision)
+    compute_dtype = precision.compute_dtype(device.type)
+    sharder = Sharder(groups, pc.fsdp_reshard_after_forward, compute_dtype, precision.gradient_reduce_dtype())
     stages = []
     for stage_id, part in zip(stage_ids, parts):
         for index, kind, unit in units(part):
@@ -239,8 +313,19 @@ def build_runner(model, model_cfg, parallel_cfg=None) -> Runner:
         stage = StageModule(part, ctx, first=(stage_id == 0), last=(stage_id == num_stages - 1))
         sharder.shard_root(stage)
         stages.append(stage)
-    return Runner(stages=stages, stage_ids=stage_ids, groups=groups, ctx=ctx, pc=pc, model_cfg=model_cfg,
-                  fsdp_modules=sharder.modules, device=device)
+    runner = Runner(stages=stages, stage_ids=stage_ids, groups=groups, ctx=ctx, pc=pc, model_cfg=model_cfg,
+                    fsdp_modules=sharder.modules, device=device)
+    runner.compute_dtype = compute_dtype
+    runner.activation_dtype = sharder.activation_dtype(next(model.parameters()).dtype)
+    return runner
+
+
+def _precision_config(precision):
+    from train.precision import PrecisionConfig
+
+    if precision is None or isinstance(precision, PrecisionConfig):
+        return precision or PrecisionConfig()
+    return PrecisionConfig.from_dict(precision)
 
 
 def _agreed_seed(device) -> int:

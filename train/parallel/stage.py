@@ -8,9 +8,9 @@ ModuleDict keyed by their index in the full model, so `backbone.layers.7.mixer..
 `StageModule` wraps a part. The first stage's forward takes the micro-batch index (a (1,) long tensor: the stage
 looks the micro-batch up in the shared context); every later stage takes what the previous one returned:
 (index, hidden, *MTP embeddings), the embeddings of the shifted tokens being computed on the first stage, where the
-embedding lives, and carried to the MTP block on the last. The last stage returns its partial loss (context.py)
-as a (1,) tensor. The MoE balance loss of a non-last stage reaches the backward through `AuxLossInjector` on the
-stage output.
+embedding lives, and carried to the MTP block on the last. The last stage returns its partial loss (context.py:
+the LM/MTP head losses, or the caller's loss hook) as a (1,) tensor. The MoE balance loss of a non-last stage
+reaches the backward through `AuxLossInjector` on the stage output.
 """
 
 from __future__ import annotations
@@ -63,12 +63,15 @@ class StageModule(nn.Module):
                     hidden = AuxLossInjector.apply(hidden, ctx.aux_weight() * aux)
                 return (mb_index, hidden, *mtp_embeddings)
             hidden = part.backbone.norm_f(hidden)
-            loss = ctx.head_losses(part, hidden, mtp_embeddings)
+            if ctx.loss_fn is not None:  # the caller's loss hook (runner.forward_backward(..., loss_fn))
+                loss = ctx.custom_loss(part, hidden, mtp_embeddings)
+            else:
+                loss = ctx.head_losses(part, hidden, mtp_embeddings)
             mtp_aux = ctx.routed_aux()  # the MTP block's MoE, once per depth
             for term in (aux, mtp_aux):
                 if term is not None:
                     loss = loss + ctx.aux_weight() * term
-            return loss.reshape(1)
+            return torch.stack([loss])  # a (1,) tensor that is not a view: FSDP2 warns on view outputs
         finally:
             ctx.end()
 

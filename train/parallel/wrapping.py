@@ -7,6 +7,12 @@ then fully_shard it. A model built on the meta device therefore never exists uns
 
 FSDP2 gradients are *summed* over data-parallel ranks (divide factor 1): the losses are already normalised by the
 global batch's token counts (see context.py).
+
+Mixed precision (the precision recipe's param_dtype / reduce_dtype): the parameters stay fp32 (the optimizer's
+master weights). Under FSDP2 a `MixedPrecisionPolicy` casts the gathered weights to the compute dtype and reduces
+gradients in fp32; the MoE routers are sharded as their own units with an fp32 policy, so routing never sees
+rounded weights. Without FSDP (one process, or pure TP/PP) the stage forward runs under `torch.autocast` instead
+(the router turns autocast off itself).
 """
 
 from __future__ import annotations
@@ -80,23 +86,47 @@ def wrap_unit(kind: str, module, checkpointed: set, compile_blocks: bool) -> Non
             target.forward = torch.compile(target.forward)
 
 
-class Sharder:
-    """fully_shard over the data-parallel mesh (2-D for HSDP); routed experts over their own mesh."""
+def _autocast(forward, device_type: str, dtype: torch.dtype):
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return forward(*args, **kwargs)
 
-    def __init__(self, groups, reshard_after_forward: bool = True):
+    return autocast_forward
+
+
+class Sharder:
+    """fully_shard over the data-parallel mesh (2-D for HSDP); routed experts over their own mesh; the compute
+    dtype (module doc)."""
+
+    def __init__(self, groups, reshard_after_forward: bool = True, compute_dtype: torch.dtype = torch.float32,
+                 reduce_dtype: torch.dtype = torch.float32):
         self.mesh = groups.fsdp_mesh()
         self.expert_mesh = groups.expert_fsdp_mesh()
         self.reshard_after_forward = reshard_after_forward
+        self.compute_dtype = compute_dtype
+        self.mixed = (compute_dtype, reduce_dtype) != (torch.float32, torch.float32)
+        self.policies = None
+        if self.mixed and self.active:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            self.policies = {"default": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype),
+                             "fp32": MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)}
         self.modules: list = []
 
     @property
     def active(self) -> bool:
         return self.mesh is not None
 
-    def _shard(self, module, mesh, reshard):
+    def activation_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        """What flows between blocks (and pipeline stages): the compute dtype when FSDP casts the weights;
+        under autocast the residual stream keeps the weights' dtype (the embedding's output)."""
+        return self.compute_dtype if self.policies else param_dtype
+
+    def _shard(self, module, mesh, reshard, policy: str = "default"):
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+        extra = {"mp_policy": self.policies[policy]} if self.policies else {}
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard, **extra)
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
         self.modules.append(module)
@@ -104,11 +134,15 @@ class Sharder:
     def shard_unit(self, kind: str, module) -> None:
         if not self.active:
             return
+        from model.moe import Router
+
         from .expert_parallel import ExpertParallelExperts
 
         for sub in module.modules():
             if isinstance(sub, ExpertParallelExperts):
                 self._shard(sub, self.expert_mesh, self.reshard_after_forward)
+            elif isinstance(sub, Router) and self.policies:
+                self._shard(sub, self.mesh, self.reshard_after_forward, policy="fp32")
         if kind == "block":
             self._shard(module, self.mesh, self.reshard_after_forward)
         elif kind == "mtp":
@@ -119,3 +153,6 @@ class Sharder:
         # the root holds the embedding / final norm / lm_head; the backward needs them again right away
         if self.active:
             self._shard(stage, self.mesh, False)
+        elif self.compute_dtype != torch.float32:
+            device_type = next(stage.parameters()).device.type
+            stage.forward = _autocast(stage.forward, device_type, self.compute_dtype)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+import torch
+
 from kernels.quant import RECIPES
+
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # formats that quantize (everything else runs in the model's own dtype)
 QUANTIZED_FORMATS = ("fp8_current", "fp8_delayed", "fp8_block", "mxfp8", "nvfp4")
@@ -48,6 +52,13 @@ class PrecisionConfig:
     nvfp4_2d_weights: bool = True  # 16x16 weight blocks
     seed: int = 0  # emulation: seed of the stochastic-rounding generator (on TE, TE's own RNG)
 
+    # mixed precision of everything that is not a quantized GEMM: weights are kept in fp32 (the optimizer's
+    # master copy); the forward/backward computes in `param_dtype` (FSDP2 casts the gathered weights, or autocast
+    # without FSDP) and gradients are reduced in `reduce_dtype`. "auto": bfloat16 on GPU, float32 on CPU (where
+    # the equivalence tests need exact fp32). The MoE router (`fp32` patterns) always computes in fp32.
+    param_dtype: str = "auto"  # auto | bfloat16 | float32
+    reduce_dtype: str = "float32"  # float32 | bfloat16
+
     def __post_init__(self):
         for name in ("keep_bf16", "keep_layers", "mxfp8", "fp32", "never"):
             value = getattr(self, name)
@@ -68,12 +79,25 @@ class PrecisionConfig:
         need(self.amax_compute_algo in ("max", "most_recent"),
              f"precision.amax_compute_algo must be 'max' or 'most_recent', got {self.amax_compute_algo!r}")
         need(self.amax_history_len >= 1, f"precision.amax_history_len must be >= 1, got {self.amax_history_len}")
+        need(self.param_dtype in COMPUTE_DTYPES or self.param_dtype == "auto",
+             f"precision.param_dtype must be auto, bfloat16 or float32, got {self.param_dtype!r}")
+        need(self.reduce_dtype in COMPUTE_DTYPES,
+             f"precision.reduce_dtype must be bfloat16 or float32, got {self.reduce_dtype!r}")
         need(self.keep_last_layers >= 0, f"precision.keep_last_layers must be >= 0, got {self.keep_last_layers}")
         need(all(isinstance(i, int) for i in self.keep_layers),
              f"precision.keep_layers must hold layer indices (ints), got {self.keep_layers}")
         for name in ("keep_bf16", "mxfp8", "fp32", "never"):
             need(all(isinstance(p, str) for p in getattr(self, name)),
                  f"precision.{name} must hold module-name patterns (strings), got {getattr(self, name)}")
+
+    def compute_dtype(self, device_type: str) -> torch.dtype:
+        """The dtype the model computes in on this device type (weights stay fp32)."""
+        if self.param_dtype == "auto":
+            return torch.bfloat16 if device_type == "cuda" else torch.float32
+        return COMPUTE_DTYPES[self.param_dtype]
+
+    def gradient_reduce_dtype(self) -> torch.dtype:
+        return COMPUTE_DTYPES[self.reduce_dtype]
 
     def recipe_options(self, fmt: str) -> dict:
         """Keyword options of kernels.quant.make_recipe for one format."""
