@@ -56,7 +56,8 @@ def run(overrides, print_fn=print) -> dict:
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(plain, f, indent=1, default=str)
     loop = GRPOLoop(rl, model, optim, tokenizer_spec=tokenizer, run_dir=run_dir, task_seed=task_seed,
-                    enable_thinking=thinking, parallel_cfg=parallel, print_fn=print_fn,
+                    enable_thinking=thinking, parallel_cfg=parallel, precision_cfg=plain.get("precision"),
+                    print_fn=print_fn,
                     config_for_logs={k: plain.get(k) for k in ("rl", "model", "optim", "data")})
     try:
         return loop.run()

@@ -37,7 +37,7 @@ COLLECT_WAIT_S = 0.2
 class GRPOLoop:
     def __init__(self, cfg: GRPOConfig, model_cfg: dict, optim_cfg, *, tokenizer_spec, run_dir: str,
                  task_seed: int, enable_thinking: bool = True, parallel_cfg: Optional[dict] = None,
-                 print_fn=print, config_for_logs: Optional[dict] = None):
+                 precision_cfg: Optional[dict] = None, print_fn=print, config_for_logs: Optional[dict] = None):
         self.cfg = cfg
         self.model_cfg = dict(model_cfg)
         self.optim_cfg = optim_cfg
@@ -46,6 +46,7 @@ class GRPOLoop:
         self.task_seed = task_seed
         self.enable_thinking = enable_thinking
         self.parallel_cfg = parallel_cfg
+        self.precision_cfg = precision_cfg
         self.print = print_fn
         self.config_for_logs = config_for_logs or {"rl": cfg.to_dict(), "model": self.model_cfg}
         self.G = cfg.rollout.group_size
@@ -120,7 +121,7 @@ class GRPOLoop:
                          for r in range(tc.num_ranks)]
         master = ray.get(self.trainers[0].address.remote())
         self.trainer_info = ray.get([t.setup.remote(master, self.model_cfg, cfg, self.optim_cfg, self.run_dir,
-                                                    self.parallel_cfg) for t in self.trainers])
+                                                    self.parallel_cfg, self.precision_cfg) for t in self.trainers])
 
         stop_ids = [self.tokenizer.im_end_id, self.tokenizer.eod_id]
         rollout_cls = remote(RolloutWorker, num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker,

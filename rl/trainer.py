@@ -86,7 +86,7 @@ class PolicyTrainer:
     recipe's `parallel` group) and the GRPO loss is its loss hook (rl.policy.GRPOLoss)."""
 
     def __init__(self, model_cfg: dict, cfg: GRPOConfig, optim_cfg: OptimConfig, run_dir: str,
-                 parallel_cfg: Optional[dict] = None):
+                 parallel_cfg: Optional[dict] = None, precision_cfg: Optional[dict] = None):
         world.init_distributed()
         self.cfg = cfg
         self.model_cfg = ModelConfig.from_dict(dict(model_cfg))
@@ -99,7 +99,9 @@ class PolicyTrainer:
             # sequences) before the runner slices them, so it works under every layout, at the memory of one
             # extra model per rank
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.runner = build_runner(model, self.model_cfg, parallel_cfg)  # splits / shards `model` in place
+        # precision_cfg: the recipe's `precision` group; its param_dtype (auto: bf16 on GPU) sets the trainer's
+        # compute dtype (the rollout engine's own dtype is set apart, and truncated importance weights correct the gap)
+        self.runner = build_runner(model, self.model_cfg, parallel_cfg, precision_cfg)  # shards `model` in place
         self.device = self.runner.device
         if self.ref_model is not None:
             self.ref_model.to(self.device)

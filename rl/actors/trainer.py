@@ -27,14 +27,14 @@ class TrainerRank:
         return node_ip(), free_port()
 
     def setup(self, master: tuple, model_cfg: dict, cfg: GRPOConfig, optim_cfg, run_dir: str,
-              parallel_cfg: Optional[dict] = None) -> dict:
+              parallel_cfg: Optional[dict] = None, precision_cfg: Optional[dict] = None) -> dict:
         os.environ.update(MASTER_ADDR=str(master[0]), MASTER_PORT=str(master[1]), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         if torch.cuda.is_available():  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: it is device 0
             torch.cuda.set_device(0)
         from rl.trainer import PolicyTrainer
 
-        self.trainer = PolicyTrainer(model_cfg, cfg, optim_cfg, run_dir, parallel_cfg)
+        self.trainer = PolicyTrainer(model_cfg, cfg, optim_cfg, run_dir, parallel_cfg, precision_cfg)
         return {"rank": self.rank, "dp_rank": self.trainer.dp_rank, "dp_size": self.trainer.dp_size}
 
     def train_step(self, groups: List[Group]) -> dict:

@@ -106,3 +106,18 @@ def test_data_parallel_ranks_match_one_process(tmp_path):
     reference = single.full_state_dict()
     for name in reference:
         assert torch.allclose(torch.from_numpy(state0[name]), reference[name], atol=1e-6), name
+
+
+def test_precision_group_reaches_the_trainer(tmp_path):
+    """The recipe's precision.param_dtype sets the trainer's compute dtype (fp32 masters, bf16 GEMMs)."""
+    torch.manual_seed(0)
+    trainer = PolicyTrainer(dict(micro_model_cfg(), moe_aux_loss_coeff=0.0), _cfg(3), _optim(), str(tmp_path),
+                            precision_cfg={"param_dtype": "bfloat16"})
+    assert trainer.runner.compute_dtype == torch.bfloat16
+    seen = set()
+    for module in trainer.model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, args, out: seen.add(out.dtype))
+    metrics = trainer.train_step(random_groups())
+    assert seen == {torch.bfloat16} and torch.isfinite(torch.tensor(metrics["loss"]))
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
