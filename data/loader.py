@@ -101,9 +101,12 @@ class BatchLoader:
 
 
 def collate(rows) -> Dict[str, torch.Tensor]:
-    return {"input_ids": torch.from_numpy(np.stack([r["input_ids"] for r in rows]).astype(np.int64)),
-            "labels": torch.from_numpy(np.stack([r["labels"] for r in rows]).astype(np.int64)),
-            "seq_idx": torch.from_numpy(np.stack([r["seq_idx"] for r in rows]).astype(np.int32))}
+    batch = {"input_ids": torch.from_numpy(np.stack([r["input_ids"] for r in rows]).astype(np.int64)),
+             "labels": torch.from_numpy(np.stack([r["labels"] for r in rows]).astype(np.int64)),
+             "seq_idx": torch.from_numpy(np.stack([r["seq_idx"] for r in rows]).astype(np.int32))}
+    if "attention_mask" in rows[0]:  # packed SFT rows: 0 on the tail padding
+        batch["attention_mask"] = torch.from_numpy(np.stack([r["attention_mask"] for r in rows]).astype(bool))
+    return batch
 
 
 def seq_idx_from_eod(input_ids: np.ndarray, eod_id: int) -> np.ndarray:

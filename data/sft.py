@@ -218,7 +218,9 @@ class SFTSource:
         doc[pos:] = len(row)  # the padding is a document of its own
         labels = np.where(trained[1:], tokens[1:], -100)
         seq_idx = doc[:-1] if self.cfg.reset_at_documents else np.zeros(self.seq_len, dtype=np.int32)
-        return {"input_ids": tokens[:-1], "labels": labels, "seq_idx": seq_idx}
+        # the tail padding is routed by the MoE layers but must not count in their balance loss or expert loads
+        attention_mask = np.arange(self.seq_len) < pos
+        return {"input_ids": tokens[:-1], "labels": labels, "seq_idx": seq_idx, "attention_mask": attention_mask}
 
 
 def build_sft_loader(cfg, tokenizer: Tokenizer, *, seq_len: int, micro_batch_size: int, dp_rank: int = 0,

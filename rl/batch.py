@@ -97,6 +97,8 @@ def collate(rows: List[dict], device=None, length: Optional[int] = None, num_row
         "row_tokens": per_row([max(sum(r["loss_mask"]), 1.0) for r in rows], torch.float32),
         "row_version": per_row([_row_version(r["versions"]) for r in rows], torch.long),
         "valid": valid,
+        # what the runner's MoE balance loss and expert loads count: real tokens of real rows (not placeholders)
+        "attention_mask": valid & per_row([not r.get("placeholder", False) for r in rows], torch.bool),
     }
 
 
@@ -114,7 +116,7 @@ def padded_length(rows: List[dict], multiple: int = 1) -> int:
 
 
 PLACEHOLDER = {"input_ids": [PAD_ID], "targets": [PAD_ID], "loss_mask": [0.0], "behaviour_logprobs": [0.0],
-               "versions": [-1], "advantage": 0.0, "group_id": -1, "sample_index": -1}
+               "versions": [-1], "advantage": 0.0, "group_id": -1, "sample_index": -1, "placeholder": True}
 
 
 def shard_micro_batches(rows: List[dict], dp_rank: int, dp_size: int, micro_batch_size: int,

@@ -85,15 +85,18 @@ def test_packed_rows_against_rendered_conversations(chat_file, bpe_tok, cache_di
     rows = []
     while it.consumed_samples < epoch:
         b = next(it)
-        rows += list(zip(b["input_ids"].tolist(), b["labels"].tolist(), b["seq_idx"].tolist()))
-    for x, y, s in rows[:epoch]:
+        rows += list(zip(b["input_ids"].tolist(), b["labels"].tolist(), b["seq_idx"].tolist(),
+                         b["attention_mask"].tolist()))
+    for x, y, s, real in rows[:epoch]:
         for doc in sorted(set(s)):
             pos = [t for t in range(SEQ) if s[t] == doc]
             assert pos == list(range(pos[0], pos[-1] + 1))  # documents are contiguous, numbered in order
             seg = tuple(x[pos[0]:pos[-1] + 1])
             if set(seg) == {bpe_tok.eod_id}:  # padding
                 assert all(y[t] == -100 for t in pos)
+                assert not any(real[t] for t in pos)  # left out of the MoE balance loss
                 continue
+            assert all(real[t] for t in pos)
             # a conversation, or the head of one (truncated, or its last token beyond the row's inputs)
             match = [c for ids, c in by_ids.items() if ids[:len(seg)] == seg]
             exact = [c for c in match if len(c.ids) == len(seg)]
@@ -109,7 +112,7 @@ def test_packed_rows_against_rendered_conversations(chat_file, bpe_tok, cache_di
                     assert y[t] == -100
     assert sorted(seen) == sorted(by_ids)  # every conversation once per epoch
     if not thinking:
-        assert not any(re.search(r"think \d", bpe_tok.decode(x)) for x, _, _ in rows)  # no reasoning text
+        assert not any(re.search(r"think \d", bpe_tok.decode(x)) for x, _, _, _ in rows)  # no reasoning text
 
 
 def test_truncation_policies_are_counted(chat_file, bpe_tok, cache_dir):

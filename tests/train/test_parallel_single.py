@@ -176,3 +176,43 @@ def test_partly_meta_model_is_refused():
     model.lm_head.to_empty(device="cpu")
     with pytest.raises(ValueError, match="partly on the meta device"):
         build_runner(model, cfg, ParallelConfig())
+
+
+def _padded(batch: dict, extra: int, extra_rows: int = 0) -> dict:
+    """`batch` with `extra` padding positions per row and `extra_rows` all-padding rows (attention_mask 0 there,
+    labels ignored), as a GRPO or SFT batch padded for a layout carries."""
+    b, s = batch["input_ids"].shape
+    out = {}
+    for key, fill in (("input_ids", 0), ("labels", -100), ("seq_idx", 0)):
+        value = batch[key]
+        grown = torch.full((b + extra_rows, s + extra), fill, dtype=value.dtype)
+        grown[:b, :s] = value
+        if key == "seq_idx":
+            grown[:b, s:] = value[:, -1:]
+        out[key] = grown
+    out["attention_mask"] = torch.zeros(b + extra_rows, s + extra, dtype=torch.bool)
+    out["attention_mask"][:b, :s] = True
+    return out
+
+
+def test_padding_with_attention_mask_changes_nothing():
+    """Padded positions and rows (attention_mask 0) count in no loss, balance loss, expert load or gradient."""
+    cfg = tiny_config()
+    batch = global_batches(cfg, steps=1)[0]
+
+    def step(batches):
+        torch.manual_seed(0)
+        model = HybridModel(cfg)
+        result = build_runner(model, cfg, ParallelConfig()).forward_backward(batches)
+        return result, _grads(model)
+
+    plain, plain_grads = step([batch])
+    padded, padded_grads = step([_padded(batch, extra=16, extra_rows=2)])
+    for key in ("loss", "lm_loss", "aux_loss"):
+        assert padded[key] == pytest.approx(plain[key], rel=1e-6), key
+    assert torch.equal(padded["expert_load"], plain["expert_load"])
+    assert _max_relative(padded_grads, plain_grads) < 1e-5
+    unmasked = _padded(batch, extra=16, extra_rows=2)
+    del unmasked["attention_mask"]
+    counted, _ = step([unmasked])  # without the mask the padding is routed and balanced like real tokens
+    assert not torch.equal(counted["expert_load"], plain["expert_load"])

@@ -13,6 +13,8 @@ tensor-parallel all-reduce), never averaging.
 The sequence-level balance loss of a MoE layer, per sequence, is sum_e f_e P_e with f_e = E/(k T) * (tokens routed
 to e) and P_e = mean over tokens of the normalised score. f is a count over the *whole* sequence (summed over the
 ranks holding its pieces, no gradient); P is linear in the tokens, so each rank adds f_e * (its tokens' score sum)/T.
+A micro-batch's optional `attention_mask` (b, s; 0 = padding) keeps padded positions out of f, P, T, the expert
+loads and the sequence count, so padding (which differs between layouts) never changes the step.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class MicroBatch:
     mtp_ids_local: list = field(default_factory=list)  # shifted inputs per MTP depth (local slice)
     mtp_labels_local: list = field(default_factory=list)
     extras: dict = field(default_factory=dict)  # the caller's other keys: (b, s, ...) tensors sliced, rest as-is
+    real_local: Optional[torch.Tensor] = None  # (b, s_local) bool: real tokens (attention_mask), None: all real
+    row_tokens: Optional[torch.Tensor] = None  # (b,) real tokens of each whole row (the balance loss's T)
 
 
 @dataclass
@@ -118,11 +122,14 @@ class ParallelContext:
             b, s = ids.shape
             local = self.local_slice(s)
             cp_slice = self.cp_slice(s)
+            real = _attention_mask(mb, ids)
             counts[0] += (labels != IGNORE_INDEX).sum()
-            counts[1] += b
+            counts[1] += b if real is None else (real.sum(1) > 0).sum()  # an all-padding row is no sequence
             item = MicroBatch(batch=b, seq_len=s, ids_local=ids[:, local], labels_local=labels[:, local],
                               seq_local=seq_idx[:, local], seq_cp=seq_idx[:, cp_slice], seq_full=seq_idx,
                               extras=_local_extras(mb, b, s, local, self.device))
+            if real is not None:
+                item.real_local, item.row_tokens = real[:, local], real.sum(1)
             for k in range(1, depths + 1):
                 shifted_labels = shift_left(labels, k, IGNORE_INDEX)
                 counts[1 + k] += (shifted_labels != IGNORE_INDEX).sum()
@@ -180,8 +187,10 @@ class ParallelContext:
         mb = self.current
         for index, scores, topk_idx in self.routes:
             E = scores.shape[-1]
-            self.load[index] += torch.bincount(topk_idx.flatten(), minlength=E).to(self.load.dtype)
-            partial = sequence_aux_partial(scores, topk_idx, mb.batch, mb.seq_len, self.groups.seq_group)
+            routed = topk_idx if mb.real_local is None else topk_idx[mb.real_local.reshape(-1)]
+            self.load[index] += torch.bincount(routed.flatten(), minlength=E).to(self.load.dtype)
+            partial = sequence_aux_partial(scores, topk_idx, mb.batch, mb.seq_len, self.groups.seq_group,
+                                           mb.real_local, mb.row_tokens)
             total = partial if total is None else total + partial
         self.routes = []
         if total is None:
@@ -251,19 +260,37 @@ def _ce_sum(hidden, weight, labels):
                                 ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def sequence_aux_partial(scores, topk_idx, batch: int, seq_len: int, seq_group) -> torch.Tensor:
+def sequence_aux_partial(scores, topk_idx, batch: int, seq_len: int, seq_group, real=None,
+                         row_tokens=None) -> torch.Tensor:
     """sum over this rank's sequences of sum_e f_e P_e, with this rank's tokens' share of P (see module doc).
 
-    scores (b * s_local, E) fp32; topk_idx (b * s_local, k); f uses the counts summed over `seq_group`."""
+    scores (b * s_local, E) fp32; topk_idx (b * s_local, k); f uses the counts summed over `seq_group`. With
+    `real` (b, s_local) and `row_tokens` (b,), padding positions count nowhere and T is each row's real length."""
     tokens, top_k = topk_idx.shape
     E = scores.shape[-1]
     local = tokens // batch
+    if real is None:
+        weight, T = 1.0, float(seq_len)
+    else:
+        weight = real.view(batch, local, 1).to(scores.dtype)
+        T = row_tokens.to(scores.dtype).clamp(min=1).view(batch, 1)
     with torch.no_grad():
         chosen = torch.zeros(batch, local, E, device=scores.device, dtype=scores.dtype)
         chosen.scatter_(-1, topk_idx.view(batch, local, top_k), 1.0)
-        f = all_reduce_sum(chosen.sum(1), seq_group) * (E / (top_k * seq_len))
-    p = (scores / scores.sum(-1, keepdim=True)).view(batch, local, E).sum(1) / seq_len
+        f = all_reduce_sum((chosen * weight).sum(1), seq_group) * (E / top_k) / T
+    p = ((scores / scores.sum(-1, keepdim=True)).view(batch, local, E) * weight).sum(1) / T
     return (f * p).sum()
+
+
+def _attention_mask(mb: dict, ids: torch.Tensor):
+    """The micro-batch's `attention_mask` (b, s; 1 = real token, 0 = padding) as bool on ids' device, or None.
+    Padding is left out of the MoE balance loss and the expert loads (the sequence count too, for empty rows)."""
+    mask = mb.get("attention_mask")
+    if mask is None:
+        return None
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(f"attention_mask {tuple(mask.shape)} must have input_ids' shape {tuple(ids.shape)}")
+    return mask.to(ids.device).bool()
 
 
 def _unpack(mb: dict, device, labels_required: bool = True):
