@@ -79,6 +79,16 @@ def test_lora_run_then_full_sft_from_its_checkpoint(start, capsys):
         assert none is None
         torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-4, atol=1e-5)
     assert json.loads((lora_dir / "accuracy.json").read_text())["after"][1] == 2
+    # exporting the LoRA run never drops its adapters: train.export merges them, model.hf refuses
+    from model import hf
+    from train.export import main as export_cli
+
+    assert export_cli([str(lora_dir), str(root / "exported")]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(hf.load_pretrained(root / "exported")(ids).logits, adapted, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="LoRA checkpoint"):
+        hf.export_dcp_checkpoint(lora_dir, root / "refused")
+    assert not (root / "refused").exists()
     # the command line extracts the same adapter from the best checkpoint's folder
     from train.lora.__main__ import main as lora_cli
 
