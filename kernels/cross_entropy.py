@@ -110,12 +110,16 @@ def linear_cross_entropy(
     chunk_size: int = 4096,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Chunked fused lm_head + CE: Triton softmax/gradient kernels around cuBLAS GEMMs on CUDA, else the ref."""
-    _check_inputs(hidden, weight, labels, chunk_size, reduction)
-    if use_triton(hidden, weight):
-        from kernels.cross_entropy_triton import linear_cross_entropy_triton
+    """Chunked fused lm_head + CE: Triton softmax/gradient kernels around cuBLAS GEMMs on CUDA, else the ref.
 
-        return linear_cross_entropy_triton(
-            hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size, reduction=reduction
-        )
-    return _ChunkedLinearCE.apply(hidden, weight, labels, ignore_index, chunk_size, reduction)
+    Always fp32 logits, also under torch.autocast: autocast would run the forward's GEMM in bf16 while the custom
+    backward recomputes in fp32, and the two would disagree."""
+    _check_inputs(hidden, weight, labels, chunk_size, reduction)
+    with torch.autocast(hidden.device.type, enabled=False):
+        if use_triton(hidden, weight):
+            from kernels.cross_entropy_triton import linear_cross_entropy_triton
+
+            return linear_cross_entropy_triton(
+                hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size, reduction=reduction
+            )
+        return _ChunkedLinearCE.apply(hidden, weight, labels, ignore_index, chunk_size, reduction)

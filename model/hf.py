@@ -237,16 +237,24 @@ LORA_CONFIG_FILE = "lora_config.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
+def complete_checkpoints(folder) -> list:
+    """[(step, path)] of the complete checkpoints in `folder`, oldest first (train.checkpoint uses this too)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted((int(m.group(1)), str(child)) for child in folder.iterdir()
+                  if (m := STEP_DIR.match(child.name)) and (child / ".metadata").is_file())
+
+
 def resolve_checkpoint(path) -> Path:
     """A checkpoint directory, or a run directory / checkpoints folder -> its newest complete checkpoint."""
     path = Path(path).resolve()
     if (path / ".metadata").is_file():
         return path
     for folder in (path / "checkpoints", path):
-        steps = sorted((int(m.group(1)), child) for child in (folder.iterdir() if folder.is_dir() else [])
-                       if (m := STEP_DIR.match(child.name)) and (child / ".metadata").is_file())
+        steps = complete_checkpoints(folder)
         if steps:
-            return steps[-1][1]
+            return Path(steps[-1][1])
     raise FileNotFoundError(f"no complete DCP checkpoint at {path} (expected a step_XXXXXXXX directory with a "
                             ".metadata file, or a run directory holding checkpoints/)")
 
@@ -258,6 +266,10 @@ def load_dcp_checkpoint(path) -> HybridModel:
     import torch.distributed.checkpoint as dcp
 
     path = resolve_checkpoint(path)
+    if (path / LORA_CONFIG_FILE).is_file():
+        raise ValueError(f"{path} is a LoRA checkpoint (it holds {LORA_CONFIG_FILE}): its base alone would drop the "
+                         "adapters. Load it with train.export.load_model_from_checkpoint (adapters merged) or "
+                         f"merge them first: python -m train.lora merge {path} OUT")
     config_file = path / MODEL_CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing: this checkpoint was not written by LatentForge's "
@@ -279,11 +291,7 @@ def export_dcp_checkpoint(checkpoint, out_dir, dtype: torch.dtype = torch.float3
     import shutil
 
     checkpoint = resolve_checkpoint(checkpoint)
-    if (checkpoint / LORA_CONFIG_FILE).is_file():
-        raise ValueError(f"{checkpoint} is a LoRA checkpoint (it holds {LORA_CONFIG_FILE}): exporting its base "
-                         "alone would drop the adapters. Merge them: python -m train.lora merge "
-                         f"{checkpoint} OUT (or write the PEFT adapter: python -m train.lora save-adapter)")
-    model = load_dcp_checkpoint(checkpoint)
+    model = load_dcp_checkpoint(checkpoint)  # refuses a LoRA checkpoint (python -m train.lora merge exports it)
     save_pretrained(model, out_dir, dtype=dtype)
     tokenizer = checkpoint / TOKENIZER_FILE
     if tokenizer.is_file():

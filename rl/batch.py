@@ -85,11 +85,12 @@ def collate(rows: List[dict], device=None, length: Optional[int] = None, num_row
         return torch.tensor(values, dtype=dtype, device=device)[:, None].expand(-1, length).contiguous()
 
     valid = pad("input_ids", -1, torch.long) >= 0  # real (non-padding) positions
+    real = valid & per_row([not r.get("placeholder", False) for r in rows], torch.bool)  # ... of real rows
     targets = pad("targets", PAD_ID, torch.long)
     return {
         "input_ids": pad("input_ids", PAD_ID, torch.long),
         "targets": targets,
-        "labels": torch.where(valid, targets, torch.full_like(targets, IGNORE_INDEX)),
+        "labels": torch.where(real, targets, torch.full_like(targets, IGNORE_INDEX)),
         "loss_mask": pad("loss_mask", 0.0, torch.float32),
         "behaviour_logprobs": pad("behaviour_logprobs", 0.0, torch.float32),
         "versions": pad("versions", -1, torch.long),
@@ -98,7 +99,7 @@ def collate(rows: List[dict], device=None, length: Optional[int] = None, num_row
         "row_version": per_row([_row_version(r["versions"]) for r in rows], torch.long),
         "valid": valid,
         # what the runner's MoE balance loss and expert loads count: real tokens of real rows (not placeholders)
-        "attention_mask": valid & per_row([not r.get("placeholder", False) for r in rows], torch.bool),
+        "attention_mask": real,
     }
 
 

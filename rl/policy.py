@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from kernels.cross_entropy import linear_cross_entropy
 from model.mtp import shift_left
@@ -25,6 +24,17 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     """log softmax(logits / T)[target] per position, in fp32: the trainer's view of the sampling distribution."""
     scaled = logits.float() / temperature
     return scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+
+
+def hidden_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """token_logprobs of the logits hidden @ head_weight.T, computed by the fused chunked lm_head + cross-entropy:
+    fp32 logits whatever the compute dtype (bf16 logits would round log-probs by up to ~0.06 and skew the
+    importance weights), and the (b, s, V) logits never exist whole."""
+    b, s, h = hidden.shape
+    ce = linear_cross_entropy(hidden.reshape(-1, h).float() / temperature, head_weight, targets.reshape(-1),
+                              reduction="none")
+    return -ce.view(b, s)
 
 
 def mtp_detached_ce(mtp, embeddings: list, hidden: torch.Tensor, head_weight: torch.Tensor, labels: list,
@@ -61,12 +71,12 @@ def aggregate_pieces(per_token: torch.Tensor, mb: dict, aggregation: str, counts
                      num_sequences=counts.num_sequences, max_tokens=counts.max_tokens)
 
 
-def grpo_micro_batch_loss(logits: torch.Tensor, mb: dict, counts: BatchCounts, loss_cfg: PolicyLossConfig, *,
-                          temperature: float, train_version: int):
-    """(policy loss share, stats) of one micro-batch piece: the per-token GRPO math of rl.losses, aggregated so
-    that summing over pieces, micro-batches and ranks gives the batch loss. Stats are sums and maxima (`_max`)."""
+def grpo_micro_batch_loss(logp: torch.Tensor, mb: dict, counts: BatchCounts, loss_cfg: PolicyLossConfig, *,
+                          train_version: int):
+    """(policy loss share, stats) of one micro-batch piece from the trainer's token log-probs `logp` (b, s): the
+    per-token GRPO math of rl.losses, aggregated so that summing over pieces, micro-batches and ranks gives the
+    batch loss. Stats are sums and maxima (`_max`)."""
     mask = mb["loss_mask"]
-    logp = token_logprobs(logits, mb["targets"], temperature)
     old = logp.detach()  # one optimizer update per batch: pi_old is the policy at the start of this step
     per_token, stats = per_token_policy_loss(logp, old, mb["behaviour_logprobs"], mb["advantages"], mask, loss_cfg,
                                              ref_logp=mb.get("ref_logprobs"))
@@ -101,9 +111,8 @@ class GRPOLoss:
         self.mtp_loss_weight = mtp_loss_weight
 
     def __call__(self, out, mb: dict):
-        logits = F.linear(out.hidden, out.lm_head_weight)
-        loss, stats = grpo_micro_batch_loss(logits, mb, self.counts, self.loss_cfg, temperature=self.temperature,
-                                            train_version=self.train_version)
+        logp = hidden_logprobs(out.hidden, out.lm_head_weight, mb["targets"], self.temperature)
+        loss, stats = grpo_micro_batch_loss(logp, mb, self.counts, self.loss_cfg, train_version=self.train_version)
         if self.mtp_loss_weight > 0 and out.part.mtp is not None and out.mtp_embeddings:
             sums = mtp_detached_ce(out.part.mtp, out.mtp_embeddings, out.hidden, out.lm_head_weight,
                                    out.mtp_labels, out.seq_idx, reduction="sum")

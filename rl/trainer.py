@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from model import HybridModel, ModelConfig
+from model.hf import MODEL_CONFIG_FILE
 from rl.batch import collate, count, group_rows, padded_length, shard_micro_batches
 from rl.buffer import Group
 from rl.config import GRPOConfig
@@ -31,7 +32,6 @@ from train.parallel import build_runner
 from train.schedule import LRSchedule
 from train.trainer import ModelState, rng_state, set_rng_state
 
-MODEL_CONFIG_FILE = "model_config.json"  # what train.export reads next to the shards
 
 
 def resolve_model_config(init_from: Optional[str], recipe_model: dict) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import shutil
 import warnings
 from typing import Callable, Optional
@@ -25,9 +24,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
+from model.hf import STEP_DIR, complete_checkpoints  # noqa: F401 - the one definition of a complete checkpoint
+
 from . import distributed as world
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_SUFFIX = ".tmp"
 
 
@@ -44,19 +44,6 @@ def pack(obj) -> bytes:
 
 def unpack(blob: bytes):
     return torch.load(io.BytesIO(blob), weights_only=False)
-
-
-def complete_checkpoints(folder: str) -> list:
-    """[(step, path)] of the complete checkpoints in `folder`, oldest first."""
-    if not os.path.isdir(folder):
-        return []
-    found = []
-    for name in os.listdir(folder):
-        match = STEP_DIR.match(name)
-        path = os.path.join(folder, name)
-        if match and os.path.isfile(os.path.join(path, ".metadata")):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
 
 
 def latest_checkpoint(folder: str) -> Optional[str]:

@@ -28,12 +28,19 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def load_model_from_checkpoint(path: str):
-    """The plain `HybridModel` (CPU, fp32) with the weights of a DCP checkpoint written by a trainer."""
-    return load_dcp_checkpoint(path)
+    """The plain `HybridModel` (CPU, fp32) with the weights of a DCP checkpoint written by a trainer; a LoRA
+    checkpoint's adapters are merged into its base."""
+    checkpoint = _resolve(path)
+    if (checkpoint / LORA_CONFIG_FILE).is_file():
+        from train.lora import merge_lora
+        from train.lora.checkpoint import load_model
+
+        model, _ = load_model(str(checkpoint))
+        return merge_lora(model)
+    return load_dcp_checkpoint(checkpoint)
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32) -> str:
-    checkpoint = resolve_checkpoint(checkpoint)
     if (_resolve(checkpoint) / LORA_CONFIG_FILE).is_file():
         from train.lora.checkpoint import export_merged
 

@@ -436,7 +436,15 @@ def run(overrides) -> int:
             # the adapters' TP slices are recorded on the first forward anyway; eagerly here, so a compiled first
             # step does not trace it
             attach_tp_slices(runner.model_parts)
-            check_only_adapters_train(runner.model_parts, runner.stage_ids)
+            failure = None
+            try:
+                check_only_adapters_train(runner.model_parts, runner.stage_ids)
+            except (SFTConfigError, RuntimeError) as error:
+                failure = error
+            # only the ranks owning a bad stage see it: fail everywhere, not leave the others in a collective
+            if world.any_rank(failure is not None):
+                raise failure or SFTConfigError("LoRA: another rank's pipeline stage failed the adapter check "
+                                                "(its error names the stage and the fix)")
         loader = build_sft_loader(data_cfg, tokenizer, seq_len=train_cfg.seq_len,
                                   micro_batch_size=train_cfg.micro_batch_size, dp_rank=runner.dp_rank,
                                   dp_size=runner.dp_size, split="train")

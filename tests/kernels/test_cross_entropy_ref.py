@@ -56,3 +56,26 @@ def test_linear_ce_bad_reduction_raises():
     hidden, weight, labels = make_ce_inputs(4, 3, 5)
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy_ref(hidden, weight, labels, reduction="avg")
+
+
+def test_fp32_logits_under_autocast():
+    """Under bf16 autocast the fused lm_head + CE still computes fp32 logits, forward and backward alike (autocast
+    would otherwise round the forward's GEMM while the custom backward recomputes in fp32)."""
+    import torch
+
+    from kernels.cross_entropy import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(64, 32, generator=g) * 4).requires_grad_()
+    weight = (torch.randn(100, 32, generator=g) * 4).requires_grad_()
+    labels = torch.randint(0, 100, (64,), generator=g)
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_size=16, reduction="sum")
+    loss.backward()
+    expected = (loss.detach(), hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, labels, chunk_size=16, reduction="sum")
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), expected[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(hidden.grad, expected[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight.grad, expected[2], rtol=1e-5, atol=1e-6)

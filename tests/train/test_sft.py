@@ -88,6 +88,11 @@ def test_lora_run_then_full_sft_from_its_checkpoint(start, capsys):
         torch.testing.assert_close(hf.load_pretrained(root / "exported")(ids).logits, adapted, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="LoRA checkpoint"):
         hf.export_dcp_checkpoint(lora_dir, root / "refused")
+    from train.export import load_model_from_checkpoint  # what rl.init_from and rl/generate.py load
+
+    with torch.no_grad():
+        torch.testing.assert_close(load_model_from_checkpoint(str(lora_dir))(ids).logits, adapted, rtol=1e-4,
+                                   atol=1e-5)
     assert not (root / "refused").exists()
     # the command line extracts the same adapter from the best checkpoint's folder
     from train.lora.__main__ import main as lora_cli

@@ -202,6 +202,7 @@ class Runner:
     def _schedule(self, n: int, local_shape):
         key = (n, tuple(local_shape))
         if key in self._schedules:
+            self._schedules[key] = self._schedules.pop(key)  # most recently used last
             return self._schedules[key]
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
@@ -219,6 +220,10 @@ class Runner:
             schedule = ScheduleGPipe(pipeline_stages[0], **common)
         else:
             schedule = Schedule1F1B(pipeline_stages[0], **common)
+        # a schedule's stages keep receive/gradient buffers of their shape: keep the two newest shapes only (a
+        # step-by-step varying shape, e.g. GRPO's padded batches, would otherwise grow memory without bound)
+        while len(self._schedules) >= 2:
+            self._schedules.pop(next(iter(self._schedules)))
         self._schedules[key] = schedule
         return schedule
 

@@ -9,10 +9,13 @@ FSDP2 gradients are *summed* over data-parallel ranks (divide factor 1): the los
 global batch's token counts (see context.py).
 
 Mixed precision (the precision recipe's param_dtype / reduce_dtype): the parameters stay fp32 (the optimizer's
-master weights). Under FSDP2 a `MixedPrecisionPolicy` casts the gathered weights to the compute dtype and reduces
-gradients in fp32; the MoE routers are sharded as their own units with an fp32 policy, so routing never sees
-rounded weights. Without FSDP (one process, or pure TP/PP) the stage forward runs under `torch.autocast` instead
-(the router turns autocast off itself).
+master weights). Under FSDP2 a `MixedPrecisionPolicy` casts every gathered weight of a unit to the compute dtype
+(as TorchTitan does: the Mamba A_log / dt_bias / D and the norm weights too, and the residual stream is bf16) and
+reduces gradients in `reduce_dtype`; the MoE routers are their own units with an fp32 policy, so the router weight
+and its GEMM stay fp32 (its input is the bf16 hidden state). Without FSDP (one process, or pure TP/PP) the stage
+forward runs under `torch.autocast` instead: parameters, the residual stream and the router stay fp32, the GEMMs
+run in bf16. The two paths therefore round differently; both keep the loss's logits in fp32 (linear_cross_entropy
+turns autocast off). Gradients of TP-replicated parameters are all-reduced in fp32 either way.
 """
 
 from __future__ import annotations
@@ -142,7 +145,7 @@ class Sharder:
             if isinstance(sub, ExpertParallelExperts):
                 self._shard(sub, self.expert_mesh, self.reshard_after_forward)
             elif isinstance(sub, Router) and self.policies:
-                self._shard(sub, self.mesh, self.reshard_after_forward, policy="fp32")
+                self._shard(sub, self.mesh, False, policy="fp32")  # E x H: cheap to keep gathered for backward
         if kind == "block":
             self._shard(module, self.mesh, self.reshard_after_forward)
         elif kind == "mtp":

@@ -55,7 +55,8 @@ class PrecisionConfig:
     # mixed precision of everything that is not a quantized GEMM: weights are kept in fp32 (the optimizer's
     # master copy); the forward/backward computes in `param_dtype` (FSDP2 casts the gathered weights, or autocast
     # without FSDP) and gradients are reduced in `reduce_dtype`. "auto": bfloat16 on GPU, float32 on CPU (where
-    # the equivalence tests need exact fp32). The MoE router (`fp32` patterns) always computes in fp32.
+    # the equivalence tests need exact fp32). The MoE router's weight and GEMM stay fp32 (train/parallel/wrapping.py;
+    # by module class, not by the `fp32` patterns above, which pick the GEMM formats).
     param_dtype: str = "auto"  # auto | bfloat16 | float32
     reduce_dtype: str = "float32"  # float32 | bfloat16
 
