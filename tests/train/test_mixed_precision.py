@@ -14,7 +14,7 @@ from tests.train.test_parallel_common import global_batches, micro_batches_for, 
 BF16 = {"param_dtype": "bfloat16"}
 
 
-def _observed_run(parallel: dict, precision: dict | None, steps: int = 2):
+def _observed_run(parallel: dict, precision: dict | None, steps: int = 2, micro_batch_size: int = 2):
     """Two AdamW steps; returns (losses, dtypes seen inside the forward, router fp32 check, param/grad dtypes)."""
     from model import HybridModel
     from model.moe import Router
@@ -46,7 +46,7 @@ def _observed_run(parallel: dict, precision: dict | None, steps: int = 2):
     losses = []
     for batch in global_batches(cfg, steps=steps):
         optimizer.zero_grad()
-        result = runner.forward_backward(micro_batches_for(batch, runner.dp_rank, runner.dp_size, 2))
+        result = runner.forward_backward(micro_batches_for(batch, runner.dp_rank, runner.dp_size, micro_batch_size))
         seen["grad_dtypes"] = sorted({str(p.grad.dtype) for p in params if p.grad is not None})
         optimizer.step()
         losses.append(result["loss"])
@@ -54,8 +54,8 @@ def _observed_run(parallel: dict, precision: dict | None, steps: int = 2):
     return portable((losses, seen))
 
 
-def _spawned(rank, world_size, parallel, precision):
-    return _observed_run(parallel, precision)
+def _spawned(rank, world_size, parallel, precision, micro_batch_size=2):
+    return _observed_run(parallel, precision, micro_batch_size=micro_batch_size)
 
 
 def _run(parallel, precision):
@@ -105,3 +105,12 @@ def test_bad_dtype_is_named():
 
     with pytest.raises(PrecisionConfigError, match="param_dtype"):
         PrecisionConfig(param_dtype="fp16")
+
+
+def test_pipeline_over_fsdp_sends_bf16_activations(fp32_losses):
+    """PP2 x FSDP2 (4 processes): FSDP casts the weights, so the activations between stages are bf16 and the
+    pipeline's stage metadata must say so (declared fp32, the losses leave bf16 tolerance of the fp32 run)."""
+    results = [restore(r) for r in run_distributed(_spawned, 4, {"pp": 2, "dp_shard": 2}, BF16, 1)]
+    for losses, seen in results:
+        assert seen["param_dtypes"] == ["torch.float32"]
+        assert losses == pytest.approx(fp32_losses, rel=2e-2)
