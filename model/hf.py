@@ -268,8 +268,8 @@ def load_dcp_checkpoint(path) -> HybridModel:
     path = resolve_checkpoint(path)
     if (path / LORA_CONFIG_FILE).is_file():
         raise ValueError(f"{path} is a LoRA checkpoint (it holds {LORA_CONFIG_FILE}): its base alone would drop the "
-                         "adapters. Load it with train.export.load_model_from_checkpoint (adapters merged) or "
-                         f"merge them first: python -m train.lora merge {path} OUT")
+                         f"adapters. Export it with the adapters merged: python -m train.export {path} OUT (in "
+                         "Python: train.export.load_model_from_checkpoint)")
     config_file = path / MODEL_CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing: this checkpoint was not written by LatentForge's "
