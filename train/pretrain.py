@@ -142,8 +142,7 @@ def main(argv=None) -> int:
     from data.tokenizer import load_tokenizer
     from model.params import training_flops_per_token
     from train import distributed as world
-    from train.callbacks import (ConsoleLogger, JSONLWriter, PreemptionHandler, ProgressBar, SpeedMonitor,
-                                 WandbLogger)
+    from train.callbacks import standard_callbacks
     from train.checkpoint import CheckpointManager
     from train.parallel import build_runner
     from train.trainer import Trainer
@@ -177,17 +176,8 @@ def main(argv=None) -> int:
 
         from omegaconf import OmegaConf
 
-        log_every = train_cfg.log_interval
-        callbacks = [
-            SpeedMonitor(training_flops_per_token(model_cfg, train_cfg.seq_len), device, world.world_size()),
-            ConsoleLogger(log_every),
-            JSONLWriter(os.path.join(run_dir, "metrics.jsonl"), log_every),
-            WandbLogger(train_cfg.wandb, train_cfg.run_name, run_dir, OmegaConf.to_container(cfg, resolve=True),
-                        log_every),
-            PreemptionHandler(),
-        ]
-        if train_cfg.progress_bar:
-            callbacks.append(ProgressBar())
+        callbacks = standard_callbacks(train_cfg, training_flops_per_token(model_cfg, train_cfg.seq_len), run_dir,
+                                       device, world.world_size(), OmegaConf.to_container(cfg, resolve=True))
         trainer = Trainer(runner=runner, loader=loader, train_cfg=train_cfg, optim_cfg=configs["optim"],
                           checkpoints=CheckpointManager(os.path.join(run_dir, "checkpoints"), train_cfg.keep_last,
                                                         train_cfg.async_checkpoint),

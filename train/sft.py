@@ -386,8 +386,7 @@ def run(overrides) -> int:
     from data.sft import build_sft_loader
     from model.params import training_flops_per_token
     from train import distributed as world
-    from train.callbacks import (ConsoleLogger, JSONLWriter, PreemptionHandler, ProgressBar, SpeedMonitor,
-                                 WandbLogger)
+    from train.callbacks import standard_callbacks
     from train.checkpoint import CheckpointManager
     from train.lora import apply_lora, attach_tp_slices, lora_parameters, save_adapter
     from train.lora.checkpoint import LORA_CONFIG_FILE
@@ -464,23 +463,14 @@ def run(overrides) -> int:
                 with open(os.path.join(directory, LORA_CONFIG_FILE), "w") as f:
                     json.dump(lora_cfg.to_dict(), f, indent=2)
 
-        log_every = train_cfg.log_interval
-        callbacks = [
-            SpeedMonitor(training_flops_per_token(model_cfg, train_cfg.seq_len), device, world.world_size()),
-            ConsoleLogger(log_every),
-            JSONLWriter(os.path.join(run_dir, "metrics.jsonl"), log_every),
-            WandbLogger(train_cfg.wandb, train_cfg.run_name, run_dir, OmegaConf.to_container(cfg, resolve=True),
-                        log_every),
-            PreemptionHandler(),
-        ]
         validation = None
         if sft_cfg.eval_interval:
             batches = validation_batches(data_cfg, tokenizer, train_cfg, sft_cfg, runner.dp_rank, runner.dp_size)
             on_best = best_saver(run_dir, write_extra, lora_cfg, start_path) if sft_cfg.save_best else None
             validation = Validation(batches, sft_cfg.eval_interval, device, on_best)
-            callbacks.append(validation)
-        if train_cfg.progress_bar:
-            callbacks.append(ProgressBar())
+        callbacks = standard_callbacks(train_cfg, training_flops_per_token(model_cfg, train_cfg.seq_len), run_dir,
+                                       device, world.world_size(), OmegaConf.to_container(cfg, resolve=True),
+                                       extra=[validation] if validation is not None else [])
         trainer = Trainer(runner=runner, loader=loader, train_cfg=train_cfg, optim_cfg=configs["optim"],
                           checkpoints=CheckpointManager(os.path.join(run_dir, "checkpoints"), train_cfg.keep_last,
                                                         train_cfg.async_checkpoint),

@@ -13,4 +13,24 @@ from .speed import SpeedMonitor
 from .wandb_logger import WandbLogger
 
 __all__ = ["Callback", "ConsoleLogger", "JSONLWriter", "PreemptionHandler", "ProgressBar", "SpeedMonitor",
-           "WandbLogger"]
+           "WandbLogger", "standard_callbacks"]
+
+
+def standard_callbacks(train_cfg, flops_per_token: float, run_dir: str, device, world_size: int, config: dict,
+                       extra=()) -> list:
+    """The callbacks of every training entry point (pretrain, SFT): speed/MFU, console, metrics.jsonl, W&B,
+    SIGTERM handling, then `extra` (e.g. SFT validation), then the progress bar when asked for."""
+    import os
+
+    log_every = train_cfg.log_interval
+    callbacks = [
+        SpeedMonitor(flops_per_token, device, world_size),
+        ConsoleLogger(log_every),
+        JSONLWriter(os.path.join(run_dir, "metrics.jsonl"), log_every),
+        WandbLogger(train_cfg.wandb, train_cfg.run_name, run_dir, config, log_every),
+        PreemptionHandler(),
+        *extra,
+    ]
+    if train_cfg.progress_bar:
+        callbacks.append(ProgressBar())
+    return callbacks
