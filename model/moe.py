@@ -79,15 +79,20 @@ class LatentMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, seq_idx=None, state=None) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, shape[-1])
+        routed, scores, topk_idx = self.routed(x.reshape(-1, shape[-1]))
+        self.aux_loss = sequence_aux_loss(scores, topk_idx, shape[0], self.num_experts) if len(shape) == 3 else None
+        return routed.view(shape) + self.shared_experts(x)
+
+    def routed(self, flat: torch.Tensor):
+        """The routed half on (tokens, H): router, latent down-projection, experts, latent up-projection; records
+        the expert load. Returns (output, scores, topk_idx). The tensor-parallel forward reuses it."""
         scores, topk_idx, topk_weight = self.gate(flat)
         routed_in = self.fc1_latent_proj(flat) if self.fc1_latent_proj is not None else flat
         routed = self.experts(routed_in, topk_idx, topk_weight.to(routed_in.dtype))
         if self.fc2_latent_proj is not None:
             routed = self.fc2_latent_proj(routed)
         self.load = torch.bincount(topk_idx.flatten(), minlength=self.num_experts).detach()
-        self.aux_loss = sequence_aux_loss(scores, topk_idx, shape[0], self.num_experts) if len(shape) == 3 else None
-        return routed.view(shape) + self.shared_experts(x)
+        return routed, scores, topk_idx
 
     @torch.no_grad()
     def update_bias(self, global_load: torch.Tensor, rate: float):

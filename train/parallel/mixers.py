@@ -212,13 +212,7 @@ def mlp_forward(self: MLP, x, seq_idx=None, state=None):
 def moe_forward(self: LatentMoE, x, seq_idx=None, state=None):
     """Routed experts on this rank's own tokens; the shared expert tensor-parallel."""
     shape = x.shape
-    flat = x.reshape(-1, shape[-1])
-    scores, topk_idx, topk_weight = self.gate(flat)
-    routed_in = self.fc1_latent_proj(flat) if self.fc1_latent_proj is not None else flat
-    routed = self.experts(routed_in, topk_idx, topk_weight.to(routed_in.dtype))
-    if self.fc2_latent_proj is not None:
-        routed = self.fc2_latent_proj(routed)
-    self.load = torch.bincount(topk_idx.flatten(), minlength=self.num_experts).detach()
+    routed, _, _ = self.routed(x.reshape(-1, shape[-1]))  # the balance loss comes from the runner's router hook
     return routed.view(shape) + _tp_mlp(self.shared_experts, x, self._lf_comm)
 
 
