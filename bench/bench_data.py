@@ -2,7 +2,7 @@
 
     python bench/bench_data.py [--mb 8] [--workers 2] [--seq-len 4096] [--micro-batch 8]
 
-1. Preprocessing tokens/s of `data.preprocess` with N worker processes against a single-process loop
+1. Preprocessing tokens/s of `latentforge.data.preprocess` with N worker processes against a single-process loop
    (read file, encode, append) over the same files: the first --mb MB of the stdlib sources.
 2. Batch-fetch latency of the blended pretraining loader (two sources, weights 0.7 / 0.3) against the raw cost of
    reading the same number of tokens from megatron's IndexedDataset (contiguous memory-mapped reads).
@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _cpu_seconds():
@@ -29,8 +28,8 @@ def _cpu_seconds():
 
 
 def bench_preprocess(tok, files, workers, tmp):
-    from data.indexed import IndexedWriter
-    from data.preprocess import preprocess
+    from latentforge.data.indexed import IndexedWriter
+    from latentforge.data.preprocess import preprocess
 
     # Baseline: one process, one document at a time (tokenizers' encode() is single-threaded).
     c0 = _cpu_seconds()
@@ -61,10 +60,10 @@ def bench_preprocess(tok, files, workers, tmp):
 
 
 def bench_fetch(tok, prefix, tmp, seq_len, micro_batch, steps):
-    from data.config import DataConfig
-    from data.indexed import IndexedWriter
-    from data.pretrain import build_pretrain_loader
-    from data.util import megatron_datasets
+    from latentforge.data.config import DataConfig
+    from latentforge.data.indexed import IndexedWriter
+    from latentforge.data.pretrain import build_pretrain_loader
+    from latentforge.data.util import megatron_datasets
 
     # A second source: the same token stream reversed per document, so the blend mixes two real datasets.
     ds = megatron_datasets()[0].IndexedDataset(prefix)
@@ -114,8 +113,8 @@ def main():
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=250)
     args = parser.parse_args()
-    from data.stdlib_corpus import stdlib_files
-    from data.tokenizer import load_tokenizer
+    from latentforge.data.stdlib_corpus import stdlib_files
+    from latentforge.data.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["LATENTFORGE_CACHE"] = tmp

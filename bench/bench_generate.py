@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rl.generate import load_model, load_tokenizer_for, parse_key_values  # noqa: E402
+from latentforge.rl.generate import load_model, load_tokenizer_for, parse_key_values  # noqa: E402
 
 
 @dataclass
@@ -51,7 +50,7 @@ class BenchArgs:
 
 # ----- a brief training run of the tiny recipe on the chat data (when no checkpoint is given) ---------------------
 def chat_documents(tokenizer, problems, think=True):
-    from data.chat import render_chat
+    from latentforge.data.chat import render_chat
 
     for problem in problems:
         rendered = render_chat(tokenizer, problem["messages"], enable_thinking=think)
@@ -89,10 +88,10 @@ def packed_batches(tokenizer, problems, seq_len, batch, seed):
 
 def train_tiny(args: BenchArgs, tokenizer, cache_dir: str):
     """The tiny recipe (MTP depth 2) trained for args.train_steps on the generated chat data; saved as HF."""
-    from data.synthetic import synthetic_splits
-    from model import HybridModel
-    from model.hf import load_pretrained, save_pretrained
-    from model.recipes import compose, model_config_from
+    from latentforge.data.synthetic import synthetic_splits
+    from latentforge.model import HybridModel
+    from latentforge.model.hf import load_pretrained, save_pretrained
+    from latentforge.model.recipes import compose, model_config_from
 
     cfg = model_config_from(compose(["recipe=tiny"]))
     key = hashlib.sha256(json.dumps([cfg.to_dict(), tokenizer.fingerprint(), args.train_steps, args.train_seq_len,
@@ -133,7 +132,7 @@ def train_tiny(args: BenchArgs, tokenizer, cache_dir: str):
 
 # ----- timing ----------------------------------------------------------------------------------------------------
 def run_engine(model, prompts, stop, max_new, batch, draft):
-    from rl.engine import Engine, EngineConfig, SamplingParams
+    from latentforge.rl.engine import Engine, EngineConfig, SamplingParams
 
     engine = Engine(model, EngineConfig(max_batch=batch, max_seq_len=max(map(len, prompts)) + max_new,
                                         draft_tokens=draft, prefix_cache_size=0))
@@ -166,11 +165,11 @@ def run_transformers(export_dir, prompts, stop, max_new):
 def main(argv=None) -> int:
     args = parse_key_values(sys.argv[1:] if argv is None else argv, BenchArgs)
     torch.set_num_threads(args.threads)
-    from data.config import resolve_cache_dir
-    from data.synthetic import check_answer, problem_messages, synthetic_splits
-    from data.tokenizer import load_tokenizer
-    from model.hf import save_pretrained
-    from rl.generate import prompt_ids
+    from latentforge.data.config import resolve_cache_dir
+    from latentforge.data.synthetic import check_answer, problem_messages, synthetic_splits
+    from latentforge.data.tokenizer import load_tokenizer
+    from latentforge.model.hf import save_pretrained
+    from latentforge.rl.generate import prompt_ids
 
     if args.ckpt:
         model = load_model(args.ckpt)

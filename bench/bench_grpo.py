@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 BENCH_DEFAULTS = ["rl.steps=40", "optim.lr=5e-5", "optim.min_lr=5e-5",
@@ -77,7 +76,7 @@ def parallel_capacity(seconds: float = 3.0) -> float:
 
 
 def run_one(overrides, staleness, run_dir, label):
-    from rl import grpo
+    from latentforge.rl import grpo
 
     history = []
     lines = []

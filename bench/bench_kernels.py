@@ -19,13 +19,12 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from kernels.conv1d import causal_conv1d, causal_conv1d_ref  # noqa: E402
-from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref  # noqa: E402
-from kernels.moe import moe_experts, moe_experts_ref  # noqa: E402
-from kernels.rmsnorm import gated_rms_norm, gated_rms_norm_ref  # noqa: E402
-from kernels.ssd import ssd_scan, ssd_scan_ref  # noqa: E402
+from latentforge.kernels.conv1d import causal_conv1d, causal_conv1d_ref  # noqa: E402
+from latentforge.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref  # noqa: E402
+from latentforge.kernels.moe import moe_experts, moe_experts_ref  # noqa: E402
+from latentforge.kernels.rmsnorm import gated_rms_norm, gated_rms_norm_ref  # noqa: E402
+from latentforge.kernels.ssd import ssd_scan, ssd_scan_ref  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

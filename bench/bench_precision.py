@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from kernels.quant import RECIPES
-from model import ModelConfig
-from train.precision import PrecisionConfig, apply_precision, format_table, te_available
-from train.precision.compare import markov_batches, tail_mean, train_loss_curve
+from latentforge.kernels.quant import RECIPES
+from latentforge.model import ModelConfig
+from latentforge.train.precision import PrecisionConfig, apply_precision, format_table, te_available
+from latentforge.train.precision.compare import markov_batches, tail_mean, train_loss_curve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,7 +72,7 @@ def small_gpu_config() -> ModelConfig:
 def bench_speed(args) -> None:
     if not torch.cuda.is_available() or not te_available():
         raise SystemExit("speed mode needs a CUDA GPU and Transformer Engine (pip install -e .[gpu])")
-    from model import HybridModel
+    from latentforge.model import HybridModel
 
     cap = torch.cuda.get_device_capability()
     names = ["bf16", "fp8_current", "fp8_delayed", "fp8_block"] + (["mxfp8", "nvfp4"] if cap >= (10, 0) else [])

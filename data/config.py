@@ -38,7 +38,7 @@ class DataConfig:
     """One data source description for pretraining (`kind: pretrain`) or chat fine-tuning (`kind: sft`).
 
     pretrain: `paths` are Megatron indexed-dataset prefixes (`<prefix>.bin/.idx`, written by
-    `python -m data.preprocess` or by Megatron-LM) or "builtin:stdlib"; `weights` blend them.
+    `python -m latentforge.data.preprocess` or by Megatron-LM) or "builtin:stdlib"; `weights` blend them.
     sft: `paths` are JSONL files (`messages` or `prompt`/`completion` per line) or "builtin:arithmetic_chat".
     """
 

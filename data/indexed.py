@@ -13,8 +13,8 @@ from typing import Optional
 
 import numpy as np
 
-from data.tokenizer import Tokenizer, TokenizerMismatchError
-from data.util import megatron_datasets
+from latentforge.data.tokenizer import Tokenizer, TokenizerMismatchError
+from latentforge.data.util import megatron_datasets
 
 META_SUFFIX = ".meta.json"
 TOKENIZER_SUFFIX = ".tokenizer.json"
@@ -117,7 +117,7 @@ def open_indexed(prefix: str):
     missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"no Megatron indexed dataset at {prefix}: missing {missing}. Write one with "
-                                f"`python -m data.preprocess --input <files> --output-prefix {prefix} --tokenizer ...`")
+                                f"`python -m latentforge.data.preprocess --input <files> --output-prefix {prefix} --tokenizer ...`")
     return indexed_dataset.IndexedDataset(prefix)
 
 

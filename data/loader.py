@@ -17,7 +17,7 @@ from typing import Dict, Protocol
 import numpy as np
 import torch
 
-from data.tokenizer import Tokenizer
+from latentforge.data.tokenizer import Tokenizer
 
 STATE_VERSION = 1
 

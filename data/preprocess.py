@@ -1,6 +1,6 @@
 """Raw text / JSONL / parquet -> Megatron indexed dataset (`<prefix>.bin/.idx`), tokenized by N processes.
 
-    python -m data.preprocess --input a.jsonl b.jsonl --output-prefix out/corpus --tokenizer tekken
+    python -m latentforge.data.preprocess --input a.jsonl b.jsonl --output-prefix out/corpus --tokenizer tekken
         --json-key text --workers 8 [--skip-bad]
 
 Files are read through Hugging Face `datasets` (offline). Each document becomes its tokens followed by `</s>`.
@@ -80,7 +80,7 @@ def iter_text_documents(files: Sequence[str], text_unit: str = "document") -> It
 
 
 def load_streaming(builder: str, files: List[str], **kwargs):
-    from data.util import hf_datasets
+    from latentforge.data.util import hf_datasets
 
     datasets = hf_datasets()
     return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
@@ -183,7 +183,7 @@ def _init_worker(spec: str) -> None:
     # Each worker is one core's worth of work: no extra Rust/tiktoken threads competing with the other workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and tears the pool down
-    from data.tokenizer import load_tokenizer
+    from latentforge.data.tokenizer import load_tokenizer
 
     _WORKER_TOKENIZER = load_tokenizer(spec)
 
@@ -239,8 +239,8 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, *, fmt: str
     """Tokenize `inputs` into `<output_prefix>.bin/.idx` (+ `.meta.json`, + `.tokenizer.json` for file-based
     tokenizers). `tokenizer` is a Tokenizer or a spec for data.tokenizer.load_tokenizer. `on_batch(report)` is
     called after each written batch (progress hooks, tests)."""
-    from data.indexed import TOKENIZER_SUFFIX, IndexedWriter, normalize_prefix
-    from data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+    from latentforge.data.indexed import TOKENIZER_SUFFIX, IndexedWriter, normalize_prefix
+    from latentforge.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
     t0 = time.perf_counter()
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
@@ -324,7 +324,7 @@ def _progress_bar(enabled: bool):
 def train_bpe_on_inputs(inputs: Sequence[str], vocab_size: int, save_path: str, *, fmt: str = "auto",
                         json_key: str = "text", text_unit: str = "document", max_mb: float = 64.0):
     """Train a byte-level BPE on the first `max_mb` MB of the inputs' documents (malformed records skipped)."""
-    from data.tokenizer import train_bpe
+    from latentforge.data.tokenizer import train_bpe
 
     files = [os.path.abspath(os.path.expanduser(p)) for p in inputs]
     fmt = detect_format(files[0]) if fmt == "auto" else fmt
@@ -351,7 +351,7 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.preprocess", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m latentforge.data.preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="text, JSONL or parquet files")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.bin, <prefix>.idx, <prefix>.meta.json")
@@ -373,7 +373,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tokenizer, trained_tmp = args.tokenizer, None
     try:
         if tokenizer.startswith("train-bpe:"):
-            from data.indexed import TOKENIZER_SUFFIX, normalize_prefix
+            from latentforge.data.indexed import TOKENIZER_SUFFIX, normalize_prefix
 
             # Trained under a temporary name; preprocess copies it to <prefix>.tokenizer.json with the data.
             trained_tmp = f"{normalize_prefix(args.output_prefix)}{TOKENIZER_SUFFIX}.train-{os.getpid()}"

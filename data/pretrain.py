@@ -17,11 +17,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from data.config import BUILTIN_STDLIB, SPLITS, DataConfig, resolve_cache_dir, split_shares
-from data.indexed import inspect_prefix, normalize_prefix
-from data.loader import BatchLoader, seq_idx_from_eod
-from data.tokenizer import Tokenizer
-from data.util import derive_seed, megatron_datasets
+from latentforge.data.config import BUILTIN_STDLIB, SPLITS, DataConfig, resolve_cache_dir, split_shares
+from latentforge.data.indexed import inspect_prefix, normalize_prefix
+from latentforge.data.loader import BatchLoader, seq_idx_from_eod
+from latentforge.data.tokenizer import Tokenizer
+from latentforge.data.util import derive_seed, megatron_datasets
 
 _EPOCHS_KEPT = 2  # built epochs kept open (the current one and the next, around a boundary)
 
@@ -171,7 +171,7 @@ def resolve_pretrain_prefixes(cfg: DataConfig, tokenizer: Tokenizer) -> List[str
     prefixes = []
     for path in cfg.paths:
         if path == BUILTIN_STDLIB:
-            from data.stdlib_corpus import stdlib_prefix
+            from latentforge.data.stdlib_corpus import stdlib_prefix
 
             prefixes.append(stdlib_prefix(tokenizer, cfg.stdlib_max_mb, cfg.cache_dir, cfg.num_workers))
         elif path.startswith("builtin:"):

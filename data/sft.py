@@ -20,14 +20,14 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from data.chat import CHAT_FORMAT_VERSION, normalize_record, record_enable_thinking, render_chat
-from data.config import BUILTIN_CHAT, SPLITS, DataConfig, resolve_cache_dir
-from data.loader import BatchLoader
-from data.packing import best_fit_decreasing
-from data.pretrain import split_document_range
-from data.preprocess import MalformedInputError
-from data.tokenizer import Tokenizer
-from data.util import derive_seed
+from latentforge.data.chat import CHAT_FORMAT_VERSION, normalize_record, record_enable_thinking, render_chat
+from latentforge.data.config import BUILTIN_CHAT, SPLITS, DataConfig, resolve_cache_dir
+from latentforge.data.loader import BatchLoader
+from latentforge.data.packing import best_fit_decreasing
+from latentforge.data.pretrain import split_document_range
+from latentforge.data.preprocess import MalformedInputError
+from latentforge.data.tokenizer import Tokenizer
+from latentforge.data.util import derive_seed
 
 SFT_CACHE_VERSION = 2  # 2: a record's own enable_thinking
 
@@ -50,7 +50,7 @@ class Conversations:
 
 def _read_jsonl_records(path: str, skip_bad: bool, bad: List[str], enable_thinking: bool = True):
     """(origin, messages, enable_thinking) of every valid line; `enable_thinking`: the default of the file."""
-    from data.preprocess import load_streaming
+    from latentforge.data.preprocess import load_streaming
 
     for line_no, row in enumerate(load_streaming("text", [path], sample_by="line"), start=1):
         line = row["text"]
@@ -77,7 +77,7 @@ def _source_records(cfg: DataConfig, split: str, bad: List[str]):
     """(origin, messages, enable_thinking) of every conversation of the split, in a fixed order."""
     for path in cfg.paths:
         if path == BUILTIN_CHAT:
-            from data.synthetic import synthetic_splits
+            from latentforge.data.synthetic import synthetic_splits
 
             problems = synthetic_splits(cfg.synthetic_num_train, cfg.synthetic_num_heldout, cfg.seed)[split]
             for p in problems:
@@ -100,7 +100,7 @@ def _cache_key(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> str:
     sources = []
     for path in cfg.paths:
         if path == BUILTIN_CHAT:
-            from data.synthetic import GENERATOR_VERSION
+            from latentforge.data.synthetic import GENERATOR_VERSION
 
             sources.append([path, GENERATOR_VERSION, cfg.synthetic_num_train, cfg.synthetic_num_heldout, cfg.seed])
         else:
@@ -116,7 +116,7 @@ def _cache_key(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> str:
 
 def load_conversations(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> Conversations:
     """Tokenized conversations of a split, cached under <cache_dir>/sft after the first call."""
-    from data.util import file_lock
+    from latentforge.data.util import file_lock
 
     path = os.path.join(resolve_cache_dir(cfg.cache_dir), "sft", _cache_key(cfg, tokenizer, split) + ".npz")
     with file_lock(path + ".lock"):

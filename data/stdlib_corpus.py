@@ -14,7 +14,7 @@ import sys
 import sysconfig
 from typing import Iterator, List, Optional
 
-from data.config import resolve_cache_dir
+from latentforge.data.config import resolve_cache_dir
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 
@@ -58,7 +58,7 @@ def corpus_key(max_mb: float) -> str:
 
 def iter_stdlib_texts(max_mb: float) -> Iterator[str]:
     """The bounded corpus, one string per source file, read through Hugging Face `datasets`."""
-    from data.preprocess import iter_text_documents
+    from latentforge.data.preprocess import iter_text_documents
 
     for _file, _line, text in iter_text_documents(stdlib_files(max_mb), text_unit="document"):
         yield text
@@ -66,9 +66,9 @@ def iter_stdlib_texts(max_mb: float) -> Iterator[str]:
 
 def stdlib_prefix(tokenizer, max_mb: float = 8.0, cache_dir: Optional[str] = None, num_workers: int = 2) -> str:
     """The Megatron prefix of the corpus tokenized with `tokenizer`, built on first use (under a file lock)."""
-    from data.indexed import normalize_prefix
-    from data.preprocess import preprocess
-    from data.util import file_lock
+    from latentforge.data.indexed import normalize_prefix
+    from latentforge.data.preprocess import preprocess
+    from latentforge.data.util import file_lock
 
     tok_key = tokenizer.fingerprint()["sha256"][:12]
     prefix = os.path.join(resolve_cache_dir(cache_dir), "corpus", f"stdlib-{corpus_key(max_mb)}-tok{tok_key}",

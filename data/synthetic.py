@@ -11,7 +11,7 @@ import random
 import re
 from typing import Callable, Dict, List, Optional, Sequence
 
-from data.util import derive_seed
+from latentforge.data.util import derive_seed
 
 GENERATOR_VERSION = 1  # bump when the problems change (part of tokenization cache keys)
 INSTRUCTION = "Solve the problem. End your reply with 'Answer: <number>'."

@@ -17,7 +17,7 @@ import os
 from abc import ABC, abstractmethod
 from typing import Iterable, List, Optional, Sequence, Union
 
-from data.config import TokenizerConfig, resolve_cache_dir
+from latentforge.data.config import TokenizerConfig, resolve_cache_dir
 
 SPECIAL_TOKENS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|im_start|>": 10, "<|im_end|>": 11, "<think>": 12,
                   "</think>": 13}
@@ -109,7 +109,7 @@ class Tokenizer(ABC):
     def apply_chat_template(self, messages, *, enable_thinking: bool = True,
                             add_generation_prompt: bool = False) -> List[int]:
         """ChatML ids for a conversation (see data.chat for the exact layout)."""
-        from data.chat import render_chat
+        from latentforge.data.chat import render_chat
 
         return render_chat(self, messages, enable_thinking=enable_thinking,
                            add_generation_prompt=add_generation_prompt).ids
@@ -283,7 +283,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, save_path: str) -> HFTokeni
 
 
 def default_bpe_path(vocab_size: int, train_max_mb: float, cache_dir: Optional[str] = None) -> str:
-    from data.stdlib_corpus import corpus_key
+    from latentforge.data.stdlib_corpus import corpus_key
 
     key = f"v{BPE_FORMAT_VERSION}-{corpus_key(train_max_mb)}"
     return os.path.join(resolve_cache_dir(cache_dir), "tokenizers", f"bpe{vocab_size}-{key}", "tokenizer.json")
@@ -292,8 +292,8 @@ def default_bpe_path(vocab_size: int, train_max_mb: float, cache_dir: Optional[s
 def load_default_bpe(vocab_size: int = 4096, train_max_mb: float = 4.0,
                      cache_dir: Optional[str] = None) -> HFTokenizer:
     """The tiny recipes' tokenizer: trained on the first `train_max_mb` MB of the stdlib on first use, cached."""
-    from data.stdlib_corpus import iter_stdlib_texts
-    from data.util import file_lock
+    from latentforge.data.stdlib_corpus import iter_stdlib_texts
+    from latentforge.data.util import file_lock
 
     path = default_bpe_path(vocab_size, train_max_mb, cache_dir)
     if not os.path.isfile(path):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import compute_dtype, use_triton
+from latentforge.kernels._dispatch import compute_dtype, use_triton
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref"]
 
@@ -96,7 +96,7 @@ def causal_conv1d(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal depthwise conv1d (+ bias, + SiLU): Triton on CUDA tensors, else :func:`causal_conv1d_ref`."""
     if use_triton(x, weight):
-        from kernels.conv1d_triton import causal_conv1d_triton
+        from latentforge.kernels.conv1d_triton import causal_conv1d_triton
 
         _check_inputs(x, weight, bias, seq_idx, initial_state, activation)
         return causal_conv1d_triton(

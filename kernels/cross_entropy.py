@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import compute_dtype, use_triton
+from latentforge.kernels._dispatch import compute_dtype, use_triton
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_ref"]
 
@@ -117,7 +117,7 @@ def linear_cross_entropy(
     _check_inputs(hidden, weight, labels, chunk_size, reduction)
     with torch.autocast(hidden.device.type, enabled=False):
         if use_triton(hidden, weight):
-            from kernels.cross_entropy_triton import linear_cross_entropy_triton
+            from latentforge.kernels.cross_entropy_triton import linear_cross_entropy_triton
 
             return linear_cross_entropy_triton(
                 hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size, reduction=reduction

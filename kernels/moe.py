@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from kernels._dispatch import compute_dtype, use_triton
+from latentforge.kernels._dispatch import compute_dtype, use_triton
 
 __all__ = [
     "MoEPermState",
@@ -182,7 +182,7 @@ def moe_permute(
 ) -> tuple[torch.Tensor, MoEPermState]:
     """Permute tokens by expert with padding to ``alignment``; Triton gather/scatter on CUDA."""
     if use_triton(x, topk_idx):
-        from kernels.moe_triton import moe_permute_triton
+        from latentforge.kernels.moe_triton import moe_permute_triton
 
         _check_routing(x, topk_idx, num_experts, alignment)
         state = _routing_plan(topk_idx, num_experts, alignment)
@@ -200,7 +200,7 @@ def grouped_mlp(
 ) -> torch.Tensor:
     """Grouped squared-ReLU expert MLP. ``linear_fn`` (precision emulation) forces the reference path."""
     if linear_fn is None and use_triton(x_sorted, w_up, w_down):
-        from kernels.moe_triton import grouped_mlp_triton
+        from latentforge.kernels.moe_triton import grouped_mlp_triton
 
         _check_mlp(x_sorted, tokens_per_expert_padded, w_up, w_down, row_weight)
         return grouped_mlp_triton(x_sorted, tokens_per_expert_padded, w_up, w_down, row_weight)
@@ -212,7 +212,7 @@ def moe_unpermute(
 ) -> torch.Tensor:
     """Weighted sum of each token's expert outputs; Triton gather-reduce on CUDA."""
     if use_triton(y_sorted):
-        from kernels.moe_triton import moe_unpermute_triton
+        from latentforge.kernels.moe_triton import moe_unpermute_triton
 
         return moe_unpermute_triton(y_sorted, perm_state, topk_weight)
     return moe_unpermute_ref(y_sorted, perm_state, topk_weight)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.moe import MoEPermState
+from latentforge.kernels.moe import MoEPermState
 
 EPI_NONE, EPI_UP, EPI_DACT = 0, 1, 2
 NUM_WARPS = {"_grouped_gemm_kernel": 8, "_grouped_wgrad_kernel": 4}  # chosen for no spills on sm_90

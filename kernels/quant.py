@@ -564,7 +564,7 @@ def quantized_linear(
 
 
 class ExpertGemm:
-    """``linear_fn(x, w) -> x @ w.T`` for the routed experts (``kernels.moe``), emulating one recipe.
+    """``linear_fn(x, w) -> x @ w.T`` for the routed experts (``latentforge.kernels.moe``), emulating one recipe.
 
     Stateful recipes (fp8_delayed) keep one state per expert weight, keyed by the weight's shape and
     storage offset in the stacked expert parameter.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import compute_dtype, use_triton
+from latentforge.kernels._dispatch import compute_dtype, use_triton
 
 __all__ = ["rms_norm", "rms_norm_ref", "gated_rms_norm", "gated_rms_norm_ref"]
 
@@ -53,7 +53,7 @@ def gated_rms_norm_ref(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """RMSNorm over the last dim: Triton on CUDA tensors, else :func:`rms_norm_ref`."""
     if use_triton(x, weight):
-        from kernels.rmsnorm_triton import rms_norm_triton
+        from latentforge.kernels.rmsnorm_triton import rms_norm_triton
 
         _check_weight("rms_norm", x, weight)
         return rms_norm_triton(x, weight, eps)
@@ -65,7 +65,7 @@ def gated_rms_norm(
 ) -> torch.Tensor:
     """Group RMSNorm of x * silu(z): Triton on CUDA tensors, else :func:`gated_rms_norm_ref`."""
     if use_triton(x, z, weight):
-        from kernels.rmsnorm_triton import gated_rms_norm_triton
+        from latentforge.kernels.rmsnorm_triton import gated_rms_norm_triton
 
         _check_gated(x, z, weight, group_size)
         return gated_rms_norm_triton(x, z, weight, group_size, eps)

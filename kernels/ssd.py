@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import compute_dtype, use_triton
+from latentforge.kernels._dispatch import compute_dtype, use_triton
 
 __all__ = ["ssd_scan", "ssd_scan_ref"]
 
@@ -173,7 +173,7 @@ def ssd_scan(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba-2 chunked scan: Triton on CUDA tensors, else :func:`ssd_scan_ref`. Returns (y, final_state)."""
     if use_triton(x, dt, B, C):
-        from kernels.ssd_triton import ssd_scan_triton, supports
+        from latentforge.kernels.ssd_triton import ssd_scan_triton, supports
 
         _check_inputs(x, dt, A, B, C, D, chunk_size, seq_idx, initial_state, z)
         if supports(chunk_size):  # other chunk sizes (not a multiple of 16) take the reference

@@ -268,7 +268,7 @@ def load_dcp_checkpoint(path) -> HybridModel:
     path = resolve_checkpoint(path)
     if (path / LORA_CONFIG_FILE).is_file():
         raise ValueError(f"{path} is a LoRA checkpoint (it holds {LORA_CONFIG_FILE}): its base alone would drop the "
-                         f"adapters. Export it with the adapters merged: python -m train.export {path} OUT (in "
+                         f"adapters. Export it with the adapters merged: python -m latentforge.train.export {path} OUT (in "
                          "Python: train.export.load_model_from_checkpoint)")
     config_file = path / MODEL_CONFIG_FILE
     if not config_file.is_file():
@@ -291,7 +291,7 @@ def export_dcp_checkpoint(checkpoint, out_dir, dtype: torch.dtype = torch.float3
     import shutil
 
     checkpoint = resolve_checkpoint(checkpoint)
-    model = load_dcp_checkpoint(checkpoint)  # refuses a LoRA checkpoint (python -m train.lora merge exports it)
+    model = load_dcp_checkpoint(checkpoint)  # refuses a LoRA checkpoint (python -m latentforge.train.lora merge exports it)
     save_pretrained(model, out_dir, dtype=dtype)
     tokenizer = checkpoint / TOKENIZER_FILE
     if tokenizer.is_file():
@@ -303,10 +303,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def main(argv=None) -> int:
-    """python -m model.hf export CHECKPOINT_OR_RUN_DIR OUT_DIR [--dtype bfloat16]"""
+    """python -m latentforge.model.hf export CHECKPOINT_OR_RUN_DIR OUT_DIR [--dtype bfloat16]"""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m model.hf", description="Hugging Face interop")
+    parser = argparse.ArgumentParser(prog="python -m latentforge.model.hf", description="Hugging Face interop")
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="DCP checkpoint (any parallel layout) -> Hugging Face directory")
     export.add_argument("checkpoint", help="a step_XXXXXXXX checkpoint directory, or a run directory (its newest)")
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
         checkpoint = resolve_checkpoint(args.checkpoint)
         export_dcp_checkpoint(checkpoint, args.out_dir, dtype=DTYPES[args.dtype])
     except (FileNotFoundError, ValueError) as error:
-        parser.exit(2, f"python -m model.hf export: {error}\n")
+        parser.exit(2, f"python -m latentforge.model.hf export: {error}\n")
     print(f"exported {checkpoint} -> {args.out_dir}")
     return 0
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kernels.cross_entropy import linear_cross_entropy
+from latentforge.kernels.cross_entropy import linear_cross_entropy
 
 from .attention import Attention
 from .config import ModelConfig

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.conv1d import causal_conv1d
-from kernels.ssd import ssd_scan
+from latentforge.kernels.conv1d import causal_conv1d
+from latentforge.kernels.ssd import ssd_scan
 
 from .norm import GatedRMSNorm
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.moe import moe_experts
+from latentforge.kernels.moe import moe_experts
 
 from .mlp import MLP
 

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from kernels.rmsnorm import gated_rms_norm, rms_norm
+from latentforge.kernels.rmsnorm import gated_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):

@@ -1,6 +1,6 @@
 """Parameter and FLOP counting, from the model built on the meta device (nothing is allocated).
 
-    python -m model.params recipe=super_120b [seq_len=4096] [model.mtp_depths=1 ...]
+    python -m latentforge.model.params recipe=super_120b [seq_len=4096] [model.mtp_depths=1 ...]
 
 Counts include the expert-bias buffers (`e_score_correction_bias`), which the checkpoint stores as tensors.
 FLOPs follow Megatron's hybrid formula (forward x 3; MTP depths add one attention and one MoE layer each and one

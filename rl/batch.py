@@ -14,8 +14,8 @@ from typing import List, Optional
 
 import torch
 
-from rl.buffer import Group
-from rl.losses import group_advantages
+from latentforge.rl.buffer import Group
+from latentforge.rl.losses import group_advantages
 
 PAD_ID = 0
 IGNORE_INDEX = -100

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
 
-from rl.rewards.scorer import RewardFunctionConfig
+from latentforge.rl.rewards.scorer import RewardFunctionConfig
 
 WEIGHT_SYNC = ("broadcast", "object_store")
 AGGREGATIONS = ("token", "sequence", "constant")

@@ -1,10 +1,10 @@
-"""Generate a completion from a checkpoint: `python -m rl.generate ckpt=<dir> prompt="..."`.
+"""Generate a completion from a checkpoint: `python -m latentforge.rl.generate ckpt=<dir> prompt="..."`.
 
-    python -m rl.generate ckpt=out/tiny-hf prompt="What is 3 + 4 * 5?"
-    python -m rl.generate ckpt=runs/tiny prompt="def fib(n):" chat=false max_new_tokens=64 temperature=0.7
-    python -m rl.generate ckpt=out/tiny-hf prompt="..." think=false draft_tokens=3 stats=true
+    python -m latentforge.rl.generate ckpt=out/tiny-hf prompt="What is 3 + 4 * 5?"
+    python -m latentforge.rl.generate ckpt=runs/tiny prompt="def fib(n):" chat=false max_new_tokens=64 temperature=0.7
+    python -m latentforge.rl.generate ckpt=out/tiny-hf prompt="..." think=false draft_tokens=3 stats=true
 
-ckpt: a Hugging Face directory (config.json + safetensors, e.g. from `python -m train.export`) or a DCP
+ckpt: a Hugging Face directory (config.json + safetensors, e.g. from `python -m latentforge.train.export`) or a DCP
 checkpoint / run directory written by the trainer. The tokenizer is the checkpoint's own `tokenizer.json`
 (or `tokenizer=<spec>`, e.g. bpe:4096). With chat=true (default) the prompt is a user turn in the ChatML template
 with reasoning on (think=true) or off, and generation stops at <|im_end|>; with chat=false the prompt text
@@ -80,12 +80,12 @@ def load_model(ckpt: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     if not os.path.exists(ckpt):
         raise SystemExit(f"ckpt={ckpt}: no such directory")
     if os.path.isfile(os.path.join(ckpt, "config.json")):
-        from model.hf import load_pretrained
+        from latentforge.model.hf import load_pretrained
 
         model = load_pretrained(ckpt, dtype=dtype, device=device)
     else:
         try:
-            from train.export import load_model_from_checkpoint, resolve_checkpoint
+            from latentforge.train.export import load_model_from_checkpoint, resolve_checkpoint
         except ImportError as error:
             raise SystemExit(f"ckpt={ckpt} is not a Hugging Face directory (no config.json) and the DCP loader "
                              f"(train.export) is unavailable: {error}") from None
@@ -103,7 +103,7 @@ def find_tokenizer_file(ckpt: str) -> Optional[str]:
     candidates = [os.path.join(ckpt, TOKENIZER_FILE)]
     if not os.path.isfile(os.path.join(ckpt, "config.json")):
         try:
-            from train.export import resolve_checkpoint
+            from latentforge.train.export import resolve_checkpoint
 
             candidates.append(os.path.join(resolve_checkpoint(ckpt), TOKENIZER_FILE))
         except (ImportError, FileNotFoundError):
@@ -112,7 +112,7 @@ def find_tokenizer_file(ckpt: str) -> Optional[str]:
 
 
 def load_tokenizer_for(ckpt: str, spec: str = ""):
-    from data.tokenizer import load_tokenizer
+    from latentforge.data.tokenizer import load_tokenizer
 
     if spec:
         return load_tokenizer(spec)
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.dtype not in DTYPES:
         raise SystemExit(f"dtype={args.dtype!r}: use one of {', '.join(DTYPES)}")
-    from rl.engine import Engine, EngineConfig, SamplingParams
+    from latentforge.rl.engine import Engine, EngineConfig, SamplingParams
 
     model = load_model(args.ckpt, args.device, DTYPES[args.dtype])
     tokenizer = load_tokenizer_for(args.ckpt, args.tokenizer)

@@ -13,11 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
-if __package__ in (None, ""):
-    # run as a file (python rl/grpo.py): import the packages from the repository root, not from rl/
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import json  # noqa: E402
+import json
 
 
 def load_configs(overrides):
@@ -25,11 +22,11 @@ def load_configs(overrides):
     parallel dict, plain recipe dict)."""
     from omegaconf import OmegaConf
 
-    from data.config import DataConfig
-    from model.recipes import compose, model_config_from
-    from rl.config import GRPOConfig, GRPOConfigError
-    from rl.trainer import resolve_model_config
-    from train.config import OptimConfig
+    from latentforge.data.config import DataConfig
+    from latentforge.model.recipes import compose, model_config_from
+    from latentforge.rl.config import GRPOConfig, GRPOConfigError
+    from latentforge.rl.trainer import resolve_model_config
+    from latentforge.train.config import OptimConfig
 
     cfg = compose(list(overrides))
     if cfg.get("rl") is None:
@@ -48,7 +45,7 @@ def load_configs(overrides):
 
 
 def run(overrides, print_fn=print) -> dict:
-    from rl.loop import GRPOLoop
+    from latentforge.rl.loop import GRPOLoop
 
     rl, model, optim, tokenizer, task_seed, thinking, parallel, plain = load_configs(overrides)
     run_dir = os.path.abspath(rl.run_dir or os.path.join("runs", rl.run_name))
@@ -75,7 +72,7 @@ def main(argv=None) -> int:
     summary = run(overrides)
     before, after = summary.get("eval_before"), summary.get("eval_after")
     if before and after:
-        from rl.loop import describe_eval
+        from latentforge.rl.loop import describe_eval
 
         print(f"held-out before: {describe_eval(before)}\nheld-out after:  {describe_eval(after)}\n"
               f"training wall time {summary['wall_s']:.1f}s")

@@ -24,12 +24,12 @@ from typing import Dict, List, Optional
 
 import ray
 
-from rl.actors import RewardWorker, RolloutWorker, TrainerRank, remote
-from rl.buffer import StalenessBuffer
-from rl.config import GRPOConfig
-from rl.metrics import MetricsLogger, step_metrics
-from rl.prompts import PromptSource, build_records, prompt_token_ids
-from train.checkpoint import pack, unpack
+from latentforge.rl.actors import RewardWorker, RolloutWorker, TrainerRank, remote
+from latentforge.rl.buffer import StalenessBuffer
+from latentforge.rl.config import GRPOConfig
+from latentforge.rl.metrics import MetricsLogger, step_metrics
+from latentforge.rl.prompts import PromptSource, build_records, prompt_token_ids
+from latentforge.train.checkpoint import pack, unpack
 
 COLLECT_WAIT_S = 0.2
 
@@ -67,7 +67,7 @@ class GRPOLoop:
 
     # ================================================================== setup
     def setup(self) -> None:
-        from data.tokenizer import load_tokenizer
+        from latentforge.data.tokenizer import load_tokenizer
 
         cfg = self.cfg
         self.tokenizer = load_tokenizer(self.tokenizer_spec)

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from rl.config import AGGREGATIONS, KL_ESTIMATORS, PolicyLossConfig  # noqa: F401 - re-exported
+from latentforge.rl.config import AGGREGATIONS, KL_ESTIMATORS, PolicyLossConfig  # noqa: F401 - re-exported
 
 
 def group_advantages(rewards: torch.Tensor, normalize_std: bool = True, eps: float = 1e-6) -> torch.Tensor:

@@ -54,7 +54,7 @@ class MetricsLogger:
         self._run = None
 
     def start(self, run_id: Optional[str] = None) -> str:
-        from train.callbacks.wandb_logger import resolve_mode
+        from latentforge.train.callbacks.wandb_logger import resolve_mode
 
         self.run_id = run_id or secrets.token_hex(4)
         mode = resolve_mode(self.wandb_cfg.get("mode")) if self.wandb_cfg.get("enabled", True) else "disabled"
@@ -93,7 +93,7 @@ def step_metrics(version: int, groups: List, train: dict, push: dict, rollout_no
     since the previous step)."""
     import torch
 
-    from rl.losses import group_advantages
+    from latentforge.rl.losses import group_advantages
 
     samples = [s for g in groups for s in g.samples]
     rewards = [s.reward for s in samples]

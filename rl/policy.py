@@ -1,7 +1,7 @@
 """The policy side of GRPO: token log-probabilities, the GRPO loss as the parallel runner's loss hook, MTP on
 detached features.
 
-`GRPOLoss` is what `train.parallel`'s runner calls on the last pipeline stage for each micro-batch, with the final
+`GRPOLoss` is what `latentforge.train.parallel`'s runner calls on the last pipeline stage for each micro-batch, with the final
 hidden state of this rank's token slice (context / sequence parallelism cut rows into pieces) and the micro-batch
 tensors of rl.batch.collate sliced the same way. It returns this piece's share of the batch loss: every term is a
 sum over tokens divided by a global count (per-row quantities such as a row's token count come precomputed on
@@ -14,10 +14,10 @@ from typing import Optional
 
 import torch
 
-from kernels.cross_entropy import linear_cross_entropy
-from model.mtp import shift_left
-from rl.batch import IGNORE_INDEX, BatchCounts
-from rl.losses import PolicyLossConfig, aggregate, per_token_policy_loss
+from latentforge.kernels.cross_entropy import linear_cross_entropy
+from latentforge.model.mtp import shift_left
+from latentforge.rl.batch import IGNORE_INDEX, BatchCounts
+from latentforge.rl.losses import PolicyLossConfig, aggregate, per_token_policy_loss
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

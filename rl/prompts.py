@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from data.chat import render_chat
+from latentforge.data.chat import render_chat
 
 
 class PromptSource:
@@ -78,7 +78,7 @@ def build_records(tasks: Sequence[dict], split: str, seed: int, enable_thinking:
     """Records of several tasks, e.g. [{"name": "arithmetic", "num": 2000, "partial_credit": 0.5},
     {"name": "countdown", "num": 500}]. Keys besides name / num / seed are task options, copied into every record
     (the verifier reads them from there)."""
-    from rl.rewards import get_task
+    from latentforge.rl.rewards import get_task
 
     records = []
     for spec in tasks:

@@ -18,19 +18,19 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from model import HybridModel, ModelConfig
-from model.hf import MODEL_CONFIG_FILE
-from rl.batch import collate, count, group_rows, padded_length, shard_micro_batches
-from rl.buffer import Group
-from rl.config import GRPOConfig
-from rl.policy import GRPOLoss, token_logprobs
-from train import distributed as world
-from train.checkpoint import CheckpointManager, pack, unpack
-from train.config import OptimConfig
-from train.optim import OptimizerContainer
-from train.parallel import build_runner
-from train.schedule import LRSchedule
-from train.trainer import ModelState, rng_state, set_rng_state
+from latentforge.model import HybridModel, ModelConfig
+from latentforge.model.hf import MODEL_CONFIG_FILE
+from latentforge.rl.batch import collate, count, group_rows, padded_length, shard_micro_batches
+from latentforge.rl.buffer import Group
+from latentforge.rl.config import GRPOConfig
+from latentforge.rl.policy import GRPOLoss, token_logprobs
+from latentforge.train import distributed as world
+from latentforge.train.checkpoint import CheckpointManager, pack, unpack
+from latentforge.train.config import OptimConfig
+from latentforge.train.optim import OptimizerContainer
+from latentforge.train.parallel import build_runner
+from latentforge.train.schedule import LRSchedule
+from latentforge.train.trainer import ModelState, rng_state, set_rng_state
 
 
 
@@ -39,11 +39,11 @@ def resolve_model_config(init_from: Optional[str], recipe_model: dict) -> dict:
     if init_from is None:
         return dict(recipe_model)
     if os.path.isfile(os.path.join(init_from, "config.json")):
-        from model.hf import from_hf_config
+        from latentforge.model.hf import from_hf_config
 
         with open(os.path.join(init_from, "config.json")) as f:
             return from_hf_config(json.load(f)).to_dict()
-    from train.export import resolve_checkpoint
+    from latentforge.train.export import resolve_checkpoint
 
     path = os.path.join(resolve_checkpoint(init_from), MODEL_CONFIG_FILE)
     if not os.path.isfile(path):
@@ -63,10 +63,10 @@ def load_initial_model(init_from: Optional[str], model_cfg: ModelConfig, seed: i
         raise FileNotFoundError(f"rl.init_from={init_from} does not exist: point it at the SFT run's HF export "
                                 "(<run_dir>/hf) or its checkpoint directory")
     if os.path.isfile(os.path.join(init_from, "config.json")):
-        from model.hf import load_pretrained
+        from latentforge.model.hf import load_pretrained
 
         return load_pretrained(init_from)
-    from train.export import load_model_from_checkpoint
+    from latentforge.train.export import load_model_from_checkpoint
 
     return load_model_from_checkpoint(init_from)
 

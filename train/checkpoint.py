@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-from model.hf import STEP_DIR, complete_checkpoints  # noqa: F401 - the one definition of a complete checkpoint
+from latentforge.model.hf import STEP_DIR, complete_checkpoints  # noqa: F401 - the one definition of a complete checkpoint
 
 from . import distributed as world
 

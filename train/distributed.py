@@ -1,6 +1,6 @@
 """World-level helpers: start/stop the default process group, agree on a value, agree on a flag.
 
-The parallel layout (meshes, sub-groups) belongs to `train.parallel`; these only touch the whole world, for things
+The parallel layout (meshes, sub-groups) belongs to `latentforge.train.parallel`; these only touch the whole world, for things
 every rank must agree on (the run's W&B id, a stop request) whatever the layout.
 """
 

@@ -1,7 +1,7 @@
 """DCP checkpoint -> Hugging Face directory, for any trainer checkpoint (plain or LoRA).
 
-    python -m model.hf export runs/tiny out/tiny-hf            # a plain checkpoint (the model's own CLI)
-    python -m train.export runs/lora_tiny out/lora-merged-hf    # also a LoRA run: adapters merged into the base
+    python -m latentforge.model.hf export runs/tiny out/tiny-hf            # a plain checkpoint (the model's own CLI)
+    python -m latentforge.train.export runs/lora_tiny out/lora-merged-hf    # also a LoRA run: adapters merged into the base
 
 A plain checkpoint goes through model.hf's DCP reader; a LoRA checkpoint (`lora_config.json` next to the shards)
 through train.lora's merge, so an export never silently drops trained adapters.
@@ -14,9 +14,9 @@ import sys
 
 import torch
 
-from model.hf import (DTYPES, LORA_CONFIG_FILE, MODEL_CONFIG_FILE, TOKENIZER_FILE, export_dcp_checkpoint,
+from latentforge.model.hf import (DTYPES, LORA_CONFIG_FILE, MODEL_CONFIG_FILE, TOKENIZER_FILE, export_dcp_checkpoint,
                       load_dcp_checkpoint)
-from model.hf import resolve_checkpoint as _resolve
+from latentforge.model.hf import resolve_checkpoint as _resolve
 
 __all__ = ["MODEL_CONFIG_FILE", "TOKENIZER_FILE", "resolve_checkpoint", "load_model_from_checkpoint",
            "export_checkpoint", "main"]
@@ -32,8 +32,8 @@ def load_model_from_checkpoint(path: str):
     checkpoint's adapters are merged into its base."""
     checkpoint = _resolve(path)
     if (checkpoint / LORA_CONFIG_FILE).is_file():
-        from train.lora import merge_lora
-        from train.lora.checkpoint import load_model
+        from latentforge.train.lora import merge_lora
+        from latentforge.train.lora.checkpoint import load_model
 
         model, _ = load_model(str(checkpoint))
         return merge_lora(model)
@@ -42,14 +42,14 @@ def load_model_from_checkpoint(path: str):
 
 def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32) -> str:
     if (_resolve(checkpoint) / LORA_CONFIG_FILE).is_file():
-        from train.lora.checkpoint import export_merged
+        from latentforge.train.lora.checkpoint import export_merged
 
         return str(export_merged(checkpoint, out_dir, dtype=dtype))
     return str(export_dcp_checkpoint(checkpoint, out_dir, dtype=dtype))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m latentforge.train.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a step_XXXXXXXX checkpoint directory, or a run directory")
     parser.add_argument("out_dir", help="where the Hugging Face files go")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

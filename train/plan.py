@@ -16,8 +16,8 @@ GIB = 2**30
 
 def format_plan(model_cfg, parallel_cfg, layout, *, seq_len: int, micro_batch_size: int,
                 global_batch_size: int) -> str:
-    from model.params import count_parameters, meta_model, training_flops_per_token
-    from train.parallel import layout_plan
+    from latentforge.model.params import count_parameters, meta_model, training_flops_per_token
+    from latentforge.train.parallel import layout_plan
 
     counts = count_parameters(meta_model(model_cfg))
     accumulation = global_batch_size // (micro_batch_size * layout.dp) if layout.dp else 0

@@ -14,15 +14,12 @@ from __future__ import annotations
 import os
 import sys
 
-if __package__ in (None, ""):
-    # run as a file (torchrun train/pretrain.py): import the packages from the repository root, not from train/
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
+import argparse
+import json
+import shutil
 
-import torch  # noqa: E402
+import torch
 
 USAGE = "python train/pretrain.py [--dry-run] [--world-size N] key=value ..."
 
@@ -45,11 +42,11 @@ def load_configs(overrides):
     """The composed recipe and the validated config objects of each group."""
     from omegaconf import OmegaConf
 
-    from data.config import DataConfig
-    from model.recipes import compose, model_config_from
-    from train.config import OptimConfig, TrainConfig
-    from train.parallel import ParallelConfig
-    from train.precision import PrecisionConfig
+    from latentforge.data.config import DataConfig
+    from latentforge.model.recipes import compose, model_config_from
+    from latentforge.train.config import OptimConfig, TrainConfig
+    from latentforge.train.parallel import ParallelConfig
+    from latentforge.train.precision import PrecisionConfig
 
     cfg = compose(overrides)
 
@@ -77,8 +74,8 @@ def planned_world_size(pc, requested) -> int:
 
 
 def print_plan(configs, world_size: int) -> None:
-    from train.parallel.config import validate_layout
-    from train.plan import format_plan
+    from latentforge.train.parallel.config import validate_layout
+    from latentforge.train.plan import format_plan
 
     train_cfg = configs["train"]
     layout = validate_layout(configs["model"], configs["parallel"], world_size, seq_len=train_cfg.seq_len)
@@ -92,7 +89,7 @@ def run_dir_of(train_cfg) -> str:
 
 def tokenizer_file(tokenizer):
     """The Hugging Face tokenizer.json behind the tokenizer (copied into checkpoints and exports), else None."""
-    from data.tokenizer import HFTokenizer
+    from latentforge.data.tokenizer import HFTokenizer
 
     if isinstance(tokenizer, HFTokenizer) and os.path.isfile(tokenizer.path):
         return tokenizer.path
@@ -103,7 +100,7 @@ def checkpoint_extra_writer(cfg, configs, tokenizer):
     """Rank 0 writes human-readable files next to the shards: what export and people need."""
     from omegaconf import OmegaConf
 
-    from train.export import MODEL_CONFIG_FILE, TOKENIZER_FILE
+    from latentforge.train.export import MODEL_CONFIG_FILE, TOKENIZER_FILE
 
     model_config = configs["model"].to_dict()
     source = tokenizer_file(tokenizer)
@@ -120,8 +117,8 @@ def checkpoint_extra_writer(cfg, configs, tokenizer):
 
 
 def build_model(configs, device):
-    from model import HybridModel
-    from train.precision import apply_precision
+    from latentforge.model import HybridModel
+    from latentforge.train.precision import apply_precision
 
     with torch.device(device):
         model = HybridModel(configs["model"])
@@ -138,14 +135,14 @@ def main(argv=None) -> int:
         print_plan(configs, planned_world_size(configs["parallel"], args.world_size))
         return 0
 
-    from data.pretrain import build_pretrain_loader
-    from data.tokenizer import load_tokenizer
-    from model.params import training_flops_per_token
-    from train import distributed as world
-    from train.callbacks import standard_callbacks
-    from train.checkpoint import CheckpointManager
-    from train.parallel import build_runner
-    from train.trainer import Trainer
+    from latentforge.data.pretrain import build_pretrain_loader
+    from latentforge.data.tokenizer import load_tokenizer
+    from latentforge.model.params import training_flops_per_token
+    from latentforge.train import distributed as world
+    from latentforge.train.callbacks import standard_callbacks
+    from latentforge.train.checkpoint import CheckpointManager
+    from latentforge.train.parallel import build_runner
+    from latentforge.train.trainer import Trainer
 
     world.init_distributed()
     try:
@@ -194,7 +191,7 @@ def main(argv=None) -> int:
 
         if train_cfg.export_hf and reason == "finished" and trainer.last_checkpoint:
             if is_rank0:
-                from train.export import export_checkpoint
+                from latentforge.train.export import export_checkpoint
 
                 out = export_checkpoint(trainer.last_checkpoint, os.path.join(run_dir, "hf"))
                 print(f"Hugging Face export: {out}", flush=True)
@@ -206,8 +203,8 @@ def main(argv=None) -> int:
 
 def print_start(configs, trainer, run_dir, resumed, world_size, device) -> None:
     """The run's header: where, on what, the layout and its memory plan, and where it starts from."""
-    from train.flops import device_label
-    from train.plan import format_plan
+    from latentforge.train.flops import device_label
+    from latentforge.train.plan import format_plan
 
     train_cfg = configs["train"]
     runner = trainer.runner

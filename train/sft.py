@@ -18,19 +18,16 @@ from __future__ import annotations
 import os
 import sys
 
-if __package__ in (None, ""):
-    # run as a file (torchrun train/sft.py): import the packages from the repository root, not from train/
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-from dataclasses import asdict, dataclass, fields, replace  # noqa: E402
-from typing import List, Optional  # noqa: E402
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import List, Optional
 
-import torch  # noqa: E402
+import torch
 
-from train.callbacks.base import Callback  # noqa: E402
+from latentforge.train.callbacks.base import Callback
 
 USAGE = ("python train/sft.py key=value ...   |   python train/sft.py --accuracy CHECKPOINT [--adapter DIR] "
          "[--problems N]")
@@ -87,8 +84,8 @@ def load_configs(overrides):
     """The composed recipe and each group's validated config (pretraining's groups plus `sft` and `lora`)."""
     from omegaconf import OmegaConf
 
-    from train.lora import LoRAConfig
-    from train.pretrain import load_configs as load_pretrain_configs
+    from latentforge.train.lora import LoRAConfig
+    from latentforge.train.pretrain import load_configs as load_pretrain_configs
 
     cfg, configs = load_pretrain_configs(rewrite_overrides(overrides))
     node = cfg.get("sft")
@@ -104,7 +101,7 @@ def load_configs(overrides):
 # ----- the starting checkpoint ---------------------------------------------------------------------------------
 def starting_point(sft_cfg: SFTConfig):
     """(kind, path, ModelConfig) of `sft.init_from`."""
-    from train.lora.checkpoint import model_config_of, resolve_source
+    from latentforge.train.lora.checkpoint import model_config_of, resolve_source
 
     if not sft_cfg.init_from:
         raise SFTConfigError("sft.init_from is not set: give the starting weights (a run directory of "
@@ -120,11 +117,11 @@ def _recorded_tokenizer(kind: str, path: str) -> Optional[dict]:
     """The tokenizer fingerprint the starting DCP checkpoint's trainer state recorded (None if none)."""
     if kind != "dcp":
         return None
-    from train.checkpoint import CheckpointManager, checkpoint_keys, pack, unpack
+    from latentforge.train.checkpoint import CheckpointManager, checkpoint_keys, pack, unpack
 
     if "trainer" not in checkpoint_keys(path):
         return None
-    from train.trainer import TrainState
+    from latentforge.train.trainer import TrainState
 
     box = {"trainer": pack(asdict(TrainState()))}
     CheckpointManager.load(path, box)
@@ -134,8 +131,8 @@ def _recorded_tokenizer(kind: str, path: str) -> Optional[dict]:
 def starting_tokenizer(kind: str, path: str, data_cfg, model_cfg):
     """The starting checkpoint's tokenizer (and so its chat template's token ids). A tokenizer named in the data
     config must be the same one: fine-tuning with another tokenizer would scramble every token."""
-    from data.config import TokenizerConfig
-    from data.tokenizer import HFTokenizer, TokenizerMismatchError, load_tokenizer
+    from latentforge.data.config import TokenizerConfig
+    from latentforge.data.tokenizer import HFTokenizer, TokenizerMismatchError, load_tokenizer
 
     file = os.path.join(path, "tokenizer.json")
     recorded = _recorded_tokenizer(kind, path)
@@ -148,7 +145,7 @@ def starting_tokenizer(kind: str, path: str, data_cfg, model_cfg):
             theirs = load_tokenizer(requested, cache_dir=data_cfg.cache_dir)
             if theirs.fingerprint()["sha256"] != tokenizer.fingerprint()["sha256"]:
                 raise TokenizerMismatchError(
-                    f"data.tokenizer ({requested.kind}, vocab {theirs.vocab_size}) is not the tokenizer of the "
+                    f"latentforge.data.tokenizer ({requested.kind}, vocab {theirs.vocab_size}) is not the tokenizer of the "
                     f"starting checkpoint {path} ({file}, vocab {tokenizer.vocab_size}). The tokenizer and chat "
                     "template come from the checkpoint: drop the data.tokenizer override, or start from a "
                     "checkpoint trained with that tokenizer")
@@ -170,9 +167,9 @@ def starting_tokenizer(kind: str, path: str, data_cfg, model_cfg):
 
 def build_model(model_cfg, precision_cfg, kind: str, path: str, device):
     """The starting model: weights loaded, then the precision policy (which keeps the weights it swaps around)."""
-    from model import HybridModel
-    from train.lora.checkpoint import load_base_weights
-    from train.precision import apply_precision
+    from latentforge.model import HybridModel
+    from latentforge.train.lora.checkpoint import load_base_weights
+    from latentforge.train.precision import apply_precision
 
     with torch.device(device):
         model = HybridModel(model_cfg)
@@ -184,7 +181,7 @@ def build_model(model_cfg, precision_cfg, kind: str, path: str, device):
 # ----- validation and the best checkpoint ----------------------------------------------------------------------
 def validation_batches(data_cfg, tokenizer, train_cfg, sft_cfg, dp_rank, dp_size) -> list:
     """The first `sft.eval_batches` micro-batches of the held-out split for this data-parallel rank (fixed)."""
-    from data.sft import build_sft_loader
+    from latentforge.data.sft import build_sft_loader
 
     loader = build_sft_loader(data_cfg, tokenizer, seq_len=train_cfg.seq_len,
                               micro_batch_size=train_cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
@@ -251,9 +248,9 @@ class Validation(Callback):
 
 def best_saver(run_dir: str, write_extra, lora_cfg, base_path: str):
     """Saves the model parts to <run_dir>/best (DCP, newest only) and, with LoRA, best/adapter (PEFT)."""
-    from train.checkpoint import CheckpointManager
-    from train.lora import gather_lora_state_dict, write_adapter
-    from train.trainer import ModelState
+    from latentforge.train.checkpoint import CheckpointManager
+    from latentforge.train.lora import gather_lora_state_dict, write_adapter
+    from latentforge.train.trainer import ModelState
 
     folder = os.path.join(run_dir, "best")
     manager = CheckpointManager(folder, keep_last=1)
@@ -278,7 +275,7 @@ def best_saver(run_dir: str, write_extra, lora_cfg, base_path: str):
 def greedy_completions(model, prompts: List[List[int]], max_new_tokens: int, stop_ids: set) -> List[List[int]]:
     """Greedy continuation of each prompt: prompts prefilled one by one into their rows of a shared cache (the
     cache keeps a position per row), then decoded together."""
-    from model.cache import InferenceCache
+    from latentforge.model.cache import InferenceCache
 
     device = model.lm_head.weight.device
     max_len = max(len(p) for p in prompts) + max_new_tokens
@@ -310,8 +307,8 @@ def heldout_accuracy(model, tokenizer, data_cfg, num_problems: int, max_new_toke
     """(solved, attempted, examples) on the first `num_problems` problems of the built-in chat test split.
 
     Each example: question, answer, completion, correct, formatted (an 'Answer: N' line was produced at all)."""
-    from data.chat import render_chat
-    from data.synthetic import check_answer, extract_answer, problem_messages, synthetic_splits
+    from latentforge.data.chat import render_chat
+    from latentforge.data.synthetic import check_answer, extract_answer, problem_messages, synthetic_splits
 
     problems = synthetic_splits(data_cfg.synthetic_num_train, data_cfg.synthetic_num_heldout,
                                 data_cfg.seed)["test"][:num_problems]
@@ -342,7 +339,7 @@ def describe_accuracy(solved: int, total: int, examples: list) -> str:
 
 
 def uses_builtin_chat(data_cfg) -> bool:
-    from data.config import BUILTIN_CHAT
+    from latentforge.data.config import BUILTIN_CHAT
 
     return BUILTIN_CHAT in data_cfg.paths
 
@@ -365,7 +362,7 @@ def main(argv=None) -> int:
 
 
 def accuracy_main(args, overrides) -> int:
-    from train.lora.checkpoint import load_model, resolve_source
+    from latentforge.train.lora.checkpoint import load_model, resolve_source
 
     if not any(o.startswith("recipe=") for o in overrides):
         overrides = ["recipe=sft_tiny", *overrides]  # the built-in chat set's settings
@@ -383,16 +380,16 @@ def accuracy_main(args, overrides) -> int:
 def run(overrides) -> int:
     from omegaconf import OmegaConf
 
-    from data.sft import build_sft_loader
-    from model.params import training_flops_per_token
-    from train import distributed as world
-    from train.callbacks import standard_callbacks
-    from train.checkpoint import CheckpointManager
-    from train.lora import apply_lora, attach_tp_slices, lora_parameters, save_adapter
-    from train.lora.checkpoint import LORA_CONFIG_FILE
-    from train.parallel import build_runner
-    from train.pretrain import checkpoint_extra_writer, print_start, run_dir_of
-    from train.trainer import Trainer
+    from latentforge.data.sft import build_sft_loader
+    from latentforge.model.params import training_flops_per_token
+    from latentforge.train import distributed as world
+    from latentforge.train.callbacks import standard_callbacks
+    from latentforge.train.checkpoint import CheckpointManager
+    from latentforge.train.lora import apply_lora, attach_tp_slices, lora_parameters, save_adapter
+    from latentforge.train.lora.checkpoint import LORA_CONFIG_FILE
+    from latentforge.train.parallel import build_runner
+    from latentforge.train.pretrain import checkpoint_extra_writer, print_start, run_dir_of
+    from latentforge.train.trainer import Trainer
 
     cfg, configs = load_configs(overrides)
     train_cfg, sft_cfg, lora_cfg, data_cfg = configs["train"], configs["sft"], configs["lora"], configs["data"]
@@ -524,14 +521,14 @@ def check_only_adapters_train(parts, stage_ids=None) -> None:
 
 def finish(checkpoint, run_dir, train_cfg, sft_cfg, data_cfg, tokenizer, lora_cfg, accuracy_before) -> None:
     """Rank 0 after training: the Hugging Face export (adapters merged) and the held-out accuracy."""
-    from train.lora.checkpoint import export_merged, load_model
+    from latentforge.train.lora.checkpoint import export_merged, load_model
 
     if train_cfg.export_hf:
         out = os.path.join(run_dir, "hf")
         if lora_cfg is not None:
             export_merged(checkpoint, out)
         else:
-            from train.export import export_checkpoint
+            from latentforge.train.export import export_checkpoint
 
             export_checkpoint(checkpoint, out)
         print(f"Hugging Face export{' (adapters merged)' if lora_cfg is not None else ''}: {out}", flush=True)

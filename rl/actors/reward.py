@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import List
 
-from rl.buffer import Sample
-from rl.config import RewardConfig
-from rl.rewards import RewardScorer
+from latentforge.rl.buffer import Sample
+from latentforge.rl.config import RewardConfig
+from latentforge.rl.rewards import RewardScorer
 
 
 class RewardWorker:
     def __init__(self, cfg: RewardConfig, tokenizer_spec):
-        from data.tokenizer import load_tokenizer
+        from latentforge.data.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_spec)
         self.scorer = RewardScorer(cfg.functions, task_weight=cfg.task_weight)

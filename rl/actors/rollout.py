@@ -17,11 +17,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-from model import HybridModel, ModelConfig
-from rl.buffer import Sample
-from rl.config import RolloutConfig
-from rl.engine import Engine, EngineConfig, SamplingParams
-from rl.weight_sync import WeightSyncGroup, receive_state, state_spec
+from latentforge.model import HybridModel, ModelConfig
+from latentforge.rl.buffer import Sample
+from latentforge.rl.config import RolloutConfig
+from latentforge.rl.engine import Engine, EngineConfig, SamplingParams
+from latentforge.rl.weight_sync import WeightSyncGroup, receive_state, state_spec
 
 NO_WEIGHTS = -1  # version of a worker that has not received weights yet: it generates nothing
 

@@ -9,9 +9,9 @@ from typing import List, Optional
 
 import torch
 
-from rl.buffer import Group
-from rl.config import GRPOConfig
-from rl.weight_sync import WeightSyncGroup, free_port, node_ip, send_state
+from latentforge.rl.buffer import Group
+from latentforge.rl.config import GRPOConfig
+from latentforge.rl.weight_sync import WeightSyncGroup, free_port, node_ip, send_state
 
 
 class TrainerRank:
@@ -32,7 +32,7 @@ class TrainerRank:
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         if torch.cuda.is_available():  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: it is device 0
             torch.cuda.set_device(0)
-        from rl.trainer import PolicyTrainer
+        from latentforge.rl.trainer import PolicyTrainer
 
         self.trainer = PolicyTrainer(model_cfg, cfg, optim_cfg, run_dir, parallel_cfg, precision_cfg)
         return {"rank": self.rank, "dp_rank": self.trainer.dp_rank, "dp_size": self.trainer.dp_size}
@@ -82,7 +82,7 @@ class TrainerRank:
     def weights_digest(self) -> float:
         """A cheap fingerprint of the weights (tests compare runs with it). Every trainer rank calls it (gathering
         sharded layouts is collective); rank 0 returns it, the others 0.0."""
-        from rl.trainer import state_digest
+        from latentforge.rl.trainer import state_digest
 
         state = self.trainer.full_state_dict()
         return 0.0 if state is None else state_digest(state)

@@ -1,11 +1,11 @@
-"""The generated arithmetic and word problems of `data.synthetic` (the SFT data), verified by `check_answer`."""
+"""The generated arithmetic and word problems of `latentforge.data.synthetic` (the SFT data), verified by `check_answer`."""
 
 from __future__ import annotations
 
 import functools
 from typing import List
 
-from data.synthetic import extract_answer, problem_messages, synthetic_splits
+from latentforge.data.synthetic import extract_answer, problem_messages, synthetic_splits
 
 from .base import RewardResult, Task, answer_section, register_task
 

@@ -178,7 +178,7 @@ class IsolatedFunction:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
         self._proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), self.target], stdin=subprocess.PIPE,
+            [sys.executable, "-P", os.path.abspath(__file__), self.target], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
             preexec_fn=_limits(self.memory_mb, 1 << 20, OUTPUT_LIMIT_BYTES * 64))
         # the child answers "ready" (or the import error) before serving calls; importing may take a while
@@ -271,7 +271,6 @@ def _serve(target: str) -> None:
 
 
 if __name__ == "__main__":
-    # started as a script (not `-m rl...`) so the child imports no package but the user's; drop the script's own
-    # folder from the path so its module names cannot shadow the user's
-    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+    # started as a script with `python -P`: the script's own folder is not on sys.path, so its module names cannot
+    # shadow the user's
     _serve(sys.argv[1])

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from data.config import TokenizerConfig
+from latentforge.data.config import TokenizerConfig
 
 
 @pytest.fixture(scope="session")
@@ -24,14 +24,14 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bpe_tok(cache_dir):
     """A 1024-token BPE trained on the first 0.3 MB of the stdlib (the default recipe's recipe, smaller)."""
-    from data.tokenizer import load_tokenizer
+    from latentforge.data.tokenizer import load_tokenizer
 
     return load_tokenizer(TokenizerConfig(kind="bpe", vocab_size=1024, train_max_mb=0.3), cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="session")
 def tekken_tok():
-    from data.tokenizer import load_tokenizer
+    from latentforge.data.tokenizer import load_tokenizer
 
     return load_tokenizer("tekken")
 
@@ -50,7 +50,7 @@ def random_documents(rng, n, low, high, min_len=3, max_len=40, eod=2, tag_base=N
 
 def megatron_write(prefix, docs, dtype=np.uint16):
     """Write documents with megatron-core's own builder (as Megatron-LM's preprocess_data.py does)."""
-    from data.util import megatron_datasets
+    from latentforge.data.util import megatron_datasets
 
     indexed_dataset = megatron_datasets()[0]
     builder = indexed_dataset.IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)

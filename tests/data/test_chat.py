@@ -2,7 +2,7 @@
 
 import pytest
 
-from data.chat import normalize_record, prompt_messages, render_chat, render_chat_text, split_reasoning
+from latentforge.data.chat import normalize_record, prompt_messages, render_chat, render_chat_text, split_reasoning
 
 CONV = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "What is 2+3?"},

@@ -6,11 +6,11 @@ import struct
 import numpy as np
 import pytest
 
-from data.config import DataConfig
-from data.preprocess import preprocess
-from data.pretrain import build_pretrain_loader
-from data.tokenizer import TokenizerMismatchError
-from data.util import megatron_datasets
+from latentforge.data.config import DataConfig
+from latentforge.data.preprocess import preprocess
+from latentforge.data.pretrain import build_pretrain_loader
+from latentforge.data.tokenizer import TokenizerMismatchError
+from latentforge.data.util import megatron_datasets
 from tests.data.conftest import megatron_write, random_documents
 
 DOCS = ["first document\nwith two lines", "second: ünïcödé ✓", "x = [i ** 2 for i in range(10)]", "last one"]
@@ -99,7 +99,7 @@ def test_megatron_written_files_load_in_our_loader(tmp_path, bpe_tok, cache_dir)
 
 
 def test_foreign_token_ids_are_refused(tmp_path, bpe_tok, tekken_tok, cache_dir):
-    from data.indexed import inspect_prefix
+    from latentforge.data.indexed import inspect_prefix
 
     rng = np.random.default_rng(1)
     big = megatron_write(str(tmp_path / "big"), random_documents(rng, 10, 2000, 5000), dtype=np.int32)
@@ -110,5 +110,5 @@ def test_foreign_token_ids_are_refused(tmp_path, bpe_tok, tekken_tok, cache_dir)
     preprocess([str(src)], str(tmp_path / "ours"), bpe_tok, num_workers=1, progress=False)
     with pytest.raises(TokenizerMismatchError, match="tekken"):
         inspect_prefix(str(tmp_path / "ours"), tekken_tok)
-    with pytest.raises(FileNotFoundError, match="python -m data.preprocess"):
+    with pytest.raises(FileNotFoundError, match="python -m latentforge.data.preprocess"):
         inspect_prefix(str(tmp_path / "missing"), bpe_tok)

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from data.preprocess import MalformedInputError, main, preprocess
-from data.tokenizer import load_tokenizer
-from data.util import megatron_datasets
+from latentforge.data.preprocess import MalformedInputError, main, preprocess
+from latentforge.data.tokenizer import load_tokenizer
+from latentforge.data.util import megatron_datasets
 
 
 def read_docs(prefix):

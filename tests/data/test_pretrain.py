@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.config import DataConfig
-from data.pretrain import build_pretrain_loader
-from data.tokenizer import load_tokenizer
+from latentforge.data.config import DataConfig
+from latentforge.data.pretrain import build_pretrain_loader
+from latentforge.data.tokenizer import load_tokenizer
 from tests.data.conftest import megatron_write, random_documents
 
 SEQ = 24
@@ -129,7 +129,7 @@ def test_bad_config_errors(two_sources, bpe_tok, tmp_path):
 
 
 def test_embedded_stdlib_default(bpe_tok, cache_dir):
-    from data.stdlib_corpus import stdlib_files, stdlib_prefix
+    from latentforge.data.stdlib_corpus import stdlib_files, stdlib_prefix
 
     cfg = DataConfig(stdlib_max_mb=0.2)  # paths default to builtin:stdlib
     it = build_pretrain_loader(cfg, bpe_tok, seq_len=64, micro_batch_size=2)
@@ -138,7 +138,7 @@ def test_embedded_stdlib_default(bpe_tok, cache_dir):
     prefix = stdlib_prefix(bpe_tok, 0.2)
     mtime = os.path.getmtime(prefix + ".bin")
     assert stdlib_prefix(bpe_tok, 0.2) == prefix and os.path.getmtime(prefix + ".bin") == mtime  # cached
-    from data.util import megatron_datasets
+    from latentforge.data.util import megatron_datasets
 
     ds = megatron_datasets()[0].IndexedDataset(prefix)
     first = stdlib_files(0.2)[0]

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from data.chat import normalize_record, render_chat
-from data.config import DataConfig
-from data.packing import best_fit_decreasing
-from data.preprocess import MalformedInputError
-from data.sft import build_sft_loader
+from latentforge.data.chat import normalize_record, render_chat
+from latentforge.data.config import DataConfig
+from latentforge.data.packing import best_fit_decreasing
+from latentforge.data.preprocess import MalformedInputError
+from latentforge.data.sft import build_sft_loader
 
 SEQ = 64
 

@@ -1,6 +1,6 @@
 import re
 
-from data.synthetic import check_answer, extract_answer, generate_problems, synthetic_splits
+from latentforge.data.synthetic import check_answer, extract_answer, generate_problems, synthetic_splits
 
 _EQ = re.compile(r"(\d+) ([-+*/]) (\d+) = (-?\d+)")
 

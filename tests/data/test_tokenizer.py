@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from data.tokenizer import (SPECIAL_TOKENS, HFTokenizer, TokenizerMismatchError, load_default_bpe, load_tokenizer,
+from latentforge.data.tokenizer import (SPECIAL_TOKENS, HFTokenizer, TokenizerMismatchError, load_default_bpe, load_tokenizer,
                             train_bpe)
 
 TEXTS = ["def f(x):\n    return x ** 2  # square\n", "Grüße aus Zürich — 東京 🚀\tend",
@@ -38,7 +38,7 @@ def test_tekken_matches_mistral_common(tekken_tok):
     from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
     from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-    from data.tokenizer import tekken_file
+    from latentforge.data.tokenizer import tekken_file
 
     ref = Tekkenizer.from_file(tekken_file())
     for text in TEXTS:
@@ -91,7 +91,7 @@ def test_bad_specs():
 
 
 def test_model_vocab_check_and_config_spec(bpe_tok, cache_dir):
-    from data.config import DataConfig, TokenizerConfig
+    from latentforge.data.config import DataConfig, TokenizerConfig
 
     bpe_tok.check_model_vocab(1024)
     bpe_tok.check_model_vocab(1152)  # a padded embedding is fine

@@ -14,11 +14,11 @@ BF16, F32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
 
 
 def _specs():
-    import kernels.conv1d_triton as conv
-    import kernels.cross_entropy_triton as ce
-    import kernels.moe_triton as moe
-    import kernels.rmsnorm_triton as rms
-    import kernels.ssd_triton as ssd
+    import latentforge.kernels.conv1d_triton as conv
+    import latentforge.kernels.cross_entropy_triton as ce
+    import latentforge.kernels.moe_triton as moe
+    import latentforge.kernels.rmsnorm_triton as rms
+    import latentforge.kernels.ssd_triton as ssd
 
     ssd_cfg = dict(Q=128, BLOCK=64, BLOCK_P=64, BLOCK_N=128, PREC="tf32")
     specs = [

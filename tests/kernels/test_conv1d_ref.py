@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.kernels.kernel_naive import conv1d_naive, random_seq_idx
-from kernels.conv1d import causal_conv1d, causal_conv1d_ref
+from latentforge.kernels.conv1d import causal_conv1d, causal_conv1d_ref
 
 
 def make_conv_inputs(b, l, c, k, dtype=torch.float64, seed=0, device="cpu"):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.conv1d import causal_conv1d_ref
+from latentforge.kernels.conv1d import causal_conv1d_ref
 from tests.kernels.test_conv1d_ref import make_conv_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -12,7 +12,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2
 
 
 def _check(shape, dtype, docs, with_init, activation, seed, device=DEVICE):
-    from kernels.conv1d_triton import causal_conv1d_triton
+    from latentforge.kernels.conv1d_triton import causal_conv1d_triton
 
     b, l, c, k = shape
     t = make_conv_inputs(b, l, c, k, dtype=dtype, seed=seed, device=device)

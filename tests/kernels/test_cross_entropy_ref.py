@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.kernels.kernel_naive import cross_entropy_naive
-from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from latentforge.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 
 
 def make_ce_inputs(N, H, V, dtype=torch.float64, seed=0, device="cpu", n_ignored=3):
@@ -63,7 +63,7 @@ def test_fp32_logits_under_autocast():
     would otherwise round the forward's GEMM while the custom backward recomputes in fp32)."""
     import torch
 
-    from kernels.cross_entropy import linear_cross_entropy
+    from latentforge.kernels.cross_entropy import linear_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     hidden = (torch.randn(64, 32, generator=g) * 4).requires_grad_()

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from kernels.cross_entropy import linear_cross_entropy_ref
+from latentforge.kernels.cross_entropy import linear_cross_entropy_ref
 from tests.kernels.test_cross_entropy_ref import make_ce_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _check(N, H, V, chunk, reduction, dtype, device=DEVICE, tol=1e-5):
-    from kernels.cross_entropy_triton import linear_cross_entropy_triton
+    from latentforge.kernels.cross_entropy_triton import linear_cross_entropy_triton
 
     hidden, weight, labels = make_ce_inputs(N, H, V, dtype=dtype, seed=N + V, device=device)
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -33,7 +33,7 @@ def test_linear_ce_triton_fp32(N, H, V, chunk, reduction):
 
 
 def test_linear_ce_triton_fp16_multiple_vocab_blocks(monkeypatch):
-    import kernels.cross_entropy_triton as ce
+    import latentforge.kernels.cross_entropy_triton as ce
 
     monkeypatch.setattr(ce, "_block_v", lambda V: 16)  # exercise the online logsumexp across vocab blocks
     _check(10, 8, 70, 4, "mean", torch.float16, tol=2e-3)

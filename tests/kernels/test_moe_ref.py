@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.kernels.kernel_naive import moe_naive, uneven_routing
-from kernels.moe import (
+from latentforge.kernels.moe import (
     grouped_mlp_ref,
     moe_experts,
     moe_experts_ref,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.moe import grouped_mlp_ref, moe_experts_ref, moe_permute_ref, moe_unpermute_ref, row_weights
+from latentforge.kernels.moe import grouped_mlp_ref, moe_experts_ref, moe_permute_ref, moe_unpermute_ref, row_weights
 from tests.kernels.test_moe_ref import make_moe_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,8 +24,8 @@ def _assert_grads(fast, ref, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_moe_triton_end_to_end(dtype):
     """Uneven loads, an expert with zero tokens, padding to 16, gradients for x, weights and routing."""
-    from kernels.moe_triton import grouped_mlp_triton, moe_permute_triton, moe_unpermute_triton
-    from kernels.moe import _routing_plan
+    from latentforge.kernels.moe_triton import grouped_mlp_triton, moe_permute_triton, moe_unpermute_triton
+    from latentforge.kernels.moe import _routing_plan
 
     T, d, I, E, k = 20, 24, 40, 4, 2  # expert 1 spans two M tiles; d and I cross tile edges
     x, idx, w, w_up, w_down = make_moe_inputs(T, d, I, E, k, dtype=dtype, seed=0, device=DEVICE)
@@ -45,8 +45,8 @@ def test_moe_triton_end_to_end(dtype):
 
 
 def test_unpermute_triton_weighted_and_permute_alignment_1():
-    from kernels.moe_triton import moe_permute_triton, moe_unpermute_triton
-    from kernels.moe import _routing_plan
+    from latentforge.kernels.moe_triton import moe_permute_triton, moe_unpermute_triton
+    from latentforge.kernels.moe import _routing_plan
 
     T, d, E, k = 9, 20, 5, 3
     x, idx, w, _, _ = make_moe_inputs(T, d, 4, E, k, dtype=torch.float32, seed=1, device=DEVICE)
@@ -66,7 +66,7 @@ def test_unpermute_triton_weighted_and_permute_alignment_1():
 
 
 def test_grouped_mlp_triton_without_row_weight():
-    from kernels.moe_triton import grouped_mlp_triton
+    from latentforge.kernels.moe_triton import grouped_mlp_triton
 
     E, I, d = 3, 24, 16
     counts = torch.tensor([5, 0, 21], device=DEVICE)
@@ -86,7 +86,7 @@ def test_grouped_mlp_triton_without_row_weight():
 @pytest.mark.gpu
 @pytest.mark.parametrize("alignment", [16, 128])
 def test_moe_triton_gpu_latent_shape(alignment):
-    from kernels.moe import moe_experts
+    from latentforge.kernels.moe import moe_experts
 
     T, d, I, E, k = 2048, 1024, 2688, 64, 22
     x, idx, w, w_up, w_down = make_moe_inputs(T, d, I, E, k, dtype=torch.bfloat16, seed=3, device="cuda")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import quant as q
+from latentforge.kernels import quant as q
 
 
 @pytest.fixture(autouse=True)

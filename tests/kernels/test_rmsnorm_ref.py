@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.kernels.kernel_naive import gated_rms_norm_naive, rms_norm_naive
-from kernels.rmsnorm import gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_norm_ref
+from latentforge.kernels.rmsnorm import gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_norm_ref
 
 
 @pytest.mark.parametrize("shape", [(3, 16), (2, 5, 24), (1, 1, 7)])

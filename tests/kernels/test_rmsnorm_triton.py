@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.rmsnorm import gated_rms_norm_ref, rms_norm_ref
+from latentforge.kernels.rmsnorm import gated_rms_norm_ref, rms_norm_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
@@ -27,7 +27,7 @@ def _compare(fn_fast, fn_ref, inputs, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,group", [((2, 3, 24), 8), ((5, 20), 20), ((3, 12), 3)])
 def test_gated_rms_norm_triton(shape, group, dtype):
-    from kernels.rmsnorm_triton import gated_rms_norm_triton
+    from latentforge.kernels.rmsnorm_triton import gated_rms_norm_triton
 
     gen = torch.Generator().manual_seed(group)
     x, z = (torch.randn(*shape, generator=gen).to(DEVICE, dtype) for _ in range(2))
@@ -38,7 +38,7 @@ def test_gated_rms_norm_triton(shape, group, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rms_norm_triton(dtype):
-    from kernels.rmsnorm_triton import rms_norm_triton
+    from latentforge.kernels.rmsnorm_triton import rms_norm_triton
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(7, 33, generator=gen).to(DEVICE, dtype)
@@ -49,7 +49,7 @@ def test_rms_norm_triton(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gated_rms_norm_triton_gpu_sizes(dtype):
-    from kernels.rmsnorm import gated_rms_norm
+    from latentforge.kernels.rmsnorm import gated_rms_norm
 
     x, z = (torch.randn(2, 4096, 8192, device="cuda", dtype=dtype) for _ in range(2))
     w = torch.randn(8192, device="cuda")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.ssd import ssd_scan, ssd_scan_ref
+from latentforge.kernels.ssd import ssd_scan, ssd_scan_ref
 from tests.kernels.kernel_naive import random_seq_idx, ssd_naive
 
 

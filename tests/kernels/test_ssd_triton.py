@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.ssd import ssd_scan_ref
+from latentforge.kernels.ssd import ssd_scan_ref
 from tests.kernels.test_ssd_ref import make_ssd_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -13,7 +13,7 @@ NAMES = ("x", "dt", "A", "B", "C", "D", "init", "z")
 
 
 def _check(shape, dtype, docs, with_init, with_z=False, with_d=True, seed=0, device=DEVICE, seq_idx=None):
-    from kernels.ssd_triton import ssd_scan_triton
+    from latentforge.kernels.ssd_triton import ssd_scan_triton
 
     b, l, h, p, g, n, q = shape
     t = make_ssd_inputs(b, l, h, p, g, n, dtype=dtype, seed=seed, device=device)
@@ -70,7 +70,7 @@ def test_ssd_triton_gpu_super_shape(dtype):
 
 @pytest.mark.gpu
 def test_ssd_dispatcher_gpu_small_model():
-    from kernels.ssd import ssd_scan
+    from latentforge.kernels.ssd import ssd_scan
 
     t = make_ssd_inputs(2, 1000, 8, 32, 2, 64, dtype=torch.bfloat16, seed=2, device="cuda")
     y, f = ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], chunk_size=128, seq_idx=t["seq_idx"])

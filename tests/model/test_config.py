@@ -2,8 +2,8 @@
 
 import pytest
 
-from model import ConfigError, ModelConfig
-from model.recipes import compose, model_config_from
+from latentforge.model import ConfigError, ModelConfig
+from latentforge.model.recipes import compose, model_config_from
 
 
 @pytest.mark.parametrize("overrides, message", [

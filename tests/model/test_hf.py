@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from model import HybridModel, ModelConfig
-from model.hf import from_hf_tensors, load_pretrained, read_tensors, save_pretrained, to_hf_tensors
+from latentforge.model import HybridModel, ModelConfig
+from latentforge.model.hf import from_hf_tensors, load_pretrained, read_tensors, save_pretrained, to_hf_tensors
 
 transformers = pytest.importorskip("transformers")
 

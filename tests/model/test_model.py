@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import HybridModel, ModelConfig
-from model.cache import InferenceCache
-from model.moe import sequence_aux_loss
+from latentforge.model import HybridModel, ModelConfig
+from latentforge.model.cache import InferenceCache
+from latentforge.model.moe import sequence_aux_loss
 
 
 def small(**overrides) -> ModelConfig:

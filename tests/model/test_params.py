@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from model import ModelConfig
-from model.params import count_parameters, meta_model, training_flops_per_token
-from model.recipes import compose, model_config_from
+from latentforge.model import ModelConfig
+from latentforge.model.params import count_parameters, meta_model, training_flops_per_token
+from latentforge.model.recipes import compose, model_config_from
 
 
 def spec_formulas(cfg: ModelConfig) -> dict:
@@ -90,7 +90,7 @@ def test_meta_build_allocates_nothing():
 
 
 def test_cli_prints_the_counts():
-    out = subprocess.run([sys.executable, "-m", "model.params", "recipe=super_120b", "seq_len=4096"],
+    out = subprocess.run([sys.executable, "-m", "latentforge.model.params", "recipe=super_120b", "seq_len=4096"],
                          capture_output=True, text=True, check=True).stdout
     for number in ("123,611,033,088", "120,668,707,840", "12,770,237,440", "83.72 GFLOP"):
         assert number in out

@@ -1,6 +1,6 @@
 """Small models and configs shared by the GRPO tests."""
 
-from model.recipes import compose, model_config_from
+from latentforge.model.recipes import compose, model_config_from
 
 
 def micro_model_cfg(vocab_size: int = 128) -> dict:

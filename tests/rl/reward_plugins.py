@@ -53,9 +53,9 @@ def hang_once(record, completion):
 
 def even_answer(record, completion):
     """An easy-to-learn reward for sanity checks: the final 'Answer: N' is an even number."""
-    from data.synthetic import extract_answer
+    from latentforge.data.synthetic import extract_answer
 
-    from rl.rewards.base import answer_section
+    from latentforge.rl.rewards.base import answer_section
 
     value = extract_answer(answer_section(record, completion))
     return float(value is not None and value % 2 == 0)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from rl.buffer import Sample, StalenessBuffer
+from latentforge.rl.buffer import Sample, StalenessBuffer
 
 
 def make_sample(gid, idx, versions, reward=None, finish="stop"):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from rl.config import GRPOConfig, GRPOConfigError
-from rl.grpo import load_configs
+from latentforge.rl.config import GRPOConfig, GRPOConfigError
+from latentforge.rl.grpo import load_configs
 
 
 def test_recipe_composes():

@@ -8,11 +8,11 @@ import itertools
 import pytest
 import torch
 
-from model import HybridModel, ModelConfig
-from rl.engine import Engine, EngineConfig, SamplingParams
-from rl.engine.layers import mamba_recurrent, moe_inference
-from rl.engine.runner import ModelRunner
-from rl.engine.state import SlotStates
+from latentforge.model import HybridModel, ModelConfig
+from latentforge.rl.engine import Engine, EngineConfig, SamplingParams
+from latentforge.rl.engine.layers import mamba_recurrent, moe_inference
+from latentforge.rl.engine.runner import ModelRunner
+from latentforge.rl.engine.state import SlotStates
 from tests.rl.test_engine_sampling import _single_thread, chi_square_p_value, naive_probs  # noqa: F401
 
 
@@ -71,7 +71,7 @@ def test_recurrent_mamba_keeps_the_chunked_scans_state_after_every_token(fp64_mo
 
 @pytest.mark.parametrize("path", ["dense", "gather", "module"])
 def test_inference_moe_equals_the_module(fp64_model, monkeypatch, path):
-    import rl.engine.layers as layers
+    import latentforge.rl.engine.layers as layers
 
     if path != "dense":
         monkeypatch.setattr(layers, "DENSE_EXPERTS_MAX_MACS", 0)
@@ -239,7 +239,9 @@ def test_sampled_tokens_follow_the_model_distribution_with_and_without_drafting(
         # each logprob is that of the sampled token under its sampling distribution
         first = results[0]
         key_probs = naive_probs(logits[0, 0], 1.0, top_k, top_p)  # row 0's prompt-only position
-        assert first.logprobs[0] == pytest.approx(float(torch.log(key_probs[first.token_ids[0]])), rel=1e-9)
+        # the engine reports log-probs in fp32 (the model here is fp64): compare at fp32 precision
+        want = float(torch.log(key_probs[first.token_ids[0]]))
+        assert first.logprobs[0] == pytest.approx(want, rel=4 * torch.finfo(torch.float32).eps, abs=1e-7)
         if draft_tokens:
             accepted, drafted = engine.stats.accepted, engine.stats.drafted
             assert 0 < accepted[1] < accepted[0] < drafted[0]  # acceptance and rejection at both depths

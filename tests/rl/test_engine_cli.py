@@ -1,4 +1,4 @@
-"""`python -m rl.generate`: loads a Hugging Face export or a trainer's DCP checkpoint with the tokenizer it records,
+"""`python -m latentforge.rl.generate`: loads a Hugging Face export or a trainer's DCP checkpoint with the tokenizer it records,
 renders the chat template, and prints the engine's greedy completion (checked against full forwards)."""
 
 import json
@@ -9,14 +9,14 @@ import warnings
 import pytest
 import torch
 
-from rl import generate as cli
+from latentforge.rl import generate as cli
 from tests.rl.test_engine import make_model, reference_greedy
 from tests.rl.test_engine_sampling import _single_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
-    from data.tokenizer import train_bpe
+    from latentforge.data.tokenizer import train_bpe
 
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     texts = ["What is 3 + 4 * 5? First the multiplication: 4 * 5 = 20. Then 3 + 20 = 23. Answer: 23"] * 20
@@ -32,8 +32,8 @@ def expected_text(model, tokenizer, prompt, think, max_new):
 
 @pytest.mark.parametrize("think", [True, False])
 def test_cli_on_a_hugging_face_export(tmp_path, tokenizer_file, capsys, think):
-    from data.tokenizer import load_tokenizer
-    from model.hf import save_pretrained
+    from latentforge.data.tokenizer import load_tokenizer
+    from latentforge.model.hf import save_pretrained
 
     model = make_model(torch.float32, vocab_size=300)
     save_pretrained(model, tmp_path / "hf")
@@ -49,10 +49,10 @@ def test_cli_on_a_hugging_face_export(tmp_path, tokenizer_file, capsys, think):
 
 
 def test_cli_on_a_dcp_checkpoint(tmp_path, tokenizer_file, capsys):
-    pytest.importorskip("train.export", reason="the trainer's DCP loader (train/export.py) is not in this checkout")
+    pytest.importorskip("latentforge.train.export", reason="the trainer's DCP loader (train/export.py) is not in this checkout")
     import torch.distributed.checkpoint as dcp
 
-    from data.tokenizer import load_tokenizer
+    from latentforge.data.tokenizer import load_tokenizer
 
     model = make_model(torch.float32, vocab_size=300)
     step = tmp_path / "run" / "checkpoints" / "step_00000005"

@@ -10,13 +10,13 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from data.config import TokenizerConfig  # noqa: E402
-from rl.config import GRPOConfig  # noqa: E402
-from rl.loop import GRPOLoop  # noqa: E402
-from rl.trainer import state_digest  # noqa: E402
+from latentforge.data.config import TokenizerConfig  # noqa: E402
+from latentforge.rl.config import GRPOConfig  # noqa: E402
+from latentforge.rl.loop import GRPOLoop  # noqa: E402
+from latentforge.rl.trainer import state_digest  # noqa: E402
 from tests.rl.helpers import micro_model_cfg  # noqa: E402
-from train.config import OptimConfig  # noqa: E402
-from train.export import load_model_from_checkpoint  # noqa: E402
+from latentforge.train.config import OptimConfig  # noqa: E402
+from latentforge.train.export import load_model_from_checkpoint  # noqa: E402
 
 PLUGINS = "tests.rl.reward_plugins"
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rl.losses import (PolicyLossConfig, aggregate, group_advantages, kl_penalty, per_token_policy_loss,
+from latentforge.rl.losses import (PolicyLossConfig, aggregate, group_advantages, kl_penalty, per_token_policy_loss,
                        truncated_importance_weights)
 
 LN = math.log

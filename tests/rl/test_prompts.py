@@ -2,8 +2,8 @@
 
 import pytest
 
-from data.tokenizer import load_tokenizer
-from rl.prompts import PromptSource, build_records, prompt_token_ids
+from latentforge.data.tokenizer import load_tokenizer
+from latentforge.rl.prompts import PromptSource, build_records, prompt_token_ids
 
 
 def records(n):

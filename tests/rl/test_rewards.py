@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from rl.rewards import IsolatedFunction, RewardFunctionConfig, RewardScorer, get_task, run_untrusted_code
-from rl.rewards.countdown import check_countdown, make_instance
+from latentforge.rl.rewards import IsolatedFunction, RewardFunctionConfig, RewardScorer, get_task, run_untrusted_code
+from latentforge.rl.rewards.countdown import check_countdown, make_instance
 
 PLUGINS = "tests.rl.reward_plugins"
 

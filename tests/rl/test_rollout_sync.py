@@ -7,16 +7,16 @@ import time
 import pytest
 import torch
 
-from model import HybridModel, ModelConfig
-from rl.actors.rollout import RolloutWorker
-from rl.buffer import Group
-from rl.config import GRPOConfig, RolloutConfig
-from rl.policy import token_logprobs
-from rl.trainer import PolicyTrainer
-from rl.weight_sync import WeightSyncGroup, plan_buckets, receive_state, send_state, state_spec
+from latentforge.model import HybridModel, ModelConfig
+from latentforge.rl.actors.rollout import RolloutWorker
+from latentforge.rl.buffer import Group
+from latentforge.rl.config import GRPOConfig, RolloutConfig
+from latentforge.rl.policy import token_logprobs
+from latentforge.rl.trainer import PolicyTrainer
+from latentforge.rl.weight_sync import WeightSyncGroup, plan_buckets, receive_state, send_state, state_spec
 from tests.distributed import free_port
 from tests.rl.helpers import micro_model_cfg
-from train.config import OptimConfig
+from latentforge.train.config import OptimConfig
 
 STOP = 3
 

@@ -6,13 +6,13 @@ import random
 import pytest
 import torch
 
-from model import HybridModel, ModelConfig
-from rl.buffer import Group, Sample
-from rl.config import GRPOConfig
-from rl.policy import mtp_detached_losses
-from rl.trainer import PolicyTrainer
+from latentforge.model import HybridModel, ModelConfig
+from latentforge.rl.buffer import Group, Sample
+from latentforge.rl.config import GRPOConfig
+from latentforge.rl.policy import mtp_detached_losses
+from latentforge.rl.trainer import PolicyTrainer
 from tests.rl.helpers import micro_model_cfg
-from train.config import OptimConfig
+from latentforge.train.config import OptimConfig
 
 
 def random_groups(n_groups=3, G=4, vocab=128, seed=0):

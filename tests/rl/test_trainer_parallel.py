@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from rl.buffer import Group, Sample
-from rl.config import GRPOConfig
-from rl.trainer import PolicyTrainer
+from latentforge.rl.buffer import Group, Sample
+from latentforge.rl.config import GRPOConfig
+from latentforge.rl.trainer import PolicyTrainer
 from tests.distributed import run_distributed
 from tests.rl.helpers import micro_model_cfg
 from tests.rl.test_trainer import random_groups
-from train.config import OptimConfig
+from latentforge.train.config import OptimConfig
 
 MICRO_BATCH = 3  # 12 rows: 4 micro-batches in one process, 2 per data-parallel rank of 2
 
@@ -139,7 +139,7 @@ def test_grpo_step_on_parallel_layout_matches_one_process(name, tmp_path, tmp_pa
 
 def test_micro_batches_fit_the_pipeline():
     """Under PP the rows of a rank are spread over at least pp micro-batches of one shape."""
-    from rl.batch import collate, group_rows, padded_length, shard_micro_batches
+    from latentforge.rl.batch import collate, group_rows, padded_length, shard_micro_batches
 
     rows = group_rows(random_groups(), normalize_std=True, filter_overlong=False)
     micro = shard_micro_batches(rows[:3], 0, 1, 8, min_micro_batches=2, multiple_of=2)

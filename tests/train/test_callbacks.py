@@ -6,12 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from train.callbacks import ConsoleLogger, JSONLWriter, PreemptionHandler, SpeedMonitor, WandbLogger
-from train.callbacks.console import format_line
-from train.callbacks.jsonl import read_jsonl
-from train.callbacks.wandb_logger import resolve_mode
-from train.config import WandbConfig
-from train.flops import peak_tflops_for
+from latentforge.train.callbacks import ConsoleLogger, JSONLWriter, PreemptionHandler, SpeedMonitor, WandbLogger
+from latentforge.train.callbacks.console import format_line
+from latentforge.train.callbacks.jsonl import read_jsonl
+from latentforge.train.callbacks.wandb_logger import resolve_mode
+from latentforge.train.config import WandbConfig
+from latentforge.train.flops import peak_tflops_for
 
 
 class FakeTrainer:
@@ -159,7 +159,7 @@ class FakeTerminal(io.StringIO):
 
 
 def test_progress_bar_only_on_a_terminal():
-    from train.callbacks import ProgressBar
+    from latentforge.train.callbacks import ProgressBar
 
     trainer = FakeTrainer(last_step=4)
     trainer.print_hook = None

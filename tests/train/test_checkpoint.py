@@ -5,7 +5,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-from train.checkpoint import CheckpointManager, complete_checkpoints, pack, unpack
+from latentforge.train.checkpoint import CheckpointManager, complete_checkpoints, pack, unpack
 
 
 def make_state(seed: int):

@@ -13,8 +13,8 @@ from tests.train.test_parallel_common import global_batches, micro_batches_for, 
 
 
 def _loss_and_grads(compile_blocks: bool):
-    from model import HybridModel
-    from train.parallel import ParallelConfig, build_runner
+    from latentforge.model import HybridModel
+    from latentforge.train.parallel import ParallelConfig, build_runner
 
     cfg = tiny_config()
     torch.manual_seed(0)

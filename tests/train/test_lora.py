@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import HybridModel
+from latentforge.model import HybridModel
 from tests.distributed import run_distributed
 from tests.model.test_hf import randomize, tiny_config
-from train.config import OptimConfig
-from train.lora import (DEFAULT_TARGETS, LoRAConfig, LoRAConfigError, PEFTCompatibilityWarning, apply_lora,
+from latentforge.train.config import OptimConfig
+from latentforge.train.lora import (DEFAULT_TARGETS, LoRAConfig, LoRAConfigError, PEFTCompatibilityWarning, apply_lora,
                         attach_tp_slices, lora_parameters, lora_state_dict, merge_lora, remove_lora)
-from train.optim import OptimizerContainer
+from latentforge.train.optim import OptimizerContainer
 
 
 def build(pattern="M*E-", seed=0, **overrides):
@@ -64,7 +64,7 @@ def test_mamba_out_proj_is_opt_in_with_a_peft_warning():
 
 
 def test_merge_and_remove_take_the_tensor_parallel_hook_away():
-    from train.lora.layers import _tp_slices_hook
+    from latentforge.train.lora.layers import _tp_slices_hook
 
     def hooked(model):
         return sorted(n for n, m in model.named_modules() if _tp_slices_hook in m._forward_pre_hooks.values())
@@ -187,8 +187,8 @@ DIST_LAYOUTS = {
 def _layouts_worker(rank, world_size):
     import copy
 
-    from train.lora.layers import LoRALinearMixin
-    from train.parallel import ParallelConfig, build_runner
+    from latentforge.train.lora.layers import LoRALinearMixin
+    from latentforge.train.parallel import ParallelConfig, build_runner
 
     ids = torch.randint(0, 211, (4, 16), generator=torch.Generator().manual_seed(7))
     labels = ids.roll(-1, 1)

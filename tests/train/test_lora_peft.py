@@ -8,10 +8,10 @@ from unittest import mock
 import pytest
 import torch
 
-from model import HybridModel
-from model.hf import save_pretrained
+from latentforge.model import HybridModel
+from latentforge.model.hf import save_pretrained
 from tests.model.test_hf import hf_model, randomize, tiny_config
-from train.lora import (DEFAULT_TARGETS, LoRAConfig, PEFTCompatibilityWarning, apply_lora, load_adapter,
+from latentforge.train.lora import (DEFAULT_TARGETS, LoRAConfig, PEFTCompatibilityWarning, apply_lora, load_adapter,
                         lora_parameters, merge_lora, save_adapter)
 
 peft = pytest.importorskip("peft")

@@ -16,9 +16,9 @@ BF16 = {"param_dtype": "bfloat16"}
 
 def _observed_run(parallel: dict, precision: dict | None, steps: int = 2, micro_batch_size: int = 2):
     """Two AdamW steps; returns (losses, dtypes seen inside the forward, router fp32 check, param/grad dtypes)."""
-    from model import HybridModel
-    from model.moe import Router
-    from train.parallel import ParallelConfig, build_runner
+    from latentforge.model import HybridModel
+    from latentforge.model.moe import Router
+    from latentforge.train.parallel import ParallelConfig, build_runner
 
     cfg = tiny_config()
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def test_pipeline_bf16_matches_one_process_autocast():
 
 
 def test_bad_dtype_is_named():
-    from train.precision import PrecisionConfig, PrecisionConfigError
+    from latentforge.train.precision import PrecisionConfig, PrecisionConfigError
 
     with pytest.raises(PrecisionConfigError, match="param_dtype"):
         PrecisionConfig(param_dtype="fp16")

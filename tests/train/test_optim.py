@@ -1,9 +1,9 @@
 import torch
 
-from model import HybridModel
-from model.recipes import compose, model_config_from
-from train.config import OptimConfig
-from train.optim import OptimizerContainer, param_groups
+from latentforge.model import HybridModel
+from latentforge.model.recipes import compose, model_config_from
+from latentforge.train.config import OptimConfig
+from latentforge.train.optim import OptimizerContainer, param_groups
 
 
 def tiny_model():

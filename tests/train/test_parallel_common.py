@@ -24,7 +24,7 @@ STEPS = 2
 
 
 def tiny_config(**overrides):
-    from model import ModelConfig
+    from latentforge.model import ModelConfig
 
     return ModelConfig(**{**TINY, **overrides})
 
@@ -80,8 +80,8 @@ def train_run(parallel: dict, micro_batch_size: int = 2, model_overrides=None, l
 
     With `checkpoint_dir`, the final model is also saved there with torch.distributed.checkpoint. With `meta`, the
     model is built on the meta device and initialised by the runner, unit by unit."""
-    from model import HybridModel
-    from train.parallel import ParallelConfig, build_runner
+    from latentforge.model import HybridModel
+    from latentforge.train.parallel import ParallelConfig, build_runner
 
     cfg = tiny_config(**(model_overrides or {}))
     torch.manual_seed(0)
@@ -92,6 +92,7 @@ def train_run(parallel: dict, micro_batch_size: int = 2, model_overrides=None, l
         model = HybridModel(cfg)
     runner = build_runner(model, cfg, ParallelConfig(**parallel))
     params = [p for part in runner.model_parts for p in part.parameters()]
+    initial = {"init:" + k: v for k, v in full_state(runner.model_parts).items()}  # for update-relative errors
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, foreach=False)
     history, first_grads = [], None
     for batch in global_batches(cfg):
@@ -105,7 +106,7 @@ def train_run(parallel: dict, micro_batch_size: int = 2, model_overrides=None, l
         history.append(result)
     if checkpoint_dir is not None:
         save_checkpoint(runner.model_parts, checkpoint_dir)
-    state = {**full_state(runner.model_parts), **first_grads}
+    state = {**full_state(runner.model_parts), **first_grads, **initial}
     groups = runner.groups
     owner = groups.mesh is None or (groups.dp_rank == 0 and groups.cp_rank == 0 and groups.tp_rank == 0)
     return portable((history, (state if owner else None)))
@@ -146,7 +147,7 @@ def load_unsharded(path, **model_overrides):
     """A fresh single-process model (other seed) loaded from a DCP checkpoint of any layout."""
     import torch.distributed.checkpoint as dcp
 
-    from model import HybridModel
+    from latentforge.model import HybridModel
 
     torch.manual_seed(99)
     model = HybridModel(tiny_config(**model_overrides))
@@ -171,9 +172,16 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def assert_same_training(reference, results, tol=1e-5):
+def assert_same_training(reference, results, tol=1e-5, update_tol=1e-3):
     """Per-step losses, grad norms and expert loads, the first step's gradients, then every parameter and buffer
-    after the last step, against the reference (relative errors: |a - b| / |b| per tensor)."""
+    after the last step, against the reference.
+
+    The tolerances follow the numerics. Losses and first-step gradients come straight from fp32 reductions whose
+    order differs between layouts (and between CPU capability levels): relative error `tol`. The final parameters
+    went through AdamW, whose first steps are ~lr * g / |g| per entry: an entry whose gradient sits at the fp32
+    noise floor can move by +-lr whatever its true gradient, so a parameter is compared by the size of its change,
+    ||p - p_ref|| / ||p_ref - p_init|| <= update_tol (when the run recorded `init:` entries), not by its own norm,
+    which the initialisation dominates."""
     ref_history, ref_state = restore(reference)
     results = restore(results)
     history = results[0][0]
@@ -189,12 +197,26 @@ def assert_same_training(reference, results, tol=1e-5):
         assert got["tokens"] == want["tokens"]
     state = merged_states(results)
     assert sorted(state) == sorted(ref_state), set(state) ^ set(ref_state)
-    errors = sorted((relative_error(state[k], ref_state[k]), k) for k in ref_state)
-    worst_grad = max(e for e in errors if e[1].startswith("grad:"))
-    worst_param = max(e for e in errors if not e[1].startswith("grad:"))
-    for error, name in (worst_grad, worst_param):
-        assert error <= tol, f"{name} differs by {error:.2e} (relative)"
-    return worst_grad, worst_param
+    grad_errors, param_errors = [], []
+    for name, want in ref_state.items():
+        if name.startswith("init:"):
+            continue
+        if name.startswith("grad:"):
+            grad_errors.append((relative_error(state[name], want), name))
+            continue
+        initial = ref_state.get("init:" + name)
+        if initial is not None and not torch.equal(initial, want):
+            change = float((want.double() - initial.double()).norm())
+            error = float((state[name].double() - want.double()).norm()) / change
+            param_errors.append((error / update_tol, error, name, "of its change"))
+        else:
+            error = relative_error(state[name], want)
+            param_errors.append((error / tol, error, name, "relative"))
+    worst_grad = max(grad_errors)
+    assert worst_grad[0] <= tol, f"{worst_grad[1]} differs by {worst_grad[0]:.2e} (relative)"
+    share, error, name, kind = max(param_errors)
+    assert share <= 1, f"{name} differs by {error:.2e} ({kind})"
+    return worst_grad, (error, name)
 
 
 def reference_run(**kwargs):

@@ -38,8 +38,8 @@ def _worker(rank, world_size, parallel, micro_batch_size, checkpoint_dir, meta, 
 
 
 def _expect_different_weights_refused(rank, parallel):
-    from model import HybridModel
-    from train.parallel import LayoutError, ParallelConfig, build_runner
+    from latentforge.model import HybridModel
+    from latentforge.train.parallel import LayoutError, ParallelConfig, build_runner
 
     from .test_parallel_common import tiny_config
 
@@ -50,8 +50,8 @@ def _expect_different_weights_refused(rank, parallel):
 
 
 def _expect_uneven_micro_batch_counts_refused(rank, parallel):
-    from model import HybridModel
-    from train.parallel import LayoutError, ParallelConfig, build_runner
+    from latentforge.model import HybridModel
+    from latentforge.train.parallel import LayoutError, ParallelConfig, build_runner
 
     from .test_parallel_common import global_batches, micro_batches_for, tiny_config
 

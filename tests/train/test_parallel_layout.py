@@ -2,9 +2,9 @@
 
 import pytest
 
-from model import ModelConfig
-from train.parallel import LayoutError, ParallelConfig, split_stages, validate_layout
-from train.parallel.pipeline import balance
+from latentforge.model import ModelConfig
+from latentforge.train.parallel import LayoutError, ParallelConfig, split_stages, validate_layout
+from latentforge.train.parallel.pipeline import balance
 
 from .test_parallel_common import tiny_config
 
@@ -147,7 +147,7 @@ def test_cost_model_keeps_the_heads_stage_lighter():
 
 
 def test_super_120b_published_layout_validates():
-    from model.recipes import compose, model_config_from
+    from latentforge.model.recipes import compose, model_config_from
 
     cfg = compose(["recipe=super_120b", "parallel=super_64xh100"])
     pc = ParallelConfig.from_dict(cfg.parallel)
@@ -157,8 +157,8 @@ def test_super_120b_published_layout_validates():
 
 
 def test_plan_counts_every_parameter_once_and_shards_per_gpu():
-    from model.params import count_parameters, meta_model
-    from train.parallel import format_plan, layout_plan
+    from latentforge.model.params import count_parameters, meta_model
+    from latentforge.train.parallel import format_plan, layout_plan
 
     cfg = tiny_config()
     total = count_parameters(meta_model(cfg)).total
@@ -175,8 +175,8 @@ def test_plan_counts_every_parameter_once_and_shards_per_gpu():
 
 
 def test_plan_of_super_120b_on_64_h100():
-    from model.recipes import compose, model_config_from
-    from train.parallel import layout_plan
+    from latentforge.model.recipes import compose, model_config_from
+    from latentforge.train.parallel import layout_plan
 
     cfg = compose(["recipe=super_120b", "parallel=super_64xh100"])
     layout, plans = layout_plan(model_config_from(cfg), ParallelConfig.from_dict(cfg.parallel), 64)

@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 
-from model import HybridModel
-from model.attention import document_causal_mask
-from train.parallel import ParallelConfig, build_runner
-from train.parallel.expert_parallel import _regroup
-from train.parallel.mixers import _cp_mask, mamba_rows
+from latentforge.model import HybridModel
+from latentforge.model.attention import document_causal_mask
+from latentforge.train.parallel import ParallelConfig, build_runner
+from latentforge.train.parallel.expert_parallel import _regroup
+from latentforge.train.parallel.mixers import _cp_mask, mamba_rows
 
 from .test_parallel_common import global_batches, one_thread, tiny_config
 

@@ -7,8 +7,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from kernels import quant as q
-from train.precision import (
+from latentforge.kernels import quant as q
+from latentforge.train.precision import (
     EmulatedLinear,
     PrecisionConfig,
     PrecisionConfigError,
@@ -18,7 +18,7 @@ from train.precision import (
     format_table,
     resolve_policy,
 )
-from train.precision.compare import markov_batches, tail_mean, train_loss_curve
+from latentforge.train.precision.compare import markov_batches, tail_mean, train_loss_curve
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SUPER_PATTERN = (  # SPEC section 2
@@ -42,7 +42,7 @@ def load_recipe(name: str, **overrides) -> PrecisionConfig:
 
 
 def small_model_config(**kw):
-    from model import ModelConfig
+    from latentforge.model import ModelConfig
 
     base = dict(pattern="MEM*E-", hidden_size=64, vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
                 head_dim=16, mamba_num_heads=4, mamba_head_dim=16, mamba_groups=2, ssm_state_size=16,
@@ -95,7 +95,7 @@ def test_every_recipe_file_loads_and_names_itself():
 
 
 def test_recipe_is_selectable_with_hydra():
-    from model.recipes import compose
+    from latentforge.model.recipes import compose
 
     try:
         cfg = compose(["precision=nvfp4"])
@@ -170,8 +170,8 @@ def _spec_format(name: str) -> str:
 
 
 def test_super_120b_format_table_matches_spec():
-    from model import HybridModel
-    from model.recipes import compose, model_config_from
+    from latentforge.model import HybridModel
+    from latentforge.model.recipes import compose, model_config_from
 
     cfg = model_config_from(compose(["recipe=super_120b"]))
     assert cfg.layer_pattern == SUPER_PATTERN
@@ -261,7 +261,7 @@ def test_apply_without_te_names_the_fix():
 
 @pytest.mark.parametrize("name", q.RECIPES)
 def test_every_recipe_trains_the_hybrid_model_emulated(name):
-    from model import HybridModel
+    from latentforge.model import HybridModel
 
     cfg = small_model_config()
     torch.manual_seed(0)

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from train.callbacks.jsonl import read_jsonl
-from train.checkpoint import complete_checkpoints
+from latentforge.train.callbacks.jsonl import read_jsonl
+from latentforge.train.checkpoint import complete_checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRETRAIN = os.path.join(REPO, "train", "pretrain.py")
@@ -98,19 +98,19 @@ def test_main_job_two_processes_then_resume_on_one(tmp_path, env):
     final = checkpoints[-1][1]
     assert {"model_config.json", "config.yaml", "tokenizer.json"} <= set(os.listdir(final))
 
-    from model import hf
-    from train.export import load_model_from_checkpoint
+    from latentforge.model import hf
+    from latentforge.train.export import load_model_from_checkpoint
 
     exported = hf.load_pretrained(os.path.join(main_run, "hf"))
     from_dcp = load_model_from_checkpoint(final)
     for (name, a), b in zip(from_dcp.state_dict().items(), exported.state_dict().values()):
         assert torch.equal(a, b), name
     assert os.path.isfile(os.path.join(main_run, "hf", "tokenizer.json"))
-    # the documented CLI, in its own process: `python -m model.hf export RUN_DIR OUT` (newest checkpoint)
-    run([sys.executable, "-m", "model.hf", "export", main_run, str(tmp_path / "cli_export")], env)
-    from train.export import main as export_main
+    # the documented CLI, in its own process: `python -m latentforge.model.hf export RUN_DIR OUT` (newest checkpoint)
+    run([sys.executable, "-m", "latentforge.model.hf", "export", main_run, str(tmp_path / "cli_export")], env)
+    from latentforge.train.export import main as export_main
 
-    assert export_main([final, str(tmp_path / "train_export")]) == 0  # `python -m train.export CKPT OUT`
+    assert export_main([final, str(tmp_path / "train_export")]) == 0  # `python -m latentforge.train.export CKPT OUT`
     for folder in ("cli_export", "train_export"):
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
             with open(os.path.join(main_run, "hf", name), "rb") as a, open(tmp_path / folder / name, "rb") as b:
@@ -128,7 +128,7 @@ def test_main_job_two_processes_then_resume_on_one(tmp_path, env):
 
 
 def test_dry_run_prints_the_super_120b_plan(capsys):
-    from train.pretrain import main
+    from latentforge.train.pretrain import main
 
     assert main(["recipe=super_120b", "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -138,8 +138,8 @@ def test_dry_run_prints_the_super_120b_plan(capsys):
 
 
 def test_a_layout_that_does_not_divide_fails_at_start():
-    from train.parallel.config import LayoutError
-    from train.pretrain import main
+    from latentforge.train.parallel.config import LayoutError
+    from latentforge.train.pretrain import main
 
     with pytest.raises(LayoutError, match="num_key_value_heads"):
         main(["recipe=tiny", "parallel.tp=4", "--dry-run", "--world-size", "4"])

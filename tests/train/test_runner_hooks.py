@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.cross_entropy import linear_cross_entropy
+from latentforge.kernels.cross_entropy import linear_cross_entropy
 from tests.distributed import run_distributed
 
 from .test_parallel_common import (GLOBAL_BATCH, assert_same_training, full_grads, full_state, global_batches,
@@ -66,8 +66,8 @@ def hook_loss(batch) -> WeightedLogprobLoss:
 
 def hook_run(parallel: dict, micro_batch_size: int):
     """evaluate (both modes), then one forward_backward with the hook, clip and AdamW step."""
-    from model import HybridModel
-    from train.parallel import ParallelConfig, build_runner
+    from latentforge.model import HybridModel
+    from latentforge.train.parallel import ParallelConfig, build_runner
 
     cfg = tiny_config()
     torch.manual_seed(0)
@@ -147,8 +147,8 @@ def test_loss_hook_matches_single_process(name):
 
 def test_single_process_hook_and_evaluate():
     """World of one: the hook's loss and stats are those of the plain model; evaluate() = forward_backward()."""
-    from model import HybridModel
-    from train.parallel import ParallelConfig, build_runner
+    from latentforge.model import HybridModel
+    from latentforge.train.parallel import ParallelConfig, build_runner
 
     cfg = tiny_config(moe_aux_loss_coeff=0.0)  # the balance loss would add its own trunk gradient
     torch.manual_seed(0)
@@ -186,8 +186,8 @@ def test_single_process_hook_and_evaluate():
 
 
 def test_hook_errors_are_clear():
-    from model import HybridModel
-    from train.parallel import ParallelConfig, build_runner
+    from latentforge.model import HybridModel
+    from latentforge.train.parallel import ParallelConfig, build_runner
 
     cfg = tiny_config()
     torch.manual_seed(0)

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from train.config import OptimConfig, TrainConfigError
-from train.schedule import LRSchedule
+from latentforge.train.config import OptimConfig, TrainConfigError
+from latentforge.train.schedule import LRSchedule
 
 
 def naive_wsd(step, total, warmup, decay, peak, low):

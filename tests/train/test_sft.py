@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from model import HybridModel, ModelConfig
-from model.hf import save_pretrained
-from train.callbacks.jsonl import read_jsonl
-from train.lora import lora_parameters
-from train.lora.checkpoint import load_model
-from train.sft import SFTConfigError, greedy_completions, rewrite_overrides, run, validation_loss
+from latentforge.model import HybridModel, ModelConfig
+from latentforge.model.hf import save_pretrained
+from latentforge.train.callbacks.jsonl import read_jsonl
+from latentforge.train.lora import lora_parameters
+from latentforge.train.lora.checkpoint import load_model
+from latentforge.train.sft import SFTConfigError, greedy_completions, rewrite_overrides, run, validation_loss
 
 WORDS = ("What is 12 + 3 * 4? First the multiplication: 3 * 4 = 12. Then 12 + 12 = 24. Answer: 24. "
          "Ada has 5 apples and buys 3 bags with 4 apples in each bag. How many apples does Ada have now? ")
@@ -28,7 +28,7 @@ def small_config(vocab_size: int) -> ModelConfig:
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
     """A Hugging Face starting directory: a small model with its own small BPE tokenizer.json."""
-    from data.tokenizer import train_bpe
+    from latentforge.data.tokenizer import train_bpe
 
     root = tmp_path_factory.mktemp("sft")
     tokenizer = train_bpe([WORDS * 20], 320, str(root / "bpe" / "tokenizer.json"))
@@ -80,22 +80,22 @@ def test_lora_run_then_full_sft_from_its_checkpoint(start, capsys):
         torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-4, atol=1e-5)
     assert json.loads((lora_dir / "accuracy.json").read_text())["after"][1] == 2
     # exporting the LoRA run never drops its adapters: train.export merges them, model.hf refuses
-    from model import hf
-    from train.export import main as export_cli
+    from latentforge.model import hf
+    from latentforge.train.export import main as export_cli
 
     assert export_cli([str(lora_dir), str(root / "exported")]) == 0
     with torch.no_grad():
         torch.testing.assert_close(hf.load_pretrained(root / "exported")(ids).logits, adapted, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="LoRA checkpoint"):
         hf.export_dcp_checkpoint(lora_dir, root / "refused")
-    from train.export import load_model_from_checkpoint  # what rl.init_from and rl/generate.py load
+    from latentforge.train.export import load_model_from_checkpoint  # what rl.init_from and rl/generate.py load
 
     with torch.no_grad():
         torch.testing.assert_close(load_model_from_checkpoint(str(lora_dir))(ids).logits, adapted, rtol=1e-4,
                                    atol=1e-5)
     assert not (root / "refused").exists()
     # the command line extracts the same adapter from the best checkpoint's folder
-    from train.lora.__main__ import main as lora_cli
+    from latentforge.train.lora.__main__ import main as lora_cli
 
     assert lora_cli(["save-adapter", str(lora_dir / "best"), str(root / "extracted")]) == 0
     assert (root / "extracted" / "adapter_model.safetensors").read_bytes() == \
@@ -111,7 +111,7 @@ def test_lora_run_then_full_sft_from_its_checkpoint(start, capsys):
 
 
 def test_starting_checkpoint_problems_are_clear_errors(start, tmp_path):
-    from data.tokenizer import TokenizerMismatchError, train_bpe
+    from latentforge.data.tokenizer import TokenizerMismatchError, train_bpe
 
     with pytest.raises(SFTConfigError, match="does not exist"):
         run(["recipe=sft_tiny", f"sft.init_from={tmp_path / 'nowhere'}", *common(tmp_path, "x")])
@@ -148,7 +148,7 @@ def test_cached_greedy_decoding_matches_recomputation():
 
 
 def test_validation_loss_is_the_token_weighted_mean():
-    from train.parallel import ParallelConfig, build_runner
+    from latentforge.train.parallel import ParallelConfig, build_runner
 
     torch.manual_seed(2)
     model = HybridModel(small_config(64))
@@ -176,8 +176,8 @@ def test_validation_loss_is_the_token_weighted_mean():
 
 
 def test_only_adapters_train_after_parallelisation_and_every_stage_has_some():
-    from train.lora import LoRAConfig, apply_lora
-    from train.sft import check_only_adapters_train
+    from latentforge.train.lora import LoRAConfig, apply_lora
+    from latentforge.train.sft import check_only_adapters_train
 
     torch.manual_seed(0)
     model = HybridModel(small_config(64))

@@ -8,16 +8,16 @@ import signal
 import pytest
 import torch
 
-from data.tokenizer import Tokenizer, TokenizerMismatchError
-from model import HybridModel
-from model.recipes import compose, model_config_from
-from train.callbacks import Callback, PreemptionHandler
-from train.checkpoint import CheckpointManager
-from train.config import OptimConfig, TrainConfig
-from train.optim import param_groups
-from train.parallel import ParallelConfig, build_runner
-from train.schedule import LRSchedule
-from train.trainer import NonFiniteLossError, ResumeMismatchError, Trainer
+from latentforge.data.tokenizer import Tokenizer, TokenizerMismatchError
+from latentforge.model import HybridModel
+from latentforge.model.recipes import compose, model_config_from
+from latentforge.train.callbacks import Callback, PreemptionHandler
+from latentforge.train.checkpoint import CheckpointManager
+from latentforge.train.config import OptimConfig, TrainConfig
+from latentforge.train.optim import param_groups
+from latentforge.train.parallel import ParallelConfig, build_runner
+from latentforge.train.schedule import LRSchedule
+from latentforge.train.trainer import NonFiniteLossError, ResumeMismatchError, Trainer
 
 from .synthetic import SyntheticLoader
 

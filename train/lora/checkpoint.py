@@ -31,7 +31,7 @@ def is_hf_directory(path: str) -> bool:
 def resolve_source(path: str) -> Tuple[str, str]:
     """("hf", directory) or ("dcp", checkpoint directory) for a Hugging Face directory, a DCP checkpoint or a run
     directory (its newest complete checkpoint)."""
-    from train.export import resolve_checkpoint
+    from latentforge.train.export import resolve_checkpoint
 
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path) and is_hf_directory(path):
@@ -46,9 +46,9 @@ def resolve_source(path: str) -> Tuple[str, str]:
 
 def model_config_of(path: str):
     """The ModelConfig stored with a Hugging Face directory or a DCP checkpoint."""
-    from model import ModelConfig
-    from model.hf import from_hf_config
-    from train.export import MODEL_CONFIG_FILE
+    from latentforge.model import ModelConfig
+    from latentforge.model.hf import from_hf_config
+    from latentforge.train.export import MODEL_CONFIG_FILE
 
     kind, path = resolve_source(path)
     if kind == "hf":
@@ -80,7 +80,7 @@ def load_base_weights(model: nn.Module, path: str) -> None:
     kind, path = resolve_source(path)
     expected = model.state_dict()
     if kind == "hf":
-        from model.hf import from_hf_tensors, read_tensors
+        from latentforge.model.hf import from_hf_tensors, read_tensors
 
         state = from_hf_tensors(read_tensors(path))
         missing = sorted(k for k in set(expected) - set(state) if not k.startswith("mtp."))
@@ -110,7 +110,7 @@ def load_model(source: str, adapter: Optional[str] = None) -> Tuple[nn.Module, O
     those trained into a DCP checkpoint of a LoRA run, or the PEFT directory `adapter`."""
     import torch.distributed.checkpoint as dcp
 
-    from model import HybridModel
+    from latentforge.model import HybridModel
 
     kind, path = resolve_source(source)
     with torch.device("meta"):
@@ -138,12 +138,12 @@ def load_model(source: str, adapter: Optional[str] = None) -> Tuple[nn.Module, O
 def export_merged(source: str, out_dir: str, adapter: Optional[str] = None,
                   dtype: torch.dtype = torch.float32) -> str:
     """Fold the adapters into the base and write a full Hugging Face checkpoint (tokenizer copied)."""
-    from model import hf
+    from latentforge.model import hf
 
     model, lora_cfg = load_model(source, adapter)
     if lora_cfg is None:
         raise ValueError(f"{source} carries no adapters and no --adapter was given: nothing to merge "
-                         "(python -m train.export exports a plain checkpoint)")
+                         "(python -m latentforge.train.export exports a plain checkpoint)")
     merge_lora(model)
     hf.save_pretrained(model, out_dir, dtype=dtype)
     _, path = resolve_source(source)

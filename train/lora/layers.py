@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from kernels.moe import moe_experts
+from latentforge.kernels.moe import moe_experts
 
 EXPERT_PROJS = ("up_proj", "down_proj")  # in the order PEFT nests its parameter wrappers (up innermost)
 

@@ -1,7 +1,7 @@
 """The parallel layer: validates a layout, builds the device mesh, splits and shards the plain model, and runs
 forward/backward over micro-batches for the trainer (TP+SP, EP, PP, CP, FSDP2/HSDP, any combination).
 
-    from train.parallel import ParallelConfig, build_runner
+    from latentforge.train.parallel import ParallelConfig, build_runner
     runner = build_runner(model, model_cfg, ParallelConfig(tp=2))
 
 The contract with the trainer is in docs/INTERFACES.md ("train/parallel/ <-> the trainer").

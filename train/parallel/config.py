@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
-from model.config import LAYER_KINDS
+from latentforge.model.config import LAYER_KINDS
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
 CHECKPOINT_KINDS = tuple(LAYER_KINDS.values()) + ("mtp",)

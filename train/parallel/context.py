@@ -24,9 +24,9 @@ from typing import Optional
 
 import torch
 
-from kernels.cross_entropy import linear_cross_entropy
-from model.hybrid import IGNORE_INDEX
-from model.mtp import shift_left
+from latentforge.kernels.cross_entropy import linear_cross_entropy
+from latentforge.model.hybrid import IGNORE_INDEX
+from latentforge.model.mtp import shift_left
 
 from .collectives import all_reduce_sum
 

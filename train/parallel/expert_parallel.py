@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels.moe import grouped_mlp, moe_permute, moe_unpermute, row_weights
+from latentforge.kernels.moe import grouped_mlp, moe_permute, moe_unpermute, row_weights
 
 from .collectives import all_to_all
 from .mixers import local, shard_parameter
@@ -30,7 +30,7 @@ class ExpertParallelExperts(nn.Module):
 
     def __init__(self, experts: nn.Module, ep_mesh, src_data_rank=0):
         super().__init__()
-        from train.lora.layers import LoRAExpertsMixin, lora_class, lora_param_names
+        from latentforge.train.lora.layers import LoRAExpertsMixin, lora_class, lora_param_names
 
         self.num_experts = experts.up_proj.shape[0]
         self.ep_group = ep_mesh.get_group()
@@ -93,7 +93,7 @@ def _regroup(received: torch.Tensor, alignment: int):
 
 def apply_expert_parallel(parts: list, ep_mesh, src_data_rank=0) -> None:
     """Replace every LatentMoE's experts by an ExpertParallelExperts over `ep_mesh` (same names)."""
-    from model.moe import LatentMoE
+    from latentforge.model.moe import LatentMoE
 
     for part in parts:
         for module in list(part.modules()):

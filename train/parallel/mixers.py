@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from kernels.conv1d import causal_conv1d
-from kernels.rmsnorm import gated_rms_norm
-from kernels.ssd import ssd_scan
-from model.attention import Attention, document_causal_mask
-from model.mamba import Mamba2Mixer
-from model.mlp import MLP, squared_relu
-from model.moe import LatentMoE
+from latentforge.kernels.conv1d import causal_conv1d
+from latentforge.kernels.rmsnorm import gated_rms_norm
+from latentforge.kernels.ssd import ssd_scan
+from latentforge.model.attention import Attention, document_causal_mask
+from latentforge.model.mamba import Mamba2Mixer
+from latentforge.model.mlp import MLP, squared_relu
+from latentforge.model.moe import LatentMoE
 
 from .collectives import from_previous_rank, gather_along, keep_in_graph, scatter_along
 

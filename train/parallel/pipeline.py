@@ -30,7 +30,7 @@ _COUNTS: dict = {}
 
 def _counts(model_cfg):
     """Parameter counts of the model built on the meta device (cached per config)."""
-    from model.params import count_parameters, meta_model
+    from latentforge.model.params import count_parameters, meta_model
 
     key = repr(sorted(model_cfg.to_dict().items()))
     if key not in _COUNTS:

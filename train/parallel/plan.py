@@ -42,7 +42,7 @@ def layout_plan(model_cfg, pc: ParallelConfig, world_size: int, seq_len=None) ->
     """(Layout, [StagePlan]) for `pc` on `world_size` ranks; validates like build_runner does."""
     import torch
 
-    from model import HybridModel
+    from latentforge.model import HybridModel
 
     layout = validate_layout(model_cfg, pc, world_size, seq_len=seq_len)
     with torch.device("meta"):

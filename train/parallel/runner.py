@@ -136,7 +136,7 @@ class Runner:
 
     def update_expert_bias(self, expert_load: torch.Tensor) -> None:
         """Aux-loss-free balancing of the MoE layers this rank owns (rows of `expert_load` by global MoE index)."""
-        from model.moe import LatentMoE
+        from latentforge.model.moe import LatentMoE
 
         rate = self.model_cfg.expert_bias_update_rate
         for part in self.model_parts:
@@ -326,7 +326,7 @@ def build_runner(model, model_cfg, parallel_cfg=None, precision=None) -> Runner:
 
 
 def _precision_config(precision):
-    from train.precision import PrecisionConfig
+    from latentforge.train.precision import PrecisionConfig
 
     if precision is None or isinstance(precision, PrecisionConfig):
         return precision or PrecisionConfig()

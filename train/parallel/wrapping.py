@@ -137,7 +137,7 @@ class Sharder:
     def shard_unit(self, kind: str, module) -> None:
         if not self.active:
             return
-        from model.moe import Router
+        from latentforge.model.moe import Router
 
         from .expert_parallel import ExpertParallelExperts
 

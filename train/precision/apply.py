@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kernels.quant import EmulatedRecipe, ExpertGemm, make_recipe, quantized_linear
+from latentforge.kernels.quant import EmulatedRecipe, ExpertGemm, make_recipe, quantized_linear
 
 from .config import PrecisionConfig
 from .policy import (

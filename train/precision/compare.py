@@ -38,7 +38,7 @@ def train_loss_curve(model_cfg, precision_cfg, batches: list, *, lr: float = 3e-
 
     `precision_cfg` None (or name bf16) trains without quantization.
     """
-    from model import HybridModel
+    from latentforge.model import HybridModel
 
     from .apply import apply_precision
 
