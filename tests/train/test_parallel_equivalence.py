@@ -65,7 +65,7 @@ def _expect_uneven_micro_batch_counts_refused(rank, parallel):
 
 def _check_checkpoint(path, results):
     """A single process loads the sharded checkpoint into the unsharded names: every tensor equal."""
-    state = {k: v for k, v in merged_states(restore(results)).items() if not k.startswith("grad:")}
+    state = {k: v for k, v in merged_states(restore(results)).items() if not k.startswith(("grad:", "init:"))}
     loaded = load_unsharded(path).state_dict()
     assert sorted(loaded) == sorted(state)
     for name, value in state.items():
