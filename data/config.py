@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 BUILTIN_STDLIB = "builtin:stdlib"  # the embedded pretraining corpus: Python standard library sources
@@ -105,17 +105,14 @@ class DataConfig:
     @classmethod
     def from_any(cls, cfg) -> "DataConfig":
         """A DataConfig from itself, a dict or an OmegaConf node (unknown keys are an error)."""
+        from latentforge.model.schema import from_dict, plain
+
         if isinstance(cfg, cls):
             return cfg
-        if not isinstance(cfg, dict):
-            from omegaconf import OmegaConf
-
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown data config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**cfg)
+        cfg = plain(cfg)
+        if isinstance(cfg, dict) and isinstance(cfg.get("paths"), str):
+            cfg = {**cfg, "paths": [cfg["paths"]]}  # `data.paths=file.jsonl`: one source
+        return from_dict(cls, cfg, "data", ValueError)
 
     def to_dict(self) -> dict:
         return asdict(self)

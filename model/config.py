@@ -107,14 +107,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls) if f.init}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown model config key(s) {unknown}; valid keys: {sorted(known)}. "
-                "Fix the recipe's `model:` section."
-            )
-        return cls(**dict(values))
+        from latentforge.model.schema import from_dict
+
+        return from_dict(cls, values, "model", ConfigError)
 
     # ----- validation --------------------------------------------------------------------------------
     def validate(self) -> None:

@@ -6,9 +6,10 @@ the trainer's parallel layout from `parallel`; everything about the RL loop live
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
+from latentforge.model.schema import from_dict
 from latentforge.rl.rewards.scorer import RewardFunctionConfig
 
 WEIGHT_SYNC = ("broadcast", "object_store")
@@ -26,13 +27,7 @@ def _need(ok: bool, message: str):
 
 
 def _build(cls, values, where: str):
-    if isinstance(values, cls):
-        return values
-    values = dict(values or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    _need(not unknown, f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
-    return cls(**values)
+    return from_dict(cls, values, where, GRPOConfigError)
 
 
 @dataclass

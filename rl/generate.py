@@ -50,27 +50,26 @@ class GenerateArgs:
 
 
 def parse_key_values(argv, cls):
-    """`key=value` arguments into the dataclass `cls`; unknown keys and bad values are named."""
-    known = {f.name: f for f in fields(cls)}
-    values = {}
+    """`key=value` arguments (Hydra's override grammar, as every LatentForge command takes them) into the
+    dataclass `cls`, checked by the same typed `from_dict` as the recipes: unknown keys and bad values are named."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from latentforge.model.schema import SchemaError, from_dict
+
+    keys = ", ".join(f.name for f in fields(cls))
     for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("-").replace("-", "_")
-        if not sep:
-            raise SystemExit(f"argument {arg!r}: expected key=value (keys: {', '.join(known)})")
-        if key not in known:
-            raise SystemExit(f"unknown option {key!r}; options: {', '.join(known)}")
-        kind = type(known[key].default)
-        try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                values[key] = value.lower() in ("true", "1", "yes")
-            else:
-                values[key] = kind(value)
-        except ValueError:
-            raise SystemExit(f"option {key}={value!r}: expected a {kind.__name__}") from None
-    return cls(**values)
+        if "=" not in arg:
+            raise SystemExit(f"argument {arg!r}: expected key=value (keys: {keys})")
+    try:
+        overrides = OverridesParser.create().parse_overrides([a.lstrip("-") for a in argv])
+    except HydraException as e:
+        raise SystemExit(f"could not parse the arguments: {e}") from None
+    values = {o.key_or_group.replace("-", "_"): o.value() for o in overrides}
+    try:
+        return from_dict(cls, values, "", SchemaError)
+    except SchemaError as e:
+        raise SystemExit(str(e)) from None
 
 
 def load_model(ckpt: str, device: str = "cpu", dtype: torch.dtype = torch.float32):

@@ -6,8 +6,10 @@ with the field named and the fix (as `model.ModelConfig` does).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import List, Optional
+
+from latentforge.model.schema import from_dict
 
 SCHEDULES = ("wsd", "cosine", "constant")
 
@@ -17,12 +19,7 @@ class TrainConfigError(ValueError):
 
 
 def _from_dict(cls, values: dict, group: str):
-    known = {f.name for f in fields(cls) if f.init}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise TrainConfigError(f"unknown {group} config key(s) {unknown}; valid keys: {sorted(known)}. "
-                               f"Fix the recipe's `{group}:` section.")
-    return cls(**dict(values))
+    return from_dict(cls, values, group, TrainConfigError)
 
 
 def _need(ok: bool, message: str):

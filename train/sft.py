@@ -22,7 +22,7 @@ import sys
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import List, Optional
 
 import torch
@@ -59,11 +59,9 @@ class SFTConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "SFTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SFTConfigError(f"unknown sft config key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**values)
+        from latentforge.model.schema import from_dict
+
+        return from_dict(cls, values, "sft", SFTConfigError)
 
 
 # ----- configuration -------------------------------------------------------------------------------------------

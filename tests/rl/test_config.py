@@ -18,7 +18,7 @@ def test_recipe_composes():
 def test_bad_settings_are_named():
     with pytest.raises(GRPOConfigError, match="rl.rollout.group_size"):
         GRPOConfig(rollout={"group_size": 1})
-    with pytest.raises(GRPOConfigError, match=r"unknown key\(s\) \['grup_size'\] in rl.rollout"):
+    with pytest.raises(GRPOConfigError, match=r"unknown rl.rollout config key\(s\) \['grup_size'\]"):
         GRPOConfig(rollout={"grup_size": 4})
     with pytest.raises(GRPOConfigError, match="max_staleness"):
         GRPOConfig(max_staleness=-1)

@@ -108,7 +108,7 @@ def test_recipe_is_selectable_with_hydra():
 def test_config_errors_name_the_field():
     with pytest.raises(PrecisionConfigError, match="fp6.*bf16, fp8_current"):
         PrecisionConfig(name="fp6")
-    with pytest.raises(PrecisionConfigError, match="unknown precision key.*'keep_lasts'"):
+    with pytest.raises(PrecisionConfigError, match="unknown precision config key.*'keep_lasts'"):
         PrecisionConfig.from_dict({"name": "nvfp4", "keep_lasts": 3})
     with pytest.raises(PrecisionConfigError, match="keep_bf16 must be a list"):
         PrecisionConfig(keep_bf16="*.q_proj")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 # SPEC section 4 module names: attention q/k/v/o, the Mamba input projection, the MoE shared expert. Not the Mamba
@@ -72,9 +72,6 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "LoRAConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise LoRAConfigError(f"unknown lora config key(s) {unknown}; valid keys: {sorted(known)}. "
-                                  "Fix the recipe's `lora:` section.")
-        return cls(**dict(values))
+        from latentforge.model.schema import from_dict
+
+        return from_dict(cls, values, "lora", LoRAConfigError)

@@ -10,7 +10,7 @@ dp_shard x cp (as TorchTitan does), so `ep` must be a multiple of `cp` and `ep /
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from latentforge.model.config import LAYER_KINDS
@@ -43,21 +43,9 @@ class ParallelConfig:
     @classmethod
     def from_dict(cls, values) -> "ParallelConfig":
         """From a plain dict or an OmegaConf node (the recipe's `parallel:` group); unknown keys are named."""
-        if values is None:
-            return cls()
-        if not isinstance(values, dict):
-            from omegaconf import OmegaConf
+        from latentforge.model.schema import from_dict
 
-            values = OmegaConf.to_container(values, resolve=True)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise LayoutError(f"unknown parallel config key(s) {unknown}; valid keys: {sorted(known)}. "
-                              "Fix the recipe's `parallel:` section.")
-        values = dict(values)
-        if isinstance(values.get("activation_checkpoint"), (tuple, list)):
-            values["activation_checkpoint"] = list(values["activation_checkpoint"])
-        return cls(**values)
+        return from_dict(cls, values, "parallel", LayoutError)
 
     def checkpointed_kinds(self) -> set:
         spec = self.activation_checkpoint

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
@@ -115,16 +115,6 @@ class PrecisionConfig:
     @classmethod
     def from_dict(cls, values) -> "PrecisionConfig":
         """From a plain dict or the `precision` node of a composed recipe (unknown keys are named)."""
-        try:
-            from omegaconf import DictConfig, OmegaConf
+        from latentforge.model.schema import from_dict
 
-            if isinstance(values, DictConfig):
-                values = OmegaConf.to_container(values, resolve=True)
-        except ImportError:  # pragma: no cover - omegaconf is a dependency
-            pass
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise PrecisionConfigError(f"unknown precision key(s) {unknown}; valid keys: {sorted(known)}. "
-                                       "Fix the recipe's `precision:` section.")
-        return cls(**dict(values))
+        return from_dict(cls, values, "precision", PrecisionConfigError)
