@@ -59,3 +59,57 @@ def even_answer(record, completion):
 
     value = extract_answer(answer_section(record, completion))
     return float(value is not None and value % 2 == 0)
+
+
+# ----- hostile reward functions: what the sandbox must contain (tests/rl/test_sandbox.py) -----------------------
+def environment(record, completion):
+    return dict(os.environ)
+
+
+def kills_parent(record, completion):
+    import signal
+
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(0.5)
+    return 1.0
+
+
+def writes_file(record, completion):
+    with open(record["path"], "w") as f:
+        f.write("escaped")
+    return 1.0
+
+
+def connects(record, completion):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", record["port"]), timeout=2):
+        return 1.0
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def returns_exploit(record, completion):
+    return _RunsCodeWhenUnpickled(record["path"])
+
+
+def returns_nan(record, completion):
+    return float("nan")
+
+
+def returns_inf_result(record, completion):
+    from latentforge.rl.rewards.base import RewardResult
+
+    return RewardResult(float("inf"), correct=True)
+
+
+def returns_numpy(record, completion):
+    import numpy as np
+
+    return np.float32(0.25)
