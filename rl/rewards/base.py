@@ -11,6 +11,8 @@ functions in the recipe (`rl.reward.functions`, by "package.module:function"), i
 
 from __future__ import annotations
 
+import math
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -23,18 +25,26 @@ class RewardResult:
     info: Dict = field(default_factory=dict)
 
 
+class NonFiniteRewardError(ValueError):
+    """A reward that is NaN or infinite: scored 0 and recorded as a failure, never trained on."""
+
+
 def as_result(value) -> RewardResult:
-    """A reward function's return value -> RewardResult (floats and bools are accepted)."""
+    """A reward function's return value -> RewardResult (real numbers, numpy scalars included, and bools are
+    accepted); a score that is not a finite number raises NonFiniteRewardError."""
     if isinstance(value, RewardResult):
-        return value
-    if isinstance(value, bool):
-        return RewardResult(float(value), correct=value)
-    if isinstance(value, (int, float)):
-        score = float(value)
-        if score != score or score in (float("inf"), float("-inf")):
-            raise ValueError(f"reward must be finite, got {value}")
-        return RewardResult(score)
-    raise TypeError(f"a reward function must return a float, a bool or a RewardResult, got {type(value).__name__}")
+        result = value
+    elif isinstance(value, bool):
+        result = RewardResult(float(value), correct=value)
+    elif isinstance(value, numbers.Real):
+        result = RewardResult(float(value))
+    else:
+        raise TypeError(f"a reward function must return a float, a bool or a RewardResult, got {type(value).__name__}")
+    if not isinstance(result.score, numbers.Real):
+        raise TypeError(f"a reward score must be a number, got {type(result.score).__name__}")
+    if not math.isfinite(result.score):
+        raise NonFiniteRewardError(f"reward must be a finite number, got {result.score}")
+    return result
 
 
 class Task(ABC):

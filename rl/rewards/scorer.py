@@ -2,21 +2,26 @@
 
 total = task_weight * task_score + sum_i weight_i * fn_i(record, completion)
 
-A component that raises, hangs (isolated functions only) or crashes its sandbox contributes 0 and is reported in
-`info["failures"]`; the caller counts them. Nothing a reward function does can stop the loop.
+A component that raises, hangs (isolated functions only), crashes its sandbox or returns NaN / inf / a non-number
+contributes 0 and is reported in `info["failures"]` (status error | timeout | crash | non_finite); the caller
+counts them (the `reward_failures` metric) and logs the reason. The total is always finite: nothing a reward
+function does reaches the loss as NaN, or stops the loop.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 import traceback
 from dataclasses import dataclass
 from typing import List, Optional
 
-from .base import RewardResult, as_result, get_task
+from .base import NonFiniteRewardError, RewardResult, as_result, get_task
 from .sandbox import IsolatedFunction, load_target
 
 ISOLATIONS = ("process", "inline")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,30 +64,36 @@ class RewardScorer:
     def score(self, record: dict, completion: str) -> RewardResult:
         start = time.perf_counter()
         failures, components = [], {}
-        total, correct = 0.0, None
+        total, correct, info = 0.0, None, {}
         try:
-            result = self._task(record["task"]).score(record, completion)
+            result = as_result(self._task(record["task"]).score(record, completion))
+        except Exception as exc:  # noqa: BLE001 - a verifier bug must not stop the loop: 0 and reported
+            failures.append(_failure(f"task:{record.get('task')}", exc, traceback.format_exc(limit=3)))
+        else:
             total += self.task_weight * result.score
             correct = result.correct
             components["task"] = result.score
             info = dict(result.info)
-        except Exception:  # noqa: BLE001 - a verifier bug must not stop the loop: 0 and reported
-            failures.append({"function": f"task:{record.get('task')}", "status": "error",
-                             "message": traceback.format_exc(limit=3)})
-            info = {}
         for cfg, fn in zip(self.configs, self._callables):
             status, value = self._call(cfg, fn, record, completion)
             if status == "ok":
                 try:
                     part = as_result(value)
                 except (TypeError, ValueError) as exc:
-                    status, value = "error", str(exc)
+                    failures.append(_failure(cfg.name, exc, str(exc)))
                 else:
                     total += cfg.weight * part.score
                     components[cfg.name] = part.score
-            if status != "ok":
+            else:
                 failures.append({"function": cfg.name, "status": status, "message": str(value)[-2000:]})
+        if not math.isfinite(total):  # finite parts times weights can still overflow
+            failures.append({"function": "total", "status": "non_finite",
+                             "message": f"the weighted sum {total} is not finite (components {components})"})
+            total = 0.0
         self.failures += len(failures)
+        for failure in failures:
+            if failure["status"] == "non_finite":
+                log.warning("reward %s is not finite, scored 0: %s", failure["function"], failure["message"])
         info.update(components=components, reward_s=time.perf_counter() - start)
         if failures:
             info["failures"] = failures
@@ -105,3 +116,8 @@ class RewardScorer:
         for fn in self._callables:
             if isinstance(fn, IsolatedFunction):
                 fn.close()
+
+
+def _failure(function: str, exc: Exception, message: str) -> dict:
+    status = "non_finite" if isinstance(exc, NonFiniteRewardError) else "error"
+    return {"function": function, "status": status, "message": message[-2000:]}

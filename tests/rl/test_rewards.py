@@ -115,3 +115,45 @@ def test_scorer_contains_every_failure():
     scorer.close()
     with pytest.raises(ValueError, match="isolation"):
         RewardFunctionConfig("a:b", isolation="thread")
+
+
+def test_non_finite_rewards_score_zero_and_are_recorded(caplog):
+    """NaN / inf from a user reward (sandboxed or inline, a float or a RewardResult) is a recorded failure worth 0:
+    the sample's reward stays finite, so it never reaches the advantages or the loss."""
+    import logging
+    import math
+
+    from latentforge.data.tokenizer import load_tokenizer
+    from latentforge.rl.actors.reward import RewardWorker
+    from latentforge.rl.buffer import Sample
+    from latentforge.rl.config import RewardConfig
+
+    functions = [dict(target=f"{PLUGINS}:returns_nan", isolation="process"),
+                 dict(target=f"{PLUGINS}:returns_inf_result", isolation="inline"),
+                 dict(target=f"{PLUGINS}:returns_numpy", isolation="process", weight=2.0),  # a numpy scalar counts
+                 dict(target=f"{PLUGINS}:length_bonus", isolation="inline", weight=0.5)]
+    worker = RewardWorker(RewardConfig(functions=functions), None)
+    record = dict(get_task("arithmetic").prompts("test", 1, seed=1234)[0], enable_thinking=False)
+    completion = worker.tokenizer.encode(f"Answer: {record['answer']}")
+    sample = Sample(group_id=0, sample_index=0, prompt_ids=[1], completion_ids=completion, logprobs=[0.0] * len(
+        completion), versions=[0] * len(completion))
+    with caplog.at_level(logging.WARNING, logger="latentforge.rl.rewards.scorer"):
+        worker.score([sample], [record])
+    worker.close()
+    # task 1.0 + 2 * 0.25 + 0.5 * length bonus; NaN and inf add nothing
+    assert math.isfinite(sample.reward)
+    assert sample.reward == pytest.approx(1.0 + 2 * 0.25 + 0.5 * min(len(sample.text), 10) / 10)
+    statuses = {f["function"]: f["status"] for f in sample.reward_info["failures"]}
+    assert statuses == {"returns_nan": "non_finite", "returns_inf_result": "non_finite"}
+    assert worker.scorer.failures == 2
+    lines = [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()]
+    assert len(lines) == 2 and "returns_nan" in lines[0] and "nan" in lines[0]
+
+
+def test_overflowing_weighted_sum_is_a_recorded_failure():
+    scorer = RewardScorer([RewardFunctionConfig(f"{PLUGINS}:length_bonus", weight=1e308, isolation="inline"),
+                           RewardFunctionConfig(f"{PLUGINS}:length_bonus", weight=1e308, isolation="inline",
+                                                name="again")])
+    record = dict(get_task("arithmetic").prompts("test", 1, seed=1234)[0], enable_thinking=False)
+    result = scorer.score(record, "0123456789")
+    assert result.score == 0.0 and result.info["failures"][0]["status"] == "non_finite"
