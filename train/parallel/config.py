@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from latentforge.model.config import LAYER_KINDS
+from latentforge.model.errors import UserError
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
 CHECKPOINT_KINDS = tuple(LAYER_KINDS.values()) + ("mtp",)
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A parallel layout that cannot run this model on this world; the message names the dimension and the fix."""
 
 
@@ -28,6 +29,8 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel (always with sequence parallel)
     pp: int = 1  # pipeline stages (ranks)
     cp: int = 1  # context parallel (sequence split across ranks)
+    cp_load_balance: bool = True  # zigzag: rank r holds chunks r and 2cp-1-r of 2cp (equal causal-attention work)
+    attention_block: int = 1024  # query/key block of the parallel attention (scores alive: heads x block^2)
     ep: int = 1  # expert parallel, carved out of dp_shard x cp
     dp_shard: int = -1  # FSDP2 shards; -1: the rest of the world
     dp_replicate: int = 1  # HSDP replicas (dp_replicate > 1 with dp_shard > 1), or plain replication
@@ -101,7 +104,7 @@ def _fail(message: str):
 
 
 def resolve_sizes(pc: ParallelConfig, world_size: int) -> Layout:
-    for name in ("tp", "pp", "cp", "ep", "dp_replicate", "pp_virtual_stages"):
+    for name in ("tp", "pp", "cp", "ep", "dp_replicate", "pp_virtual_stages", "attention_block"):
         value = getattr(pc, name)
         if not isinstance(value, int) or value < 1:
             _fail(f"parallel.{name} must be a positive integer, got {value!r}")

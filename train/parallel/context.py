@@ -29,19 +29,25 @@ from latentforge.model.hybrid import IGNORE_INDEX
 from latentforge.model.mtp import shift_left
 
 from .collectives import all_reduce_sum
+from .token_order import TokenOrder
 
 
 @dataclass
 class MicroBatch:
-    """One micro-batch as this rank sees it: `*_local` are this rank's slice of the sequence (CP then TP)."""
+    """One micro-batch as this rank sees it: `*_local` are this rank's tokens of the sequence (CP then TP), in the
+    CP token order (token_order.py: under CP, by default two head/tail chunks per rank, not one contiguous piece)."""
 
     batch: int
     seq_len: int
     ids_local: torch.Tensor
     labels_local: torch.Tensor
     seq_local: torch.Tensor  # document ids of the local slice
-    seq_cp: torch.Tensor  # document ids of this CP rank's chunk (what a tensor-parallel mixer sees)
+    seq_cp: torch.Tensor  # document ids of this CP rank's tokens (what a tensor-parallel mixer sees)
     seq_full: torch.Tensor  # document ids of the whole sequence (context-parallel masks and states)
+    order: Optional[TokenOrder] = None  # which tokens each CP rank holds (token_order.py)
+    pos_cp: Optional[torch.Tensor] = None  # (s / cp,) global positions of this CP rank's tokens
+    pos_all: Optional[torch.Tensor] = None  # (s,) global positions of every CP rank's tokens, in rank order
+    cache: dict = field(default_factory=dict)  # per-micro-batch values the mixers derive once (block plans)
     mtp_ids_local: list = field(default_factory=list)  # shifted inputs per MTP depth (local slice)
     mtp_labels_local: list = field(default_factory=list)
     extras: dict = field(default_factory=dict)  # the caller's other keys: (b, s, ...) tensors sliced, rest as-is
@@ -77,8 +83,10 @@ class Counts:
 class ParallelContext:
     """Shared by the stage modules, the parallel mixers and the router hooks of one runner."""
 
-    def __init__(self, groups, model_cfg, device):
+    def __init__(self, groups, model_cfg, device, load_balance: bool = True, attention_block: int = 1024):
         self.groups = groups
+        self.load_balance = load_balance  # the zigzag token order under CP (token_order.py)
+        self.attention_block = attention_block
         self.cfg = model_cfg
         self.device = device
         lay = groups.layout
@@ -120,13 +128,15 @@ class ParallelContext:
         for mb in micro_batches:
             ids, labels, seq_idx = _unpack(mb, self.device, labels_required)
             b, s = ids.shape
-            local = self.local_slice(s)
-            cp_slice = self.cp_slice(s)
+            order = self.token_order(s)
+            local = self.local_index(s, order)
+            pos_cp = order.positions(self.groups.cp_rank, self.device)
             real = _attention_mask(mb, ids)
             counts[0] += (labels != IGNORE_INDEX).sum()
             counts[1] += b if real is None else (real.sum(1) > 0).sum()  # an all-padding row is no sequence
             item = MicroBatch(batch=b, seq_len=s, ids_local=ids[:, local], labels_local=labels[:, local],
-                              seq_local=seq_idx[:, local], seq_cp=seq_idx[:, cp_slice], seq_full=seq_idx,
+                              seq_local=seq_idx[:, local], seq_cp=seq_idx[:, pos_cp], seq_full=seq_idx,
+                              order=order, pos_cp=pos_cp, pos_all=order.all_positions(self.device),
                               extras=_local_extras(mb, b, s, local, self.device))
             if real is not None:
                 item.real_local, item.row_tokens = real[:, local], real.sum(1)
@@ -149,22 +159,23 @@ class ParallelContext:
         self.counts = Counts(lm=max(values[0], 1.0), sequences=max(values[1], 1.0),
                              mtp=[max(v, 1.0) for v in values[2:2 + depths]], targets=int(values[0]))
 
-    def local_slice(self, seq_len: int) -> slice:
-        """This rank's tokens: the CP chunk, then the TP (sequence-parallel) piece of it."""
+    def token_order(self, seq_len: int) -> TokenOrder:
+        # the conv history of a chunk comes from the chunk before it only
+        return TokenOrder.choose(seq_len, self.cp, self.load_balance, min_chunk=self.cfg.conv_kernel - 1)
+
+    def local_index(self, seq_len: int, order: Optional[TokenOrder] = None) -> torch.Tensor:
+        """Global positions of this rank's tokens: its CP tokens (token_order.py), then the TP (sequence-parallel)
+        piece of them."""
         pieces = self.cp * self.tp
         if seq_len % pieces:
             from .config import LayoutError
 
             raise LayoutError(f"sequence length {seq_len} must be divisible by cp ({self.cp}) x tp ({self.tp}) = "
                               f"{pieces}; change the sequence length")
+        order = order or self.token_order(seq_len)
         size = seq_len // pieces
-        start = (self.groups.cp_rank * self.tp + self.groups.tp_rank) * size
-        return slice(start, start + size)
-
-    def cp_slice(self, seq_len: int) -> slice:
-        size = seq_len // self.cp
-        start = self.groups.cp_rank * size
-        return slice(start, start + size)
+        start = self.groups.tp_rank * size
+        return order.positions(self.groups.cp_rank, self.device)[start:start + size]
 
     def begin(self, index: int) -> MicroBatch:
         self.current = self.micro_batches[index]
@@ -315,7 +326,7 @@ def _unpack(mb: dict, device, labels_required: bool = True):
 _OWN_KEYS = ("input_ids", "labels", "seq_idx")
 
 
-def _local_extras(mb: dict, batch: int, seq_len: int, local: slice, device) -> dict:
+def _local_extras(mb: dict, batch: int, seq_len: int, local: torch.Tensor, device) -> dict:
     """The caller's other micro-batch entries as this rank sees them: (b, s, ...) tensors sliced along the sequence
     exactly like input_ids (on this device), everything else unchanged."""
     out = {}

@@ -3,9 +3,12 @@
 Between blocks every rank holds its own slice of the sequence (b, s / (cp * tp), H): the context-parallel chunk,
 then the sequence-parallel piece of it. A tensor-parallel mixer all-gathers the pieces of its CP chunk over the TP
 group, runs its share of heads (column-parallel projections), and reduce-scatters the row-parallel output back to
-pieces (Megatron's sequence parallelism). Context parallelism then adds, per mixer kind:
-  attention  keys/values all-gathered over the CP group, masked causally and per document at global positions;
-  Mamba      the conv history and the SSM state handed from CP rank r-1 to rank r (exact, document resets kept).
+pieces (Megatron's sequence parallelism). Context parallelism (each CP rank holds two head/tail chunks of the
+sequence by default, token_order.py) then adds, per mixer kind:
+  attention  blockwise attention with an online softmax over every CP rank's keys/values, masked per block from
+             global positions and document ids; O(s/cp) kept for the backward (cp_attention.py);
+  Mamba      one scan per chunk from a zero state; the conv history and the incoming SSM state of each chunk
+             come from the chunk before it, the state's contribution added in closed form (exact, resets kept).
 MoE routes its own tokens (no gather); only its shared expert is column/row split. The router, the latent
 projections and the routed experts stay whole on every TP rank (experts can be split by expert parallelism).
 
@@ -28,12 +31,13 @@ from torch.func import functional_call
 from latentforge.kernels.conv1d import causal_conv1d
 from latentforge.kernels.rmsnorm import gated_rms_norm
 from latentforge.kernels.ssd import ssd_scan
-from latentforge.model.attention import Attention, document_causal_mask
+from latentforge.model.attention import Attention
 from latentforge.model.mamba import Mamba2Mixer
 from latentforge.model.mlp import MLP, squared_relu
 from latentforge.model.moe import LatentMoE
 
-from .collectives import from_previous_rank, gather_along, keep_in_graph, scatter_along
+from .collectives import gather_along, keep_in_graph, scatter_along
+from .cp_attention import block_plan, context_attention
 
 
 # ----- weights -------------------------------------------------------------------------------------------------
@@ -98,38 +102,37 @@ class _Comm:
 
 # ----- attention ---------------------------------------------------------------------------------------------------
 def attention_forward(self: Attention, x, seq_idx=None, state=None):
+    """This rank's queries against the keys/values of every CP rank, block by block (cp_attention.py)."""
     comm: _Comm = self._lf_comm
     mb = comm.ctx.current
-    xg = comm.gather_tp(x)  # (b, s_cp, H): this CP chunk
+    xg = comm.gather_tp(x)  # (b, s_cp, H): this CP rank's tokens
     b, s, _ = xg.shape
     d = self.head_dim
     q = call_linear(self.q_proj, xg, local(self.q_proj.weight)).view(b, s, -1, d).transpose(1, 2)
-    k = call_linear(self.k_proj, xg, local(self.k_proj.weight))
-    v = call_linear(self.v_proj, xg, local(self.v_proj.weight))
-    if comm.cp > 1:
-        # every CP rank's keys/values: (b, S, kv * d); queries stay local
-        k, v = gather_along(k, 1, comm.cp_group), gather_along(v, 1, comm.cp_group)
-        mask = _cp_mask(mb.seq_full, comm.cp_rank * s, s)
-    else:
-        mask = document_causal_mask(mb.seq_cp)
-    k = k.view(b, k.shape[1], -1, d).transpose(1, 2)
-    v = v.view(b, v.shape[1], -1, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    k = call_linear(self.k_proj, xg, local(self.k_proj.weight)).view(b, s, -1, d).transpose(1, 2)
+    v = call_linear(self.v_proj, xg, local(self.v_proj.weight)).view(b, s, -1, d).transpose(1, 2)
+    plan = mb.cache.get("attention_plan")
+    if plan is None:
+        plan = mb.cache["attention_plan"] = block_plan(mb.pos_cp, mb.pos_all, comm.ctx.attention_block)
+        mb.cache["key_docs"] = mb.seq_full[:, mb.pos_all]
+    out = context_attention(q, k, v, mb.pos_cp, mb.pos_all, mb.seq_cp, mb.cache["key_docs"], comm.cp_group,
+                            plan=plan)
     out = call_linear(self.o_proj, out.transpose(1, 2).reshape(b, s, -1), local(self.o_proj.weight))
     return comm.scatter_tp(out)
 
 
-def _cp_mask(seq_full: torch.Tensor, start: int, length: int) -> torch.Tensor:
-    """(b, 1, length, S): query start+i may see key j when j <= start+i and both are in the same document."""
-    S = seq_full.shape[1]
-    q_pos = torch.arange(start, start + length, device=seq_full.device)
-    causal = torch.arange(S, device=seq_full.device)[None, :] <= q_pos[:, None]
-    same_doc = seq_full[:, start:start + length, None] == seq_full[:, None, :]
-    return (causal[None] & same_doc)[:, None]
-
-
 # ----- Mamba -----------------------------------------------------------------------------------------------------
 def mamba_forward(self: Mamba2Mixer, x, seq_idx=None, state=None):
+    """One scan per layer under CP: each of this rank's chunks is scanned from a zero state, then the state that
+    enters it (from the final states and decays of every chunk, all-gathered) is added in closed form.
+
+    Per layer and rank, with L = s/cp local tokens, h heads of p x n state: the scan costs what a single process
+    spends on those L tokens; the closed-form term L*h*p*n multiply-adds (one chunk-state contraction); the
+    communication is an all-gather of 2cp final states (h*p*n each, fp32) and decays plus the (k-1)-token conv
+    tails: O(cp*h*p*n), independent of the sequence length. Megatron's CP for Mamba instead all-to-alls the whole
+    activations twice per layer (sequence-sharded to head-sharded and back: ~2 * (cp-1)/cp * L * (conv channels +
+    d_inner) elements per rank) so each rank scans the full sequence for h/cp heads, which caps CP at heads/TP.
+    """
     comm: _Comm = self._lf_comm
     mb = comm.ctx.current
     xg = comm.gather_tp(x)
@@ -144,57 +147,110 @@ def mamba_forward(self: Mamba2Mixer, x, seq_idx=None, state=None):
     d_inner = heads * self.head_dim
     bc_size = (conv_w.shape[0] - d_inner) // 2
     z, xbc, dt = call_linear(self.in_proj, xg, in_w).split([d_inner, d_inner + 2 * bc_size, heads], dim=-1)
-    conv_history = _cp_conv_history(xbc, mb, comm, conv_w.shape[-1]) if comm.cp > 1 else None
-    xbc, _ = causal_conv1d(xbc, conv_w.squeeze(1), conv_b, seq_idx=mb.seq_cp, initial_state=conv_history,
+    segments = _Segments(mb, comm, b)
+    xbc, seq = segments.stack(xbc), segments.stack(mb.seq_cp)
+    conv_history = segments.conv_history(xbc, conv_w.shape[-1]) if comm.cp > 1 else None
+    xbc, _ = causal_conv1d(xbc, conv_w.squeeze(1), conv_b, seq_idx=seq, initial_state=conv_history,
                            activation="silu")
     xs, B, C = xbc.split([d_inner, bc_size, bc_size], dim=-1)
     groups = bc_size // self.state_size
-    dt = F.softplus(dt.float() + dt_bias.float())
+    dt = F.softplus(segments.stack(dt).float() + dt_bias.float())
     A = -torch.exp(A_log.float())
-    xs = xs.reshape(b, s, heads, self.head_dim)
-    B = B.reshape(b, s, groups, self.state_size)
-    C = C.reshape(b, s, groups, self.state_size)
-    initial = _cp_ssm_state(xs, dt, A, B, C, mb, comm, self.chunk_size) if comm.cp > 1 else None
-    y, _ = ssd_scan(xs, dt, A, B, C, D=D, chunk_size=self.chunk_size, seq_idx=mb.seq_cp, initial_state=initial)
-    y = gated_rms_norm(y.reshape(b, s, d_inner), z, local(self.norm.weight), self.norm.group_size, self.norm.eps)
+    rows = xs.shape[0]
+    xs = xs.reshape(rows, -1, heads, self.head_dim)
+    B = B.reshape(rows, -1, groups, self.state_size)
+    C = C.reshape(rows, -1, groups, self.state_size)
+    y, final = ssd_scan(xs, dt, A, B, C, D=D, chunk_size=self.chunk_size, seq_idx=seq)
+    if comm.cp > 1:
+        y = y + segments.incoming_state_term(final, dt, A, C, seq).to(y.dtype)
+    y = segments.unstack(y.reshape(rows, -1, d_inner))
+    y = gated_rms_norm(y, z, local(self.norm.weight), self.norm.group_size, self.norm.eps)
     out = call_linear(self.out_proj, y, local(self.out_proj.weight))
     return comm.scatter_tp(out)
 
 
-def _cp_conv_history(xbc, mb, comm, kernel: int):
-    """The k-1 conv inputs before this CP chunk (rank r-1's last ones), zeroed where they belong to another
-    document than this chunk's first token (the conv kernel applies a history to the row's first document)."""
-    keep = kernel - 1
-    history = from_previous_rank(xbc[:, -keep:], comm.cp_group)  # (b, k-1, c)
-    start = comm.cp_rank * xbc.shape[1]
-    if start > 0:
-        same_doc = mb.seq_full[:, start - keep:start] == mb.seq_full[:, start:start + 1]
-        history = history * same_doc.unsqueeze(-1).to(history.dtype)
-    return history.transpose(1, 2)
+class _Segments:
+    """This CP rank's chunks of the sequence (token_order.py) as rows of one batch: (b, n*L, ...) <-> (n*b, L, ...),
+    segment-major, so the conv and the scan run once over all of them."""
 
+    def __init__(self, mb, comm: _Comm, batch: int):
+        self.order, self.comm, self.batch, self.seq_full = mb.order, comm, batch, mb.seq_full
+        self.chunks = self.order.chunks_of(comm.cp_rank) if comm.cp > 1 else [0]
+        self.n = len(self.chunks)
 
-def _cp_ssm_state(xs, dt, A, B, C, mb, comm, chunk_size):
-    """The exact SSM state entering this CP chunk.
+    def stack(self, t: torch.Tensor) -> torch.Tensor:
+        if self.n == 1:
+            return t
+        b, s = t.shape[:2]
+        return t.reshape(b, self.n, s // self.n, *t.shape[2:]).transpose(0, 1).reshape(self.n * b, s // self.n,
+                                                                                         *t.shape[2:])
 
-    Each rank scans its chunk from a zero state (final state F0_j) and computes how much of an incoming state
-    survives to its end (decay a_j = exp(sum dt A), 0 if a document starts inside the chunk). With the chunks of
-    all ranks gathered: S_0 = 0, S_{j+1} = (F0_j + a_j S_j) if chunk j+1 continues chunk j's last document else 0.
-    """
-    b, s = dt.shape[:2]
-    _, zero_start_final = ssd_scan(xs, dt, A, B, C, D=None, chunk_size=chunk_size, seq_idx=mb.seq_cp)
-    seq = mb.seq_cp
-    one_doc = (seq[:, 0] == seq[:, -1]).to(dt.dtype)  # (b,)
-    decay = torch.exp((dt * A).sum(1)) * one_doc[:, None]  # (b, h)
-    finals = gather_along(zero_start_final.unsqueeze(0), 0, comm.cp_group)  # (cp, b, h, p, n)
-    decays = gather_along(decay.unsqueeze(0), 0, comm.cp_group)  # (cp, b, h)
-    state = torch.zeros_like(zero_start_final)
-    for j in range(comm.cp_rank):
-        state = finals[j] + decays[j][..., None, None] * state
-        continues = mb.seq_full[:, (j + 1) * s - 1] == mb.seq_full[:, (j + 1) * s]
-        state = state * continues.to(state.dtype)[:, None, None, None]
-    if comm.cp_rank == 0:
-        state = keep_in_graph(keep_in_graph(state, finals), decays)
-    return state
+    def unstack(self, t: torch.Tensor) -> torch.Tensor:
+        if self.n == 1:
+            return t
+        rows, length = t.shape[:2]
+        b = rows // self.n
+        return t.reshape(self.n, b, length, *t.shape[2:]).transpose(0, 1).reshape(b, self.n * length, *t.shape[2:])
+
+    def _rows(self, gathered: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Chunk `chunk`'s rows (b, ...) of a tensor all-gathered over CP from every rank's stacked rows."""
+        rank, segment = self.order.owner(chunk)
+        return gathered[rank, segment * self.batch:(segment + 1) * self.batch]
+
+    def _same_doc(self, before: slice, at: int) -> torch.Tensor:
+        """(b, len) whether the positions `before` are in the document of position `at`."""
+        return self.seq_full[:, before] == self.seq_full[:, at:at + 1]
+
+    def conv_history(self, xbc: torch.Tensor, kernel: int) -> torch.Tensor:
+        """(n*b, c, k-1): the k-1 conv inputs before each chunk (the previous chunk's last ones, from whichever
+        rank holds it), zeroed where they belong to another document than the chunk's first token."""
+        keep = kernel - 1
+        tails = gather_along(xbc[:, -keep:].unsqueeze(0), 0, self.comm.cp_group)  # (cp, n*b, k-1, c)
+        length = self.order.chunk_len
+        histories = []
+        for chunk in self.chunks:
+            if chunk == 0:
+                histories.append(keep_in_graph(torch.zeros_like(xbc[:self.batch, -keep:]), tails))
+                continue
+            start = chunk * length
+            same_doc = self._same_doc(slice(start - keep, start), start)
+            histories.append(self._rows(tails, chunk - 1) * same_doc.unsqueeze(-1).to(xbc.dtype))
+        return torch.cat(histories).transpose(1, 2)
+
+    def incoming_state_term(self, final, dt, A, C, seq) -> torch.Tensor:
+        """(n*b, L, h, p): C_t . (exp(cumulative dt*A up to t) * S_in) for the tokens of each chunk's first
+        document, S_in the exact SSM state entering the chunk; fp32.
+
+        S_in by the recurrence over the 2cp (cp) chunks of the sequence: S_0 = 0,
+        S_{c+1} = (F_c + a_c S_c) if chunk c+1 continues chunk c's last document else 0, with F_c the zero-start
+        final state of chunk c and a_c = exp(sum dt A) its total decay (0 if a document starts inside it)."""
+        log_decay = torch.cumsum(dt * A, dim=1)  # (n*b, L, h)
+        one_doc = (seq[:, 0] == seq[:, -1]).to(log_decay.dtype)
+        decay = torch.exp(log_decay[:, -1]) * one_doc[:, None]
+        finals = gather_along(final.unsqueeze(0), 0, self.comm.cp_group)  # (cp, n*b, h, p, n)
+        decays = gather_along(decay.unsqueeze(0), 0, self.comm.cp_group)  # (cp, n*b, h)
+        incoming = self._incoming_states(finals, decays)
+        incoming = keep_in_graph(keep_in_graph(incoming, finals), decays)  # every rank reaches the backward
+        rows, _, heads = dt.shape
+        groups, state = C.shape[2], C.shape[3]
+        grouped = incoming.view(rows, groups, heads // groups, -1, state)  # head h = group * (h/g) + i
+        term = torch.einsum("blgn,bgrpn->blgrp", C.float(), grouped).reshape(rows, -1, heads, grouped.shape[3])
+        first_doc = (seq == seq[:, :1]).to(term.dtype)  # documents are contiguous: the row's first one
+        return term * (torch.exp(log_decay) * first_doc[..., None])[..., None]
+
+    def _incoming_states(self, finals, decays) -> torch.Tensor:
+        length = self.order.chunk_len
+        state = torch.zeros_like(finals[0, :self.batch])
+        entering = {}
+        for chunk in range(max(self.chunks) + 1):
+            entering[chunk] = state
+            end = (chunk + 1) * length
+            if end >= self.order.seq_len:
+                break
+            state = self._rows(finals, chunk) + self._rows(decays, chunk)[..., None, None] * state
+            continues = self._same_doc(slice(end - 1, end), end)[:, 0]
+            state = state * continues.to(state.dtype)[:, None, None, None]
+        return torch.cat([entering[chunk] for chunk in self.chunks])
 
 
 # ----- MLP and MoE -------------------------------------------------------------------------------------------------

@@ -276,7 +276,8 @@ def build_runner(model, model_cfg, parallel_cfg=None, precision=None) -> Runner:
             base_seed = _agreed_seed(device)
         else:
             _check_same_model(model, device)
-    ctx = ParallelContext(groups, model_cfg, device)
+    ctx = ParallelContext(groups, model_cfg, device, load_balance=pc.cp_load_balance,
+                          attention_block=pc.attention_block)
 
     moe_layers = model.moe_layers()
     for index, moe in enumerate(moe_layers):
