@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+from latentforge.model.errors import UserError, entry_point
 
 FORMATS = ("text", "jsonl", "parquet")
 TEXT_UNITS = ("document", "line", "paragraph")
 MAX_BAD_EXAMPLES = 20
 
 
-class MalformedInputError(ValueError):
+class MalformedInputError(UserError, ValueError):
     """A record that can not be turned into a document; the message names the file and line."""
 
 
@@ -40,7 +41,8 @@ class PreprocessReport:
     num_bad: int
     num_empty: int
     seconds: float
-    bad_examples: List[str] = field(default_factory=list)
+    bad_examples: List[str] = field(default_factory=list)  # "file:line: reason" of the first MAX_BAD_EXAMPLES
+    bad_locations: List[str] = field(default_factory=list)  # their "file:line"
 
     @property
     def tokens_per_s(self) -> float:
@@ -52,7 +54,9 @@ class PreprocessReport:
         if self.num_empty:
             text += f"; {self.num_empty:,} empty documents skipped"
         if self.num_bad:
-            text += f"; {self.num_bad:,} malformed records skipped, e.g. " + "; ".join(self.bad_examples[:3])
+            more = ", ..." if self.num_bad > len(self.bad_locations) else ""
+            text += (f"; {self.num_bad:,} malformed records skipped ({', '.join(self.bad_locations)}{more}); "
+                     f"first: {self.bad_examples[0]}")
         return text
 
 
@@ -73,8 +77,8 @@ def detect_format(path: str) -> str:
 
 
 def iter_text_documents(files: Sequence[str], text_unit: str = "document") -> Iterator[Tuple[str, int, str]]:
-    """(file, location, text) for plain-text files; location is the line / paragraph number (1-based), 0 for
-    whole-file documents."""
+    """(file, location, text) for plain-text files; location is the line number (1-based; for paragraphs, its
+    first line), 0 for whole-file documents."""
     for file_idx, loc, text in _iter_records(list(files), "text", text_unit, key="text"):
         yield files[file_idx], loc, text
 
@@ -84,10 +88,6 @@ def load_streaming(builder: str, files: List[str], **kwargs):
 
     datasets = hf_datasets()
     return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-
-
-class _Unreadable(str):
-    """A record the reader could not decode; the workers report it like any malformed record."""
 
 
 def _utf8_error(path: str) -> Tuple[int, str]:
@@ -103,9 +103,11 @@ def _utf8_error(path: str) -> Tuple[int, str]:
 
 
 def _iter_records(files: List[str], fmt: str, text_unit: str, key: str) -> Iterator[Tuple[int, int, object]]:
+    from latentforge.data.util import Undecodable, read_lines, read_paragraphs
+
     if fmt == "text" and text_unit == "document":
         # One streaming pass over all files: `datasets` yields exactly one row per file, in order. A file that is
-        # not UTF-8 ends the stream: report it and go on with the files after it.
+        # not UTF-8 (one document) ends the stream: report it and go on with the files after it.
         start = 0
         while start < len(files):
             done = start
@@ -115,7 +117,7 @@ def _iter_records(files: List[str], fmt: str, text_unit: str, key: str) -> Itera
                     done += 1
             except UnicodeDecodeError:
                 line, reason = _utf8_error(files[done])
-                yield done, line, _Unreadable(reason)
+                yield done, line, Undecodable(reason)
                 done += 1
             if done == start:
                 break
@@ -130,15 +132,12 @@ def _iter_records(files: List[str], fmt: str, text_unit: str, key: str) -> Itera
             for row_no, row in enumerate(rows, start=1):
                 yield file_idx, row_no, row[key]
             continue
-        # JSONL is read line by line and parsed by the workers, so a bad line is reported with its number
-        # (pyarrow's JSON reader would fail the whole block without one).
-        sample_by = "line" if fmt == "jsonl" else text_unit
-        try:
-            for line_no, row in enumerate(load_streaming("text", [path], sample_by=sample_by), start=1):
-                yield file_idx, line_no, row["text"]
-        except UnicodeDecodeError:
-            line, reason = _utf8_error(path)
-            yield file_idx, (line if sample_by == "line" else 0), _Unreadable(reason)
+        # JSONL and line / paragraph text are read and decoded line by line here (the workers parse JSON), so a
+        # bad line is reported with its number and costs only itself: a decoder over the whole file would fail
+        # the rest of the file with it.
+        lines = read_paragraphs(path) if fmt == "text" and text_unit == "paragraph" else read_lines(path)
+        for line_no, text in lines:
+            yield file_idx, line_no, text
 
 
 def _check_parquet_column(path: str, key: str) -> None:
@@ -183,6 +182,8 @@ def _init_worker(spec: str) -> None:
     # Each worker is one core's worth of work: no extra Rust/tiktoken threads competing with the other workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and tears the pool down
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (inherited through fork): the pool's
+    # teardown terminates workers with SIGTERM, which must end them at once and quietly
     from latentforge.data.tokenizer import load_tokenizer
 
     _WORKER_TOKENIZER = load_tokenizer(spec)
@@ -190,7 +191,9 @@ def _init_worker(spec: str) -> None:
 
 def _extract_text(fmt: str, key: str, payload) -> str:
     """The document text of one record; raises ValueError with the reason when malformed."""
-    if isinstance(payload, _Unreadable):
+    from latentforge.data.util import Undecodable
+
+    if isinstance(payload, Undecodable):
         raise ValueError(str(payload))
     if fmt == "jsonl":
         if not payload.strip():
@@ -273,6 +276,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, *, fmt: str
             report.num_bad += 1
             if len(report.bad_examples) < MAX_BAD_EXAMPLES:
                 report.bad_examples.append(f"{where}: {reason}")
+                report.bad_locations.append(where)
         report.num_empty += empty
         for arr in arrays:
             writer.add_document(arr)
@@ -350,6 +354,7 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+@entry_point("latentforge-preprocess")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m latentforge.data.preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

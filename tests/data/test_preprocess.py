@@ -145,3 +145,65 @@ def test_cli_trains_bpe_next_to_data_and_reports_errors(tmp_path, capsys, cache_
                  ".tokenizer.json", "--workers", "1", "--quiet"]) == 2
     assert "bad.jsonl:3" in capsys.readouterr().err
     assert leftovers(tmp_path, "x") == []
+
+
+def _jsonl_with_one_bad_byte(path, n, bad_line):
+    with open(path, "wb") as f:
+        for i in range(1, n + 1):
+            text = f"doc {i}" if i != bad_line else "caf\u00e9".encode("latin-1").decode("latin-1")
+            line = json.dumps({"text": text}, ensure_ascii=False).encode("utf-8")
+            f.write(line.replace("é".encode(), b"\xe9") + b"\n")  # the bad line holds one latin-1 byte
+
+
+def test_skip_bad_loses_only_the_bad_line_of_a_large_file(tmp_path, bpe_tok, capsys):
+    src = tmp_path / "big.jsonl"
+    _jsonl_with_one_bad_byte(src, 100_000, bad_line=54_321)
+    with pytest.raises(MalformedInputError, match=r"big\.jsonl:54321: not valid UTF-8"):
+        preprocess([str(src)], str(tmp_path / "strict"), bpe_tok, num_workers=1, progress=False)
+    assert leftovers(tmp_path, "strict") == []
+    out = str(tmp_path / "out")
+    assert main(["--input", str(src), "--output-prefix", out, "--tokenizer", bpe_tok.spec, "--workers", "2",
+                 "--skip-bad", "--quiet"]) == 0
+    summary = capsys.readouterr().out
+    assert "wrote 99,999 documents" in summary
+    assert f"1 malformed records skipped ({src}:54321); first: {src}:54321: not valid UTF-8" in summary
+    docs = read_docs(out)
+    assert len(docs) == 99_999
+    assert docs[54_319] == expected(bpe_tok, ["doc 54320"])[0] and docs[54_320] == expected(bpe_tok, ["doc 54322"])[0]
+
+
+@pytest.mark.parametrize("unit", ["line", "paragraph"])
+def test_skip_bad_text_units_keep_the_good_lines(tmp_path, bpe_tok, unit):
+    src = tmp_path / "mixed.txt"
+    src.write_bytes(b"first para\nstill first\n\nbad \xff here\n\nthird\n" if unit == "paragraph"
+                    else b"good one\nbad \xff here\ngood two\r\ngood three")
+    report = preprocess([str(src)], str(tmp_path / "out"), bpe_tok, text_unit=unit, skip_bad=True, num_workers=1,
+                        progress=False)
+    good = ["first para\nstill first", "third\n"] if unit == "paragraph" else ["good one", "good two", "good three"]
+    assert read_docs(str(tmp_path / "out")) == expected(bpe_tok, good)
+    assert report.num_bad == 1 and report.bad_locations == [f"{src}:{4 if unit == 'paragraph' else 2}"]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_mid_run_leaves_no_temp_files(tmp_path, bpe_tok, sig):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "many.jsonl"
+    src.write_text((json.dumps({"text": "a document of a few words " * 4}) + "\n") * 400_000)
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen([sys.executable, "-m", "latentforge.data.preprocess", "--input", str(src),
+                             "--output-prefix", out, "--tokenizer", bpe_tok.spec, "--workers", "2", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not glob.glob(out + ".bin.tmp-*") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "preprocessing ended before it could be interrupted: make the input larger"
+    time.sleep(0.3)  # mid-write
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted: no output written" in err, err
+    assert "Traceback" not in err, err  # workers end quietly
+    assert leftovers(tmp_path, "out") == []
