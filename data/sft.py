@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ from latentforge.data.preprocess import MalformedInputError
 from latentforge.data.tokenizer import Tokenizer
 from latentforge.data.util import derive_seed
 
-SFT_CACHE_VERSION = 2  # 2: a record's own enable_thinking
+SFT_CACHE_VERSION = 3  # 2: a record's own enable_thinking; 3: skipped malformed lines recorded
+MAX_SKIPPED_EXAMPLES = 20
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +43,8 @@ class Conversations:
     mask: np.ndarray  # bool, True on assistant tokens
     offsets: np.ndarray  # int64, n + 1
     origins: List[str]  # "file:line" / "builtin:...#k", for messages
+    num_skipped: int = 0  # malformed lines skipped (data.skip_bad=true)
+    skipped_examples: List[str] = ()  # "file:line: reason" of the first MAX_SKIPPED_EXAMPLES
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -49,14 +54,16 @@ class Conversations:
 
 
 def _read_jsonl_records(path: str, skip_bad: bool, bad: List[str], enable_thinking: bool = True):
-    """(origin, messages, enable_thinking) of every valid line; `enable_thinking`: the default of the file."""
-    from latentforge.data.preprocess import load_streaming
+    """(origin, messages, enable_thinking) of every valid line; `enable_thinking`: the default of the file. Each
+    line is decoded on its own: a line that is not UTF-8 is one malformed line, like invalid JSON."""
+    from latentforge.data.util import Undecodable, read_lines
 
-    for line_no, row in enumerate(load_streaming("text", [path], sample_by="line"), start=1):
-        line = row["text"]
-        if not line.strip():
-            continue
+    for line_no, line in read_lines(path):
         try:
+            if isinstance(line, Undecodable):
+                raise ValueError(str(line))
+            if not line.strip():
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
@@ -73,6 +80,15 @@ def _read_jsonl_records(path: str, skip_bad: bool, bad: List[str], enable_thinki
         yield f"{path}:{line_no}", messages, thinking
 
 
+def _data_file(path: str) -> str:
+    """The absolute path of an SFT data file, or one clear error naming it."""
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(full):
+        raise FileNotFoundError(f"SFT data file {full} does not exist (data.paths = {path!r}): fix the path or "
+                                f"use the built-in set {BUILTIN_CHAT}")
+    return full
+
+
 def _source_records(cfg: DataConfig, split: str, bad: List[str]):
     """(origin, messages, enable_thinking) of every conversation of the split, in a fixed order."""
     for path in cfg.paths:
@@ -85,9 +101,7 @@ def _source_records(cfg: DataConfig, split: str, bad: List[str]):
         elif path.startswith("builtin:"):
             raise ValueError(f"unknown built-in chat source {path!r}; the built-in chat set is {BUILTIN_CHAT}")
         else:
-            path = os.path.abspath(os.path.expanduser(path))
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"SFT file {path} does not exist")
+            path = _data_file(path)
             records = list(_read_jsonl_records(path, cfg.skip_bad, bad, cfg.enable_thinking))
             keep = split_document_range(len(records), cfg.split, SPLITS.index(split))
             if len(keep) == 0:
@@ -105,7 +119,7 @@ def _cache_key(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> str:
             sources.append([path, GENERATOR_VERSION, cfg.synthetic_num_train, cfg.synthetic_num_heldout, cfg.seed])
         else:
             h = hashlib.sha256()
-            with open(os.path.abspath(os.path.expanduser(path)), "rb") as f:
+            with open(_data_file(path), "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 22), b""):
                     h.update(chunk)
             sources.append([os.path.basename(path), h.hexdigest(), cfg.split])
@@ -131,12 +145,19 @@ def load_conversations(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> Con
                 origins.append(origin)
             if not origins:
                 raise ValueError(f"no conversations in the {split} split of {cfg.paths}")
+            if bad:
+                more = ", ..." if len(bad) > MAX_SKIPPED_EXAMPLES else ""
+                log.warning("%d malformed records skipped (%s%s); first: %s", len(bad),
+                            ", ".join(b.split(": ", 1)[0] for b in bad[:MAX_SKIPPED_EXAMPLES]), more, bad[0])
             tmp = f"{path}.tmp-{os.getpid()}.npz"
             np.savez(tmp, ids=np.concatenate(ids), mask=np.concatenate(mask),
-                     offsets=np.asarray(offsets, dtype=np.int64), origins=np.asarray(origins))
+                     offsets=np.asarray(offsets, dtype=np.int64), origins=np.asarray(origins),
+                     num_skipped=np.asarray(len(bad)),
+                     skipped_examples=np.asarray(bad[:MAX_SKIPPED_EXAMPLES], dtype=str))
             os.replace(tmp, path)
     with np.load(path) as z:
-        return Conversations(z["ids"], z["mask"], z["offsets"], [str(o) for o in z["origins"]])
+        return Conversations(z["ids"], z["mask"], z["offsets"], [str(o) for o in z["origins"]],
+                             int(z["num_skipped"]), [str(e) for e in z["skipped_examples"]])
 
 
 class SFTSource:
@@ -162,7 +183,7 @@ class SFTSource:
             raise ValueError(f"every conversation is longer than seq_len + 1 = {self.capacity} and "
                              "data.truncation=drop: raise seq_len")
         self.kept_lengths = np.minimum(lengths[self.kept], self.capacity)
-        self.stats = {"conversations": int(len(conversations)),
+        self.stats = {"conversations": int(len(conversations)), "skipped_malformed": conversations.num_skipped,
                       "truncated": int(too_long.size) if cfg.truncation == "truncate" else 0,
                       "dropped": int(too_long.size) if cfg.truncation == "drop" else 0,
                       "tokens_cut": int(np.sum(lengths[too_long] - self.capacity)) if too_long.size else 0}
@@ -227,7 +248,8 @@ def build_sft_loader(cfg, tokenizer: Tokenizer, *, seq_len: int, micro_batch_siz
                      dp_size: int = 1, seed: Optional[int] = None, split: str = "train") -> BatchLoader:
     """Micro-batches of packed chat conversations for one data-parallel rank (see BatchLoader).
 
-    `loader.source.stats` counts conversations, truncated / dropped ones, cut tokens, rows per epoch and fill.
+    `loader.source.stats` counts conversations, skipped malformed lines, truncated / dropped ones, cut tokens,
+    rows per epoch and fill.
     """
     cfg = DataConfig.from_any(cfg)
     if cfg.kind != "sft":

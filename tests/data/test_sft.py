@@ -207,3 +207,26 @@ def test_builtin_synthetic_chat(bpe_tok, cache_dir):
     valid = build_sft_loader(cfg, bpe_tok, seq_len=128, micro_batch_size=2, split="valid")
     assert valid.source.stats["conversations"] == 20
     assert np.isclose(it.source.stats["fill"], it.source.kept_lengths.sum() / (it.samples_per_epoch * 129))
+
+
+def test_non_utf8_line_is_one_malformed_line(tmp_path, bpe_tok, cache_dir, caplog):
+    import logging
+
+    path = tmp_path / "latin.jsonl"
+    good = [json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}).encode() for i in range(5)]
+    bad = json.dumps({"prompt": "caf\u00e9", "completion": "x"}, ensure_ascii=False).encode("latin-1")
+    path.write_bytes(b"\n".join(good[:2] + [bad] + good[2:]) + b"\n")
+    with pytest.raises(MalformedInputError, match=r"latin\.jsonl:3: not valid UTF-8"):
+        sft(str(path), bpe_tok)
+    with caplog.at_level(logging.WARNING, logger="latentforge.data.sft"):
+        it = sft(str(path), bpe_tok, skip_bad=True)
+    assert it.source.stats["conversations"] == 5 and it.source.stats["skipped_malformed"] == 1
+    assert it.source.conv.skipped_examples[0].startswith(f"{path}:3: not valid UTF-8")
+    assert any(f"1 malformed records skipped ({path}:3)" in r.getMessage() for r in caplog.records)
+    assert sft(str(path), bpe_tok, skip_bad=True).source.stats["skipped_malformed"] == 1  # from the cache too
+
+
+def test_missing_data_file_is_one_clear_error(tmp_path, bpe_tok, cache_dir):
+    missing = tmp_path / "nowhere.jsonl"
+    with pytest.raises(FileNotFoundError, match=r"SFT data file .*nowhere\.jsonl does not exist \(data\.paths"):
+        sft(str(missing), bpe_tok)
