@@ -123,7 +123,6 @@ def test_non_finite_rewards_score_zero_and_are_recorded(caplog):
     import logging
     import math
 
-    from latentforge.data.tokenizer import load_tokenizer
     from latentforge.rl.actors.reward import RewardWorker
     from latentforge.rl.buffer import Sample
     from latentforge.rl.config import RewardConfig
