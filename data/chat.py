@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-CHAT_FORMAT_VERSION = 1  # bump when the layout changes (part of tokenization cache keys)
+CHAT_FORMAT_VERSION = 2  # bump when the layout changes (part of tokenization cache keys)
 ROLES = ("system", "user", "assistant")
 _THINK_RE = re.compile(r"^\s*<think>(.*?)</think>\s*", re.DOTALL)
 
@@ -116,17 +116,31 @@ def _segments(messages: Sequence[dict], enable_thinking: bool, add_generation_pr
     return out
 
 
+def _merge_text(segments, control_names):
+    """Adjacent text pieces joined (between two control tokens they always share their `trained` flag)."""
+    out = []
+    for piece, trained in segments:
+        if out and piece not in control_names and out[-1][0] not in control_names:
+            assert out[-1][1] == trained, "adjacent text pieces with different loss masks"
+            out[-1] = (out[-1][0] + piece, trained)
+        else:
+            out.append((piece, trained))
+    return out
+
+
 def render_chat(tokenizer, messages: Sequence[dict], *, enable_thinking: bool = True,
                 add_generation_prompt: bool = False) -> ChatTokens:
     """Token ids and assistant mask of a conversation. Message text is encoded as plain text: a "<|im_end|>"
-    typed by a user stays text and can not end a turn."""
+    typed by a user stays text and can not end a turn. The text between two control tokens is encoded as one
+    string (as a Hugging Face tokenizer encodes the rendered template), so "user\n" + "\nhi" is "user\n\nhi"."""
     ids: List[int] = []
     mask: List[bool] = []
-    for piece, trained in _segments(messages, enable_thinking, add_generation_prompt):
+    for piece, trained in _merge_text(_segments(messages, enable_thinking, add_generation_prompt),
+                                      tokenizer.special_ids):
         if piece in tokenizer.special_ids:
             piece_ids = [tokenizer.special_ids[piece]]
         elif piece:
-            piece_ids = tokenizer.encode(piece)
+            piece_ids = tokenizer.encode_chat_text(piece)
         else:
             continue
         ids += piece_ids

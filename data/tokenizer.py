@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from typing import Iterable, List, Optional, Sequence, Union
 
 from latentforge.data.config import TokenizerConfig, resolve_cache_dir
+from latentforge.model.errors import UserError
 
 SPECIAL_TOKENS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|im_start|>": 10, "<|im_end|>": 11, "<think>": 12,
                   "</think>": 13}
@@ -31,7 +32,7 @@ TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{
                   r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(UserError, ValueError):
     """Data or a checkpoint was made with another tokenizer than the one in use."""
 
 

@@ -18,7 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .errors import UserError
 from .hybrid import HybridModel
+from .manifest import MANIFEST_FILE, read_dcp_metadata, verify_checkpoint
 
 KIND_TO_HF = {"mamba": "linear_attention", "attention": "full_attention", "moe": "moe", "mlp": "mlp"}
 HF_TO_KIND = {v: k for k, v in KIND_TO_HF.items()}
@@ -227,8 +229,8 @@ def load_pretrained(path, *, dtype: torch.dtype = torch.float32, device="cpu", s
 
 
 # ----- DCP checkpoints (written by train/) -> Hugging Face -----------------------------------------------------
-# A trainer checkpoint is a torch.distributed.checkpoint directory `step_XXXXXXXX/` (complete once `.metadata`
-# exists; the trainer renames it into place) whose `model` entry is keyed by this model's parameter names, with
+# A trainer checkpoint is a torch.distributed.checkpoint directory `step_XXXXXXXX/` (complete once its
+# `manifest.json` of checksums exists, see model/manifest.py; the trainer renames it into place) whose `model` entry is keyed by this model's parameter names, with
 # `model_config.json` (and `tokenizer.json` for file-based tokenizers) written next to the shards. DCP reassembles
 # full tensors from any parallel layout's shards, so one CPU process reads what thousands of GPUs wrote.
 MODEL_CONFIG_FILE = "model_config.json"
@@ -242,14 +244,17 @@ def complete_checkpoints(folder) -> list:
     folder = Path(folder)
     if not folder.is_dir():
         return []
+    # manifest.json is written last (train/checkpoint.py); `.metadata` alone: written by plain dcp.save or an older
+    # LatentForge, complete but without checksums
     return sorted((int(m.group(1)), str(child)) for child in folder.iterdir()
-                  if (m := STEP_DIR.match(child.name)) and (child / ".metadata").is_file())
+                  if (m := STEP_DIR.match(child.name))
+                  and ((child / MANIFEST_FILE).is_file() or (child / ".metadata").is_file()))
 
 
 def resolve_checkpoint(path) -> Path:
     """A checkpoint directory, or a run directory / checkpoints folder -> its newest complete checkpoint."""
     path = Path(path).resolve()
-    if (path / ".metadata").is_file():
+    if (path / ".metadata").is_file() or (path / MANIFEST_FILE).is_file():
         return path
     for folder in (path / "checkpoints", path):
         steps = complete_checkpoints(folder)
@@ -274,6 +279,8 @@ def load_dcp_checkpoint(path) -> HybridModel:
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing: this checkpoint was not written by LatentForge's "
                                 "trainers (train/pretrain.py, train/sft.py, rl/grpo.py)")
+    verify_checkpoint(path)  # before anything in it is unpickled or loaded
+    read_dcp_metadata(path)  # a damaged .metadata is named in one line, not an UnpicklingError
     cfg = ModelConfig.from_dict(json.loads(config_file.read_text()))
     with torch.device("meta"):
         model = HybridModel(cfg)
@@ -316,7 +323,7 @@ def main(argv=None) -> int:
     try:
         checkpoint = resolve_checkpoint(args.checkpoint)
         export_dcp_checkpoint(checkpoint, args.out_dir, dtype=DTYPES[args.dtype])
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, UserError) as error:
         parser.exit(2, f"python -m latentforge.model.hf export: {error}\n")
     print(f"exported {checkpoint} -> {args.out_dir}")
     return 0

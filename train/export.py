@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from latentforge.model.errors import entry_point
+
 from latentforge.model.hf import (DTYPES, LORA_CONFIG_FILE, MODEL_CONFIG_FILE, TOKENIZER_FILE, export_dcp_checkpoint,
                       load_dcp_checkpoint)
 from latentforge.model.hf import resolve_checkpoint as _resolve
@@ -48,6 +50,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.
     return str(export_dcp_checkpoint(checkpoint, out_dir, dtype=dtype))
 
 
+@entry_point("latentforge-export")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m latentforge.train.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a step_XXXXXXXX checkpoint directory, or a run directory")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Optional, Tuple
 
 import torch
@@ -105,19 +104,36 @@ def load_base_weights(model: nn.Module, path: str) -> None:
         expected[name].copy_(value)
 
 
-def load_model(source: str, adapter: Optional[str] = None) -> Tuple[nn.Module, Optional[LoRAConfig]]:
-    """A plain `HybridModel` (CPU, fp32) from `source`, with its adapters on (not merged) when it has any:
-    those trained into a DCP checkpoint of a LoRA run, or the PEFT directory `adapter`."""
-    import torch.distributed.checkpoint as dcp
-
+def load_base_model(source: str) -> nn.Module:
+    """The plain `HybridModel` (CPU, fp32) with the base weights at `source` (a LoRA checkpoint's adapters left out)."""
     from latentforge.model import HybridModel
 
-    kind, path = resolve_source(source)
+    _, path = resolve_source(source)
     with torch.device("meta"):
         model = HybridModel(model_config_of(path))
     model = model.to_empty(device="cpu")
     model.init_weights()  # MTP of a transformers-written checkpoint keeps a defined value
     load_base_weights(model, path)
+    return model
+
+
+def export_base(source: str, out_dir: str, tokenizer: Optional[str] = None) -> str:
+    """The base at `source` (a plain or LoRA DCP checkpoint) as a Hugging Face directory with its tokenizer files."""
+    from latentforge.data.hf_tokenizer import export_checkpoint_tokenizer
+    from latentforge.model.hf import save_pretrained
+
+    save_pretrained(load_base_model(source), out_dir)
+    export_checkpoint_tokenizer(resolve_source(source)[1], out_dir, tokenizer)
+    return out_dir
+
+
+def load_model(source: str, adapter: Optional[str] = None) -> Tuple[nn.Module, Optional[LoRAConfig]]:
+    """A plain `HybridModel` (CPU, fp32) from `source`, with its adapters on (not merged) when it has any:
+    those trained into a DCP checkpoint of a LoRA run, or the PEFT directory `adapter`."""
+    import torch.distributed.checkpoint as dcp
+
+    kind, path = resolve_source(source)
+    model = load_base_model(path)
     lora_cfg = lora_config_of(path) if kind == "dcp" else None
     if lora_cfg is not None:
         if adapter is not None:
@@ -136,8 +152,10 @@ def load_model(source: str, adapter: Optional[str] = None) -> Tuple[nn.Module, O
 
 
 def export_merged(source: str, out_dir: str, adapter: Optional[str] = None,
-                  dtype: torch.dtype = torch.float32) -> str:
-    """Fold the adapters into the base and write a full Hugging Face checkpoint (tokenizer copied)."""
+                  dtype: torch.dtype = torch.float32, tokenizer: Optional[str] = None) -> str:
+    """Fold the adapters into the base and write a full Hugging Face checkpoint with the tokenizer files of
+    data/hf_tokenizer.py (`tokenizer`: a spec when the source records none)."""
+    from latentforge.data.hf_tokenizer import export_checkpoint_tokenizer
     from latentforge.model import hf
 
     model, lora_cfg = load_model(source, adapter)
@@ -146,8 +164,5 @@ def export_merged(source: str, out_dir: str, adapter: Optional[str] = None,
                          "(python -m latentforge.train.export exports a plain checkpoint)")
     merge_lora(model)
     hf.save_pretrained(model, out_dir, dtype=dtype)
-    _, path = resolve_source(source)
-    tokenizer = os.path.join(path, TOKENIZER_FILE)
-    if os.path.isfile(tokenizer):
-        shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_FILE))
+    export_checkpoint_tokenizer(resolve_source(source)[1], out_dir, tokenizer)
     return out_dir

@@ -13,6 +13,7 @@ parameter, `up_proj` innermost:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,8 @@ from .config import LoRAConfig, LoRAConfigError
 from .layers import EXPERT_PROJS, LoRAExpertsMixin, LoRALinearMixin
 
 CONFIG_FILE = "adapter_config.json"
+BASE_EXPORT_DIR = "base_hf"  # next to the adapter directory: the Hugging Face export of a DCP base
+BASE_SOURCE_FILE = "latentforge_source.json"  # in it: the DCP checkpoint it was exported from
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 EXPERT_WRAPPER = {"up_proj": "base_layer.", "down_proj": ""}  # both targeted: up_proj is the inner wrapper
@@ -127,12 +130,35 @@ def adapter_config(tensors: dict, cfg: LoRAConfig, base_model_name_or_path: Opti
     }
 
 
+def hf_base_of(base, adapter_dir) -> str:
+    """What `base_model_name_or_path` records for the base at `base` (a Hugging Face directory, a DCP checkpoint
+    or run directory, or a hub name), so `AutoPeftModelForCausalLM.from_pretrained(adapter_dir)` finds it: a
+    directory's absolute path; for a DCP checkpoint, a Hugging Face export of it written next to the adapter
+    (`<adapter_dir>/../base_hf`, reused while it was exported from the same checkpoint)."""
+    from .checkpoint import export_base, is_hf_directory, resolve_source
+
+    if not os.path.exists(str(base)):
+        return str(base)  # a hub model name: transformers resolves it
+    kind, source = resolve_source(str(base))
+    if kind == "hf":
+        return source
+    out = Path(adapter_dir).resolve().parent / BASE_EXPORT_DIR
+    marker = out / BASE_SOURCE_FILE
+    if not (is_hf_directory(str(out)) and marker.is_file() and json.loads(marker.read_text()) == {"dcp": str(source)}):
+        export_base(str(source), str(out))
+        marker.write_text(json.dumps({"dcp": str(source)}) + "\n")
+    return str(out)
+
+
 def write_adapter(tensors: dict, path, cfg: LoRAConfig, base_model_name_or_path: Optional[str] = None) -> Path:
+    """The PEFT directory; `base_model_name_or_path` may be a DCP checkpoint: see `hf_base_of`."""
     if not tensors:
         raise ValueError("no LoRA adapter tensors: nothing to save")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    if base_model_name_or_path is not None:
+        base_model_name_or_path = hf_base_of(base_model_name_or_path, path)
     config = adapter_config(tensors, cfg, base_model_name_or_path)
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return path
