@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
+from .errors import entry_point
 from .hybrid import HybridModel
 
 
@@ -101,6 +102,7 @@ def format_report(cfg: ModelConfig, counts: ParamCounts, seq_len: int) -> str:
     return "\n".join(lines)
 
 
+@entry_point("latentforge-params")
 def main(argv=None):
     from .recipes import compose, model_config_from
 

@@ -14,10 +14,12 @@ import types
 import typing
 from typing import Any, Mapping, Type, TypeVar, Union
 
+from .errors import UserError
+
 T = TypeVar("T")
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """A config value does not fit its dataclass field (the message names the key)."""
 
 

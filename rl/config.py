@@ -11,13 +11,14 @@ from typing import List, Optional
 
 from latentforge.model.schema import from_dict
 from latentforge.rl.rewards.scorer import RewardFunctionConfig
+from latentforge.model.errors import UserError
 
 WEIGHT_SYNC = ("broadcast", "object_store")
 AGGREGATIONS = ("token", "sequence", "constant")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-class GRPOConfigError(ValueError):
+class GRPOConfigError(UserError, ValueError):
     """A GRPO setting that cannot work; the message names the field and the fix."""
 
 

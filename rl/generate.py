@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from latentforge.model.errors import entry_point
+
 TOKENIZER_FILE = "tokenizer.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -129,6 +131,7 @@ def prompt_ids(tokenizer, text: str, chat: bool, think: bool, system: str = "") 
     return tokenizer.apply_chat_template(messages, enable_thinking=think, add_generation_prompt=True)
 
 
+@entry_point("latentforge-generate")
 def main(argv=None) -> int:
     args = parse_key_values(sys.argv[1:] if argv is None else argv, GenerateArgs)
     if args.threads:

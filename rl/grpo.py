@@ -16,6 +16,8 @@ import sys
 
 import json
 
+from latentforge.model.errors import entry_point
+
 
 def load_configs(overrides):
     """The composed recipe -> (GRPOConfig, model config dict, OptimConfig, tokenizer spec, task seed, thinking,
@@ -62,6 +64,7 @@ def run(overrides, print_fn=print) -> dict:
         loop.close()
 
 
+@entry_point("latentforge-grpo")
 def main(argv=None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
     bad = [o for o in overrides if o.startswith("-")]

@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from latentforge.model.errors import UserError
 from latentforge.model.schema import from_dict
 
 SCHEDULES = ("wsd", "cosine", "constant")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(UserError, ValueError):
     """A trainer setting that cannot work; the message names the field and the fix."""
 
 
@@ -92,7 +93,12 @@ class TrainConfig:
     checkpoint_interval: int = 100  # DCP save every this many steps (and always at the end and on SIGTERM)
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted after a newer one is complete
     async_checkpoint: bool = False  # write checkpoints in a background thread while training goes on
-    resume: bool = True  # continue from the newest complete checkpoint in the run directory, if there is one
+    resume: bool = True  # continue from the newest intact checkpoint in the run directory, if there is one
+    # a damaged newest checkpoint stops the launch instead of falling back (with a warning) to an older intact one
+    strict_resume: bool = False
+    # with resume=false: move an existing run's checkpoints and metrics aside (<run_dir>/old-<time>/) and start over;
+    # without it, resume=false on a run directory holding checkpoints is an error
+    overwrite: bool = False
     export_hf: bool = False  # at the end, write a Hugging Face export of the final checkpoint to <run_dir>/hf
 
     max_consecutive_nonfinite: int = 5  # non-finite losses in a row that stop the run (each one skips its step)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -39,8 +41,35 @@ def training_device() -> torch.device:
     return torch.device("cpu")
 
 
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Linux: have the kernel send `sig` to this process when its parent (torchrun's agent) dies, however it dies.
+    torchrun starts workers in sessions of their own, so `kill -9` of its process group would leave them training
+    (and writing checkpoints a relaunch then collides with). Returns whether it is armed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    if parent == 1 or os.getppid() != parent:  # the launcher died before the line above: the kernel won't tell us
+        os.kill(os.getpid(), sig)
+    return True
+
+
 def init_distributed(timeout_minutes: float = 30) -> None:
-    """Join the launched world (torchrun's env): NCCL with CUDA, gloo on CPU. A single process stays plain."""
+    """Join the launched world (torchrun's env): NCCL with CUDA, gloo on CPU. A single process stays plain.
+    A torchrun worker also arranges to die with its agent (`die_with_parent`)."""
+    if launched_by_torchrun():
+        die_with_parent()
     if is_distributed() or launched_world_size() == 1:
         return
     device = training_device()
@@ -80,3 +109,12 @@ def any_rank(flag: bool) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=training_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def all_gather_object(value) -> list:
+    """[value of rank 0, value of rank 1, ...] on every rank."""
+    if not is_distributed():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

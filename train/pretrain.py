@@ -21,6 +21,8 @@ import shutil
 
 import torch
 
+from latentforge.model.errors import entry_point
+
 USAGE = "python train/pretrain.py [--dry-run] [--world-size N] key=value ..."
 
 
@@ -126,6 +128,7 @@ def build_model(configs, device):
     return model, table
 
 
+@entry_point("latentforge-pretrain")
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg, configs = load_configs(overrides)
@@ -142,13 +145,16 @@ def main(argv=None) -> int:
     from latentforge.train.callbacks import standard_callbacks
     from latentforge.train.checkpoint import CheckpointManager
     from latentforge.train.parallel import build_runner
+    from latentforge.train.run_dir import claim_run_dir
     from latentforge.train.trainer import Trainer
 
     world.init_distributed()
+    claim = None
     try:
         device = world.training_device()
         is_rank0 = world.rank() == 0
         run_dir = run_dir_of(train_cfg)
+        claim = claim_run_dir(run_dir, train_cfg)  # before anything is written into it
         data_cfg = configs["data"]
         tokenizer = load_tokenizer(data_cfg.tokenizer, cache_dir=data_cfg.cache_dir)
         if tokenizer.vocab_size > model_cfg.vocab_size:
@@ -163,14 +169,6 @@ def main(argv=None) -> int:
                                        micro_batch_size=train_cfg.micro_batch_size, dp_rank=runner.dp_rank,
                                        dp_size=runner.dp_size)
 
-        if is_rank0:
-            from omegaconf import OmegaConf
-
-            os.makedirs(run_dir, exist_ok=True)
-            with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-                f.write(OmegaConf.to_yaml(cfg, resolve=True))
-        world.barrier()
-
         from omegaconf import OmegaConf
 
         callbacks = standard_callbacks(train_cfg, training_flops_per_token(model_cfg, train_cfg.seq_len), run_dir,
@@ -181,6 +179,10 @@ def main(argv=None) -> int:
                           callbacks=callbacks, device=device, model_config=model_cfg.to_dict(), tokenizer=tokenizer,
                           write_checkpoint_extra=checkpoint_extra_writer(cfg, configs, tokenizer))
         resumed = trainer.resume_if_possible()
+        if is_rank0:  # the launch is accepted (the checkpoint matches this model and tokenizer)
+            with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+                f.write(OmegaConf.to_yaml(cfg, resolve=True))
+        world.barrier()
 
         if runner.is_metrics_rank:
             print_start(configs, trainer, run_dir, resumed, world.world_size(), device)
@@ -197,6 +199,8 @@ def main(argv=None) -> int:
                 print(f"Hugging Face export: {out}", flush=True)
             world.barrier()
     finally:
+        if claim is not None:
+            claim.release()
         world.shutdown_distributed()
     return 0
 

@@ -27,13 +27,14 @@ from typing import List, Optional
 
 import torch
 
+from latentforge.model.errors import UserError, entry_point
 from latentforge.train.callbacks.base import Callback
 
 USAGE = ("python train/sft.py key=value ...   |   python train/sft.py --accuracy CHECKPOINT [--adapter DIR] "
          "[--problems N]")
 
 
-class SFTConfigError(ValueError):
+class SFTConfigError(UserError, ValueError):
     """An SFT setting, or a starting checkpoint, that cannot work; the message names the problem and the fix."""
 
 
@@ -207,6 +208,7 @@ class Validation(Callback):
     """Validation loss every `interval` steps and at the last one; saves the best model when it improves."""
 
     order = 20  # after the speed monitor, before the writers: they log `val_loss`
+    essential = True  # a collective forward on every rank
 
     def __init__(self, batches: list, interval: int, device, on_best=None):
         self.batches = batches
@@ -343,6 +345,7 @@ def uses_builtin_chat(data_cfg) -> bool:
 
 
 # ----- the job -------------------------------------------------------------------------------------------------
+@entry_point("latentforge-sft")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(usage=USAGE, description="LatentForge fine-tuning (Hydra overrides as arguments)")
     parser.add_argument("--accuracy", metavar="CHECKPOINT", default=None,
@@ -387,6 +390,7 @@ def run(overrides) -> int:
     from latentforge.train.lora.checkpoint import LORA_CONFIG_FILE
     from latentforge.train.parallel import build_runner
     from latentforge.train.pretrain import checkpoint_extra_writer, print_start, run_dir_of
+    from latentforge.train.run_dir import claim_run_dir
     from latentforge.train.trainer import Trainer
 
     cfg, configs = load_configs(overrides)
@@ -402,10 +406,12 @@ def run(overrides) -> int:
     configs["model"] = model_cfg  # the checkpoint's architecture, whatever the recipe's model group says
 
     world.init_distributed()
+    claim = None
     try:
         device = world.training_device()
         is_rank0 = world.rank() == 0
         run_dir = run_dir_of(train_cfg)
+        claim = claim_run_dir(run_dir, train_cfg)  # before anything is written into it
         tokenizer = starting_tokenizer(kind, start_path, data_cfg, model_cfg)
 
         torch.manual_seed(train_cfg.seed)
@@ -443,12 +449,6 @@ def run(overrides) -> int:
                                   micro_batch_size=train_cfg.micro_batch_size, dp_rank=runner.dp_rank,
                                   dp_size=runner.dp_size, split="train")
 
-        if is_rank0:
-            os.makedirs(run_dir, exist_ok=True)
-            with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-                f.write(OmegaConf.to_yaml(cfg, resolve=True))
-        world.barrier()
-
         write_extra = checkpoint_extra_writer(cfg, configs, tokenizer)
         if lora_cfg is not None:
             base_writer = write_extra
@@ -472,6 +472,10 @@ def run(overrides) -> int:
                           callbacks=callbacks, device=device, model_config=model_cfg.to_dict(), tokenizer=tokenizer,
                           write_checkpoint_extra=write_extra)
         resumed = trainer.resume_if_possible()
+        if is_rank0:  # the launch is accepted (the checkpoint matches this model and tokenizer)
+            with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+                f.write(OmegaConf.to_yaml(cfg, resolve=True))
+        world.barrier()
         if validation is not None and not resumed:
             validation.on_step_end(trainer, {"step": 0})  # the starting model's validation loss (step 0)
 
@@ -493,6 +497,8 @@ def run(overrides) -> int:
                    accuracy_before)
         world.barrier()
     finally:
+        if claim is not None:
+            claim.release()
         world.shutdown_distributed()
     return 0
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
+from latentforge.model.errors import UserError
+
 from . import distributed as world
 from .checkpoint import CheckpointManager, checkpoint_keys, pack, unpack
 from .config import OptimConfig, TrainConfig
@@ -29,7 +31,7 @@ class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row: the run stops instead of silently skipping forever."""
 
 
-class ResumeMismatchError(RuntimeError):
+class ResumeMismatchError(UserError, RuntimeError):
     """The checkpoint was written for a different model or tokenizer than this run uses."""
 
 
@@ -107,6 +109,7 @@ class Trainer:
         self._stop_reason: Optional[str] = None
         self._batches = None
         self.last_checkpoint: Optional[str] = None
+        self._failed_callbacks: set = set()
 
     # ----- small accessors the callbacks use -------------------------------------------------------------------
     @property
@@ -152,9 +155,25 @@ class Trainer:
     def save_checkpoint(self) -> str:
         path = self.checkpoints.save(self.state.step, self.checkpoint_state(), write_extra=self.write_checkpoint_extra)
         self.last_checkpoint = path
-        for c in self.callbacks:
-            c.on_checkpoint(self, path)
+        self._run_callbacks("on_checkpoint", path)
         return path
+
+    def _run_callbacks(self, hook: str, *args) -> None:
+        """Every callback's `hook`; a non-essential one that raises (W&B lost its service, a full disk under
+        metrics.jsonl) is reported once and switched off, so the loop and its checkpoints go on."""
+        for c in self.callbacks:
+            if id(c) in self._failed_callbacks:
+                continue
+            if c.essential:
+                getattr(c, hook)(self, *args)
+                continue
+            try:
+                getattr(c, hook)(self, *args)
+            except Exception as error:  # noqa: BLE001 - a logger must never end the run
+                self._failed_callbacks.add(id(c))
+                print(f"warning: callback {type(c).__name__} failed in {hook} at step {self.state.step} "
+                      f"({type(error).__name__}: {error}); training continues without it", file=sys.stderr,
+                      flush=True)
 
     def load_checkpoint(self, path: str) -> None:
         """Restore everything `checkpoint_state` saved. Refuses a checkpoint of another model or tokenizer."""
@@ -211,12 +230,29 @@ class Trainer:
             self.tokenizer.check_matches(saved.tokenizer, f"checkpoint {path}")
 
     def resume_if_possible(self) -> Optional[str]:
+        """Load the newest intact checkpoint of the run (a damaged newer one is named and skipped, or stops the
+        launch under train.strict_resume)."""
         if not self.cfg.resume:
             return None
-        path = self.checkpoints.latest()
+        path = self.checkpoints.newest_intact(strict=self.cfg.strict_resume, warn=self._warn_loudly)
         if path is not None:
             self.load_checkpoint(path)
+            self.last_checkpoint = path
         return path
+
+    def _warn_loudly(self, line: str) -> None:
+        if world.rank() == 0:
+            print(line, file=sys.stderr, flush=True)
+
+    def newest_intact_checkpoint(self) -> Optional[str]:
+        """Collective. The checkpoint to go back to: the newest one whose checksums hold."""
+        self.checkpoints.wait()
+        from latentforge.model.manifest import CheckpointDamagedError
+
+        try:
+            return self.checkpoints.newest_intact(warn=self._warn_loudly)
+        except CheckpointDamagedError as error:
+            return f"none ({error})"
 
     # ----- the step --------------------------------------------------------------------------------------------
     def _next_micro_batches(self) -> list:
@@ -281,23 +317,21 @@ class Trainer:
         if self.state.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
             raise NonFiniteLossError(
                 f"{self.state.consecutive_nonfinite} non-finite losses in a row, the last at step {self.state.step} "
-                f"(loss {loss}, grad norm {grad_norm}); stopping. Lower optim.lr or check the data; the last good "
-                f"checkpoint is {self.last_checkpoint or 'none'}")
+                f"(loss {loss}, grad norm {grad_norm}); stopping. Lower optim.lr or check the data; the newest "
+                f"intact checkpoint is {self.newest_intact_checkpoint() or 'none'}")
         return metrics
 
     # ----- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> str:
         """Train from the current state to `last_step`; returns why it stopped: "finished" (all train.steps done),
         "train.stop_at_step=N", or the stop request's reason ("signal SIGTERM")."""
-        for c in self.callbacks:
-            c.on_train_start(self)
+        self._run_callbacks("on_train_start")
         reason = "finished"
         start_step = self.state.step
         try:
             while self.state.step < self.last_step:
                 metrics = self.train_step()
-                for c in self.callbacks:
-                    c.on_step_end(self, metrics)
+                self._run_callbacks("on_step_end", metrics)
                 self.checkpoints.poll()
                 if self._stop_reason is not None:
                     reason = self._stop_reason
@@ -306,8 +340,8 @@ class Trainer:
                     self.save_checkpoint()
             if self._stop_reason is None and self.state.step < self.total_steps:
                 reason = f"train.stop_at_step={self.last_step}"
-            if self.state.step > start_step:  # the end of this launch (finished, stop_at_step or a signal)
-                self.save_checkpoint()
+            if self.state.step > start_step:  # the end of this launch (finished, stop_at_step or a signal): saved
+                self.save_checkpoint()  # before any callback's end-of-run work (W&B's finish may fail or wait)
             elif self.last_checkpoint is None:
                 self.last_checkpoint = self.checkpoints.latest()  # nothing left to train: the resumed one
             self.checkpoints.wait()
@@ -316,10 +350,13 @@ class Trainer:
             raise
         finally:
             for c in self.callbacks:
+                if id(c) in self._failed_callbacks:
+                    continue
                 try:
                     c.on_train_end(self, reason)
-                except Exception as cleanup_error:  # noqa: BLE001 - the loop's own error matters more
-                    print(f"callback {type(c).__name__} failed at train end: {cleanup_error}", file=sys.stderr)
+                except Exception as cleanup_error:  # noqa: BLE001 - the checkpoint is saved; the loop's error matters more
+                    print(f"warning: callback {type(c).__name__} failed at train end ({type(cleanup_error).__name__}: "
+                          f"{cleanup_error})", file=sys.stderr, flush=True)
         return reason
 
 

@@ -137,9 +137,13 @@ def test_dry_run_prints_the_super_120b_plan(capsys):
     assert out.count("pp rank") == 2 and "GiB" in out
 
 
-def test_a_layout_that_does_not_divide_fails_at_start():
+def test_a_layout_that_does_not_divide_fails_at_start(capsys):
     from latentforge.train.parallel.config import LayoutError
     from latentforge.train.pretrain import main
 
     with pytest.raises(LayoutError, match="num_key_value_heads"):
-        main(["recipe=tiny", "parallel.tp=4", "--dry-run", "--world-size", "4"])
+        main.__wrapped__(["recipe=tiny", "parallel.tp=4", "--dry-run", "--world-size", "4"])
+    # the console script: one line naming the problem, exit code 2, no traceback
+    assert main(["recipe=tiny", "parallel.tp=4", "--dry-run", "--world-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("latentforge-pretrain: error: parallel.tp (4) must divide")

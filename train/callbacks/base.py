@@ -12,6 +12,9 @@ class Callback:
     """
 
     order = 50
+    # False (writers, monitors): an exception is logged and the callback is switched off; training and checkpoints
+    # go on. True for callbacks that take part in collectives or control the run (all ranks must fail together).
+    essential = False
 
     def on_train_start(self, trainer) -> None:
         pass

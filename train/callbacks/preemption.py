@@ -14,6 +14,7 @@ from .base import Callback
 
 class PreemptionHandler(Callback):
     order = 90
+    essential = True  # its all-reduce must run on every rank
 
     def __init__(self, signals=(signal.SIGTERM,)):
         self.signals = tuple(signals)

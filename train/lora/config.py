@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
+from latentforge.model.errors import UserError
 
 # SPEC section 4 module names: attention q/k/v/o, the Mamba input projection, the MoE shared expert. Not the Mamba
 # out_proj: stock PEFT refuses it (below), and the default adapter must load with PEFT onto transformers'
@@ -18,7 +19,7 @@ PEFT_REFUSED = ("out_proj", "conv1d")
 BASE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-class LoRAConfigError(ValueError):
+class LoRAConfigError(UserError, ValueError):
     """A LoRA setting that cannot work; the message names the field and the fix."""
 
 

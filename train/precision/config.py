@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from latentforge.kernels.quant import RECIPES
+from latentforge.model.errors import UserError
 
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -14,7 +15,7 @@ COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 QUANTIZED_FORMATS = ("fp8_current", "fp8_delayed", "fp8_block", "mxfp8", "nvfp4")
 
 
-class PrecisionConfigError(ValueError):
+class PrecisionConfigError(UserError, ValueError):
     """A precision setting that cannot work; the message names the field and the fix."""
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .config import QUANTIZED_FORMATS, PrecisionConfig, PrecisionConfigError
+from latentforge.model.errors import UserError
 
 # Transformer Engine recipe behind each format, and the compute capability it needs (SPEC section 5)
 TE_RECIPE_NAMES = {
@@ -34,7 +35,7 @@ MOE_ALIGNMENT = {"nvfp4": 128, "mxfp8": 32, "fp8_current": 16, "fp8_delayed": 16
 _BACKBONE_LAYER = re.compile(r"^backbone\.layers\.(\d+)(\.|$)")
 
 
-class PrecisionUnsupportedError(RuntimeError):
+class PrecisionUnsupportedError(UserError, RuntimeError):
     """The requested precision cannot run here; the message names the requirement and the alternatives."""
 
 
