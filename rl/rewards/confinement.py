@@ -2,9 +2,10 @@
 
 bwrap: new user, PID, network, IPC and UTS namespaces (`--unshare-all`), the host filesystem read-only, a fresh
 size-capped tmpfs at /tmp as the only writable place, `--die-with-parent` so the namespace (and with it every
-descendant, `setsid` or not) dies when the sandbox is killed or its program exits. Started as root, the sandbox
-drops to `nobody` first where nobody can run this Python, so that RLIMIT_NPROC is enforced (the kernel exempts
-root) and counts only the sandbox's own processes (per user namespace); `sandbox_identity` says who runs it.
+descendant, `setsid` or not) dies when the sandbox is killed or its program exits; /root and $HOME are empty
+but for the interpreter, LatentForge and the caller's import path. Started as root, the child drops to `nobody`
+before running anything untrusted (where nobody can run this Python), so that RLIMIT_NPROC is enforced (the
+kernel exempts root); `sandbox_identity` says who runs it.
 
 rlimits (no usable bwrap): memory, CPU time, output size and a scrubbed environment only; `FALLBACK_WARNING` says
 what is not contained.
@@ -23,6 +24,7 @@ from typing import List, Optional
 
 BACKENDS = ("auto", "bwrap", "rlimits")
 NOBODY = 65534
+CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 FALLBACK_WARNING = (
     "the sandbox runs untrusted code with rlimits only (memory, CPU time, output size) and a scrubbed environment, "
     "because bubblewrap is not usable here ({reason}). NOT contained: network access, writes anywhere the user "
@@ -57,10 +59,11 @@ def bwrap_problem() -> Optional[str]:
 
 
 def _probe(identity: str) -> Optional[str]:
-    command = bwrap_command(1 << 20, identity) + [sys.executable, "-I", "-S", "-c", "pass"]
+    # imports after the switch to nobody: the standard library must be readable by nobody
+    code = "import json, resource, ctypes"
+    command = bwrap_command(1 << 20, identity) + child_command(identity, ("-I", "-S"), "program", 0, False, code)
     try:
-        probe = subprocess.run(command, capture_output=True, timeout=60,
-                               preexec_fn=child_setup(512, 30, 1 << 20, "bwrap", identity))
+        probe = subprocess.run(command, capture_output=True, timeout=60, preexec_fn=child_setup(512, 30, 1 << 20))
     except (OSError, subprocess.SubprocessError) as exc:
         return f"bwrap could not be started ({exc})"
     if probe.returncode != 0:
@@ -70,10 +73,11 @@ def _probe(identity: str) -> Optional[str]:
 
 @functools.lru_cache(maxsize=1)
 def sandbox_identity() -> str:
-    """Who runs sandboxed code. "self": the (non-root) user, in bwrap's user namespace. As root: "nobody" when
-    nobody can run this interpreter (RLIMIT_NPROC is then enforced: the kernel exempts uid 0 from it), else
-    "root-mapped" (uid 65534 without capabilities inside the namespace, root outside: the process limit does not
-    hold, and a warning says so)."""
+    """Who runs sandboxed code under bwrap. "self": the (non-root) user, in bwrap's user namespace. As root:
+    "nobody" (bwrap keeps root only to set the sandbox up; the child switches to uid 65534 before running anything
+    untrusted, so RLIMIT_NPROC holds: the kernel exempts uid 0 from it) when nobody can run this interpreter, else
+    "root-mapped" (uid 65534 in a user namespace, still root outside: the process limit does not hold, and a
+    warning says so)."""
     if os.geteuid() != 0:
         return "self"
     if shutil.which("bwrap") is not None and _probe("nobody") is None:
@@ -89,12 +93,57 @@ def enforces_process_limit() -> bool:
     return bwrap_problem() is None and sandbox_identity() != "root-mapped"
 
 
-def bwrap_command(scratch_bytes: int, identity: str) -> List[str]:
+def child_command(identity: str, python_flags, mode: str, max_processes: int, shield: bool, payload: str) -> list:
+    """The sandboxed interpreter running sandbox_child.py (see there for the arguments)."""
+    drop_to = str(NOBODY) if identity == "nobody" else "-1"
+    return [sys.executable, *python_flags, CHILD_SCRIPT, mode, str(max_processes), "1" if shield else "0", drop_to,
+            payload]
+
+
+def _hidden_homes() -> List[str]:
+    """Home directories the sandbox sees as empty: they hold credentials (.netrc, cloud and hub tokens, ssh keys)."""
+    homes = {"/root", os.path.expanduser("~")}
+    return sorted(h for h in homes if os.path.isdir(h) and h not in ("/", "/tmp"))
+
+
+def _visible_paths(extra_paths) -> List[str]:
+    """What the child needs from inside the hidden homes: this interpreter and its libraries, LatentForge itself,
+    and `extra_paths` (the caller's import path, for reward functions)."""
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(CHILD_SCRIPT)))
+    candidates = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable),
+                  os.path.dirname(os.path.realpath(sys.executable)), package_root, *extra_paths]
+    paths = sorted({os.path.abspath(p) for p in candidates if p and os.path.exists(p)})
+    return [p for p in paths if not any(p.startswith(q + os.sep) for q in paths)]  # nested ones come with theirs
+
+
+def bwrap_command(scratch_bytes: int, identity: str, extra_paths=()) -> List[str]:
     """The bwrap prefix of a sandboxed command; /tmp (the child's home and working directory) is its only writable
-    place."""
-    user = ["--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY)] if identity == "root-mapped" else []
-    return ["bwrap", "--unshare-all", *user, "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc",
-            "--dev", "/dev", "--size", str(scratch_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp", "--"]
+    place, the home directories are empty but for the paths the child needs."""
+    if identity == "nobody":  # no user namespace: the child drops to nobody itself (it needs these two capabilities)
+        namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+                      "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    elif identity == "root-mapped":
+        namespaces = ["--unshare-all", "--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY)]
+    else:
+        namespaces = ["--unshare-all"]
+    homes = _hidden_homes()
+    mounts = ["--ro-bind", "/", "/"]
+    for home in homes:
+        mounts += ["--tmpfs", home]
+    made = set()
+    for path in _visible_paths(extra_paths):
+        home = next((h for h in homes if path == h or path.startswith(h + os.sep)), None)
+        if home is None:
+            continue
+        parts = os.path.relpath(path, home).split(os.sep)[:-1]
+        for depth in range(1, len(parts) + 1):  # traversable by nobody (bwrap would make them 0700)
+            folder = os.path.join(home, *parts[:depth])
+            if folder not in made:
+                made.add(folder)
+                mounts += ["--perms", "0755", "--dir", folder]
+        mounts += ["--ro-bind", path, path]
+    return ["bwrap", *namespaces, "--die-with-parent", *mounts, "--proc", "/proc", "--dev", "/dev",
+            "--perms", "1777", "--size", str(scratch_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp", "--"]
 
 
 def child_env(home: str, pythonpath: str = "") -> dict:
@@ -106,9 +155,8 @@ def child_env(home: str, pythonpath: str = "") -> dict:
     return env
 
 
-def child_setup(memory_mb: int, cpu_s: float, output_bytes: int, backend: str, identity: str = "self"):
-    """The preexec hook of a sandboxed child: its own session (so the whole tree can be killed), rlimits, and
-    under bwrap as root, when nobody can run Python: drop to nobody (root is exempt from RLIMIT_NPROC)."""
+def child_setup(memory_mb: int, cpu_s: float, output_bytes: int):
+    """The preexec hook of a sandboxed child: its own session (so the whole tree can be killed) and rlimits."""
 
     def apply():
         import resource
@@ -120,10 +168,6 @@ def child_setup(memory_mb: int, cpu_s: float, output_bytes: int, backend: str, i
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         resource.setrlimit(resource.RLIMIT_FSIZE, (output_bytes, output_bytes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if backend == "bwrap" and identity == "nobody":
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
 
     return apply
 

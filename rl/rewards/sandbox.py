@@ -42,7 +42,6 @@ from .sandbox_child import load_target, loads_reply, recv_payload, send
 OUTPUT_LIMIT_BYTES = 1 << 20
 MAX_PROCESSES = 64
 SCRATCH_MB = 64
-_CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 
 __all__ = ["ProgramResult", "run_untrusted_code", "IsolatedFunction", "load_target"]
 
@@ -62,14 +61,12 @@ class ProgramResult:
 
 
 def _child_command(backend: str, mode: str, max_processes: int, payload: str, scratch_mb: int,
-                   python_flags: tuple) -> list:
-    shield = "1" if backend == "rlimits" and sys.platform.startswith("linux") else "0"
-    nproc = str(max_processes) if backend == "bwrap" else "0"  # outside a user namespace it would count all the
-    # user's processes
-    command = [sys.executable, *python_flags, _CHILD_SCRIPT, mode, nproc, shield, payload]
-    if backend == "bwrap":
-        command = confinement.bwrap_command(scratch_mb << 20, confinement.sandbox_identity()) + command
-    return command
+                   python_flags: tuple, import_path=()) -> list:
+    if backend == "rlimits":  # no RLIMIT_NPROC: outside a sandbox it would count all the user's processes
+        return confinement.child_command("self", python_flags, mode, 0, sys.platform.startswith("linux"), payload)
+    identity = confinement.sandbox_identity()
+    return (confinement.bwrap_command(scratch_mb << 20, identity, import_path)
+            + confinement.child_command(identity, python_flags, mode, max_processes, False, payload))
 
 
 def _classify(returncode: int, stderr: str, backend: str) -> str:
@@ -107,8 +104,7 @@ def run_untrusted_code(code: str, *, stdin: str = "", timeout_s: float = 5.0, me
                 proc = subprocess.Popen(
                     _child_command(backend, "program", max_processes, code, scratch_mb, ("-I", "-S")),
                     stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=scratch, env=confinement.child_env(home),
-                    preexec_fn=confinement.child_setup(memory_mb, timeout_s, output_bytes, backend,
-                                                         confinement.sandbox_identity()))
+                    preexec_fn=confinement.child_setup(memory_mb, timeout_s, output_bytes))
             except (OSError, ValueError) as exc:  # e.g. a NUL byte in the code, code over 128 KiB
                 return ProgramResult("error", "", f"could not start: {exc}", None, time.perf_counter() - start,
                                      backend)
@@ -158,15 +154,16 @@ class IsolatedFunction:
 
     def _start(self) -> None:
         # the caller's import path ('' is its working directory), so the child imports what the caller would
-        pythonpath = os.pathsep.join([p or os.getcwd() for p in sys.path] + [os.environ.get("PYTHONPATH", "")])
+        import_path = [p or os.getcwd() for p in sys.path] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        pythonpath = os.pathsep.join(p for p in import_path if p)
         # bwrap: home is a fresh tmpfs at /tmp; rlimits: a temporary directory removed by close()
         self._home = "/tmp" if self.backend == "bwrap" else tempfile.mkdtemp(prefix="lf_sandbox_")
         self._proc = subprocess.Popen(
-            _child_command(self.backend, "serve", self.max_processes, self.target, self.scratch_mb, ("-P",)),
+            _child_command(self.backend, "serve", self.max_processes, self.target, self.scratch_mb, ("-P",),
+                           import_path),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=confinement.child_env(self._home, pythonpath), cwd="/" if self.backend == "bwrap" else self._home,
-            preexec_fn=confinement.child_setup(self.memory_mb, 1 << 20, OUTPUT_LIMIT_BYTES * 64, self.backend,
-                                               confinement.sandbox_identity()))
+            preexec_fn=confinement.child_setup(self.memory_mb, 1 << 20, OUTPUT_LIMIT_BYTES * 64))
         # the child answers "ready" (or the import error) before serving calls; importing may take a while
         status, message = self._receive(time.monotonic() + max(30.0, self.timeout_s))
         if status != "ready":

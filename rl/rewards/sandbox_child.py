@@ -2,10 +2,11 @@
 functions, so the script's own folder never shadows the user's modules), plus the message framing both sides use.
 Standard library only: it starts in every sandbox.
 
-    sandbox_child.py program <max_processes> <shield> <code>
-    sandbox_child.py serve <max_processes> <shield> <package.module:function>
+    sandbox_child.py program <max_processes> <shield> <drop_to_uid> <code>
+    sandbox_child.py serve <max_processes> <shield> <drop_to_uid> <package.module:function>
 
-max_processes > 0 sets RLIMIT_NPROC (inside bwrap's user namespace it counts only the sandbox's processes);
+drop_to_uid >= 0 (bwrap started as root) switches to that user and group first, which also drops every
+capability; max_processes > 0 sets RLIMIT_NPROC (per user: nobody's, or the user namespace's);
 shield = 1 (rlimits backend) runs the work in a grandchild that dies with this process, so untrusted code that
 kills its parent (`os.kill(os.getppid(), SIGKILL)`) kills this shim, never the caller.
 """
@@ -163,8 +164,16 @@ def serve(target: str) -> None:
         send(out_fd, reply)
 
 
+def drop_privileges(uid: int) -> None:
+    if uid >= 0:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+
+
 def main(argv) -> None:
-    mode, max_processes, shield, payload = argv
+    mode, max_processes, shield, drop_to, payload = argv
+    drop_privileges(int(drop_to))
     limit_processes(int(max_processes))
     if shield == "1":
         shield_caller()

@@ -90,8 +90,8 @@ def test_reward_function_killing_its_parent_does_not_end_the_run(backend):
         "print(json.dumps([first[0], second, again[0], fn.restarts]))\n")
     assert proc.returncode == 0, proc.stderr[-2000:]
     first, second, again, restarts = json.loads(proc.stdout.strip().splitlines()[-1])
-    if backend == "bwrap":  # the parent it sees is the PID namespace's init, which ignores the signal
-        assert first == again == "ok" and restarts == 0
+    if backend == "bwrap":  # its parent is the PID namespace's init: immune (as nobody, the kill is refused: error)
+        assert first in ("ok", "error") and again == first and restarts == 0
     else:  # the signal kills the shim: the call is a recorded crash and the next call gets a fresh sandbox
         assert first == again == "crash" and restarts == 2
     assert second == ["ok", pytest.approx(0.3)]
@@ -106,8 +106,8 @@ def test_program_killing_its_parent_does_not_end_the_run(backend):
         "print(json.dumps([r.status, r.stdout.strip()]))\n")
     assert proc.returncode == 0, proc.stderr[-2000:]
     status, stdout = json.loads(proc.stdout.strip().splitlines()[-1])
-    if backend == "bwrap":  # its parent is the PID namespace's init, which ignores the signal
-        assert (status, stdout) == ("ok", "7")
+    if backend == "bwrap":  # its parent is the PID namespace's init: immune (as nobody, the kill is refused)
+        assert (status, stdout) in (("ok", "7"), ("error", ""))
     else:  # the signal kills the shim: the program dies with it, reported (SIGKILL reads as a timeout)
         assert status in ("crash", "timeout") and stdout == ""
 
@@ -132,6 +132,7 @@ def host_dir():
     import tempfile
 
     path = tempfile.mkdtemp(prefix="lf-sandbox-test-", dir="/var/tmp")
+    os.chmod(path, 0o777)  # writable by whoever runs the sandbox: only the read-only mount stops the write
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
