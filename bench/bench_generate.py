@@ -41,6 +41,7 @@ class BenchArgs:
     threads: int = 1
     hf: bool = True
     think: bool = True
+    model: str = "tiny"  # when no ckpt: "tiny" (6 layers) or "deep" (24 layers: the MTP block a small share)
     train_steps: int = 600  # when no ckpt: steps of the brief training run (cached by its settings)
     train_seq_len: int = 256
     train_batch: int = 8
@@ -86,17 +87,25 @@ def packed_batches(tokenizer, problems, seq_len, batch, seed):
             doc += 1
 
 
+# "deep": the tiny recipe's widths at 24 layers, so the MTP block (one layer) is ~4% of the trunk as in Super's
+# 88 layers, and a verify step of k+1 tokens costs about what a one-token step does (per-op overhead dominates)
+MODEL_OVERRIDES = {"tiny": [], "deep": ["model.pattern=MEM*E-MEM*E-MEM*E-MEM*E-"]}
+
+
 def train_tiny(args: BenchArgs, tokenizer, cache_dir: str):
-    """The tiny recipe (MTP depth 2) trained for args.train_steps on the generated chat data; saved as HF."""
+    """The tiny recipe (MTP depth 2), or its deep variant, trained for args.train_steps on the generated chat data;
+    saved as HF under the cache dir, keyed by every setting that changes the weights."""
     from latentforge.data.synthetic import synthetic_splits
     from latentforge.model import HybridModel
     from latentforge.model.hf import load_pretrained, save_pretrained
     from latentforge.model.recipes import compose, model_config_from
 
-    cfg = model_config_from(compose(["recipe=tiny"]))
+    if args.model not in MODEL_OVERRIDES:
+        raise SystemExit(f"model={args.model!r}: expected one of {sorted(MODEL_OVERRIDES)} (or give ckpt=...)")
+    cfg = model_config_from(compose(["recipe=tiny", *MODEL_OVERRIDES[args.model]]))
     key = hashlib.sha256(json.dumps([cfg.to_dict(), tokenizer.fingerprint(), args.train_steps, args.train_seq_len,
                                      args.train_batch, args.train_lr, args.seed]).encode()).hexdigest()[:12]
-    out = os.path.join(cache_dir, f"bench_generate_tiny_{key}")
+    out = os.path.join(cache_dir, f"bench_generate_{args.model}_{key}")
     if os.path.isfile(os.path.join(out, "config.json")):
         print(f"trained tiny model: cached at {out}")
         return load_pretrained(out).eval().requires_grad_(False)
@@ -178,7 +187,7 @@ def main(argv=None) -> int:
     else:
         tokenizer = load_tokenizer(args.tokenizer or "bpe:4096")
         model = train_tiny(args, tokenizer, resolve_cache_dir(None))
-        source = f"tiny recipe trained here for {args.train_steps} steps on the generated chat data"
+        source = f"{args.model} model ({model.cfg.layer_pattern}) trained here for {args.train_steps} steps on the generated chat data"
     if model.mtp is None:
         raise SystemExit("this checkpoint has no MTP block: drafting needs model.mtp_depths > 0")
 

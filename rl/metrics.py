@@ -16,6 +16,7 @@ CONSOLE_KEYS = (("reward", "reward_mean", "{:.3f}"), ("acc", "accuracy", "{:.3f}
                 ("tis", "tis_weight_mean", "{:.3f}"), ("mism0", "mismatch_fresh_mean", "{:.1e}"),
                 ("mtp_acc_len", "mtp_accepted_length", "{:.2f}"), ("gen_tok/s", "rollout_tokens_per_s", "{:.0f}"),
                 ("train_tok/s", "train_tokens_per_s", "{:.0f}"), ("sync", "sync_s", "{:.3f}s"),
+                ("sync_share", "sync_share", "{:.1%}"),
                 ("stall", "stall_per_update_s", "{:.4f}s"), ("idle_T", "trainer_idle_frac", "{:.2f}"),
                 ("idle_R", "rollout_idle_frac", "{:.2f}"))
 
@@ -85,6 +86,11 @@ class MetricsLogger:
             self._run = None
 
 
+def sync_share(push_wall_s: float, step_wall_s: float) -> Optional[float]:
+    """The weight push's share of the step's wall time (None before a step has a duration)."""
+    return push_wall_s / step_wall_s if step_wall_s > 0 else None
+
+
 def step_metrics(version: int, groups: List, train: dict, push: dict, rollout_now: list, rollout_before: list, *,
                  normalize_std: bool, waited: float, wall: float, previous_wall: float, trainer_wait: float,
                  counters: dict, filtered: list) -> dict:
@@ -132,6 +138,8 @@ def step_metrics(version: int, groups: List, train: dict, push: dict, rollout_no
         "aux_loss": train.get("aux_loss_sum"), "grad_norm": train["grad_norm"], "lr": train["lr"],
         "train_s": train["train_s"], "train_tokens_per_s": train["train_tokens_per_s"],
         "sync_s": push["sync_s"], "push_wall_s": push["push_wall_s"],
+        # the weight push as a share of this step's wall time (the goal: at most 2%)
+        "sync_share": sync_share(push["push_wall_s"], elapsed),
         "stall_per_update_s": stall / updates if updates else 0.0,
         "rollout_tokens_per_s": delta("generated_tokens") / elapsed if elapsed > 0 else 0.0,
         "rollout_idle_frac": idle / (busy + idle + stall) if busy + idle + stall > 0 else 0.0,

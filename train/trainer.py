@@ -85,6 +85,23 @@ def _float(value) -> float:
     return float(value.item() if torch.is_tensor(value) else value)
 
 
+def step_time_breakdown(started: float, data_time: float, fwd_bwd_done: float, clip_done: float,
+                        optimizer_done: float, comm: Optional[float], checkpoint: float) -> dict:
+    """Seconds of each phase of one step. step_time covers data + fwd_bwd + clip + optimizer; comm_time is the
+    part of fwd_bwd spent in the runner's blocking collectives (None on one process: there are none); the
+    FSDP gathers and reduce-scatters overlap the backward and are inside fwd_bwd_time. checkpoint_time: saving
+    after the previous step (a save runs between two steps)."""
+    return {
+        "data_time": data_time,
+        "fwd_bwd_time": fwd_bwd_done - started - data_time,
+        "comm_time": comm,
+        "clip_time": clip_done - fwd_bwd_done,
+        "optimizer_time": optimizer_done - clip_done,
+        "checkpoint_time": checkpoint,
+        "step_time": optimizer_done - started,
+    }
+
+
 class Trainer:
     def __init__(self, *, runner, loader, train_cfg: TrainConfig, optim_cfg: OptimConfig, checkpoints: CheckpointManager,
                  callbacks: list = (), device: Optional[torch.device] = None, model_config: Optional[dict] = None,
@@ -110,6 +127,7 @@ class Trainer:
         self._batches = None
         self.last_checkpoint: Optional[str] = None
         self._failed_callbacks: set = set()
+        self._checkpoint_seconds = 0.0  # spent saving since the last step's metrics (reported with the next step)
 
     # ----- small accessors the callbacks use -------------------------------------------------------------------
     @property
@@ -153,6 +171,13 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> str:
+        started = time.perf_counter()
+        try:
+            return self._save_checkpoint()
+        finally:
+            self._checkpoint_seconds += time.perf_counter() - started
+
+    def _save_checkpoint(self) -> str:
         path = self.checkpoints.save(self.state.step, self.checkpoint_state(), write_extra=self.write_checkpoint_extra)
         self.last_checkpoint = path
         self._run_callbacks("on_checkpoint", path)
@@ -277,9 +302,11 @@ class Trainer:
 
         self.optimizer.zero_grad()
         result = self.runner.forward_backward(micro_batches)
-        loss = _float(result["loss"])
+        loss = _float(result["loss"])  # a host sync: the forward/backward has finished on the device
+        fwd_bwd_done = time.perf_counter()
         grad_norm = _float(self.runner.clip_grad_norm_(self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0
                                                        else float("inf")))
+        clip_done = time.perf_counter()
         lr = self.schedule.lr_at(step)
         # the grad norm is global (every shard and stage), so every rank takes the same decision
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -294,6 +321,9 @@ class Trainer:
             if expert_load is not None:
                 self.runner.update_expert_bias(expert_load)
             self.state.consecutive_nonfinite = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the optimizer's kernels count in its own time, not the next step's
+        optimizer_done = time.perf_counter()
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
 
@@ -311,9 +341,10 @@ class Trainer:
             "skipped": skipped,
             "skipped_steps": self.state.skipped_steps,
             "moe_imbalance": moe_imbalance(expert_load),
-            "data_time": data_time,
-            "step_time": time.perf_counter() - started,
+            **step_time_breakdown(started, data_time, fwd_bwd_done, clip_done, optimizer_done,
+                                  comm=self.runner.take_comm_seconds(), checkpoint=self._checkpoint_seconds),
         }
+        self._checkpoint_seconds = 0.0
         if self.state.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
             raise NonFiniteLossError(
                 f"{self.state.consecutive_nonfinite} non-finite losses in a row, the last at step {self.state.step} "

@@ -26,6 +26,30 @@ def format_rate(tokens_per_s: float) -> str:
     return f"{tokens_per_s:.0f}"
 
 
+# (metrics key, label) of the step-time phases, in the order they run; absent / None phases are left out
+BREAKDOWN = (("data_time", "data"), ("fwd_bwd_time", "fwd/bwd"), ("comm_time", "comm"), ("clip_time", "clip"),
+             ("optimizer_time", "opt"), ("checkpoint_time", "ckpt"))
+
+
+def format_breakdown(metrics: dict) -> str:
+    """`1.234s = data 3ms + fwd/bwd 1.1s (comm 20ms) + clip 5ms + opt 120ms`; a checkpoint save, when one ran
+    since the last line, after a `;`."""
+
+    def ms(seconds):
+        return f"{seconds * 1e3:.0f}ms" if seconds < 1 else f"{seconds:.2f}s"
+
+    phases = []
+    for key, label in BREAKDOWN[:-1]:
+        value = metrics.get(key)
+        if value is None:
+            continue
+        phases.append(f"({label} {ms(value)})" if key == "comm_time" else f"{label} {ms(value)}")
+    text = f"{ms(metrics['step_time'])} = " + " + ".join(phases).replace(" + (", " (")
+    if metrics.get("checkpoint_time"):
+        text += f"; ckpt {ms(metrics['checkpoint_time'])}"
+    return text
+
+
 def format_line(metrics: dict, total_steps: int) -> str:
     parts = [f"step {metrics['step']:>{len(str(total_steps))}}/{total_steps}"]
     if metrics.get("skipped"):
@@ -43,6 +67,8 @@ def format_line(metrics: dict, total_steps: int) -> str:
         parts.append(f"{tflops:.1f} TFLOP/s" if tflops is not None else "TFLOP/s n/a")
         mfu = metrics.get("mfu")
         parts.append(f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a")
+    if "step_time" in metrics:
+        parts.append(format_breakdown(metrics))
     if metrics.get("memory_gib") is not None:
         parts.append(f"mem {metrics['memory_gib']:.2f} GiB")
     if metrics.get("moe_imbalance") is not None:

@@ -13,6 +13,9 @@ micro-batches). See docs/INTERFACES.md ("train/parallel/ <-> the trainer").
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -43,6 +46,7 @@ class Runner:
         self._schedules: dict = {}
         self._checked_seq_lens: set = set()
         self._hooked = False  # the last step ran a caller's loss_fn
+        self._comm_seconds = 0.0  # in blocking collectives since take_comm_seconds() (the trainer's step breakdown)
 
     # ----- the contract -------------------------------------------------------------------------------------------
     @property
@@ -80,8 +84,33 @@ class Runner:
         averaged); stats are 0-dim tensors, summed over micro-batches and ranks (keys ending in `_max`: maximum).
         The MoE balance loss is still added by the runner."""
         self._run(micro_batches, loss_fn, backward=True)
-        all_reduce_replicated_grads(self.model_parts, self.groups.tp_group)
+        with self._timed_collective():
+            all_reduce_replicated_grads(self.model_parts, self.groups.tp_group)
         return self._result()
+
+    def take_comm_seconds(self):
+        """Seconds spent in the runner's blocking collectives (replicated-gradient all-reduce, loss statistics)
+        since the last call; None on one process. The FSDP collectives overlap the backward and are not in it."""
+        if not self.groups.distributed:
+            return None
+        seconds, self._comm_seconds = self._comm_seconds, 0.0
+        return seconds
+
+    @contextlib.contextmanager
+    def _timed_collective(self):
+        if not self.groups.distributed:
+            yield
+            return
+        # on GPU the collectives are asynchronous: synchronise so their own time is what is measured
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._comm_seconds += time.perf_counter() - started
 
     def evaluate(self, micro_batches: list, loss_fn=None) -> dict:
         """Forward only (no gradient, .grad untouched): the same result as forward_backward on these batches."""
@@ -91,7 +120,10 @@ class Runner:
         finally:
             for module in self._fsdp_modules:  # the root keeps its parameters gathered after a forward
                 module.reshard()
-        return self._result()
+        comm_seconds = self._comm_seconds  # a validation pass is no part of the training step's breakdown
+        result = self._result()
+        self._comm_seconds = comm_seconds
+        return result
 
     def _run(self, micro_batches: list, loss_fn, backward: bool) -> None:
         if loss_fn is not None and not callable(loss_fn):
@@ -161,9 +193,10 @@ class Runner:
         if self.groups.distributed:
             # the ranks of one pipeline stage hold different tokens and only the last stage adds losses and stats,
             # so a sum (a maximum) over the world is the global batch's
-            dist.all_reduce(stats)
-            if max_keys:
-                dist.all_reduce(custom_max, op=dist.ReduceOp.MAX)
+            with self._timed_collective():
+                dist.all_reduce(stats)
+                if max_keys:
+                    dist.all_reduce(custom_max, op=dist.ReduceOp.MAX)
         lm = stats[0]
         mtp = stats[1:1 + depths]
         aux = stats[1 + depths]
