@@ -60,13 +60,16 @@ class ProgramResult:
         return self.status == "ok"
 
 
-def _child_command(backend: str, mode: str, max_processes: int, payload: str, scratch_mb: int,
-                   python_flags: tuple, import_path=()) -> list:
+def _child_command(backend: str, mode: str, payload: str, python_flags: tuple, *, memory_mb: int, cpu_s: float,
+                   output_bytes: int, max_processes: int, scratch_mb: int, import_path=()) -> list:
+    limits = dict(memory_mb=memory_mb, cpu_s=cpu_s, output_bytes=output_bytes)
     if backend == "rlimits":  # no RLIMIT_NPROC: outside a sandbox it would count all the user's processes
-        return confinement.child_command("self", python_flags, mode, 0, sys.platform.startswith("linux"), payload)
+        return confinement.child_command("self", python_flags, mode, payload, **limits, max_processes=0,
+                                         shield=sys.platform.startswith("linux"))
     identity = confinement.sandbox_identity()
     return (confinement.bwrap_command(scratch_mb << 20, identity, import_path)
-            + confinement.child_command(identity, python_flags, mode, max_processes, False, payload))
+            + confinement.child_command(identity, python_flags, mode, payload, **limits,
+                                        max_processes=max_processes, shield=False))
 
 
 def _classify(returncode: int, stderr: str, backend: str) -> str:
@@ -95,25 +98,25 @@ def run_untrusted_code(code: str, *, stdin: str = "", timeout_s: float = 5.0, me
     start = time.perf_counter()
     backend = confinement.resolve_backend(backend)
     with tempfile.TemporaryDirectory(prefix="lf_sandbox_") as workdir:
-        out_path, err_path = os.path.join(workdir, "stdout"), os.path.join(workdir, "stderr")
+        paths = {name: os.path.join(workdir, name) for name in ("stdin", "stdout", "stderr")}
+        with open(paths["stdin"], "wb") as f:  # a file, not a pipe: a program that never reads it cannot block us
+            f.write(stdin.encode("utf-8", "replace"))
         scratch = os.path.join(workdir, "scratch")  # the rlimits backend's working directory (bwrap: a tmpfs)
         os.mkdir(scratch)
         home = "/tmp" if backend == "bwrap" else scratch
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        with open(paths["stdin"], "rb") as inp, open(paths["stdout"], "wb") as out, open(paths["stderr"], "wb") as err:
             try:
                 proc = subprocess.Popen(
-                    _child_command(backend, "program", max_processes, code, scratch_mb, ("-I", "-S")),
-                    stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=scratch, env=confinement.child_env(home),
-                    preexec_fn=confinement.child_setup(memory_mb, timeout_s, output_bytes))
+                    _child_command(backend, "program", code, ("-I", "-S"), memory_mb=memory_mb, cpu_s=timeout_s,
+                                   output_bytes=output_bytes, max_processes=max_processes, scratch_mb=scratch_mb),
+                    stdin=inp, stdout=out, stderr=err, cwd=scratch, env=confinement.child_env(home),
+                    start_new_session=True)  # its own session: the whole tree can be killed
             except (OSError, ValueError) as exc:  # e.g. a NUL byte in the code, code over 128 KiB
                 return ProgramResult("error", "", f"could not start: {exc}", None, time.perf_counter() - start,
                                      backend)
-            timed_out = False
-            try:
-                proc.communicate(stdin.encode("utf-8", "replace"), timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                confinement.kill_tree(proc)
+            timed_out = not confinement.wait_for_exit(proc, timeout_s)
+            confinement.kill_tree(proc)  # also after an exit: what is left in its session (rlimits backend) dies
+        out_path, err_path = paths["stdout"], paths["stderr"]
         stdout = _read_capped(out_path, output_bytes)
         stderr = _read_capped(err_path, output_bytes)
     status = "timeout" if timed_out else _classify(proc.returncode, stderr, backend)
@@ -159,11 +162,12 @@ class IsolatedFunction:
         # bwrap: home is a fresh tmpfs at /tmp; rlimits: a temporary directory removed by close()
         self._home = "/tmp" if self.backend == "bwrap" else tempfile.mkdtemp(prefix="lf_sandbox_")
         self._proc = subprocess.Popen(
-            _child_command(self.backend, "serve", self.max_processes, self.target, self.scratch_mb, ("-P",),
-                           import_path),
+            _child_command(self.backend, "serve", self.target, ("-P",), memory_mb=self.memory_mb, cpu_s=1 << 20,
+                           output_bytes=OUTPUT_LIMIT_BYTES * 64, max_processes=self.max_processes,
+                           scratch_mb=self.scratch_mb, import_path=import_path),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=confinement.child_env(self._home, pythonpath), cwd="/" if self.backend == "bwrap" else self._home,
-            preexec_fn=confinement.child_setup(self.memory_mb, 1 << 20, OUTPUT_LIMIT_BYTES * 64))
+            start_new_session=True)
         # the child answers "ready" (or the import error) before serving calls; importing may take a while
         status, message = self._receive(time.monotonic() + max(30.0, self.timeout_s))
         if status != "ready":

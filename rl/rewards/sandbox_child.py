@@ -2,48 +2,53 @@
 functions, so the script's own folder never shadows the user's modules), plus the message framing both sides use.
 Standard library only: it starts in every sandbox.
 
-    sandbox_child.py program <max_processes> <shield> <drop_to_uid> <code>
-    sandbox_child.py serve <max_processes> <shield> <drop_to_uid> <package.module:function>
+    sandbox_child.py program|serve <memory_bytes> <cpu_s> <output_bytes> <max_processes> <shield> <drop_to_uid>
+        <code | package.module:function>
 
 drop_to_uid >= 0 (bwrap started as root) switches to that user and group first, which also drops every
-capability; max_processes > 0 sets RLIMIT_NPROC (per user: nobody's, or the user namespace's);
+capability; then RLIMIT_AS / RLIMIT_CPU / RLIMIT_FSIZE / no core files, and with max_processes > 0 RLIMIT_NPROC
+(per user: nobody's, or the user namespace's);
 shield = 1 (rlimits backend) runs the work in a grandchild that dies with this process, so untrusted code that
 kills its parent (`os.kill(os.getppid(), SIGKILL)`) kills this shim, never the caller.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
-import signal
-import struct
 import sys
 
-HEADER = struct.Struct("!Q")
+# pickle / struct / io are imported where used: a program's start-up (python -I -S, once per program) never
+# needs them
+HEADER_FORMAT = "!Q"
+HEADER_SIZE = 8
 MAX_MESSAGE_BYTES = 64 << 20
 _REPLY_CLASSES = {("latentforge.rl.rewards.base", "RewardResult")}
 _PR_SET_PDEATHSIG = 1
 
 
-class ReplyUnpickler(pickle.Unpickler):
+def loads_reply(payload: bytes):
     """Replies come from untrusted code: only plain values (numbers, strings, lists, dicts...) and RewardResult are
     rebuilt; a pickle naming any other class could run code in the caller."""
+    import io
+    import pickle
 
-    def find_class(self, module, name):
-        if (module, name) in _REPLY_CLASSES and module in sys.modules:
-            return getattr(sys.modules[module], name)
-        raise pickle.UnpicklingError(f"a reply holding a {module}.{name} cannot cross the sandbox boundary: return "
-                                     "plain Python values (float, bool, str, list, dict) or a RewardResult")
+    class ReplyUnpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in _REPLY_CLASSES and module in sys.modules:
+                return getattr(sys.modules[module], name)
+            raise pickle.UnpicklingError(f"a reply holding a {module}.{name} cannot cross the sandbox boundary: "
+                                         "return plain Python values (float, bool, str, list, dict) or a "
+                                         "RewardResult")
 
-
-def loads_reply(payload: bytes):
     return ReplyUnpickler(io.BytesIO(payload)).load()
 
 
 def send(fd: int, obj) -> None:
+    import pickle
+    import struct
+
     payload = pickle.dumps(obj)
-    data = HEADER.pack(len(payload)) + payload
+    data = struct.pack(HEADER_FORMAT, len(payload)) + payload
     while data:
         data = data[os.write(fd, data):]
 
@@ -68,10 +73,13 @@ def recv_exact(fd: int, n: int, deadline=None):
 
 
 def recv_payload(fd: int, deadline=None) -> bytes:
-    header = recv_exact(fd, HEADER.size, deadline)
+    import pickle
+    import struct
+
+    header = recv_exact(fd, HEADER_SIZE, deadline)
     if header is None:
         raise EOFError
-    size = HEADER.unpack(header)[0]
+    size = struct.unpack(HEADER_FORMAT, header)[0]
     if size > MAX_MESSAGE_BYTES:
         raise pickle.UnpicklingError(f"a {size}-byte message is over the {MAX_MESSAGE_BYTES}-byte limit")
     payload = recv_exact(fd, size, deadline)
@@ -80,24 +88,35 @@ def recv_payload(fd: int, deadline=None) -> bytes:
     return payload
 
 
-def limit_processes(max_processes: int) -> None:
+def set_limits(memory_bytes: int, cpu_s: int, output_bytes: int, max_processes: int) -> None:
+    """rlimits, set here rather than in the caller's fork (a preexec hook would cost every spawn a full fork of
+    the caller); nothing untrusted has run yet."""
+    import resource
+
+    limits = {resource.RLIMIT_AS: memory_bytes, resource.RLIMIT_FSIZE: output_bytes, resource.RLIMIT_CORE: 0}
     if max_processes > 0:
-        import resource
+        limits[resource.RLIMIT_NPROC] = max_processes
+    for which, value in limits.items():
+        resource.setrlimit(which, (value, value))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
 
-        resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
 
-
-def shield_caller() -> None:
-    """Fork: this process becomes a shim that waits and passes the work's exit status on; the work (returning from
-    this call) dies with the shim."""
-    import ctypes
+def shield_caller(die_with_shim: bool) -> None:
+    """Fork: this process becomes a shim that waits and passes the work's exit status on; the work returns from
+    this call. die_with_shim: the work gets SIGKILL when the shim dies (a reward function's caller then sees EOF at
+    once); programs skip it (ctypes costs their start-up more than the rest) and the caller kills their process
+    group after the shim ends."""
+    import signal
 
     shim = os.getpid()
     pid = os.fork()
     if pid == 0:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != shim:  # the shim died before prctl took effect
-            os._exit(1)
+        if die_with_shim:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != shim:  # the shim died before prctl took effect
+                os._exit(1)
         return
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGXCPU):
         signal.signal(sig, signal.SIG_IGN)
@@ -141,6 +160,7 @@ def _plain(value):
 
 def serve(target: str) -> None:
     """Protocol on the original stdout; the function's own prints go to stderr (discarded by the caller)."""
+    import pickle
     import traceback
 
     out_fd = os.dup(1)
@@ -172,11 +192,11 @@ def drop_privileges(uid: int) -> None:
 
 
 def main(argv) -> None:
-    mode, max_processes, shield, drop_to, payload = argv
+    mode, memory_bytes, cpu_s, output_bytes, max_processes, shield, drop_to, payload = argv
     drop_privileges(int(drop_to))
-    limit_processes(int(max_processes))
+    set_limits(int(memory_bytes), int(cpu_s), int(output_bytes), int(max_processes))
     if shield == "1":
-        shield_caller()
+        shield_caller(die_with_shim=mode == "serve")
     if mode == "program":
         run_program(payload)
     else:
