@@ -17,11 +17,13 @@ Public API (e.g. for tool-use environments):
 
 Containment (rl/rewards/confinement.py), backend "bwrap" (chosen by "auto" when `bwrap` works here):
 no network (not even 127.0.0.1), the filesystem read-only except a fresh `scratch_mb` tmpfs at /tmp (HOME, cwd),
-its own PID namespace (every descendant, `setsid` or not, dies when the program exits or is killed; killing its
-parent hits the namespace's init, which ignores it), RLIMIT_NPROC = max_processes, an environment of PATH, LANG,
-HOME, TMPDIR (+ PYTHONPATH for reward functions) only, RLIMIT_AS / RLIMIT_CPU / RLIMIT_FSIZE / no core files;
-as root it runs as nobody. Backend "rlimits" (no bwrap; a RuntimeWarning says what is not contained): the same
-rlimits and environment, and untrusted code that kills its parent kills a shim, not the caller.
+/root and $HOME empty but for the interpreter, LatentForge and the caller's import path (no credential files),
+its own PID namespace (every descendant, `setsid` or not, dies when the program exits or is killed; its parent is
+the namespace's init, which it cannot kill), RLIMIT_NPROC = max_processes, an environment of PATH, LANG, HOME,
+TMPDIR (+ PYTHONPATH for reward functions) only, RLIMIT_AS / RLIMIT_CPU / RLIMIT_FSIZE / no core files; started
+as root, the child switches to nobody before running anything untrusted. Backend "rlimits" (no bwrap; a
+RuntimeWarning says what is not contained): the same rlimits and environment, the program's process group killed
+when it ends, and untrusted code that kills its parent kills a shim, not the caller.
 """
 
 from __future__ import annotations
