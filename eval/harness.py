@@ -1,0 +1,144 @@
+"""`latentforge-eval`: lm-evaluation-harness tasks on a DCP checkpoint (any run directory) or a Hugging Face export.
+
+    latentforge-eval runs/sft_tiny --tasks lf_arith,lf_choice,lf_text            # the local tasks, offline
+    latentforge-eval out/tiny-hf --tasks hellaswag,arc_easy,gsm8k --batch-size 16  # standard tasks (needs the hub)
+    lm_eval --model hf --model_args pretrained=out/tiny-hf --tasks ...               # the same numbers, stock hf
+
+The registered lm-eval model `latentforge` (`LatentForgeLM`) scores log-likelihoods with the model's forward
+(train/eval_harness.py) and generates with the inference engine (rl/engine: greedy or sampled, stop at `</s>` /
+`<|im_end|>` as the export's generation_config.json says, then lm-eval's `until` strings cut the text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+import torch
+
+from latentforge.train.eval_harness import LogLikelihoodLM, model_forward, run_tasks, task_metrics
+
+STOP_TOKEN_IDS = (2, 11)  # </s>, <|im_end|>: data/hf_tokenizer.generation_config
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _register(cls):
+    from lm_eval.api.registry import register_model
+
+    return register_model("latentforge")(cls)
+
+
+@_register
+class LatentForgeLM(LogLikelihoodLM):
+    """lm-eval model: `--model latentforge --model_args checkpoint=PATH[,batch_size=8,device=cpu,dtype=float32,
+    max_length=2048,tokenizer=SPEC,prefix_token_id=ID,max_batch=16]`."""
+
+    def __init__(self, checkpoint: Optional[str] = None, *, model=None, tokenizer=None, batch_size: int = 8,
+                 max_length: int = 2048, device: str = "cpu", dtype: str = "float32",
+                 prefix_token_id: Optional[int] = None, max_gen_toks: int = 256, max_batch: int = 16,
+                 enable_thinking: bool = False, **unused):
+        from latentforge.rl.generate import load_model
+
+        if model is None:
+            if checkpoint is None:
+                raise ValueError("LatentForgeLM needs checkpoint=<DCP checkpoint, run directory or HF export>")
+            model = load_model(checkpoint, device=device, dtype=DTYPES[dtype])
+        if tokenizer is None or isinstance(tokenizer, str):
+            tokenizer = checkpoint_tokenizer(checkpoint, tokenizer or None)
+        super().__init__(model_forward(model), tokenizer, batch_size=int(batch_size), max_length=int(max_length),
+                         device=device, prefix_token_id=None if prefix_token_id is None else int(prefix_token_id),
+                         max_gen_toks=int(max_gen_toks), enable_thinking=bool(enable_thinking))
+        self.model = model.eval()
+        self.max_batch = int(max_batch)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in ("batch_size", "device")}
+        return cls(**{**args, **extra})
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+        from latentforge.rl.engine import Engine, EngineConfig, SamplingParams
+
+        eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        prompts, params, untils = [], [], []
+        for context, gen_kwargs in [request.args for request in requests]:
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            untils.append(handle_stop_sequences(kwargs.pop("until", None), eos=eos))
+            new_tokens = kwargs.pop("max_gen_toks")
+            prompts.append(self.tok_encode(context)[-(self.max_length - new_tokens):])
+            params.append(SamplingParams(
+                temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
+                top_p=float(kwargs.get("top_p", 1.0)), top_k=int(kwargs.get("top_k", 0) or 0),
+                max_new_tokens=new_tokens, stop_token_ids=STOP_TOKEN_IDS))
+        engine = Engine(self.model, EngineConfig(max_batch=self.max_batch, max_seq_len=self.max_length + 1))
+        texts = []
+        for request, until, result in zip(requests, untils, engine.generate(prompts, params)):
+            tokens = [t for t in result.token_ids if t not in STOP_TOKEN_IDS]
+            texts.append(postprocess_generated_text(self.tok_decode(tokens), until, None))
+            self.cache_hook.add_partial("generate_until", request.args, texts[-1])
+        return texts
+
+
+def checkpoint_tokenizer(checkpoint: Optional[str], spec: Optional[str] = None):
+    """The tokenizer of a Hugging Face export (its tokenizer.json) or DCP checkpoint (data/hf_tokenizer.py)."""
+    from latentforge.data import hf_tokenizer
+    from latentforge.data.tokenizer import HFTokenizer, load_tokenizer
+
+    if spec:
+        return load_tokenizer(spec)
+    if checkpoint and os.path.isfile(os.path.join(checkpoint, hf_tokenizer.TOKENIZER_FILE)):
+        return HFTokenizer(os.path.join(checkpoint, hf_tokenizer.TOKENIZER_FILE))
+    from latentforge.model.hf import resolve_checkpoint
+
+    found = hf_tokenizer.checkpoint_tokenizer(resolve_checkpoint(checkpoint)) if checkpoint else None
+    if found is None:
+        raise SystemExit(f"{checkpoint} records no tokenizer: pass --tokenizer (tekken, bpe:4096 or a tokenizer.json)")
+    return found
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="latentforge-eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a DCP checkpoint or run directory (its newest), or a Hugging Face export")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
+    parser.add_argument("--include-path", action="append", default=[], help="a folder of extra task YAML files")
+    parser.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    parser.add_argument("--num-fewshot", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer spec when the checkpoint records none")
+    parser.add_argument("--prefix-token-id", type=int, default=None,
+                        help="the token before an empty context (default <s>, as lm-eval's hf model)")
+    parser.add_argument("--apply-chat-template", action="store_true", help="render prompts with the chat template")
+    parser.add_argument("--output", default=None, help="write the results (and samples) as JSON here")
+    parser.add_argument("--log-samples", action="store_true")
+    args = parser.parse_args(argv)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    lm = LatentForgeLM(args.checkpoint, batch_size=args.batch_size, max_length=args.max_length,
+                       device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+                       prefix_token_id=args.prefix_token_id)
+    results = run_tasks(lm, [t for t in args.tasks.split(",") if t], limit=limit, num_fewshot=args.num_fewshot,
+                        include_paths=args.include_path, log_samples=args.log_samples,
+                        apply_chat_template=args.apply_chat_template)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump({"metrics": task_metrics(results), "samples": results.get("samples", {})}, f, indent=1,
+                      default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""lm-evaluation-harness: the local tasks (generation, multiple choice, rolling perplexity) through
+`latentforge-eval` on a DCP checkpoint give the numbers lm-eval's stock `hf` model (transformers, the independent
+reference) gives on the Hugging Face export: per-document log-likelihoods within fp32 rounding, identical
+generations, identical accuracies."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from latentforge.model import HybridModel
+from latentforge.model.hf import export_dcp_checkpoint
+from tests.model.test_hf import randomize, tiny_config
+from tests.train.test_lora_base import write_dcp
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")
+
+TASKS = ["lf_arith", "lf_choice", "lf_text"]
+LIMIT = 12
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A DCP checkpoint of a small random model with a BPE trained on the task-like text, and its export."""
+    from latentforge.data.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("eval")
+    corpus = ["Question: 12 + 30 =\nAnswer: 42\nWhat is 7 plus 8? The river flows to the sea. " * 30]
+    tokenizer = train_bpe(corpus, 320, str(root / "bpe" / "tokenizer.json"))
+    torch.manual_seed(0)
+    model = HybridModel(tiny_config(pattern="M*E-", vocab_size=320, moe_latent_size=24, mtp_depths=0)).eval()
+    randomize(model)
+    checkpoint = write_dcp(model, root / "run" / "checkpoints" / "step_00000001", tokenizer.path)
+    export = export_dcp_checkpoint(checkpoint, root / "hf")
+    return root / "run", export
+
+
+def hf_lm(export):
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32, experts_implementation="eager")
+    for module in model.modules():
+        if hasattr(module, "time_step_limit"):
+            module.time_step_limit = (0.0, float("inf"))  # transformers' CPU path clamps dt at 1e-3 otherwise
+    # batch size 1: transformers' Mamba path is not exact under left padding; ours batches (right padding)
+    return HFLM(pretrained=model.eval(), tokenizer=AutoTokenizer.from_pretrained(str(export)), batch_size=1)
+
+
+def per_document(results: dict) -> dict:
+    """{task: [per-document responses]} in document order."""
+    out = {}
+    for task, samples in results["samples"].items():
+        out[task] = [sample["resps"] for sample in sorted(samples, key=lambda s: s["doc_id"])]
+    return out
+
+
+def flatten(value):
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in flatten(v)]
+    return [value]
+
+
+@pytest.fixture(scope="module")
+def both(checkpoints, tmp_path_factory):
+    from latentforge.eval.harness import main
+    from latentforge.train.eval_harness import run_tasks
+
+    run_dir, export = checkpoints
+    out = tmp_path_factory.mktemp("results") / "ours.json"
+    assert main([str(run_dir), "--tasks", ",".join(TASKS), "--limit", str(LIMIT), "--batch-size", "4",
+                 "--device", "cpu", "--log-samples", "--output", str(out)]) == 0
+    ours = json.loads(out.read_text())
+    theirs = run_tasks(hf_lm(export), TASKS, limit=LIMIT, log_samples=True)
+    return ours, theirs
+
+
+def test_generations_and_log_likelihoods_equal_stock_hf(both):
+    ours, theirs = both
+    theirs_docs = per_document(theirs)
+    for task in TASKS:
+        mine = [sample["resps"] for sample in sorted(ours["samples"][task], key=lambda s: s["doc_id"])]
+        assert 0 < len(mine) == len(theirs_docs[task]) <= LIMIT
+        for a, b in zip(flatten(mine), flatten(theirs_docs[task])):
+            if isinstance(b, str) and not b.replace(".", "").replace("-", "").isdigit():
+                assert a == b, task  # a generation
+            elif isinstance(b, bool) or b in ("True", "False"):
+                assert str(a) == str(b), task  # is-greedy flag
+            else:
+                assert math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=1e-4), (task, a, b)
+
+
+def test_metrics_equal_stock_hf(both):
+    from latentforge.train.eval_harness import task_metrics
+
+    ours, theirs = both
+    theirs = task_metrics(theirs)
+    assert set(ours["metrics"]) == set(TASKS)
+    for task in TASKS:
+        assert ours["metrics"][task].keys() == theirs[task].keys()
+        for metric, value in theirs[task].items():
+            assert math.isclose(ours["metrics"][task][metric], value, rel_tol=1e-5), (task, metric)
+    assert 0 < ours["metrics"]["lf_text"]["word_perplexity"] < math.inf
+
+
+def test_an_export_evaluates_like_its_checkpoint(checkpoints, both):
+    from latentforge.eval.harness import LatentForgeLM
+    from latentforge.train.eval_harness import run_tasks, task_metrics
+
+    _, export = checkpoints
+    ours, _ = both
+    from_export = task_metrics(run_tasks(LatentForgeLM(str(export), batch_size=3), ["lf_choice", "lf_text"],
+                                         limit=LIMIT))
+    for task in ("lf_choice", "lf_text"):
+        for metric, value in from_export[task].items():
+            assert math.isclose(ours["metrics"][task][metric], value, rel_tol=1e-5), (task, metric)

@@ -1,0 +1,190 @@
+"""lm-evaluation-harness on LatentForge models: log-likelihood from the model's own forward.
+
+`LogLikelihoodLM` is an lm-eval `TemplateLM` that scores (context, continuation) pairs, rolling windows
+(perplexity tasks) and multiple-choice options with exactly what lm-eval's stock `hf` model computes on the
+Hugging Face export: the same tokenization (control-token names in task text are control tokens, as
+`tokenizer(text)` reads them; no BOS added), the same truncation to `max_length`, the same prefix token for an
+empty context (`<s>`, or `prefix_token_id`), log-softmax in fp32. Requests are batched longest first, right-padded
+(the model is causal, so padding never changes a scored position).
+
+Generation needs the inference engine (rl/engine), which train/ must not import: `generate_until` here names the
+command that has it (`latentforge-eval`, latentforge.eval.harness). Periodic evaluation during training
+(train/callbacks/eval_tasks.py) therefore runs log-likelihood tasks only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from latentforge.data.tokenizer import SPECIAL_TOKENS
+
+LOCAL_TASKS_HINT = "the local tasks shipped in latentforge/eval/tasks (lf_arith, lf_choice, lf_text)"
+
+
+def _lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.api.model import TemplateLM
+    except ImportError:
+        raise ImportError("lm-evaluation-harness is not installed: pip install 'latentforge[eval]' "
+                          "(or pip install lm-eval)") from None
+    return TemplateLM
+
+
+@torch.no_grad()
+def score_continuations(forward: Callable, requests: Sequence[Tuple[List[int], List[int]]], max_length: int,
+                        batch_size: int, device) -> List[Tuple[float, bool]]:
+    """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per request, in
+    order. `forward(ids)` returns logits (batch, time, vocab). Each sequence is context + continuation cut to its
+    last `max_length` + 1 tokens, as lm-eval's `hf` model does."""
+    rows = []
+    for context, continuation in requests:
+        if not continuation:
+            raise ValueError("an lm-eval request with an empty continuation: nothing to score")
+        rows.append((context + continuation)[-(max_length + 1):][:-1])
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    results: List[Optional[Tuple[float, bool]]] = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = len(rows[batch[0]])
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        for r, i in enumerate(batch):
+            ids[r, :len(rows[i])] = torch.tensor(rows[i])
+        logits = forward(ids.to(device))
+        for r, i in enumerate(batch):
+            target = torch.tensor(requests[i][1], device=logits.device)
+            length, count = len(rows[i]), len(target)
+            logprobs = F.log_softmax(logits[r, length - count:length].float(), dim=-1)
+            greedy = bool((logprobs.argmax(-1) == target).all())
+            results[i] = (float(logprobs.gather(-1, target[:, None]).sum()), greedy)
+    return results
+
+
+def model_forward(model) -> Callable:
+    """ids -> logits of a plain (or FSDP / tensor-parallel, every rank calling alike) HybridModel."""
+    def forward(ids):
+        return model(ids).logits
+    return forward
+
+
+class LogLikelihoodLM(_lm_eval()):
+    """An lm-eval model over a LatentForge model: loglikelihood and loglikelihood_rolling."""
+
+    def __init__(self, forward: Callable, tokenizer, *, batch_size: int = 8, max_length: int = 2048,
+                 device="cpu", prefix_token_id: Optional[int] = None, max_gen_toks: int = 256,
+                 enable_thinking: bool = False):
+        super().__init__()
+        self._forward = forward
+        self.lf_tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self._max_length = int(max_length)
+        self._device = torch.device(device)
+        self.custom_prefix_token_id = prefix_token_id
+        self.max_gen_toks = int(max_gen_toks)
+        self.enable_thinking = enable_thinking
+
+    # ----- what TemplateLM needs --------------------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return SPECIAL_TOKENS["</s>"]
+
+    @property
+    def prefix_token_id(self) -> int:
+        return SPECIAL_TOKENS["<s>"] if self.custom_prefix_token_id is None else int(self.custom_prefix_token_id)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.lf_tokenizer.spec.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> List[int]:
+        return self.lf_tokenizer.encode_with_control_tokens(string)
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        tokens = [tokens] if isinstance(tokens, int) else tokens
+        return self.lf_tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:
+        pairs = [(list(context), list(continuation)) for _, context, continuation in requests]
+        results = score_continuations(self._forward, pairs, self.max_length, self.batch_size, self._device)
+        for (key, _, _), result in zip(requests, results):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, result)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
+        from lm_eval import utils
+
+        totals = []
+        for (string,) in [request.args for request in requests]:
+            windows = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            scores = self._loglikelihood_tokens([(None, context, continuation) for context, continuation in windows])
+            totals.append(sum(score for score, _ in scores))
+            self.cache_hook.add_partial("loglikelihood_rolling", (string,), totals[-1])
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
+        tasks = sorted({request.task_name for request in requests if getattr(request, "task_name", None)})
+        raise NotImplementedError(
+            f"generation tasks {tasks} need the inference engine, which training does not load: evaluate the "
+            "checkpoint with latentforge-eval (or keep train.eval_tasks to log-likelihood tasks)")
+
+    # ----- chat (lm-eval --apply_chat_template) ----------------------------------------------------------------
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        from latentforge.data.chat import render_chat_text
+
+        return render_chat_text(chat_history, enable_thinking=self.enable_thinking,
+                                add_generation_prompt=add_generation_prompt)
+
+    def chat_template(self, chat_template=False) -> Optional[str]:
+        from latentforge.data.chat_template import CHAT_TEMPLATE
+
+        return CHAT_TEMPLATE if chat_template else None
+
+
+def task_manager(tasks: Sequence[str], include_paths: Sequence[str] = ()):
+    """lm-eval's TaskManager with LatentForge's local tasks and `include_paths` (folders of task YAML); lm-eval's
+    own catalogue (thousands of YAML files, most of a minute to index) only when a task needs it."""
+    import os
+
+    from lm_eval.tasks import TaskManager
+
+    local = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval", "tasks")
+    paths = [p for p in [local, *include_paths] if p]
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if all(task in manager.all_tasks for task in tasks):
+        return manager
+    return TaskManager(include_path=paths)
+
+
+def run_tasks(lm, tasks: Sequence[str], *, limit=None, num_fewshot: Optional[int] = None,
+              include_paths: Sequence[str] = (), log_samples: bool = False, apply_chat_template: bool = False,
+              seed: int = 0) -> dict:
+    """lm_eval.simple_evaluate on `lm`: its results dict (results per task, and samples when asked)."""
+    from lm_eval import simple_evaluate
+
+    return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                           task_manager=task_manager(tasks, include_paths), log_samples=log_samples,
+                           apply_chat_template=apply_chat_template, bootstrap_iters=0, random_seed=seed,
+                           numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+
+
+def task_metrics(results: dict) -> dict:
+    """{task: {metric: value}} without lm-eval's bookkeeping entries (aliases, stderr placeholders)."""
+    out = {}
+    for task, values in results["results"].items():
+        out[task] = {k.split(",")[0]: v for k, v in values.items()
+                     if k != "alias" and "_stderr" not in k and isinstance(v, (int, float))}
+    return out
