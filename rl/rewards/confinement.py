@@ -3,9 +3,10 @@
 bwrap: new user, PID, network, IPC and UTS namespaces (`--unshare-all`), the host filesystem read-only, a fresh
 size-capped tmpfs at /tmp as the only writable place, `--die-with-parent` so the namespace (and with it every
 descendant, `setsid` or not) dies when the sandbox is killed or its program exits; /root and $HOME are empty
-but for the interpreter, LatentForge and the caller's import path. Started as root, the child drops to `nobody`
-before running anything untrusted (where nobody can run this Python), so that RLIMIT_NPROC is enforced (the
-kernel exempts root); `sandbox_identity` says who runs it.
+but for the interpreter, LatentForge and the caller's import path. Started as root, the child switches to an
+unprivileged uid of its own (like nobody, but one per sandbox) before running anything untrusted, so that
+RLIMIT_NPROC is enforced (the kernel exempts root) and counts only that sandbox's processes; `sandbox_identity`
+says who runs it.
 
 rlimits (no usable bwrap): memory, CPU time, output size and a scrubbed environment only; `FALLBACK_WARNING` says
 what is not contained.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -25,6 +27,7 @@ from typing import List, Optional
 
 BACKENDS = ("auto", "bwrap", "rlimits")
 NOBODY = 65534
+PRIVATE_UIDS = (2_000_000_000, 100_000_000)  # first uid, how many: unused by any real account
 CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 FALLBACK_WARNING = (
     "the sandbox runs untrusted code with rlimits only (memory, CPU time, output size) and a scrubbed environment, "
@@ -60,7 +63,7 @@ def bwrap_problem() -> Optional[str]:
 
 
 def _probe(identity: str) -> Optional[str]:
-    # imports after the switch to nobody: the standard library must be readable by nobody
+    # imports after the switch to an unprivileged uid: the standard library must be readable by anyone
     code = "import json, resource, ctypes"
     command = bwrap_command(1 << 20, identity) + child_command(identity, ("-I", "-S"), "program", code,
                                                                memory_mb=512, cpu_s=30, output_bytes=1 << 20,
@@ -77,14 +80,14 @@ def _probe(identity: str) -> Optional[str]:
 @functools.lru_cache(maxsize=1)
 def sandbox_identity() -> str:
     """Who runs sandboxed code under bwrap. "self": the (non-root) user, in bwrap's user namespace. As root:
-    "nobody" (bwrap keeps root only to set the sandbox up; the child switches to uid 65534 before running anything
-    untrusted, so RLIMIT_NPROC holds: the kernel exempts uid 0 from it) when nobody can run this interpreter, else
-    "root-mapped" (uid 65534 in a user namespace, still root outside: the process limit does not hold, and a
-    warning says so)."""
+    "private-uid" (bwrap keeps root only to set the sandbox up; the child switches to a fresh unprivileged uid
+    before running anything untrusted, so RLIMIT_NPROC holds, per sandbox: the kernel exempts uid 0 from it) when
+    an unprivileged user can run this interpreter, else "root-mapped" (uid 65534 in a user namespace, still root
+    outside: the process limit does not hold, and a warning says so)."""
     if os.geteuid() != 0:
         return "self"
-    if shutil.which("bwrap") is not None and _probe("nobody") is None:
-        return "nobody"
+    if shutil.which("bwrap") is not None and _probe("private-uid") is None:
+        return "private-uid"
     warnings.warn(f"running as root and {sys.executable} is not usable by user nobody: sandboxed code runs as root "
                   "outside its user namespace, where the kernel does not enforce RLIMIT_NPROC (max_processes); "
                   "install Python where nobody can read it (or run as a normal user) to limit processes",
@@ -99,7 +102,7 @@ def enforces_process_limit() -> bool:
 def child_command(identity: str, python_flags, mode: str, payload: str, *, memory_mb: int, cpu_s: float,
                   output_bytes: int, max_processes: int, shield: bool) -> list:
     """The sandboxed interpreter running sandbox_child.py (see there for the arguments)."""
-    drop_to = NOBODY if identity == "nobody" else -1
+    drop_to = PRIVATE_UIDS[0] + secrets.randbelow(PRIVATE_UIDS[1]) if identity == "private-uid" else -1
     limits = [int(memory_mb) << 20, max(1, int(cpu_s + 1)), int(output_bytes), int(max_processes)]
     return [sys.executable, *python_flags, CHILD_SCRIPT, mode, *map(str, limits), "1" if shield else "0",
             str(drop_to), payload]
@@ -124,7 +127,7 @@ def _visible_paths(extra_paths) -> List[str]:
 def bwrap_command(scratch_bytes: int, identity: str, extra_paths=()) -> List[str]:
     """The bwrap prefix of a sandboxed command; /tmp (the child's home and working directory) is its only writable
     place, the home directories are empty but for the paths the child needs."""
-    if identity == "nobody":  # no user namespace: the child drops to nobody itself (it needs these two capabilities)
+    if identity == "private-uid":  # no user namespace: the child switches uid itself (with these two capabilities)
         namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
                       "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     elif identity == "root-mapped":
@@ -141,7 +144,7 @@ def bwrap_command(scratch_bytes: int, identity: str, extra_paths=()) -> List[str
         if home is None:
             continue
         parts = os.path.relpath(path, home).split(os.sep)[:-1]
-        for depth in range(1, len(parts) + 1):  # traversable by nobody (bwrap would make them 0700)
+        for depth in range(1, len(parts) + 1):  # traversable by anyone (bwrap would make them 0700)
             folder = os.path.join(home, *parts[:depth])
             if folder not in made:
                 made.add(folder)

@@ -7,7 +7,7 @@ Standard library only: it starts in every sandbox.
 
 drop_to_uid >= 0 (bwrap started as root) switches to that user and group first, which also drops every
 capability; then RLIMIT_AS / RLIMIT_CPU / RLIMIT_FSIZE / no core files, and with max_processes > 0 RLIMIT_NPROC
-(per user: nobody's, or the user namespace's);
+(per user: the sandbox's own uid, or the user namespace's);
 shield = 1 (rlimits backend) runs the work in a grandchild that dies with this process, so untrusted code that
 kills its parent (`os.kill(os.getppid(), SIGKILL)`) kills this shim, never the caller.
 """
