@@ -11,4 +11,5 @@ if [[ -z "${NPROC:-}" ]]; then
   NPROC=$(python -c 'import torch; print(torch.cuda.device_count() or 2)')
 fi
 # --standalone: a local c10d rendezvous on a free port; the run directory comes from train.run_name / train.run_dir
-exec torchrun --standalone --nproc-per-node "$NPROC" train/pretrain.py "$@"
+# (latentforge.launch.torchrun: torchrun whose SIGTERM saves a checkpoint and exits 0)
+exec python -m latentforge.launch.torchrun --standalone --nproc-per-node "$NPROC" train/pretrain.py "$@"

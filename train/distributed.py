@@ -60,8 +60,9 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         return False
-    if parent == 1 or os.getppid() != parent:  # the launcher died before the line above: the kernel won't tell us
+    if os.getppid() != parent:  # the launcher died while we armed it: the kernel won't tell us
         os.kill(os.getpid(), sig)
+    # (killed before this ran at all, a worker finds no agent store to join and fails at init_process_group)
     return True
 
 
