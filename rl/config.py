@@ -66,6 +66,9 @@ class RolloutConfig:
     top_p: float = 1.0  # < 1 truncates the behaviour distribution: the trainer does not, the IS weight corrects
     top_k: int = 0
     draft_tokens: int = 2  # MTP drafting depth of the engine; 0 = plain decoding
+    # draft only while measured to pay (rl/engine/gate.py). Greedy output is unchanged; sampled tokens then
+    # depend on timing (the two modes draw their random numbers differently), so it is off by default
+    draft_gate: bool = False
     max_batch: int = 32  # engine slots per worker
     weight_update_policy: str = "continue"  # running sequences keep their caches ("continue") or "recompute"
     weight_sync: str = "broadcast"  # torch.distributed broadcast (gloo on CPU, NCCL on GPU), or "object_store"

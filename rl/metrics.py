@@ -14,7 +14,8 @@ from typing import List, Optional
 CONSOLE_KEYS = (("reward", "reward_mean", "{:.3f}"), ("acc", "accuracy", "{:.3f}"), ("len", "response_len", "{:.0f}"),
                 ("stale", "staleness_mean", "{:.2f}"), ("clip", "ppo_clip_frac", "{:.3f}"),
                 ("tis", "tis_weight_mean", "{:.3f}"), ("mism0", "mismatch_fresh_mean", "{:.1e}"),
-                ("mtp_acc_len", "mtp_accepted_length", "{:.2f}"), ("gen_tok/s", "rollout_tokens_per_s", "{:.0f}"),
+                ("mtp_acc_len", "mtp_accepted_length", "{:.2f}"), ("draft_on", "draft_on", "{:.2f}"),
+                ("draft_x", "draft_expected_speedup", "{:.2f}"), ("gen_tok/s", "rollout_tokens_per_s", "{:.0f}"),
                 ("train_tok/s", "train_tokens_per_s", "{:.0f}"), ("sync", "sync_s", "{:.3f}s"),
                 ("sync_share", "sync_share", "{:.1%}"),
                 ("stall", "stall_per_update_s", "{:.4f}s"), ("idle_T", "trainer_idle_frac", "{:.2f}"),
@@ -86,6 +87,17 @@ class MetricsLogger:
             self._run = None
 
 
+def draft_gate_metrics(rollout_now: list) -> dict:
+    """Under rl.rollout.draft_gate: the share of rollout workers drafting at their last step and their mean
+    expected drafting speedup (empty without the gate)."""
+    gated = [s for s in rollout_now if s.get("draft_on") is not None]
+    if not gated:
+        return {}
+    estimates = [s["expected_draft_speedup"] for s in gated if s.get("expected_draft_speedup") is not None]
+    return {"draft_on": sum(bool(s["draft_on"]) for s in gated) / len(gated),
+            "draft_expected_speedup": sum(estimates) / len(estimates) if estimates else None}
+
+
 def sync_share(push_wall_s: float, step_wall_s: float) -> Optional[float]:
     """The weight push's share of the step's wall time (None before a step has a duration)."""
     return push_wall_s / step_wall_s if step_wall_s > 0 else None
@@ -145,6 +157,7 @@ def step_metrics(version: int, groups: List, train: dict, push: dict, rollout_no
         "rollout_idle_frac": idle / (busy + idle + stall) if busy + idle + stall > 0 else 0.0,
         "trainer_wait_s": waited, "trainer_idle_frac": trainer_wait / wall if wall > 0 else 0.0,
         "mtp_accepted_length": verified / rows if rows else None,
+        **draft_gate_metrics(rollout_now),
         "groups_zero_advantage": counters["groups_zero_advantage"],
         "groups_stale_dropped": counters["groups_stale_dropped"],
         "samples_overlong": counters["samples_overlong"],

@@ -38,7 +38,7 @@ class RolloutWorker:
         model = HybridModel(ModelConfig.from_dict(dict(model_cfg))).to(self.device).eval().requires_grad_(False)
         self.spec = state_spec(model.state_dict())
         self.engine = Engine(model, EngineConfig(max_batch=cfg.max_batch, max_seq_len=max_seq_len,
-                                                 draft_tokens=cfg.draft_tokens,
+                                                 draft_tokens=cfg.draft_tokens, draft_gate=cfg.draft_gate,
                                                  weight_update_policy=cfg.weight_update_policy, seed=seed),
                              version=NO_WEIGHTS)
         self.stop_token_ids = tuple(stop_token_ids)
@@ -202,7 +202,8 @@ class RolloutWorker:
             out = dict(self._counters)
             out.update(version=self.engine.version, queued=len(self._queue), running=len(self.engine.running),
                        waiting=len(self.engine.waiting), verify_rows=s.verify_rows, verify_tokens=s.verify_tokens,
-                       drafted=list(s.drafted), accepted=list(s.accepted))
+                       drafted=list(s.drafted), accepted=list(s.accepted), undrafted_steps=s.undrafted_steps,
+                       draft_on=s.draft_on, expected_draft_speedup=s.expected_draft_speedup)
         return out
 
     def stop(self) -> None:

@@ -41,6 +41,8 @@ class EngineConfig:
     max_batch: int = 8  # slots: sequences decoded together; more requests wait and join as slots free up
     max_seq_len: int = 2048  # prompt + new tokens of one sequence
     draft_tokens: int = 0  # k tokens drafted by the MTP block per step; 0 = plain decoding
+    draft_gate: bool = False  # draft only while measured to pay (rl/engine/gate.py); greedy output is unchanged
+    draft_probe_interval: int = 64  # gated: steps between probes of the mode not in use
     weight_update_policy: str = "continue"  # default of update_weights: "continue" or "recompute" the caches
     prefix_cache_size: int = 8  # prompts whose prefill states are kept for reuse (keyed by weight version)
     seed: int = 0  # seeds requests that bring none
@@ -52,6 +54,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.draft_tokens < 0:
             raise ValueError(f"EngineConfig.draft_tokens must be >= 0, got {self.draft_tokens}")
+        if self.draft_probe_interval < 1:
+            raise ValueError(f"EngineConfig.draft_probe_interval must be >= 1, got {self.draft_probe_interval}")
         if self.weight_update_policy not in WEIGHT_UPDATE_POLICIES:
             raise ValueError(f"EngineConfig.weight_update_policy must be one of {WEIGHT_UPDATE_POLICIES}, "
                              f"got {self.weight_update_policy!r}")
@@ -85,6 +89,9 @@ class EngineStats:
     verify_tokens: int = 0  # tokens those verify steps produced (accepted drafts + 1), before stop/length cuts
     drafted: list = field(default_factory=list)
     accepted: list = field(default_factory=list)
+    undrafted_steps: int = 0  # steps decoded plainly because the draft gate had drafting off
+    draft_on: Optional[bool] = None  # the last step's mode under the draft gate (None: no gate)
+    expected_draft_speedup: Optional[float] = None  # the gate's estimate after the last step
 
     @property
     def mean_accepted_length(self) -> float:

@@ -29,6 +29,7 @@ import torch
 
 from .config import WEIGHT_UPDATE_POLICIES, EngineConfig, EngineStats, GenerationResult, SamplingParams
 from .drafter import MTPDrafter
+from .gate import DraftGate
 from .runner import ModelRunner
 from .sampling import greedy_accept, log_softmax_at, sample, sampling_probs, speculative_accept
 from .state import SlotStates
@@ -43,6 +44,9 @@ class _Request:
     processed: int = 0  # tokens the main model has consumed (the last generated token is not, yet)
     logits: list = field(default_factory=list)
     aborted: bool = False
+    # trunk hidden states of tokens consumed by plain steps while drafting was gated off (the MTP caches catch up
+    # on them when drafting resumes)
+    pending_hidden: list = field(default_factory=list)
 
     def uniforms(self, count: int) -> torch.Tensor:
         return torch.rand(count, generator=self.generator, dtype=torch.float64)
@@ -64,6 +68,7 @@ class Engine:
         self.states = SlotStates(model, cfg.max_batch, cfg.max_seq_len + 3 * k + 2, draft_depths=k)
         self.runner = ModelRunner(model, self.states)
         self.drafter = MTPDrafter(self.runner, k, cfg.max_batch) if k else None
+        self.gate = DraftGate(probe_interval=cfg.draft_probe_interval) if k and cfg.draft_gate else None
         self.temperature = torch.zeros(cfg.max_batch, dtype=torch.float64, device=self.device)
         self.top_p = torch.ones(cfg.max_batch, dtype=torch.float64, device=self.device)
         self.top_k = torch.zeros(cfg.max_batch, dtype=torch.long, device=self.device)
@@ -130,8 +135,10 @@ class Engine:
             if self.running:
                 if self.drafter is None:
                     self._decode(finished)
-                else:
+                elif self.gate is None:
                     self._verify(finished)
+                else:
+                    self._gated_step(finished)
                 self.stats.steps += 1
             return finished
 
@@ -209,13 +216,58 @@ class Engine:
         for request, token, logprob, row_logits in zip(group, tokens.tolist(), logprobs.tolist(), logits):
             self._emit(request, token, logprob, row_logits)
 
-    def _decode(self, finished: list):
+    def _gated_step(self, finished: list):
+        """A draft step or a plain one, as the gate decides from measured costs and the accepted length."""
+        gate = self.gate
+        drafting = gate.choose()
+        if drafting:
+            self._resume_drafting()
+        n, produced = len(self.running), self.stats.verify_tokens
+        started = gate.clock()
+        if drafting:
+            self._verify(finished)
+            produced = self.stats.verify_tokens - produced
+        else:
+            self._decode(finished, keep_hidden=True)
+            produced = n
+            self.stats.undrafted_steps += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        gate.record(drafting, gate.clock() - started, rows=n, tokens=produced)
+        self.stats.draft_on = drafting
+        self.stats.expected_draft_speedup = gate.expected_speedup()
+
+    def _resume_drafting(self):
+        """MTP caches and drafts of the rows decoded plainly since their last catch-up, in runs of adjacent rows."""
+        stale = [bool(r.pending_hidden) for r in self.running]
+        row = 0
+        while row < len(stale):
+            if not stale[row]:
+                row += 1
+                continue
+            end = row
+            while end < len(stale) and stale[end]:
+                end += 1
+            requests = self.running[row:end]
+            width = max(len(r.pending_hidden) for r in requests)
+            padded = [torch.stack(r.pending_hidden + [r.pending_hidden[-1]] * (width - len(r.pending_hidden)))
+                      for r in requests]
+            self.drafter.catch_up(row, [r.sequence for r in requests], [r.processed for r in requests],
+                                  torch.stack(padded), self._draft_sampler(row, len(requests)))
+            for request in requests:
+                request.pending_hidden = []
+            row = end
+
+    def _decode(self, finished: list, keep_hidden: bool = False):
         n = len(self.running)
         ids = torch.tensor([[r.sequence[-1]] for r in self.running], dtype=torch.long, device=self.device)
         positions = [r.processed for r in self.running]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         out = self.runner.step(ids, pos, max(positions), keep_positions=False)
         logits = out.logits[:, 0]
+        if keep_hidden:
+            for request, hidden in zip(self.running, out.hidden[:, 0]):
+                request.pending_hidden.append(hidden)
         tokens, logprobs, _ = self._choose(logits, 0, self.running)
         keep = []
         for request, token, logprob, row_logits in zip(self.running, tokens.tolist(), logprobs.tolist(), logits):
@@ -407,6 +459,7 @@ class Engine:
             context = torch.tensor([request.sequence[: request.processed]], dtype=torch.long, device=self.device)
             _, hidden = self.runner.prefill(row, context)
             self.stats.prefill_tokens += request.processed
+            request.pending_hidden = []
             if self.drafter is not None:
                 self.drafter.reset_row(row)
                 self.drafter.catch_up(row, [request.sequence], [request.processed], hidden,
