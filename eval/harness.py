@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import torch
 
-from latentforge.train.eval_harness import LogLikelihoodLM, model_forward, run_tasks, task_metrics
+from latentforge.train.eval_harness import LogLikelihoodLM, model_scorer, run_tasks, task_metrics
 
 STOP_TOKEN_IDS = (2, 11)  # </s>, <|im_end|>: data/hf_tokenizer.generation_config
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,7 +48,7 @@ class LatentForgeLM(LogLikelihoodLM):
             model = load_model(checkpoint, device=device, dtype=DTYPES[dtype])
         if tokenizer is None or isinstance(tokenizer, str):
             tokenizer = checkpoint_tokenizer(checkpoint, tokenizer or None)
-        super().__init__(model_forward(model), tokenizer, batch_size=int(batch_size), max_length=int(max_length),
+        super().__init__(model_scorer(model, int(batch_size), device), tokenizer, batch_size=int(batch_size), max_length=int(max_length),
                          device=device, prefix_token_id=None if prefix_token_id is None else int(prefix_token_id),
                          max_gen_toks=int(max_gen_toks), enable_thinking=bool(enable_thinking))
         self.model = model.eval()

@@ -100,6 +100,12 @@ class TrainConfig:
     # without it, resume=false on a run directory holding checkpoints is an error
     overwrite: bool = False
     export_hf: bool = False  # at the end, write a Hugging Face export of the final checkpoint to <run_dir>/hf
+    # lm-evaluation-harness tasks scored during training (log-likelihood ones: multiple choice, perplexity), every
+    # eval_interval steps and at the end; logged as eval/<task>/<metric> (train/callbacks/eval_tasks.py)
+    eval_tasks: List[str] = field(default_factory=list)
+    eval_interval: int = 100
+    eval_limit: Optional[int] = None  # documents per task (null: all)
+    eval_include: List[str] = field(default_factory=list)  # folders of extra task YAML files
 
     max_consecutive_nonfinite: int = 5  # non-finite losses in a row that stop the run (each one skips its step)
     progress_bar: bool = True  # a tqdm bar, only when stdout is a terminal
@@ -112,11 +118,16 @@ class TrainConfig:
 
     def validate(self):
         for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "log_interval",
-                     "checkpoint_interval", "keep_last", "max_consecutive_nonfinite"):
+                     "checkpoint_interval", "keep_last", "max_consecutive_nonfinite", "eval_interval"):
             _need(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
         _need(self.global_batch_size % self.micro_batch_size == 0,
               f"train.global_batch_size ({self.global_batch_size}) must be a multiple of train.micro_batch_size "
               f"({self.micro_batch_size})")
+        _need(self.eval_limit is None or self.eval_limit > 0,
+              f"train.eval_limit must be positive or null (every document), got {self.eval_limit}")
+        _need(not self.eval_tasks or self.eval_interval % self.log_interval == 0,
+              f"train.eval_interval ({self.eval_interval}) must be a multiple of train.log_interval "
+              f"({self.log_interval}), or the steps that evaluate are not logged")
         _need(self.stop_at_step is None or 0 < self.stop_at_step <= self.steps,
               f"train.stop_at_step must be in (0, train.steps={self.steps}] or null, got {self.stop_at_step}")
 

@@ -63,21 +63,81 @@ def score_continuations(forward: Callable, requests: Sequence[Tuple[List[int], L
     return results
 
 
-def model_forward(model) -> Callable:
-    """ids -> logits of a plain (or FSDP / tensor-parallel, every rank calling alike) HybridModel."""
-    def forward(ids):
-        return model(ids).logits
-    return forward
+def model_scorer(model, batch_size: int, device) -> Callable:
+    """requests, max_length -> scores, from a plain HybridModel's forward."""
+    def score(requests, max_length):
+        return score_continuations(lambda ids: model(ids).logits, requests, max_length, batch_size, device)
+    return score
+
+
+class _RunnerScoring:
+    """The runner's loss hook that scores instead of training: per request, the sum of log p(target) over its
+    continuation positions and the count of positions whose argmax is not the target, as statistics (summed over
+    context-parallel shards and data-parallel ranks by the runner)."""
+
+    def __call__(self, out, mb):
+        mask = mb["score_mask"].bool()
+        hidden = out.hidden[mask]
+        if hidden.shape[0] == 0:
+            return out.hidden.sum() * 0.0, {}
+        logprobs = F.log_softmax(F.linear(hidden, out.lm_head_weight).float(), dim=-1)
+        targets = mb["targets"][mask]
+        chosen = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+        misses = (logprobs.argmax(-1) != targets).double()
+        rows = mb["request_id"][mask]
+        stats = {}
+        for rid in rows.unique().tolist():
+            here = rows == rid
+            stats[f"lp_{rid:07d}"] = chosen[here].double().sum()
+            stats[f"miss_{rid:07d}"] = misses[here].sum()
+        return out.hidden.sum() * 0.0, stats
+
+
+def runner_scorer(runner, micro_batch_size: int, micro_batches: int, seq_len: int, device) -> Callable:
+    """requests, max_length -> scores through a training runner (any parallel layout; every rank calls it with the
+    same requests). Each `runner.evaluate` call takes `micro_batches` micro-batches of `micro_batch_size` rows of
+    `seq_len` tokens per data-parallel rank (the shapes training uses, so every layout accepts them)."""
+    def score(requests, max_length):
+        rows = []
+        for rid, (context, continuation) in enumerate(requests):
+            whole = (context + continuation)[-(min(max_length, seq_len) + 1):]
+            rows.append((rid, whole[:-1], whole[1:], len(continuation)))
+        per_call = micro_batch_size * micro_batches * runner.dp_size
+        totals = {}
+        for start in range(0, len(rows), per_call):
+            chunk = rows[start:start + per_call]
+            mine = [mb for i, mb in enumerate(_micro_batches(chunk, micro_batch_size, micro_batches * runner.dp_size,
+                                                             seq_len)) if i % runner.dp_size == runner.dp_rank]
+            totals.update(runner.evaluate(mine, loss_fn=_RunnerScoring())["stats"])
+        return [(totals[f"lp_{rid:07d}"], totals[f"miss_{rid:07d}"] == 0) for rid in range(len(requests))]
+    return score
+
+
+def _micro_batches(rows, size: int, count: int, seq_len: int) -> list:
+    """`count` micro-batches of `size` right-padded rows; rows beyond the requests score nothing."""
+    batches = []
+    for m in range(count):
+        ids = torch.zeros(size, seq_len, dtype=torch.long)
+        targets = torch.zeros(size, seq_len, dtype=torch.long)
+        score_mask = torch.zeros(size, seq_len)
+        request_id = torch.full((size, seq_len), -1, dtype=torch.long)
+        for r, (rid, inputs, outputs, scored) in enumerate(rows[m * size:(m + 1) * size]):
+            n = len(inputs)
+            ids[r, :n], targets[r, :n] = torch.tensor(inputs), torch.tensor(outputs)
+            score_mask[r, n - scored:n] = 1
+            request_id[r] = rid
+        batches.append({"input_ids": ids, "targets": targets, "score_mask": score_mask, "request_id": request_id})
+    return batches
 
 
 class LogLikelihoodLM(_lm_eval()):
     """An lm-eval model over a LatentForge model: loglikelihood and loglikelihood_rolling."""
 
-    def __init__(self, forward: Callable, tokenizer, *, batch_size: int = 8, max_length: int = 2048,
+    def __init__(self, scorer: Callable, tokenizer, *, batch_size: int = 8, max_length: int = 2048,
                  device="cpu", prefix_token_id: Optional[int] = None, max_gen_toks: int = 256,
                  enable_thinking: bool = False):
         super().__init__()
-        self._forward = forward
+        self._scorer = scorer  # (requests, max_length) -> [(log-likelihood, is greedy)]: model_scorer, runner_scorer
         self.lf_tokenizer = tokenizer
         self.batch_size = int(batch_size)
         self._max_length = int(max_length)
@@ -116,7 +176,7 @@ class LogLikelihoodLM(_lm_eval()):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:
         pairs = [(list(context), list(continuation)) for _, context, continuation in requests]
-        results = score_continuations(self._forward, pairs, self.max_length, self.batch_size, self._device)
+        results = self._scorer(pairs, self.max_length)
         for (key, _, _), result in zip(requests, results):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, result)
@@ -169,6 +229,31 @@ def task_manager(tasks: Sequence[str], include_paths: Sequence[str] = ()):
     return TaskManager(include_path=paths)
 
 
+def check_loglikelihood_tasks(tasks: Sequence[str], include_paths: Sequence[str] = ()) -> None:
+    """Raise ValueError naming any task that is unknown or needs generation (not available during training)."""
+    from lm_eval.tasks import get_task_dict
+
+    manager = task_manager(tasks, include_paths)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"train.eval_tasks: unknown lm-eval task(s) {unknown}; local tasks: "
+                         f"{sorted(manager.all_tasks)[:8]}..., or add a folder of task YAML to train.eval_include")
+    generating = sorted(name for name, task in _leaf_tasks(get_task_dict(list(tasks), manager))
+                        if task.OUTPUT_TYPE == "generate_until")
+    if generating:
+        raise ValueError(f"train.eval_tasks: {generating} generate text, which needs the inference engine (not "
+                         "loaded during training): keep log-likelihood tasks here and run generation tasks with "
+                         "latentforge-eval on a checkpoint")
+
+
+def _leaf_tasks(task_dict: dict):
+    for name, task in task_dict.items():
+        if isinstance(task, dict):
+            yield from _leaf_tasks(task)
+        else:
+            yield getattr(name, "group", name) if not isinstance(name, str) else name, task
+
+
 def run_tasks(lm, tasks: Sequence[str], *, limit=None, num_fewshot: Optional[int] = None,
               include_paths: Sequence[str] = (), log_samples: bool = False, apply_chat_template: bool = False,
               seed: int = 0) -> dict:
@@ -186,5 +271,5 @@ def task_metrics(results: dict) -> dict:
     out = {}
     for task, values in results["results"].items():
         out[task] = {k.split(",")[0]: v for k, v in values.items()
-                     if k != "alias" and "_stderr" not in k and isinstance(v, (int, float))}
+                     if k not in ("alias", "sample_len") and "_stderr" not in k and isinstance(v, (int, float))}
     return out

@@ -172,7 +172,8 @@ def main(argv=None) -> int:
         from omegaconf import OmegaConf
 
         callbacks = standard_callbacks(train_cfg, training_flops_per_token(model_cfg, train_cfg.seq_len), run_dir,
-                                       device, world.world_size(), OmegaConf.to_container(cfg, resolve=True))
+                                       device, world.world_size(), OmegaConf.to_container(cfg, resolve=True),
+                                       tokenizer=tokenizer)
         trainer = Trainer(runner=runner, loader=loader, train_cfg=train_cfg, optim_cfg=configs["optim"],
                           checkpoints=CheckpointManager(os.path.join(run_dir, "checkpoints"), train_cfg.keep_last,
                                                         train_cfg.async_checkpoint),

@@ -465,7 +465,7 @@ def run(overrides) -> int:
             validation = Validation(batches, sft_cfg.eval_interval, device, on_best)
         callbacks = standard_callbacks(train_cfg, training_flops_per_token(model_cfg, train_cfg.seq_len), run_dir,
                                        device, world.world_size(), OmegaConf.to_container(cfg, resolve=True),
-                                       extra=[validation] if validation is not None else [])
+                                       extra=[validation] if validation is not None else [], tokenizer=tokenizer)
         trainer = Trainer(runner=runner, loader=loader, train_cfg=train_cfg, optim_cfg=configs["optim"],
                           checkpoints=CheckpointManager(os.path.join(run_dir, "checkpoints"), train_cfg.keep_last,
                                                         train_cfg.async_checkpoint),

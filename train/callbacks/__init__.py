@@ -17,12 +17,20 @@ __all__ = ["Callback", "ConsoleLogger", "JSONLWriter", "PreemptionHandler", "Pro
 
 
 def standard_callbacks(train_cfg, flops_per_token: float, run_dir: str, device, world_size: int, config: dict,
-                       extra=()) -> list:
+                       extra=(), tokenizer=None) -> list:
     """The callbacks of every training entry point (pretrain, SFT): speed/MFU, console, metrics.jsonl, W&B,
-    SIGTERM handling, then `extra` (e.g. SFT validation), then the progress bar when asked for."""
+    SIGTERM handling, then `extra` (e.g. SFT validation), lm-eval tasks (train.eval_tasks, needs `tokenizer`),
+    then the progress bar when asked for."""
     import os
 
     log_every = train_cfg.log_interval
+    if train_cfg.eval_tasks:
+        from .eval_tasks import EvalTasks
+
+        if tokenizer is None:
+            raise ValueError("train.eval_tasks needs the tokenizer: pass tokenizer= to standard_callbacks")
+        extra = [*extra, EvalTasks(train_cfg.eval_tasks, train_cfg.eval_interval, tokenizer, train_cfg.seq_len,
+                                   train_cfg.micro_batch_size, train_cfg.eval_limit, train_cfg.eval_include)]
     callbacks = [
         SpeedMonitor(flops_per_token, device, world_size),
         ConsoleLogger(log_every),
