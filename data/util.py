@@ -84,8 +84,9 @@ def _decode(raw: bytes, first_line: int):
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = first_line + raw.count(b"\n", 0, err.start)
-        return Undecodable(f"not valid UTF-8 ({err.reason} at byte {err.start} of line {line}); convert the file "
-                           "to UTF-8 or pass --skip-bad / data.skip_bad=true")
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1)
+        return Undecodable(f"not valid UTF-8 ({err.reason} at byte {column} of line {line}); convert the file to "
+                           "UTF-8")
 
 
 def _normalized_lines(path: str):

@@ -32,8 +32,8 @@ CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox
 FALLBACK_WARNING = (
     "the sandbox runs untrusted code with rlimits only (memory, CPU time, output size) and a scrubbed environment, "
     "because bubblewrap is not usable here ({reason}). NOT contained: network access, writes anywhere the user "
-    "can write, descendant processes that leave the program's session (setsid) or outlive it, the number of "
-    "processes. Install bubblewrap (apt-get install bubblewrap) for a real sandbox.")
+    "can write, descendant processes that leave the program's session (setsid), files readable by the user "
+    "(credentials in the home directory), the number of processes. Install bubblewrap (apt-get install bubblewrap) for a real sandbox.")
 
 
 def resolve_backend(requested: str = "auto") -> str:

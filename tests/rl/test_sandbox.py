@@ -170,7 +170,8 @@ def test_no_network_even_to_loopback():
 
 
 @pytest.mark.skipif(not confinement.enforces_process_limit(),
-                    reason="RLIMIT_NPROC is not enforced here (no bwrap, or root whose Python nobody can run)")
+                    reason="RLIMIT_NPROC is not enforced here (no bwrap, or root and no unprivileged user can "
+                           "run this Python)")
 def test_process_count_is_limited():
     code = ("import os, time\nn = 0\ntry:\n    for _ in range(100):\n        if os.fork() == 0:\n"
             "            time.sleep(5)\n            os._exit(0)\n        n += 1\nexcept OSError:\n    pass\nprint(n)\n")
