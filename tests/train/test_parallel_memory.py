@@ -43,7 +43,7 @@ def measured_and_planned(rank, world_size, parallel, seq_len):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         runner.forward_backward([_batch(cfg, seq_len)])
-    plan = plan_activations(cfg, pc, runner.layout, seq_len, micro_batch_size=2, parallel=world_size > 1)
+    plan = plan_activations(cfg, pc, runner.layout, seq_len, micro_batch_size=2)
     return sum(saved.values()), plan.saved
 
 
@@ -76,11 +76,14 @@ def test_plan_scales_with_context_parallelism():
     from latentforge.train.parallel.memory import plan_activations
 
     cfg = tiny_config()
-    one = plan_activations(cfg, ParallelConfig(), validate_layout(cfg, ParallelConfig(), 1), 8192, 1,
-                           parallel=False)
-    blockwise = plan_activations(cfg, ParallelConfig(), validate_layout(cfg, ParallelConfig(), 1), 8192, 1)
-    assert one.per_layer["attention"] > 8 * blockwise.per_layer["attention"]  # the dense (s x s) mask
-    for cp in (2, 4):
-        pc = ParallelConfig(cp=cp)
-        split = plan_activations(cfg, pc, validate_layout(cfg, pc, cp), 8192, 1)
-        assert split.saved == pytest.approx(blockwise.saved / cp, rel=0.05)  # + the closed-form state term
+
+    def plan(pc, world, seq_len=8192):
+        return plan_activations(cfg, pc, validate_layout(cfg, pc, world), seq_len, 1)
+
+    one = plan(ParallelConfig(), 1)
+    assert plan(ParallelConfig(), 1, 16384).per_layer["attention"] > 3.5 * one.per_layer["attention"]  # (s x s)
+    blockwise = plan(ParallelConfig(tp=2), 2)  # the parallel forwards: attention linear in s
+    assert plan(ParallelConfig(tp=2), 2, 16384).per_layer["attention"] == 2 * blockwise.per_layer["attention"]
+    cp2, cp4 = plan(ParallelConfig(cp=2), 2), plan(ParallelConfig(cp=4), 4)
+    assert cp2.saved < one.saved / 2  # CP splits every kind and drops the dense mask
+    assert cp4.saved == pytest.approx(cp2.saved / 2, rel=1e-6)

@@ -58,11 +58,11 @@ def mamba_values(cfg, sz: Sizes) -> tuple:
     return _norm(cfg, sz) + sz.cp * io, sz.cp * scan, sz.cp * (Q + 4)
 
 
-def attention_values(cfg, sz: Sizes, parallel: bool) -> tuple:
+def attention_values(cfg, sz: Sizes, blockwise: bool) -> tuple:
     hq, hkv, d = cfg.num_attention_heads / sz.tp, cfg.num_key_value_heads / sz.tp, cfg.head_dim
     values = _norm(cfg, sz) + sz.cp * (2 * hq * d + 2 * hkv * d)  # q, out; this rank's k, v
     fp32 = sz.cp * hq  # log-sum-exp
-    if parallel:
+    if blockwise:
         values += sz.cp * hq * d  # o_proj input (the output made contiguous)
     else:
         fp32 += sz.cp * sz.seq_len  # one process: SDPA keeps the (s x s) document mask as float
@@ -105,18 +105,17 @@ class ActivationPlan:
 
 
 def plan_activations(model_cfg, pc, layout, seq_len: int, micro_batch_size: int, num_microbatches: int = 1,
-                     value_bytes: int = 4, parallel: bool = True, mtp_on_rank: bool = True,
-                     layers_on_rank=None) -> ActivationPlan:
-    """Activation bytes of one micro-batch on the heaviest GPU. `parallel`: the runner's parallel forwards
-    (False: one plain process, whose attention keeps a dense mask). `layers_on_rank`: layer indices of that GPU
-    (default all). `value_bytes`: the compute dtype's size."""
+                     value_bytes: int = 4, mtp_on_rank: bool = True, layers_on_rank=None) -> ActivationPlan:
+    """Activation bytes of one micro-batch on one GPU holding `layers_on_rank` (layer indices, default all) and,
+    with `mtp_on_rank`, the heads and MTP block. `value_bytes`: the compute dtype's size. Attention is blockwise
+    under CP or TP (the runner's parallel forwards); otherwise the model's own SDPA keeps a dense mask."""
     cfg = model_cfg
     b = micro_batch_size
     sz = Sizes(local=b * seq_len / (layout.cp * layout.tp), cp=b * seq_len / layout.cp, seq_len=seq_len,
                tp=layout.tp, cp_size=layout.cp, value_bytes=value_bytes)
     per_layer = {
         "mamba": _bytes(mamba_values(cfg, sz), sz),
-        "attention": _bytes(attention_values(cfg, sz, parallel or layout.cp > 1 or layout.tp > 1), sz),
+        "attention": _bytes(attention_values(cfg, sz, blockwise=layout.cp > 1 or layout.tp > 1), sz),
         "moe": _bytes(moe_values(cfg, sz), sz),
         "mlp": _bytes(mlp_values(cfg, sz), sz),
     }
