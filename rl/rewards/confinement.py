@@ -115,13 +115,45 @@ def _hidden_homes() -> List[str]:
 
 
 def _visible_paths(extra_paths) -> List[str]:
-    """What the child needs from inside the hidden homes: this interpreter and its libraries, LatentForge itself,
-    and `extra_paths` (the caller's import path, for reward functions)."""
+    """What the child needs even where it lies in a hidden directory (a home, /tmp): this interpreter and its
+    libraries, LatentForge itself, and `extra_paths` (the caller's import path, for reward functions)."""
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(CHILD_SCRIPT)))
     candidates = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable),
                   os.path.dirname(os.path.realpath(sys.executable)), package_root, *extra_paths]
-    paths = sorted({os.path.abspath(p) for p in candidates if p and os.path.exists(p)})
-    return [p for p in paths if not any(p.startswith(q + os.sep) for q in paths)]  # nested ones come with theirs
+    return sorted({os.path.abspath(p) for p in candidates if p and os.path.exists(p)})
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _mounts(scratch_bytes: int, extra_paths) -> List[str]:
+    """Hide the homes and /tmp (fresh tmpfs), show the visible paths inside them read-only, parents before
+    children, so that a home inside a shown folder is hidden again and a path inside that home shown again."""
+    ops = [(h, "hide") for h in _hidden_homes() + ["/tmp"]] + [(p, "show") for p in _visible_paths(extra_paths)]
+    ops.sort(key=lambda op: (op[0].rstrip(os.sep).split(os.sep), op[1] == "show"))
+    mounts, done, made = [], [], set()
+    for path, kind in ops:
+        # the innermost earlier operation on a folder holding `path` (the later one where a folder has two)
+        enclosing = max((d for d in reversed(done) if _inside(path, d[0])), key=lambda d: len(d[0]), default=None)
+        if kind == "show" and (enclosing is None or enclosing[1] == "show"):
+            continue  # visible already
+        if enclosing is not None and enclosing[1] == "hide":  # folders in a tmpfs: traversable by anyone
+            parts = os.path.relpath(path, enclosing[0]).split(os.sep)[:-1]
+            for depth in range(1, len(parts) + 1):
+                folder = os.path.join(enclosing[0], *parts[:depth])
+                if folder not in made:
+                    made.add(folder)
+                    mounts += ["--perms", "0755", "--dir", folder]
+        if kind == "show":
+            mounts += ["--ro-bind", path, path]
+        elif path == "/tmp":
+            mounts += ["--perms", "1777", "--size", str(scratch_bytes), "--tmpfs", "/tmp"]
+        else:
+            mounts += ["--size", "1048576", "--tmpfs", path]
+        done.append((path, kind))
+    # the homes only hide: read-only once their mount points exist
+    return mounts + [arg for path, kind in done if kind == "hide" and path != "/tmp" for arg in ("--remount-ro", path)]
 
 
 def bwrap_command(scratch_bytes: int, identity: str, extra_paths=()) -> List[str]:
@@ -134,24 +166,8 @@ def bwrap_command(scratch_bytes: int, identity: str, extra_paths=()) -> List[str
         namespaces = ["--unshare-all", "--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY)]
     else:
         namespaces = ["--unshare-all"]
-    homes = _hidden_homes()
-    mounts = ["--ro-bind", "/", "/"]
-    for home in homes:
-        mounts += ["--tmpfs", home]
-    made = set()
-    for path in _visible_paths(extra_paths):
-        home = next((h for h in homes if path == h or path.startswith(h + os.sep)), None)
-        if home is None:
-            continue
-        parts = os.path.relpath(path, home).split(os.sep)[:-1]
-        for depth in range(1, len(parts) + 1):  # traversable by anyone (bwrap would make them 0700)
-            folder = os.path.join(home, *parts[:depth])
-            if folder not in made:
-                made.add(folder)
-                mounts += ["--perms", "0755", "--dir", folder]
-        mounts += ["--ro-bind", path, path]
-    return ["bwrap", *namespaces, "--die-with-parent", *mounts, "--proc", "/proc", "--dev", "/dev",
-            "--perms", "1777", "--size", str(scratch_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp", "--"]
+    return ["bwrap", *namespaces, "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
+            *_mounts(scratch_bytes, extra_paths), "--chdir", "/tmp", "--"]
 
 
 def child_env(home: str, pythonpath: str = "") -> dict:

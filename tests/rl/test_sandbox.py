@@ -203,3 +203,27 @@ def test_replies_cannot_run_code_in_the_caller(tmp_path):
         loads_reply(pickle.dumps(("ok", Exploit())))
     assert not target.exists()
     assert loads_reply(pickle.dumps(("ok", {"a": [1.5, True, None, "x"]}))) == ("ok", {"a": [1.5, True, None, "x"]})
+
+
+@needs_bwrap
+def test_credentials_in_the_home_directory_are_hidden(host_dir, monkeypatch):
+    """The home is an empty tmpfs but for what the child needs (here: a reward module on the import path)."""
+    home = os.path.join(host_dir, "home")
+    code_dir = os.path.join(home, "project")
+    os.makedirs(code_dir)
+    with open(os.path.join(home, ".netrc"), "w") as f:
+        f.write("machine api.wandb.ai password secret-key\n")
+    with open(os.path.join(code_dir, "lf_home_plugin.py"), "w") as f:
+        f.write("import os\n\ndef peek(record, completion):\n"
+                "    return sorted(os.listdir(os.path.dirname(os.path.dirname(__file__))))\n")
+    for path in (home, code_dir, os.path.join(home, ".netrc"), os.path.join(code_dir, "lf_home_plugin.py")):
+        os.chmod(path, 0o755)  # readable by anyone: only hiding keeps the sandbox out
+    monkeypatch.setenv("HOME", home)
+    monkeypatch.syspath_prepend(code_dir)
+    program = run_untrusted_code(f"print(open({os.path.join(home, '.netrc')!r}).read())")
+    assert program.status == "error" and "secret-key" not in program.stdout
+    assert "No such file or directory" in program.stderr
+    fn = IsolatedFunction("lf_home_plugin:peek", backend="bwrap").start()
+    status, listing = fn.call({}, "")
+    fn.close()
+    assert (status, listing) == ("ok", ["project"])  # the module's folder is shown, the .netrc next to it is not
