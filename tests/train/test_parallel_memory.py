@@ -87,3 +87,17 @@ def test_plan_scales_with_context_parallelism():
     cp2, cp4 = plan(ParallelConfig(cp=2), 2), plan(ParallelConfig(cp=4), 4)
     assert cp2.saved < one.saved / 2  # CP splits every kind and drops the dense mask
     assert cp4.saved == pytest.approx(cp2.saved / 2, rel=1e-6)
+
+
+def test_dry_run_of_the_million_token_layout(capsys):
+    """super_120b_long (TP2 / CP64 / EP64, 1,048,576 tokens): the plan with its activation checkpointing fits an
+    80 GB GPU; without checkpointing it says by how much it does not."""
+    from latentforge.train.pretrain import main
+
+    assert main(["recipe=super_120b_long", "--dry-run", "--world-size", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "cp 64, tp 2, ep 64" in out and "1048576 tokens" in out
+    assert "fits an 80 GB GPU" in out and "NOT" not in out
+    assert main(["recipe=super_120b_long", "--dry-run", "--world-size", "128",
+                 "parallel.activation_checkpoint=none"]) == 0
+    assert "does NOT fit an 80 GB GPU" in capsys.readouterr().out

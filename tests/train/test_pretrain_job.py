@@ -134,7 +134,7 @@ def test_dry_run_prints_the_super_120b_plan(capsys):
     out = capsys.readouterr().out
     assert "world 64" in out and "pp 2" in out and "ep 32" in out and "tp 1" in out
     assert "123,611,033,088 parameters" in out
-    assert out.count("pp rank") == 2 and "GiB" in out
+    assert out.count("params per GPU") == 2 and out.count("peak per GPU") == 2 and "GiB" in out
 
 
 def test_a_layout_that_does_not_divide_fails_at_start(capsys):
