@@ -55,6 +55,7 @@ class RewardScorer:
                 self._callables.append(load_target(cfg.target))
         self._tasks = {}
         self.failures = 0
+        self._warned_non_finite = set()  # functions whose non-finite reward was logged (once each: no log flood)
 
     def _task(self, name: str):
         if name not in self._tasks:
@@ -92,8 +93,10 @@ class RewardScorer:
             total = 0.0
         self.failures += len(failures)
         for failure in failures:
-            if failure["status"] == "non_finite":
-                log.warning("reward %s is not finite, scored 0: %s", failure["function"], failure["message"])
+            if failure["status"] == "non_finite" and failure["function"] not in self._warned_non_finite:
+                self._warned_non_finite.add(failure["function"])
+                log.warning("reward %s is not finite, scored 0 (logged once; every one is counted in "
+                            "reward_failures): %s", failure["function"], failure["message"].strip().splitlines()[-1])
         info.update(components=components, reward_s=time.perf_counter() - start)
         if failures:
             info["failures"] = failures

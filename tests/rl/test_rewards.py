@@ -136,17 +136,19 @@ def test_non_finite_rewards_score_zero_and_are_recorded(caplog):
     completion = worker.tokenizer.encode(f"Answer: {record['answer']}")
     sample = Sample(group_id=0, sample_index=0, prompt_ids=[1], completion_ids=completion, logprobs=[0.0] * len(
         completion), versions=[0] * len(completion))
+    again = Sample(group_id=0, sample_index=1, prompt_ids=[1], completion_ids=completion, logprobs=[0.0] * len(
+        completion), versions=[0] * len(completion))
     with caplog.at_level(logging.WARNING, logger="latentforge.rl.rewards.scorer"):
-        worker.score([sample], [record])
+        worker.score([sample, again], [record, record])
     worker.close()
     # task 1.0 + 2 * 0.25 + 0.5 * length bonus; NaN and inf add nothing
     assert math.isfinite(sample.reward)
     assert sample.reward == pytest.approx(1.0 + 2 * 0.25 + 0.5 * min(len(sample.text), 10) / 10)
     statuses = {f["function"]: f["status"] for f in sample.reward_info["failures"]}
     assert statuses == {"returns_nan": "non_finite", "returns_inf_result": "non_finite"}
-    assert worker.scorer.failures == 2
+    assert again.reward == sample.reward and worker.scorer.failures == 4  # each failure counted...
     lines = [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()]
-    assert len(lines) == 2 and "returns_nan" in lines[0] and "nan" in lines[0]
+    assert len(lines) == 2 and "returns_nan" in lines[0] and "got nan" in lines[0]  # ...logged once per function
 
 
 def test_overflowing_weighted_sum_is_a_recorded_failure():
