@@ -3,8 +3,9 @@
     python -m latentforge.data.preprocess --input a.jsonl b.jsonl --output-prefix out/corpus --tokenizer tekken
         --json-key text --workers 8 [--skip-bad]
 
-Files are read through Hugging Face `datasets` (offline). Each document becomes its tokens followed by `</s>`.
-A malformed record stops the run with its file and line number (`--skip-bad` counts and reports them instead).
+Parquet and whole-file text are read through Hugging Face `datasets` (offline); JSONL and line / paragraph text
+line by line, each line decoded on its own. Each document becomes its tokens followed by `</s>`. A malformed
+record stops the run with its file and line number (`--skip-bad` skips just that record, counts and reports it).
 Output goes to temporary names renamed at the end: an interrupted run leaves no partial dataset behind.
 """
 
