@@ -206,3 +206,14 @@ def test_signal_mid_run_leaves_no_temp_files(tmp_path, bpe_tok, sig):
     assert proc.returncode == 130 and "interrupted: no output written" in err, err
     assert "Traceback" not in err, err  # workers end quietly
     assert leftovers(tmp_path, "out") == []
+
+
+def test_compressed_jsonl_is_read_line_by_line(tmp_path, bpe_tok):
+    import gzip
+
+    src = tmp_path / "part.jsonl.gz"
+    with gzip.open(src, "wb") as f:
+        f.write(b'{"text": "one"}\n{"text": "caf\xe9"}\n{"text": "three"}\n')
+    report = preprocess([str(src)], str(tmp_path / "out"), bpe_tok, skip_bad=True, num_workers=1, progress=False)
+    assert read_docs(str(tmp_path / "out")) == expected(bpe_tok, ["one", "three"])
+    assert report.bad_locations == [f"{src}:2"]
