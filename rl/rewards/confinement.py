@@ -1,12 +1,12 @@
 """How a sandboxed child is confined: bubblewrap when it works here, POSIX rlimits otherwise.
 
-bwrap: new user, PID, network, IPC and UTS namespaces (`--unshare-all`), the host filesystem read-only, a fresh
-size-capped tmpfs at /tmp as the only writable place, `--die-with-parent` so the namespace (and with it every
-descendant, `setsid` or not) dies when the sandbox is killed or its program exits; /root and $HOME are empty
-but for the interpreter, LatentForge and the caller's import path. Started as root, the child switches to an
-unprivileged uid of its own (like nobody, but one per sandbox) before running anything untrusted, so that
-RLIMIT_NPROC is enforced (the kernel exempts root) and counts only that sandbox's processes; `sandbox_identity`
-says who runs it.
+bwrap: new PID, network, IPC and UTS namespaces (and a user namespace unless started as root), the host
+filesystem read-only, a fresh size-capped tmpfs at /tmp as the only writable place, `--die-with-parent` so the
+namespace (and with it every descendant, `setsid` or not) dies when the sandbox is killed or its program exits;
+/root and $HOME are empty but for the interpreter, LatentForge and the caller's import path. Started as root, the
+child switches to an unprivileged uid of its own (like nobody, but one per sandbox) before running anything
+untrusted, so that RLIMIT_NPROC is enforced (the kernel exempts root) and counts only that sandbox's processes;
+`sandbox_identity` says who runs it.
 
 rlimits (no usable bwrap): memory, CPU time, output size and a scrubbed environment only; `FALLBACK_WARNING` says
 what is not contained.
@@ -33,7 +33,8 @@ FALLBACK_WARNING = (
     "the sandbox runs untrusted code with rlimits only (memory, CPU time, output size) and a scrubbed environment, "
     "because bubblewrap is not usable here ({reason}). NOT contained: network access, writes anywhere the user "
     "can write, descendant processes that leave the program's session (setsid), files readable by the user "
-    "(credentials in the home directory), the number of processes. Install bubblewrap (apt-get install bubblewrap) for a real sandbox.")
+    "(credentials in the home directory), the number of processes. Install bubblewrap (apt-get install "
+    "bubblewrap) for a real sandbox.")
 
 
 def resolve_backend(requested: str = "auto") -> str:

@@ -21,9 +21,10 @@ no network (not even 127.0.0.1), the filesystem read-only except a fresh `scratc
 its own PID namespace (every descendant, `setsid` or not, dies when the program exits or is killed; its parent is
 the namespace's init, which it cannot kill), RLIMIT_NPROC = max_processes, an environment of PATH, LANG, HOME,
 TMPDIR (+ PYTHONPATH for reward functions) only, RLIMIT_AS / RLIMIT_CPU / RLIMIT_FSIZE / no core files; started
-as root, the child switches to an unprivileged uid of its own before running anything untrusted. Backend "rlimits" (no bwrap; a
-RuntimeWarning says what is not contained): the same rlimits and environment, the program's process group killed
-when it ends, and untrusted code that kills its parent kills a shim, not the caller.
+as root, the child switches to an unprivileged uid of its own before running anything untrusted. Backend
+"rlimits" (no bwrap; a RuntimeWarning says what is not contained): the same rlimits and environment, the
+program's process group killed when it ends, and untrusted code that kills its parent kills a shim, not the
+caller.
 """
 
 from __future__ import annotations
