@@ -7,8 +7,10 @@ ratio to one process, and the step time.
 
     python bench/bench_long_context.py --seq-lens 16384 32768 65536 --cps 1 2 4
 
-`--skip-cp1-above N` leaves out single-process runs longer than N tokens (they would not fit). The same script
-runs against an older checkout for the "before" column (its ParallelConfig may lack newer options):
+`--skip-cp1-above N` leaves out single-process runs longer than N tokens (they would not fit); past that length
+`--fp64-reference-cp 4` takes the float64 reference from CP4 (first shown equal to one float64 process with
+`--dtype float64 --seq-lens 8192 --cps 4`). The same script
+runs against an older checkout for the "before" column:
 
     pip install --no-deps --target /tmp/lf_old <checkout of 20e5884>
     PYTHONPATH=/tmp/lf_old python bench/bench_long_context.py --seq-lens 8192 16384 --cps 4
@@ -143,19 +145,27 @@ def main():
     parser.add_argument("--skip-cp1-above", type=int, default=16384)
     parser.add_argument("--fp64-reference", action=argparse.BooleanOptionalAction, default=True,
                         help="also run one process in float64 (the exact answer every fp32 run is compared to)")
+    parser.add_argument("--fp64-reference-cp", type=int, default=1,
+                        help="the float64 reference's CP size (>1 where one float64 process does not fit; check it "
+                             "first against one process with --dtype float64 at a length where both fit)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="of the measured rows")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, one thread per rank")
-    print("| seq_len | cp | loss | loss err vs fp64 | worst grad err vs fp64 | vs fp32 cp=1 | "
+    dtype = getattr(torch, args.dtype)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, one thread per rank, rows in {args.dtype}, "
+          f"float64 reference at cp={args.fp64_reference_cp}")
+    print(f"| seq_len | cp | loss | loss err vs fp64 | worst grad err vs fp64 | vs {args.dtype} cp=1 | "
           "peak added / rank (GiB) | x cp=1 | s/step |")
     print("|---|---|---|---|---|---|---|---|---|")
     for seq_len in args.seq_lens:
         single = seq_len <= args.skip_cp1_above
-        exact = launch(1, seq_len, want_grads=True, dtype=torch.float64)[0] if single and args.fp64_reference else None
+        exact = None
+        if args.fp64_reference and (single or args.fp64_reference_cp > 1):
+            exact = launch(args.fp64_reference_cp, seq_len, want_grads=True, dtype=torch.float64)[0]
         reference = None
         for cp in sorted(args.cps):
             if cp == 1 and not single:
                 continue
-            ranks = launch(cp, seq_len, want_grads=True)
+            ranks = launch(cp, seq_len, want_grads=True, dtype=dtype)
             loss, grads = ranks[0]["loss"], ranks[0]["grads"]
             peak = max(r["added_gib"] for r in ranks)
             seconds = max(r["seconds"] for r in ranks)

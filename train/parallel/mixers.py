@@ -219,12 +219,12 @@ class _Segments:
 
     def incoming_state_term(self, final, dt, A, C, seq) -> torch.Tensor:
         """(n*b, L, h, p): C_t . (exp(cumulative dt*A up to t) * S_in) for the tokens of each chunk's first
-        document, S_in the exact SSM state entering the chunk; fp32.
+        document, S_in the exact SSM state entering the chunk; in the scan state's dtype (fp32, or fp64).
 
         S_in by the recurrence over the 2cp (cp) chunks of the sequence: S_0 = 0,
         S_{c+1} = (F_c + a_c S_c) if chunk c+1 continues chunk c's last document else 0, with F_c the zero-start
         final state of chunk c and a_c = exp(sum dt A) its total decay (0 if a document starts inside it)."""
-        log_decay = torch.cumsum(dt * A, dim=1)  # (n*b, L, h)
+        log_decay = torch.cumsum((dt * A).to(final.dtype), dim=1)  # (n*b, L, h), fp32 (fp64 for fp64 inputs)
         one_doc = (seq[:, 0] == seq[:, -1]).to(log_decay.dtype)
         decay = torch.exp(log_decay[:, -1]) * one_doc[:, None]
         finals = gather_along(final.unsqueeze(0), 0, self.comm.cp_group)  # (cp, n*b, h, p, n)
@@ -234,7 +234,7 @@ class _Segments:
         rows, _, heads = dt.shape
         groups, state = C.shape[2], C.shape[3]
         grouped = incoming.view(rows, groups, heads // groups, -1, state)  # head h = group * (h/g) + i
-        term = torch.einsum("blgn,bgrpn->blgrp", C.float(), grouped).reshape(rows, -1, heads, grouped.shape[3])
+        term = torch.einsum("blgn,bgrpn->blgrp", C.to(final.dtype), grouped).reshape(rows, -1, heads, grouped.shape[3])
         first_doc = (seq == seq[:, :1]).to(term.dtype)  # documents are contiguous: the row's first one
         return term * (torch.exp(log_decay) * first_doc[..., None])[..., None]
 
