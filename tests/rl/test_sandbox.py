@@ -195,10 +195,14 @@ def test_replies_cannot_run_code_in_the_caller(tmp_path):
     fn.close()
     assert status == "error" and "cannot cross the sandbox boundary" in message
 
-    class Exploit:  # what a hostile child could write to the pipe itself
+    class Exploit:
         def __reduce__(self):
             return (os.system, (f"touch {target}",))
 
+    forged = IsolatedFunction(f"{PLUGINS}:forges_the_reply").start()  # what a hostile child writes to the pipe
+    status, message = forged.call({"path": str(target)}, "")
+    forged.close()
+    assert status == "crash" and "cannot cross the sandbox boundary" in message
     with pytest.raises(pickle.UnpicklingError, match="cannot cross the sandbox boundary"):
         loads_reply(pickle.dumps(("ok", Exploit())))
     assert not target.exists()
