@@ -5,6 +5,7 @@ same graphs inductor gets, in seconds instead of minutes on 2 CPU cores. Inducto
 CPU (loss 4e-8, gradients 9e-7 relative); GPU runs use inductor (the default)."""
 
 import functools
+import os
 
 import pytest
 import torch
@@ -38,3 +39,14 @@ def test_compiled_blocks_match_eager(monkeypatch):
     assert eager_grads.keys() == grads.keys()
     for name, grad in eager_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_runs_keep_inductors_cache_in_the_project_cache_dir(monkeypatch, tmp_path):
+    from latentforge.train.parallel.wrapping import use_persistent_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("LATENTFORGE_CACHE", str(tmp_path))
+    assert use_persistent_compile_cache() == str(tmp_path / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")  # an explicit choice wins
+    assert use_persistent_compile_cache() == "/somewhere/else"

@@ -85,8 +85,19 @@ def wrap_unit(kind: str, module, checkpointed: set, compile_blocks: bool) -> Non
     for target in targets:
         target.forward = _checkpointed(target.forward)
     if compile_blocks:
+        use_persistent_compile_cache()
         for target in compiled:
             target.forward = torch.compile(target.forward)
+
+
+def use_persistent_compile_cache() -> str:
+    """Inductor's compiled graphs in the project's cache dir (not /tmp): a restarted or resumed run, or the next
+    run of the same shapes, loads them instead of compiling again. An explicit TORCHINDUCTOR_CACHE_DIR wins."""
+    import os
+
+    from latentforge.data.config import default_cache_dir
+
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(default_cache_dir(), "inductor"))
 
 
 def _autocast(forward, device_type: str, dtype: torch.dtype):
