@@ -10,7 +10,9 @@ from latentforge.model import HybridModel
 from latentforge.model.attention import document_causal_mask
 from latentforge.train.parallel import ParallelConfig, build_runner
 from latentforge.train.parallel.expert_parallel import _regroup
-from latentforge.train.parallel.mixers import _cp_mask, mamba_rows
+from latentforge.train.parallel.cp_attention import _BlockMask
+from latentforge.train.parallel.mixers import mamba_rows
+from latentforge.train.parallel.token_order import TokenOrder
 
 from .test_parallel_common import global_batches, one_thread, tiny_config
 
@@ -129,11 +131,19 @@ def test_mamba_rows_pick_each_ranks_heads_and_groups():
         assert torch.equal(xbc[conv], torch.cat([half(cx), half(cB), half(cC)]))
 
 
-def test_context_parallel_mask_is_a_slice_of_the_full_mask():
+def test_context_parallel_block_masks_are_slices_of_the_full_mask():
+    """Each rank's (query block, key block) mask, in the load-balanced token order, is the matching piece of the
+    single-process document-causal mask."""
     seq = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 16])
-    full = document_causal_mask(seq)
-    for rank in range(4):
-        assert torch.equal(_cp_mask(seq, rank * 4, 4), full[:, :, rank * 4:(rank + 1) * 4])
+    full = document_causal_mask(seq)[:, 0]
+    order = TokenOrder.choose(16, cp=2, load_balance=True)
+    keys = order.all_positions()
+    for rank in range(2):
+        queries = order.positions(rank)
+        mask = _BlockMask(queries, keys, seq[:, queries], seq[:, keys])
+        for q0, q1, k0, k1 in ((0, 8, 0, 16), (2, 5, 3, 11)):
+            want = full[:, queries[q0:q1]][:, :, keys[k0:k1]]
+            assert torch.equal(mask(q0, q1, k0, k1)[:, 0, 0], want)
 
 
 def _meta_runner(cfg, **parallel):
