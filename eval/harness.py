@@ -87,6 +87,50 @@ class LatentForgeLM(LogLikelihoodLM):
         return texts
 
 
+def parallel_lm(checkpoint: str, parallel: dict, tokenizer=None, *, micro_batch_size: int = 4,
+                max_length: int = 2048, prefix_token_id: Optional[int] = None) -> LogLikelihoodLM:
+    """A log-likelihood lm-eval model on a parallel layout (under torchrun; every rank runs the same tasks): the DCP
+    checkpoint is loaded sharded into the training runner (train/parallel), each rank reading only its shards, and
+    requests are scored through the runner as during training. Generation needs the single-device engine."""
+    from latentforge.model import HybridModel
+    from latentforge.model.hf import LORA_CONFIG_FILE, resolve_checkpoint
+    from latentforge.train import distributed as world
+    from latentforge.train.checkpoint import CheckpointManager
+    from latentforge.train.eval_harness import runner_scorer
+    from latentforge.train.lora.checkpoint import model_config_of
+    from latentforge.train.parallel import ParallelConfig, build_runner
+    from latentforge.train.trainer import ModelState
+
+    path = resolve_checkpoint(checkpoint)  # a Hugging Face export has no shards to read in parallel
+    if (path / LORA_CONFIG_FILE).is_file():
+        raise ValueError(f"{path} is a LoRA checkpoint: merge it first (latentforge-export {path} OUT), then "
+                         "evaluate the export")
+    world.init_distributed()
+    cfg = model_config_of(str(path))
+    with torch.device("meta"):
+        model = HybridModel(cfg)
+    runner = build_runner(model, cfg, ParallelConfig.from_dict(parallel))
+    missing = CheckpointManager.load(str(path), {"model": ModelState(runner.model_parts)})
+    if missing:
+        raise ValueError(f"{path} holds no model weights")
+    for part in runner.model_parts:
+        part.eval()
+    scorer = runner_scorer(runner, micro_batch_size, max(1, runner.layout.pp), max_length, runner.device)
+    return LogLikelihoodLM(scorer, tokenizer or checkpoint_tokenizer(str(path)), max_length=max_length,
+                           device=runner.device, prefix_token_id=prefix_token_id)
+
+
+def parse_parallel(text: str) -> dict:
+    """"tp=2,pp=2" -> {"tp": 2, "pp": 2} (keys of the recipe's parallel group)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--parallel {text!r}: expected key=value pairs such as tp=2,dp_shard=4")
+        out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return out
+
+
 def checkpoint_tokenizer(checkpoint: Optional[str], spec: Optional[str] = None):
     """The tokenizer of a Hugging Face export (its tokenizer.json) or DCP checkpoint (data/hf_tokenizer.py)."""
     from latentforge.data import hf_tokenizer
@@ -121,16 +165,29 @@ def main(argv=None) -> int:
     parser.add_argument("--apply-chat-template", action="store_true", help="render prompts with the chat template")
     parser.add_argument("--output", default=None, help="write the results (and samples) as JSON here")
     parser.add_argument("--log-samples", action="store_true")
+    parser.add_argument("--parallel", default=None,
+                        help="under torchrun: a layout of the recipe's parallel group, e.g. tp=2,pp=2 (a DCP "
+                             "checkpoint, log-likelihood tasks; --batch-size rows per micro-batch)")
     args = parser.parse_args(argv)
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    lm = LatentForgeLM(args.checkpoint, batch_size=args.batch_size, max_length=args.max_length,
-                       device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                       prefix_token_id=args.prefix_token_id)
+    tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer) if args.tokenizer else None
+    if args.parallel is not None:
+        lm = parallel_lm(args.checkpoint, parse_parallel(args.parallel), tokenizer,
+                         micro_batch_size=args.batch_size, max_length=args.max_length,
+                         prefix_token_id=args.prefix_token_id)
+    else:
+        lm = LatentForgeLM(args.checkpoint, batch_size=args.batch_size, max_length=args.max_length,
+                           device=args.device, dtype=args.dtype, tokenizer=tokenizer,
+                           prefix_token_id=args.prefix_token_id)
     results = run_tasks(lm, [t for t in args.tasks.split(",") if t], limit=limit, num_fewshot=args.num_fewshot,
                         include_paths=args.include_path, log_samples=args.log_samples,
                         apply_chat_template=args.apply_chat_template)
     from lm_eval.utils import make_table
 
+    from latentforge.train import distributed as world
+
+    if world.rank() != 0:
+        return 0
     print(make_table(results))
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

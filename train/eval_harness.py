@@ -257,7 +257,8 @@ def _leaf_tasks(task_dict: dict):
 def run_tasks(lm, tasks: Sequence[str], *, limit=None, num_fewshot: Optional[int] = None,
               include_paths: Sequence[str] = (), log_samples: bool = False, apply_chat_template: bool = False,
               seed: int = 0) -> dict:
-    """lm_eval.simple_evaluate on `lm`: its results dict (results per task, and samples when asked)."""
+    """lm_eval.simple_evaluate on `lm`: its results dict (results per task, and samples when asked); None on the
+    processes whose LOCAL_RANK is not 0 (lm-eval reports from one process)."""
     from lm_eval import simple_evaluate
 
     return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,

@@ -116,3 +116,28 @@ def test_an_export_evaluates_like_its_checkpoint(checkpoints, both):
     for task in ("lf_choice", "lf_text"):
         for metric, value in from_export[task].items():
             assert math.isclose(ours["metrics"][task][metric], value, rel_tol=1e-5), (task, metric)
+
+
+def _parallel_metrics(rank, world_size, checkpoint, layout):
+    from latentforge.eval.harness import parallel_lm
+    from latentforge.train.eval_harness import run_tasks, task_metrics
+
+    lm = parallel_lm(checkpoint, layout, micro_batch_size=2, max_length=64)
+    results = run_tasks(lm, ["lf_choice", "lf_text"], limit=LIMIT)
+    return task_metrics(results) if rank == 0 else results  # lm-eval reports on LOCAL_RANK 0 only
+
+
+@pytest.mark.slow
+def test_parallel_layout_evaluates_like_one_device(checkpoints):
+    from latentforge.eval.harness import LatentForgeLM
+    from latentforge.train.eval_harness import run_tasks, task_metrics
+    from tests.distributed import run_distributed
+
+    run_dir, _ = checkpoints
+    expected = task_metrics(run_tasks(LatentForgeLM(str(run_dir), max_length=64), ["lf_choice", "lf_text"],
+                                      limit=LIMIT))
+    got, other = run_distributed(_parallel_metrics, 2, str(run_dir), {"tp": 2})
+    assert other is None
+    for task, values in expected.items():
+        for metric, value in values.items():
+            assert math.isclose(got[task][metric], value, rel_tol=1e-5), (task, metric, got[task][metric], value)

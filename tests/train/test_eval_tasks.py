@@ -41,12 +41,23 @@ def build(parallel=None):
     return reference, build_runner(model, cfg, ParallelConfig(**(parallel or {})))
 
 
-def _scores(rank, world_size, parallel):
+def _scores(rank, world_size, parallel, tokenizer_path=None):
+    """The runner scorer's results; with a tokenizer also the callback's logged metrics at the last step."""
     from latentforge.train.eval_harness import runner_scorer
 
     _, runner = build(parallel)
-    return runner_scorer(runner, micro_batch_size=2, micro_batches=1, seq_len=SEQ_LEN, device=runner.device)(
+    scores = runner_scorer(runner, micro_batch_size=2, micro_batches=1, seq_len=SEQ_LEN, device=runner.device)(
         requests(), SEQ_LEN)
+    if tokenizer_path is None:
+        return scores
+    from latentforge.data.tokenizer import HFTokenizer
+    from latentforge.train.callbacks.eval_tasks import EvalTasks
+
+    callback = EvalTasks(["lf_choice"], interval=2, tokenizer=HFTokenizer(tokenizer_path), seq_len=SEQ_LEN,
+                         micro_batch_size=2, limit=4)
+    metrics = {"step": 2}
+    callback.on_step_end(FakeTrainer(runner, last_step=2, metrics_rank=rank == 0), metrics)
+    return scores, metrics
 
 
 def expected_scores():
@@ -69,15 +80,20 @@ def test_runner_scoring_equals_a_plain_forward():
 
 
 @pytest.mark.slow
-def test_runner_scoring_under_data_and_context_parallelism():
+def test_runner_scoring_under_data_and_context_parallelism(bpe_tokenizer):
     expected = expected_scores()
-    for got in run_distributed(_scores, 2, {"dp_shard": 2}) + run_distributed(_scores, 2, {"cp": 2}):
+    for got in run_distributed(_scores, 2, {"cp": 2}):
         assert_same(got, expected)
+    (got0, metrics0), (got1, metrics1) = run_distributed(_scores, 2, {"dp_shard": 2}, bpe_tokenizer.path)
+    assert_same(got0, expected)
+    assert_same(got1, expected)
+    # lm-eval reports on LOCAL_RANK 0 only; every rank logs the same metrics
+    assert metrics0 == metrics1 and "eval/lf_choice/acc" in metrics0
 
 
 class FakeTrainer:
-    def __init__(self, runner, last_step):
-        self.runner, self.last_step, self.is_metrics_rank = runner, last_step, True
+    def __init__(self, runner, last_step, metrics_rank=True):
+        self.runner, self.last_step, self.is_metrics_rank = runner, last_step, metrics_rank
         self.printed = []
 
     def print(self, text):

@@ -48,6 +48,7 @@ class EvalTasks(Callback):
             trainer.print(f"eval step {step}: {shown}")
 
     def measure(self, trainer) -> dict:
+        from latentforge.train import distributed as world
         from latentforge.train.eval_harness import LogLikelihoodLM, run_tasks, runner_scorer, task_metrics
 
         runner = trainer.runner
@@ -58,7 +59,9 @@ class EvalTasks(Callback):
         for part in runner.model_parts:
             part.eval()
         try:
-            return task_metrics(run_tasks(lm, self.tasks, limit=self.limit, include_paths=self.include_paths))
+            results = run_tasks(lm, self.tasks, limit=self.limit, include_paths=self.include_paths)
+            # lm-eval returns the results on the process with LOCAL_RANK 0 only: every rank logs rank 0's
+            return world.broadcast_object(task_metrics(results) if results is not None else None)
         finally:
             for part, training in zip(runner.model_parts, was_training):
                 part.train(training)
