@@ -14,17 +14,34 @@ answer and IM_END; never the prompt, the other roles or the newline after IM_END
 The switch is per conversation, as Nemotron's chat template takes `enable_thinking` per request
 (`chat_template_kwargs`): the dataset's `data.enable_thinking` is the default and an SFT record's own
 `"enable_thinking": true|false` overrides it (`record_enable_thinking`).
+
+Tool use (Hermes / Nemotron style; `<tool_call>` and `<tool_response>` are plain text, not control tokens):
+
+    assistant {content} with `tool_calls`: {content} ["\n" if content] CALL ("\n" CALL)*    (all trained)
+        CALL = "<tool_call>" json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) "</tool_call>"
+        (default separators ", " and ": ", keys in the order given; `arguments` is an object, or a JSON string of
+        one, as OpenAI messages carry it: it is parsed before dumping)
+    IM_START "tool\n" "<tool_response>\n" {content} "\n</tool_response>" IM_END "\n"      (never trained)
+
+`tool_calls` entries are {"name", "arguments"} or OpenAI's {"type": "function", "function": {"name", "arguments"}}.
+The calls are written after the answer inside the same assistant turn, so the model ends the turn (IM_END) after
+its calls and the environment answers with one `tool` message per call. `parse_tool_calls` reads them back from
+generated text; a malformed call is reported as an error string, never raised.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 CHAT_FORMAT_VERSION = 2  # bump when the layout changes (part of tokenization cache keys)
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 _THINK_RE = re.compile(r"^\s*<think>(.*?)</think>\s*", re.DOTALL)
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>\n", "\n</tool_response>"
+_TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 
 @dataclass
@@ -44,6 +61,65 @@ def split_reasoning(message: dict) -> Tuple[Optional[str], str]:
         content = content[match.end():]
     reasoning = reasoning.strip() if isinstance(reasoning, str) else None
     return (reasoning or None), content
+
+
+def normalize_tool_call(call) -> dict:
+    """{"name", "arguments"} of one tool call given as {"name", "arguments"} or OpenAI's
+    {"type": "function", "function": {...}}; `arguments` may be a JSON string of an object. Raises ValueError."""
+    if isinstance(call, dict) and isinstance(call.get("function"), dict):
+        call = call["function"]
+    if not isinstance(call, dict):
+        raise ValueError(f"a tool call must be an object with name and arguments, got {type(call).__name__}")
+    name, arguments = call.get("name"), call.get("arguments", {})
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a tool call needs a non-empty string 'name', got {name!r}")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"tool call {name!r}: 'arguments' is not valid JSON ({exc.msg})") from None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"tool call {name!r}: 'arguments' must be a JSON object, got {type(arguments).__name__}")
+    return {"name": name, "arguments": arguments}
+
+
+def format_tool_calls(calls: Sequence) -> str:
+    """The text of an assistant turn's tool calls (the module docstring's CALL, joined by newlines)."""
+    return "\n".join(TOOL_CALL_OPEN + json.dumps(normalize_tool_call(c), ensure_ascii=False) + TOOL_CALL_CLOSE
+                     for c in calls)
+
+
+def parse_tool_calls(text: str) -> Tuple[List[dict], List[str]]:
+    """(calls, errors) of generated assistant text (reasoning excluded): every <tool_call>...</tool_call> block
+    parsed into {"name", "arguments"}, and one readable error per malformed block or unclosed <tool_call>."""
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    calls, errors = [], []
+    for i, match in enumerate(_TOOL_CALL_RE.finditer(text)):
+        body = match.group(1).strip()
+        try:
+            payload = json.loads(body)
+        except json.JSONDecodeError as exc:
+            errors.append(f"tool call {i + 1} is not valid JSON ({exc.msg} at char {exc.pos}); write "
+                          '<tool_call>{"name": "...", "arguments": {...}}</tool_call>')
+            continue
+        try:
+            calls.append(normalize_tool_call(payload))
+        except ValueError as exc:
+            errors.append(f"tool call {i + 1}: {exc}")
+    tail = _TOOL_CALL_RE.sub("", text)
+    if TOOL_CALL_OPEN in tail:
+        errors.append("a <tool_call> is not closed: end each call with </tool_call>")
+    return calls, errors
+
+
+def assistant_answer(message: dict) -> str:
+    """The answer part of an assistant turn as rendered: its content, then its tool calls."""
+    _, answer = split_reasoning(message)
+    calls = message.get("tool_calls") or []
+    if not calls:
+        return answer
+    return answer + ("\n" if answer else "") + format_tool_calls(calls)
 
 
 def record_enable_thinking(record: dict, default: bool) -> bool:
@@ -90,6 +166,15 @@ def normalize_record(record) -> List[dict]:
         rc = m.get("reasoning_content")
         if rc is not None and not isinstance(rc, str):
             raise ValueError(f"message {i} reasoning_content must be a string")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if m["role"] != "assistant" or not isinstance(calls, list):
+                raise ValueError(f"message {i}: tool_calls must be a list, and only in assistant messages")
+            for call in calls:
+                try:
+                    normalize_tool_call(call)
+                except ValueError as exc:
+                    raise ValueError(f"message {i}: {exc}") from None
     return messages
 
 
@@ -99,10 +184,15 @@ def _segments(messages: Sequence[dict], enable_thinking: bool, add_generation_pr
     for m in messages:
         role = m["role"]
         out += [("<|im_start|>", False), (f"{role}\n", False)]
+        if role == "tool":
+            out += [(TOOL_RESPONSE_OPEN + m["content"] + TOOL_RESPONSE_CLOSE, False), ("<|im_end|>", False),
+                    ("\n", False)]
+            continue
         if role != "assistant":
             out += [(m["content"], False), ("<|im_end|>", False), ("\n", False)]
             continue
-        reasoning, answer = split_reasoning(m)
+        reasoning, _ = split_reasoning(m)
+        answer = assistant_answer(m)
         if enable_thinking and reasoning:
             out += [("<think>", False), (f"\n{reasoning}\n", True), ("</think>", True), ("\n", True)]
         else:
@@ -152,6 +242,14 @@ def render_chat_text(messages: Sequence[dict], *, enable_thinking: bool = True,
                      add_generation_prompt: bool = False) -> str:
     """The same conversation as one string (for reading and debugging; decode(render_chat(...).ids) equals it)."""
     return "".join(p for p, _ in _segments(messages, enable_thinking, add_generation_prompt))
+
+
+def render_observation(tokenizer, messages: Sequence[dict], *, enable_thinking: bool = True) -> List[int]:
+    """The ids that follow a generated assistant turn (which ends in IM_END) in a multi-turn rollout: the "\n"
+    after IM_END, the environment's messages (tool / user turns) and the next generation prompt, exactly as
+    `render_chat` renders them inside the whole conversation."""
+    return (tokenizer.encode_chat_text("\n")
+            + render_chat(tokenizer, messages, enable_thinking=enable_thinking, add_generation_prompt=True).ids)
 
 
 def prompt_messages(messages: Sequence[dict]) -> List[dict]:

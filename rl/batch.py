@@ -1,7 +1,8 @@
 """From scored groups to training tensors: advantages, loss masks, behaviour log-probabilities, micro-batches.
 
 A sample of prompt p (P tokens) and completion c (C tokens) becomes one row: `input_ids = (p + c)[:-1]`,
-`targets = (p + c)[1:]`; the loss covers the C positions whose target is a completion token. Rows are padded on
+`targets = (p + c)[1:]`; the loss covers the C positions whose target is a completion token (of a multi-turn
+episode: only the tokens the model generated, per `Sample.completion_mask`, never the environment's observations). Rows are padded on
 the right inside a micro-batch (causal model: padding never reaches a real position) with loss mask 0; under a
 pipeline-parallel layout every micro-batch of a step is padded to one shape (rows and length), as the schedule
 needs.
@@ -43,9 +44,10 @@ def group_rows(groups: List[Group], normalize_std: bool, filter_overlong: bool) 
             tokens = list(sample.prompt_ids) + list(sample.completion_ids)
             p, c = len(sample.prompt_ids), len(sample.completion_ids)
             keep = 0.0 if (filter_overlong and sample.truncated) else 1.0
+            generated = sample.completion_mask if sample.completion_mask is not None else [True] * c
             rows.append({
                 "input_ids": tokens[:-1], "targets": tokens[1:],
-                "loss_mask": [0.0] * (p - 1) + [keep] * c,
+                "loss_mask": [0.0] * (p - 1) + [keep if g else 0.0 for g in generated],
                 "behaviour_logprobs": [0.0] * (p - 1) + list(sample.logprobs),
                 "versions": [-1] * (p - 1) + list(sample.versions),
                 "advantage": a, "group_id": g.group_id, "sample_index": sample.sample_index,

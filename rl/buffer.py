@@ -31,6 +31,9 @@ class Sample:
     reward_info: Dict = field(default_factory=dict)
     text: str = ""  # the decoded completion (for rewards and logs)
     meta: Dict = field(default_factory=dict)  # engine statistics: draft tokens proposed / accepted, timings
+    # multi-turn episodes: True for model-generated tokens, False for environment observations (version -1,
+    # log-prob 0, no loss); None: every completion token is generated
+    completion_mask: Optional[List[bool]] = None
 
     def __post_init__(self):
         n = len(self.completion_ids)
@@ -38,10 +41,14 @@ class Sample:
             raise ValueError(f"sample {self.group_id}/{self.sample_index}: {n} completion tokens but "
                              f"{len(self.logprobs)} logprobs and {len(self.versions)} versions; the engine must "
                              "stamp every generated token")
+        if self.completion_mask is not None and len(self.completion_mask) != n:
+            raise ValueError(f"sample {self.group_id}/{self.sample_index}: {n} completion tokens but a completion "
+                             f"mask of {len(self.completion_mask)}")
 
     @property
     def oldest_version(self) -> int:
-        return min(self.versions) if self.versions else 1 << 60
+        stamped = [v for v in self.versions if v >= 0]  # observation tokens carry no version
+        return min(stamped) if stamped else 1 << 60
 
     @property
     def truncated(self) -> bool:
@@ -63,7 +70,7 @@ class Group:
 
     def staleness(self, train_version: int) -> List[int]:
         """Per-token staleness of every token of the group at the step that trains `train_version`."""
-        return [train_version - v for s in self.samples for v in s.versions]
+        return [train_version - v for s in self.samples for v in s.versions if v >= 0]
 
 
 class StalenessBuffer:

@@ -76,6 +76,11 @@ class RolloutConfig:
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
     threads_per_worker: int = 1  # torch intra-op threads in the worker process
+    # multi-turn environment episodes (tasks with an `env`): assistant turns per episode, and the tokens after
+    # the prompt (generated + observations; null: max_turns x max_new_tokens)
+    max_turns: int = 4
+    max_episode_tokens: Optional[int] = None
+    env_step_timeout_s: float = 60.0  # one reset / step of an environment; longer ends the episode (reward 0)
 
     def __post_init__(self):
         _need(self.num_workers >= 1, f"rl.rollout.num_workers must be >= 1, got {self.num_workers}")
@@ -86,6 +91,14 @@ class RolloutConfig:
         _need(self.weight_sync in WEIGHT_SYNC, f"rl.rollout.weight_sync must be one of {WEIGHT_SYNC}, "
                                                f"got {self.weight_sync!r}")
         _need(self.draft_tokens >= 0, f"rl.rollout.draft_tokens must be >= 0, got {self.draft_tokens}")
+        _need(self.max_turns >= 1, f"rl.rollout.max_turns must be >= 1, got {self.max_turns}")
+        _need(self.max_episode_tokens is None or self.max_episode_tokens >= 1,
+              f"rl.rollout.max_episode_tokens must be >= 1 or null, got {self.max_episode_tokens}")
+        _need(self.env_step_timeout_s > 0, f"rl.rollout.env_step_timeout_s must be > 0, got {self.env_step_timeout_s}")
+
+    def episode_tokens(self) -> int:
+        """The token budget of one environment episode after its prompt."""
+        return self.max_episode_tokens or self.max_turns * self.max_new_tokens
 
 
 @dataclass

@@ -117,7 +117,7 @@ def step_metrics(version: int, groups: List, train: dict, push: dict, rollout_no
     rewards = [s.reward for s in samples]
     judged = [s.reward_info.get("correct") for s in samples if s.reward_info.get("correct") is not None]
     adv = group_advantages(torch.tensor([g.rewards for g in groups], dtype=torch.float64), normalize_std)
-    hist = collections.Counter(version - v for s in samples for v in s.versions)
+    hist = collections.Counter(version - v for s in samples for v in s.versions if v >= 0)
     tokens = max(train.get("tokens", 0.0), 1.0)
 
     def delta(key):

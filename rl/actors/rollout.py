@@ -28,7 +28,8 @@ NO_WEIGHTS = -1  # version of a worker that has not received weights yet: it gen
 
 class RolloutWorker:
     def __init__(self, worker_index: int, model_cfg: dict, cfg: RolloutConfig, max_seq_len: int,
-                 stop_token_ids=(), seed: int = 0, device: Optional[str] = None, threads: Optional[int] = None):
+                 stop_token_ids=(), seed: int = 0, device: Optional[str] = None, threads: Optional[int] = None,
+                 tokenizer_spec=None):
         if threads:
             torch.set_num_threads(threads)
         self.index = worker_index
@@ -54,6 +55,8 @@ class RolloutWorker:
         self._sync: Optional[WeightSyncGroup] = None
         self._counters = {"busy_s": 0.0, "idle_s": 0.0, "stall_s": 0.0, "updates": 0, "generated_tokens": 0,
                           "finished": 0, "verify_rows": 0, "verify_tokens": 0}
+        # multi-turn environment episodes (rl/envs/episode.py); needs the tokenizer to render observations
+        self.episodes = None if tokenizer_spec is None else episode_runner(self, tokenizer_spec, max_seq_len)
         self._thread = threading.Thread(target=self._loop, name=f"rollout-{worker_index}", daemon=True)
         self._thread.start()
 
@@ -61,10 +64,15 @@ class RolloutWorker:
     def submit(self, requests: List[dict]) -> None:
         """Each request: group_id, sample_index, prompt_ids, seed, min_version, kind ("train" / "eval"),
         and optionally temperature, max_new_tokens."""
+        episodes = [r for r in requests if (r.get("record") or {}).get("env")]
+        if episodes and self.episodes is None:
+            raise ValueError("environment requests need a rollout worker built with tokenizer_spec")
         with self._lock:
             self._raise_if_failed()
-            self._queue.extend(requests)
+            self._queue.extend(r for r in requests if not (r.get("record") or {}).get("env"))
             self._wake.notify_all()
+        for request in episodes:
+            self.episodes.start(request)
 
     def collect(self, wait_s: float = 0.0) -> List[Sample]:
         """Finished samples since the last call; waits up to `wait_s` for at least one."""
@@ -175,7 +183,7 @@ class RolloutWorker:
                 top_p=1.0 if eval_mode else self.cfg.top_p, top_k=0 if eval_mode else self.cfg.top_k,
                 max_new_tokens=req.get("max_new_tokens", self.cfg.max_new_tokens),
                 stop_token_ids=self.stop_token_ids, seed=req.get("seed"))
-            rid = f"{req.get('kind', 'train')}:{req['group_id']}:{req['sample_index']}"
+            rid = req.get("rid") or f"{req.get('kind', 'train')}:{req['group_id']}:{req['sample_index']}"
             self._meta[rid] = req
             self.engine.add_request(req["prompt_ids"], params, request_id=rid)
 
@@ -183,15 +191,29 @@ class RolloutWorker:
         samples = []
         for r in results:
             req = self._meta.pop(r.request_id)
+            self._counters["generated_tokens"] += len(r.token_ids)
+            if self.episodes is not None and self.episodes.owns(r.request_id):
+                self.episodes.on_generated(r)  # one turn of an episode: its environment answers
+                continue
             samples.append(Sample(group_id=req["group_id"], sample_index=req["sample_index"],
                                   prompt_ids=list(req["prompt_ids"]), completion_ids=list(r.token_ids),
                                   logprobs=[float(x) for x in r.logprobs], versions=[int(v) for v in r.versions],
                                   finish_reason=r.finish_reason or "length",
                                   meta={"kind": req.get("kind", "train"), "worker": self.index}))
-            self._counters["generated_tokens"] += len(r.token_ids)
             self._counters["finished"] += 1
         with self._lock:
             self._done.extend(samples)
+            self._have_done.notify_all()
+
+    def _enqueue_turn(self, request: dict) -> None:
+        with self._lock:
+            self._queue.append(request)
+            self._wake.notify_all()
+
+    def _deliver_episode(self, sample: Sample) -> None:
+        with self._lock:
+            self._counters["finished"] += 1
+            self._done.append(sample)
             self._have_done.notify_all()
 
     # ----- bookkeeping ---------------------------------------------------------------------------------------
@@ -212,5 +234,19 @@ class RolloutWorker:
             self._wake.notify_all()
             self._have_done.notify_all()
         self._thread.join(timeout=30)
+        if self.episodes is not None:
+            self.episodes.close()
         if self._sync is not None:
             self._sync.close()
+
+
+def episode_runner(worker: RolloutWorker, tokenizer_spec, max_seq_len: int):
+    from latentforge.data.tokenizer import load_tokenizer
+    from latentforge.rl.envs.episode import EpisodeLimits, EpisodeRunner
+
+    cfg = worker.cfg
+    limits = EpisodeLimits(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
+                           max_episode_tokens=cfg.episode_tokens(), step_timeout_s=cfg.env_step_timeout_s,
+                           max_seq_len=max_seq_len)
+    return EpisodeRunner(load_tokenizer(tokenizer_spec), limits, worker._enqueue_turn, worker._deliver_episode,
+                         worker.index)

@@ -76,6 +76,7 @@ def register_task(cls):
 
 def get_task(name: str) -> Task:
     from . import arithmetic, countdown, program  # noqa: F401 - the built-in tasks register themselves
+    from latentforge.rl.envs import guess, python_tool  # noqa: F401 - ... and the environments' prompt tasks
 
     if name not in _TASKS:
         raise ValueError(f"unknown reward task {name!r}; available: {sorted(_TASKS)} (or register_task your own)")

@@ -64,7 +64,7 @@ def test_user_text_can_not_forge_control_tokens(bpe_tok):
 @pytest.mark.parametrize("record, message", [
     ([1, 2], "expected a JSON object"),
     ({"messages": []}, "non-empty list"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "supported roles"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "supported roles"),
     ({"messages": [{"role": "user", "content": 3}]}, "content must be a string"),
     ({"question": "x"}, "expected 'messages' or 'prompt' and 'completion'"),
     ({"prompt": "q", "completion": "a", "enable_thinking": "no"}, "'enable_thinking' must be true or false"),

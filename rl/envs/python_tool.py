@@ -1,0 +1,78 @@
+"""`python_tool`: word problems the model solves by running Python in the sandbox, then answering 'Answer: N'.
+
+Each `python` call runs its `code` in a fresh sandboxed interpreter (`rl.rewards.sandbox.run_untrusted_code`: no
+network, a fresh temp dir, time / memory / output limits); the observation is the program's stdout, or
+"error: <status>: <last line of stderr>" for a crash, a hang (timeout), too much memory or output. The final turn
+(no tool call) scores 1 when its answer is right. Env options (`env_options` of the task spec): timeout_s,
+memory_mb, output_bytes, observation_chars.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import List
+
+from latentforge.data.synthetic import extract_answer
+from latentforge.rl.rewards.base import RewardResult, Task, answer_section, register_task
+from latentforge.rl.rewards.sandbox import run_untrusted_code
+
+from .base import StepResult, register_env
+from .tool_env import ToolEnv, ToolError
+
+SYSTEM = ("You can run Python code with the python tool: "
+          '<tool_call>{"name": "python", "arguments": {"code": "print(2 + 3)"}}</tool_call> '
+          "The tool replies with what the program prints. Use it to compute, then reply with 'Answer: <number>'.")
+
+
+@register_env
+class PythonToolEnv(ToolEnv):
+    name = "python_tool"
+    max_turns = 4
+
+    def __init__(self, timeout_s: float = 5.0, memory_mb: int = 256, output_bytes: int = 4096,
+                 observation_chars: int = 500, **options):
+        super().__init__(**options)
+        self.limits = {"timeout_s": float(timeout_s), "memory_mb": int(memory_mb), "output_bytes": int(output_bytes)}
+        self.observation_chars = int(observation_chars)
+
+    def tools(self):
+        return {"python": self.python}
+
+    async def python(self, arguments: dict) -> str:
+        code = arguments.get("code")
+        if not isinstance(code, str) or not code.strip():
+            raise ToolError('python needs {"code": "<program>"}')
+        result = await asyncio.to_thread(run_untrusted_code, code, **self.limits)
+        if not result.ok:
+            last = (result.stderr.strip().splitlines() or [""])[-1]
+            reason = {"timeout": f"timeout: no result within {self.limits['timeout_s']:g}s",
+                      "memory": f"memory: over {self.limits['memory_mb']} MB",
+                      "output_limit": f"output_limit: over {self.limits['output_bytes']} bytes"}.get(
+                          result.status, result.status)
+            raise ToolError((f"{reason}: {last}" if last else reason)[: self.observation_chars])
+        return result.stdout.strip()[: self.observation_chars]
+
+    async def finish(self, message: dict) -> StepResult:
+        score = PythonToolTask().score(self.record, message["text"])
+        return StepResult(None, score.score, True, {"correct": score.correct, **score.info})
+
+
+@register_task
+class PythonToolTask(Task):
+    """The arithmetic task's word problems (same train / held-out split) with the python tool's system prompt."""
+
+    name = "python_tool"
+
+    def prompts(self, split: str, n: int, seed: int) -> List[dict]:
+        from latentforge.rl.rewards.base import get_task
+
+        records = get_task("arithmetic").prompts(split, n, seed)
+        for r in records:
+            r.update(task=self.name, env=self.name, id=r["id"].replace("arithmetic", self.name, 1),
+                     messages=[{"role": "system", "content": SYSTEM}] + r["messages"])
+        return records
+
+    def score(self, record: dict, completion: str) -> RewardResult:
+        parsed = extract_answer(answer_section(record, completion))
+        correct = parsed is not None and parsed == int(record["answer"])
+        return RewardResult(float(correct), correct=correct, info={"parsed": parsed})
