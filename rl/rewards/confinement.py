@@ -194,7 +194,8 @@ def terminating_signal(returncode: Optional[int], backend: str) -> Optional[int]
 
 def wait_for_exit(proc: subprocess.Popen, timeout_s: float) -> bool:
     """Whether the child exited within `timeout_s`; woken by the exit itself (a pidfd) where Linux has one, not by
-    Popen.wait's polling, which adds up to 50 ms to every program."""
+    Popen.wait's polling, which adds up to 50 ms to every program. The child is left unreaped (kill_tree reaps
+    it): while it is a zombie its pid, and so its process group, cannot be reused by anyone else."""
     try:
         pidfd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):  # not Linux >= 5.3, or already reaped
@@ -204,12 +205,9 @@ def wait_for_exit(proc: subprocess.Popen, timeout_s: float) -> bool:
         except subprocess.TimeoutExpired:
             return False
     try:
-        exited = bool(select.select([pidfd], [], [], timeout_s)[0])
+        return bool(select.select([pidfd], [], [], timeout_s)[0])
     finally:
         os.close(pidfd)
-    if exited:
-        proc.wait()
-    return exited
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
