@@ -14,6 +14,8 @@ Public API (e.g. for tool-use environments):
   its traceback) | timeout | crash (the child was killed or died: the reason); a long-lived `python -P` child
   imports the function once and is restarted after every timeout or crash. Arguments must pickle; replies may
   only hold plain Python values and RewardResult (a reply is never unpickled into arbitrary classes). `.close()`.
+  Start it from a thread that lives as long as it does: bwrap's `--die-with-parent` follows the starting thread
+  (`run_untrusted_code` from `asyncio.to_thread` is fine: the call ends with the program).
 
 Containment (rl/rewards/confinement.py), backend "bwrap" (chosen by "auto" when `bwrap` works here):
 no network (not even 127.0.0.1), the filesystem read-only except a fresh `scratch_mb` tmpfs at /tmp (HOME, cwd),
