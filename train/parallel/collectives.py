@@ -4,7 +4,6 @@ Each is an autograd Function whose backward is the adjoint collective:
     gather_along(x, dim)        all-gather          <-> reduce-scatter (sum)
     scatter_along(x, dim)       reduce-scatter (sum) <-> all-gather
     all_to_all(x, out, in)      uneven all-to-all    <-> the reverse all-to-all
-    from_previous_rank(x)       rank r gets rank r-1's x (zeros on rank 0) <-> grads go back to r-1
 All shard along one dimension in rank order; `group` None or of size 1 makes them the identity.
 """
 
@@ -97,20 +96,6 @@ class _AllToAll(torch.autograd.Function):
 def all_to_all(x: torch.Tensor, output_splits: list, input_splits: list, group) -> torch.Tensor:
     """Uneven all-to-all along dim 0: rows [input_splits] go to each rank, [output_splits] come from each."""
     return _AllToAll.apply(x, list(output_splits), list(input_splits), group)
-
-
-def from_previous_rank(x: torch.Tensor, group) -> torch.Tensor:
-    """Rank r receives rank r-1's `x` (rank 0 receives zeros); differentiable (gradients flow back to r-1).
-
-    Built on a gather so it cannot deadlock; used for small tensors (conv histories)."""
-    n = _size(group)
-    if n == 1:
-        return torch.zeros_like(x)
-    rank = dist.get_rank(group)
-    stacked = gather_along(x.unsqueeze(0), 0, group)
-    if rank == 0:
-        return keep_in_graph(torch.zeros_like(x), stacked)
-    return stacked[rank - 1]
 
 
 def keep_in_graph(out: torch.Tensor, collective_output: torch.Tensor) -> torch.Tensor:
