@@ -3,7 +3,7 @@
 gloo. Per layout: the loss and the worst gradient error (per parameter, by norm) against one float64 process and
 against the one fp32 process of the same length (when they fit; fp32 itself sits ~1e-5 from float64 at these
 lengths, summation order alone), the peak resident memory each rank added during the step (max over ranks), its
-ratio to one process, and the step time.
+ratio to one process, the plan's activation peak for the layout (--dry-run's number), and the step time.
 
     python bench/bench_long_context.py --seq-lens 16384 32768 65536 --cps 1 2 4
 
@@ -129,6 +129,20 @@ def launch(cp: int, seq_len: int, want_grads: bool, dtype=torch.float32) -> list
     return [outcome[r] for r in range(cp)]
 
 
+def planned_gib(cp: int, seq_len: int, dtype) -> str:
+    """The plan's activation peak for this layout (train/parallel/memory.py; absent from older checkouts)."""
+    try:
+        from latentforge.train.parallel import ParallelConfig
+        from latentforge.train.parallel.config import validate_layout
+        from latentforge.train.parallel.memory import plan_activations
+    except ImportError:
+        return "n/a"
+    cfg, pc = tiny_config(), ParallelConfig(cp=cp)
+    plan = plan_activations(cfg, pc, validate_layout(cfg, pc, cp), seq_len, 1,
+                            value_bytes=torch.tensor([], dtype=dtype).element_size())
+    return f"{plan.peak / 2**30:.2f}"
+
+
 def worst_grad_error(grads: dict, reference: dict) -> tuple:
     """(relative error, parameter name) of the parameter whose gradient differs most, by its norm."""
     worst = (0.0, "")
@@ -154,8 +168,8 @@ def main():
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, one thread per rank, rows in {args.dtype}, "
           f"float64 reference at cp={args.fp64_reference_cp}")
     print(f"| seq_len | cp | loss | loss err vs fp64 | worst grad err vs fp64 | vs {args.dtype} cp=1 | "
-          "peak added / rank (GiB) | x cp=1 | s/step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "peak added / rank (GiB) | x cp=1 | planned activations (GiB) | s/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for seq_len in args.seq_lens:
         single = seq_len <= args.skip_cp1_above
         exact = None
@@ -182,7 +196,8 @@ def main():
                 versus_fp32 = "{:.1e} ({})".format(*worst_grad_error(grads, reference[0]))
                 ratio = f"{peak / reference[1]:.2f}"
             print(f"| {seq_len} | {cp} | {loss:.6f} | {loss_err} | {grad_err} | {versus_fp32} | {peak:.2f} | "
-                  f"{ratio} | {seconds:.1f} |".replace("backbone.", ""), flush=True)
+                  f"{ratio} | {planned_gib(cp, seq_len, dtype)} | {seconds:.1f} |".replace("backbone.", ""),
+                  flush=True)
 
 
 if __name__ == "__main__":
