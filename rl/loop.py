@@ -27,6 +27,7 @@ import ray
 from latentforge.rl.actors import RewardWorker, RolloutWorker, TrainerRank, remote
 from latentforge.rl.buffer import StalenessBuffer
 from latentforge.rl.config import GRPOConfig
+from latentforge.rl.envs.metrics import episode_metrics
 from latentforge.rl.metrics import MetricsLogger, step_metrics
 from latentforge.rl.prompts import PromptSource, build_records, prompt_token_ids
 from latentforge.train.checkpoint import pack, unpack
@@ -79,7 +80,9 @@ class GRPOLoop:
         self.source = PromptSource(train_records, seed=cfg.prompts.order_seed, shuffle=cfg.prompts.shuffle)
         self._prompt_ids: Dict[str, List[int]] = {}
         longest = max(len(self._ids(r)) for r in train_records + self.eval_records)
-        self.max_seq_len = longest + cfg.rollout.max_new_tokens + 8
+        self.has_envs = any(r.get("env") for r in train_records + self.eval_records)
+        completion = max(cfg.rollout.max_new_tokens, cfg.rollout.episode_tokens() if self.has_envs else 0)
+        self.max_seq_len = longest + completion + 8
 
         if not ray.is_initialized():
             ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True,
@@ -129,7 +132,8 @@ class GRPOLoop:
         base = tc.num_ranks
         self.rollouts = [rollout_cls.options(scheduling_strategy=at(base + i)).remote(
             i, self.model_cfg, rc, self.max_seq_len, stop_ids, cfg.seed + 1000 * (i + 1), None,
-            rc.threads_per_worker) for i in range(rc.num_workers)]
+            rc.threads_per_worker, tokenizer_spec=self.tokenizer_spec if self.has_envs else None)
+            for i in range(rc.num_workers)]
         reward_cls = remote(RewardWorker, num_cpus=wc.cpus_per_worker, runtime_env=env)
         base += rc.num_workers
         self.rewarders = [reward_cls.options(scheduling_strategy=at(base + i)).remote(wc, self.tokenizer_spec)
@@ -210,8 +214,8 @@ class GRPOLoop:
             self._worker_groups[worker] += 1
             ids = self._ids(record)
             requests = [{"group_id": uid, "sample_index": j, "prompt_ids": ids, "kind": "train",
-                         "seed": sample_seed(self.cfg.seed, uid, j), "min_version": self.pushed_version}
-                        for j in range(self.G)]
+                         "seed": sample_seed(self.cfg.seed, uid, j), "min_version": self.pushed_version,
+                         **_episode_fields(record)} for j in range(self.G)]
             self.inflight[uid] = {"worker": worker, "left": self.G}
             self.rollouts[worker].submit.remote(requests)
             self.counters["groups_admitted"] += 1
@@ -300,7 +304,8 @@ class GRPOLoop:
                 temperature = self.cfg.eval_temperature if j == 0 else self.cfg.rollout.temperature
                 per_worker[(i * (1 + k) + j) % len(self.rollouts)].append(
                     {"group_id": i, "sample_index": j, "prompt_ids": self._ids(record), "kind": "eval",
-                     "seed": sample_seed(-1, i, j), "temperature": temperature, "min_version": self.pushed_version})
+                     "seed": sample_seed(-1, i, j), "temperature": temperature, "min_version": self.pushed_version,
+                     **_episode_fields(record)})
         for w, requests in per_worker.items():
             self.rollouts[w].submit.remote(requests)
         self._evaluating = True
@@ -319,7 +324,10 @@ class GRPOLoop:
                "eval_s": time.perf_counter() - start, "eval_samples": [s.text for s in greedy[:3]]}
         if sampled:
             out.update(eval_sampled_reward=_mean(s.reward for s in sampled),
-                       eval_sampled_accuracy=_mean(bool(s.reward_info.get("correct")) for s in sampled))
+                       eval_sampled_accuracy=_mean(bool(s.reward_info.get("correct")) for s in sampled),
+                       eval_sampled_reward_se=_standard_error([s.reward for s in sampled]))
+        out.update(episode_metrics(greedy, prefix="eval_"))
+        out.update(episode_metrics(sampled, prefix="eval_sampled_"))
         return out
 
     # ================================================================== the loop
@@ -370,6 +378,7 @@ class GRPOLoop:
                 trained_version, groups, train, push, stats, last_stats, normalize_std=cfg.loss.normalize_std,
                 waited=waited, wall=wall, previous_wall=self.history[-1]["wall_s"] if self.history else 0.0,
                 trainer_wait=trainer_wait, counters=self.counters, filtered=self._step_filtered)
+            metrics.update(episode_metrics(s for g in groups for s in g.samples))
             last_stats = stats
             self._step_filtered = []
             if cfg.eval_interval and self.version % cfg.eval_interval == 0 and self.version < cfg.last_step:
@@ -421,7 +430,22 @@ def describe_eval(ev: dict) -> str:
     text = f"greedy reward {ev['eval_reward']:.3f} accuracy {ev['eval_accuracy']:.3f}"
     if "eval_sampled_reward" in ev:
         text += f", sampled reward {ev['eval_sampled_reward']:.3f} accuracy {ev['eval_sampled_accuracy']:.3f}"
+    if "eval_turns" in ev:
+        text += f", turns {ev['eval_turns']:.2f} tool error rate {ev['eval_tool_error_rate']:.2f}"
     return text
+
+
+def _episode_fields(record: dict) -> dict:
+    """What a rollout worker needs to play an environment episode of `record` (nothing for plain prompts)."""
+    return {"record": record} if record.get("env") else {}
+
+
+def _standard_error(values) -> float:
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
 
 
 def _mean(values) -> float:

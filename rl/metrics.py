@@ -12,6 +12,7 @@ import time
 from typing import List, Optional
 
 CONSOLE_KEYS = (("reward", "reward_mean", "{:.3f}"), ("acc", "accuracy", "{:.3f}"), ("len", "response_len", "{:.0f}"),
+                ("turns", "turns", "{:.2f}"), ("tool_err", "tool_error_rate", "{:.2f}"),
                 ("stale", "staleness_mean", "{:.2f}"), ("clip", "ppo_clip_frac", "{:.3f}"),
                 ("tis", "tis_weight_mean", "{:.3f}"), ("mism0", "mismatch_fresh_mean", "{:.1e}"),
                 ("mtp_acc_len", "mtp_accepted_length", "{:.2f}"), ("draft_on", "draft_on", "{:.2f}"),

@@ -27,6 +27,8 @@ class RewardWorker:
     def score(self, samples: List[Sample], records: List[dict]) -> List[Sample]:
         """Fill reward, reward_info and text of each sample (records[i] is samples[i]'s prompt record)."""
         for sample, record in zip(samples, records):
+            if sample.meta.get("episode"):
+                continue  # an environment episode: its environment scored it, turn by turn
             sample.text = self.decode(sample)
             result = self.scorer.score(record, sample.text)
             sample.reward = result.score

@@ -7,7 +7,8 @@ An environment plays one episode against the policy:
 
 `record` is the prompt record (a task's fields: question, answer, ...). `assistant_message` is
 {"role": "assistant", "content": answer text, "reasoning_content": reasoning or None, "tool_calls": [...],
-"tool_call_errors": [...], "text": the raw generated text} parsed from what the model generated. `observations` are the messages the environment
+"tool_call_errors": [...], "text": the raw generated text} parsed from what the model generated (malformed
+calls are in `tool_call_errors`, to answer as error observations). `observations` are the messages the environment
 answers with (usually one `tool` message per call, or a `user` turn); None or [] ends the episode. The episode's
 reward is the sum of its steps' rewards (GRPO scores episodes).
 

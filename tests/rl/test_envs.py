@@ -1,0 +1,120 @@
+"""The environment interface and the built-in environments: registry, tool-call errors as observations, the
+sandboxed python tool (output, crash, hang), guess-the-number's reward growing with informative turns, tasks as
+one-step environments."""
+
+import asyncio
+
+import pytest
+
+from latentforge.rl.envs import EnvSpecError, env_class, make_env
+from latentforge.rl.envs.episode import assistant_message
+from latentforge.rl.rewards import get_task
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def turn(text, thinking=False):
+    return assistant_message(text, thinking)
+
+
+def call(name, **arguments):
+    import json
+
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+def test_registry_by_name_and_module_path():
+    assert env_class("python_tool").name == "python_tool"
+    assert env_class("tests.rl.test_envs_episode:ThreeTurnEnv").__name__ == "ThreeTurnEnv"
+    with pytest.raises(EnvSpecError, match="unknown environment 'nope'.*registered"):
+        env_class("nope")
+    with pytest.raises(EnvSpecError, match="could not be loaded"):
+        env_class("tests.rl.test_envs:Missing")
+
+
+def test_assistant_message_parses_reasoning_answer_and_calls():
+    m = turn("let me compute</think>\nSure." + call("python", code="print(1)"), thinking=True)
+    assert m["reasoning_content"] == "let me compute" and m["content"].startswith("Sure.")
+    assert m["tool_calls"] == [{"name": "python", "arguments": {"code": "print(1)"}}] and not m["tool_call_errors"]
+    # a call inside unfinished reasoning is not a call
+    assert turn(call("python", code="1"), thinking=True)["tool_calls"] == []
+
+
+def python_env(record, **options):
+    env = make_env(dict(record, env_options=options))
+    run(env.reset(record))
+    return env
+
+
+@pytest.fixture(scope="module")
+def word_problem():
+    record = get_task("python_tool").prompts("test", 1, 0)[0]
+    record["enable_thinking"] = False
+    return record
+
+
+def test_python_tool_runs_code_in_the_sandbox(word_problem):
+    env = python_env(word_problem, timeout_s=2)
+    result = run(env.step(turn(call("python", code="print(6 * 7)"))))
+    assert result.observations == [{"role": "tool", "content": "42"}] and not result.done and result.reward == 0
+    final = run(env.step(turn(f"Answer: {word_problem['answer']}")))
+    assert final.done and final.reward == 1.0 and final.info["correct"]
+    assert final.info["tool_calls"] == 1 and final.info["tool_errors"] == 0
+    wrong = python_env(word_problem)
+    assert run(wrong.step(turn(f"Answer: {word_problem['answer'] + 1}"))).reward == 0.0
+
+
+def test_python_tool_errors_are_observations(word_problem):
+    env = python_env(word_problem, timeout_s=1)
+    cases = [(call("python", code="while True: pass"), "timeout"),
+             (call("python", code="raise ValueError('bad input')"), "ValueError: bad input"),
+             (call("python", code="import os; os.abort()"), "error: crash"),
+             (call("python"), 'python needs {"code"'),
+             (call("shell", cmd="ls"), "unknown tool 'shell'"),
+             ('<tool_call>{"name": "python", "arguments": </tool_call>', "not valid JSON"),
+             ('<tool_call>{"name": "python"', "not closed")]
+    for text, expected in cases:
+        result = run(env.step(turn(text)))
+        assert not result.done and len(result.observations) == 1, text
+        content = result.observations[0]["content"]
+        assert content.startswith("error: ") and expected in content, (text, content)
+    assert result.info["tool_errors"] == len(cases)
+
+
+def test_guess_number_reward_grows_with_informative_turns():
+    record = dict(get_task("guess_number").prompts("train", 1, 3)[0], enable_thinking=False)
+    env = make_env(record)
+    run(env.reset(record))
+    low, high, total, seen = record["low"], record["high"], 0.0, []
+    while True:
+        guess = (low + high) // 2
+        result = run(env.step(turn(call("check", guess=guess))))
+        total += result.reward
+        seen.append(total)
+        if result.done:
+            break
+        reply = result.observations[0]["content"]
+        low, high = (guess + 1, high) if reply == "higher" else (low, guess - 1)
+    assert total == 1.0 and result.info["correct"] and len(seen) > 1
+    assert all(b >= a for a, b in zip(seen, seen[1:]))  # the episode's reward never falls, and reaches 1
+
+
+def test_guess_number_bad_guess_is_an_error_observation():
+    record = dict(get_task("guess_number").prompts("train", 1, 3)[0], enable_thinking=False)
+    env = make_env(record)
+    run(env.reset(record))
+    result = run(env.step(turn(call("check", guess="ten"))))
+    assert result.observations[0]["content"].startswith("error: check needs") and result.reward == 0.0
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "countdown"])
+def test_single_turn_tasks_are_one_step_environments(task):
+    record = dict(get_task(task).prompts("test", 1, 0)[0], enable_thinking=True, env="task")
+    good = f"thinking</think>Answer: {record['answer']}" if task == "arithmetic" else "no idea</think>Answer: 1"
+    env = make_env(record)
+    assert run(env.reset(record)) == record["messages"]
+    result = run(env.step(turn(good, thinking=True)))
+    verifier = get_task(task).score(record, good)
+    assert result.done and result.observations is None and result.reward == verifier.score
