@@ -8,6 +8,7 @@ from typing import List, Optional
 
 BUILTIN_STDLIB = "builtin:stdlib"  # the embedded pretraining corpus: Python standard library sources
 BUILTIN_CHAT = "builtin:arithmetic_chat"  # the embedded SFT / GRPO prompt set: generated arithmetic problems
+BUILTIN_TOOL_CHAT = "builtin:tool_chat"  # generated transcripts of tool use (python tool, guess-the-number)
 
 DEFAULT_CACHE_ENV = "LATENTFORGE_CACHE"
 SPLITS = ("train", "valid", "test")

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from latentforge.data.chat import CHAT_FORMAT_VERSION, normalize_record, record_enable_thinking, render_chat
-from latentforge.data.config import BUILTIN_CHAT, SPLITS, DataConfig, resolve_cache_dir
+from latentforge.data.config import BUILTIN_CHAT, BUILTIN_TOOL_CHAT, SPLITS, DataConfig, resolve_cache_dir
 from latentforge.data.loader import BatchLoader
 from latentforge.data.packing import best_fit_decreasing
 from latentforge.data.pretrain import split_document_range
@@ -98,8 +98,14 @@ def _source_records(cfg: DataConfig, split: str, bad: List[str]):
             problems = synthetic_splits(cfg.synthetic_num_train, cfg.synthetic_num_heldout, cfg.seed)[split]
             for p in problems:
                 yield f"{BUILTIN_CHAT}#{p['id']}", p["messages"], cfg.enable_thinking
+        elif path == BUILTIN_TOOL_CHAT:
+            from latentforge.data.tool_chat import tool_chat_splits
+
+            for r in tool_chat_splits(cfg.synthetic_num_train, cfg.synthetic_num_heldout, cfg.seed)[split]:
+                yield f"{BUILTIN_TOOL_CHAT}#{r['id']}", r["messages"], cfg.enable_thinking
         elif path.startswith("builtin:"):
-            raise ValueError(f"unknown built-in chat source {path!r}; the built-in chat set is {BUILTIN_CHAT}")
+            raise ValueError(f"unknown built-in chat source {path!r}; the built-in chat sets are {BUILTIN_CHAT} "
+                             f"and {BUILTIN_TOOL_CHAT}")
         else:
             path = _data_file(path)
             records = list(_read_jsonl_records(path, cfg.skip_bad, bad, cfg.enable_thinking))
@@ -117,6 +123,12 @@ def _cache_key(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> str:
             from latentforge.data.synthetic import GENERATOR_VERSION
 
             sources.append([path, GENERATOR_VERSION, cfg.synthetic_num_train, cfg.synthetic_num_heldout, cfg.seed])
+        elif path == BUILTIN_TOOL_CHAT:
+            from latentforge.data.synthetic import GENERATOR_VERSION
+            from latentforge.data.tool_chat import TOOL_CHAT_VERSION
+
+            sources.append([path, TOOL_CHAT_VERSION, GENERATOR_VERSION, cfg.synthetic_num_train,
+                            cfg.synthetic_num_heldout, cfg.seed])
         else:
             h = hashlib.sha256()
             with open(_data_file(path), "rb") as f:

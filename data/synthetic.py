@@ -26,7 +26,8 @@ def _expression(rng: random.Random) -> dict:
     product = b * c
     result = a + product if op == "+" else a - product
     steps = f"First the multiplication: {b} * {c} = {product}. Then {a} {op} {product} = {result}."
-    return {"kind": "expression", "question": f"What is {a} {op} {b} * {c}?", "reasoning": steps, "answer": result}
+    return {"kind": "expression", "question": f"What is {a} {op} {b} * {c}?", "reasoning": steps, "answer": result,
+            "expression": f"{a} {op} {b} * {c}"}
 
 
 def _two_step(rng: random.Random) -> dict:
@@ -34,7 +35,8 @@ def _two_step(rng: random.Random) -> dict:
     s1 = a + b
     result = s1 - c
     steps = f"{a} + {b} = {s1}. Then {s1} - {c} = {result}."
-    return {"kind": "add_sub", "question": f"Compute {a} + {b} - {c}.", "reasoning": steps, "answer": result}
+    return {"kind": "add_sub", "question": f"Compute {a} + {b} - {c}.", "reasoning": steps, "answer": result,
+            "expression": f"{a} + {b} - {c}"}
 
 
 def _buy_groups(rng: random.Random) -> dict:
@@ -45,7 +47,8 @@ def _buy_groups(rng: random.Random) -> dict:
     question = (f"{name} has {have} {item}. {name} buys {bags} bags with {each} {item} in each bag. "
                 f"How many {item} does {name} have now?")
     steps = f"The bags hold {bags} * {each} = {extra} {item}. {have} + {extra} = {result}."
-    return {"kind": "word_groups", "question": question, "reasoning": steps, "answer": result}
+    return {"kind": "word_groups", "question": question, "reasoning": steps, "answer": result,
+            "expression": f"{have} + {bags} * {each}"}
 
 
 def _share(rng: random.Random) -> dict:
@@ -56,7 +59,8 @@ def _share(rng: random.Random) -> dict:
     question = (f"{name} has {total} {item}, keeps {kept} and shares the rest equally among {friends} friends. "
                 f"How many {item} does each friend get?")
     steps = f"{total} - {kept} = {shared} are shared. {shared} / {friends} = {each}."
-    return {"kind": "word_share", "question": question, "reasoning": steps, "answer": each}
+    return {"kind": "word_share", "question": question, "reasoning": steps, "answer": each,
+            "expression": f"({total} - {kept}) // {friends}"}
 
 
 def _rectangle(rng: random.Random) -> dict:
@@ -66,12 +70,14 @@ def _rectangle(rng: random.Random) -> dict:
         question = f"A rectangle is {w} cm wide and {h} cm tall. What is its area in square centimetres?"
         steps = f"Area = width * height = {w} * {h} = {result}."
         kind = "area"
+        expression = f"{w} * {h}"
     else:
         result = 2 * (w + h)
         question = f"A rectangle is {w} cm wide and {h} cm tall. What is its perimeter in centimetres?"
         steps = f"Perimeter = 2 * (width + height) = 2 * ({w} + {h}) = 2 * {w + h} = {result}."
         kind = "perimeter"
-    return {"kind": kind, "question": question, "reasoning": steps, "answer": result}
+        expression = f"2 * ({w} + {h})"
+    return {"kind": kind, "question": question, "reasoning": steps, "answer": result, "expression": expression}
 
 
 def _minutes(rng: random.Random) -> dict:
@@ -83,7 +89,8 @@ def _minutes(rng: random.Random) -> dict:
                 f"How many minutes does {name} read in total?")
     steps = (f"{hours} hours = {hours} * 60 = {hours * 60} minutes, plus {minutes} is {start}. "
              f"{start} + {more} = {result}.")
-    return {"kind": "minutes", "question": question, "reasoning": steps, "answer": result}
+    return {"kind": "minutes", "question": question, "reasoning": steps, "answer": result,
+            "expression": f"{hours} * 60 + {minutes} + {more}"}
 
 
 GENERATORS: Sequence[Callable[[random.Random], dict]] = (_expression, _two_step, _buy_groups, _share, _rectangle,
@@ -92,7 +99,7 @@ GENERATORS: Sequence[Callable[[random.Random], dict]] = (_expression, _two_step,
 
 def generate_problems(n: int, seed: int, exclude: Optional[set] = None) -> List[dict]:
     """`n` distinct problems (no question repeated or in `exclude`), each {"id", "kind", "question", "reasoning",
-    "answer" (int), "messages"}."""
+    "answer" (int), "expression" (Python that evaluates to the answer), "messages"}."""
     rng = random.Random(derive_seed("synthetic", GENERATOR_VERSION, seed))
     exclude = set() if exclude is None else exclude
     seen, out = set(), []

@@ -12,15 +12,14 @@ import random
 from typing import List
 
 from latentforge.data.synthetic import extract_answer
+from latentforge.data.tool_chat import GUESS_PROMPT, GUESS_RANGES
 from latentforge.data.util import derive_seed
 from latentforge.rl.rewards.base import RewardResult, Task, answer_section, register_task
 
 from .base import StepResult, register_env
 from .tool_env import ToolEnv, ToolError
 
-PROMPT = ("I picked an integer from {low} to {high}. Guess it with the check tool: "
-          '<tool_call>{{"name": "check", "arguments": {{"guess": 50}}}}</tool_call> '
-          "replies higher, lower or correct.")
+PROMPT = GUESS_PROMPT
 
 
 def closeness(guess: int, record: dict) -> float:
@@ -80,7 +79,7 @@ class GuessNumberTask(Task):
         rng = random.Random(derive_seed("guess_number", split, seed))
         records = []
         for i in range(n):
-            low, high = 1, rng.choice([10, 20, 50, 100])
+            low, high = 1, rng.choice(GUESS_RANGES)
             records.append({"task": self.name, "env": self.name, "id": f"guess_number-{split}-{seed}-{i}",
                             "low": low, "high": high, "answer": rng.randint(low, high),
                             "messages": [{"role": "user", "content": PROMPT.format(low=low, high=high)}]})

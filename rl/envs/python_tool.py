@@ -13,15 +13,14 @@ import asyncio
 from typing import List
 
 from latentforge.data.synthetic import extract_answer
+from latentforge.data.tool_chat import PYTHON_SYSTEM
 from latentforge.rl.rewards.base import RewardResult, Task, answer_section, register_task
 from latentforge.rl.rewards.sandbox import run_untrusted_code
 
 from .base import StepResult, register_env
 from .tool_env import ToolEnv, ToolError
 
-SYSTEM = ("You can run Python code with the python tool: "
-          '<tool_call>{"name": "python", "arguments": {"code": "print(2 + 3)"}}</tool_call> '
-          "The tool replies with what the program prints. Use it to compute, then reply with 'Answer: <number>'.")
+SYSTEM = PYTHON_SYSTEM  # the prompt of the builtin:tool_chat SFT transcripts
 
 
 @register_env
@@ -45,7 +44,8 @@ class PythonToolEnv(ToolEnv):
         result = await asyncio.to_thread(run_untrusted_code, code, **self.limits)
         if not result.ok:
             last = (result.stderr.strip().splitlines() or [""])[-1]
-            reason = {"timeout": f"timeout: no result within {self.limits['timeout_s']:g}s",
+            reason = {"error": f"exit code {result.returncode}",
+                      "timeout": f"timeout: no result within {self.limits['timeout_s']:g}s",
                       "memory": f"memory: over {self.limits['memory_mb']} MB",
                       "output_limit": f"output_limit: over {self.limits['output_bytes']} bytes"}.get(
                           result.status, result.status)
