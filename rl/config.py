@@ -120,9 +120,18 @@ class RewardConfig:
     cpus_per_worker: float = 0.25
     task_weight: float = 1.0  # weight of the task's own verifier
     functions: List[RewardFunctionConfig] = field(default_factory=list)  # user reward functions, added
+    judge: Optional[dict] = None  # a model judge (rl/rewards/judge.py JudgeConfig: checkpoint, rubric, weight...)
 
     def __post_init__(self):
         _need(self.num_workers >= 1, f"rl.reward.num_workers must be >= 1, got {self.num_workers}")
+        if self.judge is not None:
+            from latentforge.rl.rewards.judge import JudgeConfig
+
+            self.judge = dict(self.judge)
+            try:
+                JudgeConfig(**self.judge)
+            except (TypeError, ValueError) as exc:
+                raise GRPOConfigError(f"rl.reward.judge: {exc}") from None
         self.functions = [f if isinstance(f, RewardFunctionConfig) else RewardFunctionConfig(**dict(f))
                           for f in (self.functions or [])]
 
