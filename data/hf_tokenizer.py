@@ -105,7 +105,8 @@ def tokenizer_config() -> dict:
         "eos_token": "</s>",
         "pad_token": "<unk>",
         "unk_token": "<unk>",
-        "extra_special_tokens": list(CHAT_CONTROL_TOKENS),
+        # transformers 4 reads this name, 5 maps it to extra_special_tokens (a list there is 5-only)
+        "additional_special_tokens": list(CHAT_CONTROL_TOKENS),
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
