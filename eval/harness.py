@@ -169,6 +169,9 @@ def main(argv=None) -> int:
                         help="under torchrun: a layout of the recipe's parallel group, e.g. tp=2,pp=2 (a DCP "
                              "checkpoint, log-likelihood tasks; --batch-size rows per micro-batch)")
     args = parser.parse_args(argv)
+    if not os.path.isdir(args.checkpoint):
+        parser.error(f"{args.checkpoint}: no such directory (expected a DCP checkpoint, a run directory or a "
+                     "Hugging Face export)")
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer) if args.tokenizer else None
     if args.parallel is not None:
