@@ -75,6 +75,14 @@ def test_auto_peft_loads_an_adapter_trained_on_a_dcp_checkpoint(base, tmp_path):
     before = os.path.getmtime(os.path.join(recorded, "model.safetensors"))
     write_adapter(lora_state_dict(model), tmp_path / "run" / "adapter", cfg, str(checkpoint))
     assert os.path.getmtime(os.path.join(recorded, "model.safetensors")) == before  # the same base: reused
+    best = write_adapter(lora_state_dict(model), tmp_path / "run" / "best" / "adapter", cfg, str(checkpoint))
+    assert json.loads((best / "adapter_config.json").read_text())["base_model_name_or_path"] == recorded
+    assert not (tmp_path / "run" / "best" / BASE_EXPORT_DIR).exists()  # one level up: found, not exported again
+    # SFT writes best/adapter (and its base export) before the final adapter: a sibling's export is found too
+    first = write_adapter(lora_state_dict(model), tmp_path / "sft" / "best" / "adapter", cfg, str(checkpoint))
+    final = write_adapter(lora_state_dict(model), tmp_path / "sft" / "adapter", cfg, str(checkpoint))
+    base_of = [json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"] for d in (first, final)]
+    assert base_of == [str((tmp_path / "sft" / "best" / BASE_EXPORT_DIR).resolve())] * 2
 
 
 def test_base_of_a_lora_checkpoint_is_its_frozen_base(base, tmp_path):

@@ -134,7 +134,8 @@ def hf_base_of(base, adapter_dir) -> str:
     """What `base_model_name_or_path` records for the base at `base` (a Hugging Face directory, a DCP checkpoint
     or run directory, or a hub name), so `AutoPeftModelForCausalLM.from_pretrained(adapter_dir)` finds it: a
     directory's absolute path; for a DCP checkpoint, a Hugging Face export of it written next to the adapter
-    (`<adapter_dir>/../base_hf`, reused while it was exported from the same checkpoint)."""
+    (`<adapter_dir>/../base_hf`). An export of the same checkpoint already there, one level up or in a sibling
+    folder (an SFT run's `best/base_hf` for its final `adapter`) is reused instead."""
     from .checkpoint import export_base, is_hf_directory, resolve_source
 
     if not os.path.exists(str(base)):
@@ -142,11 +143,16 @@ def hf_base_of(base, adapter_dir) -> str:
     kind, source = resolve_source(str(base))
     if kind == "hf":
         return source
-    out = Path(adapter_dir).resolve().parent / BASE_EXPORT_DIR
-    marker = out / BASE_SOURCE_FILE
-    if not (is_hf_directory(str(out)) and marker.is_file() and json.loads(marker.read_text()) == {"dcp": str(source)}):
-        export_base(str(source), str(out))
-        marker.write_text(json.dumps({"dcp": str(source)}) + "\n")
+    parent = Path(adapter_dir).resolve().parent
+    wanted = {"dcp": str(source)}
+    for candidate in [parent / BASE_EXPORT_DIR, parent.parent / BASE_EXPORT_DIR,
+                      *sorted(parent.glob(f"*/{BASE_EXPORT_DIR}"))]:
+        marker = candidate / BASE_SOURCE_FILE
+        if is_hf_directory(str(candidate)) and marker.is_file() and json.loads(marker.read_text()) == wanted:
+            return str(candidate)
+    out = parent / BASE_EXPORT_DIR
+    export_base(str(source), str(out))
+    (out / BASE_SOURCE_FILE).write_text(json.dumps(wanted) + "\n")
     return str(out)
 
 
