@@ -7,6 +7,15 @@
 
 Text is always encoded as plain text: a literal "</s>" or "<|im_start|>" inside a document becomes ordinary
 tokens, never a control token, so data can not forge document boundaries or chat turns.
+
+One tokenization of control-token text, the same in LatentForge and in a Hugging Face export (data/hf_tokenizer.py):
+    data, message content          encode(text)                      tokenizer(text, split_special_tokens=True)
+    a chat (encode_chat_text for   apply_chat_template(messages)     apply_chat_template(messages,
+    its message text)                                                    sanitize_control_tokens=True)
+    a prompt string typed with     encode_with_control_tokens(text)  tokenizer(text)  (transformers' default)
+    control-token names
+The two columns give identical ids (tests/data/test_hf_tokenizer.py); a chat without control-token text in its
+messages gives the same ids under transformers' default apply_chat_template too.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from abc import ABC, abstractmethod
 from typing import Iterable, List, Optional, Sequence, Union
 
@@ -69,6 +79,38 @@ class Tokenizer(ABC):
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return [self.encode(t) for t in texts]
+
+    def control_tokens(self) -> dict:
+        """{name: id} of every control token: what a Hugging Face export marks as special."""
+        return dict(SPECIAL_TOKENS)
+
+    def encode_with_control_tokens(self, text: str) -> List[int]:
+        """Text in which control-token names are control tokens ("a </s> b" -> [..., 2, ...]), the rest plain
+        text: how transformers' `tokenizer(text)` reads a prompt. Never used for data (see the module docstring)."""
+        control = self.control_tokens()
+        return [i for piece, is_name in self._split_at_control_names(text)
+                for i in ([control[piece]] if is_name else self.encode(piece))]
+
+    def encode_chat_text(self, text: str) -> List[int]:
+        """Message text of a chat: plain text, with each control-token name in it encoded as text on its own, as
+        transformers' `apply_chat_template(..., sanitize_control_tokens=True)` does ("a </s> b" -> "a ", "</s>",
+        " b"), so a message can not forge a turn and both worlds give the same ids."""
+        return [i for piece, _ in self._split_at_control_names(text) for i in self.encode(piece)]
+
+    def _split_at_control_names(self, text: str) -> List[tuple]:
+        """[(piece, is a control-token name)], matched leftmost-longest as Hugging Face matches added tokens."""
+        if not hasattr(self, "_control_re"):
+            names = sorted(self.control_tokens(), key=len, reverse=True)
+            self._control_re = re.compile("|".join(re.escape(n) for n in names))
+        pieces, start = [], 0
+        for match in self._control_re.finditer(text):
+            if match.start() > start:
+                pieces.append((text[start:match.start()], False))
+            pieces.append((match.group(), True))
+            start = match.end()
+        if start < len(text):
+            pieces.append((text[start:], False))
+        return pieces
 
     @abstractmethod
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -161,6 +203,9 @@ class HFTokenizer(Tokenizer):
     def is_special(self, token_id: int) -> bool:
         return int(token_id) in self._special_ids
 
+    def control_tokens(self) -> dict:
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
     def token_to_id(self, token: str) -> Optional[int]:
         return self._tok.token_to_id(token)
 
@@ -221,6 +266,9 @@ class TekkenTokenizer(Tokenizer):
 
     def is_special(self, token_id: int) -> bool:
         return 0 <= int(token_id) < self._num_special
+
+    def control_tokens(self) -> dict:
+        return {_reserved_name(i): i for i in range(self._num_special)}
 
     def _content_hash(self) -> str:
         h = hashlib.sha256()

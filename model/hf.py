@@ -293,16 +293,17 @@ def load_dcp_checkpoint(path) -> HybridModel:
     return model
 
 
-def export_dcp_checkpoint(checkpoint, out_dir, dtype: torch.dtype = torch.float32) -> Path:
-    """DCP checkpoint (or run directory) -> Hugging Face directory (config.json, safetensors, tokenizer.json)."""
-    import shutil
+def export_dcp_checkpoint(checkpoint, out_dir, dtype: torch.dtype = torch.float32,
+                          tokenizer: str | None = None) -> Path:
+    """DCP checkpoint (or run directory) -> a Hugging Face directory that stands alone: config.json, safetensors,
+    and the tokenizer files of data/hf_tokenizer.py (tokenizer.json, tokenizer_config.json with the chat template,
+    generation_config.json). `tokenizer`: a tokenizer spec when the checkpoint does not record one."""
+    from latentforge.data.hf_tokenizer import export_checkpoint_tokenizer  # data sits beside model: no cycle at import
 
     checkpoint = resolve_checkpoint(checkpoint)
     model = load_dcp_checkpoint(checkpoint)  # refuses a LoRA checkpoint (python -m latentforge.train.lora merge exports it)
     save_pretrained(model, out_dir, dtype=dtype)
-    tokenizer = checkpoint / TOKENIZER_FILE
-    if tokenizer.is_file():
-        shutil.copyfile(tokenizer, Path(out_dir) / TOKENIZER_FILE)
+    export_checkpoint_tokenizer(checkpoint, out_dir, tokenizer)
     return Path(out_dir)
 
 
@@ -319,10 +320,12 @@ def main(argv=None) -> int:
     export.add_argument("checkpoint", help="a step_XXXXXXXX checkpoint directory, or a run directory (its newest)")
     export.add_argument("out_dir", help="where config.json and the safetensors go")
     export.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    export.add_argument("--tokenizer", default=None,
+                        help="tokenizer spec (tekken, bpe:4096, path/tokenizer.json) when the checkpoint records none")
     args = parser.parse_args(argv)
     try:
         checkpoint = resolve_checkpoint(args.checkpoint)
-        export_dcp_checkpoint(checkpoint, args.out_dir, dtype=DTYPES[args.dtype])
+        export_dcp_checkpoint(checkpoint, args.out_dir, dtype=DTYPES[args.dtype], tokenizer=args.tokenizer)
     except (FileNotFoundError, ValueError, UserError) as error:
         parser.exit(2, f"python -m latentforge.model.hf export: {error}\n")
     print(f"exported {checkpoint} -> {args.out_dir}")

@@ -42,12 +42,15 @@ def load_model_from_checkpoint(path: str):
     return load_dcp_checkpoint(checkpoint)
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32) -> str:
+def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32,
+                      tokenizer: str | None = None) -> str:
+    """A Hugging Face directory that stands alone (weights, tokenizer files, chat template, generation config);
+    `tokenizer`: a tokenizer spec when the checkpoint records none (tekken runs record theirs in config.yaml)."""
     if (_resolve(checkpoint) / LORA_CONFIG_FILE).is_file():
         from latentforge.train.lora.checkpoint import export_merged
 
-        return str(export_merged(checkpoint, out_dir, dtype=dtype))
-    return str(export_dcp_checkpoint(checkpoint, out_dir, dtype=dtype))
+        return str(export_merged(checkpoint, out_dir, dtype=dtype, tokenizer=tokenizer))
+    return str(export_dcp_checkpoint(checkpoint, out_dir, dtype=dtype, tokenizer=tokenizer))
 
 
 @entry_point("latentforge-export")
@@ -56,9 +59,11 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help="a step_XXXXXXXX checkpoint directory, or a run directory")
     parser.add_argument("out_dir", help="where the Hugging Face files go")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer spec (tekken, bpe:4096, path/tokenizer.json) when the checkpoint records none")
     args = parser.parse_args(argv)
     checkpoint = resolve_checkpoint(args.checkpoint)
-    export_checkpoint(checkpoint, args.out_dir, dtype=DTYPES[args.dtype])
+    export_checkpoint(checkpoint, args.out_dir, dtype=DTYPES[args.dtype], tokenizer=args.tokenizer)
     print(f"exported {checkpoint} -> {args.out_dir}")
     return 0
 
