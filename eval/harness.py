@@ -39,7 +39,7 @@ class LatentForgeLM(LogLikelihoodLM):
     def __init__(self, checkpoint: Optional[str] = None, *, model=None, tokenizer=None, batch_size: int = 8,
                  max_length: int = 2048, device: str = "cpu", dtype: str = "float32",
                  prefix_token_id: Optional[int] = None, max_gen_toks: int = 256, max_batch: int = 16,
-                 enable_thinking: bool = False, **unused):
+                 enable_thinking: Optional[bool] = None, **unused):
         from latentforge.rl.generate import load_model
 
         if model is None:
@@ -50,7 +50,7 @@ class LatentForgeLM(LogLikelihoodLM):
             tokenizer = checkpoint_tokenizer(checkpoint, tokenizer or None)
         super().__init__(model_scorer(model, int(batch_size), device), tokenizer, batch_size=int(batch_size), max_length=int(max_length),
                          device=device, prefix_token_id=None if prefix_token_id is None else int(prefix_token_id),
-                         max_gen_toks=int(max_gen_toks), enable_thinking=bool(enable_thinking))
+                         max_gen_toks=int(max_gen_toks), enable_thinking=enable_thinking)
         self.model = model.eval()
         self.max_batch = int(max_batch)
 
@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prefix-token-id", type=int, default=None,
                         help="the token before an empty context (default <s>, as lm-eval's hf model)")
     parser.add_argument("--apply-chat-template", action="store_true", help="render prompts with the chat template")
+    parser.add_argument("--enable-thinking", choices=["true", "false"], default=None,
+                        help="the chat template's reasoning switch (default: the template's, on)")
     parser.add_argument("--output", default=None, help="write the results (and samples) as JSON here")
     parser.add_argument("--log-samples", action="store_true")
     parser.add_argument("--parallel", default=None,
@@ -181,7 +183,8 @@ def main(argv=None) -> int:
     else:
         lm = LatentForgeLM(args.checkpoint, batch_size=args.batch_size, max_length=args.max_length,
                            device=args.device, dtype=args.dtype, tokenizer=tokenizer,
-                           prefix_token_id=args.prefix_token_id)
+                           prefix_token_id=args.prefix_token_id,
+                           enable_thinking=None if args.enable_thinking is None else args.enable_thinking == "true")
     results = run_tasks(lm, [t for t in args.tasks.split(",") if t], limit=limit, num_fewshot=args.num_fewshot,
                         include_paths=args.include_path, log_samples=args.log_samples,
                         apply_chat_template=args.apply_chat_template)

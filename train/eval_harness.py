@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from latentforge.data.tokenizer import SPECIAL_TOKENS
 
-LOCAL_TASKS_HINT = "the local tasks shipped in latentforge/eval/tasks (lf_arith, lf_choice, lf_text)"
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for continue_final_message
 
 
 def _lm_eval():
@@ -135,7 +135,7 @@ class LogLikelihoodLM(_lm_eval()):
 
     def __init__(self, scorer: Callable, tokenizer, *, batch_size: int = 8, max_length: int = 2048,
                  device="cpu", prefix_token_id: Optional[int] = None, max_gen_toks: int = 256,
-                 enable_thinking: bool = False):
+                 enable_thinking: Optional[bool] = None):
         super().__init__()
         self._scorer = scorer  # (requests, max_length) -> [(log-likelihood, is greedy)]: model_scorer, runner_scorer
         self.lf_tokenizer = tokenizer
@@ -203,10 +203,19 @@ class LogLikelihoodLM(_lm_eval()):
 
     # ----- chat (lm-eval --apply_chat_template) ----------------------------------------------------------------
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        """The chat as text, as lm-eval's hf model renders it with the export's template: with a generation
+        prompt, or continuing the final message (transformers' `continue_final_message`: cut after its content).
+        `enable_thinking` None: the template's default (on)."""
         from latentforge.data.chat import render_chat_text
 
-        return render_chat_text(chat_history, enable_thinking=self.enable_thinking,
-                                add_generation_prompt=add_generation_prompt)
+        thinking = True if self.enable_thinking is None else bool(self.enable_thinking)
+        if add_generation_prompt:
+            return render_chat_text(chat_history, enable_thinking=thinking, add_generation_prompt=True)
+        messages = [dict(m) for m in chat_history]
+        messages[-1]["content"] = messages[-1]["content"] + CONTINUE_TAG
+        text = render_chat_text(messages, enable_thinking=thinking)
+        cut = text.rindex(CONTINUE_TAG.strip())
+        return text[:cut] if text[cut:cut + len(CONTINUE_TAG)] == CONTINUE_TAG else text[:cut].rstrip()
 
     def chat_template(self, chat_template=False) -> Optional[str]:
         from latentforge.data.chat_template import CHAT_TEMPLATE
