@@ -50,16 +50,27 @@ def step_dir_name(step: int) -> str:
 
 
 _NUMPY = "__numpy__"
+_DATACLASS = "__dataclass__"
+_OWN_MODULES = "latentforge."  # the only dataclasses a blob may rebuild (e.g. GRPO's buffered groups)
 
 
 def _to_loadable(obj):
-    """numpy arrays and scalars -> tensors and Python numbers, so that `weights_only=True` can load the blob."""
+    """numpy arrays and scalars -> tensors and Python numbers, our dataclasses -> tagged dicts, so that
+    `weights_only=True` can load the blob."""
+    import dataclasses
+
     import numpy as np
 
     if isinstance(obj, np.ndarray):
         return {_NUMPY: torch.from_numpy(np.ascontiguousarray(obj).copy())}
     if isinstance(obj, np.generic):
         return obj.item()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        cls = type(obj)
+        if not cls.__module__.startswith(_OWN_MODULES):
+            raise TypeError(f"pack: {cls.__module__}.{cls.__qualname__} is not a LatentForge dataclass")
+        return {_DATACLASS: f"{cls.__module__}:{cls.__qualname__}",
+                "fields": {f.name: _to_loadable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
     if isinstance(obj, dict):
         return {key: _to_loadable(value) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -71,10 +82,27 @@ def _from_loadable(obj):
     if isinstance(obj, dict):
         if set(obj) == {_NUMPY}:
             return obj[_NUMPY].numpy()
+        if set(obj) == {_DATACLASS, "fields"}:
+            return _own_dataclass(obj[_DATACLASS])(**_from_loadable(obj["fields"]))
         return {key: _from_loadable(value) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_from_loadable(value) for value in obj)
     return obj
+
+
+def _own_dataclass(name: str):
+    import dataclasses
+    import importlib
+
+    module, _, qualname = name.partition(":")
+    if not module.startswith(_OWN_MODULES):
+        raise ValueError(f"a checkpoint blob names {name}: only LatentForge dataclasses are rebuilt")
+    cls = importlib.import_module(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ValueError(f"a checkpoint blob names {name}, which is not a dataclass")
+    return cls
 
 
 def pack(obj) -> bytes:

@@ -145,6 +145,12 @@ def test_blobs_load_weights_only(tmp_path):
     restored.set_state(back["numpy"])
     assert restored.randint(0, 1 << 30) == np.random.RandomState(3).randint(0, 1 << 30)
 
+    from latentforge.rl.buffer import Group, Sample
+
+    group = unpack(pack({"ready": [Group(3, [])]}))["ready"][0]  # GRPO's buffered groups travel as dataclasses
+    assert isinstance(group, Group) and group.group_id == 3 and group.samples == []
+    assert Sample.__module__.startswith("latentforge.")
+
     crafted = pickle.dumps(RunsCode())
     import io
     buffer = io.BytesIO()
