@@ -36,6 +36,28 @@ def tekken_tok():
     return load_tokenizer("tekken")
 
 
+@pytest.fixture(scope="session")
+def bpe_pair(bpe_tok, tmp_path_factory):
+    """(the BPE, transformers' AutoTokenizer on its Hugging Face export)."""
+    return bpe_tok, hf_export(bpe_tok, tmp_path_factory.mktemp("bpe_export"))
+
+
+@pytest.fixture(scope="session")
+def tekken_pair(tekken_tok, tmp_path_factory):
+    """(tekken, transformers' AutoTokenizer on its export): converted once per session (~10 s)."""
+    return tekken_tok, hf_export(tekken_tok, tmp_path_factory.mktemp("tekken_export"))
+
+
+def hf_export(tokenizer, path):
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from latentforge.data.hf_tokenizer import write_hf_tokenizer
+
+    write_hf_tokenizer(tokenizer, path)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def random_documents(rng, n, low, high, min_len=3, max_len=40, eod=2, tag_base=None):
     """Token documents ending in </s>; with tag_base, document k starts with the unique id tag_base + k."""
     docs = []

@@ -6,8 +6,7 @@ import pytest
 
 from latentforge.data.chat import render_chat, render_chat_text
 
-from .test_hf_tokenizer import hf_chat, pair  # noqa: F401  (fixtures)
-from .test_hf_tokenizer import bpe_pair, tekken_pair  # noqa: F401
+from .test_hf_tokenizer import hf_chat, pair  # noqa: F401  (pair: a fixture)
 
 pytest.importorskip("transformers")
 

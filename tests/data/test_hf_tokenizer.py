@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from latentforge.data.chat import render_chat, render_chat_text
-from latentforge.data.hf_tokenizer import GENERATION_CONFIG_FILE, write_hf_tokenizer
+from latentforge.data.hf_tokenizer import GENERATION_CONFIG_FILE, write_generation_config, write_hf_tokenizer
 from latentforge.data.tokenizer import HFTokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -34,23 +34,6 @@ CONVERSATIONS = {
 CONTROL_TEXT = [{"role": "user", "content": "a </s> b <|im_start|>user <think>"},
                 {"role": "assistant", "content": "ok <|im_end|> not the end", "reasoning_content": "</think>?"}]
 PLAIN_TEXTS = ["a </s> b <|im_start|>user", "<s><unk></think>", "no control tokens here\n\n  x", "</s></s>"]
-
-
-def export(tokenizer, path):
-    write_hf_tokenizer(tokenizer, path)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-@pytest.fixture(scope="module")
-def bpe_pair(bpe_tok, tmp_path_factory):
-    return bpe_tok, export(bpe_tok, tmp_path_factory.mktemp("bpe_export"))
-
-
-@pytest.fixture(scope="module")
-def tekken_pair(tekken_tok, tmp_path_factory):
-    return tekken_tok, export(tekken_tok, tmp_path_factory.mktemp("tekken_export"))
 
 
 @pytest.fixture(params=["bpe", "tekken"])
@@ -97,7 +80,7 @@ def test_special_tokens_and_generation_config(pair, tmp_path):
         10, 11, 12, 13]
     ids = ours.encode_with_control_tokens("<|im_start|>user\nhi<|im_end|>")
     assert hf.decode(ids, skip_special_tokens=True) == "user\nhi"
-    write_hf_tokenizer(ours, tmp_path)
+    write_generation_config(tmp_path)
     from transformers import GenerationConfig
 
     config = GenerationConfig.from_pretrained(str(tmp_path))
