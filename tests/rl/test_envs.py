@@ -118,3 +118,15 @@ def test_single_turn_tasks_are_one_step_environments(task):
     result = run(env.step(turn(good, thinking=True)))
     verifier = get_task(task).score(record, good)
     assert result.done and result.observations is None and result.reward == verifier.score
+
+
+def test_tool_recipe_builds_environment_records():
+    from latentforge.model.recipes import compose
+    from latentforge.rl.config import GRPOConfig
+    from latentforge.rl.prompts import build_records
+
+    cfg = GRPOConfig.from_dict(compose(["recipe=grpo_tool_tiny"]).rl)
+    assert cfg.rollout.episode_tokens() == 320 and cfg.rollout.max_turns == 3
+    records = build_records([dict(cfg.prompts.tasks[0], num=3)], "train", seed=0, enable_thinking=False)
+    assert all(r["env"] == "python_tool" and r["env_options"]["timeout_s"] == 2 for r in records)
+    assert make_env(records[0]).limits["timeout_s"] == 2.0
