@@ -167,6 +167,11 @@ class GRPOConfig:
     filter_overlong: bool = True  # samples cut by max_new_tokens get no loss (still counted in their group)
     mtp_loss_weight: float = 0.3  # MTP heads keep training on detached trunk features (0: frozen)
     update_expert_bias: bool = False  # aux-loss-free MoE balancing during RL
+    # PPO mini-batches: each rollout batch is split into this many optimizer steps (versions), clipped against
+    # the proximal policy pi_prox (the weights at the start of the batch; AReaL's decoupled objective). 1: one
+    # step per batch, pi_prox = pi_theta, no extra forward
+    updates_per_batch: int = 1
+    max_consecutive_nonfinite: int = 3  # non-finite GRPO steps in a row (each one skipped) that stop the run
     seed: int = 0
     ray_address: Optional[str] = None  # null: a local Ray; "auto": the running cluster (launch/grpo.sbatch)
     log_interval: int = 1
@@ -195,6 +200,15 @@ class GRPOConfig:
               f"rl.stop_at_step must be in (0, rl.steps={self.steps}] or null, got {self.stop_at_step}")
         _need(self.groups_per_step >= 1, f"rl.groups_per_step must be >= 1, got {self.groups_per_step}")
         _need(self.max_staleness >= 0, f"rl.max_staleness must be >= 0 (0 = synchronous), got {self.max_staleness}")
+        _need(self.updates_per_batch >= 1, f"rl.updates_per_batch must be >= 1 (optimizer steps per rollout batch), "
+                                           f"got {self.updates_per_batch}")
+        for name in ("steps", "stop_at_step"):
+            value = getattr(self, name)
+            _need(value is None or value % self.updates_per_batch == 0,
+                  f"rl.{name}={value} counts optimizer steps and must be a multiple of "
+                  f"rl.updates_per_batch={self.updates_per_batch} (each rollout batch is that many steps)")
+        _need(self.max_consecutive_nonfinite >= 1,
+              f"rl.max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}")
         _need(self.mtp_loss_weight >= 0, f"rl.mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
         for name in ("log_interval", "checkpoint_interval", "keep_last"):
             _need(getattr(self, name) >= 1, f"rl.{name} must be >= 1, got {getattr(self, name)}")

@@ -367,7 +367,7 @@ class GRPOLoop:
             self._pump_until(train_futs)
             train = ray.get(train_futs[0])
             trained_version = self.version
-            self.version += 1
+            self.version += cfg.updates_per_batch  # a version per optimizer step: staleness counts them
             push = self._push_weights()
             self._training = 0
             self._evict_stale()
@@ -381,13 +381,14 @@ class GRPOLoop:
             metrics.update(episode_metrics(s for g in groups for s in g.samples))
             last_stats = stats
             self._step_filtered = []
-            if cfg.eval_interval and self.version % cfg.eval_interval == 0 and self.version < cfg.last_step:
+            if (cfg.eval_interval and crossed(trained_version, self.version, cfg.eval_interval)
+                    and self.version < cfg.last_step):
                 ev = self.evaluate()
                 self.eval_time += ev["eval_s"]
                 metrics.update(ev)
             self.logger.log(metrics)
             self.history.append(metrics)
-            if self.version % cfg.checkpoint_interval == 0 or self.version == cfg.last_step:
+            if crossed(trained_version, self.version, cfg.checkpoint_interval) or self.version >= cfg.last_step:
                 metrics["checkpoint"] = self.save_checkpoint()
         wall = time.perf_counter() - self.wall_start - self.eval_time
         final = self.evaluate()
@@ -464,3 +465,9 @@ def _bundle(cpus: float, gpus: float) -> dict:
     if gpus:
         bundle["GPU"] = gpus
     return bundle
+
+
+def crossed(before: int, after: int, interval: int) -> bool:
+    """Whether a multiple of `interval` lies in (before, after]: a batch of several optimizer steps may jump
+    over the exact multiple."""
+    return after // interval > before // interval

@@ -72,12 +72,15 @@ def aggregate_pieces(per_token: torch.Tensor, mb: dict, aggregation: str, counts
 
 
 def grpo_micro_batch_loss(logp: torch.Tensor, mb: dict, counts: BatchCounts, loss_cfg: PolicyLossConfig, *,
-                          train_version: int):
+                          train_version: int, prox_logp: Optional[torch.Tensor] = None):
     """(policy loss share, stats) of one micro-batch piece from the trainer's token log-probs `logp` (b, s): the
     per-token GRPO math of rl.losses, aggregated so that summing over pieces, micro-batches and ranks gives the
-    batch loss. Stats are sums and maxima (`_max`)."""
+    batch loss. Stats are sums and maxima (`_max`).
+
+    `prox_logp`: pi_prox, the log-probs under the weights at the start of the rollout batch (PPO mini-batches);
+    None: one optimizer step per batch, so pi_prox is the current policy itself."""
     mask = mb["loss_mask"]
-    old = logp.detach()  # one optimizer update per batch: pi_old is the policy at the start of this step
+    old = logp.detach() if prox_logp is None else prox_logp
     per_token, stats = per_token_policy_loss(logp, old, mb["behaviour_logprobs"], mb["advantages"], mask, loss_cfg,
                                              ref_logp=mb.get("ref_logprobs"))
     loss = aggregate_pieces(per_token, mb, loss_cfg.aggregation, counts)
@@ -105,14 +108,17 @@ class GRPOLoss:
     the MTP block. The MoE balance loss is the runner's own, as in pretraining."""
 
     def __init__(self, counts: BatchCounts, loss_cfg: PolicyLossConfig, *, temperature: float, train_version: int,
-                 mtp_loss_weight: float = 0.0):
+                 mtp_loss_weight: float = 0.0, prox_logprobs: Optional[dict] = None):
         self.counts, self.loss_cfg = counts, loss_cfg
         self.temperature, self.train_version = temperature, train_version
         self.mtp_loss_weight = mtp_loss_weight
+        self.prox_logprobs = prox_logprobs  # ProximalLogprobs.by_key of this batch (PPO mini-batches), or None
 
     def __call__(self, out, mb: dict):
         logp = hidden_logprobs(out.hidden, out.lm_head_weight, mb["targets"], self.temperature)
-        loss, stats = grpo_micro_batch_loss(logp, mb, self.counts, self.loss_cfg, train_version=self.train_version)
+        prox = None if self.prox_logprobs is None else self.prox_logprobs[mb[PROX_KEY]]
+        loss, stats = grpo_micro_batch_loss(logp, mb, self.counts, self.loss_cfg, train_version=self.train_version,
+                                            prox_logp=prox)
         if self.mtp_loss_weight > 0 and out.part.mtp is not None and out.mtp_embeddings:
             sums = mtp_detached_ce(out.part.mtp, out.mtp_embeddings, out.hidden, out.lm_head_weight,
                                    out.mtp_labels, out.seq_idx, reduction="sum")
@@ -120,3 +126,22 @@ class GRPOLoss:
             loss = loss + self.mtp_loss_weight * mtp_loss
             stats["mtp_loss_sum"] = mtp_loss.detach()
         return loss, stats
+
+
+PROX_KEY = "prox_key"  # a micro-batch's name for its pi_prox log-probs (a plain value: the runner passes it as is)
+
+
+class ProximalLogprobs:
+    """A forward-only loss hook (runner.evaluate) that keeps this rank's token log-probs of each micro-batch
+    piece under the current weights, by the micro-batch's PROX_KEY. Run at the start of a rollout batch it holds
+    pi_prox; a later GRPOLoss on the same micro-batches reads it back (the runner slices a micro-batch the same
+    way each time, so the piece a rank sees then is the piece it recorded)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.by_key: dict = {}
+
+    def __call__(self, out, mb: dict):
+        logp = hidden_logprobs(out.hidden, out.lm_head_weight, mb["targets"], self.temperature)
+        self.by_key[mb[PROX_KEY]] = logp.detach()
+        return logp.new_zeros(()), {}

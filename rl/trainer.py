@@ -23,14 +23,14 @@ from latentforge.model.hf import MODEL_CONFIG_FILE
 from latentforge.rl.batch import collate, count, group_rows, padded_length, shard_micro_batches
 from latentforge.rl.buffer import Group
 from latentforge.rl.config import GRPOConfig
-from latentforge.rl.policy import GRPOLoss, token_logprobs
+from latentforge.rl.policy import PROX_KEY, GRPOLoss, ProximalLogprobs, token_logprobs
 from latentforge.train import distributed as world
 from latentforge.train.checkpoint import CheckpointManager, pack, unpack
 from latentforge.train.config import OptimConfig
-from latentforge.train.optim import OptimizerContainer
+from latentforge.train.optim import OptimizerContainer, step_if_finite
 from latentforge.train.parallel import build_runner
 from latentforge.train.schedule import LRSchedule
-from latentforge.train.trainer import ModelState, rng_state, set_rng_state
+from latentforge.train.trainer import ModelState, NonFiniteLossError, rng_state, set_rng_state
 
 
 
@@ -69,6 +69,36 @@ def load_initial_model(init_from: Optional[str], model_cfg: ModelConfig, seed: i
     from latentforge.train.export import load_model_from_checkpoint
 
     return load_model_from_checkpoint(init_from)
+
+
+def split_mini_batches(rows: List[dict], n: int) -> List[List[dict]]:
+    """`rows` in n consecutive mini-batches of near-equal size (the first ones one row longer)."""
+    if n > len(rows):
+        raise ValueError(f"rl.updates_per_batch={n} exceeds the batch's {len(rows)} trainable sequences: lower "
+                         "rl.updates_per_batch or raise rl.groups_per_step")
+    size, extra = divmod(len(rows), n)
+    bounds = [k * size + min(k, extra) for k in range(n + 1)]
+    return [rows[bounds[k]:bounds[k + 1]] for k in range(n)]
+
+
+def merge_step_metrics(steps: List[dict]) -> dict:
+    """One batch's metrics from its optimizer steps: sums, maxima for `_max` and grad_norm, the mean loss, the
+    last lr."""
+    merged = {}
+    for key in steps[0]:
+        values = [s[key] for s in steps if s.get(key) is not None]
+        if not values:
+            merged[key] = None
+        elif key.endswith("_max") or key == "grad_norm":
+            merged[key] = max(values)
+        elif key == "lr":
+            merged[key] = values[-1]
+        elif key == "loss":
+            merged[key] = sum(values) / len(values)
+        else:
+            merged[key] = sum(values)
+    merged["optimizer_steps"] = len(steps)
+    return merged
 
 
 def state_digest(state: dict) -> float:
@@ -115,39 +145,74 @@ class PolicyTrainer:
         self.schedule = LRSchedule(optim_cfg, cfg.steps)
         self.checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), keep_last=cfg.keep_last)
         self.version = 0
+        self.consecutive_nonfinite = 0
 
     # ----- the GRPO step ---------------------------------------------------------------------------------------
     def train_step(self, groups: List[Group]) -> dict:
-        """One optimizer update on these groups; the weights go from version v to v + 1. Every rank gets the same
-        groups and trains on its data-parallel share. Returns metrics (identical on every rank)."""
+        """`rl.updates_per_batch` optimizer updates on these groups (one per mini-batch of rows); the weights go
+        from version v to v + updates_per_batch. Every rank gets the same groups and trains on its data-parallel
+        share. Returns metrics (identical on every rank): sums over the mini-batches, maxima for `_max` keys."""
         start = time.perf_counter()
         cfg = self.cfg
         rows = group_rows(groups, cfg.loss.normalize_std, cfg.filter_overlong)
-        counts = count(rows, cfg.rollout.max_new_tokens)
-        micro = self._micro_batches(rows)
-        loss_fn = GRPOLoss(counts, cfg.loss, temperature=cfg.rollout.temperature, train_version=self.version,
-                           mtp_loss_weight=cfg.mtp_loss_weight)
         for part in self.parts:
             part.train()
+        mini_batches = split_mini_batches(rows, cfg.updates_per_batch)
+        micro = [self._micro_batches(chunk) for chunk in mini_batches]
+        prox = None
+        if len(mini_batches) > 1:
+            prox = self._proximal_logprobs(micro)
+        steps = [self._optimizer_step(chunk, mbs, prox) for chunk, mbs in zip(mini_batches, micro)]
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(r["input_ids"]) for r in rows)
+        return {**merge_step_metrics(steps), "train_s": elapsed, "train_tokens": tokens,
+                "train_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0, "sequences": len(rows)}
+
+    def _proximal_logprobs(self, micro: List[List[dict]]) -> dict:
+        """pi_prox of every micro-batch of the rollout batch, with the weights as they are now (forward only)."""
+        recorder = ProximalLogprobs(self.cfg.rollout.temperature)
+        for k, mbs in enumerate(micro):
+            for i, mb in enumerate(mbs):
+                mb[PROX_KEY] = (k, i)
+            self.runner.evaluate(mbs, recorder)
+        return recorder.by_key
+
+    def _optimizer_step(self, rows: List[dict], micro: List[dict], prox: Optional[dict]) -> dict:
+        """One optimizer update (version v -> v + 1) on one mini-batch; a non-finite loss or gradient norm skips
+        it, weights and AdamW state untouched (train.optim.step_if_finite)."""
+        cfg = self.cfg
+        counts = count(rows, cfg.rollout.max_new_tokens)
+        loss_fn = GRPOLoss(counts, cfg.loss, temperature=cfg.rollout.temperature, train_version=self.version,
+                           mtp_loss_weight=cfg.mtp_loss_weight, prox_logprobs=prox)
         self.optimizer.zero_grad()
         result = self.runner.forward_backward(micro, loss_fn)
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
         grad_norm = float(self.runner.clip_grad_norm_(max_norm))
         lr = self.schedule.lr_at(self.version)
-        self.optimizer.set_lr(lr)
-        self.optimizer.step()
+        stepped = step_if_finite(self.optimizer, float(result["loss"]), grad_norm, lr)
         self.optimizer.zero_grad()
-        if cfg.update_expert_bias and result["expert_load"] is not None:
+        self._count_nonfinite(stepped, result["loss"], grad_norm)
+        if stepped and cfg.update_expert_bias and result["expert_load"] is not None:
             self.runner.update_expert_bias(result["expert_load"])
         self.version += 1
         stats = dict(result["stats"])
         if result["aux_loss"] is not None:
-            stats["aux_loss_sum"] = result["aux_loss"]  # unweighted balance loss of the batch
-        elapsed = time.perf_counter() - start
-        tokens = sum(len(r["input_ids"]) for r in rows)
-        return {"loss": result["loss"], "grad_norm": grad_norm, "lr": lr, "train_s": elapsed,
-                "train_tokens": tokens, "train_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-                "sequences": len(rows), "loss_tokens": counts.num_tokens, **stats}
+            stats["aux_loss_sum"] = result["aux_loss"]  # unweighted balance loss of the mini-batch
+        return {"loss": result["loss"], "grad_norm": grad_norm, "lr": lr, "loss_tokens": counts.num_tokens,
+                "skipped_steps": 0 if stepped else 1, **stats}
+
+    def _count_nonfinite(self, stepped: bool, loss: float, grad_norm: float) -> None:
+        if stepped:
+            self.consecutive_nonfinite = 0
+            return
+        self.consecutive_nonfinite += 1
+        print(f"[grpo trainer] version {self.version}: non-finite loss {loss} or grad norm {grad_norm}; step "
+              f"skipped ({self.consecutive_nonfinite} in a row)", flush=True)
+        if self.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} non-finite GRPO steps in a row (rl.max_consecutive_nonfinite), the "
+                f"last at version {self.version}: stopping. Check the rewards / advantages for NaN, lower optim.lr, "
+                f"and resume from the last good checkpoint: {self.checkpoints.latest() or 'none written yet'}")
 
     def _micro_batches(self, rows: List[dict]) -> List[dict]:
         """This rank's micro-batches as tensors, shaped for the layout: lengths divisible by the sequence split

@@ -11,6 +11,8 @@ parallel layout loads under another.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
@@ -38,6 +40,19 @@ def param_groups(module: nn.Module, weight_decay: float) -> list:
         (decay if wants_weight_decay(name, param) else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def step_if_finite(optimizer, loss: float, grad_norm: float, lr: float) -> bool:
+    """One optimizer step at `lr` when the loss and the global gradient norm are finite; otherwise the gradients
+    are dropped and the weights and the optimizer state stay bitwise as they were (a NaN moment would poison
+    every later step). Returns whether it stepped. The norm is global, so every rank decides alike. Pretraining
+    and GRPO both step through here."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad()
+        return False
+    optimizer.set_lr(lr)
+    optimizer.step()
+    return True
 
 
 class OptimizerContainer:

@@ -23,7 +23,7 @@ from latentforge.model.errors import UserError
 from . import distributed as world
 from .checkpoint import CheckpointManager, checkpoint_keys, pack, unpack
 from .config import OptimConfig, TrainConfig
-from .optim import OptimizerContainer
+from .optim import OptimizerContainer, step_if_finite
 from .schedule import LRSchedule
 
 
@@ -309,15 +309,12 @@ class Trainer:
         clip_done = time.perf_counter()
         lr = self.schedule.lr_at(step)
         # the grad norm is global (every shard and stage), so every rank takes the same decision
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        skipped = not step_if_finite(self.optimizer, loss, grad_norm, lr)
         expert_load = result.get("expert_load")
         if skipped:
-            self.optimizer.zero_grad()
             self.state.skipped_steps += 1
             self.state.consecutive_nonfinite += 1
         else:
-            self.optimizer.set_lr(lr)
-            self.optimizer.step()
             if expert_load is not None:
                 self.runner.update_expert_bias(expert_load)
             self.state.consecutive_nonfinite = 0
