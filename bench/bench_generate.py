@@ -107,7 +107,7 @@ def train_tiny(args: BenchArgs, tokenizer, cache_dir: str):
                                      args.train_batch, args.train_lr, args.seed]).encode()).hexdigest()[:12]
     out = os.path.join(cache_dir, f"bench_generate_{args.model}_{key}")
     if os.path.isfile(os.path.join(out, "config.json")):
-        print(f"trained tiny model: cached at {out}")
+        print(f"trained {args.model} model: cached at {out}")
         return load_pretrained(out).eval().requires_grad_(False)
     torch.manual_seed(args.seed)
     model = HybridModel(cfg).train()
@@ -135,7 +135,7 @@ def train_tiny(args: BenchArgs, tokenizer, cache_dir: str):
                   flush=True)
     model.eval().requires_grad_(False)
     save_pretrained(model, out)
-    print(f"trained tiny model saved at {out}")
+    print(f"trained {args.model} model saved at {out}")
     return model
 
 
