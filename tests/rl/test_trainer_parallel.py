@@ -5,7 +5,8 @@ full_state_dict() gathers the sharded / pipeline-split policy into the unsharded
 Two batches per layout, in the same processes:
 - equal-length rows: sequence-level aggregation, KL to the reference, balance loss, expert-bias update;
 - rows of random lengths, so padding differs between layouts (per micro-batch, step-wide under PP, a multiple of
-  cp x chunk_size under CP): token-level aggregation, balance loss and expert-bias update. The batches carry an
+  cp x chunk_size under CP): token-level aggregation, balance loss and expert-bias update, in two PPO mini-batches
+  (rl.updates_per_batch=2). The batches carry an
   attention_mask, so padding counts nowhere (not in the balance loss, not in the expert loads).
 """
 
@@ -47,8 +48,9 @@ SCENARIOS = {
     # name: (model with balance loss, GRPO config overrides, optimizer overrides, groups)
     "equal": (True, dict(loss={"aggregation": "sequence", "kl_coef": 0.05}, update_expert_bias=True),
               dict(grad_clip=1.0), equal_length_groups),
-    "ragged": (True, dict(loss={"aggregation": "token"}, update_expert_bias=True), dict(grad_clip=0.0),
-               random_groups),
+    # two PPO mini-batches: a forward-only pi_prox pass, then two optimizer steps clipped against it
+    "ragged": (True, dict(loss={"aggregation": "token"}, update_expert_bias=True, updates_per_batch=2, steps=2),
+               dict(grad_clip=0.0), random_groups),
 }
 
 
@@ -118,6 +120,8 @@ def _compare(ranks, want_all):
         assert got["aux_loss_sum"] > 0
         if name == "equal":
             assert got["kl_sum"] >= 0
+        else:
+            assert got["optimizer_steps"] == 2 and got["ppo_clipped"] > 0
 
 
 LAYOUTS = {
