@@ -38,7 +38,7 @@ def timed(lm, task: str, limit):
 
 
 def main(argv=None) -> int:
-    from latentforge.eval.harness import LatentForgeLM
+    from latentforge.rl.evaluation import LatentForgeLM
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("export", help="a Hugging Face export written by LatentForge")

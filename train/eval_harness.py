@@ -8,7 +8,7 @@ empty context (`<s>`, or `prefix_token_id`), log-softmax in fp32. Requests are b
 (the model is causal, so padding never changes a scored position).
 
 Generation needs the inference engine (rl/engine), which train/ must not import: `generate_until` here names the
-command that has it (`latentforge-eval`, latentforge.eval.harness). Periodic evaluation during training
+command that has it (`latentforge-eval`, latentforge.rl.evaluation). Periodic evaluation during training
 (train/callbacks/eval_tasks.py) therefore runs log-likelihood tasks only.
 """
 
@@ -230,7 +230,7 @@ def task_manager(tasks: Sequence[str], include_paths: Sequence[str] = ()):
 
     from lm_eval.tasks import TaskManager
 
-    local = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval", "tasks")
+    local = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "eval_tasks")
     paths = [p for p in [local, *include_paths] if p]
     manager = TaskManager(include_path=paths, include_defaults=False)
     if all(task in manager.all_tasks for task in tasks):

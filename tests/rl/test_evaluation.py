@@ -65,7 +65,7 @@ def flatten(value):
 
 @pytest.fixture(scope="module")
 def both(checkpoints, tmp_path_factory):
-    from latentforge.eval.harness import main
+    from latentforge.rl.evaluation import main
     from latentforge.train.eval_harness import run_tasks
 
     run_dir, export = checkpoints
@@ -106,7 +106,7 @@ def test_metrics_equal_stock_hf(both):
 
 
 def test_an_export_evaluates_like_its_checkpoint(checkpoints, both):
-    from latentforge.eval.harness import LatentForgeLM
+    from latentforge.rl.evaluation import LatentForgeLM
     from latentforge.train.eval_harness import run_tasks, task_metrics
 
     _, export = checkpoints
@@ -119,7 +119,7 @@ def test_an_export_evaluates_like_its_checkpoint(checkpoints, both):
 
 
 def _parallel_metrics(rank, world_size, checkpoint, layout):
-    from latentforge.eval.harness import parallel_lm
+    from latentforge.rl.evaluation import parallel_lm
     from latentforge.train.eval_harness import run_tasks, task_metrics
 
     lm = parallel_lm(checkpoint, layout, micro_batch_size=2, max_length=64)
@@ -129,7 +129,7 @@ def _parallel_metrics(rank, world_size, checkpoint, layout):
 
 @pytest.mark.slow
 def test_parallel_layout_evaluates_like_one_device(checkpoints):
-    from latentforge.eval.harness import LatentForgeLM
+    from latentforge.rl.evaluation import LatentForgeLM
     from latentforge.train.eval_harness import run_tasks, task_metrics
     from tests.distributed import run_distributed
 
@@ -147,7 +147,7 @@ def test_parallel_layout_evaluates_like_one_device(checkpoints):
 def test_chat_template_path_equals_stock_hf(checkpoints, thinking):
     """--apply_chat_template: prompts through the export's template (generation prompt; multiple choice continues
     the final message), the reasoning switch passed as lm-eval's hf model passes it."""
-    from latentforge.eval.harness import LatentForgeLM
+    from latentforge.rl.evaluation import LatentForgeLM
     from latentforge.train.eval_harness import run_tasks
 
     run_dir, export = checkpoints

@@ -101,7 +101,7 @@ class FakeTrainer:
 
 
 def test_callback_logs_task_metrics_at_its_interval(bpe_tokenizer):
-    from latentforge.eval.harness import LatentForgeLM
+    from latentforge.rl.evaluation import LatentForgeLM
     from latentforge.train.callbacks.eval_tasks import EvalTasks
     from latentforge.train.eval_harness import run_tasks, task_metrics
 
