@@ -1,0 +1,69 @@
+"""Rollout routing replay (R3) on the model forward: a trainer whose router would choose other experts than the
+rollout's reproduces the rollout's log-probs exactly when it replays the recorded routes, and its router still
+gets a gradient."""
+
+import copy
+
+import pytest
+import torch
+
+from latentforge.model import HybridModel, ModelConfig
+from latentforge.model.moe import moe_layers, record_routing, replay_routing, router_agreement, routes_tensor
+from tests.rl.helpers import micro_model_cfg
+
+
+def _models():
+    torch.manual_seed(0)
+    rollout = HybridModel(ModelConfig.from_dict(dict(micro_model_cfg(), pattern="ME*E"))).eval()
+    with torch.no_grad():  # a fresh init's experts barely move the output: make the routing matter
+        for moe in moe_layers(rollout):
+            moe.experts.up_proj.normal_(std=0.5)
+            moe.experts.down_proj.normal_(std=0.5)
+        rollout.lm_head.weight.mul_(20.0)
+    trainer = copy.deepcopy(rollout)
+    # the expert bias only chooses experts (gate weights use the unbiased scores): shifting it changes the routing
+    # and nothing else, so with the rollout's routes the trainer must give the rollout's numbers exactly
+    for moe in moe_layers(trainer):
+        moe.gate.e_score_correction_bias.add_(torch.randn_like(moe.gate.e_score_correction_bias) * 0.5)
+    return rollout, trainer
+
+
+def _logprobs(model, ids):
+    logits = model(ids).logits.float()
+    return torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def test_replayed_routes_reproduce_the_rollout_logprobs():
+    rollout, trainer = _models()
+    ids = torch.randint(4, 128, (3, 12))
+    with torch.no_grad(), record_routing(rollout) as chosen:
+        want = _logprobs(rollout, ids)
+    routes = routes_tensor(chosen, 3, 12)
+    assert routes.shape == (3, 12, 2, 2)
+    with torch.no_grad(), record_routing(trainer) as own:
+        free = _logprobs(trainer, ids)
+    assert router_agreement(routes, routes_tensor(own, 3, 12)) < 0.9  # the perturbation does change the routing
+    assert (free - want).abs().max() > 1e-3
+    with replay_routing(trainer, routes), record_routing(trainer) as replayed:
+        got = _logprobs(trainer, ids)
+    assert torch.equal(routes_tensor(replayed, 3, 12), routes)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    got.sum().backward()
+    assert all(m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0 for m in moe_layers(trainer))
+
+
+def test_replay_rejects_routes_of_another_shape():
+    rollout, _ = _models()
+    ids = torch.randint(4, 128, (2, 8))
+    with pytest.raises(ValueError, match="MoE layers"):
+        with replay_routing(rollout, torch.zeros(2, 8, 3, 2, dtype=torch.long)):
+            rollout(ids)
+    with pytest.raises(ValueError, match="replayed routes have shape"):
+        with replay_routing(rollout, torch.zeros(2, 7, 2, 2, dtype=torch.long)):
+            rollout(ids)
+
+
+def test_router_agreement_compares_sets():
+    a = torch.tensor([[[0, 1]], [[2, 3]]])
+    b = torch.tensor([[[1, 0]], [[2, 1]]])
+    assert router_agreement(a, b) == 0.5
