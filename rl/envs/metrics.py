@@ -7,7 +7,8 @@ from typing import Iterable
 
 def episode_metrics(samples: Iterable, prefix: str = "") -> dict:
     """Means over the episode samples among `samples` (others are ignored; {} when there are none):
-    turns per episode, tool calls per episode, tool-error rate (errors / calls, malformed calls included),
+    turns per episode, attempted tool calls per episode, tool-error rate (calls answered with an error / attempted
+    calls, malformed ones included),
     share of episodes whose environment failed, generated and observation tokens per episode."""
     episodes = [s for s in samples if s.meta.get("episode")]
     if not episodes:

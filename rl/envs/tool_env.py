@@ -17,7 +17,8 @@ class ToolError(Exception):
 
 class ToolEnv(Environment):
     """Subclasses define `tools()` -> {name: async fn(arguments) -> text} and `finish(message)` -> StepResult for
-    the turn without tool calls. Counters in every step's info: tool_calls, tool_errors (episode totals)."""
+    the turn without tool calls. Counters in every step's info (episode totals): tool_calls (attempted calls,
+    malformed ones included), tool_errors (calls answered with an error)."""
 
     max_turns = 6
 
@@ -39,6 +40,7 @@ class ToolEnv(Environment):
             result = await self.finish(message)
             result.info.update(self.counters())
             return result
+        self.tool_calls += len(errors)  # a malformed call is an attempted call that failed
         observations = [self._error(e) for e in errors]
         tools = self.tools()
         for call in calls:

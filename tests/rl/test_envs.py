@@ -80,7 +80,7 @@ def test_python_tool_errors_are_observations(word_problem):
         assert not result.done and len(result.observations) == 1, text
         content = result.observations[0]["content"]
         assert content.startswith("error: ") and expected in content, (text, content)
-    assert result.info["tool_errors"] == len(cases)
+    assert result.info["tool_errors"] == result.info["tool_calls"] == len(cases)  # malformed calls count as calls
 
 
 def test_guess_number_reward_grows_with_informative_turns():
@@ -130,3 +130,19 @@ def test_tool_recipe_builds_environment_records():
     records = build_records([dict(cfg.prompts.tasks[0], num=3)], "train", seed=0, enable_thinking=False)
     assert all(r["env"] == "python_tool" and r["env_options"]["timeout_s"] == 2 for r in records)
     assert make_env(records[0]).limits["timeout_s"] == 2.0
+
+
+def test_episode_metrics_rate_errors_per_attempted_call():
+    from latentforge.rl.buffer import Sample
+    from latentforge.rl.envs.metrics import episode_metrics
+
+    def episode(turns, calls, errors, plain=False):
+        return Sample(0, 0, [1], [5, 6, 7], [0.0] * 3, [0, -1, 0], reward=0.0,
+                      reward_info={"tool_calls": calls, "tool_errors": errors},
+                      meta={} if plain else {"episode": True, "turns": turns, "generated_tokens": 2},
+                      completion_mask=[True, False, True])
+
+    m = episode_metrics([episode(2, 3, 1), episode(1, 1, 1), episode(9, 9, 9, plain=True)], prefix="eval_")
+    assert m["eval_turns"] == 1.5 and m["eval_tool_calls"] == 2.0 and m["eval_tool_error_rate"] == 0.5
+    assert m["eval_generated_tokens"] == 2.0 and m["eval_observation_tokens"] == 1.0
+    assert episode_metrics([episode(1, 1, 1, plain=True)]) == {}
