@@ -52,6 +52,8 @@ def group_rows(groups: List[Group], normalize_std: bool, filter_overlong: bool) 
                 "versions": [-1] * (p - 1) + list(sample.versions),
                 "advantage": a, "group_id": g.group_id, "sample_index": sample.sample_index,
             })
+            if sample.routes is not None:
+                rows[-1]["routes"] = torch.as_tensor(sample.routes)[:len(tokens) - 1]
     return rows
 
 
@@ -87,6 +89,7 @@ def collate(rows: List[dict], device=None, length: Optional[int] = None, num_row
         return torch.tensor(values, dtype=dtype, device=device)[:, None].expand(-1, length).contiguous()
 
     valid = pad("input_ids", -1, torch.long) >= 0  # real (non-padding) positions
+    routes = _pad_routes(rows, length, device) if any("routes" in r for r in rows) else None
     real = valid & per_row([not r.get("placeholder", False) for r in rows], torch.bool)  # ... of real rows
     targets = pad("targets", PAD_ID, torch.long)
     return {
@@ -102,7 +105,23 @@ def collate(rows: List[dict], device=None, length: Optional[int] = None, num_row
         "valid": valid,
         # what the runner's MoE balance loss and expert loads count: real tokens of real rows (not placeholders)
         "attention_mask": real,
+        **({"routes": routes} if routes is not None else {}),
     }
+
+
+def _pad_routes(rows: List[dict], length: int, device) -> torch.Tensor:
+    """(b, length, MoE layers, top_k) replayed expert ids; padding and placeholder rows get experts 0..top_k-1
+    (distinct ids, no loss, left out of the balance loss by the attention mask)."""
+    sample = next(r["routes"] for r in rows if "routes" in r)
+    layers, top_k = sample.shape[1], sample.shape[2]
+    out = torch.arange(top_k, dtype=torch.long).expand(len(rows), length, layers, top_k).clone()
+    for i, row in enumerate(rows):
+        if "routes" in row:
+            out[i, :row["routes"].shape[0]] = row["routes"]
+        elif not row.get("placeholder", False):
+            raise ValueError(f"row {row['group_id']}/{row['sample_index']} has no recorded routes while others "
+                             "do: rollout routing replay needs every sample's routes")
+    return out.to(device)
 
 
 def _row_version(versions: list) -> int:

@@ -34,6 +34,9 @@ class Sample:
     # multi-turn episodes: True for model-generated tokens, False for environment observations (version -1,
     # log-prob 0, no loss); None: every completion token is generated
     completion_mask: Optional[List[bool]] = None
+    # rollout routing replay: (prompt + completion tokens, trunk MoE layers, top_k) expert ids the engine chose
+    # for each token it fed through the model; None: not recorded
+    routes: Optional[object] = None
 
     def __post_init__(self):
         n = len(self.completion_ids)

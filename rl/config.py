@@ -172,6 +172,9 @@ class GRPOConfig:
     # step per batch, pi_prox = pi_theta, no extra forward
     updates_per_batch: int = 1
     max_consecutive_nonfinite: int = 3  # non-finite GRPO steps in a row (each one skipped) that stop the run
+    # rollout routing replay (R3): the trainer's MoE layers use the experts the rollout engine chose per token
+    # (samples must carry `routes`); gate weights still come from the trainer's own router scores
+    router_replay: bool = False
     seed: int = 0
     ray_address: Optional[str] = None  # null: a local Ray; "auto": the running cluster (launch/grpo.sbatch)
     log_interval: int = 1

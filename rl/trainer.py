@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from latentforge.model import HybridModel, ModelConfig
 from latentforge.model.hf import MODEL_CONFIG_FILE
+from latentforge.model.moe import LatentMoE, moe_layers
 from latentforge.rl.batch import collate, count, group_rows, padded_length, shard_micro_batches
 from latentforge.rl.buffer import Group
 from latentforge.rl.config import GRPOConfig
@@ -69,6 +70,28 @@ def load_initial_model(init_from: Optional[str], model_cfg: ModelConfig, seed: i
     from latentforge.train.export import load_model_from_checkpoint
 
     return load_model_from_checkpoint(init_from)
+
+
+def install_route_replay(parts: list, ctx, num_trunk_moe: int) -> None:
+    """rl.router_replay: each trunk MoE layer this rank owns routes the tokens of the micro-batch in flight to the
+    experts the rollout chose (its `routes`, sliced to this rank's tokens by the runner like input_ids) through
+    LatentMoE.forward's forced_topk, under every layout (the global MoE index picks the layer)."""
+    for part in parts:
+        for module in part.modules():
+            if isinstance(module, LatentMoE) and module.gate._lf_moe_index < num_trunk_moe:
+                module.register_forward_pre_hook(_replay_hook(ctx, module.gate._lf_moe_index), with_kwargs=True)
+
+
+def _replay_hook(ctx, index: int):
+    def hook(module, args, kwargs):
+        if not ctx.recording:  # a forward outside the runner's step (a copy of the module, an export)
+            return None
+        routes = ctx.current.extras.get("routes")
+        if routes is None:
+            raise ValueError("rl.router_replay=true but the batch carries no routes: the rollout engine must "
+                             "record them (Sample.routes), or set rl.router_replay=false")
+        return args, {**kwargs, "forced_topk": routes[:, :, index].reshape(-1, routes.shape[-1])}
+    return hook
 
 
 def split_mini_batches(rows: List[dict], n: int) -> List[List[dict]]:
@@ -131,7 +154,10 @@ class PolicyTrainer:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         # precision_cfg: the recipe's `precision` group; its param_dtype (auto: bf16 on GPU) sets the trainer's
         # compute dtype (the rollout engine's own dtype is set apart, and truncated importance weights correct the gap)
+        num_trunk_moe = len(moe_layers(model))
         self.runner = build_runner(model, self.model_cfg, parallel_cfg, precision_cfg)  # shards `model` in place
+        if cfg.router_replay:
+            install_route_replay(self.runner.model_parts, self.runner.ctx, num_trunk_moe)
         self.device = self.runner.device
         if self.ref_model is not None:
             self.ref_model.to(self.device)

@@ -67,3 +67,53 @@ def test_router_agreement_compares_sets():
     a = torch.tensor([[[0, 1]], [[2, 3]]])
     b = torch.tensor([[[1, 0]], [[2, 1]]])
     assert router_agreement(a, b) == 0.5
+
+
+def _trainer_and_rollout(tmp_path, replay: bool):
+    from latentforge.rl.config import GRPOConfig
+    from latentforge.rl.trainer import PolicyTrainer
+    from latentforge.train.config import OptimConfig
+
+    cfg = GRPOConfig(trainer={"micro_batch_size": 4}, rollout={"max_new_tokens": 9}, mtp_loss_weight=0.0,
+                     router_replay=replay)
+    trainer = PolicyTrainer(dict(micro_model_cfg(), pattern="ME*E", moe_aux_loss_coeff=0.0), cfg,
+                            OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0), str(tmp_path))
+    with torch.no_grad():
+        for moe in moe_layers(trainer.model):
+            moe.experts.up_proj.normal_(std=0.5)
+            moe.experts.down_proj.normal_(std=0.5)
+        trainer.model.lm_head.weight.mul_(20.0)
+    rollout = copy.deepcopy(trainer.model).eval()
+    for moe in moe_layers(trainer.model):
+        moe.gate.e_score_correction_bias.add_(torch.randn_like(moe.gate.e_score_correction_bias) * 0.5)
+    return trainer, rollout
+
+
+def _rollout_groups(rollout, n_groups=2, G=2, seed=0):
+    from latentforge.rl.buffer import Group, Sample
+
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    for g in range(n_groups):
+        prompt = torch.randint(4, 128, (5,), generator=gen).tolist()
+        samples = []
+        for i in range(G):
+            completion = torch.randint(4, 128, (7,), generator=gen).tolist()
+            ids = torch.tensor([prompt + completion])
+            with torch.no_grad(), record_routing(rollout) as chosen:
+                logp = _logprobs(rollout, ids)[0, len(prompt) - 1:]
+            samples.append(Sample(g, i, prompt, completion, logp.tolist(), [0] * 7, reward=float(i % 2),
+                                  routes=routes_tensor(chosen, 1, ids.shape[1])[0]))
+        groups.append(Group(g, samples))
+    return groups
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_grpo_trainer_replays_the_rollout_routes(tmp_path, replay):
+    """rl.router_replay: the trainer's fp32 log-probs equal the rollout's (the logged engine-vs-trainer
+    mismatch is ~0); without it the perturbed router's choices show in the mismatch."""
+    torch.set_num_threads(1)
+    trainer, rollout = _trainer_and_rollout(tmp_path, replay)
+    metrics = trainer.train_step(_rollout_groups(rollout))
+    mismatch = metrics["abs_log_mismatch_sum"] / metrics["tokens"]
+    assert (mismatch < 1e-5) if replay else (mismatch > 1e-3), mismatch

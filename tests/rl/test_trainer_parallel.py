@@ -44,6 +44,18 @@ def equal_length_groups(n_groups=3, G=4, vocab=128, seed=1):
     return groups
 
 
+def replayed_groups():
+    """equal_length_groups whose samples carry recorded routes (random distinct experts per token, one trunk MoE
+    layer): rl.router_replay must use exactly these under every layout."""
+    gen = torch.Generator().manual_seed(3)
+    groups = equal_length_groups(seed=2)
+    for group in groups:
+        for sample in group.samples:
+            n = len(sample.prompt_ids) + len(sample.completion_ids)
+            sample.routes = torch.rand(n, 1, 4, generator=gen).argsort(-1)[..., :2]
+    return groups
+
+
 SCENARIOS = {
     # name: (model with balance loss, GRPO config overrides, optimizer overrides, groups)
     "equal": (True, dict(loss={"aggregation": "sequence", "kl_coef": 0.05}, update_expert_bias=True),
@@ -51,6 +63,7 @@ SCENARIOS = {
     # two PPO mini-batches: a forward-only pi_prox pass, then two optimizer steps clipped against it
     "ragged": (True, dict(loss={"aggregation": "token"}, update_expert_bias=True, updates_per_batch=2, steps=2),
                dict(grad_clip=0.0), random_groups),
+    "replay": (True, dict(loss={"aggregation": "token"}, router_replay=True), dict(grad_clip=0.0), replayed_groups),
 }
 
 
@@ -120,17 +133,17 @@ def _compare(ranks, want_all):
         assert got["aux_loss_sum"] > 0
         if name == "equal":
             assert got["kl_sum"] >= 0
-        else:
+        elif name == "ragged":
             assert got["optimizer_steps"] == 2 and got["ppo_clipped"] > 0
 
 
 LAYOUTS = {
     # name: (parallel config, scenarios)
-    "tp2": (dict(tp=2), tuple(SCENARIOS)),
-    "pp2": (dict(pp=2), tuple(SCENARIOS)),
-    "fsdp2": (dict(dp_shard=2), tuple(SCENARIOS)),
-    "ep2": (dict(ep=2), tuple(SCENARIOS)),
-    "cp2": (dict(cp=2), tuple(SCENARIOS)),  # rows padded to a multiple of cp x chunk_size (32 here)
+    "tp2": (dict(tp=2), ("equal", "ragged")),
+    "pp2": (dict(pp=2), ("equal", "ragged")),
+    "fsdp2": (dict(dp_shard=2), ("equal", "ragged")),
+    "ep2": (dict(ep=2), tuple(SCENARIOS)),  # with rollout routing replay
+    "cp2": (dict(cp=2), ("equal", "ragged")),  # rows padded to a multiple of cp x chunk_size (32 here)
 }
 
 

@@ -265,10 +265,11 @@ def mlp_forward(self: MLP, x, seq_idx=None, state=None):
     return _tp_mlp(self, x, self._lf_comm)
 
 
-def moe_forward(self: LatentMoE, x, seq_idx=None, state=None):
-    """Routed experts on this rank's own tokens; the shared expert tensor-parallel."""
+def moe_forward(self: LatentMoE, x, seq_idx=None, state=None, forced_topk=None):
+    """Routed experts on this rank's own tokens (`forced_topk`: replayed experts); the shared expert
+    tensor-parallel."""
     shape = x.shape
-    routed, _, _ = self.routed(x.reshape(-1, shape[-1]))  # the balance loss comes from the runner's router hook
+    routed, _, _ = self.routed(x.reshape(-1, shape[-1]), forced_topk)  # the balance loss comes from the runner's router hook
     return routed.view(shape) + _tp_mlp(self.shared_experts, x, self._lf_comm)
 
 
