@@ -150,6 +150,8 @@ def step_metrics(version: int, groups: List, train: dict, push: dict, rollout_no
         "policy_loss": train.get("policy_loss"), "mtp_loss": train.get("mtp_loss_sum"),
         "aux_loss": train.get("aux_loss_sum"), "grad_norm": train["grad_norm"], "lr": train["lr"],
         "optimizer_steps": train.get("optimizer_steps", 1), "skipped_steps": train.get("skipped_steps", 0),
+        "router_agreement": (train["router_agree_sum"] / train["router_pairs"]
+                             if train.get("router_pairs") else None),
         "train_s": train["train_s"], "train_tokens_per_s": train["train_tokens_per_s"],
         "sync_s": push["sync_s"], "push_wall_s": push["push_wall_s"],
         # the weight push as a share of this step's wall time (the goal: at most 2%)

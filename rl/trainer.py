@@ -72,14 +72,42 @@ def load_initial_model(init_from: Optional[str], model_cfg: ModelConfig, seed: i
     return load_model_from_checkpoint(init_from)
 
 
+def trunk_moe_modules(parts: list, num_trunk_moe: int) -> list:
+    return [m for part in parts for m in part.modules()
+            if isinstance(m, LatentMoE) and m.gate._lf_moe_index < num_trunk_moe]
+
+
 def install_route_replay(parts: list, ctx, num_trunk_moe: int) -> None:
     """rl.router_replay: each trunk MoE layer this rank owns routes the tokens of the micro-batch in flight to the
     experts the rollout chose (its `routes`, sliced to this rank's tokens by the runner like input_ids) through
     LatentMoE.forward's forced_topk, under every layout (the global MoE index picks the layer)."""
-    for part in parts:
-        for module in part.modules():
-            if isinstance(module, LatentMoE) and module.gate._lf_moe_index < num_trunk_moe:
-                module.register_forward_pre_hook(_replay_hook(ctx, module.gate._lf_moe_index), with_kwargs=True)
+    for module in trunk_moe_modules(parts, num_trunk_moe):
+        module.register_forward_pre_hook(_replay_hook(ctx, module.gate._lf_moe_index), with_kwargs=True)
+
+
+def install_router_agreement(parts: list, ctx, num_trunk_moe: int) -> None:
+    """When a micro-batch carries the rollout's routes, count per real token and trunk MoE layer whether the
+    trainer's own router would choose the same top-k set (`router_agree_sum` / `router_pairs`, summed over
+    ranks and layers with the loss statistics); with replay on, the forced experts are not its own choice."""
+    for module in trunk_moe_modules(parts, num_trunk_moe):
+        module.gate.register_forward_hook(_agreement_hook(ctx, module.gate._lf_moe_index))
+
+
+def _agreement_hook(ctx, index: int):
+    def hook(router, inputs, outputs):
+        if not ctx.recording or "routes" not in ctx.current.extras:
+            return
+        with torch.no_grad():
+            scores = outputs[0]
+            own = torch.topk(scores + router.e_score_correction_bias.float(), router.top_k, dim=-1).indices
+            recorded = ctx.current.extras["routes"][:, :, index].reshape(-1, router.top_k).to(own.device)
+            same = (own.sort(-1).values == recorded.sort(-1).values).all(-1)
+            real = ctx.current.real_local
+            real = torch.ones_like(same) if real is None else real.reshape(-1).to(same.device)
+            for key, value in (("router_agree_sum", (same & real).sum()), ("router_pairs", real.sum())):
+                value = value.to(dtype=torch.float64, device=ctx.device)
+                ctx.custom_stats[key] = ctx.custom_stats[key] + value if key in ctx.custom_stats else value
+    return hook
 
 
 def _replay_hook(ctx, index: int):
@@ -156,6 +184,7 @@ class PolicyTrainer:
         # compute dtype (the rollout engine's own dtype is set apart, and truncated importance weights correct the gap)
         num_trunk_moe = len(moe_layers(model))
         self.runner = build_runner(model, self.model_cfg, parallel_cfg, precision_cfg)  # shards `model` in place
+        install_router_agreement(self.runner.model_parts, self.runner.ctx, num_trunk_moe)
         if cfg.router_replay:
             install_route_replay(self.runner.model_parts, self.runner.ctx, num_trunk_moe)
         self.device = self.runner.device

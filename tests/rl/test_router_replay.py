@@ -114,6 +114,17 @@ def test_grpo_trainer_replays_the_rollout_routes(tmp_path, replay):
     mismatch is ~0); without it the perturbed router's choices show in the mismatch."""
     torch.set_num_threads(1)
     trainer, rollout = _trainer_and_rollout(tmp_path, replay)
-    metrics = trainer.train_step(_rollout_groups(rollout))
+    groups = _rollout_groups(rollout)
+    agree = 0.0  # independently: the trainer's own routes on each sample's input tokens vs the recorded ones
+    for sample in (s for g in groups for s in g.samples):
+        ids = torch.tensor([sample.prompt_ids + sample.completion_ids])[:, :-1]
+        with torch.no_grad(), record_routing(trainer.model) as own:
+            trainer.model(ids)
+        agree += router_agreement(routes_tensor(own, 1, ids.shape[1])[0], sample.routes[:-1]) * ids.shape[1] * 2
+    metrics = trainer.train_step(groups)
     mismatch = metrics["abs_log_mismatch_sum"] / metrics["tokens"]
     assert (mismatch < 1e-5) if replay else (mismatch > 1e-3), mismatch
+    # the trainer's own router disagrees with the recorded routes either way (its bias was shifted)
+    assert metrics["router_pairs"] == 2 * 2 * 11 * 2  # sequences x positions x trunk MoE layers
+    assert 0 < metrics["router_agree_sum"] < metrics["router_pairs"]
+    assert metrics["router_agree_sum"] == pytest.approx(agree)
