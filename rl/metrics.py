@@ -129,7 +129,7 @@ def step_metrics(version: int, groups: List, train: dict, push: dict, rollout_no
     elapsed = wall - previous_wall
     fresh = train.get("fresh_tokens")
     return {
-        "step": version + 1, "version": version, "wall_s": wall,
+        "step": version + train.get("optimizer_steps", 1), "version": version, "wall_s": wall,
         "reward_mean": sum(rewards) / len(rewards),
         "reward_std": float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,
         "accuracy": sum(map(bool, judged)) / len(judged) if judged else None,

@@ -114,3 +114,21 @@ def test_async_loop_resume_and_sync_mode(local_ray, tmp_path):
     # nothing skipped: every uid handed out is trained, or still waiting (in flight, buffered, given back)
     assert set(trained) | outstanding == set(range(next_uid))
     assert not set(trained) & outstanding
+
+
+@pytest.mark.slow
+def test_loop_with_ppo_mini_batches(local_ray, tmp_path):
+    """rl.updates_per_batch=2: each rollout batch is two optimizer steps, versions (and the logged step, the
+    checkpoints) advance by 2, the staleness bound counts versions."""
+    run_dir = str(tmp_path / "run")
+    loop = make_loop(loop_config(run_dir, steps=4, stop_at_step=None, updates_per_batch=2, max_staleness=2,
+                                 checkpoint_interval=3), [])
+    try:
+        summary = loop.run()
+    finally:
+        loop.close()
+    steps = read_steps(run_dir)
+    assert [s["step"] for s in steps] == [2, 4] and summary["steps"] == 4
+    assert all(s["optimizer_steps"] == 2 and s["skipped_steps"] == 0 for s in steps)
+    assert all(max(int(k) for k in s["staleness_hist"]) <= 2 + 1 for s in steps)  # + the batch's own second step
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_00000004"]

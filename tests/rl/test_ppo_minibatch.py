@@ -134,3 +134,9 @@ def test_updates_per_batch_is_validated():
         GRPOConfig(updates_per_batch=2, steps=5)
     with pytest.raises(ValueError, match="updates_per_batch must be >= 1"):
         GRPOConfig(updates_per_batch=0)
+
+
+def test_intervals_fire_when_a_batch_jumps_over_them():
+    from latentforge.rl.loop import crossed
+
+    assert crossed(2, 4, 3) and crossed(0, 2, 2) and not crossed(4, 6, 4) and crossed(6, 8, 4)
