@@ -7,7 +7,6 @@ RNG of every rank; all of it goes into one DCP checkpoint.
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 import time
