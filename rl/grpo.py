@@ -47,21 +47,32 @@ def load_configs(overrides):
 
 
 def run(overrides, print_fn=print) -> dict:
+    import ray
+
     from latentforge.rl.loop import GRPOLoop
+    from latentforge.train.callbacks.preemption import PreemptionHandler
 
     rl, model, optim, tokenizer, task_seed, thinking, parallel, plain = load_configs(overrides)
     run_dir = os.path.abspath(rl.run_dir or os.path.join("runs", rl.run_name))
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(plain, f, indent=1, default=str)
+    preemption = PreemptionHandler()  # SIGTERM only sets a flag; the loop checkpoints and returns
     loop = GRPOLoop(rl, model, optim, tokenizer_spec=tokenizer, run_dir=run_dir, task_seed=task_seed,
                     enable_thinking=thinking, parallel_cfg=parallel, precision_cfg=plain.get("precision"),
-                    print_fn=print_fn,
+                    print_fn=print_fn, stop_requested=lambda: preemption.received,
                     config_for_logs={k: plain.get(k) for k in ("rl", "model", "optim", "data")})
+    started_ray = not ray.is_initialized()
     try:
+        loop.setup()
+        # after setup: ray.init replaces the SIGTERM handler with its own (sys.exit), which would skip the save
+        preemption.on_train_start(loop)
         return loop.run()
     finally:
+        preemption.on_train_end(loop, "")
         loop.close()
+        if started_ray:
+            ray.shutdown()
 
 
 @entry_point("latentforge-grpo")

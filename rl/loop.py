@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import ray
 
@@ -38,7 +38,8 @@ COLLECT_WAIT_S = 0.2
 class GRPOLoop:
     def __init__(self, cfg: GRPOConfig, model_cfg: dict, optim_cfg, *, tokenizer_spec, run_dir: str,
                  task_seed: int, enable_thinking: bool = True, parallel_cfg: Optional[dict] = None,
-                 precision_cfg: Optional[dict] = None, print_fn=print, config_for_logs: Optional[dict] = None):
+                 precision_cfg: Optional[dict] = None, print_fn=print, config_for_logs: Optional[dict] = None,
+                 stop_requested: Callable[[], Optional[str]] = lambda: None):
         self.cfg = cfg
         self.model_cfg = dict(model_cfg)
         self.optim_cfg = optim_cfg
@@ -49,6 +50,7 @@ class GRPOLoop:
         self.parallel_cfg = parallel_cfg
         self.precision_cfg = precision_cfg
         self.print = print_fn
+        self.stop_requested = stop_requested  # -> a reason (e.g. "SIGTERM") to checkpoint and end this launch now
         self.config_for_logs = config_for_logs or {"rl": cfg.to_dict(), "model": self.model_cfg}
         self.G = cfg.rollout.group_size
         self.B = cfg.groups_per_step
@@ -85,8 +87,7 @@ class GRPOLoop:
         self.max_seq_len = longest + completion + 8
 
         if not ray.is_initialized():
-            ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True,
-                     ignore_reinit_error=True)
+            init_ray(cfg.ray_address)
         self._spawn()
         self.logger = MetricsLogger(self.run_dir, cfg.run_name, cfg.wandb, self.config_for_logs, cfg.steps,
                                     cfg.log_interval, self.print)
@@ -132,7 +133,8 @@ class GRPOLoop:
         base = tc.num_ranks
         self.rollouts = [rollout_cls.options(scheduling_strategy=at(base + i)).remote(
             i, self.model_cfg, rc, self.max_seq_len, stop_ids, cfg.seed + 1000 * (i + 1), None,
-            rc.threads_per_worker, tokenizer_spec=self.tokenizer_spec if self.has_envs else None)
+            rc.threads_per_worker, tokenizer_spec=self.tokenizer_spec if self.has_envs else None,
+            record_routes=cfg.router_replay)
             for i in range(rc.num_workers)]
         reward_cls = remote(RewardWorker, num_cpus=wc.cpus_per_worker, runtime_env=env)
         base += rc.num_workers
@@ -311,6 +313,8 @@ class GRPOLoop:
         self._evaluating = True
         try:
             while len(self._eval_results) < n * (1 + k):
+                if self.stop_requested():
+                    return {}  # preempted: the evaluation is abandoned, the checkpoint matters
                 self._pump()
         finally:
             self._evaluating = False
@@ -340,16 +344,18 @@ class GRPOLoop:
         self.eval_time = 0.0
         if (self.version == 0 or cfg.eval_interval) and self.eval_records:
             first = self.evaluate()
-            self.eval_time += first["eval_s"]
-            summary["eval_before"] = first
-            self.logger.log({"step": self.version, **first}, console=False)
-            self.print(f"eval before step {self.version}: {describe_eval(first)} ({first['eval_s']:.1f}s)")
+            if first:  # empty when preempted during it
+                self.eval_time += first["eval_s"]
+                summary["eval_before"] = first
+                self.logger.log({"step": self.version, **first}, console=False)
+                self.print(f"eval before step {self.version}: {describe_eval(first)} ({first['eval_s']:.1f}s)")
         last_stats = self._rollout_stats()
         trainer_wait = 0.0
+        saved_version = self.version if self.version > 0 else None  # a resumed version is on disk already
         while self.version < cfg.last_step:
             step_start = time.perf_counter()
             filtered_before = self.counters["groups_zero_advantage"]
-            while self.buffer.num_ready(self.version) < self.B:
+            while self.buffer.num_ready(self.version) < self.B and not self.stop_requested():
                 self._pump()
                 self._evict_stale()
                 if self.counters["groups_zero_advantage"] - filtered_before > max(1000, 100 * self.B):
@@ -358,6 +364,8 @@ class GRPOLoop:
                         "rewards for every sample (no learning signal): the policy solves all or none of these "
                         "prompts. Start from a better (SFT'd) checkpoint, change the tasks, raise "
                         "rl.rollout.group_size or temperature, or set rl.filter_zero_advantage=false")
+            if self.stop_requested():
+                break  # the step never started: its buffered groups go into the checkpoint
             waited = time.perf_counter() - step_start
             trainer_wait += waited
             groups = self.buffer.pop(self.B, self.version)
@@ -382,15 +390,24 @@ class GRPOLoop:
             last_stats = stats
             self._step_filtered = []
             if (cfg.eval_interval and crossed(trained_version, self.version, cfg.eval_interval)
-                    and self.version < cfg.last_step):
+                    and self.version < cfg.last_step and not self.stop_requested()):
                 ev = self.evaluate()
-                self.eval_time += ev["eval_s"]
+                self.eval_time += ev.get("eval_s", 0.0)
                 metrics.update(ev)
             self.logger.log(metrics)
             self.history.append(metrics)
-            if crossed(trained_version, self.version, cfg.checkpoint_interval) or self.version >= cfg.last_step:
+            if (crossed(trained_version, self.version, cfg.checkpoint_interval) or self.version >= cfg.last_step
+                    or self.stop_requested()):
                 metrics["checkpoint"] = self.save_checkpoint()
+                saved_version = self.version
         wall = time.perf_counter() - self.wall_start - self.eval_time
+        reason = self.stop_requested()
+        if reason:  # preempted: checkpoint first (unless this step already wrote it), no final evaluation
+            path = self.save_checkpoint() if saved_version != self.version else None
+            self.print(f"stopping at step {self.version} ({reason}): checkpoint saved"
+                       + (f" to {path}" if path else ""))
+            summary.update(steps=self.version, wall_s=wall, counters=dict(self.counters), stopped=reason)
+            return summary
         final = self.evaluate()
         summary.update(eval_after=final, steps=self.version, wall_s=wall, counters=dict(self.counters))
         if final:
@@ -425,6 +442,16 @@ class GRPOLoop:
             remove_placement_group(self.placement)
         if getattr(self, "logger", None) is not None:
             self.logger.close()
+
+
+def init_ray(address: Optional[str]) -> None:
+    """Connect to `address` (a cluster), or start a local Ray bound to loopback with no dashboard, so nothing of
+    a laptop or single-node run is reachable from (or sent to) the network."""
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
+                 ignore_reinit_error=True)
 
 
 def describe_eval(ev: dict) -> str:
