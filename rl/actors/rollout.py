@@ -29,7 +29,7 @@ NO_WEIGHTS = -1  # version of a worker that has not received weights yet: it gen
 class RolloutWorker:
     def __init__(self, worker_index: int, model_cfg: dict, cfg: RolloutConfig, max_seq_len: int,
                  stop_token_ids=(), seed: int = 0, device: Optional[str] = None, threads: Optional[int] = None,
-                 tokenizer_spec=None):
+                 tokenizer_spec=None, record_routes: bool = False):
         if threads:
             torch.set_num_threads(threads)
         self.index = worker_index
@@ -40,7 +40,8 @@ class RolloutWorker:
         self.spec = state_spec(model.state_dict())
         self.engine = Engine(model, EngineConfig(max_batch=cfg.max_batch, max_seq_len=max_seq_len,
                                                  draft_tokens=cfg.draft_tokens, draft_gate=cfg.draft_gate,
-                                                 weight_update_policy=cfg.weight_update_policy, seed=seed),
+                                                 weight_update_policy=cfg.weight_update_policy, seed=seed,
+                                                 record_routes=record_routes),  # rl.router_replay
                              version=NO_WEIGHTS)
         self.stop_token_ids = tuple(stop_token_ids)
         self._queue: deque = deque()  # requests not yet given to the engine
@@ -198,7 +199,7 @@ class RolloutWorker:
             samples.append(Sample(group_id=req["group_id"], sample_index=req["sample_index"],
                                   prompt_ids=list(req["prompt_ids"]), completion_ids=list(r.token_ids),
                                   logprobs=[float(x) for x in r.logprobs], versions=[int(v) for v in r.versions],
-                                  finish_reason=r.finish_reason or "length",
+                                  finish_reason=r.finish_reason or "length", routes=r.routes,
                                   meta={"kind": req.get("kind", "train"), "worker": self.index}))
             self._counters["finished"] += 1
         with self._lock:

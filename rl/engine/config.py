@@ -46,6 +46,9 @@ class EngineConfig:
     weight_update_policy: str = "continue"  # default of update_weights: "continue" or "recompute" the caches
     prefix_cache_size: int = 8  # prompts whose prefill states are kept for reuse (keyed by weight version)
     seed: int = 0  # seeds requests that bring none
+    # rollout routing replay (R3): keep the experts each trunk MoE layer chose for every token the main model
+    # consumed (GenerationResult.routes); off = decoding pays nothing
+    record_routes: bool = False
 
     def __post_init__(self):
         if self.max_batch < 1:
@@ -74,6 +77,10 @@ class GenerationResult:
     versions: list = field(default_factory=list)  # weight version of the forward that produced each token
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort"
     logits: Optional[torch.Tensor] = None  # (tokens, V) fp32, when SamplingParams.return_logits
+    # EngineConfig.record_routes: (prompt + generated - 1, trunk MoE layers, top_k) int64 expert ids of every token
+    # the main model consumed (all but the last generated one, which no forward reads), under the latest weights
+    # for "recompute" updates; with drafting, only accepted tokens' routes
+    routes: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -47,6 +47,8 @@ class _Request:
     # trunk hidden states of tokens consumed by plain steps while drafting was gated off (the MTP caches catch up
     # on them when drafting resumes)
     pending_hidden: list = field(default_factory=list)
+    # EngineConfig.record_routes: (tokens, MoE layers, top_k) chunks, one row per consumed token (`processed`)
+    routes: list = field(default_factory=list)
 
     def uniforms(self, count: int) -> torch.Tensor:
         return torch.rand(count, generator=self.generator, dtype=torch.float64)
@@ -66,7 +68,7 @@ class Engine:
         self.vocab_size = model.cfg.vocab_size
         # verify steps write k+1 positions past the row's length, MTP catch-up up to 2k past it
         self.states = SlotStates(model, cfg.max_batch, cfg.max_seq_len + 3 * k + 2, draft_depths=k)
-        self.runner = ModelRunner(model, self.states)
+        self.runner = ModelRunner(model, self.states, record_routes=cfg.record_routes)
         self.drafter = MTPDrafter(self.runner, k, cfg.max_batch) if k else None
         self.gate = DraftGate(probe_interval=cfg.draft_probe_interval) if k and cfg.draft_gate else None
         self.temperature = torch.zeros(cfg.max_batch, dtype=torch.float64, device=self.device)
@@ -168,9 +170,11 @@ class Engine:
             for row, request in zip(rows, group):
                 self.running.append(request)
                 self._set_row_params(row, request.params)
-            logits, hidden = self._prefill_group(group[0].result.prompt_ids, rows)
+            logits, hidden, routes = self._prefill_group(group[0].result.prompt_ids, rows)
             for request in group:
                 request.processed = len(request.sequence)
+                if routes is not None:
+                    request.routes = [routes]
             self._sample_first(group, lo, logits)
             if self.drafter is not None:
                 for row in rows:
@@ -192,23 +196,24 @@ class Engine:
         cached = self.prefix_cache.get(key)
         if cached is not None:
             self.prefix_cache.move_to_end(key)
-            snapshot, logits, hidden = cached
+            snapshot, logits, hidden, routes = cached
             for row in rows:
                 self.states.load_row(row, snapshot)
             self.stats.prefix_hits += len(rows)
-            return logits, hidden
+            return logits, hidden, routes
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         logits, hidden = self.runner.prefill(rows[0], ids)
+        routes = self._routes_cpu(self.runner.prefill_routes, 0, len(prompt))
         self.stats.prefill_tokens += len(prompt)
         for row in rows[1:]:
             self.states.move_row(rows[0], row, len(prompt))
         self.stats.prefix_hits += len(rows) - 1
         if self.config.prefix_cache_size:
             snapshot = self.states.snapshot_row(rows[0], len(prompt))
-            self.prefix_cache[key] = (snapshot, logits, hidden if self.drafter is not None else None)
+            self.prefix_cache[key] = (snapshot, logits, hidden if self.drafter is not None else None, routes)
             while len(self.prefix_cache) > self.config.prefix_cache_size:
                 self.prefix_cache.popitem(last=False)
-        return logits, hidden
+        return logits, hidden, routes
 
     def _sample_first(self, group: list, lo: int, logits: torch.Tensor):
         logits = logits.expand(len(group), -1)
@@ -270,7 +275,9 @@ class Engine:
                 request.pending_hidden.append(hidden)
         tokens, logprobs, _ = self._choose(logits, 0, self.running)
         keep = []
-        for request, token, logprob, row_logits in zip(self.running, tokens.tolist(), logprobs.tolist(), logits):
+        for i, (request, token, logprob, row_logits) in enumerate(zip(self.running, tokens.tolist(),
+                                                                      logprobs.tolist(), logits)):
+            self._keep_routes(request, out.routes, i, 1)
             request.processed += 1
             self._emit(request, token, logprob, row_logits)
             reason = self._done_reason(request)
@@ -322,7 +329,10 @@ class Engine:
 
         keep = []
         for i, request in enumerate(self.running):
-            request.processed += counts[i] + 1  # the pending token and the accepted drafts are consumed now
+            # the pending token and the accepted drafts are consumed now (rejected drafts' routes are dropped; the
+            # correction / bonus token is routed by the step that consumes it)
+            self._keep_routes(request, out.routes, i, counts[i] + 1)
+            request.processed += counts[i] + 1
             for j in range(counts[i] + 1):
                 self._emit(request, emitted_list[i][j], logprob_list[i][j], out.logits[i, j])
                 if self._done_reason(request):
@@ -402,7 +412,24 @@ class Engine:
         result.finish_reason = reason
         if request.logits:
             result.logits = torch.stack(request.logits)
+        if self.config.record_routes:
+            result.routes = self._finished_routes(request)
         return result
+
+    @staticmethod
+    def _routes_cpu(routes: Optional[torch.Tensor], row: int, count: int) -> Optional[torch.Tensor]:
+        return None if routes is None else routes[row, :count].cpu()
+
+    def _keep_routes(self, request: _Request, routes: Optional[torch.Tensor], row: int, count: int):
+        """Routes of the first `count` tokens fed for slot row `row` (recording on and the trunk has MoE layers)."""
+        if routes is not None:
+            request.routes.append(self._routes_cpu(routes, row, count))
+
+    def _finished_routes(self, request: _Request) -> torch.Tensor:
+        if not request.routes:  # aborted before its prefill, or a trunk without MoE layers
+            return torch.zeros(request.processed, 0, 0, dtype=torch.long)
+        # a stop or max_new_tokens inside an accepted draft: the drafts fed after the last emitted token are cut
+        return torch.cat(request.routes)[: len(request.sequence) - 1]
 
     def _compact(self, keep: list):
         """Drop rows whose keep is False; survivors move down to rows 0..m-1 in order (never onto a live row)."""
@@ -458,6 +485,9 @@ class Engine:
         for row, request in enumerate(self.running):
             context = torch.tensor([request.sequence[: request.processed]], dtype=torch.long, device=self.device)
             _, hidden = self.runner.prefill(row, context)
+            if self.config.record_routes:
+                request.routes = []
+                self._keep_routes(request, self.runner.prefill_routes, 0, request.processed)
             self.stats.prefill_tokens += request.processed
             request.pending_hidden = []
             if self.drafter is not None:

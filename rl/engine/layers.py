@@ -13,6 +13,7 @@ picking the state after the last accepted token (no re-run of the model).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 import torch
 import torch.nn.functional as F
 
@@ -97,12 +98,12 @@ DENSE_EXPERTS_MAX_MACS = 1 << 24
 GATHER_EXPERTS_MAX_ELEMENTS = 1 << 22
 
 
-def moe_inference(moe, x: torch.Tensor) -> torch.Tensor:
+def moe_inference(moe, x: torch.Tensor, routes: Optional[list] = None) -> torch.Tensor:
     """LatentMoE over the tokens of a decode or verify step, same math as `model.moe.LatentMoE.forward`.
 
     The router, latent projections and shared expert are the module's own. Inference needs neither the balance
     loss nor the load counters, so they are not computed. Precision emulation (`experts.linear_fn`) takes the
-    module's path.
+    module's path. `routes`: a list that gets the (tokens, top_k) expert ids chosen (rollout routing replay).
     """
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
@@ -112,8 +113,12 @@ def moe_inference(moe, x: torch.Tensor) -> torch.Tensor:
     dense = tokens * num_experts * intermediate * dim <= DENSE_EXPERTS_MAX_MACS
     gather = tokens * top_k * intermediate * dim <= GATHER_EXPERTS_MAX_ELEMENTS
     if experts.linear_fn is not None or not (dense or gather):
+        if routes is not None:
+            routes.append(moe.gate(flat)[1])  # the module's forward keeps its choice; the router is deterministic
         return moe(flat).view(shape)  # 2-D input: the module skips its sequence balance loss
     _, topk_idx, topk_weight = moe.gate(flat)
+    if routes is not None:
+        routes.append(topk_idx)
     routed_in = moe.fc1_latent_proj(flat) if moe.fc1_latent_proj is not None else flat
     cdt = torch.float64 if routed_in.dtype == torch.float64 else torch.float32
     if dense:

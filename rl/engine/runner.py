@@ -10,6 +10,7 @@ length, are masked by position and are overwritten by the next step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -22,30 +23,45 @@ class StepOutput:
     logits: torch.Tensor  # (n, s, V)
     hidden: torch.Tensor  # (n, s, H) final-normed (the lm_head input, what MTP depth 1 reads)
     mamba: list  # per layer: MambaStates (per position) or None, until commit()
+    routes: Optional[torch.Tensor] = None  # (n, s, trunk MoE layers, top_k) expert ids, when recording routes
 
 
 class ModelRunner:
-    def __init__(self, model, states: SlotStates):
+    def __init__(self, model, states: SlotStates, record_routes: bool = False):
         self.model = model
         self.states = states
         self.blocks = list(model.backbone.layers)
+        self.record_routes = record_routes
+        self.prefill_routes: Optional[torch.Tensor] = None
 
-    def _ffn(self, block, h):
+    def _ffn(self, block, h, routes: Optional[list]):
         if block.kind == "moe":
-            return moe_inference(block.mixer, h)
+            return moe_inference(block.mixer, h, routes)
         return block.mixer(h)
+
+    def _new_routes(self) -> Optional[list]:
+        return [] if self.record_routes else None
+
+    @staticmethod
+    def _stack_routes(routes: Optional[list], n: int, s: int) -> Optional[torch.Tensor]:
+        """Per MoE layer (n*s, top_k) -> (n, s, layers, top_k); None when not recording or no MoE layer."""
+        if not routes:
+            return None
+        return torch.stack([r.view(n, s, -1) for r in routes], dim=2)
 
     @torch.no_grad()
     def prefill(self, row: int, ids: torch.Tensor):
         """Run a fresh sequence ids (1, L) into slot `row`.
 
-        Returns (logits of the last token (1, V), hidden (1, L, H))."""
+        Returns (logits of the last token (1, V), hidden (1, L, H)); with record_routes, the trunk MoE layers'
+        expert ids (1, L, layers, top_k) are left in `self.prefill_routes`."""
         length = ids.shape[1]
         self.states.check_fits(length)
         self.states.reset_row(row)
         rows = slice(row, row + 1)
         pos = torch.zeros(1, dtype=torch.long, device=ids.device)
         x = self.model.backbone.embeddings(ids)
+        routes = self._new_routes()
         for block, state in zip(self.blocks, self.states.layers):
             h = block.norm(x)
             if block.kind == "attention":
@@ -56,9 +72,10 @@ class ModelRunner:
                 state["conv"][rows] = scan_state["conv"]
                 state["ssm"][rows] = scan_state["ssm"]
             else:
-                y = self._ffn(block, h)
+                y = self._ffn(block, h, routes)
             x = x + y
         hidden = self.model.backbone.norm_f(x)
+        self.prefill_routes = self._stack_routes(routes, 1, length)
         return self.model.lm_head(hidden[:, -1]), hidden
 
     @torch.no_grad()
@@ -73,6 +90,7 @@ class ModelRunner:
         rows = slice(0, n)
         x = self.model.backbone.embeddings(ids)
         pending = []
+        routes = self._new_routes()
         for block, state in zip(self.blocks, self.states.layers):
             h = block.norm(x)
             if block.kind == "attention":
@@ -86,11 +104,11 @@ class ModelRunner:
                     self._write_mamba(state, n, new)
                     pending.append(None)
             else:
-                y = self._ffn(block, h)
+                y = self._ffn(block, h, routes)
                 pending.append(None)
             x = x + y
         hidden = self.model.backbone.norm_f(x)
-        return StepOutput(self.model.lm_head(hidden), hidden, pending)
+        return StepOutput(self.model.lm_head(hidden), hidden, pending, self._stack_routes(routes, n, s))
 
     def commit(self, out: StepOutput, index: torch.Tensor):
         """Keep, per row, the Mamba/conv states after fed token index[row] (the last accepted one)."""

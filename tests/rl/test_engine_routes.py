@@ -1,0 +1,115 @@
+"""Rollout routing replay (R3) from the engine: the routes it records (prefill, decode, MTP verify steps, weight
+updates under "recompute") are the ones a plain forward of the model over prompt + completion chooses, and a trainer
+whose router is perturbed reproduces the engine's log-probs when it replays them."""
+
+import copy
+
+import torch
+
+from latentforge.model import HybridModel, ModelConfig
+from latentforge.model.moe import moe_layers, record_routing, replay_routing, routes_tensor
+from latentforge.rl.engine import Engine, EngineConfig, SamplingParams
+from tests.rl.helpers import micro_model_cfg
+from tests.rl.test_engine import OracleDrafts, reference_greedy
+
+PROMPTS = [[5, 9, 17, 3], [7, 7, 40, 2, 11, 90, 33], [5, 9, 17, 3], [100]]
+
+
+def _model(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = HybridModel(ModelConfig.from_dict(dict(micro_model_cfg(), pattern="ME*E"))).eval()
+    with torch.no_grad():  # make the routing matter (test_router_replay.py does the same)
+        for moe in moe_layers(model):
+            moe.experts.up_proj.normal_(std=0.5)
+            moe.experts.down_proj.normal_(std=0.5)
+        model.lm_head.weight.mul_(20.0)
+    return model.to(dtype)
+
+
+def _reference_routes(model, tokens: list) -> torch.Tensor:
+    """The independent reference: model/moe.py's hooks on one plain forward over the whole sequence."""
+    ids = torch.tensor([tokens])
+    with torch.no_grad(), record_routing(model) as chosen:
+        model(ids)
+    return routes_tensor(chosen, 1, len(tokens))[0]
+
+
+def _with_oracle_drafts(engine, model, max_new: int):
+    """A random MTP block drafts nothing acceptable: drafts from the true greedy continuation, partly corrupted,
+    so verify steps accept 0..k drafts and reject the rest."""
+    if engine.drafter is not None:
+        OracleDrafts(engine, {tuple(p): reference_greedy(model, p, max_new) for p in PROMPTS})
+    return engine
+
+
+def _check_routes(model, results):
+    for result in results:
+        tokens = result.prompt_ids + result.token_ids
+        assert result.routes.dtype == torch.long
+        assert result.routes.shape == (len(tokens) - 1, 2, 2)  # the last token is never fed
+        assert torch.equal(result.routes, _reference_routes(model, tokens)[:-1])
+
+
+def test_routes_are_off_by_default():
+    engine = Engine(_model(), EngineConfig(max_batch=2, max_seq_len=32))
+    result = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=4))[0]
+    assert result.routes is None
+
+
+def test_recorded_routes_equal_a_full_forward():
+    model = _model()
+    params = SamplingParams(temperature=0, max_new_tokens=9)
+    for draft_tokens in (0, 2, 3):
+        engine = _with_oracle_drafts(Engine(model, EngineConfig(max_batch=2, max_seq_len=32, record_routes=True,
+                                                                draft_tokens=draft_tokens)), model, 9)
+        results = engine.generate(PROMPTS, params)  # 4 prompts on 2 slots: joins, compaction, a prefix-cache hit
+        _check_routes(model, results)
+        if draft_tokens:
+            assert sum(engine.stats.accepted) > 0 and sum(engine.stats.accepted) < sum(engine.stats.drafted)
+        assert engine.stats.prefix_hits > 0
+
+
+def test_routes_are_recomputed_with_the_weights():
+    model = _model()
+    new_model = _model()
+    with torch.no_grad():
+        for moe in moe_layers(new_model):
+            moe.gate.e_score_correction_bias.add_(torch.randn_like(moe.gate.e_score_correction_bias))
+    for draft_tokens in (0, 2):
+        engine = Engine(copy.deepcopy(model), EngineConfig(max_batch=4, max_seq_len=32, draft_tokens=draft_tokens,
+                                                           weight_update_policy="recompute", record_routes=True))
+        for prompt in PROMPTS[:2]:
+            engine.add_request(prompt, SamplingParams(temperature=0, max_new_tokens=10))
+        for _ in range(3):
+            assert not engine.step()
+        engine.update_weights(new_model.state_dict(), version=1)
+        results = []
+        while engine.has_unfinished():
+            results += engine.step()
+        _check_routes(new_model, results)
+
+
+def test_replaying_engine_routes_reproduces_engine_logprobs():
+    rollout = _model(torch.float32)
+    trainer = copy.deepcopy(rollout)
+    with torch.no_grad():  # shifting the bias changes the routing and nothing else
+        for moe in moe_layers(trainer):
+            moe.gate.e_score_correction_bias.add_(torch.randn_like(moe.gate.e_score_correction_bias) * 0.5)
+    for draft_tokens in (0, 2):
+        engine = _with_oracle_drafts(Engine(rollout, EngineConfig(max_batch=2, max_seq_len=32, record_routes=True,
+                                                                  draft_tokens=draft_tokens)), rollout, 9)
+        results = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=9))
+        free_gap = 0.0
+        for result in results:
+            tokens = result.prompt_ids + result.token_ids
+            ids = torch.tensor([tokens[:-1]])
+            targets = torch.tensor(result.token_ids)
+            want = torch.tensor(result.logprobs, dtype=torch.float32)
+            with torch.no_grad():
+                free = torch.log_softmax(trainer(ids).logits.float()[0, len(result.prompt_ids) - 1:], -1)
+                with replay_routing(trainer, result.routes[None]):
+                    replayed = torch.log_softmax(trainer(ids).logits.float()[0, len(result.prompt_ids) - 1:], -1)
+            free_gap = max(free_gap, float((free.gather(-1, targets[:, None])[:, 0] - want).abs().max()))
+            got = replayed.gather(-1, targets[:, None])[:, 0]
+            assert torch.allclose(got, want, atol=1e-5, rtol=0), (draft_tokens, (got - want).abs().max())
+        assert free_gap > 1e-3  # without the replay the perturbed router does not give the engine's numbers
