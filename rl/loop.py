@@ -449,9 +449,18 @@ def init_ray(address: Optional[str]) -> None:
     a laptop or single-node run is reachable from (or sent to) the network."""
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
-    else:
+        return
+    from ray._private import ray_constants
+
+    # Ray turns a 127.0.0.1 node address into the machine's routable IP unless "clusters" are off (its
+    # single-machine mode for macOS/Windows); the switch is read during ray.init only, so it is restored after
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
                  ignore_reinit_error=True)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
 def describe_eval(ev: dict) -> str:
