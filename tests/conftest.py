@@ -13,6 +13,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # Triton reads this when triton.language is first imported, and any test module (transformers, lm-eval, the GPU
+    # acceptance script) may import triton while being collected, before tests/kernels/conftest.py runs
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
