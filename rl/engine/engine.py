@@ -264,7 +264,6 @@ class Engine:
             row = end
 
     def _decode(self, finished: list, keep_hidden: bool = False):
-        n = len(self.running)
         ids = torch.tensor([[r.sequence[-1]] for r in self.running], dtype=torch.long, device=self.device)
         positions = [r.processed for r in self.running]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)

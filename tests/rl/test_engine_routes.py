@@ -113,3 +113,43 @@ def test_replaying_engine_routes_reproduces_engine_logprobs():
             got = replayed.gather(-1, targets[:, None])[:, 0]
             assert torch.allclose(got, want, atol=1e-5, rtol=0), (draft_tokens, (got - want).abs().max())
         assert free_gap > 1e-3  # without the replay the perturbed router does not give the engine's numbers
+
+
+def test_rollout_worker_samples_carry_routes_the_trainer_replays(tmp_path):
+    """Rollout worker (record_routes, MTP drafting, sampling) -> Sample.routes -> collate -> trainer replay: with its
+    router perturbed, the trainer's fp32 log-probs still equal the engine's (the GRPO step's mismatch)."""
+    from latentforge.rl.actors.rollout import RolloutWorker
+    from latentforge.rl.buffer import Group
+    from latentforge.rl.config import GRPOConfig
+    from latentforge.rl.trainer import PolicyTrainer
+    from latentforge.train.config import OptimConfig
+    from tests.rl.test_rollout_sync import generate
+
+    torch.set_num_threads(1)
+    model_cfg = dict(micro_model_cfg(), pattern="ME*E")
+    cfg = GRPOConfig(rollout={"group_size": 3, "max_new_tokens": 12, "draft_tokens": 2, "temperature": 0.8},
+                     trainer={"micro_batch_size": 6}, filter_overlong=False, router_replay=True)
+    trainer = PolicyTrainer(model_cfg, cfg, OptimConfig(lr=1e-3, schedule="constant"), str(tmp_path))
+    with torch.no_grad():
+        for moe in moe_layers(trainer.model):
+            moe.experts.up_proj.normal_(std=0.5)
+            moe.experts.down_proj.normal_(std=0.5)
+    worker = RolloutWorker(0, model_cfg, cfg.rollout, max_seq_len=48, stop_token_ids=[], seed=5, record_routes=True)
+    try:
+        worker.stage_weights(trainer.full_state_dict(), 0)
+        worker.wait_for_version(0)
+        samples = generate(worker, groups=2, samples_per_group=3)
+    finally:
+        worker.stop()
+    for sample in samples:
+        tokens = sample.prompt_ids + sample.completion_ids
+        assert sample.routes.shape == (len(tokens) - 1, 2, 2)
+    with torch.no_grad():
+        for moe in moe_layers(trainer.model):
+            moe.gate.e_score_correction_bias.add_(torch.randn_like(moe.gate.e_score_correction_bias) * 0.5)
+    for i, sample in enumerate(samples):
+        sample.reward = float(i % 2)
+    metrics = trainer.train_step([Group(g, [s for s in samples if s.group_id == g]) for g in range(2)])
+    # the trainer's own router would choose other experts for many token-layer pairs
+    assert metrics["router_agree_sum"] < 0.95 * metrics["router_pairs"]
+    assert metrics["mismatch_fresh_max"] < 1e-5, metrics["mismatch_fresh_max"]
