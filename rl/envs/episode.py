@@ -27,6 +27,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+import torch
+
 from latentforge.data.chat import parse_tool_calls, render_chat, render_observation
 from latentforge.rl.buffer import Sample
 
@@ -57,6 +59,9 @@ class _Episode:
     info: Dict = field(default_factory=dict)
     failures: List[dict] = field(default_factory=list)
     finish_reason: str = "stop"
+    # EngineConfig.record_routes: per turn, the routes of the tokens that turn's request consumed first (its
+    # prefill reads the previous turn's last token and the observation)
+    routes: list = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -112,6 +117,8 @@ class EpisodeRunner:
         episode.mask += [True] * len(result.token_ids)
         episode.logprobs += [float(x) for x in result.logprobs]
         episode.versions += [int(v) for v in result.versions]
+        if result.routes is not None:
+            episode.routes.append(result.routes[sum(len(r) for r in episode.routes):])
         episode.turns += 1
         self.counters["turns"] += 1
         asyncio.run_coroutine_threadsafe(self._step(episode, list(result.token_ids), result.finish_reason),
@@ -206,4 +213,5 @@ class EpisodeRunner:
                             text=self.tokenizer.decode(episode.ids),
                             meta={"kind": request.get("kind", "train"), "worker": self.worker_index,
                                   "episode": True, "turns": episode.turns, "generated_tokens": len(generated)},
-                            completion_mask=list(episode.mask)))
+                            completion_mask=list(episode.mask),
+                            routes=torch.cat(episode.routes) if episode.routes else None))

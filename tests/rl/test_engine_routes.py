@@ -153,3 +153,33 @@ def test_rollout_worker_samples_carry_routes_the_trainer_replays(tmp_path):
     # the trainer's own router would choose other experts for many token-layer pairs
     assert metrics["router_agree_sum"] < 0.95 * metrics["router_pairs"]
     assert metrics["mismatch_fresh_max"] < 1e-5, metrics["mismatch_fresh_max"]
+
+
+def test_multi_turn_episode_routes_cover_every_consumed_token():
+    """An episode's Sample.routes join its turns' routes (each turn's prefill reads the observation): they equal a
+    plain forward over the whole episode."""
+    from latentforge.data.tokenizer import load_tokenizer
+    from latentforge.rl.actors.rollout import RolloutWorker
+    from latentforge.rl.config import RolloutConfig
+    from tests.rl.test_envs_episode import _collect, _end_turns, _episode
+
+    torch.manual_seed(0)
+    tok = load_tokenizer("bpe")
+    cfg = dict(micro_model_cfg(vocab_size=tok.vocab_size), pattern="ME*E")
+    rollout = RolloutConfig(max_new_tokens=6, max_turns=3, max_episode_tokens=200, draft_tokens=2, max_batch=4,
+                            temperature=0.8)
+    worker = RolloutWorker(0, cfg, rollout, max_seq_len=256, stop_token_ids=[tok.im_end_id, tok.eod_id], seed=3,
+                           tokenizer_spec="bpe", record_routes=True)
+    try:
+        model = worker.engine.model
+        model.lm_head.register_forward_hook(_end_turns(tok.im_end_id))  # turns end, the environment answers
+        worker.stage_weights({k: v.clone() for k, v in model.state_dict().items()}, 0)
+        worker.wait_for_version(0)
+        worker.submit([_episode("ThreeTurnEnv", 0, i) for i in range(2)])
+        samples = _collect(worker, 2)
+    finally:
+        worker.stop()
+    for sample in samples:
+        assert sample.meta["turns"] == 3
+        tokens = sample.prompt_ids + sample.completion_ids
+        assert torch.equal(sample.routes, _reference_routes(model, tokens)[:-1])
