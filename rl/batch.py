@@ -118,7 +118,7 @@ def _pad_routes(rows: List[dict], length: int, device) -> torch.Tensor:
     for i, row in enumerate(rows):
         if "routes" in row:
             out[i, :row["routes"].shape[0]] = row["routes"]
-        elif not row.get("placeholder", False):
+        elif not row.get("placeholder", False) and row["input_ids"]:  # e.g. an episode whose reset failed
             raise ValueError(f"row {row['group_id']}/{row['sample_index']} has no recorded routes while others "
                              "do: rollout routing replay needs every sample's routes")
     return out.to(device)

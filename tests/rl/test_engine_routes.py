@@ -4,6 +4,7 @@ whose router is perturbed reproduces the engine's log-probs when it replays them
 
 import copy
 
+import pytest
 import torch
 
 from latentforge.model import HybridModel, ModelConfig
@@ -183,3 +184,20 @@ def test_multi_turn_episode_routes_cover_every_consumed_token():
         assert sample.meta["turns"] == 3
         tokens = sample.prompt_ids + sample.completion_ids
         assert torch.equal(sample.routes, _reference_routes(model, tokens)[:-1])
+
+
+def test_a_sample_without_input_tokens_needs_no_routes():
+    """An episode whose environment reset failed is a [BOS] prompt without completion: nothing to replay."""
+    from latentforge.rl.batch import collate, group_rows
+    from latentforge.rl.buffer import Group, Sample
+
+    routed = Sample(group_id=0, sample_index=0, prompt_ids=[1, 5], completion_ids=[7, 9], logprobs=[-1.0, -2.0],
+                    versions=[0, 0], routes=torch.ones(3, 2, 2, dtype=torch.long), reward=1.0)
+    failed = Sample(group_id=0, sample_index=1, prompt_ids=[1], completion_ids=[], logprobs=[], versions=[],
+                    reward=0.0)
+    batch = collate(group_rows([Group(0, [routed, failed])], normalize_std=True, filter_overlong=True))
+    assert torch.equal(batch["routes"][0, :3], routed.routes)
+    unrouted = Sample(group_id=0, sample_index=1, prompt_ids=[1, 4], completion_ids=[6], logprobs=[-1.0],
+                      versions=[0], reward=0.0)
+    with pytest.raises(ValueError, match="no recorded routes"):
+        collate(group_rows([Group(0, [routed, unrouted])], normalize_std=True, filter_overlong=True))
