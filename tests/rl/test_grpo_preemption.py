@@ -12,7 +12,6 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from latentforge.rl.loop import init_ray  # noqa: E402
 
 MICRO_MODEL = ("model.pattern=M*E model.hidden_size=32 model.num_attention_heads=2 model.num_key_value_heads=1 "
                "model.head_dim=16 model.mamba_num_heads=4 model.mamba_head_dim=16 model.mamba_groups=1 "
@@ -76,17 +75,23 @@ def test_sigterm_checkpoints_exits_zero_and_relaunch_resumes(tmp_path):
     assert re.search(rf"^step {step + 1}/5000", relaunch.stdout, re.M), relaunch.stdout[-4000:]
 
 
+LOOPBACK_PROBE = """
+import ray
+from latentforge.rl.loop import init_ray
+init_ray(None)
+try:
+    @ray.remote(num_cpus=0)
+    def node_ip():
+        return ray.util.get_node_ip_address()
+    print(sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]), ray.get(node_ip.remote()))
+finally:
+    ray.shutdown()
+"""
+
+
 def test_local_ray_binds_loopback():
-    if ray.is_initialized():
-        pytest.skip("another test module's Ray is running in this process")
-    init_ray(None)
-    try:
-        assert [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]] == ["127.0.0.1"]
-
-        @ray.remote(num_cpus=0)
-        def node_ip():
-            return ray.util.get_node_ip_address()
-
-        assert ray.get(node_ip.remote()) == "127.0.0.1"
-    finally:
-        ray.shutdown()
+    # in its own process: another test module's Ray may be running in this one
+    out = subprocess.run([sys.executable, "-c", LOOPBACK_PROBE], capture_output=True, text=True, env=child_env(),
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "['127.0.0.1'] 127.0.0.1", out.stdout
