@@ -36,6 +36,9 @@ def wandb_service(pid):
 def test_sigterm_to_trainer_and_wandb_service_saves_and_exits_0(tmp_path, env):
     run_dir = str(tmp_path / "run")
     wandb_env = dict(env, WANDB_MODE="offline", WANDB_SILENT="true")
+    # an earlier test in this process may have started W&B, which exports WANDB_SERVICE: a child would then attach
+    # to that service instead of starting its own, and there would be no service of the run's to signal
+    wandb_env.pop("WANDB_SERVICE", None)
     # checkpoint_interval 2: at least one complete checkpoint exists while it runs, so the stop must add its own
     proc = launch(pretrain_cmd(f"train.run_dir={run_dir}", "train.steps=2000", "train.checkpoint_interval=2",
                                "train.wandb.enabled=true"), wandb_env)
