@@ -82,8 +82,8 @@ def test_sbatch_runs_as_written_resumes_and_saves_on_term(tmp_path):
     assert "1 node(s) x 1 rank(s) (0 GPU(s), 2 CPU(s), 1 thread(s) per rank)" in log
     assert [s for s, _ in complete_checkpoints(folder)] == [2]
 
-    # resumed, then the warning of a 4-minute job (30 s before its end): a checkpoint and exit code 0
-    rc, job, err = sbatch(submit, env, "--time=4", overrides=[f"train.run_dir={run_dir}", "train.steps=2000"],
+    # resumed, then the warning of a 2-minute job (30 s before its end): a checkpoint and exit code 0
+    rc, job, err = sbatch(submit, env, "--time=2", overrides=[f"train.run_dir={run_dir}", "train.steps=2000"],
                           wait=True)
     log = log_of(submit, job)
     assert rc == 0, f"{err}\n{log[-4000:]}"
