@@ -141,7 +141,7 @@ def train_tiny(args: BenchArgs, tokenizer, cache_dir: str):
 
 # ----- timing ----------------------------------------------------------------------------------------------------
 def run_engine(model, prompts, stop, max_new, batch, draft):
-    from latentforge.rl.engine import Engine, EngineConfig, SamplingParams
+    from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 
     engine = Engine(model, EngineConfig(max_batch=batch, max_seq_len=max(map(len, prompts)) + max_new,
                                         draft_tokens=draft, prefix_cache_size=0))

@@ -13,7 +13,7 @@ why it was skipped):
                verify step against a plain step (random weights: the accepted length is not a trained model's)
 Every ratio is against a baseline measured in the same run. Peak memory is CUDA's max_memory_allocated per part.
 
-Imports only model/, kernels/, train.flops / train.precision / model.params and rl.engine (no Hydra, OmegaConf,
+Imports only model/, kernels/, train.flops / train.precision / model.params and model.engine (no Hydra, OmegaConf,
 Ray, megatron-core, datasets: none is on the lent machine; tests/bench/test_gpu_acceptance.py checks that).
 
 On the lent H200 (device tool; Python 3.12, torch 2.11 + CUDA, Triton 3.6, pytest, pytest-timeout preinstalled):
@@ -456,7 +456,7 @@ def part_train_fp8(args) -> dict:
 
 # ----- decode -------------------------------------------------------------------------------------------------------
 def decode_rate(model, batch: int, draft_tokens: int, prompt_len: int, new_tokens: int, vocab: int) -> dict:
-    from latentforge.rl.engine import Engine, EngineConfig, SamplingParams
+    from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 
     engine = Engine(model, EngineConfig(max_batch=batch, max_seq_len=prompt_len + new_tokens + 8,
                                         draft_tokens=draft_tokens, prefix_cache_size=0))

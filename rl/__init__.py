@@ -1,1 +1,1 @@
-"""LatentForge RL: the generation engine (`latentforge.rl.engine`), GRPO and its workers. Import submodules directly."""
+"""LatentForge RL: the generation engine (`latentforge.model.engine`), GRPO and its workers. Import submodules directly."""

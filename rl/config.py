@@ -66,7 +66,7 @@ class RolloutConfig:
     top_p: float = 1.0  # < 1 truncates the behaviour distribution: the trainer does not, the IS weight corrects
     top_k: int = 0
     draft_tokens: int = 2  # MTP drafting depth of the engine; 0 = plain decoding
-    # draft only while measured to pay (rl/engine/gate.py). Greedy output is unchanged; sampled tokens then
+    # draft only while measured to pay (model/engine/gate.py). Greedy output is unchanged; sampled tokens then
     # depend on timing (the two modes draw their random numbers differently), so it is off by default
     draft_gate: bool = False
     max_batch: int = 32  # engine slots per worker

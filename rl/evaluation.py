@@ -5,7 +5,7 @@
     lm_eval --model hf --model_args pretrained=out/tiny-hf --tasks ...               # the same numbers, stock hf
 
 The registered lm-eval model `latentforge` (`LatentForgeLM`) scores log-likelihoods with the model's forward
-(train/eval_harness.py) and generates with the inference engine (rl/engine: greedy or sampled, stop at `</s>` /
+(train/eval_harness.py) and generates with the inference engine (model/engine: greedy or sampled, stop at `</s>` /
 `<|im_end|>` as the export's generation_config.json says, then lm-eval's `until` strings cut the text).
 """
 
@@ -65,7 +65,7 @@ class LatentForgeLM(LogLikelihoodLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
         from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-        from latentforge.rl.engine import Engine, EngineConfig, SamplingParams
+        from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         prompts, params, untils = [], [], []

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.dtype not in DTYPES:
         raise SystemExit(f"dtype={args.dtype!r}: use one of {', '.join(DTYPES)}")
-    from latentforge.rl.engine import Engine, EngineConfig, SamplingParams
+    from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 
     model = load_model(args.ckpt, args.device, DTYPES[args.dtype])
     tokenizer = load_tokenizer_for(args.ckpt, args.tokenizer)

@@ -29,7 +29,7 @@ NUMERICS_MODULES = (
     "tests/kernels/test_rmsnorm_ref.py", "tests/kernels/test_cross_entropy_ref.py",
     "tests/model/test_model.py", "tests/model/test_hf.py",
     "tests/train/test_parallel_equivalence.py", "tests/train/test_parallel_single.py",
-    "tests/rl/test_engine.py", "tests/rl/test_trainer_parallel.py",
+    "tests/model/test_engine.py", "tests/rl/test_trainer_parallel.py",
 )
 
 

@@ -7,7 +7,7 @@ Hugging Face export: the same tokenization (control-token names in task text are
 empty context (`<s>`, or `prefix_token_id`), log-softmax in fp32. Requests are batched longest first, right-padded
 (the model is causal, so padding never changes a scored position).
 
-Generation needs the inference engine (rl/engine), which train/ must not import: `generate_until` here names the
+Generation needs the inference engine (model/engine), which train/ must not import: `generate_until` here names the
 command that has it (`latentforge-eval`, latentforge.rl.evaluation). Periodic evaluation during training
 (train/callbacks/eval_tasks.py) therefore runs log-likelihood tasks only.
 """

@@ -20,7 +20,7 @@ import torch
 from latentforge.model import HybridModel, ModelConfig
 from latentforge.rl.buffer import Sample
 from latentforge.rl.config import RolloutConfig
-from latentforge.rl.engine import Engine, EngineConfig, SamplingParams
+from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 from latentforge.rl.weight_sync import WeightSyncGroup, receive_state, state_spec
 
 NO_WEIGHTS = -1  # version of a worker that has not received weights yet: it generates nothing

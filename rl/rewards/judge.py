@@ -1,7 +1,7 @@
 """A model judge: rewards from a judge model's verdict, for tasks without a verifier.
 
 The reward worker renders each (record, completion) into a rubric prompt (a user turn of the chat template), runs
-all of a batch through the generation engine (`rl.engine.Engine`, continuous batching, greedy by default), and
+all of a batch through the generation engine (`model.engine.Engine`, continuous batching, greedy by default), and
 parses the last "Score: N" of each verdict: reward = N / max_score. A verdict without a score, with one outside
 [0, max_score], a prompt too long for the judge, or one not finished within `timeout_s` (the batch's deadline:
 what is left is aborted) scores 0 and is reported as a failure (status unparsable | too_long | timeout), like a
@@ -69,7 +69,7 @@ def rubric_question(record: dict) -> str:
 
 class ModelJudge:
     def __init__(self, cfg: JudgeConfig, model=None, tokenizer=None):
-        from latentforge.rl.engine import Engine, EngineConfig
+        from latentforge.model.engine import Engine, EngineConfig
 
         self.cfg = cfg
         if model is None:
@@ -90,7 +90,7 @@ class ModelJudge:
 
     def judge(self, items: Sequence[Tuple[dict, str]]) -> List[RewardResult]:
         """One RewardResult per (record, completion), in order; info holds the verdict or the failure."""
-        from latentforge.rl.engine import SamplingParams
+        from latentforge.model.engine import SamplingParams
 
         cfg = self.cfg
         params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,

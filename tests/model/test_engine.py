@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from latentforge.model import HybridModel, ModelConfig
-from latentforge.rl.engine import Engine, EngineConfig, SamplingParams
-from latentforge.rl.engine.layers import mamba_recurrent, moe_inference
-from latentforge.rl.engine.runner import ModelRunner
-from latentforge.rl.engine.state import SlotStates
-from tests.rl.test_engine_sampling import _single_thread, chi_square_p_value, naive_probs  # noqa: F401
+from latentforge.model.engine import Engine, EngineConfig, SamplingParams
+from latentforge.model.engine.layers import mamba_recurrent, moe_inference
+from latentforge.model.engine.runner import ModelRunner
+from latentforge.model.engine.state import SlotStates
+from tests.model.test_engine_sampling import _single_thread, chi_square_p_value, naive_probs  # noqa: F401
 
 
 def make_model(dtype=torch.float64, seed=0, **overrides):
@@ -71,7 +71,7 @@ def test_recurrent_mamba_keeps_the_chunked_scans_state_after_every_token(fp64_mo
 
 @pytest.mark.parametrize("path", ["dense", "gather", "module"])
 def test_inference_moe_equals_the_module(fp64_model, monkeypatch, path):
-    import latentforge.rl.engine.layers as layers
+    import latentforge.model.engine.layers as layers
 
     if path != "dense":
         monkeypatch.setattr(layers, "DENSE_EXPERTS_MAX_MACS", 0)

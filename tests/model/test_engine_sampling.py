@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from latentforge.rl.engine.sampling import greedy_accept, sample, sampling_probs, speculative_accept
+from latentforge.model.engine.sampling import greedy_accept, sample, sampling_probs, speculative_accept
 
 
 @pytest.fixture(autouse=True, scope="module")

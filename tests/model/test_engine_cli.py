@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from latentforge.rl import generate as cli
-from tests.rl.test_engine import make_model, reference_greedy
-from tests.rl.test_engine_sampling import _single_thread  # noqa: F401  (autouse fixture)
+from tests.model.test_engine import make_model, reference_greedy
+from tests.model.test_engine_sampling import _single_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import torch
 
 from latentforge.model import HybridModel, ModelConfig
 from latentforge.model.moe import moe_layers, record_routing, replay_routing, routes_tensor
-from latentforge.rl.engine import Engine, EngineConfig, SamplingParams
+from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 from tests.rl.helpers import micro_model_cfg
-from tests.rl.test_engine import OracleDrafts, reference_greedy
+from tests.model.test_engine import OracleDrafts, reference_greedy
 
 PROMPTS = [[5, 9, 17, 3], [7, 7, 40, 2, 11, 90, 33], [5, 9, 17, 3], [100]]
 

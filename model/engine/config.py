@@ -41,7 +41,7 @@ class EngineConfig:
     max_batch: int = 8  # slots: sequences decoded together; more requests wait and join as slots free up
     max_seq_len: int = 2048  # prompt + new tokens of one sequence
     draft_tokens: int = 0  # k tokens drafted by the MTP block per step; 0 = plain decoding
-    draft_gate: bool = False  # draft only while measured to pay (rl/engine/gate.py); greedy output is unchanged
+    draft_gate: bool = False  # draft only while measured to pay (model/engine/gate.py); greedy output is unchanged
     draft_probe_interval: int = 64  # gated: steps between probes of the mode not in use
     weight_update_policy: str = "continue"  # default of update_weights: "continue" or "recompute" the caches
     prefix_cache_size: int = 8  # prompts whose prefill states are kept for reuse (keyed by weight version)

@@ -6,9 +6,9 @@ import itertools
 import pytest
 import torch
 
-from latentforge.rl.engine import Engine, EngineConfig, SamplingParams
-from latentforge.rl.engine.gate import DraftGate
-from tests.rl.test_engine import MAX_NEW, PROMPTS, make_model, reference_greedy
+from latentforge.model.engine import Engine, EngineConfig, SamplingParams
+from latentforge.model.engine.gate import DraftGate
+from tests.model.test_engine import MAX_NEW, PROMPTS, make_model, reference_greedy
 
 
 @pytest.fixture(scope="module")
