@@ -29,18 +29,32 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, seq_idx=None, state=None) -> torch.Tensor:
-        b, s, _ = x.shape
-        # head counts come from the weights, so a tensor-parallel shard (fewer heads) runs the same code
-        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+    def forward(self, x: torch.Tensor, seq_idx=None, state=None, context=None) -> torch.Tensor:
+        """x (b, s, H) -> (b, s, H). `state`: cached decoding (module doc). `context`: context parallelism (a
+        train.parallel object): this rank's queries attend to the keys/values of every rank's chunks."""
+        q, k, v = self.project(x)
         if state is not None:
             out = self._attend_cached(q, k, v, state)
+        elif context is not None:
+            out = context.attention(q, k, v)
         elif seq_idx is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(seq_idx), enable_gqa=True)
+        return self.output(out)
+
+    def project(self, x: torch.Tensor) -> tuple:
+        """q (b, heads, s, d), k and v (b, kv_heads, s, d). Head counts come from the weights, so a
+        tensor-parallel shard (fewer heads) runs the same code."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """(b, heads, s, d) attention output -> o_proj."""
+        b, _, s, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
     @staticmethod

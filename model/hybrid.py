@@ -45,8 +45,8 @@ class Block(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mixer = build_mixer(kind, cfg)
 
-    def forward(self, x: torch.Tensor, seq_idx=None, state=None) -> torch.Tensor:
-        return x + self.mixer(self.norm(x), seq_idx=seq_idx, state=state)
+    def forward(self, x: torch.Tensor, seq_idx=None, state=None, context=None) -> torch.Tensor:
+        return x + self.mixer(self.norm(x), seq_idx=seq_idx, state=state, context=context)
 
 
 class Backbone(nn.Module):

@@ -37,31 +37,59 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(d_inner, group_size=d_inner // self.groups, eps=cfg.norm_eps)
         self.out_proj = nn.Linear(d_inner, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, seq_idx=None, state=None) -> torch.Tensor:
-        b, s, _ = x.shape
-        # sizes come from the parameters, so a tensor-parallel shard (fewer heads and groups) runs the same code
+    def forward(self, x: torch.Tensor, seq_idx=None, state=None, context=None) -> torch.Tensor:
+        """x (b, s, H) -> (b, s, H). `state`: cached decoding (module doc). `context`: context parallelism (a
+        train.parallel object holding this rank's chunks of the sequence): it runs the conv and the scan of those
+        chunks with the states entering each from the others, through the steps below."""
+        z, xbc, dt = self.project(x)
+        if context is not None:
+            y = context.mamba_mix(self, xbc, dt)
+        else:
+            xbc, conv_state = self.convolve(xbc, seq_idx, None if state is None else state["conv"])
+            xs, B, C, dt, A = self.ssm_inputs(xbc, dt)
+            y, ssm_state = self.scan(xs, dt, A, B, C, seq_idx, None if state is None else state["ssm"])
+            if state is not None:
+                state["conv"], state["ssm"] = conv_state.to(state["conv"].dtype), ssm_state
+        return self.gate_and_project(y, z)
+
+    # ----- the named steps: context parallelism and cached decoding reuse them ------------------------------------
+    def sizes(self) -> tuple:
+        """(heads, d_inner, B/C width, groups) of the weights this module holds: a tensor-parallel shard holds
+        fewer heads and groups and runs the same steps."""
         heads = self.dt_bias.shape[0]
         d_inner = heads * self.head_dim
         bc_size = (self.conv1d.weight.shape[0] - d_inner) // 2
-        z, xbc, dt = self.in_proj(x).split([d_inner, d_inner + 2 * bc_size, heads], dim=-1)
-        xbc, conv_state = causal_conv1d(
-            xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
-            initial_state=None if state is None else state["conv"], activation="silu",
-        )
+        return heads, d_inner, bc_size, bc_size // self.state_size
+
+    def project(self, x: torch.Tensor) -> tuple:
+        """in_proj, split into the gate z (b, s, d_inner), the conv input x|B|C and the raw time step dt."""
+        heads, d_inner, bc_size, _ = self.sizes()
+        return self.in_proj(x).split([d_inner, d_inner + 2 * bc_size, heads], dim=-1)
+
+    def convolve(self, xbc: torch.Tensor, seq_idx=None, initial_state=None) -> tuple:
+        """Causal depthwise conv + SiLU; returns (activated x|B|C, the conv state after the last token)."""
+        return causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
+                             initial_state=initial_state, activation="silu")
+
+    def ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor) -> tuple:
+        """(x (b, s, h, p), B, C (b, s, g, n), dt (b, s, h) fp32 after softplus, A (h,) fp32)."""
+        heads, d_inner, bc_size, groups = self.sizes()
+        b, s = xbc.shape[:2]
         xs, B, C = xbc.split([d_inner, bc_size, bc_size], dim=-1)
-        groups = bc_size // self.state_size
         dt = F.softplus(dt.float() + self.dt_bias.float())  # no clamp in training (SPEC)
         A = -torch.exp(self.A_log.float())
-        y, ssm_state = ssd_scan(
-            xs.reshape(b, s, heads, self.head_dim), dt, A,
-            B.reshape(b, s, groups, self.state_size), C.reshape(b, s, groups, self.state_size),
-            D=self.D, chunk_size=self.chunk_size, seq_idx=seq_idx,
-            initial_state=None if state is None else state["ssm"],
-        )
-        if state is not None:
-            state["conv"], state["ssm"] = conv_state.to(state["conv"].dtype), ssm_state
-        y = self.norm(y.reshape(b, s, d_inner), z)
-        return self.out_proj(y)
+        return (xs.reshape(b, s, heads, self.head_dim), B.reshape(b, s, groups, self.state_size),
+                C.reshape(b, s, groups, self.state_size), dt, A)
+
+    def scan(self, xs, dt, A, B, C, seq_idx=None, initial_state=None) -> tuple:
+        """The chunked SSD scan (with the D skip); returns (y (b, s, h, p), the SSM state after the last token)."""
+        return ssd_scan(xs, dt, A, B, C, D=self.D, chunk_size=self.chunk_size, seq_idx=seq_idx,
+                        initial_state=initial_state)
+
+    def gate_and_project(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Gated RMSNorm of y (b, s, h, p) by z, then out_proj."""
+        b, s = y.shape[:2]
+        return self.out_proj(self.norm(y.reshape(b, s, -1), z))
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float):

@@ -15,7 +15,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, seq_idx=None, state=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_idx=None, state=None, context=None) -> torch.Tensor:
         return self.down_proj(squared_relu(self.up_proj(x)))
 
     def init_weights(self, std: float, out_std: float):

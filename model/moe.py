@@ -89,7 +89,7 @@ class LatentMoE(nn.Module):
         self.aux_loss = None
         self.load = None
 
-    def forward(self, x: torch.Tensor, seq_idx=None, state=None, forced_topk=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_idx=None, state=None, context=None, forced_topk=None) -> torch.Tensor:
         shape = x.shape
         routed, scores, topk_idx = self.routed(x.reshape(-1, shape[-1]), forced_topk)
         self.aux_loss = sequence_aux_loss(scores, topk_idx, shape[0], self.num_experts) if len(shape) == 3 else None

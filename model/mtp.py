@@ -24,9 +24,9 @@ class MTPAttentionLayer(nn.Module):
         self.norm = RMSNorm(h, cfg.norm_eps)
         self.mixer = Attention(h, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
 
-    def forward(self, embedded, previous_hidden, seq_idx=None, state=None):
+    def forward(self, embedded, previous_hidden, seq_idx=None, state=None, context=None):
         u = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(previous_hidden)], dim=-1))
-        return u + self.mixer(self.norm(u), seq_idx=seq_idx, state=state)
+        return u + self.mixer(self.norm(u), seq_idx=seq_idx, state=state, context=context)
 
 
 class MTPMoELayer(nn.Module):
@@ -36,8 +36,8 @@ class MTPMoELayer(nn.Module):
         self.mixer = LatentMoE(cfg)
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, u, seq_idx=None):
-        return self.final_layernorm(u + self.mixer(self.norm(u), seq_idx=seq_idx))
+    def forward(self, u, seq_idx=None, context=None):
+        return self.final_layernorm(u + self.mixer(self.norm(u), seq_idx=seq_idx, context=context))
 
 
 class MTPBlock(nn.Module):
@@ -45,10 +45,10 @@ class MTPBlock(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([MTPAttentionLayer(cfg), MTPMoELayer(cfg)])
 
-    def forward(self, embedded, previous_hidden, seq_idx=None, state=None):
+    def forward(self, embedded, previous_hidden, seq_idx=None, state=None, context=None):
         """One depth: (embedding of the shifted tokens, h_{k-1}) -> h_k, ready for the shared lm_head."""
-        u = self.layers[0](embedded, previous_hidden, seq_idx=seq_idx, state=state)
-        return self.layers[1](u, seq_idx=seq_idx)
+        u = self.layers[0](embedded, previous_hidden, seq_idx=seq_idx, state=state, context=context)
+        return self.layers[1](u, seq_idx=seq_idx, context=context)
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float):

@@ -101,7 +101,7 @@ class _Comm:
 
 
 # ----- attention ---------------------------------------------------------------------------------------------------
-def attention_forward(self: Attention, x, seq_idx=None, state=None):
+def attention_forward(self: Attention, x, seq_idx=None, state=None, context=None):
     """This rank's queries against the keys/values of every CP rank, block by block (cp_attention.py)."""
     comm: _Comm = self._lf_comm
     mb = comm.ctx.current
@@ -122,7 +122,7 @@ def attention_forward(self: Attention, x, seq_idx=None, state=None):
 
 
 # ----- Mamba -----------------------------------------------------------------------------------------------------
-def mamba_forward(self: Mamba2Mixer, x, seq_idx=None, state=None):
+def mamba_forward(self: Mamba2Mixer, x, seq_idx=None, state=None, context=None):
     """One scan per layer under CP: each of this rank's chunks is scanned from a zero state, then the state that
     enters it (from the final states and decays of every chunk, all-gathered) is added in closed form.
 
@@ -261,11 +261,11 @@ def _tp_mlp(mlp: MLP, x, comm: _Comm):
     return comm.scatter_tp(call_linear(mlp.down_proj, h, local(mlp.down_proj.weight)))
 
 
-def mlp_forward(self: MLP, x, seq_idx=None, state=None):
+def mlp_forward(self: MLP, x, seq_idx=None, state=None, context=None):
     return _tp_mlp(self, x, self._lf_comm)
 
 
-def moe_forward(self: LatentMoE, x, seq_idx=None, state=None, forced_topk=None):
+def moe_forward(self: LatentMoE, x, seq_idx=None, state=None, context=None, forced_topk=None):
     """Routed experts on this rank's own tokens (`forced_topk`: replayed experts); the shared expert
     tensor-parallel."""
     shape = x.shape
