@@ -271,36 +271,14 @@ def best_saver(run_dir: str, write_extra, lora_cfg, base_path: str):
 
 
 # ----- held-out accuracy (built-in chat data) ------------------------------------------------------------------
-@torch.no_grad()
 def greedy_completions(model, prompts: List[List[int]], max_new_tokens: int, stop_ids: set) -> List[List[int]]:
-    """Greedy continuation of each prompt: prompts prefilled one by one into their rows of a shared cache (the
-    cache keeps a position per row), then decoded together."""
-    from latentforge.model.cache import InferenceCache
+    """Greedy continuation of each prompt (the stop token kept), decoded together by the generation engine."""
+    from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 
-    device = model.lm_head.weight.device
-    max_len = max(len(p) for p in prompts) + max_new_tokens
-    cache = InferenceCache(model, len(prompts), max_len)
-    last = []
-    for row, prompt in enumerate(prompts):
-        single = InferenceCache(model, 1, max_len)
-        last.append(model(torch.tensor([prompt], device=device), cache=single).logits[0, -1])
-        for batched, one in zip(cache.layers, single.layers):
-            if batched is not None:
-                for key in batched:
-                    batched[key][row] = one[key][0]
-    logits = torch.stack(last)
-    outputs: List[List[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for _ in range(max_new_tokens):
-        tokens = logits.argmax(-1)
-        for row, token in enumerate(tokens.tolist()):
-            if not done[row]:
-                outputs[row].append(token)
-                done[row] = token in stop_ids
-        if all(done):
-            break
-        logits = model(tokens[:, None], cache=cache).logits[:, -1]
-    return outputs
+    config = EngineConfig(max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + max_new_tokens,
+                          prefix_cache_size=0)
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_ids))
+    return [result.token_ids for result in Engine(model, config).generate(prompts, params)]
 
 
 def heldout_accuracy(model, tokenizer, data_cfg, num_problems: int, max_new_tokens: int, batch_size: int = 32):

@@ -1,8 +1,9 @@
 """Per-slot inference state: a KV cache per attention layer, conv + SSM state per Mamba layer, and a KV cache per
 MTP drafting depth, for a fixed number of slots (rows) of a fixed capacity (tokens).
 
-The layer dicts follow the layout the model's mixers read (model/cache.py): attention {"k", "v": (slots, kv_heads,
-capacity, head_dim), "pos"}, Mamba {"conv": (slots, conv_dim, K-1), "ssm": (slots, heads, head_dim, state)}. The
+The layer dicts follow the layout the model's mixers read (model/attention.py, model/mamba.py): attention
+{"k", "v": (slots, kv_heads, capacity, head_dim), "pos"}, Mamba {"conv": (slots, conv_dim, K-1), "ssm": (slots,
+heads, head_dim, state)}. The
 SSM state is fp32 (fp64 for an fp64 model, so exactness tests are not limited by the state's rounding).
 Sequence lengths are not stored here: the engine passes each call's positions (`pos`) itself, so every attention
 layer sees the same per-row positions and nothing needs writing back.

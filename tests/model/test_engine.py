@@ -84,6 +84,20 @@ def test_inference_moe_equals_the_module(fp64_model, monkeypatch, path):
 
 
 # ----- exactness of decoding ---------------------------------------------------------------------------------------
+def test_cached_prefill_and_decode_steps_equal_one_full_forward():
+    """The slot states of two rows: a prefill each, then one token per row per step (float32, no MTP)."""
+    model = make_model(torch.float32, mtp_depths=0)
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))
+    runner = ModelRunner(model, SlotStates(model, 2, 32))
+    with torch.no_grad():
+        full = model(ids).logits
+        steps = [torch.cat([runner.prefill(row, ids[row : row + 1, :11])[0][:, None] for row in range(2)])]
+        for t in range(11, 19):
+            pos = torch.full((2,), t, dtype=torch.long)
+            steps.append(runner.step(ids[:, t : t + 1], pos, t, keep_positions=False).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 10:], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("draft_tokens", [0, 3])
 def test_token_by_token_logits_equal_one_full_forward(draft_tokens):
     """Prefill + decode (or verify) steps give the logits one forward over the whole sequence gives (float32)."""
