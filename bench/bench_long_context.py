@@ -35,11 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_config():
-    from omegaconf import OmegaConf
-
     from latentforge.model import ModelConfig
+    from latentforge.model.recipes import group_values
 
-    return ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(ROOT / "recipes" / "model" / "tiny.yaml")))
+    return ModelConfig.from_dict(group_values("model", "tiny"))
 
 
 def one_row(cfg, seq_len: int) -> dict:

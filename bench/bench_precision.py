@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from latentforge.model.recipes import group_values
 
 from latentforge.kernels.quant import RECIPES
 from latentforge.model import ModelConfig
@@ -30,13 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_precision(name: str, **overrides) -> PrecisionConfig:
-    values = OmegaConf.to_container(OmegaConf.load(ROOT / "recipes" / "precision" / f"{name}.yaml"))
-    values.update(overrides)
+    values = {**group_values("precision", name), **overrides}
     return PrecisionConfig.from_dict(values)
 
 
 def tiny_config() -> ModelConfig:
-    return ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(ROOT / "recipes" / "model" / "tiny.yaml")))
+    return ModelConfig.from_dict(group_values("model", "tiny"))
 
 
 def bench_loss(args) -> None:

@@ -61,6 +61,22 @@ def from_dict(cls: Type[T], values: Any, prefix: str, error: Type[Exception] = S
     return cls(**checked)
 
 
+def defaults_of(cls: type) -> dict:
+    """`cls`'s settable fields and their defaults as plain YAML values (nested dataclasses as mappings, tuples as
+    lists): the node Hydra composes a recipe group onto, so a YAML file holds only what it changes."""
+    return _plain_default(cls())
+
+
+def _plain_default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain_default(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, (list, tuple)):
+        return [_plain_default(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain_default(v) for k, v in value.items()}
+    return value
+
+
 def _describe(kind: Any) -> str:
     return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
 

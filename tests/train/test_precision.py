@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from latentforge.kernels import quant as q
@@ -36,8 +35,9 @@ def _one_thread():
 
 
 def load_recipe(name: str, **overrides) -> PrecisionConfig:
-    values = OmegaConf.to_container(OmegaConf.load(RECIPES / "precision" / f"{name}.yaml"))
-    values.update(overrides)
+    from latentforge.model.recipes import group_values
+
+    values = {**group_values("precision", name), **overrides}
     return PrecisionConfig.from_dict(values)
 
 
