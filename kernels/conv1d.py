@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from latentforge.kernels._dispatch import compute_dtype, use_triton
 
-__all__ = ["causal_conv1d", "causal_conv1d_ref"]
+__all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update"]
 
 
 def _check_inputs(x, weight, bias, seq_idx, initial_state, activation):
@@ -103,3 +103,35 @@ def causal_conv1d(
             x, weight, bias, seq_idx=seq_idx, initial_state=initial_state, activation=activation
         )
     return causal_conv1d_ref(x, weight, bias, seq_idx=seq_idx, initial_state=initial_state, activation=activation)
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    conv_state: torch.Tensor,
+    activation: str | None = "silu",
+    per_token_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode step: the conv of s new inputs x (b, s, c) of one document, continuing from ``conv_state``.
+
+    ``conv_state`` (b, c, k-1): the last k-1 inputs before x (pre-activation, as ``causal_conv1d`` returns it).
+    Returns (y (b, s, c) in x.dtype, states in conv_state's dtype): the state after the last input (b, c, k-1), or
+    with ``per_token_states`` the state after each input (b, s, c, k-1), so that a rejected draft rolls back by
+    picking one. Computes in fp32 (fp64 for fp64 inputs), in one windowed product: no loop over tokens.
+    """
+    _check_inputs(x, weight, bias, None, conv_state, activation)
+    s, k = x.shape[1], weight.shape[1]
+    cdt = compute_dtype(x, weight, bias, conv_state)
+    history = torch.cat([conv_state.transpose(1, 2).to(x.dtype), x], dim=1)  # (b, k-1+s, c)
+    windows = history.unfold(1, k, 1)  # (b, s, c, k): the inputs token t's output reads
+    acc = (windows.to(cdt) * weight.to(cdt)).sum(-1)
+    if bias is not None:
+        acc = acc + bias.to(cdt)
+    y = F.silu(acc) if activation == "silu" else acc
+    if per_token_states:
+        states = history.unfold(1, k - 1, 1)[:, 1:]  # (b, s, c, k-1): the k-1 inputs ending at each token
+    else:
+        states = history[:, s:].transpose(1, 2)
+    return y.to(x.dtype), states.to(conv_state.dtype)

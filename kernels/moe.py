@@ -29,6 +29,8 @@ __all__ = [
     "moe_unpermute_ref",
     "moe_experts",
     "moe_experts_ref",
+    "moe_experts_dense",
+    "moe_experts_gathered",
 ]
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -174,6 +176,54 @@ def moe_experts_ref(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# few tokens without gradient (decoding, draft verification): the grouped path costs a GEMM (a launch on GPU) per
+# expert. Below these sizes it is cheaper to run every expert on every token (routing weight 0 for the experts a
+# token did not choose: a handful of GEMMs for a tiny model) or to gather each token's chosen experts' weights.
+DENSE_EXPERTS_MAX_MACS = 1 << 24
+GATHER_EXPERTS_MAX_ELEMENTS = 1 << 22
+
+
+def moe_experts_dense(
+    x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """Every expert on every token, weighted by the routing weight (0 where not chosen); (T, d) -> (T, d)."""
+    E, I, d = w_up.shape
+    T = x.shape[0]
+    cdt = compute_dtype(x, topk_weight, w_up, w_down)
+    h = torch.matmul(x, w_up.reshape(E * I, d).t()).view(T, E, I)
+    weight = torch.zeros(T, E, dtype=cdt, device=x.device).scatter_add_(1, topk_idx.long(), topk_weight.to(cdt))
+    h = (torch.relu(h.to(cdt)).square() * weight[..., None]).to(x.dtype)
+    y = torch.bmm(h.transpose(0, 1), w_down.transpose(1, 2))  # (E, T, d)
+    return y.to(cdt).sum(0).to(x.dtype)
+
+
+def moe_experts_gathered(
+    x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """Each token through its k chosen experts, their weights gathered per token; (T, d) -> (T, d)."""
+    cdt = compute_dtype(x, topk_weight, w_up, w_down)
+    h = torch.matmul(w_up[topk_idx], x[:, None, :, None]).squeeze(-1)  # (T, k, I)
+    h = (torch.relu(h.to(cdt)).square() * topk_weight.to(cdt)[..., None]).to(x.dtype)
+    y = torch.matmul(w_down[topk_idx], h[..., None]).squeeze(-1)  # (T, k, d)
+    return y.to(cdt).sum(1).to(x.dtype)
+
+
+def _few_token_path(x, topk_idx, topk_weight, w_up, w_down, linear_fn):
+    """moe_experts_dense / moe_experts_gathered where they are cheaper and allowed, else None."""
+    if linear_fn is not None:  # precision emulation: every GEMM goes through it
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weight, w_up, w_down)):
+        return None  # training: the grouped path's memory does not grow with the number of experts
+    E, I, d = w_up.shape
+    T, k = topk_idx.shape
+    if T * E * I * d <= DENSE_EXPERTS_MAX_MACS:
+        return moe_experts_dense
+    if T * k * I * d <= GATHER_EXPERTS_MAX_ELEMENTS:
+        return moe_experts_gathered
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # dispatchers
 
 
@@ -227,7 +277,12 @@ def moe_experts(
     alignment: int = 1,
     linear_fn: LinearFn | None = None,
 ) -> torch.Tensor:
-    """Routed experts end to end: permute, grouped MLP with the routing weight fused, unpermute (sum)."""
+    """Routed experts end to end: permute, grouped MLP with the routing weight fused, unpermute (sum). Without
+    gradient, few tokens take :func:`moe_experts_dense` or :func:`moe_experts_gathered` (same math)."""
+    few_tokens = _few_token_path(x, topk_idx, topk_weight, w_up, w_down, linear_fn)
+    if few_tokens is not None:
+        _check_routing(x, topk_idx, w_up.shape[0], alignment)
+        return few_tokens(x, topk_idx, topk_weight, w_up, w_down)
     x_sorted, state = moe_permute(x, topk_idx, w_up.shape[0], alignment)
     y_sorted = grouped_mlp(
         x_sorted, state.tokens_per_expert_padded, w_up, w_down, row_weights(state, topk_weight), linear_fn

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from latentforge.kernels._dispatch import compute_dtype, use_triton
 
-__all__ = ["ssd_scan", "ssd_scan_ref"]
+__all__ = ["ssd_scan", "ssd_scan_ref", "ssd_update"]
 
 
 def _check_inputs(x, dt, A, B, C, D, chunk_size, seq_idx, initial_state, z):
@@ -183,3 +183,50 @@ def ssd_scan(
     return ssd_scan_ref(
         x, dt, A, B, C, D, chunk_size=chunk_size, seq_idx=seq_idx, initial_state=initial_state, z=z
     )
+
+
+def ssd_update(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    *,
+    state: torch.Tensor,
+    per_token_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode step: the recurrence token by token over s new tokens of one document, from ``state`` (b, h, p, n).
+
+    For a handful of tokens (decoding, draft verification) this is cheaper than the chunked scan, which pads every
+    call to a whole chunk. Shapes as :func:`ssd_scan`. Returns (y in x.dtype, states in state's dtype): the state
+    after the last token (b, h, p, n), or with ``per_token_states`` the state after each token (b, s, h, p, n), so
+    that a rejected draft rolls back by picking one. Computes in fp32 (fp64 when an input is fp64).
+    """
+    _check_inputs(x, dt, A, B, C, D, 1, None, state, None)
+    b, s, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g  # heads per group
+    cdt = compute_dtype(x, dt, A, B, C, D, state)
+    # grouped views, no copies: head i = (group i // r, member i % r) reads its group's B and C
+    xs = x.to(cdt).view(b, s, g, r, p)
+    Bs = B.to(cdt).view(b, s, g, 1, 1, n)
+    Cs = C.to(cdt).view(b, s, g, 1, 1, n)
+    dts = dt.to(cdt).view(b, s, g, r, 1)
+    decay = torch.exp(dts * A.to(cdt).view(g, r, 1)).unsqueeze(-1)  # (b, s, g, r, 1, 1)
+    dtx = (dts * xs).unsqueeze(-1)  # (b, s, g, r, p, 1)
+    current = state.to(cdt).view(b, g, r, p, n)
+    ys, states = [], []
+    for t in range(s):
+        current = current * decay[:, t] + dtx[:, t] * Bs[:, t]
+        ys.append((current * Cs[:, t]).sum(-1))
+        if per_token_states:
+            states.append(current)
+    y = ys[0].unsqueeze(1) if s == 1 else torch.stack(ys, dim=1)  # (b, s, g, r, p)
+    if D is not None:
+        y = y + D.to(cdt).view(g, r, 1) * xs
+    if per_token_states:
+        out_state = torch.stack(states, dim=1).view(b, s, h, p, n)
+    else:
+        out_state = current.reshape(b, h, p, n)
+    return y.reshape(b, s, h, p).to(x.dtype), out_state.to(state.dtype)

@@ -2,6 +2,10 @@
 
 `state` (inference only) is a dict {"conv": (b, conv_dim, K-1), "ssm": (b, heads, head_dim, state) fp32}: the scan
 starts from it and it is replaced by the states after the last token, so prefill and decode share one code path.
+A decode state (`"recurrent": True`, a few tokens: decoding, draft verification) takes the recurrence token by
+token instead of the chunked scan (which pads every call to a whole chunk); with `"keep_per_token": True` the
+states after every token go to "conv_per_token" (b, s, conv_dim, K-1) and "ssm_per_token" (b, s, heads,
+head_dim, state) and "conv" / "ssm" stay as they were, so a rejected draft rolls back by picking one.
 """
 
 import math
@@ -10,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.kernels.conv1d import causal_conv1d
-from latentforge.kernels.ssd import ssd_scan
+from latentforge.kernels.conv1d import causal_conv1d, causal_conv1d_update
+from latentforge.kernels.ssd import ssd_scan, ssd_update
 
 from .norm import GatedRMSNorm
 
@@ -44,6 +48,8 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self.project(x)
         if context is not None:
             y = context.mamba_mix(self, xbc, dt)
+        elif state is not None and state.get("recurrent"):
+            y = self.recurrent_mix(xbc, dt, state)
         else:
             xbc, conv_state = self.convolve(xbc, seq_idx, None if state is None else state["conv"])
             xs, B, C, dt, A = self.ssm_inputs(xbc, dt)
@@ -85,6 +91,17 @@ class Mamba2Mixer(nn.Module):
         """The chunked SSD scan (with the D skip); returns (y (b, s, h, p), the SSM state after the last token)."""
         return ssd_scan(xs, dt, A, B, C, D=self.D, chunk_size=self.chunk_size, seq_idx=seq_idx,
                         initial_state=initial_state)
+
+    def recurrent_mix(self, xbc: torch.Tensor, dt: torch.Tensor, state: dict) -> torch.Tensor:
+        """Conv + SSM of a decode state (module doc) with the kernels' decode steps; returns y (b, s, h, p)."""
+        per_token = bool(state.get("keep_per_token"))
+        xbc, conv_state = causal_conv1d_update(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                               conv_state=state["conv"], activation="silu", per_token_states=per_token)
+        xs, B, C, dt, A = self.ssm_inputs(xbc, dt)
+        y, ssm_state = ssd_update(xs, dt, A, B, C, D=self.D, state=state["ssm"], per_token_states=per_token)
+        suffix = "_per_token" if per_token else ""
+        state["conv" + suffix], state["ssm" + suffix] = conv_state, ssm_state
+        return y
 
     def gate_and_project(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Gated RMSNorm of y (b, s, h, p) by z, then out_proj."""

@@ -1,9 +1,9 @@
 """The hybrid stack run over slot rows with their states: prefill, decode / verify steps, the MTP block per depth.
 
 The layer loop is the model's own (`x = x + mixer(norm(x))`, final norm, lm_head) with the states of the engine's
-slots. Prefill uses the mixers' chunked path; steps use the recurrent Mamba path of `layers.py`, which can keep
-the state after every fed token so that a verify step is rolled back by `commit(index)` choosing, per row, the
-state after its last accepted token. Attention needs no rollback: the keys of rejected tokens sit beyond the row's
+slots. Prefill uses the mixers' chunked path; steps hand the Mamba mixers a decode state (model/mamba.py: the
+token-by-token recurrence of kernels/), which can keep the state after every fed token so that a verify step is
+rolled back by `commit(index)` choosing, per row, the state after its last accepted token. Attention needs no rollback: the keys of rejected tokens sit beyond the row's
 length, are masked by position and are overwritten by the next step.
 """
 
@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from .layers import MambaStates, mamba_recurrent, moe_inference
-from .state import SlotStates
+from .layers import moe_inference
+from .state import MambaStates, SlotStates
 
 
 @dataclass
@@ -97,11 +97,13 @@ class ModelRunner:
                 y = block.mixer(h, state=SlotStates.attention_view(state, rows, length, pos))
                 pending.append(None)
             elif block.kind == "mamba":
-                y, new = mamba_recurrent(block.mixer, h, state["conv"][rows], state["ssm"][rows], keep_positions)
+                decode = {"conv": state["conv"][rows], "ssm": state["ssm"][rows], "recurrent": True,
+                          "keep_per_token": keep_positions}
+                y = block.mixer(h, state=decode)
                 if keep_positions:
-                    pending.append(new)
+                    pending.append(MambaStates(decode["conv_per_token"], decode["ssm_per_token"]))
                 else:
-                    self._write_mamba(state, n, new)
+                    self._write_mamba(state, n, decode["conv"], decode["ssm"])
                     pending.append(None)
             else:
                 y = self._ffn(block, h, routes)
@@ -114,13 +116,13 @@ class ModelRunner:
         """Keep, per row, the Mamba/conv states after fed token index[row] (the last accepted one)."""
         for state, new in zip(self.states.layers, out.mamba):
             if new is not None:
-                self._write_mamba(state, index.shape[0], new.select(index))
+                self._write_mamba(state, index.shape[0], *new.select(index))
         out.mamba = [None] * len(out.mamba)
 
     @staticmethod
-    def _write_mamba(state: dict, n: int, new: MambaStates):
-        state["conv"][:n] = new.conv
-        state["ssm"][:n] = new.ssm
+    def _write_mamba(state: dict, n: int, conv: torch.Tensor, ssm: torch.Tensor):
+        state["conv"][:n] = conv
+        state["ssm"][:n] = ssm
 
     @torch.no_grad()
     def mtp_depth(self, depth: int, rows: slice, tokens: torch.Tensor, previous: torch.Tensor,

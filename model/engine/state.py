@@ -17,6 +17,19 @@ import torch
 
 
 @dataclass
+class MambaStates:
+    """A Mamba layer's states after each token of a verify step: conv (n, s, c, K-1), ssm (n, s, h, p, n_state)."""
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> tuple:
+        """(conv, ssm) after token index[row] of each row: the row's last accepted token."""
+        rows = torch.arange(index.shape[0], device=index.device)
+        return self.conv[rows, index], self.ssm[rows, index]
+
+
+@dataclass
 class RowSnapshot:
     """The main-model state of one row after `length` tokens (for prefix reuse). Tensors have batch dim 1."""
 

@@ -10,7 +10,7 @@ import torch
 
 from latentforge.model import HybridModel, ModelConfig
 from latentforge.model.engine import Engine, EngineConfig, SamplingParams
-from latentforge.model.engine.layers import mamba_recurrent, moe_inference
+from latentforge.model.engine.layers import moe_inference
 from latentforge.model.engine.runner import ModelRunner
 from latentforge.model.engine.state import SlotStates
 from tests.model.test_engine_sampling import _single_thread, chi_square_p_value, naive_probs  # noqa: F401
@@ -51,22 +51,30 @@ def greedy_references(fp64_model):
 
 
 # ----- layers ----------------------------------------------------------------------------------------------------
-def test_recurrent_mamba_keeps_the_chunked_scans_state_after_every_token(fp64_model):
+def test_mixer_decode_state_keeps_the_chunked_scans_state_after_every_token(fp64_model):
+    """The Mamba mixer's own forward with a decode state (recurrent path): outputs continue the chunked scan's,
+    the states after every token equal the chunked scan's final states, and "advance" ends in the last of them."""
     mixer = fp64_model.backbone.layers[0].mixer
-    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    x = torch.randn(2, 13, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     conv_dim = mixer.conv1d.weight.shape[0]
     state = {"conv": torch.zeros(2, conv_dim, 3, dtype=torch.float64),
              "ssm": torch.zeros(2, 4, 8, 8, dtype=torch.float64)}
     with torch.no_grad():
         full = mixer(x)
         head = mixer(x[:, :6], state=state)
-        tail, per_position = mamba_recurrent(mixer, x[:, 6:], state["conv"], state["ssm"], keep_positions=True)
+        verify = {**state, "recurrent": True, "keep_per_token": True}
+        tail = mixer(x[:, 6:], state=verify)
+        assert verify["conv"] is state["conv"] and verify["ssm"] is state["ssm"]  # untouched until a row commits
         torch.testing.assert_close(torch.cat([head, tail], 1), full, rtol=1e-9, atol=1e-9)
         for t in range(7):  # the state after token 6+t equals the chunked scan's final state over 7+t tokens
             fresh = {"conv": torch.zeros_like(state["conv"]), "ssm": torch.zeros_like(state["ssm"])}
             mixer(x[:, : 7 + t], state=fresh)
-            torch.testing.assert_close(per_position.conv[:, t], fresh["conv"], rtol=1e-9, atol=1e-12)
-            torch.testing.assert_close(per_position.ssm[:, t], fresh["ssm"], rtol=1e-7, atol=1e-9)
+            torch.testing.assert_close(verify["conv_per_token"][:, t], fresh["conv"], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(verify["ssm_per_token"][:, t], fresh["ssm"], rtol=1e-7, atol=1e-9)
+        advance = {**state, "recurrent": True}
+        torch.testing.assert_close(mixer(x[:, 6:], state=advance), tail, rtol=0, atol=0)
+        torch.testing.assert_close(advance["conv"], fresh["conv"], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(advance["ssm"], fresh["ssm"], rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("path", ["dense", "gather", "module"])
