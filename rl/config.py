@@ -172,6 +172,11 @@ class GRPOConfig:
     # step per batch, pi_prox = pi_theta, no extra forward
     updates_per_batch: int = 1
     max_consecutive_nonfinite: int = 3  # non-finite GRPO steps in a row (each one skipped) that stop the run
+    # fault tolerance, per launch: a dead rollout or reward worker is replaced (its prompts generated again, its
+    # samples scored again) this many times in all; a dead trainer rank rebuilds the whole trainer group from the
+    # newest checkpoint this many times (the steps after that checkpoint are trained again)
+    max_worker_restarts: int = 3
+    max_trainer_restarts: int = 1
     # rollout routing replay (R3): the trainer's MoE layers use the experts the rollout engine chose per token
     # (samples must carry `routes`); gate weights still come from the trainer's own router scores
     router_replay: bool = False
@@ -212,6 +217,9 @@ class GRPOConfig:
                   f"rl.updates_per_batch={self.updates_per_batch} (each rollout batch is that many steps)")
         _need(self.max_consecutive_nonfinite >= 1,
               f"rl.max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}")
+        for name in ("max_worker_restarts", "max_trainer_restarts"):
+            _need(getattr(self, name) >= 0, f"rl.{name} must be >= 0 (0: a death stops the run), "
+                                            f"got {getattr(self, name)}")
         _need(self.mtp_loss_weight >= 0, f"rl.mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
         for name in ("log_interval", "checkpoint_interval", "keep_last"):
             _need(getattr(self, name) >= 1, f"rl.{name} must be >= 1, got {getattr(self, name)}")

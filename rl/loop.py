@@ -23,6 +23,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import ray
+from ray.exceptions import RayActorError
 
 from latentforge.rl.actors import RewardWorker, RolloutWorker, TrainerRank, remote
 from latentforge.rl.buffer import StalenessBuffer
@@ -33,6 +34,25 @@ from latentforge.rl.prompts import PromptSource, build_records, prompt_token_ids
 from latentforge.train.checkpoint import pack, unpack
 
 COLLECT_WAIT_S = 0.2
+RESTART_COUNTERS = ("worker_restarts", "trainer_restarts")  # kept across a trainer restart's rollback
+
+
+class ActorDied(Exception):
+    def __init__(self, slot: int, handle, cause: Exception):
+        super().__init__(f"{self.role} {slot} died")
+        self.slot, self.handle, self.cause = slot, handle, cause
+
+
+class TrainerGroupDied(ActorDied):
+    """A trainer rank's process died: the driver rebuilds the group from the newest checkpoint."""
+
+    role = "trainer rank"
+
+
+class RolloutWorkerDied(ActorDied):
+    """A rollout worker's process died during a call the driver waits for: it is replaced."""
+
+    role = "rollout worker"
 
 
 class GRPOLoop:
@@ -60,8 +80,14 @@ class GRPOLoop:
         self.inflight: Dict[int, dict] = {}  # uid -> {"worker", "left"}
         self._training = 0  # groups of the step whose weights are not pushed yet
         self._futures: Dict = {}  # ObjectRef -> (kind, payload)
-        self._eval_results: List = []
-        self._eval_pending = 0
+        self._eval_results: Dict = {}  # (prompt index, sample index) -> scored held-out sample
+        self._eval_requests: Dict[int, List[dict]] = {}  # rollout slot -> its held-out requests (resent on death)
+        self._attempts = 0  # groups admitted in this launch: a group's samples carry their admission's number
+        self._needs_push = False  # a replacement rollout worker waits for the current weights
+        self._sync_stale = False  # the broadcast group lost a member: rebuilt before the next push
+        self._last_stats: List[dict] = []  # rollout counters at the last step (metrics are differences)
+        self._launch_state: Optional[dict] = None  # loop state a trainer restart without checkpoint goes back to
+        self.logger = None
         self.counters = collections.Counter()
         self.history: List[dict] = []
         self._step_filtered: List[int] = []  # zero-advantage groups since the last step (logged with it)
@@ -105,7 +131,6 @@ class GRPOLoop:
 
     def _spawn(self) -> None:
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         cfg = self.cfg
         tc, rc, wc = cfg.trainer, cfg.rollout, cfg.reward
@@ -114,97 +139,147 @@ class GRPOLoop:
                    + [_bundle(wc.cpus_per_worker, 0)] * wc.num_workers)
         self.placement = placement_group(bundles, strategy="PACK")
         ray.get(self.placement.ready(), timeout=600)
+        self._actor_env = {"env_vars": {
+            "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
+            "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p)}}
+        self._spawn_trainers()
+        self._incarnations = 0  # rollout worker processes started so far (each gets a fresh sampling seed)
+        self.rollouts = [self._new_rollout(i) for i in range(rc.num_workers)]
+        self.rewarders = [self._new_rewarder(i) for i in range(wc.num_workers)]
+        self._reward_load = [0] * wc.num_workers
+        self._worker_groups = [0] * rc.num_workers
+        self._sync_stale = rc.weight_sync == "broadcast"  # the sync group is (re)built before the next push
 
-        def at(i):
-            return PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=i)
+    def _at(self, bundle: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        env = {"env_vars": {"WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
-                            "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p)}}
-        trainer_cls = remote(TrainerRank, num_cpus=tc.cpus_per_rank, num_gpus=tc.gpus_per_rank, runtime_env=env)
-        self.trainers = [trainer_cls.options(scheduling_strategy=at(r)).remote(r, tc.num_ranks, tc.threads_per_rank)
+        return PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=bundle)
+
+    def _spawn_trainers(self) -> None:
+        tc = self.cfg.trainer
+        trainer_cls = remote(TrainerRank, num_cpus=tc.cpus_per_rank, num_gpus=tc.gpus_per_rank,
+                             runtime_env=self._actor_env)
+        self.trainers = [trainer_cls.options(scheduling_strategy=self._at(r)).remote(r, tc.num_ranks,
+                                                                                     tc.threads_per_rank)
                          for r in range(tc.num_ranks)]
         master = ray.get(self.trainers[0].address.remote())
-        self.trainer_info = ray.get([t.setup.remote(master, self.model_cfg, cfg, self.optim_cfg, self.run_dir,
+        self.trainer_info = ray.get([t.setup.remote(master, self.model_cfg, self.cfg, self.optim_cfg, self.run_dir,
                                                     self.parallel_cfg, self.precision_cfg) for t in self.trainers])
 
-        stop_ids = [self.tokenizer.im_end_id, self.tokenizer.eod_id]
+    def _new_rollout(self, slot: int):
+        cfg, rc = self.cfg, self.cfg.rollout
         rollout_cls = remote(RolloutWorker, num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker,
-                             max_concurrency=4, runtime_env=env)
-        base = tc.num_ranks
-        self.rollouts = [rollout_cls.options(scheduling_strategy=at(base + i)).remote(
-            i, self.model_cfg, rc, self.max_seq_len, stop_ids, cfg.seed + 1000 * (i + 1), None,
-            rc.threads_per_worker, tokenizer_spec=self.tokenizer_spec if self.has_envs else None,
-            record_routes=cfg.router_replay)
-            for i in range(rc.num_workers)]
-        reward_cls = remote(RewardWorker, num_cpus=wc.cpus_per_worker, runtime_env=env)
-        base += rc.num_workers
-        self.rewarders = [reward_cls.options(scheduling_strategy=at(base + i)).remote(wc, self.tokenizer_spec)
-                          for i in range(wc.num_workers)]
-        self._reward_load = [0] * wc.num_workers
+                             max_concurrency=4, runtime_env=self._actor_env)
+        # a replacement samples with other random numbers than the worker it replaces (the per-request seeds,
+        # which make a group's samples reproducible, are unchanged)
+        seed = cfg.seed + 1000 * (slot + 1) + 100_000 * (self._incarnations // rc.num_workers)
+        self._incarnations += 1
+        stop_ids = [self.tokenizer.im_end_id, self.tokenizer.eod_id]
+        return rollout_cls.options(scheduling_strategy=self._at(cfg.trainer.num_ranks + slot)).remote(
+            slot, self.model_cfg, rc, self.max_seq_len, stop_ids, seed, None, rc.threads_per_worker,
+            tokenizer_spec=self.tokenizer_spec if self.has_envs else None, record_routes=cfg.router_replay)
 
-        if rc.weight_sync == "broadcast":
-            backend = "nccl" if (tc.gpus_per_rank > 0 and rc.gpus_per_worker > 0) else "gloo"
-            host, port = ray.get(self.trainers[0].address.remote())
-            world = 1 + rc.num_workers
-            ray.get([self.trainers[0].join_sync_group.remote(host, port, world, backend)]
-                    + [w.join_sync_group.remote(host, port, 1 + i, world, backend)
-                       for i, w in enumerate(self.rollouts)])
-        self._worker_groups = [0] * rc.num_workers
+    def _new_rewarder(self, slot: int):
+        wc = self.cfg.reward
+        reward_cls = remote(RewardWorker, num_cpus=wc.cpus_per_worker, runtime_env=self._actor_env)
+        bundle = self.cfg.trainer.num_ranks + self.cfg.rollout.num_workers + slot
+        return reward_cls.options(scheduling_strategy=self._at(bundle)).remote(wc, self.tokenizer_spec)
+
+    def _join_sync_group(self) -> None:
+        """(Re)build the broadcast group of trainer rank 0 and every rollout worker (after a start or a death:
+        a collective group cannot lose a member, so every member leaves the old one and joins a new one)."""
+        tc, rc = self.cfg.trainer, self.cfg.rollout
+        backend = "nccl" if (tc.gpus_per_rank > 0 and rc.gpus_per_worker > 0) else "gloo"
+        host, port = ray.get(self.trainers[0].address.remote())
+        world = 1 + rc.num_workers
+        joins = ([(self.trainers[0].join_sync_group.remote(host, port, world, backend),
+                   ("trainer", 0, self.trainers[0]))]
+                 + [(w.join_sync_group.remote(host, port, 1 + i, world, backend), ("rollout", i, w))
+                    for i, w in enumerate(self.rollouts)])
+        self._pump_until([ref for ref, _ in joins], owners=dict(joins))
+        self._sync_stale = False
 
     # ================================================================== checkpoint / resume
     def _resume(self) -> Optional[dict]:
-        if not self.cfg.resume:
-            return None
-        path = ray.get(self.trainers[0].latest_checkpoint.remote())
+        path = ray.get(self.trainers[0].latest_checkpoint.remote()) if self.cfg.resume else None
         if path is None:
+            # what a trainer restart before the first checkpoint goes back to (fresh weights are seeded: the same)
+            self._launch_state = self._loop_state()
             return None
-        blobs = ray.get([t.load_checkpoint.remote(path) for t in self.trainers])
-        state = unpack(blobs[0])
-        self.version = state["version"]
-        self.source.load_state_dict(state["prompts"])
-        self.buffer.load_state_dict(state["buffer"])
-        self.counters.update(state["counters"])
+        state = self._load_checkpoint(path)
         self.print(f"resumed from {path} at step {self.version} (next prompt uid {self.source.next_uid}, "
                    f"{len(state['prompts']['returned'])} prompts to regenerate, {len(self.buffer)} buffered groups)")
         return state
 
-    def save_checkpoint(self) -> str:
+    def _load_checkpoint(self, path: str) -> dict:
+        blobs = self._on_trainers([t.load_checkpoint.remote(path) for t in self.trainers])
+        state = unpack(blobs[0])
+        self._restore(state)
+        return state
+
+    def _restore(self, state: dict) -> None:
+        restarts = {k: self.counters[k] for k in RESTART_COUNTERS}
+        self.version = state["version"]
+        self.source.load_state_dict(state["prompts"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.counters = collections.Counter(state["counters"])
+        self.counters.update({k: v for k, v in restarts.items() if v})
+
+    def _loop_state(self) -> dict:
         prompts = self.source.state_dict()
         # groups still being generated or scored are not saved: their prompts are served again after a resume
         prompts["returned"] = sorted(set(prompts["returned"]) | set(self.inflight))
-        state = {"version": self.version, "prompts": prompts, "buffer": self.buffer.state_dict(),
-                 "counters": dict(self.counters), "wandb_run_id": self.logger.run_id}
-        blob = pack(state)
-        paths = ray.get([t.save_checkpoint.remote(blob) for t in self.trainers])
-        return paths[0]
+        return {"version": self.version, "prompts": prompts, "buffer": self.buffer.state_dict(),
+                "counters": dict(self.counters), "wandb_run_id": getattr(self.logger, "run_id", None)}
+
+    def save_checkpoint(self) -> str:
+        blob = pack(self._loop_state())
+        return self._on_trainers([t.save_checkpoint.remote(blob) for t in self.trainers])[0]
 
     # ================================================================== weights
     def _push_weights(self) -> dict:
-        """Trainer weights (version self.version) -> every rollout worker; rollouts keep running meanwhile."""
+        """Trainer weights (version self.version) -> every rollout worker; rollouts keep running meanwhile. A
+        rollout worker that dies meanwhile is replaced and the push starts again (a worker that has these weights
+        already skips applying them)."""
+        while True:
+            try:
+                if self._sync_stale:
+                    self._join_sync_group()
+                result = self._push_once()
+                break
+            except RolloutWorkerDied as died:
+                self._replace_rollout(died.slot, died.cause, died.handle)
+        self.pushed_version = self.version
+        self._needs_push = False
+        return result
+
+    def _push_once(self) -> dict:
         rc = self.cfg.rollout
         start = time.perf_counter()
         if rc.weight_sync == "broadcast":
             trainer_futs = [t.push_broadcast.remote(rc.sync_bucket_mb) for t in self.trainers]
             worker_futs = [w.receive_broadcast.remote() for w in self.rollouts]
-            self._pump_until(trainer_futs + worker_futs)
+        else:
+            # rank 0's tensors go into the object store once; each worker fetches them (the reference is resolved
+            # into the call's argument), the driver never holds them
+            trainer_futs = [t.export_weights.remote() for t in self.trainers]
+            worker_futs = [w.load_weights.remote(trainer_futs[0], self.version) for w in self.rollouts]
+        owners = {**_owners("trainer", trainer_futs, self.trainers), **_owners("rollout", worker_futs, self.rollouts)}
+        self._pump_until(trainer_futs + worker_futs, owners=owners)
+        if rc.weight_sync == "broadcast":
             sent = ray.get(trainer_futs[0])
             received = ray.get(worker_futs)
             result = {"sync_s": sent["sync_s"], "sync_gather_s": sent["gather_s"], "sync_bytes": sent["bytes"],
                       "receive_s": max(r["receive_s"] for r in received)}
         else:
-            # rank 0's tensors go into the object store once; each worker fetches them (the reference is resolved
-            # into the call's argument), the driver never holds them
-            exports = [t.export_weights.remote() for t in self.trainers]
-            loads = [w.load_weights.remote(exports[0], self.version) for w in self.rollouts]
-            self._pump_until(exports + loads)
             result = {"sync_s": time.perf_counter() - start}
-        self.pushed_version = self.version
         result["push_wall_s"] = time.perf_counter() - start
         return result
 
     # ================================================================== the event pump
     def _issue_collect(self, i: int) -> None:
-        self._futures[self.rollouts[i].collect.remote(COLLECT_WAIT_S)] = ("collect", i)
+        handle = self.rollouts[i]
+        self._futures[handle.collect.remote(COLLECT_WAIT_S)] = ("collect", i, handle)
 
     def _admit(self) -> None:
         if self.pushed_version < 0 or self._evaluating:
@@ -214,17 +289,18 @@ class GRPOLoop:
             uid, record = self.source.take()
             worker = min(range(len(self.rollouts)), key=lambda i: self._worker_groups[i])
             self._worker_groups[worker] += 1
+            self._attempts += 1
             ids = self._ids(record)
             requests = [{"group_id": uid, "sample_index": j, "prompt_ids": ids, "kind": "train",
-                         "seed": sample_seed(self.cfg.seed, uid, j), "min_version": self.pushed_version,
-                         **_episode_fields(record)} for j in range(self.G)]
-            self.inflight[uid] = {"worker": worker, "left": self.G}
-            self.rollouts[worker].submit.remote(requests)
+                         "attempt": self._attempts, "seed": sample_seed(self.cfg.seed, uid, j),
+                         "min_version": self.pushed_version, **_episode_fields(record)} for j in range(self.G)]
+            self.inflight[uid] = {"worker": worker, "left": self.G, "attempt": self._attempts}
+            self.rollouts[worker].submit.remote(requests)  # a dead worker: its collect says so
             self.counters["groups_admitted"] += 1
 
     def _pump(self, extra=(), wait_s: float = 0.05) -> None:
-        """Admit, then handle whatever finished (samples, scores); returns after `wait_s` at most, or as soon as
-        something in `extra` (train / push futures) is done."""
+        """Admit, then handle whatever finished (samples, scores, deaths); returns after `wait_s` at most, or as
+        soon as something in `extra` (train / push futures) is done."""
         self._admit()
         watch = list(self._futures) + list(extra)
         ready, _ = ray.wait(watch, num_returns=1, timeout=wait_s)
@@ -233,31 +309,65 @@ class GRPOLoop:
         for ref in ready:
             if ref not in self._futures:
                 continue
-            kind, payload = self._futures.pop(ref)
+            kind, slot, handle, *work = self._futures.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayActorError as exc:
+                self._on_death(kind, slot, handle, work, exc)
+                continue
             if kind == "collect":
-                self._on_samples(ray.get(ref))
-                self._issue_collect(payload)
+                self._on_samples(result)
+                self._issue_collect(slot)
             elif kind == "reward":
-                self._reward_load[payload] -= 1
-                self._on_scored(ray.get(ref))
+                self._reward_load[slot] -= 1
+                self._on_scored(result)
 
-    def _pump_until(self, futures) -> None:
-        futures = list(futures)
+    def _pump_until(self, futures, owners: Optional[dict] = None) -> list:
+        """Pump until every future is done; their results. A finished future whose actor died raises
+        TrainerGroupDied / RolloutWorkerDied at once (`owners`: ref -> (role, index, handle)),
+        without waiting for the others (a dead rank's peers may wait in a collective forever)."""
+        futures, owners = list(futures), owners or {}
         while True:
             done, _ = ray.wait(futures, num_returns=len(futures), timeout=0)
+            for ref in done:
+                self._raise_if_died(ref, owners)
             if len(done) == len(futures):
-                ray.get(futures)  # raise errors
-                return
+                return ray.get(futures)
             self._pump(extra=futures)
+
+    def _raise_if_died(self, ref, owners: dict) -> None:
+        try:
+            ray.get(ref)
+        except RayActorError as exc:
+            if ref not in owners:
+                raise
+            kind, index, handle = owners[ref]
+            raise (TrainerGroupDied if kind == "trainer" else RolloutWorkerDied)(index, handle, exc) from exc
+        except Exception:
+            # a rank whose peer died fails in its collective: report the death, not the symptom
+            for other, owner in owners.items():
+                if owner[0] == "trainer" and other is not ref:
+                    ready, _ = ray.wait([other], timeout=10.0)
+                    if ready:
+                        self._raise_if_died(other, {other: owner})
+            raise
+
+    def _on_trainers(self, futures) -> list:
+        """A collective call on every trainer rank, pumping rollouts and rewards meanwhile."""
+        return self._pump_until(futures, owners=_owners("trainer", futures, self.trainers))
 
     def _on_samples(self, samples) -> None:
         if not samples:
             return
         records = [self.eval_records[s.group_id] if s.meta.get("kind") == "eval" else self.source.record(s.group_id)
                    for s in samples]
+        self._score(samples, records)
+
+    def _score(self, samples, records) -> None:
         i = min(range(len(self.rewarders)), key=lambda k: self._reward_load[k])
         self._reward_load[i] += 1
-        self._futures[self.rewarders[i].score.remote(samples, records)] = ("reward", i)
+        handle = self.rewarders[i]
+        self._futures[handle.score.remote(samples, records)] = ("reward", i, handle, samples, records)
 
     def _on_scored(self, samples) -> None:
         for s in samples:
@@ -269,11 +379,11 @@ class GRPOLoop:
                     self.print(f"reward function {f['function']} failed ({f['status']}), scored 0: "
                                f"{f['message'].strip().splitlines()[-1] if f['message'].strip() else ''}")
             if s.meta.get("kind") == "eval":
-                self._eval_results.append(s)
+                self._eval_results[(s.group_id, s.sample_index)] = s
                 continue
             entry = self.inflight.get(s.group_id)
-            if entry is None:  # a group abandoned at a checkpoint boundary of an earlier launch: never happens live
-                continue
+            if entry is None or entry["attempt"] != s.meta.get("attempt"):
+                continue  # its group was re-queued (worker death, trainer restart): a newer attempt counts
             entry["left"] -= 1
             status = self.buffer.add(s)
             if entry["left"] == 0:
@@ -289,13 +399,88 @@ class GRPOLoop:
             self.source.give_back([g.group_id for g in stale])
             self.counters["groups_stale_dropped"] += len(stale)
 
+    # ================================================================== failures
+    def _on_death(self, kind: str, slot: int, handle, work: list, exc: Exception) -> None:
+        if kind == "collect":
+            self._replace_rollout(slot, exc, handle)
+        else:
+            self._reward_load[slot] -= 1
+            if handle is self.rewarders[slot]:
+                self._count_restart(f"reward worker {slot}", exc)
+                _kill(handle)
+                self.rewarders[slot] = self._new_rewarder(slot)
+                self._reward_load[slot] = 0
+            self._score(*work)  # the samples it was scoring: scored again, none lost
+
+    def _replace_rollout(self, slot: int, exc: Exception, handle) -> None:
+        """A new worker process in the dead one's place; its groups are generated again from scratch (samples of
+        theirs still being scored are ignored by their attempt number)."""
+        if handle is not self.rollouts[slot]:
+            return  # a call to an earlier incarnation: replaced already
+        self._count_restart(f"rollout worker {slot}", exc)
+        _kill(handle)
+        requeued = sorted(uid for uid, entry in self.inflight.items() if entry["worker"] == slot)
+        for uid in requeued:
+            self.buffer.drop_partial(uid)
+            del self.inflight[uid]
+        self.source.give_back(requeued)
+        self.counters["groups_requeued"] += len(requeued)
+        self._worker_groups[slot] = 0
+        self.rollouts[slot] = self._new_rollout(slot)
+        if slot < len(self._last_stats):
+            self._last_stats[slot] = ray.get(self.rollouts[slot].stats.remote())  # counters start at 0 again
+        self._issue_collect(slot)
+        self._sync_stale = self.cfg.rollout.weight_sync == "broadcast"
+        self._needs_push = True  # the newcomer has no weights: the next chance to push sends them
+        if self._evaluating:
+            self.rollouts[slot].submit.remote([r for r in self._eval_requests.get(slot, [])
+                                               if (r["group_id"], r["sample_index"]) not in self._eval_results])
+        self.print(f"rollout worker {slot} died ({type(exc).__name__}); replaced, {len(requeued)} prompts re-queued")
+
+    def _restart_trainers(self, died: TrainerGroupDied) -> None:
+        """Every rank is replaced (a collective group cannot lose a member) and starts from the newest checkpoint;
+        the loop goes back to that checkpoint's state: the steps after it are trained again, from the same
+        prompts."""
+        self._count_restart(f"trainer rank {died.slot}", died.cause, budget="trainer")
+        for handle in self.trainers:
+            _kill(handle)
+        # work in flight belongs to the abandoned steps: dropped (late samples are ignored by attempt number),
+        # and nothing is admitted until the workers hold the checkpoint's weights
+        for w in self.rollouts:
+            w.drop_requests.remote("train")
+        self.inflight.clear()
+        self._worker_groups = [0] * len(self.rollouts)
+        self._training = 0
+        self._step_filtered = []
+        self.pushed_version = -1
+        self._spawn_trainers()
+        path = ray.get(self.trainers[0].latest_checkpoint.remote())
+        if path is not None:
+            self._load_checkpoint(path)
+        else:
+            self._restore(self._launch_state)
+        self._sync_stale = self.cfg.rollout.weight_sync == "broadcast"
+        self._push_weights()
+        self.print(f"{died} ({type(died.cause).__name__}); trainer group rebuilt from "
+                   f"{path or 'the initial weights'}, continuing at step {self.version}")
+
+    def _count_restart(self, who: str, exc: Exception, budget: str = "worker") -> None:
+        key, limit = (("trainer_restarts", self.cfg.max_trainer_restarts) if budget == "trainer"
+                      else ("worker_restarts", self.cfg.max_worker_restarts))
+        self.counters[key] += 1
+        if self.counters[key] > limit:
+            raise RuntimeError(
+                f"{who} died ({type(exc).__name__}) and the run has used its {limit} restarts "
+                f"(rl.max_{key}={limit}): stopping. Newest checkpoint: {newest_checkpoint(self.run_dir)}; raise "
+                f"rl.max_{key} or find why the processes die (out of memory? see the Ray logs)") from exc
+
     # ================================================================== evaluation
     def evaluate(self) -> dict:
         """Held-out prompts with the current weights: one greedy answer each (`eval_temperature`, 0 = greedy) for
         reward and accuracy, plus `eval_samples` answers each at the rollout temperature (the distribution RL
         optimises) with fixed seeds, so evaluations before and after training draw the same random numbers."""
         start = time.perf_counter()
-        self._eval_results = []
+        self._eval_results = {}
         n = len(self.eval_records)
         if n == 0:
             return {}
@@ -310,16 +495,19 @@ class GRPOLoop:
                      **_episode_fields(record)})
         for w, requests in per_worker.items():
             self.rollouts[w].submit.remote(requests)
+        self._eval_requests = dict(per_worker)
         self._evaluating = True
         try:
             while len(self._eval_results) < n * (1 + k):
                 if self.stop_requested():
                     return {}  # preempted: the evaluation is abandoned, the checkpoint matters
                 self._pump()
+                if self._needs_push:
+                    self._push_weights()
         finally:
             self._evaluating = False
-        results = sorted(self._eval_results, key=lambda s: (s.group_id, s.sample_index))
-        self._eval_results = []
+        results = [self._eval_results[key] for key in sorted(self._eval_results)]
+        self._eval_results, self._eval_requests = {}, {}
         greedy = [s for s in results if s.sample_index == 0]
         sampled = [s for s in results if s.sample_index > 0]
         out = {"eval_reward": _mean(s.reward for s in greedy),
@@ -349,61 +537,20 @@ class GRPOLoop:
                 summary["eval_before"] = first
                 self.logger.log({"step": self.version, **first}, console=False)
                 self.print(f"eval before step {self.version}: {describe_eval(first)} ({first['eval_s']:.1f}s)")
-        last_stats = self._rollout_stats()
-        trainer_wait = 0.0
-        saved_version = self.version if self.version > 0 else None  # a resumed version is on disk already
+        self._last_stats = self._rollout_stats()
+        self._trainer_wait = 0.0
+        self._saved_version = self.version if self.version > 0 else None  # a resumed version is on disk already
         while self.version < cfg.last_step:
-            step_start = time.perf_counter()
-            filtered_before = self.counters["groups_zero_advantage"]
-            while self.buffer.num_ready(self.version) < self.B and not self.stop_requested():
-                self._pump()
-                self._evict_stale()
-                if self.counters["groups_zero_advantage"] - filtered_before > max(1000, 100 * self.B):
-                    raise RuntimeError(
-                        f"{self.counters['groups_zero_advantage'] - filtered_before} groups in a row had equal "
-                        "rewards for every sample (no learning signal): the policy solves all or none of these "
-                        "prompts. Start from a better (SFT'd) checkpoint, change the tasks, raise "
-                        "rl.rollout.group_size or temperature, or set rl.filter_zero_advantage=false")
-            if self.stop_requested():
-                break  # the step never started: its buffered groups go into the checkpoint
-            waited = time.perf_counter() - step_start
-            trainer_wait += waited
-            groups = self.buffer.pop(self.B, self.version)
-            self._training = len(groups)
-            groups_ref = ray.put(groups)
-            train_futs = [t.train_step.remote(groups_ref) for t in self.trainers]
-            self._pump_until(train_futs)
-            train = ray.get(train_futs[0])
-            trained_version = self.version
-            self.version += cfg.updates_per_batch  # a version per optimizer step: staleness counts them
-            push = self._push_weights()
-            self._training = 0
-            self._evict_stale()
-            stats = self._rollout_stats()
-            wall = time.perf_counter() - self.wall_start - self.eval_time
-            self.counters["samples_overlong"] += sum(s.truncated for g in groups for s in g.samples)
-            metrics = step_metrics(
-                trained_version, groups, train, push, stats, last_stats, normalize_std=cfg.loss.normalize_std,
-                waited=waited, wall=wall, previous_wall=self.history[-1]["wall_s"] if self.history else 0.0,
-                trainer_wait=trainer_wait, counters=self.counters, filtered=self._step_filtered)
-            metrics.update(episode_metrics(s for g in groups for s in g.samples))
-            last_stats = stats
-            self._step_filtered = []
-            if (cfg.eval_interval and crossed(trained_version, self.version, cfg.eval_interval)
-                    and self.version < cfg.last_step and not self.stop_requested()):
-                ev = self.evaluate()
-                self.eval_time += ev.get("eval_s", 0.0)
-                metrics.update(ev)
-            self.logger.log(metrics)
-            self.history.append(metrics)
-            if (crossed(trained_version, self.version, cfg.checkpoint_interval) or self.version >= cfg.last_step
-                    or self.stop_requested()):
-                metrics["checkpoint"] = self.save_checkpoint()
-                saved_version = self.version
+            try:
+                if not self._step():
+                    break
+            except TrainerGroupDied as died:
+                self._restart_trainers(died)
+                self._saved_version = self.version if self.version > 0 else None
         wall = time.perf_counter() - self.wall_start - self.eval_time
         reason = self.stop_requested()
         if reason:  # preempted: checkpoint first (unless this step already wrote it), no final evaluation
-            path = self.save_checkpoint() if saved_version != self.version else None
+            path = self.save_checkpoint() if self._saved_version != self.version else None
             self.print(f"stopping at step {self.version} ({reason}): checkpoint saved"
                        + (f" to {path}" if path else ""))
             summary.update(steps=self.version, wall_s=wall, counters=dict(self.counters), stopped=reason)
@@ -415,8 +562,70 @@ class GRPOLoop:
             self.print(f"eval after step {self.version}: {describe_eval(final)}; training wall time {wall:.1f}s")
         return summary
 
+    def _step(self) -> bool:
+        """Wait for a batch, train it, push the weights, log, checkpoint; False: preempted before the step."""
+        cfg = self.cfg
+        step_start = time.perf_counter()
+        if not self._collect_batch():
+            return False  # the step never started: its buffered groups go into the checkpoint
+        waited = time.perf_counter() - step_start
+        self._trainer_wait += waited
+        groups = self.buffer.pop(self.B, self.version)
+        self._training = len(groups)
+        groups_ref = ray.put(groups)
+        train = self._on_trainers([t.train_step.remote(groups_ref) for t in self.trainers])[0]
+        trained_version = self.version
+        self.version += cfg.updates_per_batch  # a version per optimizer step: staleness counts them
+        push = self._push_weights()
+        self._training = 0
+        self._evict_stale()
+        stats = self._rollout_stats()
+        wall = time.perf_counter() - self.wall_start - self.eval_time
+        self.counters["samples_overlong"] += sum(s.truncated for g in groups for s in g.samples)
+        metrics = step_metrics(
+            trained_version, groups, train, push, stats, self._last_stats, normalize_std=cfg.loss.normalize_std,
+            waited=waited, wall=wall, previous_wall=self.history[-1]["wall_s"] if self.history else 0.0,
+            trainer_wait=self._trainer_wait, counters=self.counters, filtered=self._step_filtered)
+        metrics.update(episode_metrics(s for g in groups for s in g.samples))
+        metrics.update({k: self.counters[k] for k in RESTART_COUNTERS + ("groups_requeued",)})
+        self._last_stats = stats
+        self._step_filtered = []
+        if (cfg.eval_interval and crossed(trained_version, self.version, cfg.eval_interval)
+                and self.version < cfg.last_step and not self.stop_requested()):
+            ev = self.evaluate()
+            self.eval_time += ev.get("eval_s", 0.0)
+            metrics.update(ev)
+        self.logger.log(metrics)
+        self.history.append(metrics)
+        if (crossed(trained_version, self.version, cfg.checkpoint_interval) or self.version >= cfg.last_step
+                or self.stop_requested()):
+            metrics["checkpoint"] = self.save_checkpoint()
+            self._saved_version = self.version
+        return True
+
+    def _collect_batch(self) -> bool:
+        """Pump until the buffer holds a step's groups; False when a stop was requested first."""
+        filtered_before = self.counters["groups_zero_advantage"]
+        while self.buffer.num_ready(self.version) < self.B and not self.stop_requested():
+            self._pump()
+            if self._needs_push:
+                self._push_weights()
+            self._evict_stale()
+            if self.counters["groups_zero_advantage"] - filtered_before > max(1000, 100 * self.B):
+                raise RuntimeError(
+                    f"{self.counters['groups_zero_advantage'] - filtered_before} groups in a row had equal "
+                    "rewards for every sample (no learning signal): the policy solves all or none of these "
+                    "prompts. Start from a better (SFT'd) checkpoint, change the tasks, raise "
+                    "rl.rollout.group_size or temperature, or set rl.filter_zero_advantage=false")
+        return not self.stop_requested()
+
     def _rollout_stats(self) -> list:
-        return ray.get([w.stats.remote() for w in self.rollouts])
+        while True:
+            futures = [w.stats.remote() for w in self.rollouts]
+            try:
+                return self._pump_until(futures, owners=_owners("rollout", futures, self.rollouts))
+            except RolloutWorkerDied as died:
+                self._replace_rollout(died.slot, died.cause, died.handle)
 
 
     # ================================================================== teardown
@@ -494,6 +703,24 @@ def sample_seed(run_seed: int, uid: int, index: int) -> int:
     """The sampling seed of sample `index` of prompt `uid`: the same on every machine and after a resume
     (Python hashes tuples of ints deterministically)."""
     return hash((run_seed, uid, index)) & (2 ** 63 - 1)
+
+
+def _owners(role: str, futures: list, handles: list) -> dict:
+    """ref -> (role, index, handle) of calls made one per actor, in order."""
+    return {ref: (role, i, handle) for i, (ref, handle) in enumerate(zip(futures, handles))}
+
+
+def newest_checkpoint(run_dir: str) -> str:
+    folder = os.path.join(run_dir, "checkpoints")
+    steps = sorted(d for d in os.listdir(folder) if d.startswith("step_")) if os.path.isdir(folder) else []
+    return os.path.join(folder, steps[-1]) if steps else "none yet"
+
+
+def _kill(handle) -> None:
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # noqa: BLE001 - dead already
+        pass
 
 
 def _bundle(cpus: float, gpus: float) -> dict:

@@ -109,6 +109,9 @@ class RolloutWorker:
         return version
 
     def join_sync_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> int:
+        """Join (or, after a member died, re-join) the weight-sync group."""
+        if self._sync is not None:
+            self._sync.close()
         self._sync = WeightSyncGroup(host, port, rank, world_size, backend)
         return rank
 
@@ -161,6 +164,8 @@ class RolloutWorker:
                 self._have_done.notify_all()
 
     def _apply(self, tensors, version):
+        if version == self.engine.version:
+            return  # a push repeated for a replaced worker: these weights are loaded already
         start = time.perf_counter()
         self.engine.update_weights(tensors, version)
         self._counters["stall_s"] += time.perf_counter() - start
@@ -184,7 +189,8 @@ class RolloutWorker:
                 top_p=1.0 if eval_mode else self.cfg.top_p, top_k=0 if eval_mode else self.cfg.top_k,
                 max_new_tokens=req.get("max_new_tokens", self.cfg.max_new_tokens),
                 stop_token_ids=self.stop_token_ids, seed=req.get("seed"))
-            rid = req.get("rid") or f"{req.get('kind', 'train')}:{req['group_id']}:{req['sample_index']}"
+            rid = req.get("rid") or ":".join(str(x) for x in (req.get("kind", "train"), req["group_id"],
+                                                               req["sample_index"], req.get("attempt")))
             self._meta[rid] = req
             self.engine.add_request(req["prompt_ids"], params, request_id=rid)
 
@@ -193,6 +199,8 @@ class RolloutWorker:
         for r in results:
             req = self._meta.pop(r.request_id)
             self._counters["generated_tokens"] += len(r.token_ids)
+            if r.finish_reason == "abort":
+                continue  # dropped by the driver (drop_requests)
             if self.episodes is not None and self.episodes.owns(r.request_id):
                 self.episodes.on_generated(r)  # one turn of an episode: its environment answers
                 continue
@@ -200,7 +208,8 @@ class RolloutWorker:
                                   prompt_ids=list(req["prompt_ids"]), completion_ids=list(r.token_ids),
                                   logprobs=[float(x) for x in r.logprobs], versions=[int(v) for v in r.versions],
                                   finish_reason=r.finish_reason or "length", routes=r.routes,
-                                  meta={"kind": req.get("kind", "train"), "worker": self.index}))
+                                  meta={"kind": req.get("kind", "train"), "worker": self.index,
+                                        "attempt": req.get("attempt")}))
             self._counters["finished"] += 1
         with self._lock:
             self._done.extend(samples)
@@ -216,6 +225,15 @@ class RolloutWorker:
             self._counters["finished"] += 1
             self._done.append(sample)
             self._have_done.notify_all()
+
+    def drop_requests(self, kind: str = "train") -> int:
+        """Forget every request of `kind` (queued ones, and running ones aborted): the driver abandoned their
+        steps (a trainer restart goes back to a checkpoint). Returns how many running ones were aborted."""
+        with self._lock:
+            self._queue = deque(r for r in self._queue if r.get("kind", "train") != kind)
+            self._done = [s for s in self._done if s.meta.get("kind") != kind]
+            doomed = [rid for rid, req in self._meta.items() if req.get("kind", "train") == kind]
+        return sum(self.engine.abort(rid) for rid in doomed)
 
     # ----- bookkeeping ---------------------------------------------------------------------------------------
     def stats(self) -> dict:

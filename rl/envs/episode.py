@@ -66,7 +66,8 @@ class _Episode:
     @property
     def key(self) -> str:
         r = self.request
-        return f"{r.get('kind', 'train')}:{r['group_id']}:{r['sample_index']}"
+        attempt = f":{r['attempt']}" if r.get("attempt") is not None else ""  # a re-queued group's new try
+        return f"{r.get('kind', 'train')}:{r['group_id']}:{r['sample_index']}{attempt}"
 
 
 def assistant_message(text: str, thinking: bool) -> dict:
@@ -212,6 +213,7 @@ class EpisodeRunner:
                             finish_reason=episode.finish_reason, reward=episode.reward, reward_info=info,
                             text=self.tokenizer.decode(episode.ids),
                             meta={"kind": request.get("kind", "train"), "worker": self.worker_index,
+                                  "attempt": request.get("attempt"),
                                   "episode": True, "turns": episode.turns, "generated_tokens": len(generated)},
                             completion_mask=list(episode.mask),
                             routes=torch.cat(episode.routes) if episode.routes else None))
