@@ -50,6 +50,11 @@ def from_dict(cls: Type[T], values: Any, prefix: str, error: Type[Exception] = S
         raise error(f"{prefix} must be a mapping of {cls.__name__} fields, got {values!r}")
     settable = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - set(settable))
+    moved = {key: getattr(cls, "MOVED_KEYS", {}).get(key) for key in unknown}
+    if any(moved.values()):
+        where = f"{prefix}." if prefix else ""
+        raise error("; ".join(f"{where}{key} is now {where}{new}" for key, new in moved.items() if new)
+                    + ": rename it in the recipe or override")
     if unknown and not prefix:
         raise error(f"unknown option(s) {unknown}; options: {', '.join(sorted(settable))}")
     if unknown:

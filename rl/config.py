@@ -7,8 +7,9 @@ the trainer's parallel layout from `parallel`; everything about the RL loop live
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import ClassVar, List, Optional
 
+from latentforge.model.engine.config import EngineConfig, SamplingParams
 from latentforge.model.schema import from_dict
 from latentforge.rl.rewards.scorer import RewardFunctionConfig
 from latentforge.model.errors import UserError
@@ -59,18 +60,21 @@ class PolicyLossConfig:
 
 @dataclass
 class RolloutConfig:
+    # keys of the flat layout before the nested engine / sampling configs, named in the unknown-key error
+    MOVED_KEYS: ClassVar[dict] = {**{k: f"sampling.{k}" for k in ("temperature", "top_p", "top_k", "max_new_tokens")},
+                                  **{k: f"engine.{k}" for k in ("draft_tokens", "draft_gate", "max_batch",
+                                                                "weight_update_policy")}}
+
     num_workers: int = 1
     group_size: int = 4  # G samples per prompt
-    max_new_tokens: int = 96
-    temperature: float = 1.0
-    top_p: float = 1.0  # < 1 truncates the behaviour distribution: the trainer does not, the IS weight corrects
-    top_k: int = 0
-    draft_tokens: int = 2  # MTP drafting depth of the engine; 0 = plain decoding
-    # draft only while measured to pay (model/engine/gate.py). Greedy output is unchanged; sampled tokens then
-    # depend on timing (the two modes draw their random numbers differently), so it is off by default
-    draft_gate: bool = False
-    max_batch: int = 32  # engine slots per worker
-    weight_update_policy: str = "continue"  # running sequences keep their caches ("continue") or "recompute"
+    # how training samples are drawn (temperature, top_p, top_k, max_new_tokens, extra stop_token_ids). top_p < 1
+    # truncates the behaviour distribution: the trainer does not, the importance weight corrects. The request's
+    # seed comes from the run; the chat end token is always a stop
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # each worker's generation engine (max_batch slots, draft_tokens, draft_gate, weight_update_policy,
+    # prefix_cache_size). Set by the run, whatever this says: max_seq_len (prompt + completion budget), seed (per
+    # worker) and record_routes (rl.router_replay)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     weight_sync: str = "broadcast"  # torch.distributed broadcast (gloo on CPU, NCCL on GPU), or "object_store"
     sync_bucket_mb: int = 256  # flat buffers of at most this size per broadcast
     cpus_per_worker: float = 0.5
@@ -83,14 +87,17 @@ class RolloutConfig:
     env_step_timeout_s: float = 60.0  # one reset / step of an environment; longer ends the episode (reward 0)
 
     def __post_init__(self):
+        self.sampling = _build(SamplingParams, self.sampling, "rl.rollout.sampling")
+        self.engine = _build(EngineConfig, self.engine, "rl.rollout.engine")
         _need(self.num_workers >= 1, f"rl.rollout.num_workers must be >= 1, got {self.num_workers}")
         _need(self.group_size >= 2, f"rl.rollout.group_size must be >= 2 (advantages compare samples), "
                                     f"got {self.group_size}")
-        _need(self.max_new_tokens >= 1, f"rl.rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        _need(self.temperature > 0, f"rl.rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
+        _need(self.sampling.temperature > 0, f"rl.rollout.sampling.temperature must be > 0 for RL sampling, "
+                                             f"got {self.sampling.temperature}")
+        _need(not self.sampling.return_logits, "rl.rollout.sampling.return_logits must be false (rollouts keep "
+                                               "log-probs, not logits)")
         _need(self.weight_sync in WEIGHT_SYNC, f"rl.rollout.weight_sync must be one of {WEIGHT_SYNC}, "
                                                f"got {self.weight_sync!r}")
-        _need(self.draft_tokens >= 0, f"rl.rollout.draft_tokens must be >= 0, got {self.draft_tokens}")
         _need(self.max_turns >= 1, f"rl.rollout.max_turns must be >= 1, got {self.max_turns}")
         _need(self.max_episode_tokens is None or self.max_episode_tokens >= 1,
               f"rl.rollout.max_episode_tokens must be >= 1 or null, got {self.max_episode_tokens}")
@@ -98,7 +105,7 @@ class RolloutConfig:
 
     def episode_tokens(self) -> int:
         """The token budget of one environment episode after its prompt."""
-        return self.max_episode_tokens or self.max_turns * self.max_new_tokens
+        return self.max_episode_tokens or self.max_turns * self.sampling.max_new_tokens
 
 
 @dataclass

@@ -109,7 +109,7 @@ class GRPOLoop:
         self._prompt_ids: Dict[str, List[int]] = {}
         longest = max(len(self._ids(r)) for r in train_records + self.eval_records)
         self.has_envs = any(r.get("env") for r in train_records + self.eval_records)
-        completion = max(cfg.rollout.max_new_tokens, cfg.rollout.episode_tokens() if self.has_envs else 0)
+        completion = max(cfg.rollout.sampling.max_new_tokens, cfg.rollout.episode_tokens() if self.has_envs else 0)
         self.max_seq_len = longest + completion + 8
 
         if not ray.is_initialized():
@@ -488,7 +488,7 @@ class GRPOLoop:
         per_worker = collections.defaultdict(list)
         for i, record in enumerate(self.eval_records):
             for j in range(1 + k):
-                temperature = self.cfg.eval_temperature if j == 0 else self.cfg.rollout.temperature
+                temperature = self.cfg.eval_temperature if j == 0 else self.cfg.rollout.sampling.temperature
                 per_worker[(i * (1 + k) + j) % len(self.rollouts)].append(
                     {"group_id": i, "sample_index": j, "prompt_ids": self._ids(record), "kind": "eval",
                      "seed": sample_seed(-1, i, j), "temperature": temperature, "min_version": self.pushed_version,

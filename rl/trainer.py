@@ -225,7 +225,7 @@ class PolicyTrainer:
 
     def _proximal_logprobs(self, micro: List[List[dict]]) -> dict:
         """pi_prox of every micro-batch of the rollout batch, with the weights as they are now (forward only)."""
-        recorder = ProximalLogprobs(self.cfg.rollout.temperature)
+        recorder = ProximalLogprobs(self.cfg.rollout.sampling.temperature)
         for k, mbs in enumerate(micro):
             for i, mb in enumerate(mbs):
                 mb[PROX_KEY] = (k, i)
@@ -236,9 +236,9 @@ class PolicyTrainer:
         """One optimizer update (version v -> v + 1) on one mini-batch; a non-finite loss or gradient norm skips
         it, weights and AdamW state untouched (train.optim.step_if_finite)."""
         cfg = self.cfg
-        counts = count(rows, cfg.rollout.max_new_tokens)
-        loss_fn = GRPOLoss(counts, cfg.loss, temperature=cfg.rollout.temperature, train_version=self.version,
-                           mtp_loss_weight=cfg.mtp_loss_weight, prox_logprobs=prox)
+        counts = count(rows, cfg.rollout.sampling.max_new_tokens)
+        loss_fn = GRPOLoss(counts, cfg.loss, temperature=cfg.rollout.sampling.temperature,
+                           train_version=self.version, mtp_loss_weight=cfg.mtp_loss_weight, prox_logprobs=prox)
         self.optimizer.zero_grad()
         result = self.runner.forward_backward(micro, loss_fn)
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
@@ -292,7 +292,7 @@ class PolicyTrainer:
             if self.ref_model is not None:
                 with torch.no_grad():
                     logits = self.ref_model(mb["input_ids"]).logits
-                mb["ref_logprobs"] = token_logprobs(logits, mb["targets"], self.cfg.rollout.temperature)
+                mb["ref_logprobs"] = token_logprobs(logits, mb["targets"], self.cfg.rollout.sampling.temperature)
             batches.append(mb)
         return batches
 

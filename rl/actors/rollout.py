@@ -13,6 +13,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from dataclasses import replace
 from typing import Dict, List, Optional
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from latentforge.model import HybridModel, ModelConfig
 from latentforge.rl.buffer import Sample
 from latentforge.rl.config import RolloutConfig
-from latentforge.model.engine import Engine, EngineConfig, SamplingParams
+from latentforge.model.engine import Engine, SamplingParams
 from latentforge.rl.weight_sync import WeightSyncGroup, receive_state, state_spec
 
 NO_WEIGHTS = -1  # version of a worker that has not received weights yet: it generates nothing
@@ -38,11 +39,8 @@ class RolloutWorker:
         torch.manual_seed(seed)
         model = HybridModel(ModelConfig.from_dict(dict(model_cfg))).to(self.device).eval().requires_grad_(False)
         self.spec = state_spec(model.state_dict())
-        self.engine = Engine(model, EngineConfig(max_batch=cfg.max_batch, max_seq_len=max_seq_len,
-                                                 draft_tokens=cfg.draft_tokens, draft_gate=cfg.draft_gate,
-                                                 weight_update_policy=cfg.weight_update_policy, seed=seed,
-                                                 record_routes=record_routes),  # rl.router_replay
-                             version=NO_WEIGHTS)
+        engine_cfg = replace(cfg.engine, max_seq_len=max_seq_len, seed=seed, record_routes=record_routes)
+        self.engine = Engine(model, engine_cfg, version=NO_WEIGHTS)
         self.stop_token_ids = tuple(stop_token_ids)
         self._queue: deque = deque()  # requests not yet given to the engine
         self._meta: Dict[str, dict] = {}  # request id -> request
@@ -183,16 +181,21 @@ class RolloutWorker:
             while self._admissible():
                 ready.append(self._queue.popleft())
         for req in ready:
-            eval_mode = req.get("kind") == "eval"
-            params = SamplingParams(
-                temperature=req.get("temperature", 0.0 if eval_mode else self.cfg.temperature),
-                top_p=1.0 if eval_mode else self.cfg.top_p, top_k=0 if eval_mode else self.cfg.top_k,
-                max_new_tokens=req.get("max_new_tokens", self.cfg.max_new_tokens),
-                stop_token_ids=self.stop_token_ids, seed=req.get("seed"))
+            params = self.sampling_params(req)
             rid = req.get("rid") or ":".join(str(x) for x in (req.get("kind", "train"), req["group_id"],
                                                                req["sample_index"], req.get("attempt")))
             self._meta[rid] = req
             self.engine.add_request(req["prompt_ids"], params, request_id=rid)
+
+    def sampling_params(self, req: dict) -> SamplingParams:
+        """rl.rollout.sampling for a training request; an evaluation request samples the plain distribution (no
+        top-p / top-k) at its own temperature (default greedy). Either may bring its own max_new_tokens."""
+        sampling = self.cfg.sampling
+        eval_mode = req.get("kind") == "eval"
+        return replace(sampling, temperature=req.get("temperature", 0.0 if eval_mode else sampling.temperature),
+                       top_p=1.0 if eval_mode else sampling.top_p, top_k=0 if eval_mode else sampling.top_k,
+                       max_new_tokens=req.get("max_new_tokens", sampling.max_new_tokens),
+                       stop_token_ids=tuple(sampling.stop_token_ids) + self.stop_token_ids, seed=req.get("seed"))
 
     def _finish(self, results):
         samples = []
@@ -264,7 +267,7 @@ def episode_runner(worker: RolloutWorker, tokenizer_spec, max_seq_len: int):
     from latentforge.rl.envs.episode import EpisodeLimits, EpisodeRunner
 
     cfg = worker.cfg
-    limits = EpisodeLimits(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
+    limits = EpisodeLimits(max_turns=cfg.max_turns, max_new_tokens=cfg.sampling.max_new_tokens,
                            max_episode_tokens=cfg.episode_tokens(), step_timeout_s=cfg.env_step_timeout_s,
                            max_seq_len=max_seq_len)
     return EpisodeRunner(load_tokenizer(tokenizer_spec), limits, worker._enqueue_turn, worker._deliver_episode,

@@ -128,7 +128,8 @@ def test_rollout_worker_samples_carry_routes_the_trainer_replays(tmp_path):
 
     torch.set_num_threads(1)
     model_cfg = dict(micro_model_cfg(), pattern="ME*E")
-    cfg = GRPOConfig(rollout={"group_size": 3, "max_new_tokens": 12, "draft_tokens": 2, "temperature": 0.8},
+    cfg = GRPOConfig(rollout={"group_size": 3, "sampling": {"max_new_tokens": 12, "temperature": 0.8},
+                              "engine": {"draft_tokens": 2}},
                      trainer={"micro_batch_size": 6}, filter_overlong=False, router_replay=True)
     trainer = PolicyTrainer(model_cfg, cfg, OptimConfig(lr=1e-3, schedule="constant"), str(tmp_path))
     with torch.no_grad():
@@ -167,8 +168,8 @@ def test_multi_turn_episode_routes_cover_every_consumed_token():
     torch.manual_seed(0)
     tok = load_tokenizer("bpe")
     cfg = dict(micro_model_cfg(vocab_size=tok.vocab_size), pattern="ME*E")
-    rollout = RolloutConfig(max_new_tokens=6, max_turns=3, max_episode_tokens=200, draft_tokens=2, max_batch=4,
-                            temperature=0.8)
+    rollout = RolloutConfig(sampling=SamplingParams(max_new_tokens=6, temperature=0.8), max_turns=3,
+                            max_episode_tokens=200, engine=EngineConfig(draft_tokens=2, max_batch=4))
     worker = RolloutWorker(0, cfg, rollout, max_seq_len=256, stop_token_ids=[tok.im_end_id, tok.eod_id], seed=3,
                            tokenizer_spec="bpe", record_routes=True)
     try:

@@ -26,3 +26,53 @@ def test_bad_settings_are_named():
         GRPOConfig(loss={"kl_estimator": "k4"})
     with pytest.raises(GRPOConfigError, match="weight_sync"):
         GRPOConfig(rollout={"weight_sync": "nfs"})
+
+
+def test_rollout_holds_the_engine_and_sampling_configs_with_their_own_defaults():
+    from dataclasses import fields
+
+    from latentforge.model.engine import EngineConfig, SamplingParams
+    from latentforge.rl.config import RolloutConfig
+
+    plain = GRPOConfig()
+    assert plain.rollout.engine == EngineConfig() and plain.rollout.sampling == SamplingParams()
+    restated = {f.name for f in fields(RolloutConfig)} & ({f.name for f in fields(EngineConfig)}
+                                                         | {f.name for f in fields(SamplingParams)})
+    assert not restated, f"RolloutConfig restates engine / sampling fields: {restated}"
+    rl = load_configs(["recipe=grpo_tiny", "rl.rollout.engine.draft_gate=true",
+                       "rl.rollout.sampling.top_p=0.9"])[0]
+    assert isinstance(rl.rollout.engine, EngineConfig) and isinstance(rl.rollout.sampling, SamplingParams)
+    assert (rl.rollout.engine.max_batch, rl.rollout.engine.draft_tokens, rl.rollout.engine.draft_gate) == (32, 2, True)
+    assert (rl.rollout.sampling.max_new_tokens, rl.rollout.sampling.top_p) == (96, 0.9)
+
+
+def test_flat_rollout_keys_name_their_new_place():
+    with pytest.raises(GRPOConfigError, match=r"rl\.rollout\.max_batch is now rl\.rollout\.engine\.max_batch"):
+        GRPOConfig.from_dict({"rollout": {"max_batch": 4}})
+    with pytest.raises(GRPOConfigError, match=r"rl\.rollout\.temperature is now rl\.rollout\.sampling\.temperature"):
+        load_configs(["recipe=grpo_tiny", "+rl.rollout.temperature=0.7"])
+    with pytest.raises(GRPOConfigError, match=r"rl\.rollout\.sampling\.temperature must be > 0"):
+        GRPOConfig(rollout={"sampling": {"temperature": 0.0}})
+    with pytest.raises(GRPOConfigError, match=r"rl\.rollout\.engine\.max_batch must be an integer, got 'many'"):
+        GRPOConfig(rollout={"engine": {"max_batch": "many"}})
+
+
+def test_a_rollout_worker_builds_its_engine_and_requests_from_the_nested_configs():
+    from latentforge.model.engine import EngineConfig, SamplingParams
+    from latentforge.rl.actors.rollout import RolloutWorker
+    from latentforge.rl.config import RolloutConfig
+    from tests.rl.helpers import micro_model_cfg
+
+    rollout = RolloutConfig(engine=EngineConfig(max_batch=3, draft_tokens=1, max_seq_len=9999, seed=77),
+                            sampling=SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=5, stop_token_ids=[9]))
+    worker = RolloutWorker(0, micro_model_cfg(), rollout, max_seq_len=40, stop_token_ids=[2], seed=5)
+    try:
+        engine = worker.engine.config
+        assert (engine.max_batch, engine.draft_tokens, engine.max_seq_len, engine.seed) == (3, 1, 40, 5)
+        train = worker.sampling_params({"kind": "train", "seed": 11})
+        assert (train.temperature, train.top_p, train.max_new_tokens, train.stop_token_ids, train.seed) == \
+            (0.7, 0.9, 5, (9, 2), 11)
+        held_out = worker.sampling_params({"kind": "eval", "max_new_tokens": 8})
+        assert (held_out.temperature, held_out.top_p, held_out.max_new_tokens) == (0.0, 1.0, 8)
+    finally:
+        worker.stop()

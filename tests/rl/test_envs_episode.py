@@ -11,6 +11,7 @@ from latentforge.model import HybridModel, ModelConfig
 from latentforge.rl.actors.rollout import RolloutWorker
 from latentforge.rl.batch import collate, group_rows
 from latentforge.rl.buffer import Group
+from latentforge.model.engine import EngineConfig, SamplingParams
 from latentforge.rl.config import RolloutConfig
 from latentforge.rl.envs import Environment, StepResult
 from latentforge.rl.policy import token_logprobs
@@ -52,8 +53,8 @@ def setup():
     tok = load_tokenizer("bpe")
     cfg = micro_model_cfg(vocab_size=tok.vocab_size)
     model = HybridModel(ModelConfig.from_dict(dict(cfg))).eval().requires_grad_(False)
-    rollout = RolloutConfig(max_new_tokens=6, max_turns=5, max_episode_tokens=200, draft_tokens=0, max_batch=8,
-                            temperature=TEMPERATURE)
+    rollout = RolloutConfig(sampling=SamplingParams(max_new_tokens=6, temperature=TEMPERATURE), max_turns=5,
+                            max_episode_tokens=200, engine=EngineConfig(max_batch=8))
     worker = RolloutWorker(0, cfg, rollout, max_seq_len=256, stop_token_ids=[tok.im_end_id, tok.eod_id], seed=3,
                            tokenizer_spec="bpe")
     for m in (model, worker.engine.model):

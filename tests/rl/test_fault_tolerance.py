@@ -27,7 +27,8 @@ def local_ray():
 
 
 def rollout_cfg(num_workers: int) -> dict:
-    return {"group_size": 2, "num_workers": num_workers, "max_new_tokens": 8, "draft_tokens": 0, "max_batch": 8}
+    return {"group_size": 2, "num_workers": num_workers, "sampling": {"max_new_tokens": 8},
+            "engine": {"draft_tokens": 0, "max_batch": 8}}
 
 
 def make_loop(run_dir, lines, **overrides):

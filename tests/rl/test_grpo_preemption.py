@@ -20,7 +20,7 @@ MICRO_MODEL = ("model.pattern=M*E model.hidden_size=32 model.num_attention_heads
                "model.mlp_intermediate_size=32 model.mtp_depths=1").split()
 # many steps and no periodic checkpoint: only the preemption can write the first one
 TINY_RL = ["rl.steps=5000", "rl.checkpoint_interval=5000", "rl.groups_per_step=2", "rl.rollout.group_size=2",
-           "rl.rollout.max_new_tokens=8", "rl.trainer.micro_batch_size=4", "rl.filter_zero_advantage=false",
+           "rl.rollout.sampling.max_new_tokens=8", "rl.trainer.micro_batch_size=4", "rl.filter_zero_advantage=false",
            "rl.wandb.enabled=false", "rl.eval_samples=0", "rl.prompts.tasks=[{name:arithmetic,num:200}]",
            "rl.prompts.eval_tasks=[{name:arithmetic,num:2}]"]
 

@@ -34,7 +34,7 @@ def loop_config(run_dir, **overrides):
     values = dict(
         steps=4, stop_at_step=3, groups_per_step=2, max_staleness=1, checkpoint_interval=2, seed=0,
         filter_zero_advantage=False, filter_overlong=False, run_dir=run_dir, wandb={"enabled": False},
-        rollout={"group_size": 2, "max_new_tokens": 8, "draft_tokens": 2, "max_batch": 8},
+        rollout={"group_size": 2, "sampling": {"max_new_tokens": 8}, "engine": {"draft_tokens": 2, "max_batch": 8}},
         trainer={"micro_batch_size": 4},
         reward={"task_weight": 0.0, "functions": [
             {"target": f"{PLUGINS}:parity", "isolation": "inline"},
@@ -89,8 +89,9 @@ def test_async_loop_resume_and_sync_mode(local_ray, tmp_path):
     # the resumed run also switches to 2 data-parallel trainer ranks and to the object-store weight path
     second = make_loop(loop_config(run_dir, stop_at_step=None, max_staleness=0, trainer={"micro_batch_size": 4,
                                                                                          "num_ranks": 2},
-                                   rollout={"group_size": 2, "max_new_tokens": 8, "draft_tokens": 2,
-                                            "max_batch": 8, "weight_sync": "object_store"}), lines)
+                                   rollout={"group_size": 2, "sampling": {"max_new_tokens": 8},
+                                            "engine": {"draft_tokens": 2, "max_batch": 8},
+                                            "weight_sync": "object_store"}), lines)
     try:
         second.setup()
         assert second.version == 2

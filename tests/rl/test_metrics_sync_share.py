@@ -29,5 +29,5 @@ def test_draft_gate_metrics_average_the_gated_workers():
 def test_rollout_config_takes_the_draft_gate():
     from latentforge.rl.config import RolloutConfig
 
-    assert RolloutConfig().draft_gate is False
-    assert RolloutConfig(draft_gate=True).draft_gate is True
+    assert RolloutConfig().engine.draft_gate is False
+    assert RolloutConfig(engine={"draft_gate": True}).engine.draft_gate is True

@@ -23,7 +23,7 @@ CLIP_LOW, CLIP_HIGH, TIS_CAP, LR, EPS = 0.2, 0.28, 2.0, 1.0, 1.0
 
 def _cfg(updates: int, **extra) -> GRPOConfig:
     return GRPOConfig(loss={"clip_low": CLIP_LOW, "clip_high": CLIP_HIGH, "tis_cap": TIS_CAP, "kl_coef": 0.0},
-                      trainer={"micro_batch_size": 3}, rollout={"max_new_tokens": 9}, mtp_loss_weight=0.0,
+                      trainer={"micro_batch_size": 3}, rollout={"sampling": {"max_new_tokens": 9}}, mtp_loss_weight=0.0,
                       updates_per_batch=updates, steps=2 * updates, **extra)
 
 

@@ -10,6 +10,7 @@ import torch
 from latentforge.model import HybridModel, ModelConfig
 from latentforge.rl.actors.rollout import RolloutWorker
 from latentforge.rl.buffer import Group
+from latentforge.model.engine import EngineConfig, SamplingParams
 from latentforge.rl.config import GRPOConfig, RolloutConfig
 from latentforge.rl.policy import token_logprobs
 from latentforge.rl.trainer import PolicyTrainer
@@ -47,7 +48,8 @@ def test_engine_and_trainer_agree_at_staleness_zero(tmp_path):
     """Same weights, float32: the behaviour log-probs of MTP-drafted sampling equal the trainer's to < 1e-5."""
     torch.set_num_threads(1)
     model_cfg = micro_model_cfg()
-    cfg = GRPOConfig(rollout={"group_size": 4, "max_new_tokens": 24, "draft_tokens": 2, "temperature": 0.8},
+    cfg = GRPOConfig(rollout={"group_size": 4, "sampling": {"max_new_tokens": 24, "temperature": 0.8},
+                              "engine": {"draft_tokens": 2}},
                      trainer={"micro_batch_size": 8}, filter_overlong=False)
     trainer = PolicyTrainer(model_cfg, cfg, OptimConfig(lr=1e-3, schedule="constant"), str(tmp_path))
     worker = RolloutWorker(0, model_cfg, cfg.rollout, max_seq_len=64, stop_token_ids=[STOP], seed=5)
@@ -83,7 +85,8 @@ def test_in_flight_update_stamps_versions(tmp_path):
     torch.manual_seed(0)
     old = HybridModel(ModelConfig.from_dict(model_cfg)).eval()
     new = HybridModel(ModelConfig.from_dict(model_cfg)).eval()
-    rc = RolloutConfig(max_new_tokens=48, draft_tokens=2, weight_update_policy="recompute", max_batch=8)
+    rc = RolloutConfig(sampling=SamplingParams(max_new_tokens=48),
+                       engine=EngineConfig(draft_tokens=2, weight_update_policy="recompute", max_batch=8))
     worker = RolloutWorker(0, model_cfg, rc, max_seq_len=64, stop_token_ids=[], seed=1)
     try:
         worker.stage_weights(old.state_dict(), 0)

@@ -74,7 +74,7 @@ def _trainer_and_rollout(tmp_path, replay: bool):
     from latentforge.rl.trainer import PolicyTrainer
     from latentforge.train.config import OptimConfig
 
-    cfg = GRPOConfig(trainer={"micro_batch_size": 4}, rollout={"max_new_tokens": 9}, mtp_loss_weight=0.0,
+    cfg = GRPOConfig(trainer={"micro_batch_size": 4}, rollout={"sampling": {"max_new_tokens": 9}}, mtp_loss_weight=0.0,
                      router_replay=replay)
     trainer = PolicyTrainer(dict(micro_model_cfg(), pattern="ME*E", moe_aux_loss_coeff=0.0), cfg,
                             OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0), str(tmp_path))

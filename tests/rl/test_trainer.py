@@ -40,7 +40,7 @@ def test_micro_batching_does_not_change_the_update(tmp_path, aggregation):
     results = []
     for mb in (2, 16):
         cfg = GRPOConfig(loss={"aggregation": aggregation, "kl_coef": 0.05}, trainer={"micro_batch_size": mb},
-                         rollout={"max_new_tokens": 9}, mtp_loss_weight=0.3)
+                         rollout={"sampling": {"max_new_tokens": 9}}, mtp_loss_weight=0.3)
         # AdamW's first step is lr * g / (|g| + eps): with eps = 1 the update is ~g itself, so comparing weights
         # compares gradients (with a tiny eps, float noise in near-zero gradients would be amplified to +-lr)
         optim = OptimConfig(lr=1.0, min_lr=0.0, eps=1.0, schedule="constant", weight_decay=0.0, grad_clip=0.0)
@@ -85,7 +85,7 @@ def _dp_step(rank, world_size, run_dir):
 
 
 def _cfg(mb):
-    return GRPOConfig(trainer={"micro_batch_size": mb}, rollout={"max_new_tokens": 9}, mtp_loss_weight=0.3)
+    return GRPOConfig(trainer={"micro_batch_size": mb}, rollout={"sampling": {"max_new_tokens": 9}}, mtp_loss_weight=0.3)
 
 
 def _optim():

@@ -69,7 +69,7 @@ SCENARIOS = {
 
 def _configs(name):
     aux, overrides, optim, groups = SCENARIOS[name]
-    cfg = GRPOConfig(trainer={"micro_batch_size": MICRO_BATCH}, rollout={"max_new_tokens": 9}, mtp_loss_weight=0.3,
+    cfg = GRPOConfig(trainer={"micro_batch_size": MICRO_BATCH}, rollout={"sampling": {"max_new_tokens": 9}}, mtp_loss_weight=0.3,
                      **overrides)
     # AdamW's first step is lr * g / (|g| + eps): with eps = 1 the update is ~g, so comparing weights compares
     # gradients (with a tiny eps, float noise in near-zero gradients would be amplified to +-lr)
