@@ -27,6 +27,7 @@ import torch
 
 
 from latentforge.rl.generate import load_model, load_tokenizer_for, parse_key_values  # noqa: E402
+from latentforge.train.loss import model_loss  # noqa: E402
 
 
 @dataclass
@@ -122,7 +123,7 @@ def train_tiny(args: BenchArgs, tokenizer, cache_dir: str):
         for group in optimizer.param_groups:
             group["lr"] = args.train_lr * scale
         ids, labels, seq_idx = next(batches)
-        out_step = model(ids, labels=labels, seq_idx=seq_idx)
+        out_step = model_loss(model, ids, labels, seq_idx=seq_idx)
         out_step.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -24,6 +24,7 @@ from latentforge.model.recipes import group_values
 from latentforge.kernels.quant import RECIPES
 from latentforge.model import ModelConfig
 from latentforge.train.precision import PrecisionConfig, apply_precision, format_table, te_available
+from latentforge.train.loss import model_loss
 from latentforge.train.precision.compare import markov_batches, tail_mean, train_loss_curve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +94,7 @@ def bench_speed(args) -> None:
         for step in range(args.warmup + args.steps):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = model(inputs, labels=labels)
+            out = model_loss(model, inputs, labels)
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -13,23 +13,16 @@ import time
 import torch
 
 from latentforge.model import HybridModel
-from latentforge.model.moe import moe_layers, record_routing, replay_routing, router_agreement, routes_tensor
+from latentforge.model.moe import moe_layers, router_agreement
 from latentforge.model.recipes import compose, model_config_from
 
 
-def logprobs(model, ids):
-    logits = model(ids).logits.float()
-    return torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-
-
 def scored(model, ids, routes=None, bf16=False):
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), record_routing(model) as seen:
-        if routes is None:
-            logp = logprobs(model, ids)
-        else:
-            with replay_routing(model, routes):
-                logp = logprobs(model, ids)
-    return logp, routes_tensor(seen, *ids.shape)
+    """(log-probs of ids[:, 1:], the routes the forward used); `routes`: replay these."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(ids, routes=routes)
+    logp = torch.log_softmax(out.logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return logp, out.routes
 
 
 def main():

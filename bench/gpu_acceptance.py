@@ -382,6 +382,7 @@ def train_step_rate(cfg, precision, batch: int, seq_len: int, steps: int, warmup
     """Median step time of forward + backward + fused AdamW on synthetic tokens; throughput and MFU from it."""
     from latentforge.model import HybridModel
     from latentforge.model.params import count_parameters, training_flops_per_token
+    from latentforge.train.loss import model_loss
     from latentforge.train.flops import device_peak_tflops
 
     dev = device()
@@ -403,7 +404,7 @@ def train_step_rate(cfg, precision, batch: int, seq_len: int, steps: int, warmup
     for step in range(warmup + steps):
         sync()
         t0 = time.perf_counter()
-        out = model(inputs, labels=labels)
+        out = model_loss(model, inputs, labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

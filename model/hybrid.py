@@ -11,13 +11,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from latentforge.kernels.cross_entropy import linear_cross_entropy
-
 from .attention import Attention
 from .config import ModelConfig
 from .mamba import Mamba2Mixer
 from .mlp import MLP
-from .moe import LatentMoE
+from .moe import LatentMoE, Routing
 from .mtp import MTPBlock, shift_left
 from .norm import RMSNorm
 
@@ -37,7 +35,7 @@ def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
 
 
 class Block(nn.Module):
-    """`x + mixer(RMSNorm(x))`."""
+    """`x + mixer(RMSNorm(x))`; forward returns (x, Routing of a MoE layer or None)."""
 
     def __init__(self, kind: str, cfg: ModelConfig):
         super().__init__()
@@ -45,8 +43,13 @@ class Block(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mixer = build_mixer(kind, cfg)
 
-    def forward(self, x: torch.Tensor, seq_idx=None, state=None, context=None) -> torch.Tensor:
-        return x + self.mixer(self.norm(x), seq_idx=seq_idx, state=state, context=context)
+    def forward(self, x: torch.Tensor, seq_idx=None, state=None, context=None,
+                routes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[Routing]]:
+        h = self.norm(x)
+        if self.kind == "moe":
+            y, routing = self.mixer(h, seq_idx=seq_idx, state=state, context=context, routes=routes)
+            return x + y, routing
+        return x + self.mixer(h, seq_idx=seq_idx, state=state, context=context), None
 
 
 class Backbone(nn.Module):
@@ -59,13 +62,20 @@ class Backbone(nn.Module):
 
 @dataclass
 class ModelOutput:
-    loss: Optional[torch.Tensor] = None  # lm_loss + MTP losses (weighted) + MoE aux loss (weighted)
-    lm_loss: Optional[torch.Tensor] = None
-    mtp_losses: list = field(default_factory=list)  # one CE per depth, unweighted
-    aux_loss: Optional[torch.Tensor] = None  # sum over MoE layers, unweighted
-    logits: Optional[torch.Tensor] = None
-    hidden: Optional[torch.Tensor] = None  # final-normed trunk output (the lm_head input)
-    expert_load: Optional[torch.Tensor] = None  # (n_moe_layers, E) tokens per expert in this forward
+    """What a model (or a pipeline stage's part of it) computed; the losses are `latentforge.train.loss`'s."""
+
+    hidden: torch.Tensor  # (b, s, H): after norm_f when the part has it (the lm_head input), else the residual
+    routing: dict = field(default_factory=dict)  # trunk MoE index -> Routing, for the MoE layers this part ran
+    logits: Optional[torch.Tensor] = None  # (b, s, V) when asked for and the part has the lm_head
+
+    @property
+    def routes(self) -> Optional[torch.Tensor]:
+        """(b, s, MoE layers run, top_k) expert ids, in trunk order (what routing replay takes back); None
+        without MoE layers."""
+        if not self.routing:
+            return None
+        b, s = self.hidden.shape[:2]
+        return torch.stack([self.routing[i].topk_idx.view(b, s, -1) for i in sorted(self.routing)], dim=2)
 
 
 class HybridModel(nn.Module):
@@ -94,70 +104,89 @@ class HybridModel(nn.Module):
             self.mtp.init_weights(std, out_std)
 
     # ----- forward -----------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                seq_idx: Optional[torch.Tensor] = None, cache=None) -> ModelOutput:
-        """Training (labels given): losses. Otherwise: logits of every position (and the hidden state).
+    def forward(self, input_ids: Optional[torch.Tensor] = None, *, hidden: Optional[torch.Tensor] = None,
+                seq_idx: Optional[torch.Tensor] = None, cache=None, context=None,
+                routes: Optional[torch.Tensor] = None, with_logits: bool = True) -> ModelOutput:
+        """The one forward of every path: training (each pipeline stage runs its part of the model), decoding,
+        RL log-probs. A part (pipeline stage, `train.parallel.stage.split_model`) may lack the embedding (it
+        takes the previous stage's `hidden` instead of `input_ids`), the final norm or the lm_head: they are
+        skipped. Returns the hidden state and each trunk MoE layer's routing, for the losses (train/loss.py).
 
+        `seq_idx` (b, s): document ids of packed sequences (states and attention reset at each new document).
         `cache` (inference): an object whose `layers[i]` is layer i's state dict (the generation engine's slot
         states, `model.engine`); layers read and update their states in it.
+        `context`: the parallel layout's mixer context (None on one process; train/parallel).
+        `routes` (b, s, trunk MoE layers, top_k): replayed expert ids (rollout routing replay); the trunk MoE
+        layer with index m (its position among the trunk's MoE layers) routes by `routes[:, :, m]`.
+        `with_logits`: also return lm_head(hidden) (b, s, V); training's fused loss never builds them.
         """
-        x = self.backbone.embeddings(input_ids)
-        for i, block in enumerate(self.backbone.layers):
-            x = block(x, seq_idx=seq_idx, state=None if cache is None else cache.layers[i])
-        hidden = self.backbone.norm_f(x)
-        trunk_moe = [b.mixer for b in self.backbone.layers if b.kind == "moe"]
-        aux_terms = [m.aux_loss for m in trunk_moe if m.aux_loss is not None]
-        loads = [m.load for m in trunk_moe]
-        out = ModelOutput(hidden=hidden, expert_load=torch.stack(loads) if loads else None)
-        if labels is None:
-            out.logits = self.lm_head(hidden)
-            return out
-
-        out.lm_loss = self.head_loss(hidden, labels)
-        out.loss = out.lm_loss
-        if self.mtp is not None:
-            mtp_moe, mtp_load = self.mtp.layers[1].mixer, 0
-            for depth_loss in self._mtp_depths(input_ids, labels, hidden, seq_idx):
-                # the shared block runs once per depth: every depth's balance loss and routing counts
-                out.mtp_losses.append(depth_loss)
-                aux_terms.append(mtp_moe.aux_loss)
-                mtp_load = mtp_load + mtp_moe.load
-            loads.append(mtp_load)
-            out.loss = out.loss + self.cfg.mtp_loss_weight / len(out.mtp_losses) * sum(out.mtp_losses)
-        if aux_terms:
-            out.aux_loss = sum(aux_terms)
-            out.loss = out.loss + self.cfg.moe_aux_loss_coeff * out.aux_loss
-        out.expert_load = torch.stack(loads) if loads else None
+        x = self._embed(input_ids, hidden)
+        moe_index, routing = self.trunk_moe_index, {}
+        if routes is not None and (routes.dim() != 4 or routes.shape[2] != len(moe_index)):
+            raise ValueError(f"routes must be (batch, seq, {len(moe_index)} MoE layers, top_k), got "
+                             f"{tuple(routes.shape)}: record them with the same model config")
+        for index, block in self.numbered_layers():
+            moe = moe_index.get(index)
+            layer_routes = None if routes is None or moe is None else routes[:, :, moe]
+            state = None if cache is None else cache.layers[index]
+            x, layer_routing = block(x, seq_idx=seq_idx, state=state, context=context, routes=layer_routes)
+            if layer_routing is not None:
+                routing[moe] = layer_routing
+        if self.backbone.norm_f is not None:
+            x = self.backbone.norm_f(x)
+        out = ModelOutput(hidden=x, routing=routing)
+        if with_logits and self.lm_head is not None and self.backbone.norm_f is not None:
+            out.logits = self.lm_head(x)
         return out
 
-    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, labels.reshape(-1),
-                                    ignore_index=IGNORE_INDEX)
+    def _embed(self, input_ids, hidden):
+        if self.backbone.embeddings is None:
+            if hidden is None:
+                raise ValueError("this model part has no embedding (a later pipeline stage): pass the previous "
+                                 "stage's output as hidden=")
+            return hidden
+        if input_ids is None:
+            raise ValueError("HybridModel.forward needs input_ids (token ids, (batch, seq))")
+        return self.backbone.embeddings(input_ids)
 
-    def mtp_losses(self, input_ids, labels, hidden, seq_idx=None) -> list:
-        """CE of each MTP depth k = 1..D: position t predicts token t+k+1 from h_{k-1}(t) and token t+k."""
-        return list(self._mtp_depths(input_ids, labels, hidden, seq_idx))
+    def numbered_layers(self):
+        """(index in the whole model, block) of the layers this model (or pipeline part) holds, in order."""
+        layers = self.backbone.layers
+        return [(int(k), b) for k, b in layers.items()] if isinstance(layers, nn.ModuleDict) else enumerate(layers)
 
-    def _mtp_depths(self, input_ids, labels, hidden, seq_idx):
-        previous = hidden
-        for k in range(1, self.cfg.mtp_depths + 1):
-            embedded = self.backbone.embeddings(shift_left(input_ids, k, 0))
-            previous = self.mtp(embedded, previous, seq_idx=seq_idx)
-            yield self.head_loss(previous, shift_left(labels, k, IGNORE_INDEX))
+    @property
+    def trunk_moe_index(self) -> dict:
+        """Layer index -> its position among the trunk's MoE layers (a routes tensor's layer axis, an expert-load
+        row)."""
+        kinds = self.cfg.layer_types
+        return {i: m for m, i in enumerate(i for i, kind in enumerate(kinds) if kind == "moe")}
+
+    def mtp_embeddings(self, input_ids: torch.Tensor) -> list:
+        """Embeddings of input_ids shifted left by k = 1..mtp_depths (what MTP depth k reads), whole sequences."""
+        return [self.backbone.embeddings(shift_left(input_ids, k, 0)) for k in range(1, self.cfg.mtp_depths + 1)]
 
     # ----- MoE balancing -----------------------------------------------------------------------------------
     def moe_layers(self) -> list:
-        """Every LatentMoE, trunk first, then the MTP block's (the rows of `expert_load`)."""
-        return [m for m in self.modules() if isinstance(m, LatentMoE)]
+        """Every LatentMoE this model (or pipeline part) holds: trunk first, then the MTP block's."""
+        return [moe for _, moe in self.moe_rows()]
+
+    def moe_rows(self) -> list:
+        """(expert-load row, LatentMoE) of the MoE layers this model (or pipeline part) holds. Rows follow the
+        whole model: trunk MoE layers in order, then the MTP block's (its routing at every depth summed)."""
+        moe_index = self.trunk_moe_index
+        rows = [(moe_index[i], block.mixer) for i, block in self.numbered_layers() if i in moe_index]
+        if self.mtp is not None:
+            rows.append((len(moe_index), self.mtp.layers[1].mixer))
+        return rows
 
     @torch.no_grad()
     def update_expert_bias(self, global_load: torch.Tensor):
         """After an optimizer step: `bias += rate * sign(mean_load - load)` per MoE layer (SPEC section 3).
 
-        `global_load` (n_moe_layers, E): token counts summed over the step's micro-batches and data-parallel ranks.
-        """
-        layers = self.moe_layers()
-        if global_load.shape[0] != len(layers):
-            raise ValueError(f"global_load has {global_load.shape[0]} rows for {len(layers)} MoE layers")
-        for layer, load in zip(layers, global_load):
-            layer.update_bias(load, self.cfg.expert_bias_update_rate)
+        `global_load` (n_moe_layers, E): token counts summed over the step's micro-batches and data-parallel ranks,
+        one row per MoE layer of the whole model (`moe_rows`)."""
+        rows = len(self.trunk_moe_index) + (self.cfg.mtp_depths > 0)
+        if global_load.shape[0] != rows:
+            raise ValueError(f"global_load has {global_load.shape[0]} rows for {rows} MoE layers")
+        for row, layer in self.moe_rows():
+            layer.update_bias(global_load[row], self.cfg.expert_bias_update_rate)

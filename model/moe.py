@@ -1,13 +1,13 @@
 """LatentMoE (SPEC section 3): sigmoid router on the full hidden state, expert-bias top-k, routed experts in a
 latent space (down-projected from hidden), and one shared expert at full width.
 
-After each forward the layer keeps two things the model collects: `aux_loss` (the sequence-level balance loss,
-with its graph) and `load` (tokens per expert, detached), which the trainer sums over data-parallel ranks and
-feeds back through `update_bias` (aux-loss-free balancing).
+The forward returns its output and its `Routing` (router scores and chosen experts): the loss module
+(`latentforge.train.loss`) turns the routing into the sequence-level balance loss and the expert loads, which the
+trainer sums over data-parallel ranks and feeds back through `update_bias` (aux-loss-free balancing). The layer
+keeps no per-forward state.
 """
 
-import contextlib
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,14 @@ from torch import nn
 from latentforge.kernels.moe import moe_experts
 
 from .mlp import MLP
+
+
+class Routing(NamedTuple):
+    """What one MoE layer's forward decided, for the losses and rollout routing replay."""
+
+    scores: torch.Tensor  # (tokens, E) fp32 sigmoid scores (their gradient trains the router)
+    topk_idx: torch.Tensor  # (tokens, top_k) the experts used (the replayed ones under routing replay)
+    router_topk: torch.Tensor  # (tokens, top_k) the router's own choice (== topk_idx unless replayed)
 
 
 class Router(nn.Module):
@@ -29,22 +37,23 @@ class Router(nn.Module):
         # a buffer: trained by the balancing rule, never by gradient, and saved with the checkpoint
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, forced_topk: Optional[torch.Tensor] = None):
-        """`forced_topk` (tokens, top_k): use these experts instead of choosing (rollout routing replay); the
-        weights still come from this router's own scores, so its gradient flows."""
+    def forward(self, x: torch.Tensor, routes: Optional[torch.Tensor] = None):
+        """-> (Routing, topk_weight). `routes` (tokens, top_k): use these experts instead of choosing (rollout
+        routing replay); the weights still come from this router's own scores, so its gradient flows."""
         with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32 under mixed precision
             scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
-        if forced_topk is None:
-            _, topk_idx = torch.topk(scores + self.e_score_correction_bias.float(), self.top_k, dim=-1)
-        else:
-            if tuple(forced_topk.shape) != (scores.shape[0], self.top_k):
-                raise ValueError(f"replayed routes have shape {tuple(forced_topk.shape)} but this MoE layer routes "
+        with torch.no_grad():
+            _, router_topk = torch.topk(scores + self.e_score_correction_bias.float(), self.top_k, dim=-1)
+        topk_idx = router_topk
+        if routes is not None:
+            if tuple(routes.shape) != (scores.shape[0], self.top_k):
+                raise ValueError(f"replayed routes have shape {tuple(routes.shape)} but this MoE layer routes "
                                  f"{scores.shape[0]} tokens to top_k={self.top_k} experts: record them on the same "
                                  "token sequence with the same model config")
-            topk_idx = forced_topk.to(device=scores.device, dtype=torch.long)
+            topk_idx = routes.to(device=scores.device, dtype=torch.long)
         topk_scores = scores.gather(-1, topk_idx)
         topk_weight = topk_scores / topk_scores.sum(-1, keepdim=True) * self.routed_scaling_factor
-        return scores, topk_idx, topk_weight
+        return Routing(scores, topk_idx, router_topk), topk_weight
 
 
 class Experts(nn.Module):
@@ -62,20 +71,6 @@ class Experts(nn.Module):
                            alignment=self.alignment, linear_fn=self.linear_fn)
 
 
-def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int, num_experts: int) -> torch.Tensor:
-    """Sequence-level balance loss (DeepSeek-V3): per sequence, sum_e f_e * P_e, averaged over sequences.
-
-    f_e = E / (k * T) * (tokens routed to e), P_e = mean over tokens of the normalised score of e.
-    """
-    tokens, top_k = topk_idx.shape
-    seq_len = tokens // batch
-    chosen = torch.zeros(batch, seq_len, num_experts, device=scores.device, dtype=scores.dtype)
-    chosen.scatter_(-1, topk_idx.view(batch, seq_len, top_k), 1.0)
-    f = chosen.sum(1) * (num_experts / (top_k * seq_len))
-    p = (scores / scores.sum(-1, keepdim=True)).view(batch, seq_len, num_experts).mean(1)
-    return (f * p).sum(-1).mean()
-
-
 class LatentMoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -86,26 +81,24 @@ class LatentMoE(nn.Module):
         self.fc2_latent_proj = nn.Linear(latent, cfg.hidden_size, bias=False) if latent else None
         self.experts = Experts(cfg.num_experts, cfg.expert_dim, cfg.moe_intermediate_size)
         self.shared_experts = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
-        self.aux_loss = None
-        self.load = None
 
-    def forward(self, x: torch.Tensor, seq_idx=None, state=None, context=None, forced_topk=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_idx=None, state=None, context=None,
+                routes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
+        """-> (output, Routing) over the tokens of x (..., H) in order. `routes` (..., top_k): replayed experts."""
         shape = x.shape
-        routed, scores, topk_idx = self.routed(x.reshape(-1, shape[-1]), forced_topk)
-        self.aux_loss = sequence_aux_loss(scores, topk_idx, shape[0], self.num_experts) if len(shape) == 3 else None
-        return routed.view(shape) + self.shared_experts(x)
+        flat_routes = None if routes is None else routes.reshape(-1, routes.shape[-1])
+        routed, routing = self.routed(x.reshape(-1, shape[-1]), flat_routes)
+        return routed.view(shape) + self.shared_experts(x), routing
 
-    def routed(self, flat: torch.Tensor, forced_topk: Optional[torch.Tensor] = None):
-        """The routed half on (tokens, H): router, latent down-projection, experts, latent up-projection; records
-        the expert load. Returns (output, scores, topk_idx). The tensor-parallel forward reuses it.
-        `forced_topk`: replayed expert ids (Router.forward)."""
-        scores, topk_idx, topk_weight = self.gate(flat, forced_topk)
+    def routed(self, flat: torch.Tensor, routes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
+        """The routed half on (tokens, H): router, latent down-projection, experts, latent up-projection.
+        Returns (output, Routing). The tensor-parallel forward reuses it. `routes`: replayed expert ids."""
+        routing, topk_weight = self.gate(flat, routes)
         routed_in = self.fc1_latent_proj(flat) if self.fc1_latent_proj is not None else flat
-        routed = self.experts(routed_in, topk_idx, topk_weight.to(routed_in.dtype))
+        routed = self.experts(routed_in, routing.topk_idx, topk_weight.to(routed_in.dtype))
         if self.fc2_latent_proj is not None:
             routed = self.fc2_latent_proj(routed)
-        self.load = torch.bincount(topk_idx.flatten(), minlength=self.num_experts).detach()
-        return routed, scores, topk_idx
+        return routed, routing
 
     @torch.no_grad()
     def update_bias(self, global_load: torch.Tensor, rate: float):
@@ -126,57 +119,12 @@ class LatentMoE(nn.Module):
 
 
 # ----- rollout routing replay (R3) ----------------------------------------------------------------------------------
+# HybridModel.forward returns the experts each trunk MoE layer chose (`ModelOutput.routes`, (b, s, layers, top_k))
+# and replays recorded ones (`routes=`); the MTP block's MoE trains on detached features and routes by itself.
 def moe_layers(model: nn.Module) -> list:
-    """The trunk's LatentMoE layers in forward order (the layer axis of a routes tensor). The MTP block's MoE
-    trains on detached features and is not replayed: it routes by itself."""
+    """The trunk's LatentMoE layers in forward order (the layer axis of a routes tensor)."""
     trunk = getattr(model, "backbone", model)
     return [m for m in trunk.modules() if isinstance(m, LatentMoE)]
-
-
-@contextlib.contextmanager
-def record_routing(model: nn.Module):
-    """Within the block, each router call appends the (tokens, top_k) expert ids it chose: yields one list per
-    MoE layer (routes_tensor turns them into the (b, s, layers, top_k) that replay_routing takes)."""
-    layers = moe_layers(model)
-    chosen = [[] for _ in layers]
-
-    def keep(i):
-        return lambda module, inputs, outputs: chosen[i].append(outputs[1].detach())
-
-    handles = [m.gate.register_forward_hook(keep(i)) for i, m in enumerate(layers)]
-    try:
-        yield chosen
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def routes_tensor(chosen: list, batch: int, seq_len: int) -> torch.Tensor:
-    """record_routing's lists of one (b, s) forward -> (b, s, layers, top_k) expert ids."""
-    per_layer = [torch.cat(calls).view(batch, seq_len, -1) for calls in chosen]
-    return torch.stack(per_layer, dim=2)
-
-
-@contextlib.contextmanager
-def replay_routing(model: nn.Module, routes: torch.Tensor):
-    """Within the block, a (b, s) forward of `model` routes each token of each MoE layer to the experts in
-    `routes` (b, s, layers, top_k), with gate weights from its own router scores (a forward pre-hook fills
-    LatentMoE.forward's `forced_topk`: the one model forward, not a second one)."""
-    layers = moe_layers(model)
-    if routes.dim() != 4 or routes.shape[2] != len(layers):
-        raise ValueError(f"routes must be (batch, seq, {len(layers)} MoE layers, top_k), got {tuple(routes.shape)}")
-
-    def force(i):
-        def hook(module, args, kwargs):
-            return args, {**kwargs, "forced_topk": routes[:, :, i].reshape(-1, routes.shape[-1])}
-        return hook
-
-    handles = [m.register_forward_pre_hook(force(i), with_kwargs=True) for i, m in enumerate(layers)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def router_agreement(a: torch.Tensor, b: torch.Tensor) -> float:

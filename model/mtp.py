@@ -6,6 +6,8 @@ Checkpoint layout: `mtp.layers.0.{enorm,hnorm,eh_proj,norm,mixer}` (attention) a
 `mtp.layers.1.{norm,mixer,final_layernorm}` (LatentMoE).
 """
 
+from typing import Iterable, Iterator
+
 import torch
 from torch import nn
 
@@ -36,8 +38,9 @@ class MTPMoELayer(nn.Module):
         self.mixer = LatentMoE(cfg)
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, u, seq_idx=None, context=None):
-        return self.final_layernorm(u + self.mixer(self.norm(u), seq_idx=seq_idx, context=context))
+    def forward(self, u, seq_idx=None, context=None) -> tuple:
+        y, routing = self.mixer(self.norm(u), seq_idx=seq_idx, context=context)
+        return self.final_layernorm(u + y), routing
 
 
 class MTPBlock(nn.Module):
@@ -45,8 +48,9 @@ class MTPBlock(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([MTPAttentionLayer(cfg), MTPMoELayer(cfg)])
 
-    def forward(self, embedded, previous_hidden, seq_idx=None, state=None, context=None):
-        """One depth: (embedding of the shifted tokens, h_{k-1}) -> h_k, ready for the shared lm_head."""
+    def forward(self, embedded, previous_hidden, seq_idx=None, state=None, context=None) -> tuple:
+        """One depth: (embedding of the shifted tokens, h_{k-1}) -> (h_k, ready for the shared lm_head, the MoE
+        layer's Routing)."""
         u = self.layers[0](embedded, previous_hidden, seq_idx=seq_idx, state=state, context=context)
         return self.layers[1](u, seq_idx=seq_idx, context=context)
 
@@ -58,6 +62,20 @@ class MTPBlock(nn.Module):
         nn.init.normal_(first.eh_proj.weight, std=std)
         first.mixer.init_weights(std, out_std)
         second.mixer.init_weights(std, out_std)
+
+
+def mtp_recursion(mtp: MTPBlock, embeddings: Iterable[torch.Tensor], hidden: torch.Tensor, seq_idx=None,
+                  context=None, detach: bool = False) -> Iterator[tuple]:
+    """The MTP recursion, once for every caller: yields (h_k, Routing) for depth k = 1, 2, ...
+
+    `embeddings[k-1]`: the embedding of the tokens shifted left by k (position t reads token t+k), `hidden`: the
+    final-normed trunk output h_0; depth k reads h_{k-1}. `detach`: the block trains on detached inputs (the
+    trunk and the shared embedding get no gradient from it; RL keeps the drafter up to date this way)."""
+    previous = hidden.detach() if detach else hidden
+    for embedded in embeddings:
+        previous, routing = mtp(embedded.detach() if detach else embedded, previous, seq_idx=seq_idx,
+                                context=context)
+        yield previous, routing
 
 
 def shift_left(t: torch.Tensor, k: int, fill) -> torch.Tensor:

@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 
 from latentforge.kernels.cross_entropy import linear_cross_entropy
-from latentforge.model.mtp import shift_left
+from latentforge.model.mtp import mtp_recursion
 from latentforge.rl.batch import IGNORE_INDEX, BatchCounts
 from latentforge.rl.losses import PolicyLossConfig, aggregate, per_token_policy_loss
+from latentforge.train.loss import shifted_labels
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -37,29 +38,25 @@ def hidden_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, targets: to
     return -ce.view(b, s)
 
 
-def mtp_detached_ce(mtp, embeddings: list, hidden: torch.Tensor, head_weight: torch.Tensor, labels: list,
-                    seq_idx: Optional[torch.Tensor] = None, reduction: str = "sum") -> list:
-    """MTP cross-entropies (one per depth) that train only the MTP block: the trunk's hidden state, the shared
-    embeddings of the shifted tokens and the shared lm_head enter detached, so drafting keeps up with the policy
-    while the MTP loss never moves the trunk (the recursion of HybridModel.mtp_losses).
+def mtp_detached_ce(depth_hidden, head_weight: torch.Tensor, labels: list, reduction: str = "sum") -> list:
+    """MTP cross-entropies (one per depth) that train only the MTP block: `depth_hidden` yields each depth's
+    hidden state of the MTP recursion run on detached inputs (`model.mtp.mtp_recursion(..., detach=True)`: the
+    trunk's hidden state and the shared embeddings enter detached) and the shared lm_head enters detached, so
+    drafting keeps up with the policy while the MTP loss never moves the trunk.
 
-    `embeddings[k-1]` / `labels[k-1]`: the inputs / labels shifted left by k (on the whole sequence)."""
-    losses, previous = [], hidden.detach()
+    `labels[k-1]`: the labels shifted left by k (on the whole sequence)."""
     head = head_weight.detach()
-    for embedded, shifted in zip(embeddings, labels):
-        previous = mtp(embedded.detach(), previous, seq_idx=seq_idx)
-        losses.append(linear_cross_entropy(previous.reshape(-1, previous.shape[-1]), head, shifted.reshape(-1),
-                                           ignore_index=IGNORE_INDEX, reduction=reduction))
-    return losses
+    return [linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, shifted.reshape(-1),
+                                 ignore_index=IGNORE_INDEX, reduction=reduction)
+            for hidden, shifted in zip(depth_hidden, labels)]
 
 
 def mtp_detached_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, hidden: torch.Tensor,
                         seq_idx: Optional[torch.Tensor] = None, reduction: str = "mean") -> list:
     """`mtp_detached_ce` on a whole (unsharded) model and full sequences."""
-    depths = range(1, model.cfg.mtp_depths + 1)
-    embeddings = [model.backbone.embeddings(shift_left(input_ids, k, 0)) for k in depths]
-    shifted = [shift_left(labels, k, IGNORE_INDEX) for k in depths]
-    return mtp_detached_ce(model.mtp, embeddings, hidden, model.lm_head.weight, shifted, seq_idx, reduction)
+    depths = mtp_recursion(model.mtp, model.mtp_embeddings(input_ids), hidden, seq_idx=seq_idx, detach=True)
+    shifted = [shifted_labels(labels, k) for k in range(1, model.cfg.mtp_depths + 1)]
+    return mtp_detached_ce((h for h, _ in depths), model.lm_head.weight, shifted, reduction)
 
 
 def aggregate_pieces(per_token: torch.Tensor, mb: dict, aggregation: str, counts: BatchCounts) -> torch.Tensor:
@@ -120,8 +117,7 @@ class GRPOLoss:
         loss, stats = grpo_micro_batch_loss(logp, mb, self.counts, self.loss_cfg, train_version=self.train_version,
                                             prox_logp=prox)
         if self.mtp_loss_weight > 0 and out.part.mtp is not None and out.mtp_embeddings:
-            sums = mtp_detached_ce(out.part.mtp, out.mtp_embeddings, out.hidden, out.lm_head_weight,
-                                   out.mtp_labels, out.seq_idx, reduction="sum")
+            sums = mtp_detached_ce(out.mtp_hidden(detach=True), out.lm_head_weight, out.mtp_labels, reduction="sum")
             mtp_loss = torch.stack(sums).sum() / (len(sums) * max(self.counts.num_positions, 1.0))
             loss = loss + self.mtp_loss_weight * mtp_loss
             stats["mtp_loss_sum"] = mtp_loss.detach()

@@ -20,7 +20,6 @@ import torch.distributed as dist
 
 from latentforge.model import HybridModel, ModelConfig
 from latentforge.model.hf import MODEL_CONFIG_FILE
-from latentforge.model.moe import LatentMoE, moe_layers
 from latentforge.rl.batch import collate, count, group_rows, padded_length, shard_micro_batches
 from latentforge.rl.buffer import Group
 from latentforge.rl.config import GRPOConfig
@@ -30,28 +29,23 @@ from latentforge.train.checkpoint import CheckpointManager, pack, unpack
 from latentforge.train.config import OptimConfig
 from latentforge.train.optim import OptimizerContainer, step_if_finite
 from latentforge.train.parallel import build_runner
+from latentforge.train.parallel.config import ParallelConfig
+from latentforge.train.precision.config import PrecisionConfig
 from latentforge.train.schedule import LRSchedule
 from latentforge.train.trainer import ModelState, NonFiniteLossError, rng_state, set_rng_state
 
 
 
-def resolve_model_config(init_from: Optional[str], recipe_model: dict) -> dict:
+def resolve_model_config(init_from: Optional[str], recipe_model: ModelConfig) -> ModelConfig:
     """The policy's architecture: the checkpoint's own when starting from one, else the recipe's `model` group."""
     if init_from is None:
-        return dict(recipe_model)
-    if os.path.isfile(os.path.join(init_from, "config.json")):
-        from latentforge.model.hf import from_hf_config
+        return recipe_model
+    from latentforge.train.lora.checkpoint import model_config_of
 
-        with open(os.path.join(init_from, "config.json")) as f:
-            return from_hf_config(json.load(f)).to_dict()
-    from latentforge.train.export import resolve_checkpoint
-
-    path = os.path.join(resolve_checkpoint(init_from), MODEL_CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"rl.init_from={init_from}: {path} is missing; give a Hugging Face directory "
-                                "(config.json + safetensors) or a DCP checkpoint written by train/")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        return model_config_of(init_from)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"rl.init_from={init_from}: {e}") from None
 
 
 def load_initial_model(init_from: Optional[str], model_cfg: ModelConfig, seed: int = 0) -> HybridModel:
@@ -70,56 +64,6 @@ def load_initial_model(init_from: Optional[str], model_cfg: ModelConfig, seed: i
     from latentforge.train.export import load_model_from_checkpoint
 
     return load_model_from_checkpoint(init_from)
-
-
-def trunk_moe_modules(parts: list, num_trunk_moe: int) -> list:
-    return [m for part in parts for m in part.modules()
-            if isinstance(m, LatentMoE) and m.gate._lf_moe_index < num_trunk_moe]
-
-
-def install_route_replay(parts: list, ctx, num_trunk_moe: int) -> None:
-    """rl.router_replay: each trunk MoE layer this rank owns routes the tokens of the micro-batch in flight to the
-    experts the rollout chose (its `routes`, sliced to this rank's tokens by the runner like input_ids) through
-    LatentMoE.forward's forced_topk, under every layout (the global MoE index picks the layer)."""
-    for module in trunk_moe_modules(parts, num_trunk_moe):
-        module.register_forward_pre_hook(_replay_hook(ctx, module.gate._lf_moe_index), with_kwargs=True)
-
-
-def install_router_agreement(parts: list, ctx, num_trunk_moe: int) -> None:
-    """When a micro-batch carries the rollout's routes, count per real token and trunk MoE layer whether the
-    trainer's own router would choose the same top-k set (`router_agree_sum` / `router_pairs`, summed over
-    ranks and layers with the loss statistics); with replay on, the forced experts are not its own choice."""
-    for module in trunk_moe_modules(parts, num_trunk_moe):
-        module.gate.register_forward_hook(_agreement_hook(ctx, module.gate._lf_moe_index))
-
-
-def _agreement_hook(ctx, index: int):
-    def hook(router, inputs, outputs):
-        if not ctx.recording or "routes" not in ctx.current.extras:
-            return
-        with torch.no_grad():
-            scores = outputs[0]
-            own = torch.topk(scores + router.e_score_correction_bias.float(), router.top_k, dim=-1).indices
-            recorded = ctx.current.extras["routes"][:, :, index].reshape(-1, router.top_k).to(own.device)
-            same = (own.sort(-1).values == recorded.sort(-1).values).all(-1)
-            real = ctx.current.real_local
-            real = torch.ones_like(same) if real is None else real.reshape(-1).to(same.device)
-            for key, value in (("router_agree_sum", (same & real).sum()), ("router_pairs", real.sum())):
-                value = value.to(dtype=torch.float64, device=ctx.device)
-                ctx.custom_stats[key] = ctx.custom_stats[key] + value if key in ctx.custom_stats else value
-    return hook
-
-
-def _replay_hook(ctx, index: int):
-    def hook(module, args, kwargs):
-        if not ctx.recording:  # a forward outside the runner's step (a copy of the module, an export)
-            return None
-        routes = ctx.current.extras.get("routes")
-        if routes is None:
-            raise ValueError("rl.router_replay=true but the batch carries no routes: the rollout engine must "
-                             "record them (Sample.routes), or set rl.router_replay=false")
-        return args, {**kwargs, "forced_topk": routes[:, :, index].reshape(-1, routes.shape[-1])}
-    return hook
 
 
 def split_mini_batches(rows: List[dict], n: int) -> List[List[dict]]:
@@ -157,20 +101,16 @@ def state_digest(state: dict) -> float:
     return float(sum(v.double().sum().item() * (i + 1) for i, (_, v) in enumerate(sorted(state.items()))))
 
 
-def model_config_dict(cfg: ModelConfig) -> dict:
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
-
-
 class PolicyTrainer:
     """One rank of the GRPO trainer group on any pretraining parallel layout: `train.parallel.build_runner` owns
     the layout (a single process, FSDP2/HSDP data parallelism, TP, PP, CP, EP and their combinations, from the
     recipe's `parallel` group) and the GRPO loss is its loss hook (rl.policy.GRPOLoss)."""
 
-    def __init__(self, model_cfg: dict, cfg: GRPOConfig, optim_cfg: OptimConfig, run_dir: str,
-                 parallel_cfg: Optional[dict] = None, precision_cfg: Optional[dict] = None):
+    def __init__(self, model_cfg: ModelConfig, cfg: GRPOConfig, optim_cfg: OptimConfig, run_dir: str,
+                 parallel_cfg: Optional[ParallelConfig] = None, precision_cfg: Optional[PrecisionConfig] = None):
         world.init_distributed()
         self.cfg = cfg
-        self.model_cfg = ModelConfig.from_dict(dict(model_cfg))
+        self.model_cfg = ModelConfig.from_dict(model_cfg)  # an instance passes; a mapping is validated into one
         model = load_initial_model(cfg.init_from, self.model_cfg, seed=cfg.seed)
         if cfg.mtp_loss_weight == 0 and model.mtp is not None:
             model.mtp.requires_grad_(False)  # rl.mtp_loss_weight=0: the MTP block stays as it is
@@ -182,11 +122,9 @@ class PolicyTrainer:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         # precision_cfg: the recipe's `precision` group; its param_dtype (auto: bf16 on GPU) sets the trainer's
         # compute dtype (the rollout engine's own dtype is set apart, and truncated importance weights correct the gap)
-        num_trunk_moe = len(moe_layers(model))
+        # batches carry the rollout's routes when recorded: the runner counts router agreement, and replays them
+        # (each trunk MoE layer uses the rollout's experts) under rl.router_replay
         self.runner = build_runner(model, self.model_cfg, parallel_cfg, precision_cfg)  # shards `model` in place
-        install_router_agreement(self.runner.model_parts, self.runner.ctx, num_trunk_moe)
-        if cfg.router_replay:
-            install_route_replay(self.runner.model_parts, self.runner.ctx, num_trunk_moe)
         self.device = self.runner.device
         if self.ref_model is not None:
             self.ref_model.to(self.device)
@@ -229,7 +167,7 @@ class PolicyTrainer:
         for k, mbs in enumerate(micro):
             for i, mb in enumerate(mbs):
                 mb[PROX_KEY] = (k, i)
-            self.runner.evaluate(mbs, recorder)
+            self.runner.evaluate(mbs, recorder, replay_routes=self.cfg.router_replay)
         return recorder.by_key
 
     def _optimizer_step(self, rows: List[dict], micro: List[dict], prox: Optional[dict]) -> dict:
@@ -240,7 +178,7 @@ class PolicyTrainer:
         loss_fn = GRPOLoss(counts, cfg.loss, temperature=cfg.rollout.sampling.temperature,
                            train_version=self.version, mtp_loss_weight=cfg.mtp_loss_weight, prox_logprobs=prox)
         self.optimizer.zero_grad()
-        result = self.runner.forward_backward(micro, loss_fn)
+        result = self.runner.forward_backward(micro, loss_fn, replay_routes=cfg.router_replay)
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
         grad_norm = float(self.runner.clip_grad_norm_(max_norm))
         lr = self.schedule.lr_at(self.version)
@@ -335,7 +273,7 @@ class PolicyTrainer:
         """Collective over the trainer group; `loop_state` is the driver's (prompt position, buffer, counters)."""
         def extra(tmp_dir):
             with open(os.path.join(tmp_dir, MODEL_CONFIG_FILE), "w") as f:
-                json.dump(model_config_dict(self.model_cfg), f, indent=1)
+                json.dump(self.model_cfg.to_dict(), f, indent=1)
 
         return self.checkpoints.save(self.version, self._state(pack(loop_state)), write_extra=extra)
 

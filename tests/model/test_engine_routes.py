@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from latentforge.model import HybridModel, ModelConfig
-from latentforge.model.moe import moe_layers, record_routing, replay_routing, routes_tensor
+from latentforge.model.moe import moe_layers
 from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 from tests.rl.helpers import micro_model_cfg
 from tests.model.test_engine import OracleDrafts, reference_greedy
@@ -28,11 +28,9 @@ def _model(dtype=torch.float64):
 
 
 def _reference_routes(model, tokens: list) -> torch.Tensor:
-    """The independent reference: model/moe.py's hooks on one plain forward over the whole sequence."""
-    ids = torch.tensor([tokens])
-    with torch.no_grad(), record_routing(model) as chosen:
-        model(ids)
-    return routes_tensor(chosen, 1, len(tokens))[0]
+    """The independent reference: the routes of one plain forward over the whole sequence."""
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).routes[0]
 
 
 def _with_oracle_drafts(engine, model, max_new: int):
@@ -108,8 +106,8 @@ def test_replaying_engine_routes_reproduces_engine_logprobs():
             want = torch.tensor(result.logprobs, dtype=torch.float32)
             with torch.no_grad():
                 free = torch.log_softmax(trainer(ids).logits.float()[0, len(result.prompt_ids) - 1:], -1)
-                with replay_routing(trainer, result.routes[None]):
-                    replayed = torch.log_softmax(trainer(ids).logits.float()[0, len(result.prompt_ids) - 1:], -1)
+                replayed = trainer(ids, routes=result.routes[None]).logits.float()[0, len(result.prompt_ids) - 1:]
+                replayed = torch.log_softmax(replayed, -1)
             free_gap = max(free_gap, float((free.gather(-1, targets[:, None])[:, 0] - want).abs().max()))
             got = replayed.gather(-1, targets[:, None])[:, 0]
             assert torch.allclose(got, want, atol=1e-5, rtol=0), (draft_tokens, (got - want).abs().max())

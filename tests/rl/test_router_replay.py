@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from latentforge.model import HybridModel, ModelConfig
-from latentforge.model.moe import moe_layers, record_routing, replay_routing, router_agreement, routes_tensor
+from latentforge.model.moe import moe_layers, router_agreement
 from tests.rl.helpers import micro_model_cfg
 
 
@@ -28,25 +28,24 @@ def _models():
     return rollout, trainer
 
 
-def _logprobs(model, ids):
-    logits = model(ids).logits.float()
-    return torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+def _logprobs(model, ids, routes=None):
+    """(log-probs of ids[:, 1:], the routes the forward used)."""
+    out = model(ids, routes=routes)
+    logp = torch.log_softmax(out.logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return logp, out.routes
 
 
 def test_replayed_routes_reproduce_the_rollout_logprobs():
     rollout, trainer = _models()
     ids = torch.randint(4, 128, (3, 12))
-    with torch.no_grad(), record_routing(rollout) as chosen:
-        want = _logprobs(rollout, ids)
-    routes = routes_tensor(chosen, 3, 12)
+    with torch.no_grad():
+        want, routes = _logprobs(rollout, ids)
+        free, own = _logprobs(trainer, ids)
     assert routes.shape == (3, 12, 2, 2)
-    with torch.no_grad(), record_routing(trainer) as own:
-        free = _logprobs(trainer, ids)
-    assert router_agreement(routes, routes_tensor(own, 3, 12)) < 0.9  # the perturbation does change the routing
+    assert router_agreement(routes, own) < 0.9  # the perturbation does change the routing
     assert (free - want).abs().max() > 1e-3
-    with replay_routing(trainer, routes), record_routing(trainer) as replayed:
-        got = _logprobs(trainer, ids)
-    assert torch.equal(routes_tensor(replayed, 3, 12), routes)
+    got, replayed = _logprobs(trainer, ids, routes)
+    assert torch.equal(replayed, routes)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
     got.sum().backward()
     assert all(m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0 for m in moe_layers(trainer))
@@ -56,11 +55,9 @@ def test_replay_rejects_routes_of_another_shape():
     rollout, _ = _models()
     ids = torch.randint(4, 128, (2, 8))
     with pytest.raises(ValueError, match="MoE layers"):
-        with replay_routing(rollout, torch.zeros(2, 8, 3, 2, dtype=torch.long)):
-            rollout(ids)
+        rollout(ids, routes=torch.zeros(2, 8, 3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="replayed routes have shape"):
-        with replay_routing(rollout, torch.zeros(2, 7, 2, 2, dtype=torch.long)):
-            rollout(ids)
+        rollout(ids, routes=torch.zeros(2, 7, 2, 2, dtype=torch.long))
 
 
 def test_router_agreement_compares_sets():
@@ -100,10 +97,10 @@ def _rollout_groups(rollout, n_groups=2, G=2, seed=0):
         for i in range(G):
             completion = torch.randint(4, 128, (7,), generator=gen).tolist()
             ids = torch.tensor([prompt + completion])
-            with torch.no_grad(), record_routing(rollout) as chosen:
-                logp = _logprobs(rollout, ids)[0, len(prompt) - 1:]
-            samples.append(Sample(g, i, prompt, completion, logp.tolist(), [0] * 7, reward=float(i % 2),
-                                  routes=routes_tensor(chosen, 1, ids.shape[1])[0]))
+            with torch.no_grad():
+                logp, routes = _logprobs(rollout, ids)
+            samples.append(Sample(g, i, prompt, completion, logp[0, len(prompt) - 1:].tolist(), [0] * 7,
+                                  reward=float(i % 2), routes=routes[0]))
         groups.append(Group(g, samples))
     return groups
 
@@ -118,9 +115,9 @@ def test_grpo_trainer_replays_the_rollout_routes(tmp_path, replay):
     agree = 0.0  # independently: the trainer's own routes on each sample's input tokens vs the recorded ones
     for sample in (s for g in groups for s in g.samples):
         ids = torch.tensor([sample.prompt_ids + sample.completion_ids])[:, :-1]
-        with torch.no_grad(), record_routing(trainer.model) as own:
-            trainer.model(ids)
-        agree += router_agreement(routes_tensor(own, 1, ids.shape[1])[0], sample.routes[:-1]) * ids.shape[1] * 2
+        with torch.no_grad():
+            own = trainer.model(ids).routes
+        agree += router_agreement(own[0], sample.routes[:-1]) * ids.shape[1] * 2
     metrics = trainer.train_step(groups)
     mismatch = metrics["abs_log_mismatch_sum"] / metrics["tokens"]
     assert (mismatch < 1e-5) if replay else (mismatch > 1e-3), mismatch

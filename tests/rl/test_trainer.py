@@ -11,6 +11,7 @@ from latentforge.rl.buffer import Group, Sample
 from latentforge.rl.config import GRPOConfig
 from latentforge.rl.policy import mtp_detached_losses
 from latentforge.rl.trainer import PolicyTrainer
+from latentforge.train.loss import model_loss
 from tests.rl.helpers import micro_model_cfg
 from latentforge.train.config import OptimConfig
 
@@ -71,7 +72,7 @@ def test_mtp_loss_moves_only_the_mtp_block():
         assert p.grad is None or not p.grad.any(), f"MTP loss reached the trunk: {name}"
     assert any(p.grad is not None and p.grad.any() for n, p in model.named_parameters() if n.startswith("mtp."))
     # and it is the same value as the model's own MTP loss (same recursion, just detached)
-    full = reference(ids, labels=labels)
+    full = model_loss(reference, ids, labels)
     assert loss.item() == pytest.approx(sum(full.mtp_losses).item(), rel=1e-5)
 
 

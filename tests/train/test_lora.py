@@ -15,8 +15,11 @@ from latentforge.model import HybridModel
 from tests.distributed import run_distributed
 from tests.model.test_hf import randomize, tiny_config
 from latentforge.train.config import OptimConfig
+from latentforge.train.loss import model_loss
+from tests.train.loss_reference import reference_loss
 from latentforge.train.lora import (DEFAULT_TARGETS, LoRAConfig, LoRAConfigError, PEFTCompatibilityWarning, apply_lora,
-                        attach_tp_slices, lora_parameters, lora_state_dict, merge_lora, remove_lora)
+                        lora_parameters, lora_state_dict, merge_lora, remove_lora,
+                                   tensor_parallel_adapters)
 from latentforge.train.optim import OptimizerContainer
 
 
@@ -63,19 +66,19 @@ def test_mamba_out_proj_is_opt_in_with_a_peft_warning():
     assert "backbone.layers.0.mixer.out_proj" in adapted
 
 
-def test_merge_and_remove_take_the_tensor_parallel_hook_away():
-    from latentforge.train.lora.layers import _tp_slices_hook
-
-    def hooked(model):
-        return sorted(n for n, m in model.named_modules() if _tp_slices_hook in m._forward_pre_hooks.values())
-
-    parents = ["backbone.layers.0.mixer", "backbone.layers.1.mixer", "backbone.layers.2.mixer"]
+def test_merge_and_remove_leave_the_base_layer():
+    """in_proj's adapter knows its z | x | B | C | dt row blocks (tensor parallelism slices each); merge and remove
+    leave a plain Linear with no adapter attribute."""
     for undo in (merge_lora, remove_lora):
         model = build()
         apply_lora(model, LoRAConfig(rank=2, alpha=2))
-        assert hooked(model) == parents  # once per block mixer, however many adapted layers under it
+        mixer = model.backbone.layers[0].mixer
+        assert mixer.in_proj.lora_row_blocks == mixer.in_proj_blocks()
+        q_proj = model.backbone.layers[1].mixer.q_proj
+        assert q_proj.lora_row_blocks == [q_proj.out_features]
         undo(model)
-        assert hooked(model) == []
+        assert type(mixer.in_proj) is torch.nn.Linear
+        assert not any(k.startswith("lora_") for m in model.modules() for k in m.__dict__)
 
 
 def test_adapter_math_rslora_and_dropout():
@@ -121,7 +124,7 @@ def test_only_adapters_train_and_get_optimizer_state():
     adapters = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
     optimizer = OptimizerContainer([model], OptimConfig(lr=1e-2, weight_decay=0.0))
     ids = torch.randint(0, model.cfg.vocab_size, (2, 11))
-    model(ids, labels=ids.roll(-1, 1)).loss.backward()
+    model_loss(model, ids, ids.roll(-1, 1)).loss.backward()
     optimizer.step()
     state = optimizer.optimizers[0].state
     assert {id(p) for p in state} == {id(p) for p in lora_parameters(model).values()}
@@ -139,7 +142,7 @@ def test_bf16_base_with_fp32_adapters():
     assert model.backbone.embeddings.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in lora_parameters(model).values())
     ids = torch.randint(0, model.cfg.vocab_size, (2, 11))
-    loss = model(ids, labels=ids.roll(-1, 1)).loss
+    loss = model_loss(model, ids, ids.roll(-1, 1)).loss
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora_parameters(model).values())
@@ -172,7 +175,7 @@ def _grads(model) -> dict:
 
 
 # name: (parallel layout, LoRA settings, model settings). TP: every Linear kind incl. the row-parallel Mamba out_proj
-# and the Mamba in_proj's non-contiguous rows, with nobody calling attach_tp_slices; EP: the routed experts' own
+# and the Mamba in_proj's rows (a slice of each of its five blocks); EP: the routed experts' own
 # adapters sharded with them (the experts frozen); PP: two stages (layers 0-2 | layer 3 and the MTP block, fed by the
 # frozen embedding of the first stage), the dense MLP and the MTP block adapted so the last stage has adapters too.
 DIST_LAYOUTS = {
@@ -187,7 +190,6 @@ DIST_LAYOUTS = {
 def _layouts_worker(rank, world_size):
     import copy
 
-    from latentforge.train.lora.layers import LoRALinearMixin
     from latentforge.train.parallel import ParallelConfig, build_runner
 
     ids = torch.randint(0, 211, (4, 16), generator=torch.Generator().manual_seed(7))
@@ -205,7 +207,7 @@ def _layouts_worker(rank, world_size):
             apply_lora(model, LoRAConfig(rank=4, alpha=8, **lora_kw))
         fill_adapters(model)
         reference = copy.deepcopy(model)
-        ref_loss = reference(ids, labels=labels, seq_idx=seq_idx).loss
+        ref_loss = reference_loss(reference, ids, labels, seq_idx=seq_idx).loss
         ref_loss.backward()
         expected_grads = _grads(reference)
         OptimizerContainer([reference], optim_cfg).step()
@@ -245,12 +247,7 @@ def _layouts_worker(rank, world_size):
         for key, value in after.items():
             torch.testing.assert_close(value, expected_after[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
 
-        tp_sliced = sum(1 for part in parts for m in part.modules() if isinstance(m, LoRALinearMixin)
-                        and (m.__dict__.get("lora_tp_rows") is not None or m.__dict__.get("lora_tp_cols") is not None))
-        if name == "tp":  # recorded by the forward pre-hooks; the eager call finds the same layers
-            assert tp_sliced == 8 and attach_tp_slices(parts) == 8
-        else:
-            assert tp_sliced == 0 and attach_tp_slices(parts) == 0
+        assert tensor_parallel_adapters(parts) == (8 if name == "tp" else 0), name
         summary[name] = sorted(got)
     return summary
 

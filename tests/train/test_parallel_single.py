@@ -8,12 +8,14 @@ import torch
 
 from latentforge.model import HybridModel
 from latentforge.model.attention import document_causal_mask
+from latentforge.model.mamba import Mamba2Mixer
 from latentforge.train.parallel import ParallelConfig, build_runner
 from latentforge.train.parallel.expert_parallel import _regroup
 from latentforge.train.parallel.cp_attention import _BlockMask
-from latentforge.train.parallel.mixers import mamba_rows
+from latentforge.train.parallel.tensor_parallel import rank_major_order, rank_rows
 from latentforge.train.parallel.token_order import TokenOrder
 
+from .loss_reference import reference_loss
 from .test_parallel_common import global_batches, one_thread, tiny_config
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -36,7 +38,7 @@ def test_single_process_step_is_the_model_loss_and_gradient():
     runner = build_runner(model, cfg, ParallelConfig())
     assert runner.model_parts == [model] and runner.dp_size == 1 and runner.is_metrics_rank
     result = runner.forward_backward([batch])
-    out = plain(batch["input_ids"], labels=batch["labels"], seq_idx=batch["seq_idx"])
+    out = reference_loss(plain, batch["input_ids"], batch["labels"], seq_idx=batch["seq_idx"])
     out.loss.backward()
     assert result["loss"] == pytest.approx(out.loss.item(), rel=1e-6)
     assert result["lm_loss"] == pytest.approx(out.lm_loss.item(), rel=1e-6)
@@ -119,16 +121,21 @@ def test_regroup_orders_rows_by_expert_then_source_with_padding():
 
 def test_mamba_rows_pick_each_ranks_heads_and_groups():
     cfg = tiny_config()
+    mixer = Mamba2Mixer(cfg)
     di, gn, nh = cfg.mamba_d_inner, cfg.mamba_groups * cfg.ssm_state_size, cfg.mamba_num_heads
+    assert mixer.in_proj_blocks() == [di, di, gn, gn, nh] and sum(mixer.in_proj_blocks()) == cfg.mamba_in_proj_size
     weight = torch.arange(cfg.mamba_in_proj_size)
     z, x, B, C, dt = weight.split([di, di, gn, gn, nh])
+    xbc = torch.arange(di + 2 * gn)
+    cx, cB, cC = xbc.split([di, gn, gn])
+    mine = []
     for rank in range(2):
-        rows, conv = mamba_rows(cfg, 2, rank)
         half = lambda t: t.chunk(2)[rank]  # noqa: E731
-        assert torch.equal(weight[rows], torch.cat([half(z), half(x), half(B), half(C), half(dt)]))
-        xbc = torch.arange(di + 2 * gn)
-        cx, cB, cC = xbc.split([di, gn, gn])
-        assert torch.equal(xbc[conv], torch.cat([half(cx), half(cB), half(cC)]))
+        mine.append(torch.cat([half(z), half(x), half(B), half(C), half(dt)]))
+        assert torch.equal(weight[rank_rows(mixer.in_proj_blocks(), 2, rank)], mine[-1])
+        assert torch.equal(xbc[rank_rows(mixer.conv_blocks(), 2, rank)], torch.cat([half(cx), half(cB), half(cC)]))
+    # rank-contiguous storage: Shard(0) of the stored rows is exactly each rank's rows
+    assert torch.equal(weight[rank_major_order(mixer.in_proj_blocks(), 2)], torch.cat(mine))
 
 
 def test_context_parallel_block_masks_are_slices_of_the_full_mask():

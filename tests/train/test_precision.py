@@ -17,6 +17,7 @@ from latentforge.train.precision import (
     format_table,
     resolve_policy,
 )
+from latentforge.train.loss import model_loss
 from latentforge.train.precision.compare import markov_batches, tail_mean, train_loss_curve
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -275,7 +276,7 @@ def test_every_recipe_trains_the_hybrid_model_emulated(name):
     if name != "bf16":
         assert any(e.linear_fn is not None for e in experts)
     inputs, labels = markov_batches(1, 2, 16, cfg.vocab_size)[0]
-    out = model(inputs, labels=labels)
+    out = model_loss(model, inputs, labels)
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

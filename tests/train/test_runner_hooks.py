@@ -41,10 +41,9 @@ class WeightedLogprobLoss:
         logp = logp * valid
         weights = mb["weights"] * valid * mb["scale"]
         loss = -(weights * logp).sum() / self.total_weight
-        previous, head, mtp_ce = out.hidden.detach(), out.lm_head_weight.detach(), 0.0
-        for embedded, shifted in zip(out.mtp_embeddings, out.mtp_labels):
-            previous = out.part.mtp(embedded.detach(), previous, seq_idx=out.seq_idx)
-            mtp_ce = mtp_ce + linear_cross_entropy(previous.reshape(-1, previous.shape[-1]), head,
+        head, mtp_ce = out.lm_head_weight.detach(), 0.0
+        for hidden, shifted in zip(out.mtp_hidden(detach=True), out.mtp_labels):  # the MTP block on detached inputs
+            mtp_ce = mtp_ce + linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head,
                                                    shifted.reshape(-1), reduction="sum")
         loss = loss + MTP_WEIGHT * mtp_ce / self.total_targets
         stats = {"targets": valid.sum(), "weighted_logp_sum": (weights * logp).sum().detach(),

@@ -19,6 +19,7 @@ from latentforge.train.parallel import ParallelConfig, build_runner
 from latentforge.train.schedule import LRSchedule
 from latentforge.train.trainer import NonFiniteLossError, ResumeMismatchError, Trainer
 
+from .loss_reference import reference_loss
 from .synthetic import SyntheticLoader
 
 SEQ, MICRO, GLOBAL = 32, 2, 4  # two micro-batches per step on one process
@@ -76,7 +77,7 @@ def test_loop_matches_a_hand_written_reference(tmp_path):
     for step in range(3):
         batch = next(loader)
         opt.zero_grad()
-        out = ref(batch["input_ids"], labels=batch["labels"], seq_idx=batch["seq_idx"])
+        out = reference_loss(ref, batch["input_ids"], batch["labels"], seq_idx=batch["seq_idx"])
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         for group in opt.param_groups:

@@ -1,20 +1,14 @@
-"""What one optimizer step's micro-batches look like on this rank, and the losses computed from its pieces.
+"""What one optimizer step's micro-batches look like on this rank, and the step's loss statistics.
 
-Every loss term is a *partial sum* normalised by a *global* count, so that summing the partial losses of all ranks
-(data-parallel ranks: different sequences; context- and sequence-parallel ranks: different pieces of a sequence;
-pipeline stages: different layers) gives exactly the single-process loss of the whole global batch:
+`prepare` slices every micro-batch for this rank (CP token order, then the TP piece) and counts the global batch's
+targets and sequences (`latentforge.train.loss.Normalizers`, summed over data-parallel ranks): the loss module
+(train/loss.py, whose doc has the math) divides every partial loss by them, so that the partial losses of all
+ranks, stages and micro-batches add up to the single-process loss of the whole global batch. The stage forward
+(stage.py) records each term here; the runner sums the records over ranks.
 
-    loss = sum_tokens CE / N_lm + (w / D) sum_k sum_tokens CE_k / N_k + coeff * sum_layers sum_seqs aux / N_seq
-
-with N_lm, N_k the target tokens (labels != -100) of the main and k-th MTP head and N_seq the sequences, over the
-global batch. Gradients then only need *summing* over ranks (FSDP with divide factor 1, all-to-all backward,
-tensor-parallel all-reduce), never averaging.
-
-The sequence-level balance loss of a MoE layer, per sequence, is sum_e f_e P_e with f_e = E/(k T) * (tokens routed
-to e) and P_e = mean over tokens of the normalised score. f is a count over the *whole* sequence (summed over the
-ranks holding its pieces, no gradient); P is linear in the tokens, so each rank adds f_e * (its tokens' score sum)/T.
-A micro-batch's optional `attention_mask` (b, s; 0 = padding) keeps padded positions out of f, P, T, the expert
-loads and the sequence count, so padding (which differs between layouts) never changes the step.
+A micro-batch's optional `attention_mask` (b, s; 0 = padding) keeps padded positions out of the balance loss, the
+expert loads and the sequence count; its optional `routes` (b, s, trunk MoE layers, top_k), the rollout's expert
+choices, are replayed (`replay_routes`) and compared with the router's own choice (router agreement statistics).
 """
 
 from __future__ import annotations
@@ -24,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from latentforge.kernels.cross_entropy import linear_cross_entropy
 from latentforge.model.hybrid import IGNORE_INDEX
-from latentforge.model.mtp import shift_left
+from latentforge.model.mtp import mtp_recursion, shift_left
+from latentforge.train.loss import Balance, HeadLosses, Normalizers, TokenPiece, balance, head_losses, shifted_labels
 
 from .collectives import all_reduce_sum
 from .token_order import TokenOrder
@@ -61,27 +55,28 @@ class TrunkOutput:
 
     `mtp_embeddings[k-1]` is the embedding of input_ids shifted left by k (computed on the first stage, where the
     embedding lives) and `mtp_labels[k-1]` the labels shifted left by k (shifted on the full sequence, then
-    sliced): with `part.mtp` they rebuild the MTP recursion of HybridModel (detach the inputs to train the MTP
-    block alone). Every rank must call `part.mtp` equally often (its layers hold collectives)."""
+    sliced): `mtp_hidden()` runs the MTP recursion on them (every rank must run it equally often: its layers hold
+    collectives); the MoE balance loss of the depths it ran is added by the runner."""
 
     hidden: torch.Tensor  # (b, s_local, H), after norm_f
     lm_head_weight: torch.Tensor  # (V, H), the full weight (tensor parallelism never splits lm_head)
     part: object  # this stage's model part (part.mtp, part.lm_head)
     mtp_embeddings: list
     mtp_labels: list
-    seq_idx: torch.Tensor  # (b, s_local) document ids
+    seq_idx: torch.Tensor  # (b, s_cp) document ids of the tokens the mixers see (this CP rank's, TP-gathered)
+    context: object = None  # the layout's mixer context (HybridModel.forward's `context`)
+    mtp_routings: list = field(default_factory=list)  # the MTP MoE's Routing of each depth run
 
-
-@dataclass
-class Counts:
-    lm: float  # target tokens of the main head (at least 1: a divisor)
-    mtp: list
-    sequences: float
-    targets: int = 0  # the actual number of target tokens
+    def mtp_hidden(self, detach: bool = False):
+        """Yields h_k of MTP depth k = 1.. (model.mtp.mtp_recursion); `detach`: train the MTP block alone."""
+        for hidden, routing in mtp_recursion(self.part.mtp, self.mtp_embeddings, self.hidden, seq_idx=self.seq_idx,
+                                             context=self.context, detach=detach):
+            self.mtp_routings.append(routing)
+            yield hidden
 
 
 class ParallelContext:
-    """Shared by the stage modules, the parallel mixers and the router hooks of one runner."""
+    """Shared by the stage modules and the parallel mixers of one runner."""
 
     def __init__(self, groups, model_cfg, device, load_balance: bool = True, attention_block: int = 1024):
         self.groups = groups
@@ -92,12 +87,12 @@ class ParallelContext:
         lay = groups.layout
         self.cp, self.tp = lay.cp, lay.tp
         self.micro_batches: list = []
-        self.counts: Optional[Counts] = None
+        self.counts: Optional[Normalizers] = None
         self.current: Optional[MicroBatch] = None
-        self.recording = False  # router hooks record only during a real forward (not an AC recompute)
-        self.routes: list = []  # (moe index, scores, topk_idx) of the stage forward in progress
-        self.num_moe = 0
+        self.num_moe = 0  # expert-load rows: trunk MoE layers, then the MTP block's
+        self.num_trunk_moe = 0
         self.loss_fn = None  # the caller's loss hook for the step in progress (None: LM/MTP head losses)
+        self.replay_routes = False  # the step in progress replays each micro-batch's `routes`
         self.reset_step()
 
     # ----- per step ------------------------------------------------------------------------------------------
@@ -141,10 +136,10 @@ class ParallelContext:
             if real is not None:
                 item.real_local, item.row_tokens = real[:, local], real.sum(1)
             for k in range(1, depths + 1):
-                shifted_labels = shift_left(labels, k, IGNORE_INDEX)
-                counts[1 + k] += (shifted_labels != IGNORE_INDEX).sum()
+                depth_labels = shifted_labels(labels, k)
+                counts[1 + k] += (depth_labels != IGNORE_INDEX).sum()
                 item.mtp_ids_local.append(shift_left(ids, k, 0)[:, local])
-                item.mtp_labels_local.append(shifted_labels[:, local])
+                item.mtp_labels_local.append(depth_labels[:, local])
             prepared.append(item)
         all_reduce_sum(counts, self.groups.dp_group)
         values = counts.tolist()
@@ -156,8 +151,8 @@ class ParallelContext:
                               f"(this rank {n}, {total:g} over {ranks:g} ranks); every rank must run the same "
                               "number per step (their collectives pair up)")
         self.micro_batches = prepared
-        self.counts = Counts(lm=max(values[0], 1.0), sequences=max(values[1], 1.0),
-                             mtp=[max(v, 1.0) for v in values[2:2 + depths]], targets=int(values[0]))
+        self.counts = Normalizers(lm=max(values[0], 1.0), sequences=max(values[1], 1.0),
+                                  mtp=[max(v, 1.0) for v in values[2:2 + depths]], targets=int(values[0]))
 
     def token_order(self, seq_len: int) -> TokenOrder:
         # the conv history of a chunk comes from the chunk before it only
@@ -178,64 +173,77 @@ class ParallelContext:
         return order.positions(self.groups.cp_rank, self.device)[start:start + size]
 
     def begin(self, index: int) -> MicroBatch:
+        # stays current until the next begin: an activation-checkpoint recompute in the backward reads it too
         self.current = self.micro_batches[index]
-        self.routes = []
-        self.recording = True
         return self.current
 
-    def end(self):
-        self.recording = False
+    def mixer_context(self):
+        """What HybridModel.forward hands the mixers under this layout: context parallelism's view of the current
+        micro-batch (context_parallel.py), None on one process or TP alone."""
+        if self.cp == 1:
+            return None
+        from .context_parallel import ContextParallelMixing
+
+        return ContextParallelMixing(self.current, self.groups.cp_group, self.groups.cp_rank, self.attention_block)
 
     # ----- MoE routing -----------------------------------------------------------------------------------------
-    def router_hook(self, module, inputs, outputs):
-        if self.recording:
-            scores, topk_idx, _ = outputs
-            self.routes.append((module._lf_moe_index, scores, topk_idx))
-
-    def routed_aux(self) -> torch.Tensor:
-        """The balance-loss partial of the routes recorded in this stage forward (already / N_seq); records loads."""
-        total = None
-        mb = self.current
-        for index, scores, topk_idx in self.routes:
-            E = scores.shape[-1]
-            routed = topk_idx if mb.real_local is None else topk_idx[mb.real_local.reshape(-1)]
-            self.load[index] += torch.bincount(routed.flatten(), minlength=E).to(self.load.dtype)
-            partial = sequence_aux_partial(scores, topk_idx, mb.batch, mb.seq_len, self.groups.seq_group,
-                                           mb.real_local, mb.row_tokens)
-            total = partial if total is None else total + partial
-        self.routes = []
-        if total is None:
+    def replayed_routes(self) -> Optional[torch.Tensor]:
+        """The micro-batch's recorded routes (b, s_local, trunk MoE layers, top_k) when replaying, else None."""
+        if not self.replay_routes:
             return None
-        total = total / self.counts.sequences
-        self.stat_aux += total.detach().double()
-        return total
+        routes = self.current.extras.get("routes")
+        if routes is None:
+            raise ValueError("rl.router_replay=true but the batch carries no routes: the rollout engine must "
+                             "record them (Sample.routes), or set rl.router_replay=false")
+        return routes
+
+    @torch.no_grad()
+    def record_agreement(self, routing: dict) -> None:
+        """When the micro-batch carries the rollout's routes, count per real token and trunk MoE layer whether the
+        router's own top-k set equals the recorded one (`router_agree_sum` / `router_pairs` statistics)."""
+        recorded = self.current.extras.get("routes")
+        if recorded is None or not routing:
+            return
+        real = self.current.real_local
+        for index, r in routing.items():
+            mine = recorded[:, :, index].reshape(-1, r.router_topk.shape[-1]).to(r.router_topk.device)
+            same = (r.router_topk.sort(-1).values == mine.sort(-1).values).all(-1)
+            counted = torch.ones_like(same) if real is None else real.reshape(-1).to(same.device)
+            self._add_stat("router_agree_sum", (same & counted).sum())
+            self._add_stat("router_pairs", counted.sum())
+
+    def balance_loss(self, routings: list) -> Optional[torch.Tensor]:
+        """The weighted balance-loss partial of (expert-load row, Routing) pairs; records it and the loads."""
+        mb = self.current
+        piece = TokenPiece(batch=mb.batch, seq_len=mb.seq_len, real=mb.real_local, row_tokens=mb.row_tokens,
+                           seq_group=self.groups.seq_group)
+        result: Balance = balance(routings, piece, self.counts)
+        for row, load in result.loads.items():
+            self.load[row] += load.to(self.load.device)
+        if result.loss is None:
+            return None
+        self.stat_aux += result.loss.detach().double()
+        return self.cfg.moe_aux_loss_coeff * result.loss
 
     # ----- heads -----------------------------------------------------------------------------------------------
-    def head_losses(self, part, hidden, mtp_embeddings) -> torch.Tensor:
-        """LM and MTP partial losses of the last stage (normalised by the global counts); records statistics."""
+    def head_loss(self, part, hidden, mtp_embeddings, context=None) -> tuple:
+        """(LM + weighted MTP partial loss, the MTP MoE's routing per depth) of the last stage; records them."""
         mb = self.current
-        weight = part.lm_head.weight
-        lm = _ce_sum(hidden, weight, mb.labels_local) / self.counts.lm
-        self.stat_lm += lm.detach().double()
-        loss = lm
-        depths = self.cfg.mtp_depths
-        if depths:
-            previous = hidden
-            mtp_total = 0.0
-            for k in range(1, depths + 1):
-                previous = part.mtp(mtp_embeddings[k - 1], previous, seq_idx=mb.seq_local)
-                term = _ce_sum(previous, weight, mb.mtp_labels_local[k - 1]) / self.counts.mtp[k - 1]
-                self.stat_mtp[k - 1] += term.detach().double()
-                mtp_total = mtp_total + term
-            loss = loss + self.cfg.mtp_loss_weight / depths * mtp_total
-        return loss
+        heads: HeadLosses = head_losses(hidden, part.lm_head.weight, mb.labels_local, self.counts, mtp=part.mtp,
+                                        mtp_embeddings=mtp_embeddings, mtp_labels=mb.mtp_labels_local,
+                                        seq_idx=mb.seq_cp, context=context)
+        self.stat_lm += heads.lm.detach().double()
+        for k, term in enumerate(heads.mtp):
+            self.stat_mtp[k] += term.detach().double()
+        return heads.weighted(self.cfg), heads.mtp_routings
 
-    def custom_loss(self, part, hidden, mtp_embeddings) -> torch.Tensor:
-        """The caller's loss hook on the last stage (instead of head_losses); records its loss and statistics."""
+    def custom_loss(self, part, hidden, mtp_embeddings, context=None) -> tuple:
+        """The caller's loss hook on the last stage (instead of head_loss): (its loss, the MTP MoE's routing of
+        each depth it ran); records its loss and statistics."""
         mb = self.current
         output = TrunkOutput(hidden=hidden, lm_head_weight=part.lm_head.weight, part=part,
                              mtp_embeddings=list(mtp_embeddings), mtp_labels=list(mb.mtp_labels_local),
-                             seq_idx=mb.seq_local)
+                             seq_idx=mb.seq_cp, context=context)
         local = {"input_ids": mb.ids_local, "labels": mb.labels_local, "seq_idx": mb.seq_local, **mb.extras}
         returned = self.loss_fn(output, local)
         if not (isinstance(returned, tuple) and len(returned) == 2 and isinstance(returned[1], dict)):
@@ -254,44 +262,17 @@ class ParallelContext:
             value = torch.as_tensor(value).detach().to(device=self.device, dtype=torch.float64)
             if value.numel() != 1:
                 raise ValueError(f"loss_fn stat {key!r} must be a single number, got shape {tuple(value.shape)}")
-            value = value.reshape(())
-            old = self.custom_stats.get(key)
-            if old is None:
-                self.custom_stats[key] = value.clone()
-            else:
-                self.custom_stats[key] = torch.maximum(old, value) if key.endswith("_max") else old + value
-        return loss
+            self._add_stat(key, value.reshape(()))
+        return loss, output.mtp_routings
 
-    def aux_weight(self) -> float:
-        return self.cfg.moe_aux_loss_coeff
-
-
-def _ce_sum(hidden, weight, labels):
-    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def sequence_aux_partial(scores, topk_idx, batch: int, seq_len: int, seq_group, real=None,
-                         row_tokens=None) -> torch.Tensor:
-    """sum over this rank's sequences of sum_e f_e P_e, with this rank's tokens' share of P (see module doc).
-
-    scores (b * s_local, E) fp32; topk_idx (b * s_local, k); f uses the counts summed over `seq_group`. With
-    `real` (b, s_local) and `row_tokens` (b,), padding positions count nowhere and T is each row's real length."""
-    tokens, top_k = topk_idx.shape
-    E = scores.shape[-1]
-    local = tokens // batch
-    if real is None:
-        weight, T = 1.0, float(seq_len)
-    else:
-        weight = real.view(batch, local, 1).to(scores.dtype)
-        T = row_tokens.to(scores.dtype).clamp(min=1).view(batch, 1)
-    with torch.no_grad():
-        chosen = torch.zeros(batch, local, E, device=scores.device, dtype=scores.dtype)
-        chosen.scatter_(-1, topk_idx.view(batch, local, top_k), 1.0)
-        f = all_reduce_sum((chosen * weight).sum(1), seq_group) * (E / top_k) / T
-    p = ((scores / scores.sum(-1, keepdim=True)).view(batch, local, E) * weight).sum(1) / T
-    return (f * p).sum()
-
+    def _add_stat(self, key: str, value: torch.Tensor) -> None:
+        """A statistic summed over micro-batches (keys ending in `_max`: their maximum)."""
+        value = value.detach().to(device=self.device, dtype=torch.float64)
+        old = self.custom_stats.get(key)
+        if old is None:
+            self.custom_stats[key] = value.clone()
+        else:
+            self.custom_stats[key] = torch.maximum(old, value) if key.endswith("_max") else old + value
 
 def _attention_mask(mb: dict, ids: torch.Tensor):
     """The micro-batch's `attention_mask` (b, s; 1 = real token, 0 = padding) as bool on ids' device, or None.

@@ -24,7 +24,7 @@ from .context import ParallelContext
 from .expert_parallel import apply_expert_parallel
 from .grads import all_reduce_replicated_grads, clip_grad_norm_, parameters
 from .mesh import build_groups, default_device
-from .mixers import parallelize_mixers
+from .tensor_parallel import apply_tensor_parallel
 from .pipeline import stage_ranks
 from .stage import StageModule, split_model
 from .wrapping import Sharder, initialise_unit, units, wrap_unit
@@ -70,7 +70,7 @@ class Runner:
     def mesh(self):
         return self.groups.mesh
 
-    def forward_backward(self, micro_batches: list, loss_fn=None) -> dict:
+    def forward_backward(self, micro_batches: list, loss_fn=None, replay_routes: bool = False) -> dict:
         """Forward and backward of every micro-batch; returns the global batch's losses (same on every rank).
 
         `micro_batches`: this data-parallel rank's share of the global batch (full sequences); every rank of a
@@ -82,8 +82,12 @@ class Runner:
         with every (b, s, ...) tensor sliced to this rank's tokens like input_ids. The loss must be this
         micro-batch's share of the global batch loss (gradients are summed over micro-batches and ranks, never
         averaged); stats are 0-dim tensors, summed over micro-batches and ranks (keys ending in `_max`: maximum).
-        The MoE balance loss is still added by the runner."""
-        self._run(micro_batches, loss_fn, backward=True)
+        The MoE balance loss is still added by the runner.
+
+        A micro-batch may carry `routes` (b, s, trunk MoE layers, top_k), the experts a rollout chose: the result's
+        stats then count `router_agree_sum` / `router_pairs` (real tokens x layers where the router's own top-k set
+        equals the recorded one), and with `replay_routes` every trunk MoE layer uses the recorded experts."""
+        self._run(micro_batches, loss_fn, backward=True, replay_routes=replay_routes)
         with self._timed_collective():
             all_reduce_replicated_grads(self.model_parts, self.groups.tp_group)
         return self._result()
@@ -112,11 +116,11 @@ class Runner:
                 torch.cuda.synchronize(self.device)
             self._comm_seconds += time.perf_counter() - started
 
-    def evaluate(self, micro_batches: list, loss_fn=None) -> dict:
+    def evaluate(self, micro_batches: list, loss_fn=None, replay_routes: bool = False) -> dict:
         """Forward only (no gradient, .grad untouched): the same result as forward_backward on these batches."""
         try:
             with torch.no_grad():
-                self._run(micro_batches, loss_fn, backward=False)
+                self._run(micro_batches, loss_fn, backward=False, replay_routes=replay_routes)
         finally:
             for module in self._fsdp_modules:  # the root keeps its parameters gathered after a forward
                 module.reshard()
@@ -125,7 +129,7 @@ class Runner:
         self._comm_seconds = comm_seconds
         return result
 
-    def _run(self, micro_batches: list, loss_fn, backward: bool) -> None:
+    def _run(self, micro_batches: list, loss_fn, backward: bool, replay_routes: bool = False) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (output, micro_batch) -> (loss, stats), got {loss_fn!r}")
         ctx = self.ctx
@@ -135,7 +139,7 @@ class Runner:
             check_sequence(self.model_cfg, self.parallel_cfg, seq_len)
             self._checked_seq_lens.add(seq_len)
         n = len(micro_batches)
-        ctx.loss_fn = loss_fn
+        ctx.loss_fn, ctx.replay_routes = loss_fn, replay_routes
         self._hooked = loss_fn is not None
         try:
             if self.layout.pp == 1:
@@ -159,7 +163,7 @@ class Runner:
                 else:
                     schedule.eval(ids, target=ids)
         finally:
-            ctx.loss_fn = None
+            ctx.loss_fn, ctx.replay_routes = None, False
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Global gradient norm over every shard and stage; scales the gradients when it exceeds `max_norm`."""
@@ -168,13 +172,10 @@ class Runner:
 
     def update_expert_bias(self, expert_load: torch.Tensor) -> None:
         """Aux-loss-free balancing of the MoE layers this rank owns (rows of `expert_load` by global MoE index)."""
-        from latentforge.model.moe import LatentMoE
-
         rate = self.model_cfg.expert_bias_update_rate
         for part in self.model_parts:
-            for module in part.modules():
-                if isinstance(module, LatentMoE):
-                    module.update_bias(expert_load[module.gate._lf_moe_index], rate)
+            for row, moe in part.moe_rows():
+                moe.update_bias(expert_load[row], rate)
 
     # ----- internals --------------------------------------------------------------------------------------------------
     def _result(self) -> dict:
@@ -312,14 +313,7 @@ def build_runner(model, model_cfg, parallel_cfg=None, precision=None) -> Runner:
     ctx = ParallelContext(groups, model_cfg, device, load_balance=pc.cp_load_balance,
                           attention_block=pc.attention_block)
 
-    moe_layers = model.moe_layers()
-    for index, moe in enumerate(moe_layers):
-        moe.gate._lf_moe_index = index
-        old = getattr(moe.gate, "_lf_hook", None)
-        if old is not None:
-            old.remove()
-        moe.gate._lf_hook = moe.gate.register_forward_hook(ctx.router_hook)
-    ctx.num_moe = len(moe_layers)
+    ctx.num_moe, ctx.num_trunk_moe = len(model.moe_layers()), len(model.trunk_moe_index)
     ctx.reset_step()
 
     num_stages = layout.num_stages
@@ -343,8 +337,8 @@ def build_runner(model, model_cfg, parallel_cfg=None, precision=None) -> Runner:
         for index, kind, unit in units(part):
             if on_meta:
                 initialise_unit(index, kind, unit, model_cfg, device, base_seed)
-            if layout.tp > 1 or layout.cp > 1:
-                parallelize_mixers([unit], ctx, tp_mesh, src)
+            if tp_mesh is not None:
+                apply_tensor_parallel(unit, tp_mesh, src)
             if ep_mesh is not None:
                 apply_expert_parallel([unit], ep_mesh, src)
             wrap_unit(kind, unit, checkpointed, pc.compile)

@@ -5,12 +5,14 @@ embedding, the last the final norm, lm_head and MTP block), under the unsharded 
 ModuleDict keyed by their index in the full model, so `backbone.layers.7.mixer...` is the same key in every layout
 (that is what lets DCP reshard a checkpoint from one layout to another).
 
-`StageModule` wraps a part. The first stage's forward takes the micro-batch index (a (1,) long tensor: the stage
-looks the micro-batch up in the shared context); every later stage takes what the previous one returned:
+`StageModule` wraps a part and runs the part's own forward (`HybridModel.forward`: embedding if it has it, its
+layers, final norm if it has it). The first stage's forward takes the micro-batch index (a (1,) long tensor: the
+stage looks the micro-batch up in the shared context); every later stage takes what the previous one returned:
 (index, hidden, *MTP embeddings), the embeddings of the shifted tokens being computed on the first stage, where the
-embedding lives, and carried to the MTP block on the last. The last stage returns its partial loss (context.py:
-the LM/MTP head losses, or the caller's loss hook) as a (1,) tensor. The MoE balance loss of a non-last stage
-reaches the backward through `AuxLossInjector` on the stage output.
+embedding lives, and carried to the MTP block on the last. The last stage returns its partial loss (train/loss.py:
+the LM/MTP head losses, or the caller's loss hook) as a (1,) tensor. The losses come from what the forward returns
+(hidden state, each MoE layer's routing); the MoE balance loss of a non-last stage reaches the backward through
+`AuxLossInjector` on the stage output.
 """
 
 from __future__ import annotations
@@ -44,36 +46,30 @@ class StageModule(nn.Module):
         object.__setattr__(self, "ctx", ctx)
 
     def forward(self, mb_index: torch.Tensor, *activations):
-        ctx = self.ctx
+        ctx, part = self.ctx, self.part
         mb = ctx.begin(int(mb_index.reshape(-1)[0]))
-        try:
-            part = self.part
-            if self.first:
-                embed = part.backbone.embeddings
-                hidden = embed(mb.ids_local)
-                mtp_embeddings = [embed(ids) for ids in mb.mtp_ids_local]
-            else:
-                hidden, *mtp_embeddings = activations
-            layers = part.backbone.layers
-            for block in layers.values() if isinstance(layers, nn.ModuleDict) else layers:
-                hidden = block(hidden, seq_idx=mb.seq_local)
-            aux = ctx.routed_aux()  # trunk MoE layers of this stage
-            if not self.last:
-                if aux is not None:
-                    hidden = AuxLossInjector.apply(hidden, ctx.aux_weight() * aux)
-                return (mb_index, hidden, *mtp_embeddings)
-            hidden = part.backbone.norm_f(hidden)
-            if ctx.loss_fn is not None:  # the caller's loss hook (runner.forward_backward(..., loss_fn))
-                loss = ctx.custom_loss(part, hidden, mtp_embeddings)
-            else:
-                loss = ctx.head_losses(part, hidden, mtp_embeddings)
-            mtp_aux = ctx.routed_aux()  # the MTP block's MoE, once per depth
-            for term in (aux, mtp_aux):
-                if term is not None:
-                    loss = loss + ctx.aux_weight() * term
-            return torch.stack([loss])  # a (1,) tensor that is not a view: FSDP2 warns on view outputs
-        finally:
-            ctx.end()
+        if self.first:
+            ids, previous = mb.ids_local, None
+            mtp_embeddings = [part.backbone.embeddings(shifted) for shifted in mb.mtp_ids_local]
+        else:
+            ids, (previous, *mtp_embeddings) = None, activations
+        context = ctx.mixer_context()
+        out = part(ids, hidden=previous, seq_idx=mb.seq_cp, context=context, routes=ctx.replayed_routes(),
+                   with_logits=False)
+        ctx.record_agreement(out.routing)
+        aux = ctx.balance_loss(sorted(out.routing.items()))  # this stage's trunk MoE layers
+        if not self.last:
+            hidden = out.hidden if aux is None else AuxLossInjector.apply(out.hidden, aux)
+            return (mb_index, hidden, *mtp_embeddings)
+        if ctx.loss_fn is not None:  # the caller's loss hook (runner.forward_backward(..., loss_fn))
+            loss, mtp_routings = ctx.custom_loss(part, out.hidden, mtp_embeddings, context)
+        else:
+            loss, mtp_routings = ctx.head_loss(part, out.hidden, mtp_embeddings, context)
+        mtp_aux = ctx.balance_loss([(ctx.num_trunk_moe, routing) for routing in mtp_routings])
+        for term in (aux, mtp_aux):
+            if term is not None:
+                loss = loss + term
+        return torch.stack([loss])  # a (1,) tensor that is not a view: FSDP2 warns on view outputs
 
 
 def split_model(model, stage_layers: list, stage_ids: list) -> list:

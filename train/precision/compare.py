@@ -39,6 +39,7 @@ def train_loss_curve(model_cfg, precision_cfg, batches: list, *, lr: float = 3e-
     `precision_cfg` None (or name bf16) trains without quantization.
     """
     from latentforge.model import HybridModel
+    from latentforge.train.loss import model_loss
 
     from .apply import apply_precision
 
@@ -50,7 +51,7 @@ def train_loss_curve(model_cfg, precision_cfg, batches: list, *, lr: float = 3e-
     losses = []
     start = time.perf_counter()
     for step, (inputs, labels) in enumerate(batches):
-        out = model(inputs.to(device), labels=labels.to(device))
+        out = model_loss(model, inputs.to(device), labels.to(device))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
