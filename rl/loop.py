@@ -34,6 +34,7 @@ from latentforge.rl.prompts import PromptSource, build_records, prompt_token_ids
 from latentforge.train.checkpoint import pack, unpack
 
 COLLECT_WAIT_S = 0.2
+DEATH_NOTICE_S = 10.0  # how long a failed collective call waits to learn which member died
 RESTART_COUNTERS = ("worker_restarts", "trainer_restarts")  # kept across a trainer restart's rollback
 
 
@@ -344,12 +345,14 @@ class GRPOLoop:
             kind, index, handle = owners[ref]
             raise (TrainerGroupDied if kind == "trainer" else RolloutWorkerDied)(index, handle, exc) from exc
         except Exception:
-            # a rank whose peer died fails in its collective: report the death, not the symptom
-            for other, owner in owners.items():
-                if owner[0] == "trainer" and other is not ref:
-                    ready, _ = ray.wait([other], timeout=10.0)
-                    if ready:
-                        self._raise_if_died(other, {other: owner})
+            # a member of a collective (trainer ranks, the weight broadcast) whose peer died fails with a
+            # connection error: report the death, not the symptom
+            pending = [other for other in owners if other is not ref]
+            deadline = time.monotonic() + DEATH_NOTICE_S
+            while pending and time.monotonic() < deadline:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=deadline - time.monotonic())
+                for other in ready:
+                    self._raise_if_died(other, {other: owners[other]})
             raise
 
     def _on_trainers(self, futures) -> list:

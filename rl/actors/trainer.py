@@ -42,7 +42,10 @@ class TrainerRank:
 
     # ----- weights out ---------------------------------------------------------------------------------------
     def join_sync_group(self, host: str, port: int, world_size: int, backend: str) -> int:
-        """Rank 0 only: group rank 0 of the weight-sync group (it hosts the rendezvous)."""
+        """Rank 0 only: group rank 0 of the weight-sync group (it hosts the rendezvous); again, in a new group,
+        after a rollout worker died."""
+        if self._sync is not None:
+            self._sync.close()
         self._sync = WeightSyncGroup(host, port, 0, world_size, backend)
         return 0
 
