@@ -18,6 +18,7 @@ from latentforge.kernels.conv1d import causal_conv1d, causal_conv1d_update
 from latentforge.kernels.ssd import ssd_scan, ssd_update
 
 from .norm import GatedRMSNorm
+from .shards import local_tensor
 
 
 class Mamba2Mixer(nn.Module):
@@ -62,10 +63,20 @@ class Mamba2Mixer(nn.Module):
     def sizes(self) -> tuple:
         """(heads, d_inner, B/C width, groups) of the weights this module holds: a tensor-parallel shard holds
         fewer heads and groups and runs the same steps."""
-        heads = self.dt_bias.shape[0]
+        heads = local_tensor(self.dt_bias).shape[0]
         d_inner = heads * self.head_dim
-        bc_size = (self.conv1d.weight.shape[0] - d_inner) // 2
+        bc_size = (local_tensor(self.conv1d.weight).shape[0] - d_inner) // 2
         return heads, d_inner, bc_size, bc_size // self.state_size
+
+    def in_proj_blocks(self) -> list:
+        """Row counts of in_proj's blocks z | x | B | C | dt in the full model; tensor parallelism gives each rank
+        an equal slice of every block."""
+        d_inner, bc_size = self.num_heads * self.head_dim, self.groups * self.state_size
+        return [d_inner, d_inner, bc_size, bc_size, self.num_heads]
+
+    def conv_blocks(self) -> list:
+        """Channel counts of conv1d's blocks x | B | C in the full model."""
+        return self.in_proj_blocks()[1:4]
 
     def project(self, x: torch.Tensor) -> tuple:
         """in_proj, split into the gate z (b, s, d_inner), the conv input x|B|C and the raw time step dt."""
@@ -74,22 +85,22 @@ class Mamba2Mixer(nn.Module):
 
     def convolve(self, xbc: torch.Tensor, seq_idx=None, initial_state=None) -> tuple:
         """Causal depthwise conv + SiLU; returns (activated x|B|C, the conv state after the last token)."""
-        return causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
-                             initial_state=initial_state, activation="silu")
+        return causal_conv1d(xbc, local_tensor(self.conv1d.weight).squeeze(1), local_tensor(self.conv1d.bias),
+                             seq_idx=seq_idx, initial_state=initial_state, activation="silu")
 
     def ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor) -> tuple:
         """(x (b, s, h, p), B, C (b, s, g, n), dt (b, s, h) fp32 after softplus, A (h,) fp32)."""
         heads, d_inner, bc_size, groups = self.sizes()
         b, s = xbc.shape[:2]
         xs, B, C = xbc.split([d_inner, bc_size, bc_size], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # no clamp in training (SPEC)
-        A = -torch.exp(self.A_log.float())
+        dt = F.softplus(dt.float() + local_tensor(self.dt_bias).float())  # no clamp in training (SPEC)
+        A = -torch.exp(local_tensor(self.A_log).float())
         return (xs.reshape(b, s, heads, self.head_dim), B.reshape(b, s, groups, self.state_size),
                 C.reshape(b, s, groups, self.state_size), dt, A)
 
     def scan(self, xs, dt, A, B, C, seq_idx=None, initial_state=None) -> tuple:
         """The chunked SSD scan (with the D skip); returns (y (b, s, h, p), the SSM state after the last token)."""
-        return ssd_scan(xs, dt, A, B, C, D=self.D, chunk_size=self.chunk_size, seq_idx=seq_idx,
+        return ssd_scan(xs, dt, A, B, C, D=local_tensor(self.D), chunk_size=self.chunk_size, seq_idx=seq_idx,
                         initial_state=initial_state)
 
     def recurrent_mix(self, xbc: torch.Tensor, dt: torch.Tensor, state: dict) -> torch.Tensor:

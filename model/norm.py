@@ -5,6 +5,8 @@ from torch import nn
 
 from latentforge.kernels.rmsnorm import gated_rms_norm, rms_norm
 
+from .shards import local_tensor
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float = 1e-5):
@@ -29,7 +31,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return gated_rms_norm(x, z, self.weight, self.group_size, self.eps)
+        return gated_rms_norm(x, z, local_tensor(self.weight), self.group_size, self.eps)  # a TP shard: its channels
 
     def init_weights(self):
         nn.init.ones_(self.weight)

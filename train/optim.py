@@ -85,11 +85,18 @@ class OptimizerContainer:
     _options = StateDictOptions(flatten_optimizer_state_dict=True)
 
     def state_dict(self) -> dict:
+        """In the model's natural layout (tensor-parallel Mamba rows are stored rank-contiguous: tensor_parallel.py),
+        so a checkpoint loads under any other layout."""
+        from latentforge.train.parallel.tensor_parallel import natural_optimizer_state
+
         merged = {}
         for part, opt in zip(self.model_parts, self.optimizers):
-            merged.update(get_optimizer_state_dict(part, opt, options=self._options))
+            merged.update(natural_optimizer_state(part, get_optimizer_state_dict(part, opt, options=self._options)))
         return merged
 
     def load_state_dict(self, state_dict: dict):
+        from latentforge.train.parallel.tensor_parallel import stored_optimizer_state
+
         for part, opt in zip(self.model_parts, self.optimizers):
-            set_optimizer_state_dict(part, opt, optim_state_dict=state_dict, options=self._options)
+            set_optimizer_state_dict(part, opt, optim_state_dict=stored_optimizer_state(part, state_dict),
+                                     options=self._options)

@@ -364,7 +364,7 @@ def run(overrides) -> int:
     from latentforge.train import distributed as world
     from latentforge.train.callbacks import standard_callbacks
     from latentforge.train.checkpoint import CheckpointManager
-    from latentforge.train.lora import apply_lora, attach_tp_slices, lora_parameters, save_adapter
+    from latentforge.train.lora import apply_lora, lora_parameters, save_adapter
     from latentforge.train.lora.checkpoint import LORA_CONFIG_FILE
     from latentforge.train.parallel import build_runner
     from latentforge.train.pretrain import checkpoint_extra_writer, print_start, run_dir_of
@@ -411,9 +411,6 @@ def run(overrides) -> int:
 
         runner = build_runner(model, model_cfg, configs["parallel"], configs["precision"])
         if lora_cfg is not None:
-            # the adapters' TP slices are recorded on the first forward anyway; eagerly here, so a compiled first
-            # step does not trace it
-            attach_tp_slices(runner.model_parts)
             failure = None
             try:
                 check_only_adapters_train(runner.model_parts, runner.stage_ids)

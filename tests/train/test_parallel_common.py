@@ -71,7 +71,10 @@ def full_state(parts: list) -> dict:
 
 
 def full_grads(parts: list) -> dict:
-    return {"grad:" + name: _full(p.grad) for part in parts for name, p in part.named_parameters()}
+    """Every gradient as a full tensor in the model's natural layout (Mamba's TP storage is rank-contiguous)."""
+    from latentforge.train.parallel.tensor_parallel import natural_gradients
+
+    return {"grad:" + name: _full(g) for part in parts for name, g in natural_gradients(part).items()}
 
 
 def train_run(parallel: dict, micro_batch_size: int = 2, model_overrides=None, lr: float = 1e-3,

@@ -11,12 +11,12 @@
 from .apply import (apply_lora, find_targets, freeze_base, lora_modules, lora_parameters, merge_lora, peft_refused,
                     remove_lora)
 from .config import DEFAULT_TARGETS, PEFT_REFUSED, LoRAConfig, LoRAConfigError, PEFTCompatibilityWarning
-from .layers import attach_tp_slices, mamba_in_proj_rows
+from .layers import tensor_parallel_adapters
 from .peft_format import (adapter_config, gather_lora_state_dict, load_adapter, lora_state_dict, read_adapter,
                           save_adapter, write_adapter)
 
 __all__ = ["DEFAULT_TARGETS", "PEFT_REFUSED", "LoRAConfig", "LoRAConfigError", "PEFTCompatibilityWarning",
-           "adapter_config", "apply_lora", "attach_tp_slices", "find_targets", "freeze_base",
+           "adapter_config", "apply_lora", "find_targets", "freeze_base",
            "gather_lora_state_dict", "load_adapter", "lora_modules", "lora_parameters", "lora_state_dict",
-           "mamba_in_proj_rows", "merge_lora", "peft_refused", "read_adapter", "remove_lora", "save_adapter",
-           "write_adapter"]
+           "merge_lora", "peft_refused", "read_adapter", "remove_lora", "save_adapter",
+           "tensor_parallel_adapters", "write_adapter"]

@@ -58,7 +58,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, warn_peft: bool = True) -> lis
     """Add adapters (in place), freeze everything else, optionally cast the frozen base; returns adapted names.
 
     Apply it after precision emulation (which replaces Linear modules) and before the model is parallelised
-    (tensor-parallel slicing then happens by itself; see layers.py). `warn_peft`: warn when a target is a module
+    (tensor-parallel layers then use their slices of the factors; see layers.py). `warn_peft`: warn when a target is a module
     stock PEFT refuses (Mamba out_proj), whose adapter our model trains and merges but PEFT will not load.
     """
     if any(is_lora_module(m) for m in model.modules()):
@@ -77,21 +77,21 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, warn_peft: bool = True) -> lis
         generator = torch.Generator().manual_seed(cfg.init_seed)
     for name in linears:
         add_lora_linear(model.get_submodule(name), name, cfg.rank, cfg.scaling, cfg.dropout, generator=generator,
-                        hook_on=_hook_owner(model, name))
+                        row_blocks=_row_blocks(model, name))
     for name in experts:
         add_lora_experts(model.get_submodule(name), name, cfg.rank, cfg.scaling, generator=generator)
     freeze_base(model, getattr(torch, cfg.base_dtype) if cfg.base_dtype else None)
     return linears + experts
 
 
-def _hook_owner(model: nn.Module, name: str) -> nn.Module:
-    """The module whose forward pre-hook records the TP slices of the adapted Linear `name` (layers.py): the
-    closest enclosing block mixer (always called as a module), else the Linear's parent."""
-    parts = name.split(".")
-    for end in range(len(parts) - 1, 0, -1):
-        if parts[end - 1] == "mixer":
-            return model.get_submodule(".".join(parts[:end]))
-    return model.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else model
+def _row_blocks(model: nn.Module, name: str):
+    """How the output rows of Linear `name` split over tensor-parallel ranks: a Mamba in_proj's z | x | B | C | dt
+    blocks (each rank a slice of each), else None (one block)."""
+    from latentforge.model.mamba import Mamba2Mixer
+
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent.in_proj_blocks() if isinstance(parent, Mamba2Mixer) and leaf == "in_proj" else None
 
 
 def lora_modules(model: nn.Module) -> dict:
@@ -124,14 +124,14 @@ def freeze_base(model: nn.Module, dtype=None) -> None:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (in place); the model is a plain model again, all trainable."""
-    for name, module in lora_modules(model).items():
-        merge_and_remove(module, _hook_owner(model, name))
+    for module in lora_modules(model).values():
+        merge_and_remove(module)
     for param in model.parameters():
         param.requires_grad_(True)
     return model
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    for name, module in lora_modules(model).items():
-        remove(module, _hook_owner(model, name))
+    for module in lora_modules(model).values():
+        remove(module)
     return model

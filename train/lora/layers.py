@@ -9,18 +9,14 @@ Transformer Engine put there: its forward still computes the base path). The ada
 Routed experts are stacked parameters (E, out, in); each expert gets its own rank-r pair, folded into the weights
 before the grouped GEMM: W_e + scaling * B_e @ A_e (as PEFT's parameter adapters do).
 
-Tensor parallelism (train.parallel's runner): a sharded layer runs its own forward on this rank's shard of the
-weight (`call_linear`), so the adapter must use the matching rows of B (column-parallel: q/k/v, in_proj, up) or
-columns of A (row-parallel: o_proj, out_proj, down). The factors themselves stay whole on every TP rank (they are
-small; FSDP still shards them over data-parallel ranks): the rows/columns this rank computes are recorded on the
-layer (`lora_tp_rows` / `lora_tp_cols`), the forward slices, and the runner's all-reduce of TP-replicated gradients
-sums the pieces, which is the exact gradient (each rank contributes the part of the product its shard computed).
-Nobody has to call anything for that: `apply_lora` puts a forward pre-hook (`_tp_slices_hook`) on the mixer holding
-each adapted Linear (the block's `mixer`: the parallel forwards call the shared expert's layers without calling
-the shared expert module itself), which records them on the first forward after the layer's weight became a
-TP-sharded DTensor (the mixer still sees the DTensor there; inside the parallel forward the layer only sees its
-local shard).
-`attach_tp_slices(model_parts)` does the same eagerly (before a torch.compile'd first step, say).
+Tensor parallelism (train.parallel.tensor_parallel's plan): a column-parallel layer (q/k/v, in_proj, up) computes
+this rank's rows of the output, a row-parallel one (o_proj, out_proj, down) a partial sum over this rank's input
+columns. The factors stay whole on every TP rank (they are small; FSDP still shards them over data-parallel ranks);
+the forward reads the shard geometry from the weight's DTensor placement (which TP rank, how many) and uses the
+matching rows of B or columns of A. `lora_row_blocks` (set by apply_lora) says how the output rows split: one block
+for most layers, in_proj's five z | x | B | C | dt blocks of which each rank takes a slice. The runner's all-reduce
+of TP-replicated gradients sums the pieces, which is the exact gradient (each rank contributes the part of the
+product its shard computed).
 
 Expert parallelism (train.parallel.expert_parallel): the per-expert factors are sharded over the EP group with the
 experts (Shard(0), same names), and the adapted weights of this rank's experts go to the EP layer's `run_experts`.
@@ -57,15 +53,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def mamba_in_proj_rows(mixer: nn.Module):
-    """The rows of a tensor-parallel Mamba mixer's `in_proj` weight this TP rank computes, or None.
-
-    Its rows are five blocks (z | x | B | C | dt) of which each rank takes its heads' / groups' slice, so they are
-    not one contiguous chunk; train.parallel.mixers.parallelize_mixers stores them on the mixer as `_lf_in_rows`
-    (a 1-D long tensor) when it shards the mixer. This is the one place LoRA reads that attribute."""
-    return getattr(mixer, "_lf_in_rows", None)
-
-
 class LoRALinearMixin:
     """Adds `lora_A` (r, in) and `lora_B` (out, r) to an nn.Linear. Attributes: lora_rank, lora_scaling,
     lora_dropout (probability), lora_name (for error messages)."""
@@ -74,37 +61,34 @@ class LoRALinearMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
+        if isinstance(out, DTensor):  # a tensor-parallel layer: this rank's piece of the output
+            return out + self._tensor_parallel_delta(x, out)
         return out + self.lora_delta(x).to(out.dtype)
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self._local_factors()
+    def lora_delta(self, x: torch.Tensor, a=None, b=None) -> torch.Tensor:
+        a = self.lora_A if a is None else a
+        b = self.lora_B if b is None else b
+        if isinstance(a, DTensor) or isinstance(b, DTensor):
+            raise RuntimeError(f"{self.lora_name}: LoRA factors are DTensors at forward time; shard them with FSDP "
+                               "only (tensor parallelism uses slices of the whole factors)")
         if self.lora_dropout > 0 and self.training:
             x = F.dropout(x, p=self.lora_dropout, training=True)
         return F.linear(F.linear(x.to(a.dtype), a), b) * self.lora_scaling
 
-    def _local_factors(self):
-        """A and B restricted to the rows / columns of the weight this call runs with (all of them without TP)."""
-        a, b = self.lora_A, self.lora_B
-        if isinstance(a, DTensor) or isinstance(b, DTensor):
-            raise RuntimeError(f"{self.lora_name}: LoRA factors are DTensors at forward time; shard them with FSDP "
-                               "only (tensor parallelism slices whole factors, see train.lora.attach_tp_slices)")
-        out_features, in_features = self.weight.shape  # this rank's shard under tensor parallelism
-        if b.shape[0] != out_features:
-            b = b.index_select(0, self._tp_index("lora_tp_rows", out_features))
-        if a.shape[1] != in_features:
-            a = a.index_select(1, self._tp_index("lora_tp_cols", in_features))
-        return a, b
+    def _tensor_parallel_delta(self, x: DTensor, out: DTensor) -> DTensor:
+        """The adapter's share of this rank's output piece, placed as `out` (Shard(-1): column-parallel, this
+        rank's rows of B; Partial: row-parallel, this rank's columns of A)."""
+        from torch.distributed.tensor import Partial
 
-    def _tp_index(self, attr: str, size: int) -> torch.Tensor:
-        index = getattr(self, attr, None)
-        if index is None or index.numel() != size:
-            raise RuntimeError(
-                f"{self.lora_name}: the layer runs with a {tuple(self.weight.shape)} shard of its weight but its "
-                f"adapter does not know which {'rows' if 'rows' in attr else 'columns'} that is: it is recorded by "
-                "a forward pre-hook on the layer's mixer (installed by apply_lora), or by "
-                "train.lora.attach_tp_slices(runner.model_parts) after build_runner. Was the adapter added after "
-                "the model was parallelised, or the layer called on its own?")
-        return index
+        tp, rank, dim = _tp_geometry(self.weight, self.lora_name)
+        if dim == 0:
+            rows = _rank_rows(self.lora_row_blocks, tp, rank).to(self.lora_B.device)
+            x_local = x.to_local(grad_placements=[Partial()])  # the replicated input's gradient: a partial sum
+            delta = self.lora_delta(x_local, b=self.lora_B.index_select(0, rows))
+        else:
+            cols = _rank_rows([self.lora_A.shape[1]], tp, rank).to(self.lora_A.device)
+            delta = self.lora_delta(x.to_local(), a=self.lora_A.index_select(1, cols))
+        return DTensor.from_local(delta.to(out.dtype), out.device_mesh, out.placements, run_check=False)
 
     @torch.no_grad()
     def reset_lora_parameters(self, generator=None):
@@ -157,18 +141,19 @@ def _init_a(a: torch.Tensor, generator=None):
 
 
 def add_lora_linear(module: nn.Linear, name: str, rank: int, scaling: float, dropout: float,
-                    dtype: torch.dtype = torch.float32, generator=None, hook_on: nn.Module = None) -> None:
-    """Adapt `module` in place; `hook_on` (the mixer holding it, called as a module in every forward) gets the
-    tensor-parallel slicing hook."""
+                    dtype: torch.dtype = torch.float32, generator=None, row_blocks: list = None) -> None:
+    """Adapt `module` in place. `row_blocks`: how its output rows split over tensor-parallel ranks (each rank a
+    slice of every block; default one block)."""
     weight = module.weight
     out_features, in_features = weight.shape
     module.__class__ = lora_class(LoRALinearMixin, type(module))
     module.lora_A = nn.Parameter(torch.empty(rank, in_features, device=weight.device, dtype=dtype))
     module.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=weight.device, dtype=dtype))
     module.lora_rank, module.lora_scaling, module.lora_dropout, module.lora_name = rank, scaling, dropout, name
+    module.lora_row_blocks = list(row_blocks or [out_features])
+    if sum(module.lora_row_blocks) != out_features:
+        raise ValueError(f"{name}: row blocks {module.lora_row_blocks} do not add up to its {out_features} rows")
     module.reset_lora_parameters(generator)
-    if hook_on is not None:
-        _install_tp_hook(hook_on)
 
 
 def add_lora_experts(module: nn.Module, name: str, rank: int, scaling: float, dtype: torch.dtype = torch.float32,
@@ -198,7 +183,7 @@ def lora_param_names(module: nn.Module) -> list:
 
 
 @torch.no_grad()
-def merge_and_remove(module: nn.Module, hook_on: nn.Module = None) -> None:
+def merge_and_remove(module: nn.Module) -> None:
     """Fold the adapter into the base weight and turn the module back into its base class."""
     if isinstance(module, LoRALinearMixin):
         module.weight.add_(module.lora_delta_weight().to(module.weight.dtype))
@@ -208,80 +193,43 @@ def merge_and_remove(module: nn.Module, hook_on: nn.Module = None) -> None:
             weight.add_(module.lora_expert_delta(proj).float().to(weight.dtype))
     else:
         raise TypeError(f"{type(module).__name__} carries no LoRA adapter")
-    remove(module, hook_on)
+    remove(module)
 
 
-def remove(module: nn.Module, hook_on: nn.Module = None) -> None:
-    """Drop the adapter without merging: the module is its base class again (`hook_on`: the module carrying its
-    TP hook, which goes too when no adapted Linear is left under it)."""
+def remove(module: nn.Module) -> None:
+    """Drop the adapter without merging: the module is its base class again."""
     for name in lora_param_names(module):
         delattr(module, name)
-    for attr in ("lora_rank", "lora_scaling", "lora_dropout", "lora_name", "lora_tp_rows", "lora_tp_cols"):
+    for attr in ("lora_rank", "lora_scaling", "lora_dropout", "lora_name", "lora_row_blocks"):
         module.__dict__.pop(attr, None)
     module.__class__ = module._lora_base_class
-    if hook_on is not None and not any(isinstance(m, LoRALinearMixin) for m in hook_on.modules()):
-        for key, hook in list(hook_on._forward_pre_hooks.items()):
-            if hook is _tp_slices_hook:
-                del hook_on._forward_pre_hooks[key]
 
 
 # ----- tensor parallelism: which rows / columns of the factors this rank's weight shard needs ------------------
-def _install_tp_hook(owner: nn.Module) -> None:
-    # a module-level function (not a closure or a handle): survives copy.deepcopy and pickling of the model
-    if not any(hook is _tp_slices_hook for hook in owner._forward_pre_hooks.values()):
-        owner.register_forward_pre_hook(_tp_slices_hook)
-
-
-def _tp_slices_hook(owner: nn.Module, args) -> None:
-    """Forward pre-hook on a mixer holding adapted Linears: record the TP slices of those whose weight is
-    TP-sharded and that have none yet (afterwards a few attribute checks per forward)."""
-    for parent in owner.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, LoRALinearMixin) and child.__dict__.get("lora_tp_rows") is None \
-                    and child.__dict__.get("lora_tp_cols") is None:
-                _attach_one(parent, name, child)
-
-
-def _attach_one(parent: nn.Module, name: str, module: nn.Module) -> bool:
-    """Record on `module` which rows (column-parallel) or columns (row-parallel) of its weight this TP rank
-    computes; False when its weight is not sharded over a `tp` mesh dimension."""
-    weight = module._parameters.get("weight")
-    if not isinstance(weight, DTensor):
-        return False
+def _tp_geometry(weight: torch.Tensor, name: str) -> tuple:
+    """(TP size, this rank's TP coordinate, sharded weight dim 0 or 1) of a tensor-parallel Linear's weight."""
     mesh = weight.device_mesh
     names = mesh.mesh_dim_names or ()
     if "tp" not in names:
-        return False  # FSDP-only sharding: the forward sees the whole weight
-    dim = names.index("tp")
-    placement = weight.placements[dim]
-    if not placement.is_shard():
-        return False
-    tp, coord = mesh.size(dim), mesh.get_local_rank(dim)
-    device = module.lora_B.device if not isinstance(module.lora_B, DTensor) else module.lora_B.to_local().device
-    if placement.dim in (0, -2):
-        rows = None
-        if name == "in_proj":
-            rows = mamba_in_proj_rows(parent)
-            if rows is None:
-                raise RuntimeError(f"{module.lora_name}: a tensor-parallel in_proj without the row index of its "
-                                   "Mamba mixer (train.parallel.mixers sets it when it shards the mixer)")
-        if rows is None:  # a contiguous Shard(0) chunk, as distribute_tensor cuts it
-            rows = torch.arange(weight.shape[0]).chunk(tp)[coord]
-        module.lora_tp_rows = rows.to(device)
-    else:
-        module.lora_tp_cols = torch.arange(weight.shape[1]).chunk(tp)[coord].to(device)
-    return True
+        raise RuntimeError(f"{name}: a DTensor output but the weight is not split over a 'tp' mesh dimension "
+                           f"(mesh {names}); LoRA supports tensor-parallel Linears and FSDP-sharded ones only")
+    tp_dim = names.index("tp")
+    placement = weight.placements[tp_dim]
+    return mesh.size(tp_dim), mesh.get_local_rank(tp_dim), 0 if placement.dim in (0, -2) else 1
 
 
-def attach_tp_slices(model_parts: list) -> int:
-    """Eagerly record the TP slices of every adapted tensor-parallel Linear (the forward pre-hook does it lazily
-    otherwise); idempotent. Returns how many layers are tensor-parallel."""
+def _rank_rows(blocks: list, tp: int, rank: int) -> torch.Tensor:
+    from latentforge.train.parallel.tensor_parallel import rank_rows
+
+    return rank_rows(blocks, tp, rank)
+
+
+def tensor_parallel_adapters(model_parts: list) -> int:
+    """How many adapted Linears of `model_parts` are split over a tensor-parallel mesh (read from placements)."""
     count = 0
     for part in model_parts:
-        for parent in part.modules():
-            for name, child in parent.named_children():
-                if isinstance(child, LoRALinearMixin):
-                    child.__dict__.pop("lora_tp_rows", None)
-                    child.__dict__.pop("lora_tp_cols", None)
-                    count += _attach_one(parent, name, child)
+        for module in part.modules():
+            weight = module._parameters.get("weight") if isinstance(module, LoRALinearMixin) else None
+            if isinstance(weight, DTensor) and "tp" in (weight.device_mesh.mesh_dim_names or ()):
+                count += 1
     return count

@@ -22,7 +22,7 @@ from torch import nn
 from latentforge.kernels.moe import grouped_mlp, moe_permute, moe_unpermute, row_weights
 
 from .collectives import all_to_all
-from .mixers import local, shard_parameter
+from .tensor_parallel import local, shard_parameter
 
 
 class ExpertParallelExperts(nn.Module):

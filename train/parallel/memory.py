@@ -54,7 +54,7 @@ def mamba_values(cfg, sz: Sizes) -> tuple:
     # chunk layout, chunk states (h p n per chunk), the states read back (h p)
     scan = 4 * h + 5 * h * Q + 4 * gn + h * p * n / Q + 2 * h * p
     if sz.cp_size > 1:
-        scan += h * p + 2 * h  # the incoming state's closed-form term (mixers.py)
+        scan += h * p + 2 * h  # the incoming state's closed-form term (context_parallel.py)
     return _norm(cfg, sz) + sz.cp * io, sz.cp * scan, sz.cp * (Q + 4)
 
 

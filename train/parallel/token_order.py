@@ -7,7 +7,7 @@ the same number of (query, key) pairs. A rank's local tokens are its chunks conc
 
 Nothing is permuted back between layers: token-wise layers (MLP, MoE, norms, heads) do not care about the order,
 attention masks by global position, and Mamba treats each chunk as a contiguous segment of the sequence whose
-incoming state and conv history come from the chunk before it (whichever rank holds it); see mixers.py.
+incoming state and conv history come from the chunk before it (whichever rank holds it); see context_parallel.py.
 
 The load-balanced order needs a sequence length divisible by 2cp with chunks of at least conv_kernel - 1 tokens
 (the conv history comes from the previous chunk only); otherwise the plain contiguous order is used.
