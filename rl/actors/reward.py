@@ -1,4 +1,5 @@
-"""A reward worker: decodes completions and scores them (task verifier + user reward functions, all contained)."""
+"""A reward worker: decodes completions and scores them (task verifier or environment reward + user reward functions +
+the model judge, all contained)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import List
 
 from latentforge.rl.buffer import Sample
 from latentforge.rl.config import RewardConfig
-from latentforge.rl.rewards import RewardScorer
+from latentforge.rl.rewards import RewardResult, RewardScorer
 
 
 class RewardWorker:
@@ -18,9 +19,9 @@ class RewardWorker:
         self.stop_texts = ("<|im_end|>", "</s>")
         self.judge = None
         if cfg.judge:
-            from latentforge.rl.rewards.judge import JudgeConfig, ModelJudge
+            from latentforge.rl.rewards.judge import ModelJudge
 
-            self.judge = ModelJudge(JudgeConfig(**cfg.judge))
+            self.judge = ModelJudge(cfg.judge)
 
     def decode(self, sample: Sample) -> str:
         text = self.tokenizer.decode(sample.completion_ids)
@@ -32,14 +33,16 @@ class RewardWorker:
     def score(self, samples: List[Sample], records: List[dict]) -> List[Sample]:
         """Fill reward, reward_info and text of each sample (records[i] is samples[i]'s prompt record)."""
         for sample, record in zip(samples, records):
-            if sample.meta.get("episode"):
-                continue  # an environment episode: its environment scored it, turn by turn
             sample.text = self.decode(sample)
-            result = self.scorer.score(record, sample.text)
+            # an environment episode was scored by its environment, turn by turn: that score stands in for the
+            # task's verifier, and the user functions and the judge read the whole episode
+            verdict = (RewardResult(sample.reward, correct=sample.reward_info.get("correct"), info=sample.reward_info)
+                       if sample.meta.get("episode") else None)
+            result = self.scorer.score(record, sample.text, verdict=verdict)
             sample.reward = result.score
             sample.reward_info = {"correct": result.correct, **result.info}
         if self.judge is not None:
-            add_judge_scores(self.judge, [(s, r) for s, r in zip(samples, records) if not s.meta.get("episode")])
+            add_judge_scores(self.judge, list(zip(samples, records)))
         return samples
 
     def close(self):

@@ -3,8 +3,9 @@
 Each `python` call runs its `code` in a fresh sandboxed interpreter (`rl.rewards.sandbox.run_untrusted_code`: no
 network, a fresh temp dir, time / memory / output limits); the observation is the program's stdout, or
 "error: <status>: <last line of stderr>" for a crash, a hang (timeout), too much memory or output. The final turn
-(no tool call) scores 1 when its answer is right. Env options (`env_options` of the task spec): timeout_s,
-memory_mb, output_bytes, observation_chars.
+(no tool call) scores 1 when its answer is right, and with the task option `partial_credit` p a wrong number earns
+p * closeness, as in the arithmetic task. Env options (`env_options` of the task spec): timeout_s, memory_mb,
+output_bytes, observation_chars.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from __future__ import annotations
 import asyncio
 from typing import List
 
-from latentforge.data.synthetic import extract_answer
 from latentforge.data.tool_chat import PYTHON_SYSTEM
-from latentforge.rl.rewards.base import RewardResult, Task, answer_section, register_task
+from latentforge.rl.rewards.base import RewardResult, Task, get_task, register_task
 from latentforge.rl.rewards.sandbox import run_untrusted_code
 
 from .base import StepResult, register_env
@@ -64,8 +64,6 @@ class PythonToolTask(Task):
     name = "python_tool"
 
     def prompts(self, split: str, n: int, seed: int) -> List[dict]:
-        from latentforge.rl.rewards.base import get_task
-
         records = get_task("arithmetic").prompts(split, n, seed)
         for r in records:
             r.update(task=self.name, env=self.name, id=r["id"].replace("arithmetic", self.name, 1),
@@ -73,6 +71,6 @@ class PythonToolTask(Task):
         return records
 
     def score(self, record: dict, completion: str) -> RewardResult:
-        parsed = extract_answer(answer_section(record, completion))
-        correct = parsed is not None and parsed == int(record["answer"])
-        return RewardResult(float(correct), correct=correct, info={"parsed": parsed})
+        """The arithmetic task's verifier: 1 for the exact answer, and with the task option `partial_credit` p a
+        wrong number earns p * closeness (a dense signal for a policy that rarely hits the exact answer)."""
+        return get_task("arithmetic").score(record, completion)

@@ -1,6 +1,9 @@
 """Scoring one completion: the task's verifier plus any user reward functions, every failure contained.
 
-total = task_weight * task_score + sum_i weight_i * fn_i(record, completion)
+total = task_weight * task_score + sum_i weight_i * fn_i(record, completion)  (+ the judge's, rl/actors/reward.py)
+
+For an environment episode the environment's reward is the task score and `completion` is the episode's text after
+the prompt (every assistant turn and the rendered observations).
 
 A component that raises, hangs (isolated functions only), crashes its sandbox or returns NaN / inf / a non-number
 contributes 0 and is reported in `info["failures"]` (status error | timeout | crash | non_finite); the caller
@@ -62,18 +65,20 @@ class RewardScorer:
             self._tasks[name] = get_task(name)
         return self._tasks[name]
 
-    def score(self, record: dict, completion: str) -> RewardResult:
+    def score(self, record: dict, completion: str, verdict: Optional[RewardResult] = None) -> RewardResult:
+        """`verdict`: the score an environment already gave this completion (a multi-turn episode's summed step
+        rewards); it takes the task verifier's place, weighted by task_weight, as component "env"."""
         start = time.perf_counter()
         failures, components = [], {}
         total, correct, info = 0.0, None, {}
         try:
-            result = as_result(self._task(record["task"]).score(record, completion))
+            result = verdict if verdict is not None else as_result(self._task(record["task"]).score(record, completion))
         except Exception as exc:  # noqa: BLE001 - a verifier bug must not stop the loop: 0 and reported
             failures.append(_failure(f"task:{record.get('task')}", exc, traceback.format_exc(limit=3)))
         else:
             total += self.task_weight * result.score
             correct = result.correct
-            components["task"] = result.score
+            components["task" if verdict is None else "env"] = result.score
             info = dict(result.info)
         for cfg, fn in zip(self.configs, self._callables):
             status, value = self._call(cfg, fn, record, completion)
@@ -99,7 +104,7 @@ class RewardScorer:
                             "reward_failures): %s", failure["function"], failure["message"].strip().splitlines()[-1])
         info.update(components=components, reward_s=time.perf_counter() - start)
         if failures:
-            info["failures"] = failures
+            info["failures"] = info.get("failures", []) + failures  # after the environment's own, if any
         return RewardResult(total, correct=correct, info=info)
 
     @staticmethod

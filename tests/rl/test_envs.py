@@ -66,6 +66,16 @@ def test_python_tool_runs_code_in_the_sandbox(word_problem):
     assert run(wrong.step(turn(f"Answer: {word_problem['answer'] + 1}"))).reward == 0.0
 
 
+def test_python_tool_partial_credit_for_a_close_wrong_answer(word_problem):
+    truth = word_problem["answer"]
+    off = max(abs(truth) // 4, 1)
+    record = dict(word_problem, partial_credit=0.5)
+    close = run(python_env(record).step(turn(f"Answer: {truth + off}")))
+    assert close.reward == pytest.approx(0.5 * (1 - off / max(abs(truth), 1))) and close.info["correct"] is False
+    assert run(python_env(record).step(turn(f"Answer: {truth}"))).reward == 1.0
+    assert run(python_env(record).step(turn("no number"))).reward == 0.0
+
+
 def test_python_tool_errors_are_observations(word_problem):
     env = python_env(word_problem, timeout_s=1)
     cases = [(call("python", code="while True: pass"), "timeout"),
