@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from latentforge.kernels.triton_launch import launch
+
 
 @triton.jit
 def _tap_input(X, INIT, SEQ, b, s, t_ok, c, c_ok, doc_t, L, C, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
@@ -43,7 +45,7 @@ def _conv_fwd_kernel(
     m = t_ok[:, None] & c_ok[None, :]
     doc_t = tl.load(SEQ + b * L + t, mask=t_ok, other=0) if HAS_SEQ else t * 0
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for i in tl.static_range(K):
+    for i in tl.static_range(K):  # pyright: ignore[reportGeneralTypeIssues]  (iterable only inside @triton.jit)
         v = _tap_input(X, INIT, SEQ, b, t - (K - 1) + i, t_ok, c, c_ok, doc_t, L, C, HAS_INIT, HAS_SEQ, K)
         acc += v * tl.load(W + c * K + i, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -59,7 +61,7 @@ def _conv_fwd_kernel(
         tl.store(DACC + b * L * C + t[:, None] * C + c[None, :], dacc, mask=m)
         part = b * tl.num_programs(0) + pid_t
         tl.store(DB_PART + part * C + c, tl.sum(dacc, axis=0), mask=c_ok)
-        for i in tl.static_range(K):
+        for i in tl.static_range(K):  # pyright: ignore[reportGeneralTypeIssues]  (iterable only inside @triton.jit)
             v = _tap_input(X, INIT, SEQ, b, t - (K - 1) + i, t_ok, c, c_ok, doc_t, L, C, HAS_INIT, HAS_SEQ, K)
             tl.store(DW_PART + part * C * K + c * K + i, tl.sum(dacc * v, axis=0), mask=c_ok)
 
@@ -76,7 +78,7 @@ def _conv_dx_kernel(
     s_ok, c_ok = s < L, c < C
     doc_s = tl.load(SEQ + b * L + s, mask=s_ok, other=0) if HAS_SEQ else s * 0
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for i in tl.static_range(K):
+    for i in tl.static_range(K):  # pyright: ignore[reportGeneralTypeIssues]  (iterable only inside @triton.jit)
         t = s + (K - 1) - i
         t_ok = t < L
         d = tl.load(DACC + b * L * C + t[:, None] * C + c[None, :], mask=(t_ok & s_ok)[:, None] & c_ok[None, :],
@@ -92,7 +94,7 @@ def _conv_dx_kernel(
 NUM_WARPS = {"_conv_fwd_kernel": 8, "_conv_dx_kernel": 4}  # no register spills on sm_90 at these tiles
 
 
-def _blocks(L: int, C: int):
+def _blocks(L: int, C: int) -> tuple[int, int, tuple[int, int]]:
     block_c = min(64, triton.next_power_of_2(C))
     block_t = min(32, triton.next_power_of_2(L))
     return block_t, block_c, (triton.cdiv(L, block_t), triton.cdiv(C, block_c))
@@ -100,7 +102,8 @@ def _blocks(L: int, C: int):
 
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, seq_idx, initial_state, silu):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None,
+                initial_state: torch.Tensor | None, silu: bool) -> torch.Tensor:
         b, L, C = x.shape
         K = weight.shape[1]
         x = x.contiguous()
@@ -109,7 +112,7 @@ class _CausalConv1d(torch.autograd.Function):
         init = initial_state.contiguous() if initial_state is not None else None
         y = torch.empty_like(x)
         bt, bc, (nt, nc) = _blocks(L, C)
-        _conv_fwd_kernel[(nt, nc, b)](
+        launch(_conv_fwd_kernel, (nt, nc, b))(
             x, weight, bias if bias is not None else weight, init if init is not None else x,
             seq if seq is not None else x, y, x, x, x, x, L, C,
             HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_SEQ=seq is not None, SILU=silu,
@@ -120,7 +123,7 @@ class _CausalConv1d(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, bias, seq, init = ctx.saved_tensors
         b, L, C = x.shape
         K = weight.shape[1]
@@ -129,14 +132,14 @@ class _CausalConv1d(torch.autograd.Function):
         dacc = torch.empty(b, L, C, dtype=torch.float32, device=x.device)
         dw_part = torch.empty(b * nt, C, K, dtype=torch.float32, device=x.device)
         db_part = torch.empty(b * nt, C, dtype=torch.float32, device=x.device)
-        _conv_fwd_kernel[(nt, nc, b)](
+        launch(_conv_fwd_kernel, (nt, nc, b))(
             x, weight, bias if bias is not None else weight, init if init is not None else x,
             seq if seq is not None else x, x, dy, dacc, dw_part, db_part, L, C,
             HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_SEQ=seq is not None, SILU=ctx.silu,
             BACKWARD=True, K=K, BLOCK_T=bt, BLOCK_C=bc, num_warps=NUM_WARPS["_conv_fwd_kernel"],
         )
         dx = torch.empty_like(x)
-        _conv_dx_kernel[(nt, nc, b)](
+        launch(_conv_dx_kernel, (nt, nc, b))(
             dacc, weight, seq if seq is not None else x, dx, L, C,
             HAS_SEQ=seq is not None, K=K, BLOCK_T=bt, BLOCK_C=bc, num_warps=NUM_WARPS["_conv_dx_kernel"],
         )
@@ -147,7 +150,7 @@ class _CausalConv1d(torch.autograd.Function):
         return dx, dw_part.sum(0).to(weight.dtype), dbias, None, dinit, None
 
 
-def _initial_state_grad(dacc, weight, seq, K):
+def _initial_state_grad(dacc: torch.Tensor, weight: torch.Tensor, seq: torch.Tensor | None, K: int) -> torch.Tensor:
     # the k-1 history slots s = -(K-1)..-1 feed tokens t = s + K-1-i < K-1: a handful of tiny ops
     b, L, C = dacc.shape
     dinit = torch.zeros(b, C, K - 1, dtype=torch.float32, device=dacc.device)
@@ -163,7 +166,8 @@ def _initial_state_grad(dacc, weight, seq, K):
     return dinit
 
 
-def _final_state(x, seq_idx, initial_state, K):
+def _final_state(x: torch.Tensor, seq_idx: torch.Tensor | None, initial_state: torch.Tensor | None,
+                 K: int) -> torch.Tensor:
     """The last K-1 inputs (b, C, K-1), zeroed where they belong to another document than the last token."""
     b, L, C = x.shape
     hist = initial_state.transpose(1, 2).to(x.dtype) if initial_state is not None else x.new_zeros(b, K - 1, C)
@@ -175,6 +179,9 @@ def _final_state(x, seq_idx, initial_state, K):
     return tail.transpose(1, 2)
 
 
-def causal_conv1d_triton(x, weight, bias=None, *, seq_idx=None, initial_state=None, activation="silu"):
+def causal_conv1d_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, seq_idx: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None, activation: str | None = "silu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     y = _CausalConv1d.apply(x, weight, bias, seq_idx, initial_state, activation == "silu")
     return y, _final_state(x, seq_idx, initial_state, weight.shape[1])

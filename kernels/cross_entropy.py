@@ -15,7 +15,8 @@ from latentforge.kernels._dispatch import compute_dtype, use_triton
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_ref"]
 
 
-def _check_inputs(hidden, weight, labels, chunk_size, reduction):
+def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+                  reduction: str) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"linear_cross_entropy: hidden must be (N, H) and weight (V, H) with the same H, got "
@@ -29,7 +30,7 @@ def _check_inputs(hidden, weight, labels, chunk_size, reduction):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def _token_scale(grad_out, valid, reduction, n_valid):
+def _token_scale(grad_out: torch.Tensor, valid: torch.Tensor, reduction: str, n_valid: int) -> torch.Tensor:
     """d(reduced loss)/d(per-token loss), zero on ignored tokens."""
     if reduction == "none":
         return grad_out * valid
@@ -39,7 +40,8 @@ def _token_scale(grad_out, valid, reduction, n_valid):
 
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, reduction):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                chunk_size: int, reduction: str) -> torch.Tensor:
         cdt = compute_dtype(hidden, weight)
         N = hidden.shape[0]
         valid = labels != ignore_index
@@ -63,7 +65,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return total / max(n_valid, 1) if reduction == "mean" else total
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, labels, valid, lse = ctx.saved_tensors
         cdt = lse.dtype
         scale = _token_scale(grad_out.to(cdt), valid.to(cdt), ctx.reduction, ctx.n_valid)

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from latentforge.kernels.triton_launch import launch
+
 
 @triton.jit
 def _lse_loss_kernel(LOGITS, LABELS, LSE, LOSS, V, ignore_index, BLOCK_V: tl.constexpr):
@@ -65,7 +67,8 @@ def _block_v(V: int) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, reduction):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                chunk_size: int, reduction: str) -> torch.Tensor:
         N, V = hidden.shape[0], weight.shape[0]
         labels = labels.contiguous()
         lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
@@ -73,7 +76,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, chunk_size):
             e = min(N, s + chunk_size)
             logits = _mm_f32(hidden[s:e], weight.t())
-            _lse_loss_kernel[(e - s,)](logits, labels[s:e], lse[s:e], loss[s:e], V, ignore_index, BLOCK_V=_block_v(V))
+            launch(_lse_loss_kernel, (e - s,))(
+                logits, labels[s:e], lse[s:e], loss[s:e], V, ignore_index, BLOCK_V=_block_v(V))
             del logits
         n_valid = int((labels != ignore_index).sum())
         ctx.save_for_backward(hidden, weight, labels, lse)
@@ -84,7 +88,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total / max(n_valid, 1) if reduction == "mean" else total
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, labels, lse = ctx.saved_tensors
         N, V = hidden.shape[0], weight.shape[0]
         grad_out = grad_out.float()
@@ -100,8 +104,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[s:e]
             logits = _mm_f32(h, weight.t())
             dlogits = torch.empty(e - s, V, dtype=hidden.dtype, device=hidden.device)
-            _softmax_grad_kernel[(e - s,)](logits, labels[s:e], lse[s:e], scale[s:e], dlogits, V, ctx.ignore_index,
-                                           BLOCK_V=_block_v(V))
+            launch(_softmax_grad_kernel, (e - s,))(
+                logits, labels[s:e], lse[s:e], scale[s:e], dlogits, V, ctx.ignore_index, BLOCK_V=_block_v(V))
             del logits
             if grad_hidden is not None:
                 grad_hidden[s:e] = dlogits @ weight
@@ -113,5 +117,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def linear_cross_entropy_triton(hidden, weight, labels, *, ignore_index=-100, chunk_size=4096, reduction="mean"):
+def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                                ignore_index: int = -100, chunk_size: int = 4096,
+                                reduction: str = "mean") -> torch.Tensor:
     return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_size, reduction)

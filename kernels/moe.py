@@ -48,7 +48,7 @@ class MoEPermState:
     num_rows: int
 
 
-def _check_routing(x, topk_idx, num_experts, alignment):
+def _check_routing(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, alignment: int) -> None:
     if x.dim() != 2:
         raise ValueError(f"moe_permute: x must be (tokens, hidden), got shape {tuple(x.shape)} (flatten batch dims)")
     if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
@@ -91,7 +91,8 @@ def moe_permute_ref(
     return x_sorted, state
 
 
-def _check_mlp(x_sorted, tokens_per_expert_padded, w_up, w_down, row_weight):
+def _check_mlp(x_sorted: torch.Tensor, tokens_per_expert_padded: torch.Tensor, w_up: torch.Tensor,
+               w_down: torch.Tensor, row_weight: torch.Tensor | None) -> None:
     E, I, d = w_up.shape
     if w_down.shape != (E, d, I):
         raise ValueError(f"grouped_mlp: w_down must be (E, d, I) = {(E, d, I)} given w_up {tuple(w_up.shape)}, "
@@ -208,7 +209,10 @@ def moe_experts_gathered(
     return y.to(cdt).sum(1).to(x.dtype)
 
 
-def _few_token_path(x, topk_idx, topk_weight, w_up, w_down, linear_fn):
+def _few_token_path(
+    x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+    linear_fn: LinearFn | None,
+) -> Callable[..., torch.Tensor] | None:
     """moe_experts_dense / moe_experts_gathered where they are cheaper and allowed, else None."""
     if linear_fn is not None:  # precision emulation: every GEMM goes through it
         return None

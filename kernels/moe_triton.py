@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from latentforge.kernels.moe import MoEPermState
+from latentforge.kernels.triton_launch import launch
 
 EPI_NONE, EPI_UP, EPI_DACT = 0, 1, 2
 NUM_WARPS = {"_grouped_gemm_kernel": 8, "_grouped_wgrad_kernel": 4}  # chosen for no spills on sm_90
@@ -29,7 +30,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _gemm_blocks():
+def _gemm_blocks() -> tuple[int, int, int]:
     # the interpreter runs each program in numpy: small tiles keep tests fast
     return (16, 16, 16) if _interpreting() else (64, 128, 64)
 
@@ -92,7 +93,7 @@ def _gather_rows(src: torch.Tensor, idx: torch.Tensor, n_rows: int) -> torch.Ten
     block_r, block_d = (16, 32) if _interpreting() else (32, 128)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(D, block_d))
     if n_rows:
-        _gather_rows_kernel[grid](src, idx, out, n_rows, D, BLOCK_R=block_r, BLOCK_D=block_d)
+        launch(_gather_rows_kernel, grid)(src, idx, out, n_rows, D, BLOCK_R=block_r, BLOCK_D=block_d)
     return out
 
 
@@ -105,12 +106,12 @@ def _source_rows(state: MoEPermState) -> torch.Tensor:
     return src
 
 
-def _combine(y_sorted, rows, weight, T):
+def _combine(y_sorted: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor | None, T: int) -> torch.Tensor:
     D, K = y_sorted.shape[1], rows.shape[1]
     out = torch.empty(T, D, dtype=y_sorted.dtype, device=y_sorted.device)
     block_t, block_d = (16, 32) if _interpreting() else (16, 128)
     if T:
-        _combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(D, block_d))](
+        launch(_combine_kernel, (triton.cdiv(T, block_t), triton.cdiv(D, block_d)))(
             y_sorted, rows, weight if weight is not None else y_sorted, out, T, D, K,
             HAS_W=weight is not None, BLOCK_T=block_t, BLOCK_D=block_d,
         )
@@ -119,37 +120,37 @@ def _combine(y_sorted, rows, weight, T):
 
 class _Permute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, src_rows, rows):
+    def forward(ctx, x: torch.Tensor, src_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(rows)
         return _gather_rows(x.contiguous(), src_rows, src_rows.shape[0])
 
     @staticmethod
-    def backward(ctx, dx_sorted):
+    def backward(ctx, dx_sorted: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (rows,) = ctx.saved_tensors  # each token's rows: the transpose of a gather is a combine
         return _combine(dx_sorted.contiguous(), rows, None, rows.shape[0]), None, None
 
 
 class _Unpermute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_sorted, rows, weight):
+    def forward(ctx, y_sorted: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         y_sorted = y_sorted.contiguous()
         ctx.save_for_backward(y_sorted, rows, weight)
         return _combine(y_sorted, rows, weight, rows.shape[0])
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         y_sorted, rows, weight = ctx.saved_tensors
         T, K = rows.shape
         D = y_sorted.shape[1]
         dy_sorted = torch.zeros_like(y_sorted)  # padding rows get no gradient
         dw = torch.empty(T, K, dtype=torch.float32, device=dout.device) if weight is not None else None
         if T:
-            _combine_bwd_kernel[(T,)](
+            launch(_combine_bwd_kernel, (T,))(
                 dout.contiguous(), y_sorted, rows, weight if weight is not None else y_sorted, dy_sorted,
                 dw if dw is not None else dy_sorted, D, K, HAS_W=weight is not None,
                 BLOCK_D=min(1024, triton.next_power_of_2(D)) if not _interpreting() else 32,
             )
-        return dy_sorted, None, (dw.to(weight.dtype) if weight is not None else None)
+        return dy_sorted, None, (dw.to(weight.dtype) if dw is not None and weight is not None else None)
 
 
 def moe_permute_triton(x: torch.Tensor, state: MoEPermState) -> torch.Tensor:
@@ -169,7 +170,7 @@ def moe_unpermute_triton(y_sorted: torch.Tensor, state: MoEPermState, topk_weigh
 # grouped GEMM
 
 
-def _tile_table(counts: torch.Tensor, block_m: int):
+def _tile_table(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, int]:
     """Per M-tile (expert, first row, end row) on device; the row count is an upper bound for the grid."""
     E = counts.shape[0]
     counts = counts.to(torch.int64)
@@ -253,7 +254,11 @@ def _grouped_wgrad_kernel(
              mask=n_ok[:, None] & k_ok[None, :])
 
 
-def _grouped_gemm(a, w, w_strides, N, table, E, epilogue=EPI_NONE, h=None, row_weight=None, drow_weight=None):
+def _grouped_gemm(
+    a: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, ...], N: int, table: torch.Tensor, E: int,
+    epilogue: int = EPI_NONE, h: torch.Tensor | None = None, row_weight: torch.Tensor | None = None,
+    drow_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """out = a @ w_e^T per expert, w_e indexed [n, k] through w_strides = (expert, n, k)."""
     R, K = a.shape
     bm, bn, bk = _gemm_blocks()
@@ -263,7 +268,7 @@ def _grouped_gemm(a, w, w_strides, N, table, E, epilogue=EPI_NONE, h=None, row_w
         h = torch.empty(R, N, dtype=a.dtype, device=a.device)
     if R:
         grid = (triton.cdiv(R, bm) + E, triton.cdiv(N, bn))
-        _grouped_gemm_kernel[grid](
+        launch(_grouped_gemm_kernel, grid)(
             a, w, out, h if h is not None else out, act if act is not None else out,
             row_weight if row_weight is not None else out, drow_weight if drow_weight is not None else out,
             table, E, N, K, *w_strides, EPILOGUE=epilogue, HAS_ROW_W=row_weight is not None,
@@ -272,14 +277,15 @@ def _grouped_gemm(a, w, w_strides, N, table, E, epilogue=EPI_NONE, h=None, row_w
     return out, h, act
 
 
-def _grouped_wgrad(dout, a, table, E, out_dtype):
+def _grouped_wgrad(dout: torch.Tensor, a: torch.Tensor, table: torch.Tensor, E: int,
+                   out_dtype: torch.dtype) -> torch.Tensor:
     R, N = dout.shape
     K = a.shape[1]
     bm, bn, bk = _gemm_blocks()
     # each program reduces over all of its expert's rows in fp32 registers, so dw is written once, in the
     # weight dtype (no fp32 copy of the expert weights); experts without rows get zeros
     dw = torch.empty(E, N, K, dtype=out_dtype, device=a.device)
-    _grouped_wgrad_kernel[(E, triton.cdiv(N, bn), triton.cdiv(K, bk))](
+    launch(_grouped_wgrad_kernel, (E, triton.cdiv(N, bn), triton.cdiv(K, bk)))(
         dout, a, dw, table, E, N, K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS["_grouped_wgrad_kernel"]
     )
     return dw
@@ -287,7 +293,8 @@ def _grouped_wgrad(dout, a, table, E, out_dtype):
 
 class _GroupedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, counts, w_up, w_down, row_weight):
+    def forward(ctx, x: torch.Tensor, counts: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                row_weight: torch.Tensor | None) -> torch.Tensor:
         E, I, d = w_up.shape
         x = x.contiguous()
         bm = _gemm_blocks()[0]
@@ -299,7 +306,7 @@ class _GroupedMLP(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, h, w_up, w_down, rw, table = ctx.saved_tensors
         E, I, d = w_up.shape
         dy = dy.contiguous()
@@ -308,14 +315,16 @@ class _GroupedMLP(torch.autograd.Function):
         sd = w_down.stride()
         dh, _, act = _grouped_gemm(dy, w_down, (sd[0], sd[2], sd[1]), I, table, E, EPI_DACT, h=h,
                                    row_weight=rw, drow_weight=drw)
+        assert act is not None  # the EPI_DACT epilogue recomputes the activation
         su = w_up.stride()
         dx, _, _ = _grouped_gemm(dh, w_up, (su[0], su[2], su[1]), d, table, E)
         dw_down = _grouped_wgrad(dy, act, table, E, w_down.dtype)
         dw_up = _grouped_wgrad(dh, x, table, E, w_up.dtype)
-        return dx, None, dw_up, dw_down, (drw.to(rw.dtype) if rw is not None else None)
+        return dx, None, dw_up, dw_down, (drw.to(rw.dtype) if drw is not None and rw is not None else None)
 
 
-def grouped_mlp_triton(x_sorted, tokens_per_expert_padded, w_up, w_down, row_weight=None):
+def grouped_mlp_triton(x_sorted: torch.Tensor, tokens_per_expert_padded: torch.Tensor, w_up: torch.Tensor,
+                       w_down: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
     E = w_up.shape[0]
     if E > 1024:
         raise ValueError(f"grouped_mlp: the Triton path supports up to 1024 experts per rank, got {E}")

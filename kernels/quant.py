@@ -26,8 +26,9 @@ way TE's recipes do; ``quantized_linear`` is the autograd function that runs the
 """
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +161,7 @@ class Quantized:
         """Transpose (valid without requantizing for per-tensor and square-tile formats only)."""
         if self.scale_inv.numel() != 1 and self.block[0] != self.block[1]:
             raise ValueError(f"a {self.block} block-scaled tensor must be requantized, not transposed")
-        return Quantized(self.data.t(), self.scale_inv.t(), self.block[::-1], self.global_scale_inv)
+        return Quantized(self.data.t(), self.scale_inv.t(), (self.block[1], self.block[0]), self.global_scale_inv)
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +208,7 @@ def quantize_fp8_with_scale(x: torch.Tensor, scale: torch.Tensor, fmt: str = "e4
     x = _as_2d(x)
     scale = scale.float().reshape(())
     data = cast_fp8(x * scale, fmt)
-    return Quantized(data, torch.reciprocal(scale).reshape(1, 1), tuple(x.shape))
+    return Quantized(data, torch.reciprocal(scale).reshape(1, 1), (x.shape[0], x.shape[1]))
 
 
 def quantize_fp8_tensorwise(x: torch.Tensor, fmt: str = "e4m3") -> Quantized:
@@ -279,7 +280,8 @@ def quantize_nvfp4(
 # random Hadamard transform
 
 
-def hadamard16(*, random_signs: bool = True, device=None, dtype=torch.float32) -> torch.Tensor:
+def hadamard16(*, random_signs: bool = True, device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The 16x16 RHT matrix TE uses: diag(signs) @ Sylvester Hadamard / 4 (orthogonal, entries +-1/4)."""
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < 16:
@@ -324,22 +326,23 @@ class DelayedScaler:
         self.amax_history: Optional[torch.Tensor] = None
         self.scale: Optional[torch.Tensor] = None
 
-    def _init(self, device) -> None:
-        if self.amax_history is None or self.amax_history.device != device:
+    def _state(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(amax history, scale) on ``device``: fresh on first use or when the tensors move device."""
+        if self.amax_history is None or self.scale is None or self.amax_history.device != device:
             self.amax_history = torch.zeros(self.history_len, dtype=torch.float32, device=device)
             self.scale = torch.ones((), dtype=torch.float32, device=device)
+        return self.amax_history, self.scale
 
     @torch.no_grad()
     def quantize(self, x: torch.Tensor) -> Quantized:
         x = _as_2d(x)
-        self._init(x.device)
-        q = quantize_fp8_with_scale(x, self.scale, self.fmt)
+        hist, scale = self._state(x.device)
+        q = quantize_fp8_with_scale(x, scale, self.fmt)
         amax = x.abs().amax() if x.numel() else torch.zeros((), device=x.device)
-        self._update(amax)
+        self._update(hist, scale, amax)
         return q
 
-    def _update(self, amax: torch.Tensor) -> None:
-        hist = self.amax_history
+    def _update(self, hist: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor) -> None:
         hist[0] = amax
         chosen = hist.max() if self.algo == "max" else hist[0].clone()
         # TE rolls the window left and clears the slot the next amax goes to
@@ -347,7 +350,7 @@ class DelayedScaler:
         hist[0] = 0.0
         new = compute_fp8_scale(chosen, self.fmt, margin=self.margin)
         keep_old = (chosen <= 0) | ~torch.isfinite(chosen)
-        self.scale = torch.where(keep_old, self.scale, new)
+        self.scale = torch.where(keep_old, scale, new)
 
     def state_dict(self) -> dict:
         return {"amax_history": self.amax_history, "scale": self.scale}
@@ -365,19 +368,21 @@ class DelayedScaler:
 #
 # Each method returns fp32 dequantized tensors: (row (M, K), col (K, M) or None).
 
+Operands = tuple[torch.Tensor, Optional[torch.Tensor]]
+
 
 class EmulatedRecipe:
     """High precision: no quantization (the BF16 recipe)."""
 
     name = "bf16"
 
-    def quantize_input(self, x: torch.Tensor, need_col: bool):
+    def quantize_input(self, x: torch.Tensor, need_col: bool) -> Operands:
         return x.float(), (x.float().t() if need_col else None)
 
-    def quantize_weight(self, w: torch.Tensor, need_col: bool):
+    def quantize_weight(self, w: torch.Tensor, need_col: bool) -> Operands:
         return w.float(), (w.float().t() if need_col else None)
 
-    def quantize_grad(self, dy: torch.Tensor, need_col: bool):
+    def quantize_grad(self, dy: torch.Tensor, need_col: bool) -> Operands:
         return dy.float(), (dy.float().t() if need_col else None)
 
 
@@ -395,18 +400,18 @@ class Fp8CurrentRecipe(EmulatedRecipe):
     def _quantize(self, t: torch.Tensor, fmt: str, role: str) -> Quantized:
         return quantize_fp8_tensorwise(t, fmt)
 
-    def _both(self, t, fmt, role, need_col):
+    def _both(self, t: torch.Tensor, fmt: str, role: str, need_col: bool) -> Operands:
         # a per-tensor scale commutes with the transpose: the col copy is the same data transposed
         deq = self._quantize(t, fmt, role).dequantize()
         return deq, (deq.t() if need_col else None)
 
-    def quantize_input(self, x, need_col):
+    def quantize_input(self, x: torch.Tensor, need_col: bool) -> Operands:
         return self._both(x, self.fwd_fmt, "input", need_col)
 
-    def quantize_weight(self, w, need_col):
+    def quantize_weight(self, w: torch.Tensor, need_col: bool) -> Operands:
         return self._both(w, self.fwd_fmt, "weight", need_col)
 
-    def quantize_grad(self, dy, need_col):
+    def quantize_grad(self, dy: torch.Tensor, need_col: bool) -> Operands:
         return self._both(dy, self.bwd_fmt, "grad", need_col)
 
 
@@ -424,7 +429,7 @@ class Fp8DelayedRecipe(Fp8CurrentRecipe):
             "grad": DelayedScaler(self.bwd_fmt, amax_history_len, margin, amax_compute_algo),
         }
 
-    def _quantize(self, t, fmt, role):
+    def _quantize(self, t: torch.Tensor, fmt: str, role: str) -> Quantized:
         return self.scalers[role].quantize(t)
 
 
@@ -436,17 +441,18 @@ class Fp8BlockRecipe(EmulatedRecipe):
     def __init__(self, pow2_scales: bool = True):
         self.pow2 = pow2_scales
 
-    def _vec(self, t):
+    def _vec(self, t: torch.Tensor) -> torch.Tensor:
         return quantize_fp8_block(t, (1, FP8_BLOCK), pow2=self.pow2).dequantize()
 
-    def quantize_input(self, x, need_col):
+    def quantize_input(self, x: torch.Tensor, need_col: bool) -> Operands:
         return self._vec(x), (self._vec(x.t()) if need_col else None)
 
-    def quantize_weight(self, w, need_col):
+    def quantize_weight(self, w: torch.Tensor, need_col: bool) -> Operands:
         deq = quantize_fp8_block(w, (FP8_BLOCK, FP8_BLOCK), pow2=self.pow2).dequantize()
         return deq, (deq.t() if need_col else None)
 
-    quantize_grad = quantize_input
+    def quantize_grad(self, dy: torch.Tensor, need_col: bool) -> Operands:
+        return self.quantize_input(dy, need_col)  # grads take the 1x128 activation tiling
 
 
 class Mxfp8Recipe(EmulatedRecipe):
@@ -454,14 +460,17 @@ class Mxfp8Recipe(EmulatedRecipe):
 
     name = "mxfp8"
 
-    def _both(self, t, need_col):
+    def _both(self, t: torch.Tensor, need_col: bool) -> Operands:
         return quantize_mxfp8(t).dequantize(), (quantize_mxfp8(t.t()).dequantize() if need_col else None)
 
-    def quantize_input(self, x, need_col):
+    def quantize_input(self, x: torch.Tensor, need_col: bool) -> Operands:
         return self._both(x, need_col)
 
-    quantize_weight = quantize_input
-    quantize_grad = quantize_input
+    def quantize_weight(self, w: torch.Tensor, need_col: bool) -> Operands:
+        return self._both(w, need_col)
+
+    def quantize_grad(self, dy: torch.Tensor, need_col: bool) -> Operands:
+        return self._both(dy, need_col)
 
 
 class Nvfp4Recipe(EmulatedRecipe):
@@ -481,22 +490,22 @@ class Nvfp4Recipe(EmulatedRecipe):
             tt = rht16(_pad_to(tt, 1, 16))
         return quantize_nvfp4(tt, stochastic=stochastic, generator=self.generator).dequantize()
 
-    def quantize_input(self, x, need_col):
+    def quantize_input(self, x: torch.Tensor, need_col: bool) -> Operands:
         return quantize_nvfp4(x).dequantize(), (self._col(x, False) if need_col else None)
 
-    def quantize_weight(self, w, need_col):
+    def quantize_weight(self, w: torch.Tensor, need_col: bool) -> Operands:
         if self.two_d:
             deq = quantize_nvfp4(w, two_d=True).dequantize()
             return deq, (deq.t() if need_col else None)
         col = quantize_nvfp4(w.t()).dequantize() if need_col else None
         return quantize_nvfp4(w).dequantize(), col
 
-    def quantize_grad(self, dy, need_col):
+    def quantize_grad(self, dy: torch.Tensor, need_col: bool) -> Operands:
         row = quantize_nvfp4(dy, stochastic=self.sr, generator=self.generator).dequantize()
         return row, (self._col(dy, self.sr) if need_col else None)
 
 
-def make_recipe(name: str, **options) -> EmulatedRecipe:
+def make_recipe(name: str, **options: Any) -> EmulatedRecipe:
     """A fresh emulated recipe (stateful for fp8_delayed: use one per linear layer)."""
     factories: dict[str, Callable[..., EmulatedRecipe]] = {
         "bf16": EmulatedRecipe,
@@ -517,7 +526,8 @@ def make_recipe(name: str, **options) -> EmulatedRecipe:
 
 class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, recipe):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                recipe: EmulatedRecipe) -> torch.Tensor:
         k = x.shape[-1]
         x2d = x.reshape(-1, k)
         x_row, x_col = recipe.quantize_input(x2d, need_col=weight.requires_grad)
@@ -531,7 +541,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
         return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         x_col, w_col = ctx.saved_tensors
         dy2d = dy.reshape(-1, dy.shape[-1])
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -570,9 +580,9 @@ class ExpertGemm:
     storage offset in the stacked expert parameter.
     """
 
-    def __init__(self, name: str, **options):
+    def __init__(self, name: str, **options: Any):
         self.name, self.options = name, options
-        self._recipes: dict = {}
+        self._recipes: dict[Hashable, EmulatedRecipe] = {}
 
     def recipe_for(self, w: torch.Tensor) -> EmulatedRecipe:
         key = (tuple(w.shape), w.storage_offset()) if self.name == "fp8_delayed" else None
@@ -587,7 +597,7 @@ class ExpertGemm:
         return f"ExpertGemm({self.name!r}, emulated)"
 
 
-def quantization_error(x: torch.Tensor, name: str, **options) -> float:
+def quantization_error(x: torch.Tensor, name: str, **options: Any) -> float:
     """Relative Frobenius error of quantizing x (as a forward input) with a recipe; a diagnostic."""
     deq, _ = make_recipe(name, **options).quantize_input(x.reshape(-1, x.shape[-1]), need_col=False)
     ref = x.reshape(-1, x.shape[-1]).float()

@@ -14,12 +14,12 @@ from latentforge.kernels._dispatch import compute_dtype, use_triton
 __all__ = ["rms_norm", "rms_norm_ref", "gated_rms_norm", "gated_rms_norm_ref"]
 
 
-def _check_weight(name, x, weight):
+def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"{name}: weight must be ({x.shape[-1]},) to match x's last dim, got {tuple(weight.shape)}")
 
 
-def _check_gated(x, z, weight, group_size):
+def _check_gated(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int) -> None:
     _check_weight("gated_rms_norm", x, weight)
     if z.shape != x.shape:
         raise ValueError(f"gated_rms_norm: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from latentforge.kernels.triton_launch import launch
+
 
 NUM_WARPS = {"_group_rms_fwd": 8, "_group_rms_bwd": 8}
 
@@ -77,7 +79,7 @@ def _group_rms_bwd(
     tl.store(DW_PART + pid.to(tl.int64) * D + cols, dw, mask=mask)
 
 
-def _launch_shape(n_rows: int, group_size: int):
+def _launch_shape(n_rows: int, group_size: int) -> tuple[int, int, int]:
     block_s = triton.next_power_of_2(group_size)
     # enough programs to fill a GPU, few enough that the dw partials (programs x D fp32) stay small
     rows_per_prog = max(1, triton.cdiv(n_rows, 512))
@@ -86,7 +88,8 @@ def _launch_shape(n_rows: int, group_size: int):
 
 class _GroupRMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, z, weight, group_size, eps):
+    def forward(ctx, x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, group_size: int,
+                eps: float) -> torch.Tensor:
         shape = x.shape
         D = shape[-1]
         x2 = x.reshape(-1, D).contiguous()
@@ -95,7 +98,7 @@ class _GroupRMSNorm(torch.autograd.Function):
         y = torch.empty_like(x2)
         rstd = torch.empty(n_rows, n_groups, dtype=torch.float32, device=x.device)
         bs, rpp, grid = _launch_shape(n_rows, group_size)
-        _group_rms_fwd[(grid, n_groups)](
+        launch(_group_rms_fwd, (grid, n_groups))(
             x2, z2 if z2 is not None else x2, weight.contiguous(), y, rstd, n_rows, D, group_size, n_groups, eps,
             HAS_Z=z is not None, BLOCK_S=bs, ROWS_PER_PROG=rpp, num_warps=NUM_WARPS["_group_rms_fwd"],
         )
@@ -104,7 +107,7 @@ class _GroupRMSNorm(torch.autograd.Function):
         return y.view(shape)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, z2, weight, rstd = ctx.saved_tensors
         D = x2.shape[1]
         n_rows, n_groups = x2.shape[0], D // ctx.group_size
@@ -113,7 +116,7 @@ class _GroupRMSNorm(torch.autograd.Function):
         dz = torch.empty_like(z2) if z2 is not None else None
         bs, rpp, grid = _launch_shape(n_rows, ctx.group_size)
         dw_part = torch.empty(grid, D, dtype=torch.float32, device=x2.device)
-        _group_rms_bwd[(grid, n_groups)](
+        launch(_group_rms_bwd, (grid, n_groups))(
             x2, z2 if z2 is not None else x2, weight.contiguous(), rstd, dy2, dx, dz if dz is not None else dx,
             dw_part, n_rows, D, ctx.group_size, n_groups,
             HAS_Z=z2 is not None, BLOCK_S=bs, ROWS_PER_PROG=rpp, num_warps=NUM_WARPS["_group_rms_bwd"],

@@ -26,7 +26,10 @@ from latentforge.kernels._dispatch import compute_dtype, use_triton
 __all__ = ["ssd_scan", "ssd_scan_ref", "ssd_update"]
 
 
-def _check_inputs(x, dt, A, B, C, D, chunk_size, seq_idx, initial_state, z):
+def _check_inputs(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None,
+    chunk_size: int, seq_idx: torch.Tensor | None, initial_state: torch.Tensor | None, z: torch.Tensor | None,
+) -> None:
     if x.dim() != 4:
         raise ValueError(f"ssd_scan: x must be (batch, seqlen, heads, headdim), got shape {tuple(x.shape)}")
     b, l, h, p = x.shape

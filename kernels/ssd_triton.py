@@ -25,11 +25,14 @@ tf32 (ieee when the inputs are fp32).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from latentforge.kernels.triton_launch import launch
 
 
 def _interpreting() -> bool:
@@ -217,7 +220,7 @@ def _chunk_scan_bwd_j_kernel(
             e = tl.dot(Bj, tl.trans(Ci), input_precision=PREC) * decay  # (j, i): (C_i . B_j) exp(acum_i - acum_j)
             dx = tl.dot((e * dt_j[:, None]).to(dyi.dtype), dyi, dx, input_precision=PREC)
             t = tl.sum(dm * e, axis=1)
-            ddt += t
+            ddt += t  # pyright: ignore[reportOperatorIssue]  (bound in the same COMPUTE_DB branch above)
             dacum -= t * dt_j
 
     if COMPUTE_DB:
@@ -292,7 +295,7 @@ def _chunk_scan_bwd_i_kernel(
 # launchers
 
 
-def _config(x: torch.Tensor, Q: int, P: int, N: int):
+def _config(x: torch.Tensor, Q: int, P: int, N: int) -> dict[str, Any]:
     block = 16 if _interpreting() else next(bk for bk in (64, 32, 16) if Q % bk == 0)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     return dict(
@@ -306,11 +309,11 @@ def supports(chunk_size: int) -> bool:
     return chunk_size % 16 == 0
 
 
-def _chunk_outer(u, v, wt, nc, cfg):
+def _chunk_outer(u: torch.Tensor, v: torch.Tensor, wt: torch.Tensor, nc: int, cfg: dict[str, Any]) -> torch.Tensor:
     b, L, H, P = u.shape
     G, N = v.shape[2], v.shape[3]
     out = torch.empty(b, nc, H, P, N, dtype=torch.float32, device=u.device)
-    _chunk_outer_kernel[(b * H, nc)](
+    launch(_chunk_outer_kernel, (b * H, nc))(
         u, v, wt, out, L, H, G, nc, P, N,
         Q=cfg["Q"], BLOCK=cfg["BLOCK"], BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], PREC=cfg["PREC"],
         num_warps=NUM_WARPS["_chunk_outer_kernel"],
@@ -324,7 +327,11 @@ def _state_block(PN: int) -> int:
 
 class _SSDCore(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, B, C, dt, acum, w_state, w_read, decay, D, init, seq, chunk_size):
+    def forward(
+        ctx, x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt: torch.Tensor, acum: torch.Tensor,
+        w_state: torch.Tensor, w_read: torch.Tensor, decay: torch.Tensor, D: torch.Tensor | None,
+        init: torch.Tensor | None, seq: torch.Tensor | None, chunk_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         b, L, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         nc = dt.shape[2]
@@ -334,12 +341,12 @@ class _SSDCore(torch.autograd.Function):
         final = torch.empty(b, H, P, N, dtype=torch.float32, device=x.device)
         PN = P * N
         blk = _state_block(PN)
-        _state_passing_fwd_kernel[(b * H, triton.cdiv(PN, blk))](
+        launch(_state_passing_fwd_kernel, (b * H, triton.cdiv(PN, blk)))(
             S, decay, init if init is not None else S, hst, final, H, nc, PN, HAS_INIT=init is not None, BLOCK=blk,
         )
         del S
         y = torch.empty_like(x)
-        _chunk_scan_fwd_kernel[(b * H, nc, chunk_size // cfg["BLOCK"])](
+        launch(_chunk_scan_fwd_kernel, (b * H, nc, chunk_size // cfg["BLOCK"]))(
             x, dt, acum, w_read, B, C, hst, D if D is not None else dt, seq if seq is not None else dt, y,
             L, H, G, nc, P, N, HAS_SEQ=seq is not None, HAS_D=D is not None, **cfg,
             num_warps=NUM_WARPS["_chunk_scan_fwd_kernel"],
@@ -350,7 +357,7 @@ class _SSDCore(torch.autograd.Function):
         return y, final
 
     @staticmethod
-    def backward(ctx, dy, dfinal):
+    def backward(ctx, dy: torch.Tensor, dfinal: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         x, B, C, dt, acum, w_state, w_read, decay, D, seq, hst = ctx.saved_tensors
         cfg = ctx.cfg
         b, L, H, P = x.shape
@@ -366,23 +373,24 @@ class _SSDCore(torch.autograd.Function):
         dS = torch.empty_like(dHy)
         dinit = torch.empty(b, H, P, N, dtype=torch.float32, device=x.device)
         ddecay_part = torch.empty(b, H, nc, nblk, dtype=torch.float32, device=x.device)
-        _state_passing_bwd_kernel[(b * H, nblk)](dHy, hst, decay, dfinal, dS, dinit, ddecay_part, H, nc, PN, nblk, BLOCK=blk)
+        launch(_state_passing_bwd_kernel, (b * H, nblk))(
+            dHy, hst, decay, dfinal, dS, dinit, ddecay_part, H, nc, PN, nblk, BLOCK=blk)
         del dHy
 
-        f32 = dict(dtype=torch.float32, device=x.device)
         dx = torch.empty_like(x)
-        dB_h = torch.empty(b, L, H, N, **f32)
-        dC_h = torch.empty(b, L, H, N, **f32)
-        ddt, dacum_j, dacum_i, dw_state, dw_read = (torch.empty(b, H, nc, Q, **f32) for _ in range(5))
+        dB_h = torch.empty(b, L, H, N, dtype=torch.float32, device=x.device)
+        dC_h = torch.empty(b, L, H, N, dtype=torch.float32, device=x.device)
+        ddt, dacum_j, dacum_i, dw_state, dw_read = (
+            torch.empty(b, H, nc, Q, dtype=torch.float32, device=x.device) for _ in range(5))
         grid = (b * H, nc, Q // cfg["BLOCK"])
         seq_arg = seq if seq is not None else dt
         for compute_db in (False, True):
-            _chunk_scan_bwd_j_kernel[grid](
+            launch(_chunk_scan_bwd_j_kernel, grid)(
                 x, dt, acum, w_state, B, C, dy, dS, D if D is not None else dt, seq_arg, dx, dB_h, ddt, dacum_j,
                 dw_state, L, H, G, nc, P, N, HAS_SEQ=seq is not None, HAS_D=D is not None, COMPUTE_DB=compute_db, **cfg,
                 num_warps=NUM_WARPS["_chunk_scan_bwd_j_kernel"],
             )
-        _chunk_scan_bwd_i_kernel[grid](
+        launch(_chunk_scan_bwd_i_kernel, grid)(
             x, dt, acum, w_read, B, C, dy, hst, seq_arg, dC_h, dacum_i, dw_read,
             L, H, G, nc, P, N, HAS_SEQ=seq is not None, **cfg, num_warps=NUM_WARPS["_chunk_scan_bwd_i_kernel"],
         )
@@ -396,7 +404,11 @@ class _SSDCore(torch.autograd.Function):
                 dinit if ctx.has_init else None, None, None)
 
 
-def ssd_scan_triton(x, dt, A, B, C, D=None, *, chunk_size=128, seq_idx=None, initial_state=None, z=None):
+def ssd_scan_triton(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
+    *, chunk_size: int = 128, seq_idx: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as kernels.ssd.ssd_scan_ref (inputs already validated by the dispatcher)."""
     b, L, H, P = x.shape
     Q = chunk_size
