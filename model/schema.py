@@ -97,6 +97,8 @@ def _check(value: Any, kind: Any, key: str, error: Type[Exception]) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]):  # its own message names the nested key
+            return from_dict(options[0], value, key, error)
         failures = []
         for option in options:
             try:

@@ -11,7 +11,9 @@ from typing import ClassVar, List, Optional
 
 from latentforge.model.engine.config import EngineConfig, SamplingParams
 from latentforge.model.schema import from_dict
+from latentforge.rl.rewards.judge import JudgeConfig
 from latentforge.rl.rewards.scorer import RewardFunctionConfig
+from latentforge.train.config import WandbConfig
 from latentforge.model.errors import UserError
 
 WEIGHT_SYNC = ("broadcast", "object_store")
@@ -127,17 +129,14 @@ class RewardConfig:
     cpus_per_worker: float = 0.25
     task_weight: float = 1.0  # weight of the task's own verifier
     functions: List[RewardFunctionConfig] = field(default_factory=list)  # user reward functions, added
-    judge: Optional[dict] = None  # a model judge (rl/rewards/judge.py JudgeConfig: checkpoint, rubric, weight...)
+    judge: Optional[JudgeConfig] = None  # a model judge (checkpoint, rubric, weight...)
 
     def __post_init__(self):
         _need(self.num_workers >= 1, f"rl.reward.num_workers must be >= 1, got {self.num_workers}")
         if self.judge is not None:
-            from latentforge.rl.rewards.judge import JudgeConfig
-
-            self.judge = dict(self.judge)
             try:
-                JudgeConfig(**self.judge)
-            except (TypeError, ValueError) as exc:
+                self.judge = _build(JudgeConfig, self.judge, "rl.reward.judge")
+            except ValueError as exc:
                 raise GRPOConfigError(f"rl.reward.judge: {exc}") from None
         self.functions = [f if isinstance(f, RewardFunctionConfig) else RewardFunctionConfig(**dict(f))
                           for f in (self.functions or [])]
@@ -201,7 +200,7 @@ class GRPOConfig:
     trainer: TrainerGroupConfig = field(default_factory=TrainerGroupConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
-    wandb: dict = field(default_factory=lambda: {"enabled": True, "project": "latentforge", "mode": None})
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # pretraining's W&B settings (train/config.py)
 
     def __post_init__(self):
         self.loss = _build(PolicyLossConfig, self.loss, "rl.loss")
@@ -209,7 +208,7 @@ class GRPOConfig:
         self.trainer = _build(TrainerGroupConfig, self.trainer, "rl.trainer")
         self.reward = _build(RewardConfig, self.reward, "rl.reward")
         self.prompts = _build(PromptConfig, self.prompts, "rl.prompts")
-        self.wandb = dict(self.wandb or {})
+        self.wandb = _build(WandbConfig, self.wandb, "rl.wandb")
         _need(self.steps >= 1, f"rl.steps must be >= 1, got {self.steps}")
         _need(self.stop_at_step is None or 0 < self.stop_at_step <= self.steps,
               f"rl.stop_at_step must be in (0, rl.steps={self.steps}] or null, got {self.stop_at_step}")

@@ -15,20 +15,43 @@ import sys
 
 
 import json
+from dataclasses import dataclass
 
+from latentforge.data.config import DataConfig, TokenizerConfig
+from latentforge.model.config import ModelConfig
 from latentforge.model.errors import entry_point
+from latentforge.rl.config import GRPOConfig
+from latentforge.train.config import OptimConfig
+from latentforge.train.parallel.config import ParallelConfig
+from latentforge.train.precision.config import PrecisionConfig
 
 
-def load_configs(overrides):
-    """The composed recipe -> (GRPOConfig, model config dict, OptimConfig, tokenizer spec, task seed, thinking,
-    parallel dict, plain recipe dict)."""
+@dataclass
+class GRPOSetup:
+    """A composed GRPO recipe as validated config objects; `recipe` is the plain composed recipe (run logs)."""
+
+    rl: GRPOConfig
+    model: ModelConfig  # the policy's architecture: rl.init_from's own when it has one, else the `model` group
+    optim: OptimConfig
+    data: DataConfig
+    parallel: ParallelConfig  # the trainer group's layout
+    precision: PrecisionConfig
+    tokenizer: TokenizerConfig  # the data group's, or rl.init_from's tokenizer.json
+    recipe: dict
+
+    @property
+    def task_seed(self) -> int:
+        """The prompt tasks' seed: rl.prompts.seed, else the SFT data's (so held-out problems stay held out)."""
+        return self.rl.prompts.seed if self.rl.prompts.seed is not None else self.data.seed
+
+
+def load_configs(overrides) -> GRPOSetup:
+    """The composed recipe, validated against each group's dataclass."""
     from omegaconf import OmegaConf
 
-    from latentforge.data.config import DataConfig
     from latentforge.model.recipes import compose, model_config_from
-    from latentforge.rl.config import GRPOConfig, GRPOConfigError
+    from latentforge.rl.config import GRPOConfigError
     from latentforge.rl.trainer import resolve_model_config
-    from latentforge.train.config import OptimConfig
 
     cfg = compose(list(overrides))
     if cfg.get("rl") is None:
@@ -37,13 +60,14 @@ def load_configs(overrides):
     plain = OmegaConf.to_container(cfg, resolve=True)
     rl = GRPOConfig.from_dict(plain["rl"])
     data = DataConfig.from_any(plain["data"])
-    model = resolve_model_config(rl.init_from, model_config_from(cfg).to_dict())
-    optim = OptimConfig.from_dict(plain["optim"])
-    tokenizer = dict(vars(data.tokenizer))
+    tokenizer = data.tokenizer
     if rl.init_from and os.path.isfile(os.path.join(rl.init_from, "tokenizer.json")):
-        tokenizer = {"kind": "hf", "path": os.path.abspath(os.path.join(rl.init_from, "tokenizer.json"))}
-    task_seed = rl.prompts.seed if rl.prompts.seed is not None else data.seed
-    return rl, model, optim, tokenizer, task_seed, data.enable_thinking, plain.get("parallel"), plain
+        tokenizer = TokenizerConfig(kind="hf", path=os.path.abspath(os.path.join(rl.init_from, "tokenizer.json")))
+    return GRPOSetup(rl=rl, model=resolve_model_config(rl.init_from, model_config_from(cfg)),
+                     optim=OptimConfig.from_dict(plain["optim"]), data=data,
+                     parallel=ParallelConfig.from_dict(plain.get("parallel")),
+                     precision=PrecisionConfig.from_dict(plain.get("precision")),
+                     tokenizer=tokenizer, recipe=plain)
 
 
 def run(overrides, print_fn=print) -> dict:
@@ -52,16 +76,18 @@ def run(overrides, print_fn=print) -> dict:
     from latentforge.rl.loop import GRPOLoop
     from latentforge.train.callbacks.preemption import PreemptionHandler
 
-    rl, model, optim, tokenizer, task_seed, thinking, parallel, plain = load_configs(overrides)
+    setup = load_configs(overrides)
+    rl = setup.rl
     run_dir = os.path.abspath(rl.run_dir or os.path.join("runs", rl.run_name))
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(plain, f, indent=1, default=str)
+        json.dump(setup.recipe, f, indent=1, default=str)
     preemption = PreemptionHandler()  # SIGTERM only sets a flag; the loop checkpoints and returns
-    loop = GRPOLoop(rl, model, optim, tokenizer_spec=tokenizer, run_dir=run_dir, task_seed=task_seed,
-                    enable_thinking=thinking, parallel_cfg=parallel, precision_cfg=plain.get("precision"),
-                    print_fn=print_fn, stop_requested=lambda: preemption.received,
-                    config_for_logs={k: plain.get(k) for k in ("rl", "model", "optim", "data")})
+    loop = GRPOLoop(rl, setup.model, setup.optim, tokenizer_spec=setup.tokenizer, run_dir=run_dir,
+                    task_seed=setup.task_seed, enable_thinking=setup.data.enable_thinking,
+                    parallel_cfg=setup.parallel, precision_cfg=setup.precision, print_fn=print_fn,
+                    stop_requested=lambda: preemption.received,
+                    config_for_logs={k: setup.recipe.get(k) for k in ("rl", "model", "optim", "data")})
     started_ray = not ray.is_initialized()
     try:
         loop.setup()

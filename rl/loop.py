@@ -20,11 +20,13 @@ from __future__ import annotations
 import collections
 import os
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import ray
 from ray.exceptions import RayActorError
 
+from latentforge.data.config import TokenizerConfig
+from latentforge.model.config import ModelConfig
 from latentforge.rl.actors import RewardWorker, RolloutWorker, TrainerRank, remote
 from latentforge.rl.buffer import StalenessBuffer
 from latentforge.rl.config import GRPOConfig
@@ -32,6 +34,9 @@ from latentforge.rl.envs.metrics import episode_metrics
 from latentforge.rl.metrics import MetricsLogger, step_metrics
 from latentforge.rl.prompts import PromptSource, build_records, prompt_token_ids
 from latentforge.train.checkpoint import pack, unpack
+from latentforge.train.config import OptimConfig
+from latentforge.train.parallel.config import ParallelConfig
+from latentforge.train.precision.config import PrecisionConfig
 
 COLLECT_WAIT_S = 0.2
 DEATH_NOTICE_S = 10.0  # how long a failed collective call waits to learn which member died
@@ -57,12 +62,13 @@ class RolloutWorkerDied(ActorDied):
 
 
 class GRPOLoop:
-    def __init__(self, cfg: GRPOConfig, model_cfg: dict, optim_cfg, *, tokenizer_spec, run_dir: str,
-                 task_seed: int, enable_thinking: bool = True, parallel_cfg: Optional[dict] = None,
-                 precision_cfg: Optional[dict] = None, print_fn=print, config_for_logs: Optional[dict] = None,
-                 stop_requested: Callable[[], Optional[str]] = lambda: None):
+    def __init__(self, cfg: GRPOConfig, model_cfg: ModelConfig, optim_cfg: OptimConfig, *,
+                 tokenizer_spec: Union[TokenizerConfig, str], run_dir: str, task_seed: int,
+                 enable_thinking: bool = True, parallel_cfg: Optional[ParallelConfig] = None,
+                 precision_cfg: Optional[PrecisionConfig] = None, print_fn=print,
+                 config_for_logs: Optional[dict] = None, stop_requested: Callable[[], Optional[str]] = lambda: None):
         self.cfg = cfg
-        self.model_cfg = dict(model_cfg)
+        self.model_cfg = ModelConfig.from_dict(model_cfg)  # an instance passes; a mapping is validated into one
         self.optim_cfg = optim_cfg
         self.tokenizer_spec = tokenizer_spec
         self.run_dir = os.path.abspath(run_dir)
@@ -72,7 +78,7 @@ class GRPOLoop:
         self.precision_cfg = precision_cfg
         self.print = print_fn
         self.stop_requested = stop_requested  # -> a reason (e.g. "SIGTERM") to checkpoint and end this launch now
-        self.config_for_logs = config_for_logs or {"rl": cfg.to_dict(), "model": self.model_cfg}
+        self.config_for_logs = config_for_logs or {"rl": cfg.to_dict(), "model": self.model_cfg.to_dict()}
         self.G = cfg.rollout.group_size
         self.B = cfg.groups_per_step
         self.buffer = StalenessBuffer(self.G, cfg.max_staleness, cfg.filter_zero_advantage)
@@ -101,9 +107,9 @@ class GRPOLoop:
 
         cfg = self.cfg
         self.tokenizer = load_tokenizer(self.tokenizer_spec)
-        if self.tokenizer.vocab_size > self.model_cfg["vocab_size"]:
+        if self.tokenizer.vocab_size > self.model_cfg.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size is "
-                             f"{self.model_cfg['vocab_size']}: use the tokenizer the policy was trained with")
+                             f"{self.model_cfg.vocab_size}: use the tokenizer the policy was trained with")
         train_records = build_records(cfg.prompts.tasks, "train", self.task_seed, self.enable_thinking)
         self.eval_records = build_records(cfg.prompts.eval_tasks, "test", self.task_seed, self.enable_thinking)
         self.source = PromptSource(train_records, seed=cfg.prompts.order_seed, shuffle=cfg.prompts.shuffle)

@@ -11,6 +11,8 @@ import secrets
 import time
 from typing import List, Optional
 
+from latentforge.train.config import WandbConfig
+
 CONSOLE_KEYS = (("reward", "reward_mean", "{:.3f}"), ("acc", "accuracy", "{:.3f}"), ("len", "response_len", "{:.0f}"),
                 ("turns", "turns", "{:.2f}"), ("tool_err", "tool_error_rate", "{:.2f}"),
                 ("stale", "staleness_mean", "{:.2f}"), ("clip", "ppo_clip_frac", "{:.3f}"),
@@ -43,7 +45,7 @@ def console_line(m: dict, total_steps: int) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, run_name: str, wandb_cfg: dict, config: dict, total_steps: int,
+    def __init__(self, run_dir: str, run_name: str, wandb_cfg: WandbConfig, config: dict, total_steps: int,
                  log_interval: int = 1, print_fn=print):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         os.makedirs(run_dir, exist_ok=True)
@@ -51,7 +53,7 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.log_interval = log_interval
         self.print = print_fn
-        self.wandb_cfg = dict(wandb_cfg or {})
+        self.wandb_cfg = wandb_cfg
         self.run_name, self.run_dir, self.config = run_name, run_dir, config
         self.run_id: Optional[str] = None
         self._run = None
@@ -60,13 +62,13 @@ class MetricsLogger:
         from latentforge.train.callbacks.wandb_logger import resolve_mode
 
         self.run_id = run_id or secrets.token_hex(4)
-        mode = resolve_mode(self.wandb_cfg.get("mode")) if self.wandb_cfg.get("enabled", True) else "disabled"
+        mode = resolve_mode(self.wandb_cfg.mode) if self.wandb_cfg.enabled else "disabled"
         if mode != "disabled":
             import wandb
 
-            self._run = wandb.init(project=self.wandb_cfg.get("project", "latentforge"),
-                                   entity=self.wandb_cfg.get("entity"), name=self.run_name, id=self.run_id,
-                                   resume="allow", dir=self.run_dir, mode=mode, config=self.config)
+            self._run = wandb.init(project=self.wandb_cfg.project, entity=self.wandb_cfg.entity, name=self.run_name,
+                                   id=self.run_id, resume="allow", dir=self.run_dir, mode=mode, config=self.config,
+                                   tags=self.wandb_cfg.tags or None)
         return self.run_id
 
     def log(self, metrics: dict, console: bool = True) -> None:

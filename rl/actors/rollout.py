@@ -28,7 +28,7 @@ NO_WEIGHTS = -1  # version of a worker that has not received weights yet: it gen
 
 
 class RolloutWorker:
-    def __init__(self, worker_index: int, model_cfg: dict, cfg: RolloutConfig, max_seq_len: int,
+    def __init__(self, worker_index: int, model_cfg: ModelConfig, cfg: RolloutConfig, max_seq_len: int,
                  stop_token_ids=(), seed: int = 0, device: Optional[str] = None, threads: Optional[int] = None,
                  tokenizer_spec=None, record_routes: bool = False):
         if threads:
@@ -37,7 +37,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.manual_seed(seed)
-        model = HybridModel(ModelConfig.from_dict(dict(model_cfg))).to(self.device).eval().requires_grad_(False)
+        model = HybridModel(ModelConfig.from_dict(model_cfg)).to(self.device).eval().requires_grad_(False)
         self.spec = state_spec(model.state_dict())
         engine_cfg = replace(cfg.engine, max_seq_len=max_seq_len, seed=seed, record_routes=record_routes)
         self.engine = Engine(model, engine_cfg, version=NO_WEIGHTS)

@@ -9,8 +9,12 @@ from typing import List, Optional
 
 import torch
 
+from latentforge.model.config import ModelConfig
 from latentforge.rl.buffer import Group
 from latentforge.rl.config import GRPOConfig
+from latentforge.train.config import OptimConfig
+from latentforge.train.parallel.config import ParallelConfig
+from latentforge.train.precision.config import PrecisionConfig
 from latentforge.rl.weight_sync import WeightSyncGroup, free_port, node_ip, send_state
 
 
@@ -26,8 +30,8 @@ class TrainerRank:
         """(ip, a free port) on this rank's node: rank 0 hosts the rendezvous of the trainer world."""
         return node_ip(), free_port()
 
-    def setup(self, master: tuple, model_cfg: dict, cfg: GRPOConfig, optim_cfg, run_dir: str,
-              parallel_cfg: Optional[dict] = None, precision_cfg: Optional[dict] = None) -> dict:
+    def setup(self, master: tuple, model_cfg: ModelConfig, cfg: GRPOConfig, optim_cfg: OptimConfig, run_dir: str,
+              parallel_cfg: Optional[ParallelConfig] = None, precision_cfg: Optional[PrecisionConfig] = None) -> dict:
         os.environ.update(MASTER_ADDR=str(master[0]), MASTER_PORT=str(master[1]), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         if torch.cuda.is_available():  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: it is device 0

@@ -27,6 +27,7 @@ class Outer:
     paths: List[str] = field(default_factory=list)
     checkpoint: Union[str, List[str]] = "none"
     inner: Inner = field(default_factory=Inner)
+    maybe: Optional[Inner] = None
 
 
 def test_good_values_convert_losslessly():
@@ -49,6 +50,7 @@ def test_good_values_convert_losslessly():
     ({"paths": ["a", 3.5j]}, r"train\.paths\[1\] must be a string"),
     ({"inner": {"size": "big"}}, r"train\.inner\.size must be an integer"),
     ({"inner": {"sise": 1}}, r"unknown train\.inner config key\(s\) \['sise'\]"),
+    ({"maybe": {"size": "big"}}, r"train\.maybe\.size must be an integer"),
     ({"stpes": 1}, r"unknown train config key\(s\) \['stpes'\]; valid keys: .*'steps'"),
 ])
 def test_bad_values_name_the_key(values, message):

@@ -6,13 +6,42 @@ from latentforge.rl.config import GRPOConfig, GRPOConfigError
 from latentforge.rl.grpo import load_configs
 
 
-def test_recipe_composes():
-    rl, model, optim, tokenizer, task_seed, thinking, _, _ = load_configs(
-        ["recipe=grpo_tiny", "rl.max_staleness=0", "rl.loss.kl_coef=0.05"])
+def test_recipe_composes_into_typed_configs():
+    from latentforge.data.config import DataConfig, TokenizerConfig
+    from latentforge.model.config import ModelConfig
+    from latentforge.train.config import OptimConfig
+    from latentforge.train.parallel.config import ParallelConfig
+    from latentforge.train.precision.config import PrecisionConfig
+
+    setup = load_configs(["recipe=grpo_tiny", "rl.max_staleness=0", "rl.loss.kl_coef=0.05", "parallel.tp=2"])
+    rl = setup.rl
     assert rl.max_staleness == 0 and rl.loss.kl_coef == 0.05 and rl.rollout.group_size == 8
-    assert model["vocab_size"] >= 4096 and tokenizer["kind"] == "bpe"
-    assert task_seed == 1234 and thinking is True  # the SFT data's seed and chat format
-    assert optim.schedule == "constant"
+    assert rl.run_name == "grpo_tiny" and rl.steps == 120  # the recipe's, over GRPOConfig's defaults
+    for value, kind in ((setup.model, ModelConfig), (setup.optim, OptimConfig), (setup.data, DataConfig),
+                        (setup.parallel, ParallelConfig), (setup.precision, PrecisionConfig),
+                        (setup.tokenizer, TokenizerConfig)):
+        assert type(value) is kind
+    assert setup.model.vocab_size >= 4096 and setup.tokenizer.kind == "bpe" and setup.parallel.tp == 2
+    assert setup.task_seed == 1234 and setup.data.enable_thinking is True  # the SFT data's seed and chat format
+    assert setup.optim.schedule == "constant"
+
+
+def test_the_policy_architecture_comes_from_rl_init_from(tmp_path):
+    import json
+
+    from latentforge.model.config import ModelConfig
+    from latentforge.model.hf import MODEL_CONFIG_FILE
+    from latentforge.rl.trainer import resolve_model_config
+
+    recipe = ModelConfig()
+    assert resolve_model_config(None, recipe) is recipe
+    step = tmp_path / "step_00000002"  # a DCP checkpoint directory, as train/ writes them
+    step.mkdir()
+    (step / MODEL_CONFIG_FILE).write_text(json.dumps(ModelConfig(hidden_size=96).to_dict()))
+    (step / ".metadata").write_text("")
+    assert resolve_model_config(str(step), recipe) == ModelConfig(hidden_size=96)
+    with pytest.raises(FileNotFoundError, match="rl.init_from="):
+        resolve_model_config(str(tmp_path / "nowhere"), recipe)
 
 
 def test_bad_settings_are_named():
@@ -40,7 +69,7 @@ def test_rollout_holds_the_engine_and_sampling_configs_with_their_own_defaults()
                                                          | {f.name for f in fields(SamplingParams)})
     assert not restated, f"RolloutConfig restates engine / sampling fields: {restated}"
     rl = load_configs(["recipe=grpo_tiny", "rl.rollout.engine.draft_gate=true",
-                       "rl.rollout.sampling.top_p=0.9"])[0]
+                       "rl.rollout.sampling.top_p=0.9"]).rl
     assert isinstance(rl.rollout.engine, EngineConfig) and isinstance(rl.rollout.sampling, SamplingParams)
     assert (rl.rollout.engine.max_batch, rl.rollout.engine.draft_tokens, rl.rollout.engine.draft_gate) == (32, 2, True)
     assert (rl.rollout.sampling.max_new_tokens, rl.rollout.sampling.top_p) == (96, 0.9)
