@@ -1,10 +1,11 @@
-"""The hybrid stack run over slot rows with their states: prefill, decode / verify steps, the MTP block per depth.
+"""The model run over slot rows with their states: prefill, decode / verify steps, the MTP block per depth.
 
-The layer loop is the model's own (`x = x + mixer(norm(x))`, final norm, lm_head) with the states of the engine's
-slots. Prefill uses the mixers' chunked path; steps hand the Mamba mixers a decode state (model/mamba.py: the
-token-by-token recurrence of kernels/), which can keep the state after every fed token so that a verify step is
-rolled back by `commit(index)` choosing, per row, the state after its last accepted token. Attention needs no rollback: the keys of rejected tokens sit beyond the row's
-length, are masked by position and are overwritten by the next step.
+Every call is the model's own forward (`HybridModel.forward(ids, cache=...)`, `MTPBlock.forward(..., state=...)`)
+with a cache whose `layers[i]` is a view of layer i's slot state. Prefill hands the Mamba mixers their chunked
+path; steps hand them a decode state (model/mamba.py: the token-by-token recurrence of kernels/), which can keep
+the state after every fed token so that a verify step is rolled back by `commit(index)` choosing, per row, the
+state after its last accepted token. Attention needs no rollback: the keys of rejected tokens sit beyond the
+row's length, are masked by position and are overwritten by the next step.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Optional
 
 import torch
 
-from .layers import moe_inference
 from .state import MambaStates, SlotStates
 
 
@@ -26,28 +26,42 @@ class StepOutput:
     routes: Optional[torch.Tensor] = None  # (n, s, trunk MoE layers, top_k) expert ids, when recording routes
 
 
+@dataclass
+class ForwardCache:
+    """What `HybridModel.forward(cache=...)` reads: layers[i] is layer i's state (None for stateless layers)."""
+
+    layers: list
+
+
 class ModelRunner:
     def __init__(self, model, states: SlotStates, record_routes: bool = False):
         self.model = model
         self.states = states
-        self.blocks = list(model.backbone.layers)
         self.record_routes = record_routes
         self.prefill_routes: Optional[torch.Tensor] = None
 
-    def _ffn(self, block, h, routes: Optional[list]):
-        if block.kind == "moe":
-            return moe_inference(block.mixer, h, routes)
-        return block.mixer(h)
+    def _cache(self, rows: slice, length: int, pos: torch.Tensor, recurrent: bool, keep_per_token: bool = False):
+        """Views of the slot states of `rows`: attention keys/values up to `length` written at `pos`, Mamba states
+        (a decode state when `recurrent`)."""
+        layers = []
+        for state in self.states.layers:
+            if state is None:
+                layers.append(None)
+            elif "k" in state:
+                layers.append(SlotStates.attention_view(state, rows, length, pos))
+            else:
+                view = {"conv": state["conv"][rows], "ssm": state["ssm"][rows]}
+                if recurrent:
+                    view.update(recurrent=True, keep_per_token=keep_per_token)
+                layers.append(view)
+        return ForwardCache(layers)
 
-    def _new_routes(self) -> Optional[list]:
-        return [] if self.record_routes else None
-
-    @staticmethod
-    def _stack_routes(routes: Optional[list], n: int, s: int) -> Optional[torch.Tensor]:
-        """Per MoE layer (n*s, top_k) -> (n, s, layers, top_k); None when not recording or no MoE layer."""
-        if not routes:
-            return None
-        return torch.stack([r.view(n, s, -1) for r in routes], dim=2)
+    def _write_back(self, cache: ForwardCache, rows: slice):
+        """The Mamba states the mixers left in the cache (their states after the last token) into the slots."""
+        for state, view in zip(self.states.layers, cache.layers):
+            if state is not None and "ssm" in state:
+                state["conv"][rows] = view["conv"]
+                state["ssm"][rows] = view["ssm"]
 
     @torch.no_grad()
     def prefill(self, row: int, ids: torch.Tensor):
@@ -59,24 +73,11 @@ class ModelRunner:
         self.states.check_fits(length)
         self.states.reset_row(row)
         rows = slice(row, row + 1)
-        pos = torch.zeros(1, dtype=torch.long, device=ids.device)
-        x = self.model.backbone.embeddings(ids)
-        routes = self._new_routes()
-        for block, state in zip(self.blocks, self.states.layers):
-            h = block.norm(x)
-            if block.kind == "attention":
-                y = block.mixer(h, state=SlotStates.attention_view(state, rows, length, pos))
-            elif block.kind == "mamba":
-                scan_state = {"conv": state["conv"][rows], "ssm": state["ssm"][rows]}
-                y = block.mixer(h, state=scan_state)  # chunked scan; replaces the dict's entries by final states
-                state["conv"][rows] = scan_state["conv"]
-                state["ssm"][rows] = scan_state["ssm"]
-            else:
-                y = self._ffn(block, h, routes)
-            x = x + y
-        hidden = self.model.backbone.norm_f(x)
-        self.prefill_routes = self._stack_routes(routes, 1, length)
-        return self.model.lm_head(hidden[:, -1]), hidden
+        cache = self._cache(rows, length, torch.zeros(1, dtype=torch.long, device=ids.device), recurrent=False)
+        out = self.model(ids, cache=cache, with_logits=False)  # the chunked scan; logits of the last token only
+        self._write_back(cache, rows)
+        self.prefill_routes = out.routes if self.record_routes else None
+        return self.model.lm_head(out.hidden[:, -1]), out.hidden
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, pos: torch.Tensor, max_pos: int, keep_positions: bool) -> StepOutput:
@@ -88,46 +89,28 @@ class ModelRunner:
         length = max_pos + s
         self.states.check_fits(length)
         rows = slice(0, n)
-        x = self.model.backbone.embeddings(ids)
-        pending = []
-        routes = self._new_routes()
-        for block, state in zip(self.blocks, self.states.layers):
-            h = block.norm(x)
-            if block.kind == "attention":
-                y = block.mixer(h, state=SlotStates.attention_view(state, rows, length, pos))
-                pending.append(None)
-            elif block.kind == "mamba":
-                decode = {"conv": state["conv"][rows], "ssm": state["ssm"][rows], "recurrent": True,
-                          "keep_per_token": keep_positions}
-                y = block.mixer(h, state=decode)
-                if keep_positions:
-                    pending.append(MambaStates(decode["conv_per_token"], decode["ssm_per_token"]))
-                else:
-                    self._write_mamba(state, n, decode["conv"], decode["ssm"])
-                    pending.append(None)
-            else:
-                y = self._ffn(block, h, routes)
-                pending.append(None)
-            x = x + y
-        hidden = self.model.backbone.norm_f(x)
-        return StepOutput(self.model.lm_head(hidden), hidden, pending, self._stack_routes(routes, n, s))
+        cache = self._cache(rows, length, pos, recurrent=True, keep_per_token=keep_positions)
+        out = self.model(ids, cache=cache)
+        if keep_positions:
+            pending = [None if view is None or "ssm_per_token" not in view
+                       else MambaStates(view["conv_per_token"], view["ssm_per_token"]) for view in cache.layers]
+        else:
+            self._write_back(cache, rows)
+            pending = [None] * len(cache.layers)
+        return StepOutput(out.logits, out.hidden, pending, out.routes if self.record_routes else None)
 
     def commit(self, out: StepOutput, index: torch.Tensor):
         """Keep, per row, the Mamba/conv states after fed token index[row] (the last accepted one)."""
+        n = index.shape[0]
         for state, new in zip(self.states.layers, out.mamba):
             if new is not None:
-                self._write_mamba(state, index.shape[0], *new.select(index))
+                state["conv"][:n], state["ssm"][:n] = new.select(index)
         out.mamba = [None] * len(out.mamba)
-
-    @staticmethod
-    def _write_mamba(state: dict, n: int, conv: torch.Tensor, ssm: torch.Tensor):
-        state["conv"][:n] = conv
-        state["ssm"][:n] = ssm
 
     @torch.no_grad()
     def mtp_depth(self, depth: int, rows: slice, tokens: torch.Tensor, previous: torch.Tensor,
                   start: torch.Tensor, max_start: int, last: torch.Tensor):
-        """The shared MTP block at drafting depth `depth` (1-based, own KV cache) over slot rows `rows`.
+        """The model's MTP block at drafting depth `depth` (1-based, own KV cache) over slot rows `rows`.
 
         tokens (m, c): the tokens shifted by `depth` (position s reads token s+depth); previous (m, c, H): the
         depth-1 hidden states (the trunk's at depth 1); start (m,): the position of column 0 per row.
@@ -135,10 +118,7 @@ class ModelRunner:
         m, c = tokens.shape
         length = max_start + c
         self.states.check_fits(length)
-        attention_layer, moe_layer = self.model.mtp.layers
-        embedded = self.model.backbone.embeddings(tokens)
         view = SlotStates.attention_view(self.states.mtp[depth - 1], rows, length, start)
-        u = attention_layer(embedded, previous, state=view)
-        hidden = moe_layer.final_layernorm(u + moe_inference(moe_layer.mixer, moe_layer.norm(u)))
+        hidden, _ = self.model.mtp(self.model.backbone.embeddings(tokens), previous, state=view)
         picked = hidden[torch.arange(m, device=hidden.device), last]
         return hidden, self.model.lm_head(picked)

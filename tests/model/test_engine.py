@@ -10,7 +10,6 @@ import torch
 
 from latentforge.model import HybridModel, ModelConfig
 from latentforge.model.engine import Engine, EngineConfig, SamplingParams
-from latentforge.model.engine.layers import moe_inference
 from latentforge.model.engine.runner import ModelRunner
 from latentforge.model.engine.state import SlotStates
 from tests.model.test_engine_sampling import _single_thread, chi_square_p_value, naive_probs  # noqa: F401
@@ -77,18 +76,27 @@ def test_mixer_decode_state_keeps_the_chunked_scans_state_after_every_token(fp64
         torch.testing.assert_close(advance["ssm"], fresh["ssm"], rtol=1e-7, atol=1e-9)
 
 
-@pytest.mark.parametrize("path", ["dense", "gather", "module"])
-def test_inference_moe_equals_the_module(fp64_model, monkeypatch, path):
-    import latentforge.model.engine.layers as layers
+@pytest.mark.parametrize("path", ["dense", "gather"])
+def test_moe_module_without_gradient_equals_its_training_path(fp64_model, monkeypatch, path):
+    """What the engine's steps run: LatentMoE's own forward, whose experts take a few-token path without gradient
+    (kernels/moe.py), equal to the grouped path training runs."""
+    import latentforge.kernels.moe as kernels_moe
 
-    if path != "dense":
-        monkeypatch.setattr(layers, "DENSE_EXPERTS_MAX_MACS", 0)
-    if path == "module":
-        monkeypatch.setattr(layers, "GATHER_EXPERTS_MAX_ELEMENTS", 0)
+    if path == "gather":
+        monkeypatch.setattr(kernels_moe, "DENSE_EXPERTS_MAX_MACS", 0)
     moe = fp64_model.backbone.layers[2].mixer
-    x = torch.randn(3, 5, 32, dtype=torch.float64)
+    x = torch.randn(3, 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    taken = []
+    monkeypatch.setattr(kernels_moe, f"moe_experts_{'dense' if path == 'dense' else 'gathered'}",
+                        lambda *a, _f=getattr(kernels_moe, f"moe_experts_{'dense' if path == 'dense' else 'gathered'}"):
+                        taken.append(path) or _f(*a))
     with torch.no_grad():
-        torch.testing.assert_close(moe_inference(moe, x), moe(x), rtol=1e-12, atol=1e-12)
+        fast, _ = moe(x)
+    with torch.enable_grad():
+        moe.experts.up_proj.requires_grad_(True)
+        trained, _ = moe(x)
+    assert taken == [path]
+    torch.testing.assert_close(fast, trained.detach(), rtol=1e-12, atol=1e-12)
 
 
 # ----- exactness of decoding ---------------------------------------------------------------------------------------
@@ -216,7 +224,7 @@ def test_mtp_drafts_follow_the_training_formulation(fp64_model):
         tokens = sequence[: p + 1]
         for depth in range(1, 4):
             shifted = torch.tensor([tokens[depth : depth + p]])  # position s reads token s+depth
-            hidden = fp64_model.mtp(fp64_model.backbone.embeddings(shifted), hidden)
+            hidden, _ = fp64_model.mtp(fp64_model.backbone.embeddings(shifted), hidden)
             draft = int(fp64_model.lm_head(hidden[0, -1]).argmax())
             assert draft == drafts[depth - 1], f"depth {depth}"
             tokens = tokens + [draft]

@@ -71,7 +71,7 @@ def mtp_chain_drafts(model, sequence, p, k):
     hidden = model(torch.tensor([sequence[:p]])).hidden
     tokens, drafts = sequence[: p + 1], []
     for depth in range(1, k + 1):
-        hidden = model.mtp(model.backbone.embeddings(torch.tensor([tokens[depth : depth + p]])), hidden)
+        hidden, _ = model.mtp(model.backbone.embeddings(torch.tensor([tokens[depth : depth + p]])), hidden)
         drafts.append(int(model.lm_head(hidden[0, -1]).argmax()))
         tokens = tokens + [drafts[-1]]
     return drafts
