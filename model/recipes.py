@@ -7,6 +7,10 @@ hold only what they change and every field can still be overridden on the comman
 
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -43,7 +47,7 @@ def register_schemas() -> None:
         store.store(group=group, name=SCHEMA_NAME, node=defaults_of(schema_class(group)))
 
 
-def compose(overrides=(), config_name: str = "config", config_dir=None):
+def compose(overrides=(), config_name: Optional[str] = "config", config_dir=None) -> "DictConfig":
     """`compose(["recipe=super_120b", "model.mtp_depths=1"])` -> the merged DictConfig (`config_dir`: another
     recipes tree than the installed one)."""
     from hydra import compose as hydra_compose
@@ -59,17 +63,23 @@ def compose(overrides=(), config_name: str = "config", config_dir=None):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
-def group_values(group: str, name: str) -> dict:
-    """One group file composed onto its schema, as plain values (`group_values("precision", "nvfp4")`)."""
+def plain_values(node) -> dict:
+    """A composed recipe (or one of its groups) as plain Python containers, interpolations resolved."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(compose([f"+{group}={name}"], config_name=None)[group], resolve=True)
+    values = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(values, dict):
+        raise TypeError(f"expected a mapping node, got {type(values).__name__}")
+    return values
+
+
+def group_values(group: str, name: str) -> dict:
+    """One group file composed onto its schema, as plain values (`group_values("precision", "nvfp4")`)."""
+    return plain_values(compose([f"+{group}={name}"], config_name=None)[group])
 
 
 def model_config_from(cfg):
     """The `model` node of a composed recipe -> a validated ModelConfig (unknown keys are named)."""
-    from omegaconf import OmegaConf
-
     from .config import ModelConfig
 
-    return ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    return ModelConfig.from_dict(plain_values(cfg.model))

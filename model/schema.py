@@ -48,7 +48,7 @@ def from_dict(cls: Type[T], values: Any, prefix: str, error: Type[Exception] = S
         values = {}
     if not isinstance(values, Mapping):
         raise error(f"{prefix} must be a mapping of {cls.__name__} fields, got {values!r}")
-    settable = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    settable = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls)) if f.init}
     unknown = sorted(set(values) - set(settable))
     moved = {key: getattr(cls, "MOVED_KEYS", {}).get(key) for key in unknown}
     if any(moved.values()):
@@ -98,7 +98,7 @@ def _check(value: Any, kind: Any, key: str, error: Type[Exception]) -> Any:
             return None
         options = [a for a in args if a is not type(None)]
         if len(options) == 1 and dataclasses.is_dataclass(options[0]):  # its own message names the nested key
-            return from_dict(options[0], value, key, error)
+            return from_dict(typing.cast(type, options[0]), value, key, error)
         failures = []
         for option in options:
             try:
@@ -111,7 +111,7 @@ def _check(value: Any, kind: Any, key: str, error: Type[Exception]) -> Any:
         if value in args:
             return value
         raise error(f"{key} must be one of {list(args)}, got {value!r}")
-    if dataclasses.is_dataclass(kind):
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
         return from_dict(kind, value, key, error)
     if origin in (list, tuple, set, frozenset) or kind in (list, tuple):
         if not isinstance(value, (list, tuple)):

@@ -47,9 +47,7 @@ class GRPOSetup:
 
 def load_configs(overrides) -> GRPOSetup:
     """The composed recipe, validated against each group's dataclass."""
-    from omegaconf import OmegaConf
-
-    from latentforge.model.recipes import compose, model_config_from
+    from latentforge.model.recipes import compose, model_config_from, plain_values
     from latentforge.rl.config import GRPOConfigError
     from latentforge.rl.trainer import resolve_model_config
 
@@ -57,7 +55,7 @@ def load_configs(overrides) -> GRPOSetup:
     if cfg.get("rl") is None:
         raise GRPOConfigError("the recipe has no `rl` section: use recipe=grpo_tiny (or add `- /rl: tiny` to your "
                               "recipe's defaults)")
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = plain_values(cfg)
     rl = GRPOConfig.from_dict(plain["rl"])
     data = DataConfig.from_any(plain["data"])
     tokenizer = data.tokenizer
