@@ -86,19 +86,13 @@ class LatentMoE(nn.Module):
                 routes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
         """-> (output, Routing) over the tokens of x (..., H) in order. `routes` (..., top_k): replayed experts."""
         shape = x.shape
-        flat_routes = None if routes is None else routes.reshape(-1, routes.shape[-1])
-        routed, routing = self.routed(x.reshape(-1, shape[-1]), flat_routes)
-        return routed.view(shape) + self.shared_experts(x), routing
-
-    def routed(self, flat: torch.Tensor, routes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
-        """The routed half on (tokens, H): router, latent down-projection, experts, latent up-projection.
-        Returns (output, Routing). The tensor-parallel forward reuses it. `routes`: replayed expert ids."""
-        routing, topk_weight = self.gate(flat, routes)
+        flat = x.reshape(-1, shape[-1])
+        routing, topk_weight = self.gate(flat, None if routes is None else routes.reshape(-1, routes.shape[-1]))
         routed_in = self.fc1_latent_proj(flat) if self.fc1_latent_proj is not None else flat
         routed = self.experts(routed_in, routing.topk_idx, topk_weight.to(routed_in.dtype))
         if self.fc2_latent_proj is not None:
             routed = self.fc2_latent_proj(routed)
-        return routed, routing
+        return routed.view(shape) + self.shared_experts(x), routing
 
     @torch.no_grad()
     def update_bias(self, global_load: torch.Tensor, rate: float):

@@ -36,7 +36,7 @@ def _observed_run(parallel: dict, precision: dict | None, steps: int = 2, micro_
         with torch.autocast(x.device.type, enabled=False):
             expected = torch.sigmoid(F.linear(x.float(), module.weight.float()))
         seen["router_weight"] = str(module.weight.dtype)
-        seen["router_exact_fp32"] = bool(torch.equal(output[0], expected))
+        seen["router_exact_fp32"] = bool(torch.equal(output[0].scores, expected))  # (Routing, weights)
 
     q_proj.register_forward_hook(on_q_proj)
     router.register_forward_hook(on_router)
