@@ -48,14 +48,17 @@ class MoEPermState:
     num_rows: int
 
 
-def _check_routing(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, alignment: int) -> None:
+def _check_routing(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, alignment: int,
+                   values: bool = True) -> None:
+    """Shapes, and (`values`) the expert ids' range: a device sync, which the few-token paths skip (their indexing
+    rejects an id out of range by itself)."""
     if x.dim() != 2:
         raise ValueError(f"moe_permute: x must be (tokens, hidden), got shape {tuple(x.shape)} (flatten batch dims)")
     if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
         raise ValueError(f"moe_permute: topk_idx must be (tokens, k) with tokens = {x.shape[0]}, got {tuple(topk_idx.shape)}")
     if alignment < 1:
         raise ValueError(f"moe_permute: alignment must be >= 1, got {alignment}")
-    if topk_idx.numel() and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= num_experts):
+    if values and topk_idx.numel() and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= num_experts):
         raise ValueError(f"moe_permute: topk_idx values must lie in [0, {num_experts}), got "
                          f"[{int(topk_idx.min())}, {int(topk_idx.max())}]")
 
@@ -285,7 +288,7 @@ def moe_experts(
     gradient, few tokens take :func:`moe_experts_dense` or :func:`moe_experts_gathered` (same math)."""
     few_tokens = _few_token_path(x, topk_idx, topk_weight, w_up, w_down, linear_fn)
     if few_tokens is not None:
-        _check_routing(x, topk_idx, w_up.shape[0], alignment)
+        _check_routing(x, topk_idx, w_up.shape[0], alignment, values=False)
         return few_tokens(x, topk_idx, topk_weight, w_up, w_down)
     x_sorted, state = moe_permute(x, topk_idx, w_up.shape[0], alignment)
     y_sorted = grouped_mlp(

@@ -106,10 +106,12 @@ class Mamba2Mixer(nn.Module):
     def recurrent_mix(self, xbc: torch.Tensor, dt: torch.Tensor, state: dict) -> torch.Tensor:
         """Conv + SSM of a decode state (module doc) with the kernels' decode steps; returns y (b, s, h, p)."""
         per_token = bool(state.get("keep_per_token"))
-        xbc, conv_state = causal_conv1d_update(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                               conv_state=state["conv"], activation="silu", per_token_states=per_token)
+        xbc, conv_state = causal_conv1d_update(xbc, local_tensor(self.conv1d.weight).squeeze(1),
+                                               local_tensor(self.conv1d.bias), conv_state=state["conv"],
+                                               activation="silu", per_token_states=per_token)
         xs, B, C, dt, A = self.ssm_inputs(xbc, dt)
-        y, ssm_state = ssd_update(xs, dt, A, B, C, D=self.D, state=state["ssm"], per_token_states=per_token)
+        y, ssm_state = ssd_update(xs, dt, A, B, C, D=local_tensor(self.D), state=state["ssm"],
+                                  per_token_states=per_token)
         suffix = "_per_token" if per_token else ""
         state["conv" + suffix], state["ssm" + suffix] = conv_state, ssm_state
         return y
