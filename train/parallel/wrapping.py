@@ -2,7 +2,7 @@
 
 A stage part is processed one *unit* at a time (embedding, each block, final norm, lm_head, MTP block), in this
 order per unit (as TorchTitan): initialise it if it was built on the meta device, tensor/context/expert
-parallelise it, wrap its forward for activation checkpointing / compile (inside FSDP's hooks, names unchanged),
+parallelise it, apply activation checkpointing / compile in place (inside FSDP's hooks, names unchanged),
 then fully_shard it. A model built on the meta device therefore never exists unsharded: the peak is one unit.
 
 FSDP2 gradients are *summed* over data-parallel ranks (divide factor 1): the losses are already normalised by the
@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 
 def units(part) -> list:
@@ -65,15 +64,12 @@ def initialise_unit(index: int, kind: str, module, cfg, device, base_seed: int) 
             module.init_weights(std, out_std)
 
 
-def _checkpointed(inner):
-    def forward(*args, **kwargs):
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
-
-    return forward
-
-
 def wrap_unit(kind: str, module, checkpointed: set, compile_blocks: bool) -> None:
-    """Activation checkpointing and/or torch.compile of a block's (or each MTP layer's) own forward."""
+    """Activation checkpointing and/or torch.compile of a block (or each MTP layer), in place: the composable
+    `checkpoint` (forward hooks, no wrapper module) and `nn.Module.compile`, so forward and every parameter name
+    stay as they are (checkpoints, optimizer state and FSDP see the same model)."""
+    from torch.distributed._composable import checkpoint
+
     if kind == "block":
         targets = [module] if module.kind in checkpointed else []
         compiled = [module]
@@ -83,11 +79,11 @@ def wrap_unit(kind: str, module, checkpointed: set, compile_blocks: bool) -> Non
     else:
         return
     for target in targets:
-        target.forward = _checkpointed(target.forward)
+        checkpoint(target)
     if compile_blocks:
         use_persistent_compile_cache()
         for target in compiled:
-            target.forward = torch.compile(target.forward)
+            target.compile()
 
 
 def use_persistent_compile_cache() -> str:
