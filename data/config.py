@@ -6,12 +6,18 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
+from latentforge.model.errors import UserError
+
 BUILTIN_STDLIB = "builtin:stdlib"  # the embedded pretraining corpus: Python standard library sources
 BUILTIN_CHAT = "builtin:arithmetic_chat"  # the embedded SFT / GRPO prompt set: generated arithmetic problems
 BUILTIN_TOOL_CHAT = "builtin:tool_chat"  # generated transcripts of tool use (python tool, guess-the-number)
 
 DEFAULT_CACHE_ENV = "LATENTFORGE_CACHE"
 SPLITS = ("train", "valid", "test")
+
+
+class DataConfigError(UserError, ValueError):
+    """A data setting that cannot work; the message names the field and the fix."""
 
 
 def default_cache_dir() -> str:
@@ -82,26 +88,26 @@ class DataConfig:
         if isinstance(self.tokenizer, dict):
             self.tokenizer = TokenizerConfig(**self.tokenizer)
         if self.kind not in ("pretrain", "sft"):
-            raise ValueError(f"data.kind must be 'pretrain' or 'sft', got {self.kind!r}")
+            raise DataConfigError(f"data.kind must be 'pretrain' or 'sft', got {self.kind!r}")
         if isinstance(self.paths, str):
             self.paths = [self.paths]
         self.paths = list(self.paths)
         if not self.paths:
-            raise ValueError(f"data.paths is empty: list sources, or use [{BUILTIN_STDLIB}] / [{BUILTIN_CHAT}]")
+            raise DataConfigError(f"data.paths is empty: list sources, or use [{BUILTIN_STDLIB}] / [{BUILTIN_CHAT}]")
         if self.weights is not None:
             self.weights = [float(w) for w in self.weights]
             if len(self.weights) != len(self.paths):
-                raise ValueError(f"data.weights has {len(self.weights)} entries for {len(self.paths)} paths: "
+                raise DataConfigError(f"data.weights has {len(self.weights)} entries for {len(self.paths)} paths: "
                                  "give one weight per path, or weights: null to blend by token count")
             if any(w <= 0 for w in self.weights):
-                raise ValueError(f"data.weights must all be > 0, got {self.weights}")
+                raise DataConfigError(f"data.weights must all be > 0, got {self.weights}")
         split_shares(self.split)  # raises on a malformed split
         if self.truncation not in ("truncate", "drop", "error"):
-            raise ValueError(f"data.truncation must be truncate, drop or error, got {self.truncation!r}")
+            raise DataConfigError(f"data.truncation must be truncate, drop or error, got {self.truncation!r}")
         if self.num_workers < 1:
-            raise ValueError(f"data.num_workers must be >= 1, got {self.num_workers}")
+            raise DataConfigError(f"data.num_workers must be >= 1, got {self.num_workers}")
         if self.tokenizer.kind not in ("bpe", "tekken", "hf"):
-            raise ValueError(f"data.tokenizer.kind must be bpe, tekken or hf, got {self.tokenizer.kind!r}")
+            raise DataConfigError(f"data.tokenizer.kind must be bpe, tekken or hf, got {self.tokenizer.kind!r}")
 
     @classmethod
     def from_any(cls, cfg) -> "DataConfig":
@@ -113,7 +119,7 @@ class DataConfig:
         cfg = plain(cfg)
         if isinstance(cfg, dict) and isinstance(cfg.get("paths"), str):
             cfg = {**cfg, "paths": [cfg["paths"]]}  # `data.paths=file.jsonl`: one source
-        return from_dict(cls, cfg, "data", ValueError)
+        return from_dict(cls, cfg, "data", DataConfigError)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,9 +130,9 @@ def split_shares(split: str) -> List[float]:
     try:
         parts = [float(p) for p in str(split).replace("/", ",").split(",") if p.strip()]
     except ValueError:
-        raise ValueError(f"data.split must be comma-separated numbers like '98,1,1', got {split!r}") from None
+        raise DataConfigError(f"data.split must be comma-separated numbers like '98,1,1', got {split!r}") from None
     if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ValueError(f"data.split must be 1 to 3 non-negative numbers with a positive sum, got {split!r}")
+        raise DataConfigError(f"data.split must be 1 to 3 non-negative numbers with a positive sum, got {split!r}")
     parts += [0.0] * (3 - len(parts))
     total = sum(parts)
     return [p / total for p in parts]

@@ -63,7 +63,12 @@ def from_dict(cls: Type[T], values: Any, prefix: str, error: Type[Exception] = S
     hints = typing.get_type_hints(cls)
     checked = {name: _check(value, hints.get(name, Any), f"{prefix}.{name}" if prefix else name, error)
                for name, value in values.items()}
-    return cls(**checked)
+    try:
+        return cls(**checked)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as exc:  # a dataclass's own check: one line under `error`, naming where
+        raise error(f"{prefix}: {exc}" if prefix else str(exc)) from None
 
 
 def defaults_of(cls: type) -> dict:

@@ -46,18 +46,14 @@ class PolicyLossConfig:
     normalize_std: bool = True  # advantages divided by the group std (False: Dr.GRPO)
 
     def __post_init__(self):
-        if not (0 <= self.clip_low < 1):
-            raise ValueError(f"loss.clip_low must be in [0, 1), got {self.clip_low}")
-        if self.clip_high < 0:
-            raise ValueError(f"loss.clip_high must be >= 0, got {self.clip_high}")
-        if self.tis_cap <= 0:
-            raise ValueError(f"loss.tis_cap must be positive, got {self.tis_cap}")
-        if self.kl_coef < 0:
-            raise ValueError(f"loss.kl_coef must be >= 0 (0 disables the KL term), got {self.kl_coef}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"loss.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        _need(0 <= self.clip_low < 1, f"rl.loss.clip_low must be in [0, 1), got {self.clip_low}")
+        _need(self.clip_high >= 0, f"rl.loss.clip_high must be >= 0, got {self.clip_high}")
+        _need(self.tis_cap > 0, f"rl.loss.tis_cap must be positive, got {self.tis_cap}")
+        _need(self.kl_coef >= 0, f"rl.loss.kl_coef must be >= 0 (0 disables the KL term), got {self.kl_coef}")
+        _need(self.kl_estimator in KL_ESTIMATORS,
+              f"rl.loss.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        _need(self.aggregation in AGGREGATIONS,
+              f"rl.loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
 
 
 @dataclass

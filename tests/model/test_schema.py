@@ -77,3 +77,27 @@ def test_recipe_overrides_of_the_wrong_type_are_named(override, config, message)
     cls, error = build[config]
     with pytest.raises(error, match=message):
         cls.from_dict(cfg[config])
+
+
+@dataclass
+class Checked:
+    size: int = 1
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+
+
+@dataclass
+class Holder:
+    checked: Checked = field(default_factory=Checked)
+
+
+def test_a_dataclass_own_check_becomes_a_user_error_naming_where():
+    from latentforge.model.errors import UserError
+
+    with pytest.raises(SchemaError, match=r"^train\.checked: size must be >= 1, got 0$") as caught:
+        from_dict(Holder, {"checked": {"size": 0}}, "train")
+    assert isinstance(caught.value, UserError)  # entry points print it as one line, no traceback
+    with pytest.raises(SchemaError, match=r"^size must be >= 1, got 0$"):
+        from_dict(Checked, {"size": 0}, "")  # a command's own options: no prefix

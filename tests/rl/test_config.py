@@ -105,3 +105,15 @@ def test_a_rollout_worker_builds_its_engine_and_requests_from_the_nested_configs
         assert (held_out.temperature, held_out.top_p, held_out.max_new_tokens) == (0.0, 1.0, 8)
     finally:
         worker.stop()
+
+
+def test_engine_sampling_and_data_checks_are_user_errors_naming_the_group():
+    from latentforge.data.config import DataConfig
+    from latentforge.model.errors import UserError
+
+    with pytest.raises(GRPOConfigError, match=r"rl\.rollout\.engine: EngineConfig\.max_batch must be >= 1, got 0"):
+        GRPOConfig(rollout={"engine": {"max_batch": 0}})
+    with pytest.raises(GRPOConfigError, match=r"rl\.rollout\.sampling: SamplingParams\.top_p must be in \(0, 1\]"):
+        GRPOConfig.from_dict({"rollout": {"sampling": {"top_p": 2.0}}})
+    with pytest.raises(UserError, match="data.kind must be 'pretrain' or 'sft'"):
+        DataConfig.from_any({"kind": "rl"})
