@@ -4,7 +4,14 @@
     python bench/bench_grpo.py rl.init_from=... --async-staleness 2 rl.steps=30
 
 Runs the synchronous baseline (rl.max_staleness=0) and then the asynchronous run (rl.max_staleness=K) in one
-process on one Ray instance. Reports, for each: wall time of the training steps (evaluation excluded), the final
+process on one Ray instance. `--arms` adds variants of the asynchronous run, side by side in the same process
+(reward curves, engine-vs-trainer mismatch, router agreement, clipped share, wall time):
+
+    python bench/bench_grpo.py rl.init_from=... --arms async ppo2 r3 recompute
+
+`ppo2`: rl.updates_per_batch=2 (AReaL's decoupled PPO; K doubled, since versions count optimizer steps); `r3`:
+rl.router_replay=true (rollout routing replay); `recompute`: rl.rollout.engine.weight_update_policy=recompute
+(running sequences re-encoded under new weights instead of continuing on the old caches). Reports, for each: wall time of the training steps (evaluation excluded), the final
 training reward (mean of the last `--window` steps) and the held-out reward before/after. Then the ratio: the
 synchronous run's wall time to its final reward over the asynchronous run's wall time to reach that same reward
 (moving average over `--window` steps). Arguments other than the flags are Hydra overrides for both runs.
@@ -74,6 +81,75 @@ def parallel_capacity(seconds: float = 3.0) -> float:
     return together / alone
 
 
+def arm_overrides(arm: str, staleness: int) -> list:
+    """The overrides of one arm; every arm but `sync` is the asynchronous run with staleness bound K."""
+    arms = {"sync": ["rl.max_staleness=0"], "async": [f"rl.max_staleness={staleness}"],
+            "ppo2": [f"rl.max_staleness={2 * staleness}", "rl.updates_per_batch=2"],
+            "r3": [f"rl.max_staleness={staleness}", "rl.router_replay=true"],
+            "recompute": [f"rl.max_staleness={staleness}", "rl.rollout.engine.weight_update_policy=recompute"]}
+    if arm not in arms:
+        raise SystemExit(f"--arms: unknown arm {arm!r}; choose from {sorted(arms)}")
+    return arms[arm]
+
+
+def run_arm(overrides, arm, staleness, run_dir):
+    from latentforge.rl import grpo
+
+    def capture(line):
+        print(f"[{arm}] {line}", flush=True)
+
+    summary = grpo.run(list(overrides) + arm_overrides(arm, staleness)
+                       + [f"rl.run_dir={run_dir}", "rl.resume=false", "rl.checkpoint_interval=1000000"],
+                       print_fn=capture)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        history = [r for r in map(json.loads, f) if "reward_mean" in r]
+    return summary, history
+
+
+def _mean_of(history, key):
+    values = [m[key] for m in history if m.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def compare_arms(results: dict, window: int, every: int) -> dict:
+    """Side by side: per arm its summary numbers, and the reward curves (moving average over `window` steps,
+    printed every `every` steps; the step axis counts optimizer steps)."""
+    first = next(iter(results.values()))[1]
+    target = sum(m["reward_mean"] for m in first[-window:]) / min(window, len(first))
+    table = {}
+    for arm, (summary, history) in results.items():
+        table[arm] = {
+            "wall_s": summary["wall_s"], "steps": summary["steps"],
+            "final_reward": sum(m["reward_mean"] for m in history[-window:]) / min(window, len(history)),
+            "time_to_first_arm_final_s": time_to_reach(history, target, window),
+            "mismatch_mean": _mean_of(history, "mismatch_mean"),
+            "mismatch_fresh_max": max((m["mismatch_fresh_max"] for m in history
+                                       if m.get("mismatch_fresh_max") is not None), default=None),
+            "router_agreement": _mean_of(history, "router_agreement"),
+            "ppo_clip_frac": _mean_of(history, "ppo_clip_frac"),
+            "tis_truncated_frac": _mean_of(history, "tis_truncated_frac"),
+            "eval_sampled": [summary.get("eval_before", {}).get("eval_sampled_reward"),
+                             summary.get("eval_after", {}).get("eval_sampled_reward")],
+            "curve": {m["step"]: r for m, r in zip(history, moving_average([m["reward_mean"] for m in history],
+                                                                           window))},
+        }
+    print()
+    print(f"{'arm':<10} {'wall':>8} {'final reward':>13} {'to ' + format(target, '.3f'):>9} {'mismatch':>9} "
+          f"{'agree':>6} {'clip':>6} {'held-out sampled':>17}")
+    for arm, row in table.items():
+        reach = row["time_to_first_arm_final_s"]
+        print(f"{arm:<10} {row['wall_s']:>7.1f}s {row['final_reward']:>13.3f} "
+              f"{(format(reach, '.1f') + 's') if reach else 'never':>9} {_fmt(row['mismatch_mean'], '.2e'):>9} "
+              f"{_fmt(row['router_agreement']):>6} {_fmt(row['ppo_clip_frac']):>6} "
+              f"{_fmt(row['eval_sampled'][0])} -> {_fmt(row['eval_sampled'][1])}")
+    steps = sorted(set().union(*(row["curve"] for row in table.values())))
+    print(f"\ntraining reward, moving average over {window} steps:")
+    print("step  " + "".join(f"{arm:>10}" for arm in table))
+    for step in [s for s in steps if s % every == 0]:
+        print(f"{step:<6}" + "".join(f"{_fmt(row['curve'].get(step)):>10}" for row in table.values()))
+    return table
+
+
 def run_one(overrides, staleness, run_dir, label):
     from latentforge.rl import grpo
 
@@ -96,6 +172,9 @@ def main(argv=None):
     parser.add_argument("--async-staleness", type=int, default=1, help="K of the asynchronous run")
     parser.add_argument("--window", type=int, default=5, help="steps in the reward moving average")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
+    parser.add_argument("--arms", nargs="+", default=None,
+                        help="instead of sync vs async: these arms side by side (sync async ppo2 r3 recompute)")
+    parser.add_argument("--curve-every", type=int, default=5, help="steps between printed reward-curve points")
     args, overrides = parser.parse_known_args(argv)
     if not any(o.startswith("recipe=") for o in overrides):
         overrides = ["recipe=grpo_tiny"] + overrides
@@ -104,6 +183,8 @@ def main(argv=None):
         if not any(o.split("=", 1)[0] == default.split("=", 1)[0] for o in overrides):
             overrides.append(default)
     os.environ.setdefault("WANDB_MODE", "disabled")
+    if args.arms:
+        return main_arms(args, overrides)
     capacity = parallel_capacity()
     print(f"this machine runs two single-threaded processes at {capacity:.2f}x the throughput of one", flush=True)
     work = tempfile.mkdtemp(prefix="bench_grpo_")
@@ -162,8 +243,26 @@ def main(argv=None):
     return result
 
 
-def _fmt(value):
-    return "n/a" if value is None else f"{value:.3f}"
+def main_arms(args, overrides) -> dict:
+    work = tempfile.mkdtemp(prefix="bench_grpo_")
+    results = {}
+    try:
+        for arm in args.arms:
+            results[arm] = run_arm(overrides, arm, args.async_staleness, os.path.join(work, arm))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        import ray
+
+        ray.shutdown()
+    table = compare_arms(results, args.window, args.curve_every)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"arms": table, "overrides": overrides, "async_staleness": args.async_staleness}, f, indent=1)
+    return table
+
+
+def _fmt(value, spec=".3f"):
+    return "n/a" if value is None else format(value, spec)
 
 
 def _sum_hist(history):
