@@ -5,6 +5,7 @@ For each file, the recipe that selects it is composed twice: as shipped, and wit
 default, or the group file it extends) and fails the test; a key no dataclass field names fails too.
 """
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -56,14 +57,17 @@ def without_own_values(file: Path, root: Path, scratch: Path) -> Path:
     return tree
 
 
-def composed_leaves(file: Path, root: Path) -> dict:
-    return leaves(OmegaConf.to_container(compose(selection(file), config_dir=root), resolve=True))
+@functools.lru_cache(maxsize=None)
+def composed(file: Path, root: Path) -> dict:
+    """The plain config that selecting `file` composes from the tree at `root` (cached: each test reads it)."""
+    return OmegaConf.to_container(compose(selection(file), config_dir=root), resolve=True)
 
 
 def restatements(file: Path, root: Path, scratch: Path) -> dict:
     """The values of `file` that compose the same without it: what it inherits anyway."""
-    shipped = composed_leaves(file, root)
-    inherited = composed_leaves(file, without_own_values(file, root, scratch))
+    shipped = leaves(composed(file, root))
+    inherited = leaves(OmegaConf.to_container(compose(selection(file), config_dir=without_own_values(file, root, scratch)),
+                                              resolve=True))
     return {key: value for key, value in leaves(own_values(file, root)).items()
             if key in inherited and inherited[key] == shipped[key]}
 
@@ -76,11 +80,12 @@ def test_yaml_holds_only_what_it_changes(file, tmp_path):
 
 
 @pytest.mark.parametrize("file", FILES, ids=str)
-def test_yaml_names_only_dataclass_fields(file):
-    composed = OmegaConf.to_container(compose(selection(file)), resolve=True)
+def test_yaml_names_only_dataclass_fields_and_composes_into_valid_configs(file):
     for group in own_values(file):
         assert group in GROUP_SCHEMAS, f"recipes/{file}: `{group}` is not a recipe group ({sorted(GROUP_SCHEMAS)})"
-        from_dict(schema_class(group), composed[group], group)  # raises naming an unknown key or a bad value
+    for group, values in composed(file, RECIPES_DIR).items():  # every group the selection composes, not only the file's own
+        if group != "recipe":
+            from_dict(schema_class(group), values, group)  # raises naming an unknown key or a bad value
 
 
 def test_every_group_file_composes_onto_its_schema():
