@@ -116,11 +116,8 @@ def _mlp_plan(module: nn.Module, mesh, src_data_rank) -> None:
 
 
 class MambaTensorParallel(ParallelStyle):
-    """A Mamba-2 mixer split by heads (and B/C groups) over the TP mesh, stored rank-contiguous (module doc)."""
-
-    def __init__(self, src_data_rank=0):
-        super().__init__()
-        self.src_data_rank = src_data_rank
+    """A Mamba-2 mixer split by heads (and B/C groups) over the TP mesh, stored rank-contiguous (module doc).
+    `src_data_rank` (set by parallelize_module): 0 takes rank 0's weights, None each rank's own copy."""
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         tp = device_mesh.size()
@@ -149,7 +146,7 @@ def apply_tensor_parallel(unit: nn.Module, tp_mesh, src_data_rank=0) -> None:
                 "q_proj": ColwiseLinear(), "k_proj": ColwiseLinear(), "v_proj": ColwiseLinear(),
                 "o_proj": RowwiseLinear(output_layouts=Shard(1))}, src_data_rank=src_data_rank)
         elif isinstance(module, Mamba2Mixer):
-            parallelize_module(module, tp_mesh, MambaTensorParallel(src_data_rank))
+            parallelize_module(module, tp_mesh, MambaTensorParallel(), src_data_rank=src_data_rank)
         elif isinstance(module, LatentMoE):
             _mlp_plan(module.shared_experts, tp_mesh, src_data_rank)
     shared = {id(m.shared_experts) for m in unit.modules() if isinstance(m, LatentMoE)}
