@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch import nn
 
 from .state import MambaStates, SlotStates
 
@@ -34,13 +35,14 @@ class ForwardCache:
 
 
 class ModelRunner:
-    def __init__(self, model, states: SlotStates, record_routes: bool = False):
+    def __init__(self, model: nn.Module, states: SlotStates, record_routes: bool = False) -> None:
         self.model = model
         self.states = states
         self.record_routes = record_routes
         self.prefill_routes: Optional[torch.Tensor] = None
 
-    def _cache(self, rows: slice, length: int, pos: torch.Tensor, recurrent: bool, keep_per_token: bool = False):
+    def _cache(self, rows: slice, length: int, pos: torch.Tensor, recurrent: bool,
+               keep_per_token: bool = False) -> ForwardCache:
         """Views of the slot states of `rows`: attention keys/values up to `length` written at `pos`, Mamba states
         (a decode state when `recurrent`)."""
         layers = []
@@ -56,7 +58,7 @@ class ModelRunner:
                 layers.append(view)
         return ForwardCache(layers)
 
-    def _write_back(self, cache: ForwardCache, rows: slice):
+    def _write_back(self, cache: ForwardCache, rows: slice) -> None:
         """The Mamba states the mixers left in the cache (their states after the last token) into the slots."""
         for state, view in zip(self.states.layers, cache.layers):
             if state is not None and "ssm" in state:
@@ -64,7 +66,7 @@ class ModelRunner:
                 state["ssm"][rows] = view["ssm"]
 
     @torch.no_grad()
-    def prefill(self, row: int, ids: torch.Tensor):
+    def prefill(self, row: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run a fresh sequence ids (1, L) into slot `row`.
 
         Returns (logits of the last token (1, V), hidden (1, L, H)); with record_routes, the trunk MoE layers'
@@ -99,7 +101,7 @@ class ModelRunner:
             pending = [None] * len(cache.layers)
         return StepOutput(out.logits, out.hidden, pending, out.routes if self.record_routes else None)
 
-    def commit(self, out: StepOutput, index: torch.Tensor):
+    def commit(self, out: StepOutput, index: torch.Tensor) -> None:
         """Keep, per row, the Mamba/conv states after fed token index[row] (the last accepted one)."""
         n = index.shape[0]
         for state, new in zip(self.states.layers, out.mamba):
@@ -109,7 +111,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def mtp_depth(self, depth: int, rows: slice, tokens: torch.Tensor, previous: torch.Tensor,
-                  start: torch.Tensor, max_start: int, last: torch.Tensor):
+                  start: torch.Tensor, max_start: int, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's MTP block at drafting depth `depth` (1-based, own KV cache) over slot rows `rows`.
 
         tokens (m, c): the tokens shifted by `depth` (position s reads token s+depth); previous (m, c, H): the
