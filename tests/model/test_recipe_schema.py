@@ -89,6 +89,8 @@ def test_yaml_names_only_dataclass_fields_and_composes_into_valid_configs(file):
 
 
 def test_every_group_file_composes_onto_its_schema():
+    groups = {p.name for p in RECIPES_DIR.iterdir() if p.is_dir() and p.name != "recipe" and any(p.glob("*.yaml"))}
+    assert groups == set(GROUP_SCHEMAS), "each recipes/<group>/ needs its dataclass in model/recipes.py GROUP_SCHEMAS"
     for file in FILES:
         group = file.parent.name
         if group == "recipe":
