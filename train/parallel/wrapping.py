@@ -96,12 +96,25 @@ def use_persistent_compile_cache() -> str:
     return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(default_cache_dir(), "inductor"))
 
 
-def _autocast(forward, device_type: str, dtype: torch.dtype):
-    def autocast_forward(*args, **kwargs):
-        with torch.autocast(device_type, dtype=dtype):
-            return forward(*args, **kwargs)
+class _AutocastHooks:
+    """torch.autocast around a module's forward, entered by a forward pre-hook and left by an always-called forward
+    hook (also when the forward raises): the module's forward is not replaced."""
 
-    return autocast_forward
+    def __init__(self, device_type: str, dtype: torch.dtype):
+        self.device_type, self.dtype = device_type, dtype
+        self.active: list = []  # one per forward in progress (a nested call of the same module)
+
+    def install(self, module) -> None:
+        module.register_forward_pre_hook(self.enter)
+        module.register_forward_hook(self.leave, always_call=True)
+
+    def enter(self, module, args) -> None:
+        region = torch.autocast(self.device_type, dtype=self.dtype)
+        region.__enter__()
+        self.active.append(region)
+
+    def leave(self, module, args, output) -> None:
+        self.active.pop().__exit__(None, None, None)
 
 
 class Sharder:
@@ -165,4 +178,4 @@ class Sharder:
             self._shard(stage, self.mesh, False)
         elif self.compute_dtype != torch.float32:
             device_type = next(stage.parameters()).device.type
-            stage.forward = _autocast(stage.forward, device_type, self.compute_dtype)
+            _AutocastHooks(device_type, self.compute_dtype).install(stage)
