@@ -11,12 +11,14 @@ row's length, are masked by position and are overwritten by the next step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-from torch import nn
 
 from .state import MambaStates, SlotStates
+
+if TYPE_CHECKING:
+    from ..hybrid import HybridModel
 
 
 @dataclass
@@ -35,7 +37,7 @@ class ForwardCache:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, states: SlotStates, record_routes: bool = False) -> None:
+    def __init__(self, model: "HybridModel", states: SlotStates, record_routes: bool = False) -> None:
         self.model = model
         self.states = states
         self.record_routes = record_routes
@@ -52,7 +54,7 @@ class ModelRunner:
             elif "k" in state:
                 layers.append(SlotStates.attention_view(state, rows, length, pos))
             else:
-                view = {"conv": state["conv"][rows], "ssm": state["ssm"][rows]}
+                view: dict = {"conv": state["conv"][rows], "ssm": state["ssm"][rows]}
                 if recurrent:
                     view.update(recurrent=True, keep_per_token=keep_per_token)
                 layers.append(view)
@@ -105,7 +107,7 @@ class ModelRunner:
         """Keep, per row, the Mamba/conv states after fed token index[row] (the last accepted one)."""
         n = index.shape[0]
         for state, new in zip(self.states.layers, out.mamba):
-            if new is not None:
+            if state is not None and new is not None:
                 state["conv"][:n], state["ssm"][:n] = new.select(index)
         out.mamba = [None] * len(out.mamba)
 
@@ -121,6 +123,7 @@ class ModelRunner:
         length = max_start + c
         self.states.check_fits(length)
         view = SlotStates.attention_view(self.states.mtp[depth - 1], rows, length, start)
+        assert self.model.mtp is not None, "drafting needs the model's MTP block"
         hidden, _ = self.model.mtp(self.model.backbone.embeddings(tokens), previous, state=view)
         picked = hidden[torch.arange(m, device=hidden.device), last]
         return hidden, self.model.lm_head(picked)

@@ -12,6 +12,7 @@ layer sees the same per-row positions and nothing needs writing back.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -48,15 +49,18 @@ class SlotStates:
         self.mtp = []
         if draft_depths:
             attention = model.mtp.layers[0].mixer
-            self.mtp = [self._allocate("attention", attention) for _ in range(draft_depths)]
+            self.mtp = [self._kv_cache(attention) for _ in range(draft_depths)]
 
-    def _allocate(self, kind, mixer):
+    def _kv_cache(self, attention) -> dict:
+        kv_heads = attention.k_proj.weight.shape[0] // attention.head_dim
+        shape = (self.num_slots, kv_heads, self.capacity, attention.head_dim)
+        return {"k": torch.zeros(shape, dtype=self.dtype, device=self.device),
+                "v": torch.zeros(shape, dtype=self.dtype, device=self.device)}
+
+    def _allocate(self, kind, mixer) -> Optional[dict]:
         n = self.num_slots
         if kind == "attention":
-            kv_heads = mixer.k_proj.weight.shape[0] // mixer.head_dim
-            shape = (n, kv_heads, self.capacity, mixer.head_dim)
-            return {"k": torch.zeros(shape, dtype=self.dtype, device=self.device),
-                    "v": torch.zeros(shape, dtype=self.dtype, device=self.device)}
+            return self._kv_cache(mixer)
         if kind == "mamba":
             conv_dim, _, width = mixer.conv1d.weight.shape
             heads = mixer.dt_bias.shape[0]
