@@ -114,6 +114,30 @@ def test_cached_prefill_and_decode_steps_equal_one_full_forward():
     torch.testing.assert_close(torch.cat(steps, 1), full[:, 10:], rtol=1e-4, atol=1e-5)
 
 
+def test_every_engine_forward_is_the_models_own(fp64_model, greedy_references):
+    """No layer is re-implemented in the engine: each prefill, decode / verify step and drafting depth is one call
+    of HybridModel.forward / MTPBlock.forward, and every Mamba layer runs its mixer's forward."""
+    calls = {"model": 0, "mtp": 0, "mamba": 0}
+
+    def count(name):
+        return lambda module, args, output: calls.__setitem__(name, calls[name] + 1)
+
+    handles = [fp64_model.register_forward_hook(count("model")), fp64_model.mtp.register_forward_hook(count("mtp")),
+               fp64_model.backbone.layers[0].mixer.register_forward_hook(count("mamba"))]
+    try:
+        engine = Engine(fp64_model, EngineConfig(max_batch=2, max_seq_len=40, draft_tokens=2))
+        catch_up, catch_ups = engine.drafter.catch_up, []
+        engine.drafter.catch_up = lambda *args: catch_ups.append(1) or catch_up(*args)
+        results = engine.generate(PROMPTS[:3], [SamplingParams(temperature=0, max_new_tokens=n) for n in MAX_NEW[:3]])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [r.token_ids for r in results] == greedy_references[:3]
+    forwards = len(PROMPTS[:3]) + engine.stats.steps  # one prefill per distinct prompt, one verify per step
+    assert calls["model"] == forwards and calls["mamba"] == forwards
+    assert calls["mtp"] == 2 * len(catch_ups) > 0  # each catch-up: one MTP call per drafting depth
+
+
 @pytest.mark.parametrize("draft_tokens", [0, 3])
 def test_token_by_token_logits_equal_one_full_forward(draft_tokens):
     """Prefill + decode (or verify) steps give the logits one forward over the whole sequence gives (float32)."""
