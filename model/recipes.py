@@ -47,6 +47,18 @@ def register_schemas() -> None:
         store.store(group=group, name=SCHEMA_NAME, node=defaults_of(schema_class(group)))
 
 
+def refuse_moved_keys(overrides) -> None:
+    """An override of a field that moved (`rl.rollout.max_batch`, now `rl.rollout.engine.max_batch`) is one line
+    saying where it went, instead of Hydra's advice to add it with `+`."""
+    from .schema import SchemaError, moved_key
+
+    for override in overrides:
+        group, *path = override.partition("=")[0].lstrip("+~").split(".")
+        message = moved_key(schema_class(group), path, group) if group in GROUP_SCHEMAS and path else None
+        if message:
+            raise SchemaError(message)
+
+
 def compose(overrides=(), config_name: Optional[str] = "config", config_dir=None) -> "DictConfig":
     """`compose(["recipe=super_120b", "model.mtp_depths=1"])` -> the merged DictConfig (`config_dir`: another
     recipes tree than the installed one)."""
@@ -58,6 +70,7 @@ def compose(overrides=(), config_name: Optional[str] = "config", config_dir=None
     if not config_dir.is_dir():
         raise FileNotFoundError(f"recipes directory not found at {config_dir}; install LatentForge with `pip install -e .`")
     register_schemas()
+    refuse_moved_keys(overrides)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))

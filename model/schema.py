@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Mapping, Type, TypeVar, Union
+from typing import Any, Mapping, Optional, Type, TypeVar, Union
 
 from .errors import UserError
 
@@ -69,6 +69,20 @@ def from_dict(cls: Type[T], values: Any, prefix: str, error: Type[Exception] = S
         raise
     except (ValueError, TypeError) as exc:  # a dataclass's own check: one line under `error`, naming where
         raise error(f"{prefix}: {exc}" if prefix else str(exc)) from None
+
+
+def moved_key(cls: type, path: list, prefix: str) -> Optional[str]:
+    """For a dotted key under `cls` (`["rollout", "max_batch"]`) that names a field moved elsewhere (a class's
+    `MOVED_KEYS`), the line that says where it went; None for any other key."""
+    name, rest = path[0], path[1:]
+    settable = {f.name for f in dataclasses.fields(typing.cast(Any, cls)) if f.init}
+    if name not in settable:
+        new = getattr(cls, "MOVED_KEYS", {}).get(name)
+        return f"{prefix}.{name} is now {prefix}.{new}: rename it in the recipe or override" if new else None
+    kind = typing.get_type_hints(cls).get(name)
+    options = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+    nested = [a for a in options if isinstance(a, type) and dataclasses.is_dataclass(a)]
+    return moved_key(nested[0], rest, f"{prefix}.{name}") if rest and nested else None
 
 
 def defaults_of(cls: type) -> dict:
