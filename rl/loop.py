@@ -230,7 +230,8 @@ class GRPOLoop:
         self.source.load_state_dict(state["prompts"])
         self.buffer.load_state_dict(state["buffer"])
         self.counters = collections.Counter(state["counters"])
-        self.counters.update({k: v for k, v in restarts.items() if v})
+        for key, count in restarts.items():  # restart budgets are per launch, never rolled back
+            self.counters[key] = count
 
     def _loop_state(self) -> dict:
         prompts = self.source.state_dict()
