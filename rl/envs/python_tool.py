@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 from typing import List
 
+from latentforge.data.chat import TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN
+from latentforge.data.synthetic import extract_answer
 from latentforge.data.tool_chat import PYTHON_SYSTEM
-from latentforge.rl.rewards.base import RewardResult, Task, get_task, register_task
+from latentforge.rl.rewards.base import RewardResult, Task, answer_section, get_task, register_task
 from latentforge.rl.rewards.sandbox import run_untrusted_code
 
 from .base import StepResult, register_env
@@ -74,3 +76,17 @@ class PythonToolTask(Task):
         """The arithmetic task's verifier: 1 for the exact answer, and with the task option `partial_credit` p a
         wrong number earns p * closeness (a dense signal for a policy that rarely hits the exact answer)."""
         return get_task("arithmetic").score(record, completion)
+
+
+def answer_uses_tool_output(record: dict, completion: str) -> float:
+    """A user reward function (`rl.reward.functions`) for python_tool episodes: how closely the final 'Answer: N'
+    matches the number the last tool reply printed, 1 - |N - printed| / max(|printed|, 1) (at least 0); 0 without
+    a numeric tool reply or an answer. It rewards reading the tool's result, whatever the code computed."""
+    _, found, rest = completion.rpartition(TOOL_RESPONSE_OPEN)
+    printed = rest.partition(TOOL_RESPONSE_CLOSE)[0].strip() if found else ""
+    answer = extract_answer(answer_section(record, rest))
+    try:
+        value = int(printed)
+    except ValueError:
+        return 0.0
+    return 0.0 if answer is None else max(0.0, 1.0 - abs(answer - value) / max(abs(value), 1))

@@ -76,6 +76,27 @@ def test_python_tool_partial_credit_for_a_close_wrong_answer(word_problem):
     assert run(python_env(record).step(turn("no number"))).reward == 0.0
 
 
+def test_answer_uses_tool_output_reads_the_last_tool_reply(word_problem):
+    from latentforge.data.chat import render_observation
+    from latentforge.data.tokenizer import load_tokenizer
+    from latentforge.rl.envs.python_tool import answer_uses_tool_output
+
+    tok = load_tokenizer("bpe")
+
+    def episode(*replies, answer):
+        text = ""
+        for reply in replies:
+            text += call("python", code="print(1)") + "<|im_end|>"
+            text += tok.decode(render_observation(tok, [{"role": "tool", "content": reply}], enable_thinking=False))
+        return text + f"Answer: {answer}"
+
+    assert answer_uses_tool_output(word_problem, episode("7", "40", answer=40)) == 1.0
+    assert answer_uses_tool_output(word_problem, episode("40", answer=30)) == pytest.approx(0.75)
+    assert answer_uses_tool_output(word_problem, episode("40", "7", answer=40)) == 0.0  # the last reply counts
+    assert answer_uses_tool_output(word_problem, episode("error: exit code 1", answer=3)) == 0.0
+    assert answer_uses_tool_output(word_problem, "Answer: 5") == 0.0
+
+
 def test_python_tool_errors_are_observations(word_problem):
     env = python_env(word_problem, timeout_s=1)
     cases = [(call("python", code="while True: pass"), "timeout"),
