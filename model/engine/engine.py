@@ -54,6 +54,16 @@ class _Request:
         return torch.rand(count, generator=self.generator, dtype=torch.float64)
 
 
+def _usable_outside_inference(result: GenerationResult) -> GenerationResult:
+    """Tensors made under inference mode cannot enter autograd (route replay indexes with result.routes in a
+    training forward); their clones can."""
+    if result.logits is not None:
+        result.logits = result.logits.clone()
+    if result.routes is not None:
+        result.routes = result.routes.clone()
+    return result
+
+
 class Engine:
     def __init__(self, model, config: Optional[EngineConfig] = None, version: Any = 0):
         self.model = model
@@ -131,7 +141,9 @@ class Engine:
     # ----- one engine step -----------------------------------------------------------------------------------
     def step(self) -> list:
         """Admit waiting requests, advance every running row once; return the results that finished."""
-        with self._lock:
+        # inference mode, not no_grad: no autograd bookkeeping per op (~15% of a CPU decode step); the tensors
+        # handed out are cloned back into normal ones below
+        with self._lock, torch.inference_mode():
             finished = self._drop_aborted()
             self._admit(finished)
             if self.running:
@@ -142,7 +154,7 @@ class Engine:
                 else:
                     self._gated_step(finished)
                 self.stats.steps += 1
-            return finished
+        return [_usable_outside_inference(result) for result in finished]
 
     def _drop_aborted(self) -> list:
         finished = []
@@ -447,7 +459,7 @@ class Engine:
         self.running = [self.running[i] for i in survivors]
 
     # ----- weights -------------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def update_weights(self, tensors: dict, version: Any, policy: Optional[str] = None, partial: bool = False):
         """Load new weights between two steps without dropping the running sequences.
 

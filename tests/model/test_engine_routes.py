@@ -200,3 +200,18 @@ def test_a_sample_without_input_tokens_needs_no_routes():
                       versions=[0], reward=0.0)
     with pytest.raises(ValueError, match="no recorded routes"):
         collate(group_rows([Group(0, [routed, unrouted])], normalize_std=True, filter_overlong=True))
+
+
+def test_results_enter_autograd():
+    """The engine steps under inference mode; the routes and logits it hands out still train (route replay in a
+    backward, a distillation loss on the logits)."""
+    model = _model(torch.float32)
+    engine = Engine(model, EngineConfig(max_batch=2, max_seq_len=32, record_routes=True, draft_tokens=2))
+    result = engine.generate([PROMPTS[1]], SamplingParams(temperature=0, max_new_tokens=5, return_logits=True))[0]
+    trainer = copy.deepcopy(model).train()
+    ids = torch.tensor([result.prompt_ids + result.token_ids[:-1]])
+    logits = trainer(ids, routes=result.routes[None]).logits[0, len(result.prompt_ids) - 1:]
+    loss = torch.nn.functional.mse_loss(logits, result.logits)
+    loss.backward()
+    assert trainer.lm_head.weight.grad is not None and trainer.lm_head.weight.grad.abs().sum() > 0
+    assert not result.routes.is_inference() and not result.logits.is_inference()
