@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -25,35 +24,13 @@ from latentforge.kernels.cross_entropy import linear_cross_entropy, linear_cross
 from latentforge.kernels.moe import moe_experts, moe_experts_ref  # noqa: E402
 from latentforge.kernels.rmsnorm import gated_rms_norm, gated_rms_norm_ref  # noqa: E402
 from latentforge.kernels.ssd import ssd_scan, ssd_scan_ref  # noqa: E402
+from timing import median_seconds  # noqa: E402 - bench/ is sys.path[0] when run as a script
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 
 
 # ------------------------------------------------------------------------------------------------ timing
-
-
-def _time(fn, reps: int, warmup: int = 1) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        if CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-    samples.sort()
-    return samples[len(samples) // 2]
 
 
 def _fwd_bwd(fn, inputs):
@@ -223,7 +200,7 @@ def _run_impls(op, shape, impls, inputs, flops, nbytes, reps, backward, bwd_flop
             else:
                 run = _fwd_bwd(fn, inputs)
             try:
-                results.append((name, _time(run, reps)))
+                results.append((name, median_seconds(run, reps)))
             except (RuntimeError, torch.OutOfMemoryError) as exc:  # e.g. the reference out of memory
                 print(f"{op:8s} {shape:34s} {pass_:8s} {name:14s} failed: {str(exc).splitlines()[0][:60]}")
             if CUDA:

@@ -52,6 +52,11 @@ from pathlib import Path
 
 import torch
 
+try:  # run as a script: bench/ is sys.path[0]
+    from timing import median_seconds
+except ModuleNotFoundError:  # loaded by path (tests), with the repository root on sys.path
+    from bench.timing import median_seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("environment", "gpu_tests", "kernels", "train_bf16", "train_fp8", "decode")
 OPTIONAL_MODULES = ("triton", "transformer_engine", "mamba_ssm", "causal_conv1d")
@@ -73,28 +78,6 @@ def device() -> torch.device:
 def sync():
     if on_cuda():
         torch.cuda.synchronize()
-
-
-def time_call(fn, reps: int, warmup: int = 1) -> float:
-    """Median seconds of fn() (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    samples = []
-    for _ in range(reps):
-        if on_cuda():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-    samples.sort()
-    return samples[len(samples) // 2]
 
 
 def module_version(name: str):
@@ -326,8 +309,8 @@ def measure_kernel(op, shape, make_inputs, fast, ref, extras, tiny: bool, reps: 
         timing = {}
         try:
             with torch.no_grad():
-                timing["fwd_ms"] = 1e3 * time_call(lambda fn=fn: fn(*tensors, **kwargs), reps)
-            timing["fwd_bwd_ms"] = 1e3 * time_call(_forward_backward(fn, tensors, kwargs), reps)
+                timing["fwd_ms"] = 1e3 * median_seconds(lambda fn=fn: fn(*tensors, **kwargs), reps)
+            timing["fwd_bwd_ms"] = 1e3 * median_seconds(_forward_backward(fn, tensors, kwargs), reps)
         except Exception as exc:  # e.g. the reference out of memory at a large shape
             timing["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         result["impls"][name] = timing

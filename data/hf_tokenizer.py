@@ -83,7 +83,7 @@ def tekken_to_hf(tokenizer: TekkenTokenizer):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.decoder = decoders.ByteLevel()
     hf.post_processor = processors.ByteLevel(trim_offsets=False)
-    hf.add_special_tokens([AddedToken(name, special=True) for name in sorted(control, key=control.get)])
+    hf.add_special_tokens([AddedToken(name, special=True) for name in sorted(control, key=lambda name: control[name])])
     return hf
 
 

@@ -30,9 +30,11 @@ class SampleSource(Protocol):
 
     def sample(self, index: int) -> Dict[str, np.ndarray]:
         """Global sample `index`: input_ids, labels, seq_idx, each of shape (seq_len,)."""
+        ...
 
     def identity(self) -> dict:
         """What decides the stream's contents (sources, weights, split, seq_len, seed, options)."""
+        ...
 
 
 def fingerprint_of(identity: dict) -> str:

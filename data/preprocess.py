@@ -20,10 +20,13 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Iterable, Iterator, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 from latentforge.model.errors import UserError, entry_point
+
+if TYPE_CHECKING:
+    from latentforge.data.tokenizer import Tokenizer
 
 FORMATS = ("text", "jsonl", "parquet")
 TEXT_UNITS = ("document", "line", "paragraph")
@@ -81,7 +84,7 @@ def iter_text_documents(files: Sequence[str], text_unit: str = "document") -> It
     """(file, location, text) for plain-text files; location is the line number (1-based; for paragraphs, its
     first line), 0 for whole-file documents."""
     for file_idx, loc, text in _iter_records(list(files), "text", text_unit, key="text"):
-        yield files[file_idx], loc, text
+        yield files[file_idx], loc, cast(str, text)  # text records are str (an Undecodable is a str too)
 
 
 def load_streaming(builder: str, files: List[str], **kwargs):
@@ -169,7 +172,7 @@ def _batches(records: Iterable[Tuple[int, int, object]], max_docs: int, max_char
 # ---------------------------------------------------------------------------------------------------------------
 # Encoding (worker processes, or in-process with one worker)
 
-_WORKER_TOKENIZER = None
+_WORKER_TOKENIZER: Optional[Tokenizer] = None  # set in each pool worker by _init_worker
 
 
 def _worker_context():
@@ -217,6 +220,7 @@ def _encode_batch(args) -> Tuple[List[np.ndarray], List[Tuple[int, int, str]], i
     """(token arrays of the good documents in order, malformed (file, location, reason), number of empty)."""
     fmt, key, append_eod, batch, tokenizer = args
     tokenizer = tokenizer or _WORKER_TOKENIZER
+    assert tokenizer is not None, "pool workers load their tokenizer in _init_worker"
     texts, bad, empty = [], [], 0
     for file_idx, loc, payload in batch:
         try:

@@ -13,7 +13,7 @@ import copy
 import logging
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -107,7 +107,7 @@ class PretrainSource:
         self._infos = infos
         self._split_tokens = split_tokens
         self._cache = os.path.join(resolve_cache_dir(cfg.cache_dir), "megatron_indices")
-        self._epochs: "OrderedDict[int, object]" = OrderedDict()
+        self._epochs: "OrderedDict[int, Any]" = OrderedDict()  # megatron-core datasets
         self._mask_eod_labels = cfg.masks_document_end_labels
 
     def identity(self) -> dict:

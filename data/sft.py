@@ -17,7 +17,7 @@ import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class Conversations:
     offsets: np.ndarray  # int64, n + 1
     origins: List[str]  # "file:line" / "builtin:...#k", for messages
     num_skipped: int = 0  # malformed lines skipped (data.skip_bad=true)
-    skipped_examples: List[str] = ()  # "file:line: reason" of the first MAX_SKIPPED_EXAMPLES
+    skipped_examples: Sequence[str] = ()  # "file:line: reason" of the first MAX_SKIPPED_EXAMPLES
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -195,7 +195,7 @@ class SFTSource:
             raise ValueError(f"every conversation is longer than seq_len + 1 = {self.capacity} and "
                              "data.truncation=drop: raise seq_len")
         self.kept_lengths = np.minimum(lengths[self.kept], self.capacity)
-        self.stats = {"conversations": int(len(conversations)), "skipped_malformed": conversations.num_skipped,
+        self.stats: Dict[str, float] = {"conversations": int(len(conversations)), "skipped_malformed": conversations.num_skipped,
                       "truncated": int(too_long.size) if cfg.truncation == "truncate" else 0,
                       "dropped": int(too_long.size) if cfg.truncation == "drop" else 0,
                       "tokens_cut": int(np.sum(lengths[too_long] - self.capacity)) if too_long.size else 0}

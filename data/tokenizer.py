@@ -27,7 +27,7 @@ import re
 from abc import ABC, abstractmethod
 from typing import Iterable, List, Optional, Sequence, Union
 
-from latentforge.data.config import TokenizerConfig, resolve_cache_dir
+from latentforge.data.config import DataConfig, TokenizerConfig, resolve_cache_dir
 from latentforge.model.errors import UserError
 
 SPECIAL_TOKENS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|im_start|>": 10, "<|im_end|>": 11, "<think>": 12,
@@ -355,7 +355,7 @@ def load_default_bpe(vocab_size: int = 4096, train_max_mb: float = 4.0,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(spec: Union[str, TokenizerConfig, dict, None] = None,
+def load_tokenizer(spec: Union[str, TokenizerConfig, DataConfig, dict, None] = None,
                    cache_dir: Optional[str] = None) -> Tokenizer:
     """A tokenizer from a spec.
 
@@ -363,7 +363,7 @@ def load_tokenizer(spec: Union[str, TokenizerConfig, dict, None] = None,
     TokenizerConfig (or its dict): kind bpe / tekken / hf as documented there. None: the default BPE (4096).
     A DataConfig: its tokenizer, with its cache_dir.
     """
-    if hasattr(spec, "tokenizer") and hasattr(spec, "cache_dir"):  # a DataConfig
+    if isinstance(spec, DataConfig):
         spec, cache_dir = spec.tokenizer, cache_dir or spec.cache_dir
     if spec is None:
         spec = TokenizerConfig()

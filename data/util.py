@@ -71,7 +71,7 @@ def open_binary(path: str):
         return lzma.open(path, "rb")
     if name.endswith(".zst"):
         try:
-            import zstandard
+            import zstandard  # pyright: ignore[reportMissingImports]  (optional: only .zst inputs need it)
         except ImportError:
             raise ValueError(f"{path}: reading .zst files needs the zstandard package (pip install zstandard), or "
                              "decompress it first") from None

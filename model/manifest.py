@@ -15,9 +15,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint import StorageReader
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
@@ -118,7 +121,7 @@ def verify_checkpoint(directory) -> None:
         raise CheckpointDamagedError(damage_message(directory, problems))
 
 
-def read_dcp_metadata(directory, reader: Optional[object] = None):
+def read_dcp_metadata(directory: str | os.PathLike, reader: Optional[StorageReader] = None):
     """DCP's `.metadata` of a checkpoint; a file that does not unpickle is named in one line."""
     from torch.distributed.checkpoint import FileSystemReader
 

@@ -69,7 +69,7 @@ class Group:
 
     @property
     def rewards(self) -> List[float]:
-        return [s.reward for s in self.samples]
+        return [s.reward for s in self.samples if s.reward is not None]  # add() admits scored samples only
 
     def staleness(self, train_version: int) -> List[int]:
         """Per-token staleness of every token of the group at the step that trains `train_version`."""

@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, TypeVar
 
 import torch
 
@@ -25,10 +25,14 @@ STOP_TOKEN_IDS = (2, 11)  # </s>, <|im_end|>: data/hf_tokenizer.generation_confi
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _register(cls):
+ModelClass = TypeVar("ModelClass", bound=type)
+
+
+def _register(cls: ModelClass) -> ModelClass:
     from lm_eval.api.registry import register_model
 
-    return register_model("latentforge")(cls)
+    register_model("latentforge")(cls)  # registers and returns cls itself
+    return cls
 
 
 @_register
@@ -149,7 +153,7 @@ def checkpoint_tokenizer(checkpoint: Optional[str], spec: Optional[str] = None):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="latentforge-eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="latentforge-eval", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("checkpoint", help="a DCP checkpoint or run directory (its newest), or a Hugging Face export")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
     parser.add_argument("--include-path", action="append", default=[], help="a folder of extra task YAML files")

@@ -61,7 +61,8 @@ class WeightSyncGroup:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         opts.rootTensor = 0
-        self.pg.broadcast([tensor], opts).wait()
+        # torch's stubs give Backend no broadcast; ProcessGroupGloo / ProcessGroupNCCL have it at run time
+        self.pg.broadcast([tensor], opts).wait()  # pyright: ignore[reportAttributeAccessIssue]
 
     def close(self) -> None:
         try:

@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 import warnings
+from concurrent.futures import Future
 from typing import Callable, List, Optional
 
 import torch
@@ -194,8 +195,8 @@ class CheckpointManager:
         self.folder = os.path.abspath(folder)
         self.keep_last = keep_last
         self.async_save = async_save
-        self._pending = None  # (future, tmp path, final path) of an async save in flight
-        self._async_group = None
+        self._pending: Optional[tuple[Future, str, str]] = None  # (future, tmp path, final path) of a save in flight
+        self._async_group: Optional[dist.ProcessGroup] = None
 
     # ----- saving --------------------------------------------------------------------------------------------
     def save(self, step: int, state: dict, write_extra: Optional[Callable[[str], None]] = None) -> str:
@@ -215,7 +216,9 @@ class CheckpointManager:
         rank = world.rank()
         if self.async_save:
             with quiet_single_process():
-                future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._group(), no_dist=no_dist)
+                response = dcp.async_save(state, checkpoint_id=tmp, process_group=self._group(), no_dist=no_dist)
+            # a Future without an async stager (here); newer torch wraps it in an AsyncSaveResponse with a stager
+            future = response if isinstance(response, Future) else response.upload_completion
             # hashed in DCP's background thread once this rank's shards are written: rank 0 may wait for it
             # without waiting on the other ranks' training loops
             future.add_done_callback(lambda done: done.exception() is None and _write_shard_hashes(tmp, rank))
@@ -229,11 +232,13 @@ class CheckpointManager:
             world.barrier()
         return final
 
-    def _group(self):
+    def _group(self) -> Optional[dist.ProcessGroup]:
         # async saves run their collectives from a background thread: they need a group of their own, on gloo,
         # or they would interleave with the training step's collectives
         if self._async_group is None and world.is_distributed():
-            self._async_group = dist.new_group(backend="gloo")
+            group = dist.new_group(backend="gloo")
+            assert isinstance(group, dist.ProcessGroup)  # every rank is a member, so not GroupMember.NON_GROUP_MEMBER
+            self._async_group = group
         return self._async_group
 
     def _finalize(self, tmp: str, final: str):

@@ -14,7 +14,8 @@ command that has it (`latentforge-eval`, latentforge.rl.evaluation). Periodic ev
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ def score_continuations(forward: Callable, requests: Sequence[Tuple[List[int], L
             logprobs = F.log_softmax(logits[r, length - count:length].float(), dim=-1)
             greedy = bool((logprobs.argmax(-1) == target).all())
             results[i] = (float(logprobs.gather(-1, target[:, None]).sum()), greedy)
-    return results
+    return cast(List[Tuple[float, bool]], results)  # every index is filled above
 
 
 def model_scorer(model, batch_size: int, device) -> Callable:
@@ -134,7 +135,7 @@ class LogLikelihoodLM(_lm_eval()):
     """An lm-eval model over a LatentForge model: loglikelihood and loglikelihood_rolling."""
 
     def __init__(self, scorer: Callable, tokenizer, *, batch_size: int = 8, max_length: int = 2048,
-                 device="cpu", prefix_token_id: Optional[int] = None, max_gen_toks: int = 256,
+                 device: str | torch.device = "cpu", prefix_token_id: Optional[int] = None, max_gen_toks: int = 256,
                  enable_thinking: Optional[bool] = None):
         super().__init__()
         self._scorer = scorer  # (requests, max_length) -> [(log-likelihood, is greedy)]: model_scorer, runner_scorer
@@ -231,7 +232,7 @@ def task_manager(tasks: Sequence[str], include_paths: Sequence[str] = ()):
     from lm_eval.tasks import TaskManager
 
     local = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "eval_tasks")
-    paths = [p for p in [local, *include_paths] if p]
+    paths: List[str | Path] = [p for p in [local, *include_paths] if p]
     manager = TaskManager(include_path=paths, include_defaults=False)
     if all(task in manager.all_tasks for task in tasks):
         return manager
@@ -270,7 +271,9 @@ def run_tasks(lm, tasks: Sequence[str], *, limit=None, num_fewshot: Optional[int
     processes whose LOCAL_RANK is not 0 (lm-eval reports from one process)."""
     from lm_eval import simple_evaluate
 
-    return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+    # lm-eval's @positional_deprecated decorator hides simple_evaluate's keyword signature from type checkers
+    evaluate: Callable[..., Any] = simple_evaluate
+    return evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                            task_manager=task_manager(tasks, include_paths), log_samples=log_samples,
                            apply_chat_template=apply_chat_template, bootstrap_iters=0, random_seed=seed,
                            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)

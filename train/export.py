@@ -19,6 +19,7 @@ from latentforge.model.errors import entry_point
 from latentforge.model.hf import (DTYPES, LORA_CONFIG_FILE, MODEL_CONFIG_FILE, TOKENIZER_FILE, export_dcp_checkpoint,
                       load_dcp_checkpoint)
 from latentforge.model.hf import resolve_checkpoint as _resolve
+from latentforge.model.hybrid import HybridModel
 
 __all__ = ["MODEL_CONFIG_FILE", "TOKENIZER_FILE", "resolve_checkpoint", "load_model_from_checkpoint",
            "export_checkpoint", "main"]
@@ -29,7 +30,7 @@ def resolve_checkpoint(path: str) -> str:
     return str(_resolve(path))
 
 
-def load_model_from_checkpoint(path: str):
+def load_model_from_checkpoint(path: str) -> HybridModel:
     """The plain `HybridModel` (CPU, fp32) with the weights of a DCP checkpoint written by a trainer; a LoRA
     checkpoint's adapters are merged into its base."""
     checkpoint = _resolve(path)
@@ -38,7 +39,9 @@ def load_model_from_checkpoint(path: str):
         from latentforge.train.lora.checkpoint import load_model
 
         model, _ = load_model(str(checkpoint))
-        return merge_lora(model)
+        merged = merge_lora(model)
+        assert isinstance(merged, HybridModel)  # merging folds the adapters into the base model in place
+        return merged
     return load_dcp_checkpoint(checkpoint)
 
 
@@ -55,7 +58,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.
 
 @entry_point("latentforge-export")
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m latentforge.train.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m latentforge.train.export", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("checkpoint", help="a step_XXXXXXXX checkpoint directory, or a run directory")
     parser.add_argument("out_dir", help="where the Hugging Face files go")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

@@ -12,12 +12,17 @@ unsharded copy of one layer and allocator fragmentation are not included.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from latentforge.train.parallel import ParallelConfig
+
 BYTES_PARAM, BYTES_GRAD, BYTES_ADAM = 4, 4, 8
 GIB = 2**30
 GPU_BYTES = 80e9  # an 80 GB H100 / A100
 
 
-def format_plan(model_cfg, parallel_cfg, layout, *, seq_len: int, micro_batch_size: int,
+def format_plan(model_cfg, parallel_cfg: ParallelConfig, layout, *, seq_len: int, micro_batch_size: int,
                 global_batch_size: int, activation_bytes: int = 2) -> str:
     from latentforge.model.params import count_parameters, meta_model, training_flops_per_token
     from latentforge.train.parallel import layout_plan
@@ -33,9 +38,8 @@ def format_plan(model_cfg, parallel_cfg, layout, *, seq_len: int, micro_batch_si
         f"flops      {training_flops_per_token(model_cfg, seq_len) / 1e9:.2f} GFLOP per token (training, "
         "Megatron hybrid formula)",
     ]
-    if parallel_cfg is not None:
-        lines.append(f"pipeline   schedule {parallel_cfg.pp_schedule}, activation checkpointing "
-                     f"{sorted(parallel_cfg.checkpointed_kinds()) or 'none'}, compile {parallel_cfg.compile}")
+    lines.append(f"pipeline   schedule {parallel_cfg.pp_schedule}, activation checkpointing "
+                 f"{sorted(parallel_cfg.checkpointed_kinds()) or 'none'}, compile {parallel_cfg.compile}")
     _, stages = layout_plan(model_cfg, parallel_cfg, layout.world_size, seq_len=seq_len)
     lines.append("memory per GPU (fp32 weights + fp32 grads + AdamW moments = 16 B/param; activations below)")
     per_rank: dict = {}

@@ -66,14 +66,14 @@ class ProgramResult:
 
 def _child_command(backend: str, mode: str, payload: str, python_flags: tuple, *, memory_mb: int, cpu_s: float,
                    output_bytes: int, max_processes: int, scratch_mb: int, import_path=()) -> list:
-    limits = dict(memory_mb=memory_mb, cpu_s=cpu_s, output_bytes=output_bytes)
     if backend == "rlimits":  # no RLIMIT_NPROC: outside a sandbox it would count all the user's processes
-        return confinement.child_command("self", python_flags, mode, payload, **limits, max_processes=0,
+        return confinement.child_command("self", python_flags, mode, payload, memory_mb=memory_mb, cpu_s=cpu_s,
+                                         output_bytes=output_bytes, max_processes=0,
                                          shield=sys.platform.startswith("linux"))
     identity = confinement.sandbox_identity()
     return (confinement.bwrap_command(scratch_mb << 20, identity, import_path)
-            + confinement.child_command(identity, python_flags, mode, payload, **limits,
-                                        max_processes=max_processes, shield=False))
+            + confinement.child_command(identity, python_flags, mode, payload, memory_mb=memory_mb, cpu_s=cpu_s,
+                                        output_bytes=output_bytes, max_processes=max_processes, shield=False))
 
 
 def _classify(returncode: int, stderr: str, backend: str) -> str:
@@ -182,6 +182,7 @@ class IsolatedFunction:
 
     def _receive(self, deadline: float):
         try:
+            assert self._proc is not None and self._proc.stdout is not None  # _start opens it with pipes
             reply = loads_reply(recv_payload(self._proc.stdout.fileno(), deadline))
             if not (isinstance(reply, tuple) and len(reply) == 2 and isinstance(reply[0], str)):
                 raise ValueError(f"expected (status, value), got {type(reply).__name__}")
@@ -199,6 +200,7 @@ class IsolatedFunction:
         if self._proc is None or self._proc.poll() is not None:
             self.close()
             self._start()
+        assert self._proc is not None and self._proc.stdin is not None  # _start opens it with pipes
         try:
             send(self._proc.stdin.fileno(), args)
         except (BrokenPipeError, OSError):
@@ -216,7 +218,8 @@ class IsolatedFunction:
                 confinement.kill_tree(self._proc)
             for stream in (self._proc.stdin, self._proc.stdout):
                 try:
-                    stream.close()
+                    if stream is not None:
+                        stream.close()
                 except OSError:
                     pass
             self._proc = None

@@ -61,7 +61,9 @@ class EvalTasks(Callback):
         try:
             results = run_tasks(lm, self.tasks, limit=self.limit, include_paths=self.include_paths)
             # lm-eval returns the results on the process with LOCAL_RANK 0 only: every rank logs rank 0's
-            return world.broadcast_object(task_metrics(results) if results is not None else None)
+            scores = world.broadcast_object(task_metrics(results) if results is not None else None)
+            assert scores is not None, "lm-eval returned no results on global rank 0 (LOCAL_RANK 0 there)"
+            return scores
         finally:
             for part, training in zip(runner.model_parts, was_training):
                 part.train(training)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import netrc
 import os
 import secrets
-from typing import Optional
+from typing import Literal, Optional, cast
 
 from .. import distributed as world
 from .base import Callback
 
 MODES = ("online", "offline", "disabled")
+Mode = Literal["online", "offline", "disabled"]
 
 
 def has_wandb_credentials() -> bool:
@@ -27,7 +28,7 @@ def has_wandb_credentials() -> bool:
     return any("wandb" in host for host in hosts)
 
 
-def resolve_mode(configured: Optional[str]) -> str:
+def resolve_mode(configured: Optional[str]) -> Mode:
     mode = os.environ.get("WANDB_MODE") or configured
     if mode is None:
         return "online" if has_wandb_credentials() else "offline"
@@ -35,7 +36,7 @@ def resolve_mode(configured: Optional[str]) -> str:
         mode = "offline"
     if mode not in MODES:
         raise ValueError(f"W&B mode {mode!r} (from $WANDB_MODE or train.wandb.mode) must be one of {MODES}")
-    return mode
+    return cast(Mode, mode)
 
 
 class WandbLogger(Callback):
@@ -48,7 +49,7 @@ class WandbLogger(Callback):
         self.config = config
         self.log_interval = log_interval
         self.run_id: Optional[str] = None  # restored from the checkpoint on resume
-        self.mode = resolve_mode(cfg.mode) if cfg.enabled else "disabled"
+        self.mode: Mode = resolve_mode(cfg.mode) if cfg.enabled else "disabled"
         self._run = None
 
     def state_dict(self) -> dict:

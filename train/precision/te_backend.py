@@ -18,7 +18,7 @@ from torch import nn
 
 def te_available() -> bool:
     try:
-        import transformer_engine.pytorch  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401  # pyright: ignore[reportMissingImports]  (the gpu extra)
     except Exception:  # ImportError, or TE built for another CUDA: either way it cannot run
         return False
     return True
@@ -26,7 +26,7 @@ def te_available() -> bool:
 
 def _te():
     try:
-        import transformer_engine.pytorch as te
+        import transformer_engine.pytorch as te  # pyright: ignore[reportMissingImports]  (the gpu extra)
     except Exception as exc:  # pragma: no cover - exercised only where TE is missing at run time
         raise ImportError("Transformer Engine is not importable: install the GPU extra (pip install -e .[gpu]) "
                           "or set precision.emulate=true") from exc
@@ -35,7 +35,7 @@ def _te():
 
 def make_te_recipe(fmt: str, cfg):
     """The Transformer Engine recipe object for one format (TE 2.x, transformer_engine.common.recipe)."""
-    from transformer_engine.common import recipe as te_recipe
+    from transformer_engine.common import recipe as te_recipe  # pyright: ignore[reportMissingImports]
 
     fp8_format = te_recipe.Format.HYBRID if cfg.fp8_format == "hybrid" else te_recipe.Format.E4M3
     if fmt == "fp8_current":
