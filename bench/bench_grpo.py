@@ -249,15 +249,16 @@ def main_arms(args, overrides) -> dict:
     try:
         for arm in args.arms:
             results[arm] = run_arm(overrides, arm, args.async_staleness, os.path.join(work, arm))
+            table = compare_arms(results, args.window, args.curve_every)  # so far: a long run can be cut short
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump({"arms": table, "overrides": overrides, "async_staleness": args.async_staleness}, f,
+                              indent=1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         import ray
 
         ray.shutdown()
-    table = compare_arms(results, args.window, args.curve_every)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"arms": table, "overrides": overrides, "async_staleness": args.async_staleness}, f, indent=1)
     return table
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 
 import torch
 
@@ -25,12 +26,14 @@ POSITIONS = (0, 1, 2, 4, 8, 16, 32, 64)  # tokens after the update
 
 
 def load(init_from: str):
+    from latentforge.data.config import TokenizerConfig
     from latentforge.data.tokenizer import load_tokenizer
     from latentforge.rl.trainer import load_initial_model, resolve_model_config
 
     model = load_initial_model(init_from, resolve_model_config(init_from, None)).float().eval()
-    tokenizer = load_tokenizer({"kind": "hf", "path": f"{init_from}/tokenizer.json"})
-    return model, tokenizer
+    exported = os.path.join(init_from, "tokenizer.json")  # a Hugging Face export has its own; a DCP checkpoint not
+    spec = {"kind": "hf", "path": exported} if os.path.isfile(exported) else vars(TokenizerConfig())
+    return model, load_tokenizer(spec)
 
 
 def prompts(tokenizer, n: int, seed: int):
@@ -108,7 +111,7 @@ def by_position(per_sequence, which: int) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--init-from", required=True, help="Hugging Face directory of the policy")
+    parser.add_argument("--init-from", required=True, help="the policy: a Hugging Face directory or a DCP checkpoint")
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-4, 1e-3])
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--update-after", type=int, default=16, help="engine steps (tokens) before the update")
