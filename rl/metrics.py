@@ -72,7 +72,7 @@ class MetricsLogger:
         return self.run_id
 
     def log(self, metrics: dict, console: bool = True) -> None:
-        record = {"time": time.time(), **_plain(metrics)}
+        record = {"time": time.time(), **{str(k): _plain(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
         step = metrics.get("step", 0)
         if console and (step % self.log_interval == 0 or step == self.total_steps):

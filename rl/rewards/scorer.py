@@ -18,7 +18,7 @@ import math
 import time
 import traceback
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence, Union
 
 from .base import NonFiniteRewardError, RewardResult, as_result, get_task
 from .sandbox import IsolatedFunction, load_target
@@ -46,7 +46,7 @@ class RewardFunctionConfig:
 
 
 class RewardScorer:
-    def __init__(self, functions: List[RewardFunctionConfig] = (), task_weight: float = 1.0):
+    def __init__(self, functions: Sequence[Union[RewardFunctionConfig, dict]] = (), task_weight: float = 1.0):
         self.task_weight = task_weight
         self.configs = [f if isinstance(f, RewardFunctionConfig) else RewardFunctionConfig(**f) for f in functions]
         self._callables = []
@@ -86,7 +86,7 @@ class RewardScorer:
                 try:
                     part = as_result(value)
                 except (TypeError, ValueError) as exc:
-                    failures.append(_failure(cfg.name, exc, str(exc)))
+                    failures.append(_failure(cfg.name or cfg.target, exc, str(exc)))  # name is set in __post_init__
                 else:
                     total += cfg.weight * part.score
                     components[cfg.name] = part.score
