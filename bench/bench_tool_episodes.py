@@ -2,7 +2,7 @@
 what GRPO's evaluation does not split out: exact answers, the task's partial-credit reward, and how often the
 final answer is the number the tool printed (`answer_uses_tool_output` == 1).
 
-    python bench/bench_tool_episodes.py CHECKPOINT [--problems 64] [--partial-credit 0.5]
+    python bench/bench_tool_episodes.py CHECKPOINT [--tokenizer SPEC] [--problems 64] [--partial-credit 0.5]
 """
 
 from __future__ import annotations
@@ -48,10 +48,11 @@ def play(engine, tok, record, max_turns=3, max_new_tokens=64):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
+    parser.add_argument("--tokenizer", default="", help="default: the checkpoint's tokenizer.json")
     parser.add_argument("--problems", type=int, default=64)
     parser.add_argument("--partial-credit", type=float, default=0.5)
     args = parser.parse_args()
-    model, tok = load_model(args.checkpoint, "cpu"), load_tokenizer_for(args.checkpoint, "")
+    model, tok = load_model(args.checkpoint, "cpu"), load_tokenizer_for(args.checkpoint, args.tokenizer)
     engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=1024, draft_tokens=0))
     rewards, exact, copied, calls, errors = [], 0, 0, 0, 0
     for record in get_task("python_tool").prompts("test", args.problems, 0):
