@@ -135,12 +135,12 @@ def compare_arms(results: dict, window: int, every: int) -> dict:
         }
     print()
     print(f"{'arm':<10} {'wall':>8} {'final reward':>13} {'to ' + format(target, '.3f'):>9} {'mismatch':>9} "
-          f"{'agree':>6} {'clip':>6} {'held-out sampled':>17}")
+          f"{'agree':>6} {'clip':>8} {'held-out sampled':>17}")
     for arm, row in table.items():
         reach = row["time_to_first_arm_final_s"]
         print(f"{arm:<10} {row['wall_s']:>7.1f}s {row['final_reward']:>13.3f} "
               f"{(format(reach, '.1f') + 's') if reach else 'never':>9} {_fmt(row['mismatch_mean'], '.2e'):>9} "
-              f"{_fmt(row['router_agreement']):>6} {_fmt(row['ppo_clip_frac']):>6} "
+              f"{_fmt(row['router_agreement']):>6} {_fmt(row['ppo_clip_frac'], '.1e'):>8} "
               f"{_fmt(row['eval_sampled'][0])} -> {_fmt(row['eval_sampled'][1])}")
     steps = sorted(set().union(*(row["curve"] for row in table.values())))
     print(f"\ntraining reward, moving average over {window} steps:")
