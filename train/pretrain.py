@@ -42,18 +42,16 @@ def parse_args(argv):
 
 def load_configs(overrides):
     """The composed recipe and the validated config objects of each group."""
-    from omegaconf import OmegaConf
-
     from latentforge.data.config import DataConfig
-    from latentforge.model.recipes import compose, model_config_from
+    from latentforge.model.recipes import compose, model_config_from, plain_values
     from latentforge.train.config import OptimConfig, TrainConfig
     from latentforge.train.parallel import ParallelConfig
     from latentforge.train.precision import PrecisionConfig
 
     cfg = compose(overrides)
 
-    def plain(node):
-        return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    def plain(node) -> dict:
+        return plain_values(node) if node is not None else {}
 
     return cfg, {
         "model": model_config_from(cfg),
@@ -171,8 +169,10 @@ def main(argv=None) -> int:
 
         from omegaconf import OmegaConf
 
+        from latentforge.model.recipes import plain_values
+
         callbacks = standard_callbacks(train_cfg, training_flops_per_token(model_cfg, train_cfg.seq_len), run_dir,
-                                       device, world.world_size(), OmegaConf.to_container(cfg, resolve=True),
+                                       device, world.world_size(), plain_values(cfg),
                                        tokenizer=tokenizer)
         trainer = Trainer(runner=runner, loader=loader, train_cfg=train_cfg, optim_cfg=configs["optim"],
                           checkpoints=CheckpointManager(os.path.join(run_dir, "checkpoints"), train_cfg.keep_last,
