@@ -24,7 +24,6 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.slow  # a Ray start and a two-step run: about 40 s on a quiet two-core machine
 def test_grpo_on_ray_with_router_replay(local_ray, tmp_path):
     run_dir = str(tmp_path / "run")
     cfg = GRPOConfig(
