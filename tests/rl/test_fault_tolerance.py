@@ -151,3 +151,26 @@ def test_restart_budget_spent_stops_with_the_checkpoint_named(local_ray, tmp_pat
             loop.run()
     finally:
         loop.close()
+
+
+@pytest.mark.slow
+def test_dead_trainer_before_any_checkpoint_starts_over_from_the_initial_weights(local_ray, tmp_path):
+    run_dir = str(tmp_path / "run")
+    lines, killed = [], []
+    loop = make_loop(run_dir, lines, steps=2, rollout=rollout_cfg(num_workers=1))
+    on_trainers = loop._on_trainers
+
+    def kill_during_step_1(futures):
+        if loop._training and not killed:
+            killed.append(kill(loop.trainers[0]))
+        return on_trainers(futures)
+
+    loop._on_trainers = kill_during_step_1
+    try:
+        summary = loop.run()
+        by_step, _ = final_history(run_dir)
+        assert_each_uid_once(loop, [g for s in by_step.values() for g in s["trained_groups"]])
+    finally:
+        loop.close()
+    assert killed and summary["steps"] == 2 and sorted(by_step) == [1, 2]
+    assert any("trainer group rebuilt from the initial weights, continuing at step 0" in line for line in lines), lines
