@@ -613,14 +613,22 @@ class GRPOLoop:
             self._saved_version = self.version
         return True
 
+    WAITING_NOTICE_S = 60.0  # while a step's batch fills, a progress line this often
+
     def _collect_batch(self) -> bool:
         """Pump until the buffer holds a step's groups; False when a stop was requested first."""
         filtered_before = self.counters["groups_zero_advantage"]
+        next_notice = time.monotonic() + self.WAITING_NOTICE_S
         while self.buffer.num_ready(self.version) < self.B and not self.stop_requested():
             self._pump()
             if self._needs_push:
                 self._push_weights()
             self._evict_stale()
+            if time.monotonic() >= next_notice:  # a long wait shows progress instead of silence
+                next_notice = time.monotonic() + self.WAITING_NOTICE_S
+                self.print(f"step {self.version + 1}: {self.buffer.num_ready(self.version)}/{self.B} groups ready; "
+                           f"{self.counters['groups_zero_advantage'] - filtered_before} filtered so far for equal "
+                           "rewards (rl.filter_zero_advantage)")
             if self.counters["groups_zero_advantage"] - filtered_before > max(1000, 100 * self.B):
                 raise RuntimeError(
                     f"{self.counters['groups_zero_advantage'] - filtered_before} groups in a row had equal "

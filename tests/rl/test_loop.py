@@ -57,9 +57,10 @@ def read_steps(run_dir):
         return [r for r in map(json.loads, f) if "trained_groups" in r]
 
 
-def test_async_loop_resume_and_sync_mode(local_ray, tmp_path):
+def test_async_loop_resume_and_sync_mode(local_ray, tmp_path, monkeypatch):
     run_dir = str(tmp_path / "run")
     lines = []
+    monkeypatch.setattr(GRPOLoop, "WAITING_NOTICE_S", 0.0)  # every wait for a batch says how far it got
     first = make_loop(loop_config(run_dir), lines)
     try:
         summary = first.run()
@@ -78,6 +79,7 @@ def test_async_loop_resume_and_sync_mode(local_ray, tmp_path):
     # one hang (sandbox killed after 0.5 s) and a raise on every sample: all scored 0, reported, loop went on
     assert steps[-1]["reward_failures"] > 4
     assert any("hang_once failed (timeout)" in line or "raises failed (error)" in line for line in lines)
+    assert any(line.startswith("step 1: ") and "/2 groups ready" in line for line in lines)
 
     # crash after the step-2 checkpoint: step 3's work is lost, the run resumes at 2 -- now synchronous (K = 0),
     # so the buffered groups with tokens of version 1 are too old for step 2: dropped, their prompts served again
