@@ -15,15 +15,6 @@ from tests.rl.helpers import micro_model_cfg  # noqa: E402
 from latentforge.train.config import OptimConfig  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": {"WANDB_MODE": "disabled"}})
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow  # about 70 s on 2 cores (Ray start-up, two steps, two evaluations)
 def test_guess_number_episodes_train_and_evaluate(local_ray, tmp_path):
     run_dir = str(tmp_path / "run")

@@ -17,15 +17,6 @@ from latentforge.train.config import OptimConfig  # noqa: E402
 from tests.rl.helpers import micro_model_cfg  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": {"WANDB_MODE": "disabled"}})
-    yield
-    ray.shutdown()
-
-
 def rollout_cfg(num_workers: int) -> dict:
     return {"group_size": 2, "num_workers": num_workers, "sampling": {"max_new_tokens": 8},
             "engine": {"draft_tokens": 0, "max_batch": 8}}

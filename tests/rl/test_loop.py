@@ -21,15 +21,6 @@ from latentforge.train.export import load_model_from_checkpoint  # noqa: E402
 PLUGINS = "tests.rl.reward_plugins"
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": {"WANDB_MODE": "disabled"}})
-    yield
-    ray.shutdown()
-
-
 def loop_config(run_dir, **overrides):
     values = dict(
         steps=4, stop_at_step=3, groups_per_step=2, max_staleness=1, checkpoint_interval=2, seed=0,

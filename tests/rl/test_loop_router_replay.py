@@ -15,15 +15,6 @@ from latentforge.train.config import OptimConfig  # noqa: E402
 from tests.rl.helpers import micro_model_cfg  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": {"WANDB_MODE": "disabled"}})
-    yield
-    ray.shutdown()
-
-
 def test_grpo_on_ray_with_router_replay(local_ray, tmp_path):
     run_dir = str(tmp_path / "run")
     cfg = GRPOConfig(
