@@ -46,7 +46,9 @@ def test_single_process_step_is_the_model_loss_and_gradient():
     assert result["aux_loss"] == pytest.approx(out.aux_loss.item(), rel=1e-6)
     assert result["tokens"] == float((batch["labels"] != -100).sum())
     assert torch.equal(result["expert_load"], out.expert_load)
-    assert _max_relative(_grads(model), _grads(plain)) < 1e-6
+    # the reference is an independent computation (whole logits, F.cross_entropy) rounding differently in fp32:
+    # 1.3e-6 under ATEN_CPU_CAPABILITY=default, so the layout tests' gradient tolerance
+    assert _max_relative(_grads(model), _grads(plain)) < 1e-5
 
 
 def test_micro_batches_sum_to_the_global_batch_step():
