@@ -18,6 +18,7 @@ hard guarantee on top (too-old groups are dropped and their prompts served again
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import time
 from typing import Callable, Dict, List, Optional, Union
@@ -735,10 +736,8 @@ def newest_checkpoint(run_dir: str) -> str:
 
 
 def _kill(handle) -> None:
-    try:
+    with contextlib.suppress(Exception):  # it may be dead already
         ray.kill(handle, no_restart=True)
-    except Exception:  # noqa: BLE001 - dead already
-        pass
 
 
 def _bundle(cpus: float, gpus: float) -> dict:
