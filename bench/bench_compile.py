@@ -45,8 +45,11 @@ def one_run(args) -> dict:
     walls, cpus, losses = [], [], []
     for _ in range(args.steps + 1):
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=gen)
-        batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:],
-                 "seq_idx": torch.zeros(args.batch, args.seq_len, dtype=torch.int32)}
+        batch = {
+            "input_ids": ids[:, :-1],
+            "labels": ids[:, 1:],
+            "seq_idx": torch.zeros(args.batch, args.seq_len, dtype=torch.int32),
+        }
         wall, cpu = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         result = runner.forward_backward([batch])
@@ -54,15 +57,35 @@ def one_run(args) -> dict:
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
         losses.append(result["loss"])
-    return {"mode": args.mode, "first_wall": walls[0], "first_cpu": cpus[0],
-            "step_wall": statistics.median(walls[1:]), "step_cpu": statistics.median(cpus[1:]), "losses": losses,
-            "layers": cfg.num_layers}
+    return {
+        "mode": args.mode,
+        "first_wall": walls[0],
+        "first_cpu": cpus[0],
+        "step_wall": statistics.median(walls[1:]),
+        "step_cpu": statistics.median(cpus[1:]),
+        "losses": losses,
+        "layers": cfg.num_layers,
+    }
 
 
 def spawn(args, mode: str, cache_dir: str) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, OMP_NUM_THREADS=str(args.threads))
-    command = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--steps", str(args.steps),
-               "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        mode,
+        "--model",
+        args.model,
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--seq-len",
+        str(args.seq_len),
+        "--threads",
+        str(args.threads),
+    ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
@@ -85,18 +108,26 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as cache:  # a cache of this run only: the cold run really compiles
         runs = {mode: spawn(args, mode, cache) for mode in ("eager", "cold", "warm")}
     eager = runs["eager"]
-    print(f"# {args.model} model ({eager['layers']} layers), {args.batch}x{args.seq_len} tokens, {args.threads} "
-          f"thread(s), torch {torch.__version__}, {args.steps} timed steps after the first (median)")
-    print(f"{'run':6s} {'first step s (wall/cpu)':>24s} {'step ms (wall/cpu)':>20s} {'x eager (wall/cpu)':>19s} "
-          f"{'max |loss - eager|':>18s}")
+    print(
+        f"# {args.model} model ({eager['layers']} layers), {args.batch}x{args.seq_len} tokens, {args.threads} "
+        f"thread(s), torch {torch.__version__}, {args.steps} timed steps after the first (median)"
+    )
+    print(
+        f"{'run':6s} {'first step s (wall/cpu)':>24s} {'step ms (wall/cpu)':>20s} {'x eager (wall/cpu)':>19s} "
+        f"{'max |loss - eager|':>18s}"
+    )
     for mode, r in runs.items():
         gap = max(abs(a - b) for a, b in zip(r["losses"], eager["losses"]))
-        print(f"{mode:6s} {r['first_wall']:>11.2f} / {r['first_cpu']:<10.2f} {1e3 * r['step_wall']:>9.1f} / "
-              f"{1e3 * r['step_cpu']:<8.1f} {eager['step_wall'] / r['step_wall']:>8.2f} / "
-              f"{eager['step_cpu'] / r['step_cpu']:<8.2f} {gap:>18.2e}")
+        print(
+            f"{mode:6s} {r['first_wall']:>11.2f} / {r['first_cpu']:<10.2f} {1e3 * r['step_wall']:>9.1f} / "
+            f"{1e3 * r['step_cpu']:<8.1f} {eager['step_wall'] / r['step_wall']:>8.2f} / "
+            f"{eager['step_cpu'] / r['step_cpu']:<8.2f} {gap:>18.2e}"
+        )
     cold, warm = runs["cold"], runs["warm"]
-    print(f"compile time (first step - steady step, wall): cold {cold['first_wall'] - cold['step_wall']:.1f} s, "
-          f"warm cache {warm['first_wall'] - warm['step_wall']:.1f} s")
+    print(
+        f"compile time (first step - steady step, wall): cold {cold['first_wall'] - cold['step_wall']:.1f} s, "
+        f"warm cache {warm['first_wall'] - warm['step_wall']:.1f} s"
+    )
     return 0
 
 

@@ -20,7 +20,6 @@ import time
 import numpy as np
 
 
-
 def _cpu_seconds():
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
@@ -51,10 +50,14 @@ def bench_preprocess(tok, files, workers, tmp):
     loop_tps = loop_tokens / loop_s
     print(f"preprocess  {loop_tokens:,} tokens from {len(files)} files")
     print(f"  single-process loop        {loop_tps:12,.0f} tokens/s  ({loop_s:.2f} s wall, {loop_cpu:.2f} CPU s)")
-    print(f"  data.preprocess {workers} workers  {report.tokens_per_s:12,.0f} tokens/s  ({report.seconds:.2f} s wall, "
-          f"{par_cpu:.2f} CPU s in all processes; incl. worker start-up and reading through `datasets`)")
-    print(f"  speed-up                   {report.tokens_per_s / loop_tps:12.2f}x wall "
-          f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: a shared machine skews wall times)")
+    print(
+        f"  data.preprocess {workers} workers  {report.tokens_per_s:12,.0f} tokens/s  ({report.seconds:.2f} s wall, "
+        f"{par_cpu:.2f} CPU s in all processes; incl. worker start-up and reading through `datasets`)"
+    )
+    print(
+        f"  speed-up                   {report.tokens_per_s / loop_tps:12.2f}x wall "
+        f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: a shared machine skews wall times)"
+    )
     return os.path.join(tmp, "parallel")
 
 
@@ -71,8 +74,7 @@ def bench_fetch(tok, prefix, tmp, seq_len, micro_batch, steps):
             doc = ds[i]
             writer.add_document(np.concatenate([doc[:-1][::-1], doc[-1:]]))
         writer.commit({"tokenizer": tok.fingerprint()})
-    cfg = DataConfig(paths=[prefix, os.path.join(tmp, "reversed")], weights=[0.7, 0.3], split="100,0,0",
-                     cache_dir=tmp)
+    cfg = DataConfig(paths=[prefix, os.path.join(tmp, "reversed")], weights=[0.7, 0.3], split="100,0,0", cache_dir=tmp)
     t0 = time.perf_counter()
     loader = build_pretrain_loader(cfg, tok, seq_len=seq_len, micro_batch_size=micro_batch)  # builds epoch 0
     build_s = time.perf_counter() - t0
@@ -91,15 +93,19 @@ def bench_fetch(tok, prefix, tmp, seq_len, micro_batch, steps):
     for _ in range(steps):
         starts = rng.integers(0, bin_tokens.size - n, size=micro_batch)
         t = time.perf_counter()
-        np.stack([np.asarray(bin_tokens[s:s + n], dtype=np.int64) for s in starts])
+        np.stack([np.asarray(bin_tokens[s : s + n], dtype=np.int64) for s in starts])
         raw.append(time.perf_counter() - t)
     p50, p99 = np.percentile(times, 50) * 1e3, np.percentile(times, 99) * 1e3
     raw50 = np.percentile(raw, 50) * 1e3
-    print(f"blended fetch  seq_len {seq_len}, micro-batch {micro_batch}, {steps} batches, epoch "
-          f"{loader.samples_per_epoch} samples (loader build with megatron's index {build_s:.2f} s; "
-          f"{loader.epoch} epoch change(s) inside the timed batches)")
-    print(f"  loader       p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  mean {statistics.mean(times) * 1e3:8.3f} ms  "
-          f"({micro_batch * seq_len / np.median(times):,.0f} tokens/s)")
+    print(
+        f"blended fetch  seq_len {seq_len}, micro-batch {micro_batch}, {steps} batches, epoch "
+        f"{loader.samples_per_epoch} samples (loader build with megatron's index {build_s:.2f} s; "
+        f"{loader.epoch} epoch change(s) inside the timed batches)"
+    )
+    print(
+        f"  loader       p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  mean {statistics.mean(times) * 1e3:8.3f} ms  "
+        f"({micro_batch * seq_len / np.median(times):,.0f} tokens/s)"
+    )
     print(f"  raw mmap     p50 {raw50:8.3f} ms")
     print(f"  overhead     {p50 / raw50:8.1f}x the raw read")
 

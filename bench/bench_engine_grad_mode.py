@@ -48,10 +48,13 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(args.tokenizer or "bpe:4096")
     model = train_tiny(args, tokenizer, resolve_cache_dir(None))
     problems = synthetic_splits(num_train=1, num_heldout=args.prompts, seed=args.seed)["test"][: args.prompts]
-    prompts = [prompt_ids(tokenizer, problem_messages(p, with_solution=False)[0]["content"], True, args.think)
-               for p in problems]
-    params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens,
-                            stop_token_ids=(tokenizer.im_end_id, tokenizer.eod_id))
+    prompts = [
+        prompt_ids(tokenizer, problem_messages(p, with_solution=False)[0]["content"], True, args.think)
+        for p in problems
+    ]
+    params = SamplingParams(
+        temperature=0.0, max_new_tokens=args.max_new_tokens, stop_token_ids=(tokenizer.im_end_id, tokenizer.eod_id)
+    )
     max_len = max(map(len, prompts)) + args.max_new_tokens
     for batch in [int(b) for b in args.batches.split(",")]:
         cpu = {"no_grad": [], "inference_mode": []}
@@ -66,9 +69,11 @@ def main(argv=None) -> int:
                 tokens[mode] = [r.token_ids for r in results]
         engine_module.torch = torch
         rounds = " | ".join(f"{mode}: " + ", ".join(f"{s:.2f}" for s in seconds) for mode, seconds in cpu.items())
-        print(f"batch {batch}: CPU s per round {rounds}; best inference_mode / no_grad "
-              f"{min(cpu['inference_mode']) / min(cpu['no_grad']):.3f}; same tokens "
-              f"{tokens['no_grad'] == tokens['inference_mode']}")
+        print(
+            f"batch {batch}: CPU s per round {rounds}; best inference_mode / no_grad "
+            f"{min(cpu['inference_mode']) / min(cpu['no_grad']):.3f}; same tokens "
+            f"{tokens['no_grad'] == tokens['inference_mode']}"
+        )
     return 0
 
 

@@ -104,8 +104,19 @@ def train_tiny(args: BenchArgs, tokenizer, cache_dir: str):
     if args.model not in MODEL_OVERRIDES:
         raise SystemExit(f"model={args.model!r}: expected one of {sorted(MODEL_OVERRIDES)} (or give ckpt=...)")
     cfg = model_config_from(compose(["recipe=tiny", *MODEL_OVERRIDES[args.model]]))
-    key = hashlib.sha256(json.dumps([cfg.to_dict(), tokenizer.fingerprint(), args.train_steps, args.train_seq_len,
-                                     args.train_batch, args.train_lr, args.seed]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                cfg.to_dict(),
+                tokenizer.fingerprint(),
+                args.train_steps,
+                args.train_seq_len,
+                args.train_batch,
+                args.train_lr,
+                args.seed,
+            ]
+        ).encode()
+    ).hexdigest()[:12]
     out = os.path.join(cache_dir, f"bench_generate_{args.model}_{key}")
     if os.path.isfile(os.path.join(out, "config.json")):
         print(f"trained {args.model} model: cached at {out}")
@@ -132,8 +143,10 @@ def train_tiny(args: BenchArgs, tokenizer, cache_dir: str):
             model.update_expert_bias(out_step.expert_load.float())
         if step % 50 == 0 or step == args.train_steps - 1:
             mtp = " ".join(f"{x.item():.3f}" for x in out_step.mtp_losses)
-            print(f"train step {step:4d} | lm {out_step.lm_loss.item():.3f} | mtp {mtp} | {time.time() - start:.0f}s",
-                  flush=True)
+            print(
+                f"train step {step:4d} | lm {out_step.lm_loss.item():.3f} | mtp {mtp} | {time.time() - start:.0f}s",
+                flush=True,
+            )
     model.eval().requires_grad_(False)
     save_pretrained(model, out)
     print(f"trained {args.model} model saved at {out}")
@@ -144,20 +157,29 @@ def train_tiny(args: BenchArgs, tokenizer, cache_dir: str):
 def run_engine(model, prompts, stop, max_new, batch, draft):
     from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 
-    engine = Engine(model, EngineConfig(max_batch=batch, max_seq_len=max(map(len, prompts)) + max_new,
-                                        draft_tokens=draft, prefix_cache_size=0))
+    engine = Engine(
+        model,
+        EngineConfig(
+            max_batch=batch, max_seq_len=max(map(len, prompts)) + max_new, draft_tokens=draft, prefix_cache_size=0
+        ),
+    )
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new, stop_token_ids=stop)
     wall, cpu = time.perf_counter(), time.process_time()
     results = engine.generate(prompts, params)
-    return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu,
-            "tokens": [r.token_ids for r in results], "stats": engine.stats}
+    return {
+        "wall": time.perf_counter() - wall,
+        "cpu": time.process_time() - cpu,
+        "tokens": [r.token_ids for r in results],
+        "stats": engine.stats,
+    }
 
 
 def run_transformers(export_dir, prompts, stop, max_new):
     from transformers import NemotronHForCausalLM
 
-    hf_model = NemotronHForCausalLM.from_pretrained(export_dir, torch_dtype=torch.float32,
-                                                    experts_implementation="eager").eval()
+    hf_model = NemotronHForCausalLM.from_pretrained(
+        export_dir, torch_dtype=torch.float32, experts_implementation="eager"
+    ).eval()
     for layer in hf_model.model.layers:
         if hasattr(layer.mixer, "time_step_limit"):
             layer.mixer.time_step_limit = (0.0, float("inf"))  # training applies no dt clamp (SPEC section 4)
@@ -166,9 +188,15 @@ def run_transformers(export_dir, prompts, stop, max_new):
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([prompt])
-            generated = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                          do_sample=False, eos_token_id=list(stop), pad_token_id=0)
-            outputs.append(generated[0, len(prompt):].tolist())
+            generated = hf_model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=list(stop),
+                pad_token_id=0,
+            )
+            outputs.append(generated[0, len(prompt) :].tolist())
     return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "tokens": outputs}
 
 
@@ -193,14 +221,18 @@ def main(argv=None) -> int:
         raise SystemExit("this checkpoint has no MTP block: drafting needs model.mtp_depths > 0")
 
     problems = synthetic_splits(num_train=1, num_heldout=max(args.prompts, 1), seed=args.seed)["test"][: args.prompts]
-    prompts = [prompt_ids(tokenizer, problem_messages(p, with_solution=False)[0]["content"], True, args.think)
-               for p in problems]
+    prompts = [
+        prompt_ids(tokenizer, problem_messages(p, with_solution=False)[0]["content"], True, args.think)
+        for p in problems
+    ]
     stop = (tokenizer.im_end_id, tokenizer.eod_id)
     batches = [int(b) for b in args.batches.split(",")]
     drafts = [int(k) for k in args.drafts.split(",")]
     mean_prompt = sum(map(len, prompts)) / len(prompts)
-    print(f"model: {source}\nprompts: {len(prompts)} held-out chat problems, {mean_prompt:.0f} tokens on average; "
-          f"greedy, max_new_tokens={args.max_new_tokens}; torch threads {args.threads}")
+    print(
+        f"model: {source}\nprompts: {len(prompts)} held-out chat problems, {mean_prompt:.0f} tokens on average; "
+        f"greedy, max_new_tokens={args.max_new_tokens}; torch threads {args.threads}"
+    )
 
     run_engine(model, prompts[:2], stop, 8, 2, max(drafts))  # warm-up
     configs = [(b, k) for b in batches for k in [0] + drafts]
@@ -219,12 +251,16 @@ def main(argv=None) -> int:
             save_pretrained(model, export_dir)
             hf = run_transformers(export_dir, prompts, stop, args.max_new_tokens)
 
-    correct = sum(check_answer(p, tokenizer.decode(t, skip_special_tokens=False))
-                  for p, t in zip(problems, best[(batches[0], 0)]["tokens"]))
+    correct = sum(
+        check_answer(p, tokenizer.decode(t, skip_special_tokens=False))
+        for p, t in zip(problems, best[(batches[0], 0)]["tokens"])
+    )
     print(f"answers correct (greedy): {correct}/{len(problems)}\n")
-    header = (f"{'batch':>5} {'draft k':>7} {'tokens':>7} {'wall s':>8} {'cpu s':>8} {'tok/s wall':>10} "
-              f"{'tok/s cpu':>10} {'x plain (wall)':>14} {'x plain (cpu)':>13} {'accepted len':>12} "
-              f"{'acceptance per depth':>22} {'same tokens':>11}")
+    header = (
+        f"{'batch':>5} {'draft k':>7} {'tokens':>7} {'wall s':>8} {'cpu s':>8} {'tok/s wall':>10} "
+        f"{'tok/s cpu':>10} {'x plain (wall)':>14} {'x plain (cpu)':>13} {'accepted len':>12} "
+        f"{'acceptance per depth':>22} {'same tokens':>11}"
+    )
     print(header)
     for batch, draft in configs:
         r, base = best[(batch, draft)], best[(batch, 0)]
@@ -232,19 +268,25 @@ def main(argv=None) -> int:
         stats = r["stats"]
         acc = " ".join(f"{a:.2f}" for a in stats.acceptance_rate) if draft else "-"
         accepted = f"{stats.mean_accepted_length:.2f}" if draft else "-"
-        print(f"{batch:>5} {draft:>7} {n:>7} {r['wall']:>8.2f} {r['cpu']:>8.2f} {n / r['wall']:>10.1f} "
-              f"{n / r['cpu']:>10.1f} {base['wall'] / r['wall']:>14.2f} {base['cpu'] / r['cpu']:>13.2f} "
-              f"{accepted:>12} {acc:>22} {str(r['tokens'] == base['tokens']):>11}")
+        print(
+            f"{batch:>5} {draft:>7} {n:>7} {r['wall']:>8.2f} {r['cpu']:>8.2f} {n / r['wall']:>10.1f} "
+            f"{n / r['cpu']:>10.1f} {base['wall'] / r['wall']:>14.2f} {base['cpu'] / r['cpu']:>13.2f} "
+            f"{accepted:>12} {acc:>22} {str(r['tokens'] == base['tokens']):>11}"
+        )
     if hf is not None:
         n = sum(map(len, hf["tokens"]))
         same = sum(a == b for a, b in zip(hf["tokens"], best[(1, 0)]["tokens"])) if 1 in batches else "n/a"
-        print(f"\ntransformers generate (batch 1): {n} tokens, {hf['wall']:.2f} s wall, {hf['cpu']:.2f} s cpu, "
-              f"{n / hf['wall']:.1f} tok/s wall; same tokens as the engine for {same}/{len(prompts)} prompts")
+        print(
+            f"\ntransformers generate (batch 1): {n} tokens, {hf['wall']:.2f} s wall, {hf['cpu']:.2f} s cpu, "
+            f"{n / hf['wall']:.1f} tok/s wall; same tokens as the engine for {same}/{len(prompts)} prompts"
+        )
         for batch, draft in configs:
             r = best[(batch, draft)]
             m = sum(map(len, r["tokens"]))
-            print(f"  engine batch {batch} k={draft}: x{(m / r['wall']) / (n / hf['wall']):.2f} tok/s vs transformers "
-                  f"(wall), x{(m / r['cpu']) / (n / hf['cpu']):.2f} (cpu)")
+            print(
+                f"  engine batch {batch} k={draft}: x{(m / r['wall']) / (n / hf['wall']):.2f} tok/s vs transformers "
+                f"(wall), x{(m / r['cpu']) / (n / hf['cpu']):.2f} (cpu)"
+            )
     return 0
 
 

@@ -49,13 +49,17 @@ def _fwd_bwd(fn, inputs):
 
 def _row(op, shape, pass_, impl, secs, flops, nbytes, base):
     ratio = f"{base / secs:8.2f}x" if base else "    base"
-    print(f"{op:8s} {shape:34s} {pass_:8s} {impl:14s} {secs * 1e3:10.3f} ms {flops / secs / 1e12:8.3g} "
-          f"{nbytes / secs / 1e9:9.1f}  {ratio}")
+    print(
+        f"{op:8s} {shape:34s} {pass_:8s} {impl:14s} {secs * 1e3:10.3f} ms {flops / secs / 1e12:8.3g} "
+        f"{nbytes / secs / 1e9:9.1f}  {ratio}"
+    )
 
 
 def _header():
-    print(f"{'op':8s} {'shape':34s} {'pass':8s} {'impl':14s} {'time':>13s} {'TFLOP/s':>8s} {'GB/s':>9s}  "
-          f"speedup vs {BASE}")
+    print(
+        f"{'op':8s} {'shape':34s} {'pass':8s} {'impl':14s} {'time':>13s} {'TFLOP/s':>8s} {'GB/s':>9s}  "
+        f"speedup vs {BASE}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ ops
@@ -72,7 +76,7 @@ def bench_ssd(shapes, reps):
         seq = (torch.arange(l, device=DEV) // max(1, l // 3)).expand(b, l).to(torch.int32).contiguous()
         # per head and token: intra-chunk 2Q(N+P) (CB and M x, averaged causal half counted in full), state 4PN
         flops = b * l * h * (2 * q * (n + p) + 4 * p * n)
-        nbytes = (2 * x.numel() * x.element_size() + 2 * B.numel() * B.element_size() + dt.numel() * 4)
+        nbytes = 2 * x.numel() * x.element_size() + 2 * B.numel() * B.element_size() + dt.numel() * 4
         shape = f"{label} l={l} h={h}x{p} n={n} g={g}"
         inputs = [x, dt, A, B, C, D]
 
@@ -85,8 +89,14 @@ def bench_ssd(shapes, reps):
             try:
                 from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-                impls.append(("mamba_ssm", lambda x_, dt_, A_, B_, C_, D_: mamba_chunk_scan_combined(
-                    x_, dt_, A_, B_, C_, q, D=D_, seq_idx=seq, return_final_states=True)))
+                impls.append(
+                    (
+                        "mamba_ssm",
+                        lambda x_, dt_, A_, B_, C_, D_: mamba_chunk_scan_combined(
+                            x_, dt_, A_, B_, C_, q, D=D_, seq_idx=seq, return_final_states=True
+                        ),
+                    )
+                )
             except ImportError:
                 pass
         else:
@@ -111,8 +121,14 @@ def bench_conv1d(shapes, reps):
             try:
                 from causal_conv1d import causal_conv1d_fn
 
-                impls.append(("causal_conv1d", lambda x_, w_, b_: causal_conv1d_fn(
-                    x_.transpose(1, 2), w_.to(x_.dtype), b_.to(x_.dtype), seq_idx=seq, activation="silu")))
+                impls.append(
+                    (
+                        "causal_conv1d",
+                        lambda x_, w_, b_: causal_conv1d_fn(
+                            x_.transpose(1, 2), w_.to(x_.dtype), b_.to(x_.dtype), seq_idx=seq, activation="silu"
+                        ),
+                    )
+                )
             except ImportError:
                 pass
         else:
@@ -136,8 +152,9 @@ def bench_norm(shapes, reps):
             from tests.kernels.kernel_naive import gated_rms_norm_naive
 
             impls.append(("naive fp64", lambda *a: gated_rms_norm_naive(*a, gs)))
-        _run_impls("gnorm", f"{label} rows={rows} d={d} g={groups}", impls, [x, z, w], flops, nbytes, reps,
-                   backward=CUDA)
+        _run_impls(
+            "gnorm", f"{label} rows={rows} d={d} g={groups}", impls, [x, z, w], flops, nbytes, reps, backward=CUDA
+        )
 
 
 def bench_moe(shapes, reps):
@@ -194,6 +211,7 @@ def _run_impls(op, shape, impls, inputs, flops, nbytes, reps, backward, bwd_flop
         results = []
         for name, fn in impls:
             if pass_ == "fwd":
+
                 def run(fn=fn):
                     with torch.no_grad():
                         fn(*inputs)
@@ -245,8 +263,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="+", choices=sorted(BENCHES), default=list(BENCHES))
     parser.add_argument("--reps", type=int, default=10 if CUDA else 3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads (1 by default: on a shared machine 2-thread ops stall on a busy core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (1 by default: on a shared machine 2-thread ops stall on a busy core)",
+    )
     args = parser.parse_args(argv)
     if not CUDA:
         torch.set_num_threads(args.threads)

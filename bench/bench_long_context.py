@@ -85,8 +85,14 @@ def run_layout(rank: int, cp: int, seq_len: int, want_grads: bool, dtype=torch.f
 
 
 def _worker(rank, world, port, cp, seq_len, want_grads, dtype, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -109,8 +115,9 @@ def launch(cp: int, seq_len: int, want_grads: bool, dtype=torch.float32) -> list
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, cp, port, cp, seq_len, want_grads, dtype,
-                                                           results)) for r in range(cp)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, cp, port, cp, seq_len, want_grads, dtype, results)) for r in range(cp)
+    ]
     for p in procs:
         p.start()
     outcome = {}
@@ -137,8 +144,9 @@ def planned_gib(cp: int, seq_len: int, dtype) -> str:
     except ImportError:
         return "n/a"
     cfg, pc = tiny_config(), ParallelConfig(cp=cp)
-    plan = plan_activations(cfg, pc, validate_layout(cfg, pc, cp), seq_len, 1,
-                            value_bytes=torch.tensor([], dtype=dtype).element_size())
+    plan = plan_activations(
+        cfg, pc, validate_layout(cfg, pc, cp), seq_len, 1, value_bytes=torch.tensor([], dtype=dtype).element_size()
+    )
     return f"{plan.peak / 2**30:.2f}"
 
 
@@ -156,18 +164,30 @@ def main():
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 32768, 65536])
     parser.add_argument("--cps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--skip-cp1-above", type=int, default=16384)
-    parser.add_argument("--fp64-reference", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run one process in float64 (the exact answer every fp32 run is compared to)")
-    parser.add_argument("--fp64-reference-cp", type=int, default=1,
-                        help="the float64 reference's CP size (>1 where one float64 process does not fit; check it "
-                             "first against one process with --dtype float64 at a length where both fit)")
+    parser.add_argument(
+        "--fp64-reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run one process in float64 (the exact answer every fp32 run is compared to)",
+    )
+    parser.add_argument(
+        "--fp64-reference-cp",
+        type=int,
+        default=1,
+        help="the float64 reference's CP size (>1 where one float64 process does not fit; check it "
+        "first against one process with --dtype float64 at a length where both fit)",
+    )
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="of the measured rows")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, one thread per rank, rows in {args.dtype}, "
-          f"float64 reference at cp={args.fp64_reference_cp}")
-    print(f"| seq_len | cp | loss | loss err vs fp64 | worst grad err vs fp64 | vs {args.dtype} cp=1 | "
-          "peak added / rank (GiB) | x cp=1 | planned activations (GiB) | s/step |")
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, one thread per rank, rows in {args.dtype}, "
+        f"float64 reference at cp={args.fp64_reference_cp}"
+    )
+    print(
+        f"| seq_len | cp | loss | loss err vs fp64 | worst grad err vs fp64 | vs {args.dtype} cp=1 | "
+        "peak added / rank (GiB) | x cp=1 | planned activations (GiB) | s/step |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for seq_len in args.seq_lens:
         single = seq_len <= args.skip_cp1_above
@@ -194,9 +214,11 @@ def main():
             else:
                 versus_fp32 = "{:.1e} ({})".format(*worst_grad_error(grads, reference[0]))
                 ratio = f"{peak / reference[1]:.2f}"
-            print(f"| {seq_len} | {cp} | {loss:.6f} | {loss_err} | {grad_err} | {versus_fp32} | {peak:.2f} | "
-                  f"{ratio} | {planned_gib(cp, seq_len, dtype)} | {seconds:.1f} |".replace("backbone.", ""),
-                  flush=True)
+            print(
+                f"| {seq_len} | {cp} | {loss:.6f} | {loss_err} | {grad_err} | {versus_fp32} | {peak:.2f} | "
+                f"{ratio} | {planned_gib(cp, seq_len, dtype)} | {seconds:.1f} |".replace("backbone.", ""),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ def bench_loss(args) -> None:
     cfg = tiny_config()
     torch.set_num_threads(args.threads)
     batches = markov_batches(args.steps, args.batch, args.seq_len, cfg.vocab_size, used_vocab=args.used_vocab)
-    print(f"tiny model {cfg.layer_pattern} hidden {cfg.hidden_size}, mtp {cfg.mtp_depths}; {args.steps} steps of "
-          f"{args.batch}x{args.seq_len} tokens; {torch.get_num_threads()} threads; {platform.processor() or 'cpu'}")
+    print(
+        f"tiny model {cfg.layer_pattern} hidden {cfg.hidden_size}, mtp {cfg.mtp_depths}; {args.steps} steps of "
+        f"{args.batch}x{args.seq_len} tokens; {torch.get_num_threads()} threads; {platform.processor() or 'cpu'}"
+    )
     base, base_t = train_loss_curve(cfg, None, batches, lr=args.lr)
     rows = [("bf16 (no quantization)", base, base_t)]
     for name in args.recipes:
@@ -56,17 +58,35 @@ def bench_loss(args) -> None:
     print("\nlm loss at step " + " ".join(f"{m + 1:>7d}" for m in marks) + "   tail20   gap    s/step  x bf16")
     for label, curve, t in rows:
         gap = tail_mean(curve, 20) - tail_mean(base, 20)
-        print(f"{label:24s}" + " ".join(f"{curve[m]:7.4f}" for m in marks)
-              + f"  {tail_mean(curve, 20):7.4f} {gap:+.4f} {t:7.3f}  {t / base_t:5.2f}")
+        print(
+            f"{label:24s}"
+            + " ".join(f"{curve[m]:7.4f}" for m in marks)
+            + f"  {tail_mean(curve, 20):7.4f} {gap:+.4f} {t:7.3f}  {t / base_t:5.2f}"
+        )
 
 
 def small_gpu_config() -> ModelConfig:
     # every GEMM dim a multiple of 32 (Mamba in_proj 4640), so every TE recipe accepts the shapes
-    return ModelConfig(pattern="MEM*EMEM*E-", hidden_size=1024, vocab_size=32768, num_attention_heads=8,
-                       num_key_value_heads=2, head_dim=128, mamba_num_heads=32, mamba_head_dim=64,
-                       mamba_groups=4, ssm_state_size=64, chunk_size=128, num_experts=8, top_k=2,
-                       moe_intermediate_size=1024, moe_latent_size=512, shared_expert_intermediate_size=2048,
-                       mlp_intermediate_size=4096, mtp_depths=0)
+    return ModelConfig(
+        pattern="MEM*EMEM*E-",
+        hidden_size=1024,
+        vocab_size=32768,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        mamba_num_heads=32,
+        mamba_head_dim=64,
+        mamba_groups=4,
+        ssm_state_size=64,
+        chunk_size=128,
+        num_experts=8,
+        top_k=2,
+        moe_intermediate_size=1024,
+        moe_latent_size=512,
+        shared_expert_intermediate_size=2048,
+        mlp_intermediate_size=4096,
+        mtp_depths=0,
+    )
 
 
 def bench_speed(args) -> None:
@@ -79,8 +99,10 @@ def bench_speed(args) -> None:
     cfg = small_gpu_config()
     batch = markov_batches(1, args.batch, args.seq_len, cfg.vocab_size, used_vocab=4096)[0]
     inputs, labels = (t.cuda() for t in batch)
-    print(f"{torch.cuda.get_device_name()} (cc {cap[0]}.{cap[1]}), model {cfg.layer_pattern} hidden "
-          f"{cfg.hidden_size}, batch {args.batch}x{args.seq_len}, bf16 params")
+    print(
+        f"{torch.cuda.get_device_name()} (cc {cap[0]}.{cap[1]}), model {cfg.layer_pattern} hidden "
+        f"{cfg.hidden_size}, batch {args.batch}x{args.seq_len}, bf16 params"
+    )
     results = {}
     for name in names:
         torch.manual_seed(0)
@@ -103,8 +125,11 @@ def bench_speed(args) -> None:
                 times.append(time.perf_counter() - t0)
         times.sort()
         results[name] = times[len(times) // 2]
-        print(f"{name:12s} median step {results[name] * 1e3:8.2f} ms   x bf16 {results[name] / results['bf16']:.3f}"
-              f"   loss {float(out.lm_loss):.3f}", flush=True)
+        print(
+            f"{name:12s} median step {results[name] * 1e3:8.2f} ms   x bf16 {results[name] / results['bf16']:.3f}"
+            f"   loss {float(out.lm_loss):.3f}",
+            flush=True,
+        )
         del model, opt
 
 

@@ -42,15 +42,18 @@ def main():
     ids = torch.randint(4, model.cfg.vocab_size, (args.batch, args.seq))
     started = time.perf_counter()
     rollout_logp, rollout_routes = scored(model, ids)
-    print(f"tiny recipe, {args.batch}x{args.seq} tokens, {len(moe_layers(model))} MoE layers, "
-          f"expert std {args.expert_std}; rollout fp32, trainer bf16 CPU autocast")
+    print(
+        f"tiny recipe, {args.batch}x{args.seq} tokens, {len(moe_layers(model))} MoE layers, "
+        f"expert std {args.expert_std}; rollout fp32, trainer bf16 CPU autocast"
+    )
     print("| trainer routing | router agreement | mean abs log-prob mismatch | max |")
     print("|---|---|---|---|")
     for name, routes in (("own router", None), ("replayed (R3)", rollout_routes)):
         logp, trainer_routes = scored(model, ids, routes, bf16=True)
         gap = (logp - rollout_logp).abs()
-        print(f"| {name} | {router_agreement(trainer_routes, rollout_routes):.4f} | {gap.mean():.2e} | "
-              f"{gap.max():.2e} |")
+        print(
+            f"| {name} | {router_agreement(trainer_routes, rollout_routes):.4f} | {gap.mean():.2e} | {gap.max():.2e} |"
+        )
     print(f"({time.perf_counter() - started:.1f}s)")
 
 

@@ -33,8 +33,10 @@ def _median_s(fn, runs):
 
 
 def bench_programs(runs):
-    bare = _median_s(lambda: subprocess.run([sys.executable, "-I", "-S", "-c", "print(6 * 7)"], check=True,
-                                            capture_output=True), runs)
+    bare = _median_s(
+        lambda: subprocess.run([sys.executable, "-I", "-S", "-c", "print(6 * 7)"], check=True, capture_output=True),
+        runs,
+    )
     times = {"rlimits": [], "bwrap": []}
     for _ in range(runs):
         for backend in times:
@@ -60,8 +62,10 @@ def bench_function_calls(runs):
         results[backend] = (started, call)
     base_start, base_call = results["rlimits"]
     for backend, (started, call) in results.items():
-        print(f"reward function, {backend:8s}: start {started * 1e3:7.1f} ms ({started / base_start:.2f}x), "
-              f"warm call {call * 1e6:7.1f} us ({call / base_call:.2f}x rlimits)")
+        print(
+            f"reward function, {backend:8s}: start {started * 1e3:7.1f} ms ({started / base_start:.2f}x), "
+            f"warm call {call * 1e6:7.1f} us ({call / base_call:.2f}x rlimits)"
+        )
 
 
 def main():

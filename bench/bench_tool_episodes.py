@@ -26,8 +26,11 @@ def play(engine, tok, record, max_turns=3, max_new_tokens=64):
     ids = render_chat(tok, asyncio.run(env.reset(record)), add_generation_prompt=True, enable_thinking=False).ids
     text, result = "", None
     for turn in range(max_turns):
-        engine.add_request(ids, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens,
-                                               stop_token_ids=(tok.im_end_id,)), request_id=turn)
+        engine.add_request(
+            ids,
+            SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=(tok.im_end_id,)),
+            request_id=turn,
+        )
         finished = []
         while engine.has_unfinished():
             finished += engine.step()
@@ -41,8 +44,12 @@ def play(engine, tok, record, max_turns=3, max_new_tokens=64):
         observation = render_observation(tok, result.observations, enable_thinking=False)
         text += "<|im_end|>" + tok.decode(observation)
         ids = ids + generated + observation
-    return text, result.reward if result.done else 0.0, result.info.get("tool_calls", 0), result.info.get(
-        "tool_errors", 0)
+    return (
+        text,
+        result.reward if result.done else 0.0,
+        result.info.get("tool_calls", 0),
+        result.info.get("tool_errors", 0),
+    )
 
 
 def main():
@@ -65,9 +72,11 @@ def main():
     n = len(rewards)
     mean = sum(rewards) / n
     se = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1) / n)
-    print(f"{args.checkpoint}: {n} held-out problems, greedy: reward {mean:.3f} +- {se:.3f}, exact {exact}/{n}, "
-          f"answer = tool output {copied}/{n}, tool calls {calls / n:.2f} per episode, tool-error rate "
-          f"{errors / max(calls, 1):.2f}")
+    print(
+        f"{args.checkpoint}: {n} held-out problems, greedy: reward {mean:.3f} +- {se:.3f}, exact {exact}/{n}, "
+        f"answer = tool output {copied}/{n}, tool calls {calls / n:.2f} per episode, tool-error rate "
+        f"{errors / max(calls, 1):.2f}"
+    )
 
 
 if __name__ == "__main__":

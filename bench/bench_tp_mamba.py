@@ -23,10 +23,22 @@ import torch.multiprocessing as mp
 def _config(hidden: int):
     from latentforge.model.config import ModelConfig
 
-    return ModelConfig(hidden_size=hidden, vocab_size=256, num_attention_heads=8, num_key_value_heads=2,
-                       head_dim=hidden // 8, mamba_num_heads=hidden * 2 // 64, mamba_head_dim=64, mamba_groups=8,
-                       ssm_state_size=64, num_experts=4, top_k=2, moe_intermediate_size=64,
-                       shared_expert_intermediate_size=64, mlp_intermediate_size=64)
+    return ModelConfig(
+        hidden_size=hidden,
+        vocab_size=256,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=hidden // 8,
+        mamba_num_heads=hidden * 2 // 64,
+        mamba_head_dim=64,
+        mamba_groups=8,
+        ssm_state_size=64,
+        num_experts=4,
+        top_k=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+        mlp_intermediate_size=64,
+    )
 
 
 def _gather_like_before(mixer, mesh, rank: int, tp: int):

@@ -48,10 +48,15 @@ def sample(model, prompt_ids, max_new: int, seed: int, policy="continue", update
     mid-sequence with `policy`. Returns the engine's results in prompt order."""
     from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 
-    engine = Engine(copy.deepcopy(model), EngineConfig(max_batch=len(prompt_ids), max_seq_len=2048,
-                                                       weight_update_policy=policy), version=0)
-    ids = [engine.add_request(p, SamplingParams(temperature=1.0, max_new_tokens=max_new, seed=seed + i))
-           for i, p in enumerate(prompt_ids)]
+    engine = Engine(
+        copy.deepcopy(model),
+        EngineConfig(max_batch=len(prompt_ids), max_seq_len=2048, weight_update_policy=policy),
+        version=0,
+    )
+    ids = [
+        engine.add_request(p, SamplingParams(temperature=1.0, max_new_tokens=max_new, seed=seed + i))
+        for i, p in enumerate(prompt_ids)
+    ]
     done, steps = {}, 0
     while engine.has_unfinished():
         if update is not None and steps == update[0]:
@@ -64,7 +69,7 @@ def sample(model, prompt_ids, max_new: int, seed: int, policy="continue", update
 @torch.no_grad()
 def token_logprobs(model, prompt, completion) -> torch.Tensor:
     ids = torch.tensor([list(prompt) + list(completion)])
-    logits = model(ids).logits[0, len(prompt) - 1:-1].double()
+    logits = model(ids).logits[0, len(prompt) - 1 : -1].double()
     return logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
 
 
@@ -75,7 +80,7 @@ def one_adamw_step(model, results, lr: float, seed: int):
     loss = 0.0
     for adv, r in zip(advantages, results):
         ids = torch.tensor([list(r.prompt_ids) + list(r.token_ids)])
-        logits = stepped(ids).logits[0, len(r.prompt_ids) - 1:-1]
+        logits = stepped(ids).logits[0, len(r.prompt_ids) - 1 : -1]
         loss = loss - adv * logits.log_softmax(-1).gather(-1, torch.tensor(r.token_ids)[:, None]).sum()
     loss.backward()
     with torch.no_grad():
@@ -129,8 +134,9 @@ def main(argv=None):
         new_state = {k: v.clone() for k, v in new.state_dict().items()}
         row = {}
         for policy in ("continue", "recompute"):
-            results = sample(model, prompt_ids, args.max_new_tokens, args.seed + 1, policy,
-                             update=(args.update_after, new_state))
+            results = sample(
+                model, prompt_ids, args.max_new_tokens, args.seed + 1, policy, update=(args.update_after, new_state)
+            )
             per_sequence = gaps(results, model, new)
             row[policy] = by_position(per_sequence, 0)
             if policy == "continue":
@@ -139,12 +145,16 @@ def main(argv=None):
         floor = gaps(sample(new, prompt_ids, args.max_new_tokens, args.seed + 1), new, new, args.update_after)
         row["float32_floor"] = by_position(floor, 0)
         report[lr] = row
-        print(f"lr {lr:g}: mean |behaviour - trainer log-prob| of the k-th token after the update "
-              f"(max in brackets), {args.sequences} sequences")
+        print(
+            f"lr {lr:g}: mean |behaviour - trainer log-prob| of the k-th token after the update "
+            f"(max in brackets), {args.sequences} sequences"
+        )
         print("  k      " + "".join(f"{k:>20}" for k in POSITIONS))
         for name in ("continue", "recompute", "one_version_stale", "float32_floor"):
-            cells = "".join(f"{row[name][k]['mean']:>10.2e} [{row[name][k]['max']:.1e}]" if k in row[name]
-                            else f"{'-':>20}" for k in POSITIONS)
+            cells = "".join(
+                f"{row[name][k]['mean']:>10.2e} [{row[name][k]['max']:.1e}]" if k in row[name] else f"{'-':>20}"
+                for k in POSITIONS
+            )
             print(f"  {name:<18}{cells}")
     if args.out:
         with open(args.out, "w") as f:

@@ -116,14 +116,23 @@ def relative_error(got, want) -> float:
 def part_environment(args) -> dict:
     from latentforge.train.flops import device_peak_tflops
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
     info.update({f"{name}_version": module_version(name) for name in OPTIONAL_MODULES})
     if on_cuda():
         props = torch.cuda.get_device_properties(0)
-        info.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                    memory_gib=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count,
-                    peak_bf16_tflops=device_peak_tflops(device()))
+        info.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+            peak_bf16_tflops=device_peak_tflops(device()),
+        )
     else:
         info.update(device="cpu", peak_bf16_tflops=None)
     return info
@@ -133,22 +142,38 @@ def part_environment(args) -> dict:
 def gpu_test_files(root: Path) -> list:
     """Test files that hold a `gpu` mark (collected alone, so no other test module's imports are needed)."""
     pattern = re.compile(r"pytest\.mark\.gpu\b|pytestmark\s*=.*\bgpu\b")
-    return sorted(str(p.relative_to(root)) for p in (root / "tests").rglob("test_*.py")
-                  if pattern.search(p.read_text(encoding="utf-8")))
+    return sorted(
+        str(p.relative_to(root))
+        for p in (root / "tests").rglob("test_*.py")
+        if pattern.search(p.read_text(encoding="utf-8"))
+    )
 
 
 def run_pytest(files: list, cwd: Path, timeout_s: float, marker: str = "gpu") -> dict:
     """Run `pytest -m marker` over files in a subprocess; counts and failing test ids from its junit XML."""
     junit = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_acceptance_junit_{os.getpid()}.xml"
-    command = [sys.executable, "-m", "pytest", "-q", "-m", marker, "-p", "no:cacheprovider",
-               f"--junitxml={junit}", *files]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        marker,
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit}",
+        *files,
+    ]
     started = time.perf_counter()
     try:
         proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"pytest ran past its {timeout_s:.0f} s share of the budget; raise --budget-s") from None
-    result = {"command": " ".join(command[1:]), "returncode": proc.returncode,
-              "seconds": round(time.perf_counter() - started, 1)}
+    result = {
+        "command": " ".join(command[1:]),
+        "returncode": proc.returncode,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     if not junit.exists():
         raise RuntimeError(f"pytest wrote no report (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-500:]}")
     result.update(parse_junit(junit))
@@ -180,8 +205,10 @@ def parse_junit(path: Path) -> dict:
 def part_gpu_tests(args) -> dict:
     files = gpu_test_files(ROOT)
     if not on_cuda() and not args.force_tests:
-        raise Skip(f"no CUDA device: the {len(files)} files of gpu-marked tests ({', '.join(files)}) skip without "
-                   "one (--force-tests runs them anyway)")
+        raise Skip(
+            f"no CUDA device: the {len(files)} files of gpu-marked tests ({', '.join(files)}) skip without "
+            "one (--force-tests runs them anyway)"
+        )
     return run_pytest(files, ROOT, timeout_s=max(60.0, args.remaining() * 0.4))
 
 
@@ -215,7 +242,11 @@ def kernel_cases(tiny: bool) -> list:
 
     def conv_inputs(dev, dt_):
         gen = torch.Generator().manual_seed(0)
-        x, w, bias = torch.randn(b, l, c, generator=gen), torch.randn(c, 4, generator=gen), torch.randn(c, generator=gen)
+        x, w, bias = (
+            torch.randn(b, l, c, generator=gen),
+            torch.randn(c, 4, generator=gen),
+            torch.randn(c, generator=gen),
+        )
         return [x.to(dev, dt_), w.to(dev), bias.to(dev)], dict(seq_idx=seq_ids(l, dev))
 
     def norm_inputs(dev, dt_):
@@ -262,15 +293,17 @@ def _causal_conv1d_impl():
     from causal_conv1d import causal_conv1d_fn
 
     def call(x, w, bias, seq_idx):
-        return causal_conv1d_fn(x.transpose(1, 2), w.to(x.dtype), bias.to(x.dtype), seq_idx=seq_idx,
-                                activation="silu").transpose(1, 2)
+        return causal_conv1d_fn(
+            x.transpose(1, 2), w.to(x.dtype), bias.to(x.dtype), seq_idx=seq_idx, activation="silu"
+        ).transpose(1, 2)
 
     return call
 
 
 def _float_leaves(tensors):
-    return [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-            for t in tensors]
+    return [
+        t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors
+    ]
 
 
 def _forward_backward(fn, tensors, kwargs):
@@ -296,9 +329,15 @@ def measure_kernel(op, shape, make_inputs, fast, ref, extras, tiny: bool, reps: 
     wide = torch.float32 if on_cuda() else torch.float64
     with torch.no_grad():
         error = relative_error(fast(*tensors, **kwargs), ref(*_upcast(tensors, wide), **kwargs))
-    result = {"op": op, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
-              "fast_impl": "triton" if on_cuda() else "ref (no CUDA: Triton not run)",
-              "reference": f"*_ref in {str(wide).replace('torch.', '')}", "relative_error": error, "impls": {}}
+    result = {
+        "op": op,
+        "shape": shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        "fast_impl": "triton" if on_cuda() else "ref (no CUDA: Triton not run)",
+        "reference": f"*_ref in {str(wide).replace('torch.', '')}",
+        "relative_error": error,
+        "impls": {},
+    }
     impls = [("fast", fast), ("ref", ref)]
     for name, factory in extras:
         try:
@@ -349,16 +388,46 @@ def hybrid_1b_config(tiny: bool):
     from latentforge.model import ModelConfig
 
     if tiny:
-        return ModelConfig(pattern="MEM*E-", hidden_size=64, vocab_size=512, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=16, mamba_num_heads=8, mamba_head_dim=16, mamba_groups=2,
-                           ssm_state_size=16, chunk_size=16, num_experts=8, top_k=2, moe_intermediate_size=32,
-                           moe_latent_size=32, shared_expert_intermediate_size=64, mlp_intermediate_size=128,
-                           mtp_depths=1)
-    return ModelConfig(pattern="MEMEM*EMEMEM*EMEMEM*E-", hidden_size=2048, vocab_size=32768, num_attention_heads=16,
-                       num_key_value_heads=2, head_dim=128, mamba_num_heads=64, mamba_head_dim=64, mamba_groups=8,
-                       ssm_state_size=128, chunk_size=128, num_experts=16, top_k=4, moe_intermediate_size=1024,
-                       moe_latent_size=1024, shared_expert_intermediate_size=4096, mlp_intermediate_size=8192,
-                       mtp_depths=1)
+        return ModelConfig(
+            pattern="MEM*E-",
+            hidden_size=64,
+            vocab_size=512,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            mamba_num_heads=8,
+            mamba_head_dim=16,
+            mamba_groups=2,
+            ssm_state_size=16,
+            chunk_size=16,
+            num_experts=8,
+            top_k=2,
+            moe_intermediate_size=32,
+            moe_latent_size=32,
+            shared_expert_intermediate_size=64,
+            mlp_intermediate_size=128,
+            mtp_depths=1,
+        )
+    return ModelConfig(
+        pattern="MEMEM*EMEMEM*EMEMEM*E-",
+        hidden_size=2048,
+        vocab_size=32768,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=128,
+        mamba_num_heads=64,
+        mamba_head_dim=64,
+        mamba_groups=8,
+        ssm_state_size=128,
+        chunk_size=128,
+        num_experts=16,
+        top_k=4,
+        moe_intermediate_size=1024,
+        moe_latent_size=1024,
+        shared_expert_intermediate_size=4096,
+        mlp_intermediate_size=8192,
+        mtp_depths=1,
+    )
 
 
 def train_step_rate(cfg, precision, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
@@ -401,12 +470,24 @@ def train_step_rate(cfg, precision, batch: int, seq_len: int, steps: int, warmup
     tflops = training_flops_per_token(cfg, seq_len) * tokens_per_step / step_s / 1e12
     peak = device_peak_tflops(dev)
     counts = count_parameters(model)
-    return {"params_total": counts.total, "params_active": counts.active, "pattern": cfg.layer_pattern,
-            "batch": batch, "seq_len": seq_len, "steps_timed": steps, "step_ms": 1e3 * step_s,
-            "tokens_per_s": tokens_per_step / step_s, "tflops": tflops,
-            "mfu": tflops / peak if peak else None, "peak_tflops": peak, "loss": loss,
-            "quantized_modules": None if table is None else sum(1 for e in table.entries if e.format not in ("bf16", "fp32")),
-            "peak_memory_gib": peak_gib()}
+    return {
+        "params_total": counts.total,
+        "params_active": counts.active,
+        "pattern": cfg.layer_pattern,
+        "batch": batch,
+        "seq_len": seq_len,
+        "steps_timed": steps,
+        "step_ms": 1e3 * step_s,
+        "tokens_per_s": tokens_per_step / step_s,
+        "tflops": tflops,
+        "mfu": tflops / peak if peak else None,
+        "peak_tflops": peak,
+        "loss": loss,
+        "quantized_modules": None
+        if table is None
+        else sum(1 for e in table.entries if e.format not in ("bf16", "fp32")),
+        "peak_memory_gib": peak_gib(),
+    }
 
 
 def _train_shape(args):
@@ -442,8 +523,12 @@ def part_train_fp8(args) -> dict:
 def decode_rate(model, batch: int, draft_tokens: int, prompt_len: int, new_tokens: int, vocab: int) -> dict:
     from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 
-    engine = Engine(model, EngineConfig(max_batch=batch, max_seq_len=prompt_len + new_tokens + 8,
-                                        draft_tokens=draft_tokens, prefix_cache_size=0))
+    engine = Engine(
+        model,
+        EngineConfig(
+            max_batch=batch, max_seq_len=prompt_len + new_tokens + 8, draft_tokens=draft_tokens, prefix_cache_size=0
+        ),
+    )
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, vocab, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
@@ -456,10 +541,16 @@ def decode_rate(model, batch: int, draft_tokens: int, prompt_len: int, new_token
     seconds = time.perf_counter() - t0
     generated = sum(len(r.token_ids) for r in results)
     stats = engine.stats
-    return {"batch": batch, "draft_tokens": draft_tokens, "tokens_per_s": generated / seconds,
-            "seconds": seconds, "steps": stats.steps, "ms_per_step": 1e3 * seconds / max(1, stats.steps),
-            "mean_accepted_length": stats.mean_accepted_length if draft_tokens else 1.0,
-            "outputs": [r.token_ids for r in results]}
+    return {
+        "batch": batch,
+        "draft_tokens": draft_tokens,
+        "tokens_per_s": generated / seconds,
+        "seconds": seconds,
+        "steps": stats.steps,
+        "ms_per_step": 1e3 * seconds / max(1, stats.steps),
+        "mean_accepted_length": stats.mean_accepted_length if draft_tokens else 1.0,
+        "outputs": [r.token_ids for r in results],
+    }
 
 
 def part_decode(args) -> dict:
@@ -492,14 +583,25 @@ def part_decode(args) -> dict:
                 row["verify_cost_in_plain_steps"] = row["ms_per_step"] / plain[0]["ms_per_step"]
                 row["greedy_output_identical"] = outputs == plain[1]
             rows.append(row)
-    return {"model": cfg.layer_pattern, "prompt_len": prompt_len, "new_tokens": new_tokens, "rows": rows,
-            "note": "random weights: drafts are rarely accepted, so the speedup here is the cost side only; "
-                    "expected speedup with a trained model = accepted length / verify_cost_in_plain_steps"}
+    return {
+        "model": cfg.layer_pattern,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "rows": rows,
+        "note": "random weights: drafts are rarely accepted, so the speedup here is the cost side only; "
+        "expected speedup with a trained model = accepted length / verify_cost_in_plain_steps",
+    }
 
 
 # ----- report -------------------------------------------------------------------------------------------------------
-PART_FUNCTIONS = {"environment": part_environment, "gpu_tests": part_gpu_tests, "kernels": part_kernels,
-                  "train_bf16": part_train_bf16, "train_fp8": part_train_fp8, "decode": part_decode}
+PART_FUNCTIONS = {
+    "environment": part_environment,
+    "gpu_tests": part_gpu_tests,
+    "kernels": part_kernels,
+    "train_bf16": part_train_bf16,
+    "train_fp8": part_train_fp8,
+    "decode": part_decode,
+}
 
 
 def run_part(name: str, args) -> dict:
@@ -511,8 +613,11 @@ def run_part(name: str, args) -> dict:
     except Skip as reason:
         entry = {"status": "skipped", "reason": str(reason)}
     except Exception as exc:  # one failing part must not hide the others
-        entry = {"status": "failed", "error": f"{exc.__class__.__name__}: {exc}"[:1000],
-                 "traceback": traceback.format_exc()[-4000:]}
+        entry = {
+            "status": "failed",
+            "error": f"{exc.__class__.__name__}: {exc}"[:1000],
+            "traceback": traceback.format_exc()[-4000:],
+        }
     entry["seconds"] = round(time.perf_counter() - started, 2)
     return entry
 
@@ -527,19 +632,30 @@ def _fmt(value, digits=3):
 
 def markdown_report(report: dict) -> str:
     env = report["parts"].get("environment", {}).get("result", {})
-    lines = [f"# GPU acceptance run, {report['date']}", "",
-             f"Device: {env.get('device', '?')} | torch {env.get('torch', '?')} | CUDA {env.get('cuda')} | "
-             f"Triton {env.get('triton_version')} | TE {env.get('transformer_engine_version')} | "
-             f"mamba_ssm {env.get('mamba_ssm_version')} | causal_conv1d {env.get('causal_conv1d_version')}", "",
-             f"Command: `{report['command']}` ({report['mode']} mode, {report['seconds']:.0f} s)", "",
-             "| part | status | seconds | summary |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"# GPU acceptance run, {report['date']}",
+        "",
+        f"Device: {env.get('device', '?')} | torch {env.get('torch', '?')} | CUDA {env.get('cuda')} | "
+        f"Triton {env.get('triton_version')} | TE {env.get('transformer_engine_version')} | "
+        f"mamba_ssm {env.get('mamba_ssm_version')} | causal_conv1d {env.get('causal_conv1d_version')}",
+        "",
+        f"Command: `{report['command']}` ({report['mode']} mode, {report['seconds']:.0f} s)",
+        "",
+        "| part | status | seconds | summary |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, entry in report["parts"].items():
         summary = entry.get("reason") or entry.get("error") or _summary(name, entry.get("result", {}))
         lines.append(f"| {name} | {entry['status'].upper()} | {entry['seconds']} | {summary} |")
     kernels = report["parts"].get("kernels", {}).get("result")
     if kernels:
-        lines += ["", "## Kernels", "", "| op | shape | impl | rel. error | fwd ms | fwd+bwd ms | x ref fwd | "
-                  "x ref fwd+bwd | peak GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Kernels",
+            "",
+            "| op | shape | impl | rel. error | fwd ms | fwd+bwd ms | x ref fwd | x ref fwd+bwd | peak GiB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in kernels["results"]:
             for impl, t in r["impls"].items():
                 label = r["fast_impl"] if impl == "fast" else impl
@@ -548,23 +664,35 @@ def markdown_report(report: dict) -> str:
                 if detail:
                     lines.append(f"| {r['op']} | {r['shape']} | {label} | | {detail} | | | | |")
                     continue
-                lines.append(f"| {r['op']} | {r['shape']} | {label} | {err} | {_fmt(t.get('fwd_ms'))} | "
-                             f"{_fmt(t.get('fwd_bwd_ms'))} | {_fmt(t.get('fwd_speedup_vs_ref'))} | "
-                             f"{_fmt(t.get('fwd_bwd_speedup_vs_ref'))} | {_fmt(r.get('peak_memory_gib'))} |")
+                lines.append(
+                    f"| {r['op']} | {r['shape']} | {label} | {err} | {_fmt(t.get('fwd_ms'))} | "
+                    f"{_fmt(t.get('fwd_bwd_ms'))} | {_fmt(t.get('fwd_speedup_vs_ref'))} | "
+                    f"{_fmt(t.get('fwd_bwd_speedup_vs_ref'))} | {_fmt(r.get('peak_memory_gib'))} |"
+                )
         for op, why in kernels["failed"].items():
             lines.append(f"| {op} | | FAILED | {why} | | | | | |")
     decode = report["parts"].get("decode", {}).get("result")
     if decode:
-        lines += ["", "## Decode", "", decode["note"], "", "| batch | k | tok/s | x plain | accepted length | "
-                  "verify cost (plain steps) | same greedy output | peak GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Decode",
+            "",
+            decode["note"],
+            "",
+            "| batch | k | tok/s | x plain | accepted length | "
+            "verify cost (plain steps) | same greedy output | peak GiB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in decode["rows"]:
             if "skipped" in r:
                 lines.append(f"| {r['batch']} | {r['draft_tokens']} | skipped: {r['skipped']} | | | | | |")
                 continue
-            lines.append(f"| {r['batch']} | {r['draft_tokens']} | {_fmt(r['tokens_per_s'], 4)} | "
-                         f"{_fmt(r.get('speedup_vs_plain'))} | {_fmt(r['mean_accepted_length'])} | "
-                         f"{_fmt(r.get('verify_cost_in_plain_steps'))} | {r.get('greedy_output_identical', '')} | "
-                         f"{_fmt(r.get('peak_memory_gib'))} |")
+            lines.append(
+                f"| {r['batch']} | {r['draft_tokens']} | {_fmt(r['tokens_per_s'], 4)} | "
+                f"{_fmt(r.get('speedup_vs_plain'))} | {_fmt(r['mean_accepted_length'])} | "
+                f"{_fmt(r.get('verify_cost_in_plain_steps'))} | {r.get('greedy_output_identical', '')} | "
+                f"{_fmt(r.get('peak_memory_gib'))} |"
+            )
     failed = [(n, e) for n, e in report["parts"].items() if e["status"] == "failed"]
     for name, entry in failed:
         lines += ["", f"## {name} failed", "", "```", entry.get("traceback", entry.get("error", "")), "```"]
@@ -575,17 +703,21 @@ def _summary(name: str, result: dict) -> str:
     if name == "environment":
         return f"peak bf16 {_fmt(result.get('peak_bf16_tflops'))} TFLOP/s"
     if name == "gpu_tests":
-        text = f"{result['passed']} passed, {result['failures']} failed, {result['errors']} errors, " \
-               f"{result['skipped']} skipped"
+        text = (
+            f"{result['passed']} passed, {result['failures']} failed, {result['errors']} errors, "
+            f"{result['skipped']} skipped"
+        )
         return text + (f" ({'; '.join(result['failed'][:5])})" if result["failed"] else "")
     if name == "kernels":
         worst = max((r["relative_error"] for r in result["results"]), default=None)
         return f"{len(result['results'])} ops measured, worst rel. error {_fmt(worst)}, {len(result['failed'])} failed"
     if name.startswith("train"):
-        text = (f"{result['params_total'] / 1e9:.3g}B params, {result['batch']}x{result['seq_len']}: "
-                f"{_fmt(result['step_ms'], 4)} ms/step, {_fmt(result['tokens_per_s'], 4)} tok/s, "
-                f"{_fmt(result['tflops'])} TFLOP/s, MFU {_fmt(None if result['mfu'] is None else 100 * result['mfu'])}%, "
-                f"peak {_fmt(result['peak_memory_gib'])} GiB")
+        text = (
+            f"{result['params_total'] / 1e9:.3g}B params, {result['batch']}x{result['seq_len']}: "
+            f"{_fmt(result['step_ms'], 4)} ms/step, {_fmt(result['tokens_per_s'], 4)} tok/s, "
+            f"{_fmt(result['tflops'])} TFLOP/s, MFU {_fmt(None if result['mfu'] is None else 100 * result['mfu'])}%, "
+            f"peak {_fmt(result['peak_memory_gib'])} GiB"
+        )
         if "speedup_vs_bf16" in result:
             text += f", x bf16 {_fmt(result['speedup_vs_bf16'])}"
         return text
@@ -616,15 +748,21 @@ def main(argv=None) -> int:
     args.remaining = lambda: args.budget_s - (time.perf_counter() - started)
     args.baselines = {}
     now = _dt.datetime.now(_dt.timezone.utc)
-    report = {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "mode": "tiny" if args.tiny else "full",
-              "command": " ".join(["python", "bench/gpu_acceptance.py", *(argv if argv is not None else sys.argv[1:])]),
-              "parts": {}}
+    report = {
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "mode": "tiny" if args.tiny else "full",
+        "command": " ".join(["python", "bench/gpu_acceptance.py", *(argv if argv is not None else sys.argv[1:])]),
+        "parts": {},
+    }
     for name in PARTS:
         if name not in args.parts and name != "environment":
             continue
         report["parts"][name] = entry = run_part(name, args)
-        print(f"[gpu_acceptance] {name}: {entry['status']} ({entry['seconds']} s) "
-              f"{entry.get('reason') or entry.get('error') or ''}", flush=True)
+        print(
+            f"[gpu_acceptance] {name}: {entry['status']} ({entry['seconds']} s) "
+            f"{entry.get('reason') or entry.get('error') or ''}",
+            flush=True,
+        )
     report["seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ def split_reasoning(message: dict) -> Tuple[Optional[str], str]:
     if match:
         if reasoning is None:
             reasoning = match.group(1)
-        content = content[match.end():]
+        content = content[match.end() :]
     reasoning = reasoning.strip() if isinstance(reasoning, str) else None
     return (reasoning or None), content
 
@@ -85,8 +85,9 @@ def normalize_tool_call(call) -> dict:
 
 def format_tool_calls(calls: Sequence) -> str:
     """The text of an assistant turn's tool calls (the module docstring's CALL, joined by newlines)."""
-    return "\n".join(TOOL_CALL_OPEN + json.dumps(normalize_tool_call(c), ensure_ascii=False) + TOOL_CALL_CLOSE
-                     for c in calls)
+    return "\n".join(
+        TOOL_CALL_OPEN + json.dumps(normalize_tool_call(c), ensure_ascii=False) + TOOL_CALL_CLOSE for c in calls
+    )
 
 
 def parse_tool_calls(text: str) -> Tuple[List[dict], List[str]]:
@@ -100,8 +101,10 @@ def parse_tool_calls(text: str) -> Tuple[List[dict], List[str]]:
         try:
             payload = json.loads(body)
         except json.JSONDecodeError as exc:
-            errors.append(f"tool call {i + 1} is not valid JSON ({exc.msg} at char {exc.pos}); write "
-                          '<tool_call>{"name": "...", "arguments": {...}}</tool_call>')
+            errors.append(
+                f"tool call {i + 1} is not valid JSON ({exc.msg} at char {exc.pos}); write "
+                '<tool_call>{"name": "...", "arguments": {...}}</tool_call>'
+            )
             continue
         try:
             calls.append(normalize_tool_call(payload))
@@ -185,8 +188,11 @@ def _segments(messages: Sequence[dict], enable_thinking: bool, add_generation_pr
         role = m["role"]
         out += [("<|im_start|>", False), (f"{role}\n", False)]
         if role == "tool":
-            out += [(TOOL_RESPONSE_OPEN + m["content"] + TOOL_RESPONSE_CLOSE, False), ("<|im_end|>", False),
-                    ("\n", False)]
+            out += [
+                (TOOL_RESPONSE_OPEN + m["content"] + TOOL_RESPONSE_CLOSE, False),
+                ("<|im_end|>", False),
+                ("\n", False),
+            ]
             continue
         if role != "assistant":
             out += [(m["content"], False), ("<|im_end|>", False), ("\n", False)]
@@ -218,15 +224,17 @@ def _merge_text(segments, control_names):
     return out
 
 
-def render_chat(tokenizer, messages: Sequence[dict], *, enable_thinking: bool = True,
-                add_generation_prompt: bool = False) -> ChatTokens:
+def render_chat(
+    tokenizer, messages: Sequence[dict], *, enable_thinking: bool = True, add_generation_prompt: bool = False
+) -> ChatTokens:
     """Token ids and assistant mask of a conversation. Message text is encoded as plain text: a "<|im_end|>"
     typed by a user stays text and can not end a turn. The text between two control tokens is encoded as one
     string (as a Hugging Face tokenizer encodes the rendered template), so "user\n" + "\nhi" is "user\n\nhi"."""
     ids: List[int] = []
     mask: List[bool] = []
-    for piece, trained in _merge_text(_segments(messages, enable_thinking, add_generation_prompt),
-                                      tokenizer.special_ids):
+    for piece, trained in _merge_text(
+        _segments(messages, enable_thinking, add_generation_prompt), tokenizer.special_ids
+    ):
         if piece in tokenizer.special_ids:
             piece_ids = [tokenizer.special_ids[piece]]
         elif piece:
@@ -238,8 +246,9 @@ def render_chat(tokenizer, messages: Sequence[dict], *, enable_thinking: bool = 
     return ChatTokens(ids, mask)
 
 
-def render_chat_text(messages: Sequence[dict], *, enable_thinking: bool = True,
-                     add_generation_prompt: bool = False) -> str:
+def render_chat_text(
+    messages: Sequence[dict], *, enable_thinking: bool = True, add_generation_prompt: bool = False
+) -> str:
     """The same conversation as one string (for reading and debugging; decode(render_chat(...).ids) equals it)."""
     return "".join(p for p, _ in _segments(messages, enable_thinking, add_generation_prompt))
 
@@ -248,8 +257,10 @@ def render_observation(tokenizer, messages: Sequence[dict], *, enable_thinking: 
     """The ids that follow a generated assistant turn (which ends in IM_END) in a multi-turn rollout: the "\n"
     after IM_END, the environment's messages (tool / user turns) and the next generation prompt, exactly as
     `render_chat` renders them inside the whole conversation."""
-    return (tokenizer.encode_chat_text("\n")
-            + render_chat(tokenizer, messages, enable_thinking=enable_thinking, add_generation_prompt=True).ids)
+    return (
+        tokenizer.encode_chat_text("\n")
+        + render_chat(tokenizer, messages, enable_thinking=enable_thinking, add_generation_prompt=True).ids
+    )
 
 
 def prompt_messages(messages: Sequence[dict]) -> List[dict]:

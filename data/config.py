@@ -97,8 +97,10 @@ class DataConfig:
         if self.weights is not None:
             self.weights = [float(w) for w in self.weights]
             if len(self.weights) != len(self.paths):
-                raise DataConfigError(f"data.weights has {len(self.weights)} entries for {len(self.paths)} paths: "
-                                 "give one weight per path, or weights: null to blend by token count")
+                raise DataConfigError(
+                    f"data.weights has {len(self.weights)} entries for {len(self.paths)} paths: "
+                    "give one weight per path, or weights: null to blend by token count"
+                )
             if any(w <= 0 for w in self.weights):
                 raise DataConfigError(f"data.weights must all be > 0, got {self.weights}")
         split_shares(self.split)  # raises on a malformed split

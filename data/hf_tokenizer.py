@@ -30,8 +30,9 @@ CHAT_CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
 
 def byte_to_unicode() -> dict:
     """GPT-2's reversible byte -> printable character map (what byte-level BPE vocabularies are written in)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -54,8 +55,7 @@ def bpe_from_ranks(ranks: list) -> tuple:
     vocab, merges = {}, []
     for rank, token in enumerate(ranks):
         vocab[text(token)] = rank
-        splits = [(token[:i], token[i:]) for i in range(1, len(token))
-                  if token[:i] in rank_of and token[i:] in rank_of]
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in rank_of and token[i:] in rank_of]
         splits.sort(key=lambda pair: (rank_of[pair[0]], rank_of[pair[1]]))
         merges += [(text(left), text(right)) for left, right in splits]
     return vocab, merges
@@ -78,9 +78,12 @@ def tekken_to_hf(tokenizer: TekkenTokenizer):
     vocab = {piece: rank + len(control) for piece, rank in vocab.items()}
     vocab.update(control)
     hf = RustTokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(raw["config"]["pattern"]), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(raw["config"]["pattern"]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     hf.decoder = decoders.ByteLevel()
     hf.post_processor = processors.ByteLevel(trim_offsets=False)
     hf.add_special_tokens([AddedToken(name, special=True) for name in sorted(control, key=lambda name: control[name])])
@@ -167,8 +170,10 @@ def export_checkpoint_tokenizer(checkpoint, out_dir, spec: Optional[str] = None)
     if tokenizer is None:
         import warnings
 
-        warnings.warn(f"{checkpoint} records no tokenizer (no tokenizer.json, no tekken in config.yaml): the export "
-                      "has no tokenizer files; pass --tokenizer SPEC (e.g. tekken or path/tokenizer.json)")
+        warnings.warn(
+            f"{checkpoint} records no tokenizer (no tokenizer.json, no tekken in config.yaml): the export "
+            "has no tokenizer files; pass --tokenizer SPEC (e.g. tekken or path/tokenizer.json)"
+        )
         write_generation_config(out_dir)
         return None
     write_hf_tokenizer(tokenizer, out_dir)

@@ -66,8 +66,16 @@ class IndexedWriter:
             raise ValueError(f"no documents to write to {self.prefix}: every input was empty or skipped")
         self._builder.finalize(self._tmp[".idx"])
         with open(self._tmp[META_SUFFIX], "w") as f:
-            json.dump({**meta, "num_documents": self.num_documents, "num_tokens": self.num_tokens,
-                       "dtype": np.dtype(self.dtype).name}, f, indent=2)
+            json.dump(
+                {
+                    **meta,
+                    "num_documents": self.num_documents,
+                    "num_tokens": self.num_tokens,
+                    "dtype": np.dtype(self.dtype).name,
+                },
+                f,
+                indent=2,
+            )
         order = [".bin", META_SUFFIX, ".idx"]
         if self.tokenizer_file is not None:
             shutil.copyfile(self.tokenizer_file, self._tmp[TOKENIZER_SUFFIX])
@@ -116,8 +124,10 @@ def open_indexed(prefix: str):
     prefix = normalize_prefix(prefix)
     missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"no Megatron indexed dataset at {prefix}: missing {missing}. Write one with "
-                                f"`python -m latentforge.data.preprocess --input <files> --output-prefix {prefix} --tokenizer ...`")
+        raise FileNotFoundError(
+            f"no Megatron indexed dataset at {prefix}: missing {missing}. Write one with "
+            f"`python -m latentforge.data.preprocess --input <files> --output-prefix {prefix} --tokenizer ...`"
+        )
     return indexed_dataset.IndexedDataset(prefix)
 
 
@@ -152,6 +162,7 @@ def inspect_prefix(prefix: str, tokenizer: Optional[Tokenizer] = None) -> Prefix
             if seen_max >= tokenizer.vocab_size:
                 raise TokenizerMismatchError(
                     f"dataset {prefix} holds token id {seen_max}, beyond the vocabulary of the tokenizer in use "
-                    f"({tokenizer.vocab_size} ids): it was tokenized with another tokenizer")
+                    f"({tokenizer.vocab_size} ids): it was tokenized with another tokenizer"
+                )
     dtype = np.dtype(ds.index.dtype).name
     return PrefixInfo(prefix, len(lengths), num_tokens, dtype, meta, ds, lengths)

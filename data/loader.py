@@ -45,8 +45,9 @@ class BatchLoader:
     """Iterator of micro-batches {"input_ids", "labels", "seq_idx"} for one DP rank; never runs out (it moves on
     to the next epoch, reshuffled). `state_dict()` / `load_state_dict()` save and restore the position."""
 
-    def __init__(self, source: SampleSource, tokenizer: Tokenizer, *, micro_batch_size: int, dp_rank: int,
-                 dp_size: int):
+    def __init__(
+        self, source: SampleSource, tokenizer: Tokenizer, *, micro_batch_size: int, dp_rank: int, dp_size: int
+    ):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if not 0 <= dp_rank < dp_size:
@@ -82,30 +83,44 @@ class BatchLoader:
         return collate(rows)
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "consumed_samples": self.consumed_samples, "epoch": self.epoch,
-                "samples_per_epoch": self.source.samples_per_epoch, "fingerprint": self.fingerprint,
-                "identity": self._identity, "tokenizer": self._tokenizer.fingerprint()}
+        return {
+            "version": STATE_VERSION,
+            "consumed_samples": self.consumed_samples,
+            "epoch": self.epoch,
+            "samples_per_epoch": self.source.samples_per_epoch,
+            "fingerprint": self.fingerprint,
+            "identity": self._identity,
+            "tokenizer": self._tokenizer.fingerprint(),
+        }
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Resume at a saved position. The saved tokenizer must be this one. With strict (the default) the data
         must be the same too; strict=False keeps the position but accepts changed data (a new blend)."""
         self._tokenizer.check_matches(state["tokenizer"], "the checkpoint's data position")
         if state["fingerprint"] != self.fingerprint:
-            changed = {k: (state.get("identity", {}).get(k), v) for k, v in self._identity.items()
-                       if state.get("identity", {}).get(k) != v}
-            message = ("the data changed since the checkpoint: " +
-                       "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+            changed = {
+                k: (state.get("identity", {}).get(k), v)
+                for k, v in self._identity.items()
+                if state.get("identity", {}).get(k) != v
+            }
+            message = "the data changed since the checkpoint: " + "; ".join(
+                f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()
+            )
             if strict:
-                raise ValueError(message + ". Restore the original data config, or load with strict=False to "
-                                 "continue at the same sample count on the new data.")
+                raise ValueError(
+                    message + ". Restore the original data config, or load with strict=False to "
+                    "continue at the same sample count on the new data."
+                )
             warnings.warn(message + "; continuing at the saved sample count", stacklevel=2)
         self.consumed_samples = int(state["consumed_samples"])
 
 
 def collate(rows) -> Dict[str, torch.Tensor]:
-    batch = {"input_ids": torch.from_numpy(np.stack([r["input_ids"] for r in rows]).astype(np.int64)),
-             "labels": torch.from_numpy(np.stack([r["labels"] for r in rows]).astype(np.int64)),
-             "seq_idx": torch.from_numpy(np.stack([r["seq_idx"] for r in rows]).astype(np.int32))}
+    batch = {
+        "input_ids": torch.from_numpy(np.stack([r["input_ids"] for r in rows]).astype(np.int64)),
+        "labels": torch.from_numpy(np.stack([r["labels"] for r in rows]).astype(np.int64)),
+        "seq_idx": torch.from_numpy(np.stack([r["seq_idx"] for r in rows]).astype(np.int32)),
+    }
     if "attention_mask" in rows[0]:  # packed SFT rows: 0 on the tail padding
         batch["attention_mask"] = torch.from_numpy(np.stack([r["attention_mask"] for r in rows]).astype(bool))
     return batch

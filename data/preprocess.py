@@ -53,14 +53,18 @@ class PreprocessReport:
         return self.num_tokens / max(self.seconds, 1e-9)
 
     def summary(self) -> str:
-        text = (f"wrote {self.num_documents:,} documents, {self.num_tokens:,} tokens to {self.prefix}.bin/.idx "
-                f"in {self.seconds:.1f}s ({self.tokens_per_s:,.0f} tokens/s)")
+        text = (
+            f"wrote {self.num_documents:,} documents, {self.num_tokens:,} tokens to {self.prefix}.bin/.idx "
+            f"in {self.seconds:.1f}s ({self.tokens_per_s:,.0f} tokens/s)"
+        )
         if self.num_empty:
             text += f"; {self.num_empty:,} empty documents skipped"
         if self.num_bad:
             more = ", ..." if self.num_bad > len(self.bad_locations) else ""
-            text += (f"; {self.num_bad:,} malformed records skipped ({', '.join(self.bad_locations)}{more}); "
-                     f"first: {self.bad_examples[0]}")
+            text += (
+                f"; {self.num_bad:,} malformed records skipped ({', '.join(self.bad_locations)}{more}); "
+                f"first: {self.bad_examples[0]}"
+            )
         return text
 
 
@@ -152,8 +156,9 @@ def _check_parquet_column(path: str, key: str) -> None:
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
         raise MalformedInputError(f"{path}: not a readable parquet file ({err})") from err
     if key not in names:
-        raise MalformedInputError(f"{path}: no column {key!r} (columns: {', '.join(names)}); choose one with "
-                                  "--json-key")
+        raise MalformedInputError(
+            f"{path}: no column {key!r} (columns: {', '.join(names)}); choose one with --json-key"
+        )
 
 
 def _batches(records: Iterable[Tuple[int, int, object]], max_docs: int, max_chars: int) -> Iterator[list]:
@@ -240,10 +245,22 @@ def _encode_batch(args) -> Tuple[List[np.ndarray], List[Tuple[int, int, str]], i
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, *, fmt: str = "auto", json_key: str = "text",
-               text_unit: str = "document", num_workers: int = 2, skip_bad: bool = False, append_eod: bool = True,
-               progress: bool = True, batch_docs: int = 1024, batch_chars: int = 1 << 19,
-               on_batch=None) -> PreprocessReport:
+def preprocess(
+    inputs: Sequence[str],
+    output_prefix: str,
+    tokenizer,
+    *,
+    fmt: str = "auto",
+    json_key: str = "text",
+    text_unit: str = "document",
+    num_workers: int = 2,
+    skip_bad: bool = False,
+    append_eod: bool = True,
+    progress: bool = True,
+    batch_docs: int = 1024,
+    batch_chars: int = 1 << 19,
+    on_batch=None,
+) -> PreprocessReport:
     """Tokenize `inputs` into `<output_prefix>.bin/.idx` (+ `.meta.json`, + `.tokenizer.json` for file-based
     tokenizers). `tokenizer` is a Tokenizer or a spec for data.tokenizer.load_tokenizer. `on_batch(report)` is
     called after each written batch (progress hooks, tests)."""
@@ -314,10 +331,21 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, *, fmt: str
         finally:
             if bar is not None:
                 bar.close()
-        writer.commit({"created_by": "latentforge data.preprocess", "tokenizer": tok.fingerprint(),
-                       "tokenizer_spec": tokenizer_spec, "sources": files, "format": fmt, "json_key": json_key,
-                       "text_unit": text_unit, "append_eod": append_eod, "eod_id": tok.eod_id,
-                       "num_bad": report.num_bad, "num_empty": report.num_empty})
+        writer.commit(
+            {
+                "created_by": "latentforge data.preprocess",
+                "tokenizer": tok.fingerprint(),
+                "tokenizer_spec": tokenizer_spec,
+                "sources": files,
+                "format": fmt,
+                "json_key": json_key,
+                "text_unit": text_unit,
+                "append_eod": append_eod,
+                "eod_id": tok.eod_id,
+                "num_bad": report.num_bad,
+                "num_empty": report.num_empty,
+            }
+        )
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -330,8 +358,16 @@ def _progress_bar(enabled: bool):
     return tqdm(unit=" docs", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
 
-def train_bpe_on_inputs(inputs: Sequence[str], vocab_size: int, save_path: str, *, fmt: str = "auto",
-                        json_key: str = "text", text_unit: str = "document", max_mb: float = 64.0):
+def train_bpe_on_inputs(
+    inputs: Sequence[str],
+    vocab_size: int,
+    save_path: str,
+    *,
+    fmt: str = "auto",
+    json_key: str = "text",
+    text_unit: str = "document",
+    max_mb: float = 64.0,
+):
     """Train a byte-level BPE on the first `max_mb` MB of the inputs' documents (malformed records skipped)."""
     from latentforge.data.tokenizer import train_bpe
 
@@ -361,17 +397,27 @@ def _raise_keyboard_interrupt(signum, frame):
 
 @entry_point("latentforge-preprocess")
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m latentforge.data.preprocess", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m latentforge.data.preprocess",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--input", nargs="+", required=True, help="text, JSONL or parquet files")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.bin, <prefix>.idx, <prefix>.meta.json")
-    parser.add_argument("--tokenizer", default="bpe",
-                        help="tekken | bpe[:vocab] (stdlib-trained) | hf:<tokenizer.json> | train-bpe:<vocab> "
-                             "(train a BPE on these inputs, saved as <prefix>.tokenizer.json)")
+    parser.add_argument(
+        "--tokenizer",
+        default="bpe",
+        help="tekken | bpe[:vocab] (stdlib-trained) | hf:<tokenizer.json> | train-bpe:<vocab> "
+        "(train a BPE on these inputs, saved as <prefix>.tokenizer.json)",
+    )
     parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
     parser.add_argument("--json-key", default="text", help="JSONL key / parquet column holding the text")
-    parser.add_argument("--text-unit", default="document", choices=TEXT_UNITS,
-                        help="plain text: one document per file, line or blank-line-separated paragraph")
+    parser.add_argument(
+        "--text-unit",
+        default="document",
+        choices=TEXT_UNITS,
+        help="plain text: one document per file, line or blank-line-separated paragraph",
+    )
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
     parser.add_argument("--skip-bad", action="store_true", help="count and skip malformed records")
     parser.add_argument("--no-eod", action="store_true", help="do not append </s> to each document")
@@ -387,13 +433,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             # Trained under a temporary name; preprocess copies it to <prefix>.tokenizer.json with the data.
             trained_tmp = f"{normalize_prefix(args.output_prefix)}{TOKENIZER_SUFFIX}.train-{os.getpid()}"
-            tokenizer = train_bpe_on_inputs(args.input, int(tokenizer.split(":", 1)[1]), trained_tmp,
-                                            fmt=args.format, json_key=args.json_key, text_unit=args.text_unit,
-                                            max_mb=args.train_max_mb)
+            tokenizer = train_bpe_on_inputs(
+                args.input,
+                int(tokenizer.split(":", 1)[1]),
+                trained_tmp,
+                fmt=args.format,
+                json_key=args.json_key,
+                text_unit=args.text_unit,
+                max_mb=args.train_max_mb,
+            )
             print(f"trained a {tokenizer.vocab_size}-token BPE", file=sys.stderr)
-        report = preprocess(args.input, args.output_prefix, tokenizer, fmt=args.format, json_key=args.json_key,
-                            text_unit=args.text_unit, num_workers=args.workers, skip_bad=args.skip_bad,
-                            append_eod=not args.no_eod, progress=not args.quiet)
+        report = preprocess(
+            args.input,
+            args.output_prefix,
+            tokenizer,
+            fmt=args.format,
+            json_key=args.json_key,
+            text_unit=args.text_unit,
+            num_workers=args.workers,
+            skip_bad=args.skip_bad,
+            append_eod=not args.no_eod,
+            progress=not args.quiet,
+        )
     except (MalformedInputError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -57,8 +57,9 @@ def _builder_class():
                 level = blend_logger.level
                 blend_logger.setLevel(logging.ERROR)  # it would warn that it can not save the index
                 try:
-                    return base.build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, datasets, weights,
-                                                      size, config)
+                    return base.build_generic_dataset(
+                        cls, is_built_on_rank, synchronize_ranks, datasets, weights, size, config
+                    )
                 finally:
                     blend_logger.setLevel(level)
             return base.build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args)
@@ -78,8 +79,9 @@ def split_document_range(num_documents: int, split: str, split_index: int) -> ra
 class PretrainSource:
     """Global sample index -> one row (input_ids, labels, seq_idx) of the blended stream."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, prefixes: List[str], *, seq_len: int, seed: int,
-                 split: str):
+    def __init__(
+        self, cfg: DataConfig, tokenizer: Tokenizer, prefixes: List[str], *, seq_len: int, seed: int, split: str
+    ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if seq_len < 1:
@@ -93,9 +95,11 @@ class PretrainSource:
         for info in infos:
             docs = split_document_range(info.num_documents, cfg.split, self.split_index)
             if len(docs) == 0:
-                raise ValueError(f"{info.prefix} has no documents in the {split} split ({info.num_documents} "
-                                 f"documents, split {cfg.split!r}): give it more data or change data.split")
-            split_tokens.append(int(np.sum(info.lengths[docs.start:docs.stop], dtype=np.int64)))
+                raise ValueError(
+                    f"{info.prefix} has no documents in the {split} split ({info.num_documents} "
+                    f"documents, split {cfg.split!r}): give it more data or change data.split"
+                )
+            split_tokens.append(int(np.sum(info.lengths[docs.start : docs.stop], dtype=np.int64)))
         # Epoch length: about one pass over the split's tokens (at least one sample).
         self.samples_per_epoch = max(1, (sum(split_tokens) - 1) // seq_len)
         if cfg.weights is not None:
@@ -111,31 +115,53 @@ class PretrainSource:
         self._mask_eod_labels = cfg.masks_document_end_labels
 
     def identity(self) -> dict:
-        return {"kind": "pretrain", "seq_len": self.seq_len, "seed": self.seed, "split": self.cfg.split,
-                "split_name": self.split,
-                "weights": None if self.weights is None else [w / sum(self.weights) for w in self.weights],
-                "sources": [{"name": os.path.basename(i.prefix), "documents": i.num_documents, "tokens": i.num_tokens,
-                             "tokenizer": (i.meta or {}).get("tokenizer", {}).get("sha256")} for i in self._infos],
-                "reset_at_documents": self.cfg.reset_at_documents, "mask_document_end_labels": self._mask_eod_labels,
-                "samples_per_epoch": self.samples_per_epoch}
+        return {
+            "kind": "pretrain",
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "split": self.cfg.split,
+            "split_name": self.split,
+            "weights": None if self.weights is None else [w / sum(self.weights) for w in self.weights],
+            "sources": [
+                {
+                    "name": os.path.basename(i.prefix),
+                    "documents": i.num_documents,
+                    "tokens": i.num_tokens,
+                    "tokenizer": (i.meta or {}).get("tokenizer", {}).get("sha256"),
+                }
+                for i in self._infos
+            ],
+            "reset_at_documents": self.cfg.reset_at_documents,
+            "mask_document_end_labels": self._mask_eod_labels,
+            "samples_per_epoch": self.samples_per_epoch,
+        }
 
     def _build_epoch(self, epoch: int):
         _, gpt_dataset, _, _ = megatron_datasets()
         weights = None if self.weights is None else [w / sum(self.weights) for w in self.weights]
         config = gpt_dataset.GPTDatasetConfig(
-            random_seed=derive_seed("pretrain", self.seed, epoch), sequence_length=self.seq_len,
-            blend=(self.prefixes, weights), split=self.cfg.split, path_to_cache=self._cache,
-            tokenizer=_MegatronTokenizerView(self.tokenizer), reset_position_ids=False, reset_attention_mask=False,
-            eod_mask_loss=False, create_attention_mask=False,
-            mid_level_dataset_surplus=self.cfg.mid_level_dataset_surplus)
+            random_seed=derive_seed("pretrain", self.seed, epoch),
+            sequence_length=self.seq_len,
+            blend=(self.prefixes, weights),
+            split=self.cfg.split,
+            path_to_cache=self._cache,
+            tokenizer=_MegatronTokenizerView(self.tokenizer),
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
+            mid_level_dataset_surplus=self.cfg.mid_level_dataset_surplus,
+        )
         # Build only the split this loader reads (megatron would index all three).
         config.split_matrix = [m if i == self.split_index else None for i, m in enumerate(config.split_matrix)]
         sizes = [self.samples_per_epoch if i == self.split_index else 0 for i in range(len(SPLITS))]
         built = _builder_class()(gpt_dataset.GPTDataset, sizes, lambda: True, config).build()
         dataset = built[self.split_index]
         if dataset is None or len(dataset) < self.samples_per_epoch:
-            raise RuntimeError(f"megatron built {0 if dataset is None else len(dataset)} samples for epoch {epoch}, "
-                               f"expected at least {self.samples_per_epoch}")
+            raise RuntimeError(
+                f"megatron built {0 if dataset is None else len(dataset)} samples for epoch {epoch}, "
+                f"expected at least {self.samples_per_epoch}"
+            )
         return dataset
 
     def _epoch_dataset(self, epoch: int):
@@ -181,8 +207,17 @@ def resolve_pretrain_prefixes(cfg: DataConfig, tokenizer: Tokenizer) -> List[str
     return prefixes
 
 
-def build_pretrain_loader(cfg, tokenizer: Tokenizer, *, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
-                          dp_size: int = 1, seed: Optional[int] = None, split: str = "train") -> BatchLoader:
+def build_pretrain_loader(
+    cfg,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    seed: Optional[int] = None,
+    split: str = "train",
+) -> BatchLoader:
     """Micro-batches of the blended pretraining stream for one data-parallel rank.
 
     Call it on every rank (with torch.distributed initialized, building the index is collective) and iterate the
@@ -193,6 +228,7 @@ def build_pretrain_loader(cfg, tokenizer: Tokenizer, *, seq_len: int, micro_batc
     if cfg.kind != "pretrain":
         raise ValueError(f"build_pretrain_loader needs data.kind=pretrain, got {cfg.kind!r} (use build_sft_loader)")
     prefixes = resolve_pretrain_prefixes(cfg, tokenizer)
-    source = PretrainSource(cfg, tokenizer, prefixes, seq_len=seq_len, seed=cfg.seed if seed is None else seed,
-                            split=split)
+    source = PretrainSource(
+        cfg, tokenizer, prefixes, seq_len=seq_len, seed=cfg.seed if seed is None else seed, split=split
+    )
     return BatchLoader(source, tokenizer, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)

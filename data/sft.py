@@ -84,8 +84,10 @@ def _data_file(path: str) -> str:
     """The absolute path of an SFT data file, or one clear error naming it."""
     full = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(full):
-        raise FileNotFoundError(f"SFT data file {full} does not exist (data.paths = {path!r}): fix the path or "
-                                f"use the built-in set {BUILTIN_CHAT}")
+        raise FileNotFoundError(
+            f"SFT data file {full} does not exist (data.paths = {path!r}): fix the path or "
+            f"use the built-in set {BUILTIN_CHAT}"
+        )
     return full
 
 
@@ -104,16 +106,20 @@ def _source_records(cfg: DataConfig, split: str, bad: List[str]):
             for r in tool_chat_splits(cfg.synthetic_num_train, cfg.synthetic_num_heldout, cfg.seed)[split]:
                 yield f"{BUILTIN_TOOL_CHAT}#{r['id']}", r["messages"], cfg.enable_thinking
         elif path.startswith("builtin:"):
-            raise ValueError(f"unknown built-in chat source {path!r}; the built-in chat sets are {BUILTIN_CHAT} "
-                             f"and {BUILTIN_TOOL_CHAT}")
+            raise ValueError(
+                f"unknown built-in chat source {path!r}; the built-in chat sets are {BUILTIN_CHAT} "
+                f"and {BUILTIN_TOOL_CHAT}"
+            )
         else:
             path = _data_file(path)
             records = list(_read_jsonl_records(path, cfg.skip_bad, bad, cfg.enable_thinking))
             keep = split_document_range(len(records), cfg.split, SPLITS.index(split))
             if len(keep) == 0:
-                raise ValueError(f"{path} has no conversations in the {split} split ({len(records)} in all, split "
-                                 f"{cfg.split!r}): add data or change data.split")
-            yield from records[keep.start:keep.stop]
+                raise ValueError(
+                    f"{path} has no conversations in the {split} split ({len(records)} in all, split "
+                    f"{cfg.split!r}): add data or change data.split"
+                )
+            yield from records[keep.start : keep.stop]
 
 
 def _cache_key(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> str:
@@ -127,16 +133,31 @@ def _cache_key(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> str:
             from latentforge.data.synthetic import GENERATOR_VERSION
             from latentforge.data.tool_chat import TOOL_CHAT_VERSION
 
-            sources.append([path, TOOL_CHAT_VERSION, GENERATOR_VERSION, cfg.synthetic_num_train,
-                            cfg.synthetic_num_heldout, cfg.seed])
+            sources.append(
+                [
+                    path,
+                    TOOL_CHAT_VERSION,
+                    GENERATOR_VERSION,
+                    cfg.synthetic_num_train,
+                    cfg.synthetic_num_heldout,
+                    cfg.seed,
+                ]
+            )
         else:
             h = hashlib.sha256()
             with open(_data_file(path), "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 22), b""):
                     h.update(chunk)
             sources.append([os.path.basename(path), h.hexdigest(), cfg.split])
-    key = {"v": SFT_CACHE_VERSION, "chat": CHAT_FORMAT_VERSION, "tokenizer": tokenizer.fingerprint()["sha256"],
-           "thinking": cfg.enable_thinking, "split": split, "sources": sources, "skip_bad": cfg.skip_bad}
+    key = {
+        "v": SFT_CACHE_VERSION,
+        "chat": CHAT_FORMAT_VERSION,
+        "tokenizer": tokenizer.fingerprint()["sha256"],
+        "thinking": cfg.enable_thinking,
+        "split": split,
+        "sources": sources,
+        "skip_bad": cfg.skip_bad,
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -159,24 +180,48 @@ def load_conversations(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> Con
                 raise ValueError(f"no conversations in the {split} split of {cfg.paths}")
             if bad:
                 more = ", ..." if len(bad) > MAX_SKIPPED_EXAMPLES else ""
-                log.warning("%d malformed records skipped (%s%s); first: %s", len(bad),
-                            ", ".join(b.split(": ", 1)[0] for b in bad[:MAX_SKIPPED_EXAMPLES]), more, bad[0])
+                log.warning(
+                    "%d malformed records skipped (%s%s); first: %s",
+                    len(bad),
+                    ", ".join(b.split(": ", 1)[0] for b in bad[:MAX_SKIPPED_EXAMPLES]),
+                    more,
+                    bad[0],
+                )
             tmp = f"{path}.tmp-{os.getpid()}.npz"
-            np.savez(tmp, ids=np.concatenate(ids), mask=np.concatenate(mask),
-                     offsets=np.asarray(offsets, dtype=np.int64), origins=np.asarray(origins),
-                     num_skipped=np.asarray(len(bad)),
-                     skipped_examples=np.asarray(bad[:MAX_SKIPPED_EXAMPLES], dtype=str))
+            np.savez(
+                tmp,
+                ids=np.concatenate(ids),
+                mask=np.concatenate(mask),
+                offsets=np.asarray(offsets, dtype=np.int64),
+                origins=np.asarray(origins),
+                num_skipped=np.asarray(len(bad)),
+                skipped_examples=np.asarray(bad[:MAX_SKIPPED_EXAMPLES], dtype=str),
+            )
             os.replace(tmp, path)
     with np.load(path) as z:
-        return Conversations(z["ids"], z["mask"], z["offsets"], [str(o) for o in z["origins"]],
-                             int(z["num_skipped"]), [str(e) for e in z["skipped_examples"]])
+        return Conversations(
+            z["ids"],
+            z["mask"],
+            z["offsets"],
+            [str(o) for o in z["origins"]],
+            int(z["num_skipped"]),
+            [str(e) for e in z["skipped_examples"]],
+        )
 
 
 class SFTSource:
     """Global sample index -> one packed row (input_ids, labels, seq_idx)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, conversations: Conversations, *, seq_len: int,
-                 seed: int, split: str):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: Tokenizer,
+        conversations: Conversations,
+        *,
+        seq_len: int,
+        seed: int,
+        split: str,
+    ):
         self.cfg, self.tokenizer, self.seq_len, self.seed, self.split = cfg, tokenizer, seq_len, seed, split
         self.conv = conversations
         self.capacity = seq_len + 1  # a row of seq_len + 1 tokens gives seq_len inputs and their next tokens
@@ -184,33 +229,49 @@ class SFTSource:
         too_long = np.flatnonzero(lengths > self.capacity)
         if cfg.truncation == "error" and too_long.size:
             i = int(too_long[0])
-            raise ValueError(f"{conversations.origins[i]}: conversation of {lengths[i]} tokens exceeds seq_len + 1 = "
-                             f"{self.capacity} ({too_long.size} such); raise seq_len or set data.truncation to "
-                             "truncate or drop")
+            raise ValueError(
+                f"{conversations.origins[i]}: conversation of {lengths[i]} tokens exceeds seq_len + 1 = "
+                f"{self.capacity} ({too_long.size} such); raise seq_len or set data.truncation to "
+                "truncate or drop"
+            )
         if cfg.truncation == "drop":
             self.kept = np.flatnonzero(lengths <= self.capacity)
         else:
             self.kept = np.arange(len(conversations))
         if self.kept.size == 0:
-            raise ValueError(f"every conversation is longer than seq_len + 1 = {self.capacity} and "
-                             "data.truncation=drop: raise seq_len")
+            raise ValueError(
+                f"every conversation is longer than seq_len + 1 = {self.capacity} and "
+                "data.truncation=drop: raise seq_len"
+            )
         self.kept_lengths = np.minimum(lengths[self.kept], self.capacity)
-        self.stats: Dict[str, float] = {"conversations": int(len(conversations)), "skipped_malformed": conversations.num_skipped,
-                      "truncated": int(too_long.size) if cfg.truncation == "truncate" else 0,
-                      "dropped": int(too_long.size) if cfg.truncation == "drop" else 0,
-                      "tokens_cut": int(np.sum(lengths[too_long] - self.capacity)) if too_long.size else 0}
+        self.stats: Dict[str, float] = {
+            "conversations": int(len(conversations)),
+            "skipped_malformed": conversations.num_skipped,
+            "truncated": int(too_long.size) if cfg.truncation == "truncate" else 0,
+            "dropped": int(too_long.size) if cfg.truncation == "drop" else 0,
+            "tokens_cut": int(np.sum(lengths[too_long] - self.capacity)) if too_long.size else 0,
+        }
         self._epochs: "OrderedDict[int, List[np.ndarray]]" = OrderedDict()
         self.samples_per_epoch = len(self._epoch_rows(0))
         self.stats["rows_per_epoch"] = self.samples_per_epoch
         self.stats["fill"] = float(self.kept_lengths.sum() / (self.samples_per_epoch * self.capacity))
 
     def identity(self) -> dict:
-        return {"kind": "sft", "seq_len": self.seq_len, "seed": self.seed, "split": self.cfg.split,
-                "split_name": self.split, "sources": [os.path.basename(p) for p in self.cfg.paths],
-                "conversations": len(self.conv), "tokens": int(self.conv.offsets[-1]),
-                "enable_thinking": self.cfg.enable_thinking, "packing": self.cfg.packing,
-                "truncation": self.cfg.truncation, "reset_at_documents": self.cfg.reset_at_documents,
-                "samples_per_epoch": self.samples_per_epoch}
+        return {
+            "kind": "sft",
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "split": self.cfg.split,
+            "split_name": self.split,
+            "sources": [os.path.basename(p) for p in self.cfg.paths],
+            "conversations": len(self.conv),
+            "tokens": int(self.conv.offsets[-1]),
+            "enable_thinking": self.cfg.enable_thinking,
+            "packing": self.cfg.packing,
+            "truncation": self.cfg.truncation,
+            "reset_at_documents": self.cfg.reset_at_documents,
+            "samples_per_epoch": self.samples_per_epoch,
+        }
 
     def _epoch_rows(self, epoch: int) -> List[np.ndarray]:
         """Rows of the epoch, each an array of conversation indices."""
@@ -224,8 +285,7 @@ class SFTSource:
             else:
                 rows = [self.kept[[j]] for j in perm]
             if epoch > 0 and len(rows) != self.samples_per_epoch:
-                raise RuntimeError(f"epoch {epoch} packed into {len(rows)} rows, epoch 0 into "
-                                   f"{self.samples_per_epoch}")
+                raise RuntimeError(f"epoch {epoch} packed into {len(rows)} rows, epoch 0 into {self.samples_per_epoch}")
             self._epochs[epoch] = rows
             while len(self._epochs) > 2:
                 self._epochs.popitem(last=False)
@@ -244,9 +304,9 @@ class SFTSource:
         for j, c in enumerate(row):
             lo = int(self.conv.offsets[c])
             n = min(int(self.conv.offsets[c + 1]) - lo, self.capacity)  # truncation keeps the head
-            tokens[pos:pos + n] = self.conv.ids[lo:lo + n]
-            trained[pos:pos + n] = self.conv.mask[lo:lo + n]
-            doc[pos:pos + n] = j
+            tokens[pos : pos + n] = self.conv.ids[lo : lo + n]
+            trained[pos : pos + n] = self.conv.mask[lo : lo + n]
+            doc[pos : pos + n] = j
             pos += n
         doc[pos:] = len(row)  # the padding is a document of its own
         labels = np.where(trained[1:], tokens[1:], -100)
@@ -256,8 +316,17 @@ class SFTSource:
         return {"input_ids": tokens[:-1], "labels": labels, "seq_idx": seq_idx, "attention_mask": attention_mask}
 
 
-def build_sft_loader(cfg, tokenizer: Tokenizer, *, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
-                     dp_size: int = 1, seed: Optional[int] = None, split: str = "train") -> BatchLoader:
+def build_sft_loader(
+    cfg,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    seed: Optional[int] = None,
+    split: str = "train",
+) -> BatchLoader:
     """Micro-batches of packed chat conversations for one data-parallel rank (see BatchLoader).
 
     `loader.source.stats` counts conversations, skipped malformed lines, truncated / dropped ones, cut tokens,
@@ -269,9 +338,12 @@ def build_sft_loader(cfg, tokenizer: Tokenizer, *, seq_len: int, micro_batch_siz
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if cfg.weights is not None:
-        raise ValueError("data.weights is not supported for SFT: conversations of all paths are used once per "
-                         "epoch; repeat a file in data.paths to up-weight it")
+        raise ValueError(
+            "data.weights is not supported for SFT: conversations of all paths are used once per "
+            "epoch; repeat a file in data.paths to up-weight it"
+        )
     conversations = load_conversations(cfg, tokenizer, split)
-    source = SFTSource(cfg, tokenizer, conversations, seq_len=seq_len, seed=cfg.seed if seed is None else seed,
-                       split=split)
+    source = SFTSource(
+        cfg, tokenizer, conversations, seq_len=seq_len, seed=cfg.seed if seed is None else seed, split=split
+    )
     return BatchLoader(source, tokenizer, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)

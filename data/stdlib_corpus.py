@@ -71,11 +71,17 @@ def stdlib_prefix(tokenizer, max_mb: float = 8.0, cache_dir: Optional[str] = Non
     from latentforge.data.util import file_lock
 
     tok_key = tokenizer.fingerprint()["sha256"][:12]
-    prefix = os.path.join(resolve_cache_dir(cache_dir), "corpus", f"stdlib-{corpus_key(max_mb)}-tok{tok_key}",
-                          "stdlib")
+    prefix = os.path.join(resolve_cache_dir(cache_dir), "corpus", f"stdlib-{corpus_key(max_mb)}-tok{tok_key}", "stdlib")
     if not os.path.isfile(prefix + ".idx"):
         with file_lock(prefix + ".lock"):
             if not os.path.isfile(prefix + ".idx"):
-                preprocess(stdlib_files(max_mb), prefix, tokenizer, fmt="text", text_unit="document",
-                           num_workers=num_workers, progress=False)
+                preprocess(
+                    stdlib_files(max_mb),
+                    prefix,
+                    tokenizer,
+                    fmt="text",
+                    text_unit="document",
+                    num_workers=num_workers,
+                    progress=False,
+                )
     return normalize_prefix(prefix)

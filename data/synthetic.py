@@ -26,8 +26,13 @@ def _expression(rng: random.Random) -> dict:
     product = b * c
     result = a + product if op == "+" else a - product
     steps = f"First the multiplication: {b} * {c} = {product}. Then {a} {op} {product} = {result}."
-    return {"kind": "expression", "question": f"What is {a} {op} {b} * {c}?", "reasoning": steps, "answer": result,
-            "expression": f"{a} {op} {b} * {c}"}
+    return {
+        "kind": "expression",
+        "question": f"What is {a} {op} {b} * {c}?",
+        "reasoning": steps,
+        "answer": result,
+        "expression": f"{a} {op} {b} * {c}",
+    }
 
 
 def _two_step(rng: random.Random) -> dict:
@@ -35,8 +40,13 @@ def _two_step(rng: random.Random) -> dict:
     s1 = a + b
     result = s1 - c
     steps = f"{a} + {b} = {s1}. Then {s1} - {c} = {result}."
-    return {"kind": "add_sub", "question": f"Compute {a} + {b} - {c}.", "reasoning": steps, "answer": result,
-            "expression": f"{a} + {b} - {c}"}
+    return {
+        "kind": "add_sub",
+        "question": f"Compute {a} + {b} - {c}.",
+        "reasoning": steps,
+        "answer": result,
+        "expression": f"{a} + {b} - {c}",
+    }
 
 
 def _buy_groups(rng: random.Random) -> dict:
@@ -44,11 +54,18 @@ def _buy_groups(rng: random.Random) -> dict:
     have, bags, each = rng.randint(1, 50), rng.randint(2, 9), rng.randint(2, 12)
     extra = bags * each
     result = have + extra
-    question = (f"{name} has {have} {item}. {name} buys {bags} bags with {each} {item} in each bag. "
-                f"How many {item} does {name} have now?")
+    question = (
+        f"{name} has {have} {item}. {name} buys {bags} bags with {each} {item} in each bag. "
+        f"How many {item} does {name} have now?"
+    )
     steps = f"The bags hold {bags} * {each} = {extra} {item}. {have} + {extra} = {result}."
-    return {"kind": "word_groups", "question": question, "reasoning": steps, "answer": result,
-            "expression": f"{have} + {bags} * {each}"}
+    return {
+        "kind": "word_groups",
+        "question": question,
+        "reasoning": steps,
+        "answer": result,
+        "expression": f"{have} + {bags} * {each}",
+    }
 
 
 def _share(rng: random.Random) -> dict:
@@ -56,11 +73,18 @@ def _share(rng: random.Random) -> dict:
     friends, each, kept = rng.randint(2, 9), rng.randint(2, 15), rng.randint(1, 9)
     shared = friends * each
     total = shared + kept
-    question = (f"{name} has {total} {item}, keeps {kept} and shares the rest equally among {friends} friends. "
-                f"How many {item} does each friend get?")
+    question = (
+        f"{name} has {total} {item}, keeps {kept} and shares the rest equally among {friends} friends. "
+        f"How many {item} does each friend get?"
+    )
     steps = f"{total} - {kept} = {shared} are shared. {shared} / {friends} = {each}."
-    return {"kind": "word_share", "question": question, "reasoning": steps, "answer": each,
-            "expression": f"({total} - {kept}) // {friends}"}
+    return {
+        "kind": "word_share",
+        "question": question,
+        "reasoning": steps,
+        "answer": each,
+        "expression": f"({total} - {kept}) // {friends}",
+    }
 
 
 def _rectangle(rng: random.Random) -> dict:
@@ -85,16 +109,30 @@ def _minutes(rng: random.Random) -> dict:
     hours, minutes, more = rng.randint(1, 5), rng.randint(0, 59), rng.randint(5, 90)
     start = hours * 60 + minutes
     result = start + more
-    question = (f"{name} reads for {hours} hours and {minutes} minutes, then {more} minutes more. "
-                f"How many minutes does {name} read in total?")
-    steps = (f"{hours} hours = {hours} * 60 = {hours * 60} minutes, plus {minutes} is {start}. "
-             f"{start} + {more} = {result}.")
-    return {"kind": "minutes", "question": question, "reasoning": steps, "answer": result,
-            "expression": f"{hours} * 60 + {minutes} + {more}"}
+    question = (
+        f"{name} reads for {hours} hours and {minutes} minutes, then {more} minutes more. "
+        f"How many minutes does {name} read in total?"
+    )
+    steps = (
+        f"{hours} hours = {hours} * 60 = {hours * 60} minutes, plus {minutes} is {start}. {start} + {more} = {result}."
+    )
+    return {
+        "kind": "minutes",
+        "question": question,
+        "reasoning": steps,
+        "answer": result,
+        "expression": f"{hours} * 60 + {minutes} + {more}",
+    }
 
 
-GENERATORS: Sequence[Callable[[random.Random], dict]] = (_expression, _two_step, _buy_groups, _share, _rectangle,
-                                                          _minutes)
+GENERATORS: Sequence[Callable[[random.Random], dict]] = (
+    _expression,
+    _two_step,
+    _buy_groups,
+    _share,
+    _rectangle,
+    _minutes,
+)
 
 
 def generate_problems(n: int, seed: int, exclude: Optional[set] = None) -> List[dict]:
@@ -122,8 +160,9 @@ def problem_messages(problem: dict, with_solution: bool = True) -> List[dict]:
     """The chat form: the user asks, the assistant reasons then answers 'Answer: N'."""
     messages = [{"role": "user", "content": f"{problem['question']}\n{INSTRUCTION}"}]
     if with_solution:
-        messages.append({"role": "assistant", "content": f"Answer: {problem['answer']}",
-                         "reasoning_content": problem["reasoning"]})
+        messages.append(
+            {"role": "assistant", "content": f"Answer: {problem['answer']}", "reasoning_content": problem["reasoning"]}
+        )
     return messages
 
 

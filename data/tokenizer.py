@@ -30,16 +30,17 @@ from typing import Iterable, List, Optional, Sequence, Union
 from latentforge.data.config import DataConfig, TokenizerConfig, resolve_cache_dir
 from latentforge.model.errors import UserError
 
-SPECIAL_TOKENS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|im_start|>": 10, "<|im_end|>": 11, "<think>": 12,
-                  "</think>": 13}
+SPECIAL_TOKENS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|im_start|>": 10, "<|im_end|>": 11, "<think>": 12, "</think>": 13}
 BPE_NUM_RESERVED = 16  # ids 0..15 are control tokens in a trained BPE (Tekken reserves 1000)
 TEKKEN_VOCAB_SIZE = 131072
 TEKKEN_FILE = "tekken_240911.json"
 BPE_FORMAT_VERSION = 1  # bump when train_bpe changes what it produces (it is part of the cache key)
 # Tekken's pre-tokenizer regex (SPEC section 7), reused for the trained BPE so both split text alike.
-TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
-                  r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
-                  r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+TEKKEN_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 class TokenizerMismatchError(UserError, ValueError):
@@ -88,8 +89,11 @@ class Tokenizer(ABC):
         """Text in which control-token names are control tokens ("a </s> b" -> [..., 2, ...]), the rest plain
         text: how transformers' `tokenizer(text)` reads a prompt. Never used for data (see the module docstring)."""
         control = self.control_tokens()
-        return [i for piece, is_name in self._split_at_control_names(text)
-                for i in ([control[piece]] if is_name else self.encode(piece))]
+        return [
+            i
+            for piece, is_name in self._split_at_control_names(text)
+            for i in ([control[piece]] if is_name else self.encode(piece))
+        ]
 
     def encode_chat_text(self, text: str) -> List[int]:
         """Message text of a chat: plain text, with each control-token name in it encoded as text on its own, as
@@ -105,7 +109,7 @@ class Tokenizer(ABC):
         pieces, start = [], 0
         for match in self._control_re.finditer(text):
             if match.start() > start:
-                pieces.append((text[start:match.start()], False))
+                pieces.append((text[start : match.start()], False))
             pieces.append((match.group(), True))
             start = match.end()
         if start < len(text):
@@ -127,8 +131,7 @@ class Tokenizer(ABC):
     def fingerprint(self) -> dict:
         """What a checkpoint or a dataset records to refuse a different tokenizer later."""
         if not hasattr(self, "_fingerprint"):
-            self._fingerprint = {"kind": self.kind, "vocab_size": int(self.vocab_size),
-                                 "sha256": self._content_hash()}
+            self._fingerprint = {"kind": self.kind, "vocab_size": int(self.vocab_size), "sha256": self._content_hash()}
         return dict(self._fingerprint)
 
     def check_matches(self, recorded: dict, what: str) -> None:
@@ -139,7 +142,8 @@ class Tokenizer(ABC):
                 f"{what} was made with tokenizer {recorded.get('kind')} (vocab {recorded.get('vocab_size')}, "
                 f"sha256 {str(recorded.get('sha256'))[:12]}) but the tokenizer in use is {mine['kind']} "
                 f"(vocab {mine['vocab_size']}, sha256 {mine['sha256'][:12]}). Use the same tokenizer, or "
-                f"re-tokenize the data / start from a checkpoint made with this one.")
+                f"re-tokenize the data / start from a checkpoint made with this one."
+            )
 
     def check_model_vocab(self, model_vocab_size: int) -> None:
         """Raise unless a model with this many embedding rows can take every id of this tokenizer."""
@@ -147,15 +151,18 @@ class Tokenizer(ABC):
             raise TokenizerMismatchError(
                 f"the model has {model_vocab_size} vocabulary rows but tokenizer {self.kind} produces ids up to "
                 f"{self.vocab_size - 1}: set the model's vocab_size to at least {self.vocab_size} (or pick a "
-                f"smaller tokenizer, e.g. data.tokenizer.vocab_size={model_vocab_size} for the trained BPE)")
+                f"smaller tokenizer, e.g. data.tokenizer.vocab_size={model_vocab_size} for the trained BPE)"
+            )
 
-    def apply_chat_template(self, messages, *, enable_thinking: bool = True,
-                            add_generation_prompt: bool = False) -> List[int]:
+    def apply_chat_template(
+        self, messages, *, enable_thinking: bool = True, add_generation_prompt: bool = False
+    ) -> List[int]:
         """ChatML ids for a conversation (see data.chat for the exact layout)."""
         from latentforge.data.chat import render_chat
 
-        return render_chat(self, messages, enable_thinking=enable_thinking,
-                           add_generation_prompt=add_generation_prompt).ids
+        return render_chat(
+            self, messages, enable_thinking=enable_thinking, add_generation_prompt=add_generation_prompt
+        ).ids
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size}, spec={self.spec!r})"
@@ -175,13 +182,17 @@ class HFTokenizer(Tokenizer):
         self._tok = RustTokenizer.from_file(self.path)
         # Added (special) tokens found in raw text are encoded as ordinary text instead.
         self._tok.encode_special_tokens = True
-        wrong = {name: self._tok.token_to_id(name) for name, idx in SPECIAL_TOKENS.items()
-                 if self._tok.token_to_id(name) != idx}
+        wrong = {
+            name: self._tok.token_to_id(name)
+            for name, idx in SPECIAL_TOKENS.items()
+            if self._tok.token_to_id(name) != idx
+        }
         if wrong:
             raise ValueError(
                 f"{path}: LatentForge needs the control tokens at fixed ids {SPECIAL_TOKENS}, but this tokenizer has "
                 f"{wrong} (token -> its id here). Use a tokenizer with these ids (the Nemotron-H tokenizer.json, "
-                f"'tekken', or a BPE from data.tokenizer.train_bpe).")
+                f"'tekken', or a BPE from data.tokenizer.train_bpe)."
+            )
         self._special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
         self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         actual = self._tok.get_vocab_size(with_added_tokens=True)
@@ -215,10 +226,15 @@ class HFTokenizer(Tokenizer):
         data = json.loads(self._tok.to_str())
         model = data.get("model", {})
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", []) or []]
-        content = {"type": model.get("type"), "vocab": sorted((model.get("vocab") or {}).items()) if isinstance(
-            model.get("vocab"), dict) else model.get("vocab"), "merges": merges,
+        content = {
+            "type": model.get("type"),
+            "vocab": sorted((model.get("vocab") or {}).items())
+            if isinstance(model.get("vocab"), dict)
+            else model.get("vocab"),
+            "merges": merges,
             "added": sorted((t["id"], t["content"]) for t in data.get("added_tokens", [])),
-            "vocab_size": self._vocab_size}
+            "vocab_size": self._vocab_size,
+        }
         return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -237,8 +253,10 @@ class TekkenTokenizer(Tokenizer):
         self._ignore = SpecialTokenPolicy.IGNORE
         self._num_special = self._tk.num_special_tokens
         if self._tk.n_words != TEKKEN_VOCAB_SIZE or self._num_special <= max(SPECIAL_TOKENS.values()):
-            raise ValueError(f"{self.path}: expected a Tekken file with {TEKKEN_VOCAB_SIZE} ids and at least 16 "
-                             f"control slots, got {self._tk.n_words} ids and {self._num_special} slots")
+            raise ValueError(
+                f"{self.path}: expected a Tekken file with {TEKKEN_VOCAB_SIZE} ids and at least 16 "
+                f"control slots, got {self._tk.n_words} ids and {self._num_special} slots"
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -284,8 +302,9 @@ def tekken_file() -> str:
 
     path = os.path.join(os.path.dirname(mistral_common.__file__), "data", TEKKEN_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: the installed mistral-common does not ship {TEKKEN_FILE}; "
-                                "install mistral-common>=1.5")
+        raise FileNotFoundError(
+            f"{path} is missing: the installed mistral-common does not ship {TEKKEN_FILE}; install mistral-common>=1.5"
+        )
     return path
 
 
@@ -308,15 +327,24 @@ def train_bpe(texts: Iterable[str], vocab_size: int, save_path: str) -> HFTokeni
     from tokenizers import Tokenizer as RustTokenizer
 
     if vocab_size < BPE_NUM_RESERVED + 256:
-        raise ValueError(f"a byte-level BPE needs vocab_size >= {BPE_NUM_RESERVED + 256} (16 control ids and 256 "
-                         f"bytes), got {vocab_size}")
+        raise ValueError(
+            f"a byte-level BPE needs vocab_size >= {BPE_NUM_RESERVED + 256} (16 control ids and 256 "
+            f"bytes), got {vocab_size}"
+        )
     tok = RustTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(TEKKEN_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(TEKKEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=bpe_special_tokens(),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=bpe_special_tokens(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     missing = vocab_size - tok.get_vocab_size(with_added_tokens=True)
     if missing > 0:
@@ -338,8 +366,7 @@ def default_bpe_path(vocab_size: int, train_max_mb: float, cache_dir: Optional[s
     return os.path.join(resolve_cache_dir(cache_dir), "tokenizers", f"bpe{vocab_size}-{key}", "tokenizer.json")
 
 
-def load_default_bpe(vocab_size: int = 4096, train_max_mb: float = 4.0,
-                     cache_dir: Optional[str] = None) -> HFTokenizer:
+def load_default_bpe(vocab_size: int = 4096, train_max_mb: float = 4.0, cache_dir: Optional[str] = None) -> HFTokenizer:
     """The tiny recipes' tokenizer: trained on the first `train_max_mb` MB of the stdlib on first use, cached."""
     from latentforge.data.stdlib_corpus import iter_stdlib_texts
     from latentforge.data.util import file_lock
@@ -355,8 +382,9 @@ def load_default_bpe(vocab_size: int = 4096, train_max_mb: float = 4.0,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(spec: Union[str, TokenizerConfig, DataConfig, dict, None] = None,
-                   cache_dir: Optional[str] = None) -> Tokenizer:
+def load_tokenizer(
+    spec: Union[str, TokenizerConfig, DataConfig, dict, None] = None, cache_dir: Optional[str] = None
+) -> Tokenizer:
     """A tokenizer from a spec.
 
     str: "tekken" | "tekken:<file>" | "bpe" | "bpe:<vocab_size>" | "hf:<tokenizer.json>" | "<path>/tokenizer.json"
@@ -386,18 +414,20 @@ def load_tokenizer(spec: Union[str, TokenizerConfig, DataConfig, dict, None] = N
     if spec == "tekken":
         return TekkenTokenizer()
     if spec.startswith("tekken:"):
-        return TekkenTokenizer(spec[len("tekken:"):])
+        return TekkenTokenizer(spec[len("tekken:") :])
     if spec == "bpe":
         return load_default_bpe(cache_dir=cache_dir)
     if spec.startswith("bpe:"):
         try:
-            vocab = int(spec[len("bpe:"):])
+            vocab = int(spec[len("bpe:") :])
         except ValueError:
             raise ValueError(f"tokenizer spec {spec!r}: expected bpe:<vocab_size>, e.g. bpe:4096") from None
         return load_default_bpe(vocab, cache_dir=cache_dir)
     if spec.startswith("hf:"):
-        return HFTokenizer(spec[len("hf:"):])
+        return HFTokenizer(spec[len("hf:") :])
     if spec.endswith(".json") or os.path.isfile(spec):
         return HFTokenizer(spec)
-    raise ValueError(f"unknown tokenizer spec {spec!r}: use tekken, bpe, bpe:<vocab>, hf:<tokenizer.json> "
-                     "or a path to a tokenizer.json")
+    raise ValueError(
+        f"unknown tokenizer spec {spec!r}: use tekken, bpe, bpe:<vocab>, hf:<tokenizer.json> "
+        "or a path to a tokenizer.json"
+    )

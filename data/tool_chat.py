@@ -22,12 +22,16 @@ from latentforge.data.synthetic import INSTRUCTION, synthetic_splits
 from latentforge.data.util import derive_seed
 
 TOOL_CHAT_VERSION = 1  # bump when the transcripts change (part of tokenization cache keys)
-PYTHON_SYSTEM = ("You can run Python with the python tool: "
-                 '<tool_call>{"name": "python", "arguments": {"code": "print(2 + 3)"}}</tool_call> '
-                 "It replies with what the program prints. Compute with it, then reply 'Answer: <number>'.")
-GUESS_PROMPT = ("I picked an integer from {low} to {high}. Guess it with the check tool: "
-                '<tool_call>{{"name": "check", "arguments": {{"guess": 50}}}}</tool_call> '
-                "replies higher, lower or correct.")
+PYTHON_SYSTEM = (
+    "You can run Python with the python tool: "
+    '<tool_call>{"name": "python", "arguments": {"code": "print(2 + 3)"}}</tool_call> '
+    "It replies with what the program prints. Compute with it, then reply 'Answer: <number>'."
+)
+GUESS_PROMPT = (
+    "I picked an integer from {low} to {high}. Guess it with the check tool: "
+    '<tool_call>{{"name": "check", "arguments": {{"guess": 50}}}}</tool_call> '
+    "replies higher, lower or correct."
+)
 GUESS_RANGES = (10, 20, 50, 100)
 TYPO_ERROR = "error: exit code 1: NameError: name 'prnt' is not defined. Did you mean: 'print'?"  # Python >= 3.10
 
@@ -38,18 +42,27 @@ def _call(name: str, **arguments) -> dict:
 
 def python_transcript(problem: dict, typo: bool = False) -> List[dict]:
     code = f"print({problem['expression']})"
-    messages = [{"role": "system", "content": PYTHON_SYSTEM},
-                {"role": "user", "content": f"{problem['question']}\n{INSTRUCTION}"}]
+    messages = [
+        {"role": "system", "content": PYTHON_SYSTEM},
+        {"role": "user", "content": f"{problem['question']}\n{INSTRUCTION}"},
+    ]
     first = dict(_call("python", code=code), reasoning_content=f"I will compute {problem['expression']} in Python.")
     if typo:
-        messages += [dict(_call("python", code="prnt" + code[5:]), reasoning_content=first["reasoning_content"]),
-                     {"role": "tool", "content": TYPO_ERROR},
-                     dict(_call("python", code=code), reasoning_content="A typo: print, not prnt.")]
+        messages += [
+            dict(_call("python", code="prnt" + code[5:]), reasoning_content=first["reasoning_content"]),
+            {"role": "tool", "content": TYPO_ERROR},
+            dict(_call("python", code=code), reasoning_content="A typo: print, not prnt."),
+        ]
     else:
         messages.append(first)
-    messages += [{"role": "tool", "content": str(problem["answer"])},
-                 {"role": "assistant", "content": f"Answer: {problem['answer']}",
-                  "reasoning_content": f"The program printed {problem['answer']}."}]
+    messages += [
+        {"role": "tool", "content": str(problem["answer"])},
+        {
+            "role": "assistant",
+            "content": f"Answer: {problem['answer']}",
+            "reasoning_content": f"The program printed {problem['answer']}.",
+        },
+    ]
     return messages
 
 
@@ -62,8 +75,9 @@ def guess_transcript(high: int, target: int, low: int = 1) -> List[dict]:
         reply = "correct" if guess == target else ("higher" if target > guess else "lower")
         messages.append({"role": "tool", "content": reply})
         if reply == "correct":
-            messages.append({"role": "assistant", "content": f"Answer: {target}",
-                             "reasoning_content": f"{guess} is correct."})
+            messages.append(
+                {"role": "assistant", "content": f"Answer: {target}", "reasoning_content": f"{guess} is correct."}
+            )
             return messages
         lo, hi = (guess + 1, hi) if reply == "higher" else (lo, guess - 1)
 
@@ -76,12 +90,18 @@ def tool_chat_splits(num_train: int, num_heldout: int, seed: int = 0) -> Dict[st
         rng = random.Random(derive_seed("tool_chat", TOOL_CHAT_VERSION, seed, split))
         records = []
         for i, p in enumerate(problems):
-            records.append({"id": f"python-{p['id']}", "kind": "python",
-                            "messages": python_transcript(p, typo=rng.random() < 0.1)})
+            records.append(
+                {"id": f"python-{p['id']}", "kind": "python", "messages": python_transcript(p, typo=rng.random() < 0.1)}
+            )
             if i % 3 == 2:
                 high = rng.choice(GUESS_RANGES)
-                records.append({"id": f"guess-{split}-{i}", "kind": "guess",
-                                "messages": guess_transcript(high, rng.randint(1, high))})
+                records.append(
+                    {
+                        "id": f"guess-{split}-{i}",
+                        "kind": "guess",
+                        "messages": guess_transcript(high, rng.randint(1, high)),
+                    }
+                )
         out[split] = records
     return out
 

@@ -73,8 +73,10 @@ def open_binary(path: str):
         try:
             import zstandard  # pyright: ignore[reportMissingImports]  (optional: only .zst inputs need it)
         except ImportError:
-            raise ValueError(f"{path}: reading .zst files needs the zstandard package (pip install zstandard), or "
-                             "decompress it first") from None
+            raise ValueError(
+                f"{path}: reading .zst files needs the zstandard package (pip install zstandard), or "
+                "decompress it first"
+            ) from None
         return zstandard.open(path, "rb")
     return open(path, "rb")
 
@@ -85,8 +87,7 @@ def _decode(raw: bytes, first_line: int):
     except UnicodeDecodeError as err:
         line = first_line + raw.count(b"\n", 0, err.start)
         column = err.start - (raw.rfind(b"\n", 0, err.start) + 1)
-        return Undecodable(f"not valid UTF-8 ({err.reason} at byte {column} of line {line}); convert the file to "
-                           "UTF-8")
+        return Undecodable(f"not valid UTF-8 ({err.reason} at byte {column} of line {line}); convert the file to UTF-8")
 
 
 def _normalized_lines(path: str):
@@ -121,7 +122,7 @@ def read_paragraphs(path: str):
             if cut:
                 yield start_line, _decode(bytes(buf[:cut]), start_line)
             start_line += buf.count(b"\n", 0, cut + 2)
-            del buf[:cut + 2]
+            del buf[: cut + 2]
             seen = 0
     if buf:
         yield start_line, _decode(bytes(buf), start_line)

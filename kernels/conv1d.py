@@ -19,8 +19,14 @@ from latentforge.kernels._dispatch import compute_dtype, use_triton
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update"]
 
 
-def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None,
-                  initial_state: torch.Tensor | None, activation: str | None) -> None:
+def _check_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    activation: str | None,
+) -> None:
     if x.dim() != 3:
         raise ValueError(f"causal_conv1d: x must be (batch, seqlen, channels), got shape {tuple(x.shape)}")
     b, l, c = x.shape

@@ -15,8 +15,9 @@ from latentforge.kernels._dispatch import compute_dtype, use_triton
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_ref"]
 
 
-def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                  reduction: str) -> None:
+def _check_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int, reduction: str
+) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"linear_cross_entropy: hidden must be (N, H) and weight (V, H) with the same H, got "
@@ -40,8 +41,15 @@ def _token_scale(grad_out: torch.Tensor, valid: torch.Tensor, reduction: str, n_
 
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                chunk_size: int, reduction: str) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        ignore_index: int,
+        chunk_size: int,
+        reduction: str,
+    ) -> torch.Tensor:
         cdt = compute_dtype(hidden, weight)
         N = hidden.shape[0]
         valid = labels != ignore_index

@@ -67,8 +67,15 @@ def _block_v(V: int) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                chunk_size: int, reduction: str) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        ignore_index: int,
+        chunk_size: int,
+        reduction: str,
+    ) -> torch.Tensor:
         N, V = hidden.shape[0], weight.shape[0]
         labels = labels.contiguous()
         lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
@@ -77,7 +84,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             e = min(N, s + chunk_size)
             logits = _mm_f32(hidden[s:e], weight.t())
             launch(_lse_loss_kernel, (e - s,))(
-                logits, labels[s:e], lse[s:e], loss[s:e], V, ignore_index, BLOCK_V=_block_v(V))
+                logits, labels[s:e], lse[s:e], loss[s:e], V, ignore_index, BLOCK_V=_block_v(V)
+            )
             del logits
         n_valid = int((labels != ignore_index).sum())
         ctx.save_for_backward(hidden, weight, labels, lse)
@@ -105,7 +113,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = _mm_f32(h, weight.t())
             dlogits = torch.empty(e - s, V, dtype=hidden.dtype, device=hidden.device)
             launch(_softmax_grad_kernel, (e - s,))(
-                logits, labels[s:e], lse[s:e], scale[s:e], dlogits, V, ctx.ignore_index, BLOCK_V=_block_v(V))
+                logits, labels[s:e], lse[s:e], scale[s:e], dlogits, V, ctx.ignore_index, BLOCK_V=_block_v(V)
+            )
             del logits
             if grad_hidden is not None:
                 grad_hidden[s:e] = dlogits @ weight
@@ -117,7 +126,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                                ignore_index: int = -100, chunk_size: int = 4096,
-                                reduction: str = "mean") -> torch.Tensor:
+def linear_cross_entropy_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int = 4096,
+    reduction: str = "mean",
+) -> torch.Tensor:
     return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_size, reduction)

@@ -48,19 +48,24 @@ class MoEPermState:
     num_rows: int
 
 
-def _check_routing(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, alignment: int,
-                   values: bool = True) -> None:
+def _check_routing(
+    x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, alignment: int, values: bool = True
+) -> None:
     """Shapes, and (`values`) the expert ids' range: a device sync, which the few-token paths skip (their indexing
     rejects an id out of range by itself)."""
     if x.dim() != 2:
         raise ValueError(f"moe_permute: x must be (tokens, hidden), got shape {tuple(x.shape)} (flatten batch dims)")
     if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
-        raise ValueError(f"moe_permute: topk_idx must be (tokens, k) with tokens = {x.shape[0]}, got {tuple(topk_idx.shape)}")
+        raise ValueError(
+            f"moe_permute: topk_idx must be (tokens, k) with tokens = {x.shape[0]}, got {tuple(topk_idx.shape)}"
+        )
     if alignment < 1:
         raise ValueError(f"moe_permute: alignment must be >= 1, got {alignment}")
     if values and topk_idx.numel() and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= num_experts):
-        raise ValueError(f"moe_permute: topk_idx values must lie in [0, {num_experts}), got "
-                         f"[{int(topk_idx.min())}, {int(topk_idx.max())}]")
+        raise ValueError(
+            f"moe_permute: topk_idx values must lie in [0, {num_experts}), got "
+            f"[{int(topk_idx.min())}, {int(topk_idx.max())}]"
+        )
 
 
 def _routing_plan(topk_idx: torch.Tensor, num_experts: int, alignment: int) -> MoEPermState:
@@ -94,16 +99,25 @@ def moe_permute_ref(
     return x_sorted, state
 
 
-def _check_mlp(x_sorted: torch.Tensor, tokens_per_expert_padded: torch.Tensor, w_up: torch.Tensor,
-               w_down: torch.Tensor, row_weight: torch.Tensor | None) -> None:
+def _check_mlp(
+    x_sorted: torch.Tensor,
+    tokens_per_expert_padded: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    row_weight: torch.Tensor | None,
+) -> None:
     E, I, d = w_up.shape
     if w_down.shape != (E, d, I):
-        raise ValueError(f"grouped_mlp: w_down must be (E, d, I) = {(E, d, I)} given w_up {tuple(w_up.shape)}, "
-                         f"got {tuple(w_down.shape)}")
+        raise ValueError(
+            f"grouped_mlp: w_down must be (E, d, I) = {(E, d, I)} given w_up {tuple(w_up.shape)}, "
+            f"got {tuple(w_down.shape)}"
+        )
     if x_sorted.dim() != 2 or x_sorted.shape[1] != d:
         raise ValueError(f"grouped_mlp: x_sorted must be (rows, {d}), got {tuple(x_sorted.shape)}")
     if tokens_per_expert_padded.shape != (E,):
-        raise ValueError(f"grouped_mlp: tokens_per_expert_padded must be ({E},), got {tuple(tokens_per_expert_padded.shape)}")
+        raise ValueError(
+            f"grouped_mlp: tokens_per_expert_padded must be ({E},), got {tuple(tokens_per_expert_padded.shape)}"
+        )
     if row_weight is not None and row_weight.shape != (x_sorted.shape[0],):
         raise ValueError(f"grouped_mlp: row_weight must be ({x_sorted.shape[0]},), got {tuple(row_weight.shape)}")
 
@@ -135,7 +149,9 @@ def grouped_mlp_ref(
         outputs.append(linear(_squared_relu_weighted(linear(xe, w_up[e]), we), w_down[e]))
         start += rows
     if start != x_sorted.shape[0]:
-        raise ValueError(f"grouped_mlp: tokens_per_expert_padded sums to {start}, x_sorted has {x_sorted.shape[0]} rows")
+        raise ValueError(
+            f"grouped_mlp: tokens_per_expert_padded sums to {start}, x_sorted has {x_sorted.shape[0]} rows"
+        )
     if not outputs:
         return x_sorted.new_zeros(0, w_down.shape[1])
     return torch.cat(outputs, 0)
@@ -213,7 +229,11 @@ def moe_experts_gathered(
 
 
 def _few_token_path(
-    x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
     linear_fn: LinearFn | None,
 ) -> Callable[..., torch.Tensor] | None:
     """moe_experts_dense / moe_experts_gathered where they are cheaper and allowed, else None."""
@@ -264,9 +284,7 @@ def grouped_mlp(
     return grouped_mlp_ref(x_sorted, tokens_per_expert_padded, w_up, w_down, row_weight, linear_fn)
 
 
-def moe_unpermute(
-    y_sorted: torch.Tensor, perm_state: MoEPermState, topk_weight: torch.Tensor | None
-) -> torch.Tensor:
+def moe_unpermute(y_sorted: torch.Tensor, perm_state: MoEPermState, topk_weight: torch.Tensor | None) -> torch.Tensor:
     """Weighted sum of each token's expert outputs; Triton gather-reduce on CUDA."""
     if use_triton(y_sorted):
         from latentforge.kernels.moe_triton import moe_unpermute_triton

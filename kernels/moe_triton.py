@@ -51,8 +51,7 @@ def _gather_rows_kernel(SRC, IDX, DST, n_rows, D, BLOCK_R: tl.constexpr, BLOCK_D
 
 
 @triton.jit
-def _combine_kernel(Y_SORTED, ROWS, W, OUT, T, D, K, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+def _combine_kernel(Y_SORTED, ROWS, W, OUT, T, D, K, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[t] = sum_j w[t, j] * y_sorted[rows[t, j]], accumulated in fp32."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -60,13 +59,15 @@ def _combine_kernel(Y_SORTED, ROWS, W, OUT, T, D, K, HAS_W: tl.constexpr, BLOCK_
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for j in range(K):
         row = tl.load(ROWS + t * K + j, mask=t_ok, other=0)
-        v = tl.load(Y_SORTED + row.to(tl.int64)[:, None] * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
-                    other=0.0).to(tl.float32)
+        v = tl.load(
+            Y_SORTED + row.to(tl.int64)[:, None] * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0
+        ).to(tl.float32)
         if HAS_W:
             v *= tl.load(W + t * K + j, mask=t_ok, other=0.0).to(tl.float32)[:, None]
         acc += v
-    tl.store(OUT + t.to(tl.int64)[:, None] * D + d[None, :], acc.to(OUT.dtype.element_ty),
-             mask=t_ok[:, None] & d_ok[None, :])
+    tl.store(
+        OUT + t.to(tl.int64)[:, None] * D + d[None, :], acc.to(OUT.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :]
+    )
 
 
 @triton.jit
@@ -112,8 +113,16 @@ def _combine(y_sorted: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor | 
     block_t, block_d = (16, 32) if _interpreting() else (16, 128)
     if T:
         launch(_combine_kernel, (triton.cdiv(T, block_t), triton.cdiv(D, block_d)))(
-            y_sorted, rows, weight if weight is not None else y_sorted, out, T, D, K,
-            HAS_W=weight is not None, BLOCK_T=block_t, BLOCK_D=block_d,
+            y_sorted,
+            rows,
+            weight if weight is not None else y_sorted,
+            out,
+            T,
+            D,
+            K,
+            HAS_W=weight is not None,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
         )
     return out
 
@@ -146,8 +155,15 @@ class _Unpermute(torch.autograd.Function):
         dw = torch.empty(T, K, dtype=torch.float32, device=dout.device) if weight is not None else None
         if T:
             launch(_combine_bwd_kernel, (T,))(
-                dout.contiguous(), y_sorted, rows, weight if weight is not None else y_sorted, dy_sorted,
-                dw if dw is not None else dy_sorted, D, K, HAS_W=weight is not None,
+                dout.contiguous(),
+                y_sorted,
+                rows,
+                weight if weight is not None else y_sorted,
+                dy_sorted,
+                dw if dw is not None else dy_sorted,
+                D,
+                K,
+                HAS_W=weight is not None,
                 BLOCK_D=min(1024, triton.next_power_of_2(D)) if not _interpreting() else 32,
             )
         return dy_sorted, None, (dw.to(weight.dtype) if dw is not None and weight is not None else None)
@@ -196,10 +212,25 @@ def _tile_lookup(TABLE, tile, E, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _grouped_gemm_kernel(
-    A, W, OUT, H, ACT, ROW_W, DROW_W, TABLE, E, N, K,
-    stride_we, stride_wn, stride_wk,
-    EPILOGUE: tl.constexpr, HAS_ROW_W: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    A,
+    W,
+    OUT,
+    H,
+    ACT,
+    ROW_W,
+    DROW_W,
+    TABLE,
+    E,
+    N,
+    K,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    EPILOGUE: tl.constexpr,
+    HAS_ROW_W: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     e, m0, m_end = _tile_lookup(TABLE, tl.program_id(0), E, BLOCK_M)
     if e < E:
@@ -211,8 +242,11 @@ def _grouped_gemm_kernel(
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(A + m.to(tl.int64)[:, None] * K + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
-            w = tl.load(w_base + k[:, None] * stride_wk + n[None, :] * stride_wn, mask=(k < K)[:, None] & n_ok[None, :],
-                        other=0.0)
+            w = tl.load(
+                w_base + k[:, None] * stride_wk + n[None, :] * stride_wn,
+                mask=(k < K)[:, None] & n_ok[None, :],
+                other=0.0,
+            )
             acc = tl.dot(a, w, acc)
         out_off = m.to(tl.int64)[:, None] * N + n[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
@@ -235,7 +269,16 @@ def _grouped_gemm_kernel(
 
 @triton.jit
 def _grouped_wgrad_kernel(
-    DOUT, A, DW, TABLE, E, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOUT,
+    A,
+    DW,
+    TABLE,
+    E,
+    N,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     e = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -250,13 +293,23 @@ def _grouped_wgrad_kernel(
         g = tl.load(DOUT + m.to(tl.int64)[None, :] * N + n[:, None], mask=n_ok[:, None] & m_ok[None, :], other=0.0)
         a = tl.load(A + m.to(tl.int64)[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(g, a, acc)
-    tl.store(DW + e.to(tl.int64) * N * K + n[:, None] * K + k[None, :], acc.to(DW.dtype.element_ty),
-             mask=n_ok[:, None] & k_ok[None, :])
+    tl.store(
+        DW + e.to(tl.int64) * N * K + n[:, None] * K + k[None, :],
+        acc.to(DW.dtype.element_ty),
+        mask=n_ok[:, None] & k_ok[None, :],
+    )
 
 
 def _grouped_gemm(
-    a: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, ...], N: int, table: torch.Tensor, E: int,
-    epilogue: int = EPI_NONE, h: torch.Tensor | None = None, row_weight: torch.Tensor | None = None,
+    a: torch.Tensor,
+    w: torch.Tensor,
+    w_strides: tuple[int, ...],
+    N: int,
+    table: torch.Tensor,
+    E: int,
+    epilogue: int = EPI_NONE,
+    h: torch.Tensor | None = None,
+    row_weight: torch.Tensor | None = None,
     drow_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """out = a @ w_e^T per expert, w_e indexed [n, k] through w_strides = (expert, n, k)."""
@@ -269,16 +322,31 @@ def _grouped_gemm(
     if R:
         grid = (triton.cdiv(R, bm) + E, triton.cdiv(N, bn))
         launch(_grouped_gemm_kernel, grid)(
-            a, w, out, h if h is not None else out, act if act is not None else out,
-            row_weight if row_weight is not None else out, drow_weight if drow_weight is not None else out,
-            table, E, N, K, *w_strides, EPILOGUE=epilogue, HAS_ROW_W=row_weight is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS["_grouped_gemm_kernel"],
+            a,
+            w,
+            out,
+            h if h is not None else out,
+            act if act is not None else out,
+            row_weight if row_weight is not None else out,
+            drow_weight if drow_weight is not None else out,
+            table,
+            E,
+            N,
+            K,
+            *w_strides,
+            EPILOGUE=epilogue,
+            HAS_ROW_W=row_weight is not None,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            num_warps=NUM_WARPS["_grouped_gemm_kernel"],
         )
     return out, h, act
 
 
-def _grouped_wgrad(dout: torch.Tensor, a: torch.Tensor, table: torch.Tensor, E: int,
-                   out_dtype: torch.dtype) -> torch.Tensor:
+def _grouped_wgrad(
+    dout: torch.Tensor, a: torch.Tensor, table: torch.Tensor, E: int, out_dtype: torch.dtype
+) -> torch.Tensor:
     R, N = dout.shape
     K = a.shape[1]
     bm, bn, bk = _gemm_blocks()
@@ -293,8 +361,14 @@ def _grouped_wgrad(dout: torch.Tensor, a: torch.Tensor, table: torch.Tensor, E: 
 
 class _GroupedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, counts: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                row_weight: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        counts: torch.Tensor,
+        w_up: torch.Tensor,
+        w_down: torch.Tensor,
+        row_weight: torch.Tensor | None,
+    ) -> torch.Tensor:
         E, I, d = w_up.shape
         x = x.contiguous()
         bm = _gemm_blocks()[0]
@@ -313,8 +387,9 @@ class _GroupedMLP(torch.autograd.Function):
         drw = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device) if rw is not None else None
         # d(act) = dy @ w_down_e, i.e. w_down_e^T indexed [n = i, k = d]: swap the n / k strides
         sd = w_down.stride()
-        dh, _, act = _grouped_gemm(dy, w_down, (sd[0], sd[2], sd[1]), I, table, E, EPI_DACT, h=h,
-                                   row_weight=rw, drow_weight=drw)
+        dh, _, act = _grouped_gemm(
+            dy, w_down, (sd[0], sd[2], sd[1]), I, table, E, EPI_DACT, h=h, row_weight=rw, drow_weight=drw
+        )
         assert act is not None  # the EPI_DACT epilogue recomputes the activation
         su = w_up.stride()
         dx, _, _ = _grouped_gemm(dh, w_up, (su[0], su[2], su[1]), d, table, E)
@@ -323,8 +398,13 @@ class _GroupedMLP(torch.autograd.Function):
         return dx, None, dw_up, dw_down, (drw.to(rw.dtype) if drw is not None and rw is not None else None)
 
 
-def grouped_mlp_triton(x_sorted: torch.Tensor, tokens_per_expert_padded: torch.Tensor, w_up: torch.Tensor,
-                       w_down: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+def grouped_mlp_triton(
+    x_sorted: torch.Tensor,
+    tokens_per_expert_padded: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    row_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     E = w_up.shape[0]
     if E > 1024:
         raise ValueError(f"grouped_mlp: the Triton path supports up to 1024 experts per rank, got {E}")

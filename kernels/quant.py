@@ -24,6 +24,7 @@ FP8 casts saturate (TE casts with ``satfinite``) and round to nearest even.
 The emulated recipes (``make_recipe``) quantize the operands of the three GEMMs of a linear layer the
 way TE's recipes do; ``quantized_linear`` is the autograd function that runs them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Hashable
@@ -280,8 +281,9 @@ def quantize_nvfp4(
 # random Hadamard transform
 
 
-def hadamard16(*, random_signs: bool = True, device: torch.device | str | None = None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def hadamard16(
+    *, random_signs: bool = True, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The 16x16 RHT matrix TE uses: diag(signs) @ Sylvester Hadamard / 4 (orthogonal, entries +-1/4)."""
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < 16:
@@ -420,8 +422,9 @@ class Fp8DelayedRecipe(Fp8CurrentRecipe):
 
     name = "fp8_delayed"
 
-    def __init__(self, fp8_format: str = "hybrid", amax_history_len: int = 1024, margin: int = 0,
-                 amax_compute_algo: str = "max"):
+    def __init__(
+        self, fp8_format: str = "hybrid", amax_history_len: int = 1024, margin: int = 0, amax_compute_algo: str = "max"
+    ):
         super().__init__(fp8_format)
         self.scalers = {
             "input": DelayedScaler(self.fwd_fmt, amax_history_len, margin, amax_compute_algo),
@@ -479,8 +482,13 @@ class Nvfp4Recipe(EmulatedRecipe):
 
     name = "nvfp4"
 
-    def __init__(self, rht: bool = True, stochastic_rounding: bool = True, two_d_weights: bool = True,
-                 generator: Optional[torch.Generator] = None):
+    def __init__(
+        self,
+        rht: bool = True,
+        stochastic_rounding: bool = True,
+        two_d_weights: bool = True,
+        generator: Optional[torch.Generator] = None,
+    ):
         self.rht, self.sr, self.two_d, self.generator = rht, stochastic_rounding, two_d_weights, generator
 
     def _col(self, t: torch.Tensor, stochastic: bool) -> torch.Tensor:
@@ -526,8 +534,9 @@ def make_recipe(name: str, **options: Any) -> EmulatedRecipe:
 
 class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                recipe: EmulatedRecipe) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], recipe: EmulatedRecipe
+    ) -> torch.Tensor:
         k = x.shape[-1]
         x2d = x.reshape(-1, k)
         x_row, x_col = recipe.quantize_input(x2d, need_col=weight.requires_grad)
@@ -605,9 +614,27 @@ def quantization_error(x: torch.Tensor, name: str, **options: Any) -> float:
 
 
 __all__ = [
-    "E4M3_MAX", "E5M2_MAX", "E2M1_MAX", "E2M1_VALUES", "RECIPES", "Quantized",
-    "cast_fp8", "round_e2m1", "e8m0_biased_exponent", "compute_fp8_scale",
-    "quantize_fp8_tensorwise", "quantize_fp8_with_scale", "quantize_fp8_block", "quantize_mxfp8",
-    "quantize_nvfp4", "hadamard16", "rht16", "DelayedScaler", "EmulatedRecipe", "make_recipe",
-    "quantized_linear", "ExpertGemm", "quantization_error",
+    "E4M3_MAX",
+    "E5M2_MAX",
+    "E2M1_MAX",
+    "E2M1_VALUES",
+    "RECIPES",
+    "Quantized",
+    "cast_fp8",
+    "round_e2m1",
+    "e8m0_biased_exponent",
+    "compute_fp8_scale",
+    "quantize_fp8_tensorwise",
+    "quantize_fp8_with_scale",
+    "quantize_fp8_block",
+    "quantize_mxfp8",
+    "quantize_nvfp4",
+    "hadamard16",
+    "rht16",
+    "DelayedScaler",
+    "EmulatedRecipe",
+    "make_recipe",
+    "quantized_linear",
+    "ExpertGemm",
+    "quantization_error",
 ]

@@ -1,7 +1,7 @@
 """RMSNorm and the Mamba mixer's gated group RMSNorm, computed in fp32, returned in x.dtype.
 
-    rms_norm(x)             = w * x * rsqrt(mean(x^2) + eps)                      (over the last dim)
-    gated_rms_norm(x, z)    = w * g * rsqrt(mean_group(g^2) + eps),  g = x * silu(z)  (per group of channels)
+rms_norm(x)             = w * x * rsqrt(mean(x^2) + eps)                      (over the last dim)
+gated_rms_norm(x, z)    = w * g * rsqrt(mean_group(g^2) + eps),  g = x * silu(z)  (per group of channels)
 """
 
 from __future__ import annotations

@@ -21,8 +21,19 @@ NUM_WARPS = {"_group_rms_fwd": 8, "_group_rms_bwd": 8}
 
 @triton.jit
 def _group_rms_fwd(
-    X, Z, W, Y, RSTD, n_rows, D, group_size, n_groups, eps,
-    HAS_Z: tl.constexpr, BLOCK_S: tl.constexpr, ROWS_PER_PROG: tl.constexpr,
+    X,
+    Z,
+    W,
+    Y,
+    RSTD,
+    n_rows,
+    D,
+    group_size,
+    n_groups,
+    eps,
+    HAS_Z: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    ROWS_PER_PROG: tl.constexpr,
 ):
     """Program (row block, group): normalise one group of channels over ROWS_PER_PROG rows."""
     pid, grp = tl.program_id(0), tl.program_id(1)
@@ -45,8 +56,21 @@ def _group_rms_fwd(
 
 @triton.jit
 def _group_rms_bwd(
-    X, Z, W, RSTD, DY, DX, DZ, DW_PART, n_rows, D, group_size, n_groups,
-    HAS_Z: tl.constexpr, BLOCK_S: tl.constexpr, ROWS_PER_PROG: tl.constexpr,
+    X,
+    Z,
+    W,
+    RSTD,
+    DY,
+    DX,
+    DZ,
+    DW_PART,
+    n_rows,
+    D,
+    group_size,
+    n_groups,
+    HAS_Z: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    ROWS_PER_PROG: tl.constexpr,
 ):
     pid, grp = tl.program_id(0), tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -88,8 +112,9 @@ def _launch_shape(n_rows: int, group_size: int) -> tuple[int, int, int]:
 
 class _GroupRMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, group_size: int,
-                eps: float) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, group_size: int, eps: float
+    ) -> torch.Tensor:
         shape = x.shape
         D = shape[-1]
         x2 = x.reshape(-1, D).contiguous()
@@ -99,8 +124,20 @@ class _GroupRMSNorm(torch.autograd.Function):
         rstd = torch.empty(n_rows, n_groups, dtype=torch.float32, device=x.device)
         bs, rpp, grid = _launch_shape(n_rows, group_size)
         launch(_group_rms_fwd, (grid, n_groups))(
-            x2, z2 if z2 is not None else x2, weight.contiguous(), y, rstd, n_rows, D, group_size, n_groups, eps,
-            HAS_Z=z is not None, BLOCK_S=bs, ROWS_PER_PROG=rpp, num_warps=NUM_WARPS["_group_rms_fwd"],
+            x2,
+            z2 if z2 is not None else x2,
+            weight.contiguous(),
+            y,
+            rstd,
+            n_rows,
+            D,
+            group_size,
+            n_groups,
+            eps,
+            HAS_Z=z is not None,
+            BLOCK_S=bs,
+            ROWS_PER_PROG=rpp,
+            num_warps=NUM_WARPS["_group_rms_fwd"],
         )
         ctx.save_for_backward(x2, z2, weight, rstd)
         ctx.group_size, ctx.shape = group_size, shape
@@ -117,9 +154,22 @@ class _GroupRMSNorm(torch.autograd.Function):
         bs, rpp, grid = _launch_shape(n_rows, ctx.group_size)
         dw_part = torch.empty(grid, D, dtype=torch.float32, device=x2.device)
         launch(_group_rms_bwd, (grid, n_groups))(
-            x2, z2 if z2 is not None else x2, weight.contiguous(), rstd, dy2, dx, dz if dz is not None else dx,
-            dw_part, n_rows, D, ctx.group_size, n_groups,
-            HAS_Z=z2 is not None, BLOCK_S=bs, ROWS_PER_PROG=rpp, num_warps=NUM_WARPS["_group_rms_bwd"],
+            x2,
+            z2 if z2 is not None else x2,
+            weight.contiguous(),
+            rstd,
+            dy2,
+            dx,
+            dz if dz is not None else dx,
+            dw_part,
+            n_rows,
+            D,
+            ctx.group_size,
+            n_groups,
+            HAS_Z=z2 is not None,
+            BLOCK_S=bs,
+            ROWS_PER_PROG=rpp,
+            num_warps=NUM_WARPS["_group_rms_bwd"],
         )
         dw = dw_part.sum(0).to(weight.dtype)
         return dx.view(ctx.shape), (dz.view(ctx.shape) if dz is not None else None), dw, None, None

@@ -27,8 +27,16 @@ __all__ = ["ssd_scan", "ssd_scan_ref", "ssd_update"]
 
 
 def _check_inputs(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None,
-    chunk_size: int, seq_idx: torch.Tensor | None, initial_state: torch.Tensor | None, z: torch.Tensor | None,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    chunk_size: int,
+    seq_idx: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    z: torch.Tensor | None,
 ) -> None:
     if x.dim() != 4:
         raise ValueError(f"ssd_scan: x must be (batch, seqlen, heads, headdim), got shape {tuple(x.shape)}")
@@ -183,9 +191,7 @@ def ssd_scan(
             return ssd_scan_triton(
                 x, dt, A, B, C, D, chunk_size=chunk_size, seq_idx=seq_idx, initial_state=initial_state, z=z
             )
-    return ssd_scan_ref(
-        x, dt, A, B, C, D, chunk_size=chunk_size, seq_idx=seq_idx, initial_state=initial_state, z=z
-    )
+    return ssd_scan_ref(x, dt, A, B, C, D, chunk_size=chunk_size, seq_idx=seq_idx, initial_state=initial_state, z=z)
 
 
 def ssd_update(

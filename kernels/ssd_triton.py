@@ -40,8 +40,14 @@ def _interpreting() -> bool:
 
 
 # chosen from ptxas register reports at Super's shapes (P 64, N 128, chunk 128): no or few spills on sm_90
-NUM_WARPS = {"_chunk_outer_kernel": 8, "_chunk_scan_fwd_kernel": 4, "_chunk_scan_bwd_j_kernel": 8,
-             "_chunk_scan_bwd_i_kernel": 8, "_state_passing_fwd_kernel": 4, "_state_passing_bwd_kernel": 4}
+NUM_WARPS = {
+    "_chunk_outer_kernel": 8,
+    "_chunk_scan_fwd_kernel": 4,
+    "_chunk_scan_bwd_j_kernel": 8,
+    "_chunk_scan_bwd_i_kernel": 8,
+    "_state_passing_fwd_kernel": 4,
+    "_state_passing_bwd_kernel": 4,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -50,8 +56,21 @@ NUM_WARPS = {"_chunk_outer_kernel": 8, "_chunk_scan_fwd_kernel": 4, "_chunk_scan
 
 @triton.jit
 def _chunk_outer_kernel(
-    U, V, WT, OUT, L, H, G, NC, P, N,
-    Q: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    U,
+    V,
+    WT,
+    OUT,
+    L,
+    H,
+    G,
+    NC,
+    P,
+    N,
+    Q: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """OUT[b, c, h] (P x N, fp32) = sum_{t in chunk c} WT[b, h, t] * U[b, t, h, :] (outer) V[b, t, g(h), :]."""
     pid_bh, c = tl.program_id(0), tl.program_id(1)
@@ -93,7 +112,18 @@ def _state_passing_fwd_kernel(S, DECAY, INIT, HST, FINAL, H, NC, PN, HAS_INIT: t
 
 @triton.jit
 def _state_passing_bwd_kernel(
-    DHY, HST, DECAY, DFINAL, DS, DINIT, DDECAY_PART, H, NC, PN, NBLK, BLOCK: tl.constexpr,
+    DHY,
+    HST,
+    DECAY,
+    DFINAL,
+    DS,
+    DINIT,
+    DDECAY_PART,
+    H,
+    NC,
+    PN,
+    NBLK,
+    BLOCK: tl.constexpr,
 ):
     """Reverse of the state recurrence: dS_c = g, d(decay_c) = <H_c, g>, g <- dHy_c + decay_c g."""
     pid_bh, blk = tl.program_id(0), tl.program_id(1)
@@ -114,9 +144,29 @@ def _state_passing_bwd_kernel(
 
 @triton.jit
 def _chunk_scan_fwd_kernel(
-    X, DT, ACUM, WREAD, Bm, Cm, HST, D, SEQ, Y, L, H, G, NC, P, N,
-    HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, Q: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    X,
+    DT,
+    ACUM,
+    WREAD,
+    Bm,
+    Cm,
+    HST,
+    D,
+    SEQ,
+    Y,
+    L,
+    H,
+    G,
+    NC,
+    P,
+    N,
+    HAS_SEQ: tl.constexpr,
+    HAS_D: tl.constexpr,
+    Q: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_bh, c, ib = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hh = pid_bh // H, pid_bh % H
@@ -164,9 +214,35 @@ def _chunk_scan_fwd_kernel(
 
 @triton.jit
 def _chunk_scan_bwd_j_kernel(
-    X, DT, ACUM, WSTATE, Bm, Cm, DY, DS, D, SEQ, DX, DB_H, DDT, DACUM_J, DWSTATE, L, H, G, NC, P, N,
-    HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, Q: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    X,
+    DT,
+    ACUM,
+    WSTATE,
+    Bm,
+    Cm,
+    DY,
+    DS,
+    D,
+    SEQ,
+    DX,
+    DB_H,
+    DDT,
+    DACUM_J,
+    DWSTATE,
+    L,
+    H,
+    G,
+    NC,
+    P,
+    N,
+    HAS_SEQ: tl.constexpr,
+    HAS_D: tl.constexpr,
+    Q: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
 ):
     """Gradients owned by position j (a source token). COMPUTE_DB=False: dx_j, d dt_j, d acum_j (j side),
     d w_state_j; COMPUTE_DB=True: dB_j (this head's share). Two launches keep each variant's live tiles
@@ -237,9 +313,30 @@ def _chunk_scan_bwd_j_kernel(
 
 @triton.jit
 def _chunk_scan_bwd_i_kernel(
-    X, DT, ACUM, WREAD, Bm, Cm, DY, HST, SEQ, DC_H, DACUM_I, DWREAD, L, H, G, NC, P, N,
-    HAS_SEQ: tl.constexpr, Q: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    X,
+    DT,
+    ACUM,
+    WREAD,
+    Bm,
+    Cm,
+    DY,
+    HST,
+    SEQ,
+    DC_H,
+    DACUM_I,
+    DWREAD,
+    L,
+    H,
+    G,
+    NC,
+    P,
+    N,
+    HAS_SEQ: tl.constexpr,
+    Q: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Gradients owned by position i (a reading token): dC_i (this head's share), d acum_i, d w_read_i."""
     pid_bh, c, ib = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -299,7 +396,10 @@ def _config(x: torch.Tensor, Q: int, P: int, N: int) -> dict[str, Any]:
     block = 16 if _interpreting() else next(bk for bk in (64, 32, 16) if Q % bk == 0)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     return dict(
-        Q=Q, BLOCK=block, BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_N=max(16, triton.next_power_of_2(N)),
+        Q=Q,
+        BLOCK=block,
+        BLOCK_P=max(16, triton.next_power_of_2(P)),
+        BLOCK_N=max(16, triton.next_power_of_2(N)),
         PREC=prec,
     )
 
@@ -314,8 +414,21 @@ def _chunk_outer(u: torch.Tensor, v: torch.Tensor, wt: torch.Tensor, nc: int, cf
     G, N = v.shape[2], v.shape[3]
     out = torch.empty(b, nc, H, P, N, dtype=torch.float32, device=u.device)
     launch(_chunk_outer_kernel, (b * H, nc))(
-        u, v, wt, out, L, H, G, nc, P, N,
-        Q=cfg["Q"], BLOCK=cfg["BLOCK"], BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], PREC=cfg["PREC"],
+        u,
+        v,
+        wt,
+        out,
+        L,
+        H,
+        G,
+        nc,
+        P,
+        N,
+        Q=cfg["Q"],
+        BLOCK=cfg["BLOCK"],
+        BLOCK_P=cfg["BLOCK_P"],
+        BLOCK_N=cfg["BLOCK_N"],
+        PREC=cfg["PREC"],
         num_warps=NUM_WARPS["_chunk_outer_kernel"],
     )
     return out
@@ -328,9 +441,19 @@ def _state_block(PN: int) -> int:
 class _SSDCore(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt: torch.Tensor, acum: torch.Tensor,
-        w_state: torch.Tensor, w_read: torch.Tensor, decay: torch.Tensor, D: torch.Tensor | None,
-        init: torch.Tensor | None, seq: torch.Tensor | None, chunk_size: int,
+        ctx,
+        x: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        dt: torch.Tensor,
+        acum: torch.Tensor,
+        w_state: torch.Tensor,
+        w_read: torch.Tensor,
+        decay: torch.Tensor,
+        D: torch.Tensor | None,
+        init: torch.Tensor | None,
+        seq: torch.Tensor | None,
+        chunk_size: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b, L, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
@@ -342,13 +465,39 @@ class _SSDCore(torch.autograd.Function):
         PN = P * N
         blk = _state_block(PN)
         launch(_state_passing_fwd_kernel, (b * H, triton.cdiv(PN, blk)))(
-            S, decay, init if init is not None else S, hst, final, H, nc, PN, HAS_INIT=init is not None, BLOCK=blk,
+            S,
+            decay,
+            init if init is not None else S,
+            hst,
+            final,
+            H,
+            nc,
+            PN,
+            HAS_INIT=init is not None,
+            BLOCK=blk,
         )
         del S
         y = torch.empty_like(x)
         launch(_chunk_scan_fwd_kernel, (b * H, nc, chunk_size // cfg["BLOCK"]))(
-            x, dt, acum, w_read, B, C, hst, D if D is not None else dt, seq if seq is not None else dt, y,
-            L, H, G, nc, P, N, HAS_SEQ=seq is not None, HAS_D=D is not None, **cfg,
+            x,
+            dt,
+            acum,
+            w_read,
+            B,
+            C,
+            hst,
+            D if D is not None else dt,
+            seq if seq is not None else dt,
+            y,
+            L,
+            H,
+            G,
+            nc,
+            P,
+            N,
+            HAS_SEQ=seq is not None,
+            HAS_D=D is not None,
+            **cfg,
             num_warps=NUM_WARPS["_chunk_scan_fwd_kernel"],
         )
         ctx.save_for_backward(x, B, C, dt, acum, w_state, w_read, decay, D, seq, hst)
@@ -365,7 +514,9 @@ class _SSDCore(torch.autograd.Function):
         nc = dt.shape[2]
         Q, PN = cfg["Q"], P * N
         dy = dy.contiguous()
-        dfinal = torch.zeros(b, H, P, N, dtype=torch.float32, device=x.device) if dfinal is None else dfinal.contiguous()
+        dfinal = (
+            torch.zeros(b, H, P, N, dtype=torch.float32, device=x.device) if dfinal is None else dfinal.contiguous()
+        )
 
         dHy = _chunk_outer(dy, C, w_read, nc, cfg)
         blk = _state_block(PN)
@@ -374,25 +525,69 @@ class _SSDCore(torch.autograd.Function):
         dinit = torch.empty(b, H, P, N, dtype=torch.float32, device=x.device)
         ddecay_part = torch.empty(b, H, nc, nblk, dtype=torch.float32, device=x.device)
         launch(_state_passing_bwd_kernel, (b * H, nblk))(
-            dHy, hst, decay, dfinal, dS, dinit, ddecay_part, H, nc, PN, nblk, BLOCK=blk)
+            dHy, hst, decay, dfinal, dS, dinit, ddecay_part, H, nc, PN, nblk, BLOCK=blk
+        )
         del dHy
 
         dx = torch.empty_like(x)
         dB_h = torch.empty(b, L, H, N, dtype=torch.float32, device=x.device)
         dC_h = torch.empty(b, L, H, N, dtype=torch.float32, device=x.device)
         ddt, dacum_j, dacum_i, dw_state, dw_read = (
-            torch.empty(b, H, nc, Q, dtype=torch.float32, device=x.device) for _ in range(5))
+            torch.empty(b, H, nc, Q, dtype=torch.float32, device=x.device) for _ in range(5)
+        )
         grid = (b * H, nc, Q // cfg["BLOCK"])
         seq_arg = seq if seq is not None else dt
         for compute_db in (False, True):
             launch(_chunk_scan_bwd_j_kernel, grid)(
-                x, dt, acum, w_state, B, C, dy, dS, D if D is not None else dt, seq_arg, dx, dB_h, ddt, dacum_j,
-                dw_state, L, H, G, nc, P, N, HAS_SEQ=seq is not None, HAS_D=D is not None, COMPUTE_DB=compute_db, **cfg,
+                x,
+                dt,
+                acum,
+                w_state,
+                B,
+                C,
+                dy,
+                dS,
+                D if D is not None else dt,
+                seq_arg,
+                dx,
+                dB_h,
+                ddt,
+                dacum_j,
+                dw_state,
+                L,
+                H,
+                G,
+                nc,
+                P,
+                N,
+                HAS_SEQ=seq is not None,
+                HAS_D=D is not None,
+                COMPUTE_DB=compute_db,
+                **cfg,
                 num_warps=NUM_WARPS["_chunk_scan_bwd_j_kernel"],
             )
         launch(_chunk_scan_bwd_i_kernel, grid)(
-            x, dt, acum, w_read, B, C, dy, hst, seq_arg, dC_h, dacum_i, dw_read,
-            L, H, G, nc, P, N, HAS_SEQ=seq is not None, **cfg, num_warps=NUM_WARPS["_chunk_scan_bwd_i_kernel"],
+            x,
+            dt,
+            acum,
+            w_read,
+            B,
+            C,
+            dy,
+            hst,
+            seq_arg,
+            dC_h,
+            dacum_i,
+            dw_read,
+            L,
+            H,
+            G,
+            nc,
+            P,
+            N,
+            HAS_SEQ=seq is not None,
+            **cfg,
+            num_warps=NUM_WARPS["_chunk_scan_bwd_i_kernel"],
         )
         r = H // G
         dB = dB_h.view(b, L, G, r, N).sum(3).to(B.dtype)
@@ -400,13 +595,33 @@ class _SSDCore(torch.autograd.Function):
         dD = None
         if D is not None:
             dD = (dy.float() * x.float()).sum((0, 1, 3)).to(D.dtype)
-        return (dx, dB, dC, ddt, dacum_i + dacum_j, dw_state, dw_read, ddecay_part.sum(-1), dD,
-                dinit if ctx.has_init else None, None, None)
+        return (
+            dx,
+            dB,
+            dC,
+            ddt,
+            dacum_i + dacum_j,
+            dw_state,
+            dw_read,
+            ddecay_part.sum(-1),
+            dD,
+            dinit if ctx.has_init else None,
+            None,
+            None,
+        )
 
 
 def ssd_scan_triton(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
-    *, chunk_size: int = 128, seq_idx: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 128,
+    seq_idx: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as kernels.ssd.ssd_scan_ref (inputs already validated by the dispatcher)."""
@@ -439,8 +654,18 @@ def ssd_scan_triton(
 
     init = initial_state.float().contiguous() if initial_state is not None else None
     y, final = _SSDCore.apply(
-        x.contiguous(), B.contiguous(), C.contiguous(), dtp.contiguous(), acum.contiguous(), w_state.contiguous(),
-        w_read.contiguous(), decay.contiguous(), D.contiguous() if D is not None else None, init, seq, Q,
+        x.contiguous(),
+        B.contiguous(),
+        C.contiguous(),
+        dtp.contiguous(),
+        acum.contiguous(),
+        w_state.contiguous(),
+        w_read.contiguous(),
+        decay.contiguous(),
+        D.contiguous() if D is not None else None,
+        init,
+        seq,
+        Q,
     )
     if z is not None:
         y = (y.float() * F.silu(z.float())).to(x.dtype)

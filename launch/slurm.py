@@ -43,7 +43,9 @@ def term_warning_s(limit_s: float) -> float:
     return min(max(0.1 * limit_s, 30.0), 600.0, 0.5 * limit_s)
 
 
-def term_delay_s(limit_s: Optional[float], left_s: Optional[float], before_s: Optional[float] = None) -> Optional[float]:
+def term_delay_s(
+    limit_s: Optional[float], left_s: Optional[float], before_s: Optional[float] = None
+) -> Optional[float]:
     if limit_s is None or left_s is None:
         return None
     warning = term_warning_s(limit_s) if before_s is None else before_s

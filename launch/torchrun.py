@@ -34,7 +34,7 @@ def child_pids(parent: int) -> List[int]:
         except OSError:
             continue
         # the command name may hold spaces and parentheses: the fields after the last ')' are fixed
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         if int(fields[1]) == parent:
             pids.append(int(entry))
     return pids
@@ -57,8 +57,12 @@ class TermForwarder:
 
     def __call__(self, signum, frame) -> None:
         workers = child_pids(os.getpid())
-        print(f"latentforge.launch.torchrun: SIGTERM: forwarded to {len(workers)} worker(s); they save and exit "
-              f"(killed after {self.grace_s:.0f} s)", file=sys.stderr, flush=True)
+        print(
+            f"latentforge.launch.torchrun: SIGTERM: forwarded to {len(workers)} worker(s); they save and exit "
+            f"(killed after {self.grace_s:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
         _signal_all(workers, signal.SIGTERM)
         if self._timer is None:
             self._timer = threading.Timer(self.grace_s, lambda: _signal_all(child_pids(os.getpid()), signal.SIGKILL))
@@ -68,8 +72,10 @@ class TermForwarder:
 
 def torchrun_args(argv: List[str]) -> List[str]:
     if any(a.startswith(("--signals-to-handle", "--signals_to_handle")) for a in argv):
-        raise SystemExit("latentforge.launch.torchrun: --signals-to-handle is set here (SIGTERM is forwarded to the "
-                         "workers); leave it out")
+        raise SystemExit(
+            "latentforge.launch.torchrun: --signals-to-handle is set here (SIGTERM is forwarded to the "
+            "workers); leave it out"
+        )
     return ["--signals-to-handle", TORCHRUN_HANDLED, *argv]
 
 

@@ -119,31 +119,55 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(message)
 
-        for name in ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "mamba_num_heads", "mamba_head_dim", "mamba_groups", "ssm_state_size", "conv_kernel",
-                     "chunk_size", "num_experts", "top_k", "moe_intermediate_size",
-                     "shared_expert_intermediate_size", "mlp_intermediate_size"):
+        for name in (
+            "hidden_size",
+            "vocab_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "mamba_num_heads",
+            "mamba_head_dim",
+            "mamba_groups",
+            "ssm_state_size",
+            "conv_kernel",
+            "chunk_size",
+            "num_experts",
+            "top_k",
+            "moe_intermediate_size",
+            "shared_expert_intermediate_size",
+            "mlp_intermediate_size",
+        ):
             need(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
         need(self.num_layers > 0, "model.pattern has no layers; use symbols M, *, E, -")
         if "attention" in self.layer_types or self.mtp_depths:
-            need(self.num_attention_heads % self.num_key_value_heads == 0,
-                 f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                 f"model.num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention")
+            need(
+                self.num_attention_heads % self.num_key_value_heads == 0,
+                f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"model.num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention",
+            )
         if "mamba" in self.layer_types:
-            need(self.mamba_num_heads % self.mamba_groups == 0,
-                 f"model.mamba_num_heads ({self.mamba_num_heads}) must be a multiple of model.mamba_groups "
-                 f"({self.mamba_groups}): each head reads one B/C group")
+            need(
+                self.mamba_num_heads % self.mamba_groups == 0,
+                f"model.mamba_num_heads ({self.mamba_num_heads}) must be a multiple of model.mamba_groups "
+                f"({self.mamba_groups}): each head reads one B/C group",
+            )
             need(self.conv_kernel >= 2, f"model.conv_kernel must be >= 2, got {self.conv_kernel}")
         if "moe" in self.layer_types or self.mtp_depths:
-            need(self.top_k <= self.num_experts,
-                 f"model.top_k ({self.top_k}) cannot exceed model.num_experts ({self.num_experts})")
+            need(
+                self.top_k <= self.num_experts,
+                f"model.top_k ({self.top_k}) cannot exceed model.num_experts ({self.num_experts})",
+            )
             if self.moe_latent_size is not None:
-                need(0 < self.moe_latent_size <= self.hidden_size,
-                     f"model.moe_latent_size ({self.moe_latent_size}) must be in (0, hidden_size="
-                     f"{self.hidden_size}]; use null for experts at full hidden width")
+                need(
+                    0 < self.moe_latent_size <= self.hidden_size,
+                    f"model.moe_latent_size ({self.moe_latent_size}) must be in (0, hidden_size="
+                    f"{self.hidden_size}]; use null for experts at full hidden width",
+                )
         need(self.mtp_depths >= 0, f"model.mtp_depths must be >= 0, got {self.mtp_depths}")
-        need(len(self.a_init_range) == 2 and 0 < self.a_init_range[0] <= self.a_init_range[1],
-             f"model.a_init_range must be (low, high) with 0 < low <= high, got {self.a_init_range}")
+        need(
+            len(self.a_init_range) == 2 and 0 < self.a_init_range[0] <= self.a_init_range[1],
+            f"model.a_init_range must be (low, high) with 0 < low <= high, got {self.a_init_range}",
+        )
 
 
 def parse_pattern(pattern: str) -> tuple[list[str], list[int]]:

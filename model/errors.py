@@ -41,5 +41,7 @@ def entry_point(prog: str):
                     message = " ".join(str(error).split()) or type(error).__name__
                     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
                 return 2
+
         return run
+
     return wrap

@@ -97,20 +97,29 @@ def from_hf_config(hf: dict) -> ModelConfig:
     if hf.get("n_group", 1) != 1 or hf.get("topk_group", 1) != 1 or not hf.get("norm_topk_prob", True):
         raise ValueError("grouped routing (n_group/topk_group > 1) or unnormalised top-k is not supported")
     return ModelConfig(
-        pattern=pattern, hidden_size=hf["hidden_size"], vocab_size=hf["vocab_size"],
-        num_attention_heads=hf["num_attention_heads"], num_key_value_heads=hf["num_key_value_heads"],
+        pattern=pattern,
+        hidden_size=hf["hidden_size"],
+        vocab_size=hf["vocab_size"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf["num_key_value_heads"],
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        mamba_num_heads=hf["mamba_num_heads"], mamba_head_dim=hf["mamba_head_dim"],
-        mamba_groups=hf.get("n_groups", hf.get("mamba_n_groups", 8)), ssm_state_size=hf["ssm_state_size"],
-        conv_kernel=hf.get("conv_kernel", 4), chunk_size=hf.get("chunk_size", 128),
-        num_experts=hf.get("n_routed_experts", 8), top_k=hf.get("num_experts_per_tok", 2),
-        moe_intermediate_size=hf.get("moe_intermediate_size", 7688), moe_latent_size=hf.get("moe_latent_size"),
+        mamba_num_heads=hf["mamba_num_heads"],
+        mamba_head_dim=hf["mamba_head_dim"],
+        mamba_groups=hf.get("n_groups", hf.get("mamba_n_groups", 8)),
+        ssm_state_size=hf["ssm_state_size"],
+        conv_kernel=hf.get("conv_kernel", 4),
+        chunk_size=hf.get("chunk_size", 128),
+        num_experts=hf.get("n_routed_experts", 8),
+        top_k=hf.get("num_experts_per_tok", 2),
+        moe_intermediate_size=hf.get("moe_intermediate_size", 7688),
+        moe_latent_size=hf.get("moe_latent_size"),
         shared_expert_intermediate_size=hf.get("moe_shared_expert_intermediate_size", 7688),
         routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
         mlp_intermediate_size=hf.get("intermediate_size", 21504),
         # Super applies its one MTP block at depths 1 and 2 (SPEC section 2)
         mtp_depths=2 if hf.get("num_nextn_predict_layers", 0) else 0,
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), init_std=hf.get("initializer_range", 0.02),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        init_std=hf.get("initializer_range", 0.02),
     )
 
 
@@ -134,7 +143,7 @@ def from_hf_tensors(tensors: dict) -> dict:
     out, experts = {}, {}
     for name, tensor in tensors.items():
         if name.startswith("model."):
-            name = "backbone." + name[len("model."):]
+            name = "backbone." + name[len("model.") :]
         match = PER_EXPERT.match(name)
         if match:
             prefix, e, proj = match.groups()
@@ -246,9 +255,11 @@ def complete_checkpoints(folder) -> list:
         return []
     # manifest.json is written last (train/checkpoint.py); `.metadata` alone: written by plain dcp.save or an older
     # LatentForge, complete but without checksums
-    return sorted((int(m.group(1)), str(child)) for child in folder.iterdir()
-                  if (m := STEP_DIR.match(child.name))
-                  and ((child / MANIFEST_FILE).is_file() or (child / ".metadata").is_file()))
+    return sorted(
+        (int(m.group(1)), str(child))
+        for child in folder.iterdir()
+        if (m := STEP_DIR.match(child.name)) and ((child / MANIFEST_FILE).is_file() or (child / ".metadata").is_file())
+    )
 
 
 def resolve_checkpoint(path) -> Path:
@@ -260,8 +271,10 @@ def resolve_checkpoint(path) -> Path:
         steps = complete_checkpoints(folder)
         if steps:
             return Path(steps[-1][1])
-    raise FileNotFoundError(f"no complete DCP checkpoint at {path} (expected a step_XXXXXXXX directory with a "
-                            ".metadata file, or a run directory holding checkpoints/)")
+    raise FileNotFoundError(
+        f"no complete DCP checkpoint at {path} (expected a step_XXXXXXXX directory with a "
+        ".metadata file, or a run directory holding checkpoints/)"
+    )
 
 
 def load_dcp_checkpoint(path) -> HybridModel:
@@ -272,13 +285,17 @@ def load_dcp_checkpoint(path) -> HybridModel:
 
     path = resolve_checkpoint(path)
     if (path / LORA_CONFIG_FILE).is_file():
-        raise ValueError(f"{path} is a LoRA checkpoint (it holds {LORA_CONFIG_FILE}): its base alone would drop the "
-                         f"adapters. Export it with the adapters merged: python -m latentforge.train.export {path} OUT (in "
-                         "Python: train.export.load_model_from_checkpoint)")
+        raise ValueError(
+            f"{path} is a LoRA checkpoint (it holds {LORA_CONFIG_FILE}): its base alone would drop the "
+            f"adapters. Export it with the adapters merged: python -m latentforge.train.export {path} OUT (in "
+            "Python: train.export.load_model_from_checkpoint)"
+        )
     config_file = path / MODEL_CONFIG_FILE
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing: this checkpoint was not written by LatentForge's "
-                                "trainers (train/pretrain.py, train/sft.py, rl/grpo.py)")
+        raise FileNotFoundError(
+            f"{config_file} is missing: this checkpoint was not written by LatentForge's "
+            "trainers (train/pretrain.py, train/sft.py, rl/grpo.py)"
+        )
     verify_checkpoint(path)  # before anything in it is unpickled or loaded
     read_dcp_metadata(path)  # a damaged .metadata is named in one line, not an UnpicklingError
     cfg = ModelConfig.from_dict(json.loads(config_file.read_text()))
@@ -293,15 +310,18 @@ def load_dcp_checkpoint(path) -> HybridModel:
     return model
 
 
-def export_dcp_checkpoint(checkpoint, out_dir, dtype: torch.dtype = torch.float32,
-                          tokenizer: str | None = None) -> Path:
+def export_dcp_checkpoint(
+    checkpoint, out_dir, dtype: torch.dtype = torch.float32, tokenizer: str | None = None
+) -> Path:
     """DCP checkpoint (or run directory) -> a Hugging Face directory that stands alone: config.json, safetensors,
     and the tokenizer files of data/hf_tokenizer.py (tokenizer.json, tokenizer_config.json with the chat template,
     generation_config.json). `tokenizer`: a tokenizer spec when the checkpoint does not record one."""
     from latentforge.data.hf_tokenizer import export_checkpoint_tokenizer  # data sits beside model: no cycle at import
 
     checkpoint = resolve_checkpoint(checkpoint)
-    model = load_dcp_checkpoint(checkpoint)  # refuses a LoRA checkpoint (python -m latentforge.train.lora merge exports it)
+    model = load_dcp_checkpoint(
+        checkpoint
+    )  # refuses a LoRA checkpoint (python -m latentforge.train.lora merge exports it)
     save_pretrained(model, out_dir, dtype=dtype)
     export_checkpoint_tokenizer(checkpoint, out_dir, tokenizer)
     return Path(out_dir)
@@ -320,8 +340,11 @@ def main(argv=None) -> int:
     export.add_argument("checkpoint", help="a step_XXXXXXXX checkpoint directory, or a run directory (its newest)")
     export.add_argument("out_dir", help="where config.json and the safetensors go")
     export.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    export.add_argument("--tokenizer", default=None,
-                        help="tokenizer spec (tekken, bpe:4096, path/tokenizer.json) when the checkpoint records none")
+    export.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer spec (tekken, bpe:4096, path/tokenizer.json) when the checkpoint records none",
+    )
     args = parser.parse_args(argv)
     try:
         checkpoint = resolve_checkpoint(args.checkpoint)

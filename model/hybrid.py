@@ -43,8 +43,9 @@ class Block(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mixer = build_mixer(kind, cfg)
 
-    def forward(self, x: torch.Tensor, seq_idx=None, state=None, context=None,
-                routes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[Routing]]:
+    def forward(
+        self, x: torch.Tensor, seq_idx=None, state=None, context=None, routes: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Optional[Routing]]:
         h = self.norm(x)
         if self.kind == "moe":
             y, routing = self.mixer(h, seq_idx=seq_idx, state=state, context=context, routes=routes)
@@ -104,9 +105,17 @@ class HybridModel(nn.Module):
             self.mtp.init_weights(std, out_std)
 
     # ----- forward -----------------------------------------------------------------------------------------
-    def forward(self, input_ids: Optional[torch.Tensor] = None, *, hidden: Optional[torch.Tensor] = None,
-                seq_idx: Optional[torch.Tensor] = None, cache=None, context=None,
-                routes: Optional[torch.Tensor] = None, with_logits: bool = True) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        *,
+        hidden: Optional[torch.Tensor] = None,
+        seq_idx: Optional[torch.Tensor] = None,
+        cache=None,
+        context=None,
+        routes: Optional[torch.Tensor] = None,
+        with_logits: bool = True,
+    ) -> ModelOutput:
         """The one forward of every path: training (each pipeline stage runs its part of the model), decoding,
         RL log-probs. A part (pipeline stage, `train.parallel.stage.split_model`) may lack the embedding (it
         takes the previous stage's `hidden` instead of `input_ids`), the final norm or the lm_head: they are
@@ -123,8 +132,10 @@ class HybridModel(nn.Module):
         x = self._embed(input_ids, hidden)
         moe_index, routing = self.trunk_moe_index, {}
         if routes is not None and (routes.dim() != 4 or routes.shape[2] != len(moe_index)):
-            raise ValueError(f"routes must be (batch, seq, {len(moe_index)} MoE layers, top_k), got "
-                             f"{tuple(routes.shape)}: record them with the same model config")
+            raise ValueError(
+                f"routes must be (batch, seq, {len(moe_index)} MoE layers, top_k), got "
+                f"{tuple(routes.shape)}: record them with the same model config"
+            )
         for index, block in self.numbered_layers():
             moe = moe_index.get(index)
             layer_routes = None if routes is None or moe is None else routes[:, :, moe]
@@ -142,8 +153,10 @@ class HybridModel(nn.Module):
     def _embed(self, input_ids, hidden):
         if self.backbone.embeddings is None:
             if hidden is None:
-                raise ValueError("this model part has no embedding (a later pipeline stage): pass the previous "
-                                 "stage's output as hidden=")
+                raise ValueError(
+                    "this model part has no embedding (a later pipeline stage): pass the previous "
+                    "stage's output as hidden="
+                )
             return hidden
         if input_ids is None:
             raise ValueError("HybridModel.forward needs input_ids (token ids, (batch, seq))")

@@ -85,8 +85,14 @@ class Mamba2Mixer(nn.Module):
 
     def convolve(self, xbc: torch.Tensor, seq_idx=None, initial_state=None) -> tuple:
         """Causal depthwise conv + SiLU; returns (activated x|B|C, the conv state after the last token)."""
-        return causal_conv1d(xbc, local_tensor(self.conv1d.weight).squeeze(1), local_tensor(self.conv1d.bias),
-                             seq_idx=seq_idx, initial_state=initial_state, activation="silu")
+        return causal_conv1d(
+            xbc,
+            local_tensor(self.conv1d.weight).squeeze(1),
+            local_tensor(self.conv1d.bias),
+            seq_idx=seq_idx,
+            initial_state=initial_state,
+            activation="silu",
+        )
 
     def ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor) -> tuple:
         """(x (b, s, h, p), B, C (b, s, g, n), dt (b, s, h) fp32 after softplus, A (h,) fp32)."""
@@ -95,23 +101,43 @@ class Mamba2Mixer(nn.Module):
         xs, B, C = xbc.split([d_inner, bc_size, bc_size], dim=-1)
         dt = F.softplus(dt.float() + local_tensor(self.dt_bias).float())  # no clamp in training (SPEC)
         A = -torch.exp(local_tensor(self.A_log).float())
-        return (xs.reshape(b, s, heads, self.head_dim), B.reshape(b, s, groups, self.state_size),
-                C.reshape(b, s, groups, self.state_size), dt, A)
+        return (
+            xs.reshape(b, s, heads, self.head_dim),
+            B.reshape(b, s, groups, self.state_size),
+            C.reshape(b, s, groups, self.state_size),
+            dt,
+            A,
+        )
 
     def scan(self, xs, dt, A, B, C, seq_idx=None, initial_state=None) -> tuple:
         """The chunked SSD scan (with the D skip); returns (y (b, s, h, p), the SSM state after the last token)."""
-        return ssd_scan(xs, dt, A, B, C, D=local_tensor(self.D), chunk_size=self.chunk_size, seq_idx=seq_idx,
-                        initial_state=initial_state)
+        return ssd_scan(
+            xs,
+            dt,
+            A,
+            B,
+            C,
+            D=local_tensor(self.D),
+            chunk_size=self.chunk_size,
+            seq_idx=seq_idx,
+            initial_state=initial_state,
+        )
 
     def recurrent_mix(self, xbc: torch.Tensor, dt: torch.Tensor, state: dict) -> torch.Tensor:
         """Conv + SSM of a decode state (module doc) with the kernels' decode steps; returns y (b, s, h, p)."""
         per_token = bool(state.get("keep_per_token"))
-        xbc, conv_state = causal_conv1d_update(xbc, local_tensor(self.conv1d.weight).squeeze(1),
-                                               local_tensor(self.conv1d.bias), conv_state=state["conv"],
-                                               activation="silu", per_token_states=per_token)
+        xbc, conv_state = causal_conv1d_update(
+            xbc,
+            local_tensor(self.conv1d.weight).squeeze(1),
+            local_tensor(self.conv1d.bias),
+            conv_state=state["conv"],
+            activation="silu",
+            per_token_states=per_token,
+        )
         xs, B, C, dt, A = self.ssm_inputs(xbc, dt)
-        y, ssm_state = ssd_update(xs, dt, A, B, C, D=local_tensor(self.D), state=state["ssm"],
-                                  per_token_states=per_token)
+        y, ssm_state = ssd_update(
+            xs, dt, A, B, C, D=local_tensor(self.D), state=state["ssm"], per_token_states=per_token
+        )
         suffix = "_per_token" if per_token else ""
         state["conv" + suffix], state["ssm" + suffix] = conv_state, ssm_state
         return y

@@ -42,15 +42,17 @@ def file_digest(path) -> str:
 def hash_files(directory, names: Iterable[str]) -> Dict[str, dict]:
     """{name: {"size", "sha256"}} for the named files of `directory`."""
     directory = Path(directory)
-    return {name: {"size": (directory / name).stat().st_size, "sha256": file_digest(directory / name)}
-            for name in names}
+    return {
+        name: {"size": (directory / name).stat().st_size, "sha256": file_digest(directory / name)} for name in names
+    }
 
 
 def checkpoint_files(directory) -> List[str]:
     """Every regular file of a checkpoint directory (relative names, sorted), the manifest itself excluded."""
     directory = Path(directory)
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                  if p.is_file() and p.name != MANIFEST_FILE)
+    return sorted(
+        str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE
+    )
 
 
 def write_manifest(directory, entries: Dict[str, dict]) -> str:
@@ -101,8 +103,9 @@ def find_damage(directory, part: Tuple[int, int] = (0, 1)) -> List[str]:
             continue
         size = path.stat().st_size
         if size != expected.get("size"):
-            problems.append(f"{path} has {size} bytes, the manifest says {expected.get('size')} (truncated or "
-                            "overwritten)")
+            problems.append(
+                f"{path} has {size} bytes, the manifest says {expected.get('size')} (truncated or overwritten)"
+            )
         elif file_digest(path) != expected.get("sha256"):
             problems.append(f"{path} fails its SHA-256 check (bit rot, or a damaged copy)")
     return problems
@@ -128,8 +131,11 @@ def read_dcp_metadata(directory: str | os.PathLike, reader: Optional[StorageRead
     try:
         return (reader or FileSystemReader(str(directory))).read_metadata()
     except FileNotFoundError:
-        raise CheckpointDamagedError(f"{Path(directory) / '.metadata'} is missing: {directory} is not a complete "
-                                     "DCP checkpoint") from None
+        raise CheckpointDamagedError(
+            f"{Path(directory) / '.metadata'} is missing: {directory} is not a complete DCP checkpoint"
+        ) from None
     except Exception as error:  # noqa: BLE001 - unpickling a damaged file raises anything
-        raise CheckpointDamagedError(f"{Path(directory) / '.metadata'} cannot be read ({type(error).__name__}: "
-                                     f"{error}): the checkpoint {directory} is damaged") from None
+        raise CheckpointDamagedError(
+            f"{Path(directory) / '.metadata'} cannot be read ({type(error).__name__}: "
+            f"{error}): the checkpoint {directory} is damaged"
+        ) from None

@@ -47,9 +47,11 @@ class Router(nn.Module):
         topk_idx = router_topk
         if routes is not None:
             if tuple(routes.shape) != (scores.shape[0], self.top_k):
-                raise ValueError(f"replayed routes have shape {tuple(routes.shape)} but this MoE layer routes "
-                                 f"{scores.shape[0]} tokens to top_k={self.top_k} experts: record them on the same "
-                                 "token sequence with the same model config")
+                raise ValueError(
+                    f"replayed routes have shape {tuple(routes.shape)} but this MoE layer routes "
+                    f"{scores.shape[0]} tokens to top_k={self.top_k} experts: record them on the same "
+                    "token sequence with the same model config"
+                )
             topk_idx = routes.to(device=scores.device, dtype=torch.long)
         topk_scores = scores.gather(-1, topk_idx)
         topk_weight = topk_scores / topk_scores.sum(-1, keepdim=True) * self.routed_scaling_factor
@@ -67,8 +69,9 @@ class Experts(nn.Module):
         self.alignment = 1  # rows per expert padded to this (16/32/128 for low-precision GEMMs)
 
     def forward(self, x, topk_idx, topk_weight):
-        return moe_experts(x, topk_idx, topk_weight, self.up_proj, self.down_proj,
-                           alignment=self.alignment, linear_fn=self.linear_fn)
+        return moe_experts(
+            x, topk_idx, topk_weight, self.up_proj, self.down_proj, alignment=self.alignment, linear_fn=self.linear_fn
+        )
 
 
 class LatentMoE(nn.Module):
@@ -82,8 +85,9 @@ class LatentMoE(nn.Module):
         self.experts = Experts(cfg.num_experts, cfg.expert_dim, cfg.moe_intermediate_size)
         self.shared_experts = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
 
-    def forward(self, x: torch.Tensor, seq_idx=None, state=None, context=None,
-                routes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
+    def forward(
+        self, x: torch.Tensor, seq_idx=None, state=None, context=None, routes: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Routing]:
         """-> (output, Routing) over the tokens of x (..., H) in order. `routes` (..., top_k): replayed experts."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])

@@ -64,8 +64,14 @@ class MTPBlock(nn.Module):
         second.mixer.init_weights(std, out_std)
 
 
-def mtp_recursion(mtp: MTPBlock, embeddings: Iterable[torch.Tensor], hidden: torch.Tensor, seq_idx=None,
-                  context=None, detach: bool = False) -> Iterator[tuple]:
+def mtp_recursion(
+    mtp: MTPBlock,
+    embeddings: Iterable[torch.Tensor],
+    hidden: torch.Tensor,
+    seq_idx=None,
+    context=None,
+    detach: bool = False,
+) -> Iterator[tuple]:
     """The MTP recursion, once for every caller: yields (h_k, Routing) for depth k = 1, 2, ...
 
     `embeddings[k-1]`: the embedding of the tokens shifted left by k (position t reads token t+k), `hidden`: the
@@ -73,8 +79,7 @@ def mtp_recursion(mtp: MTPBlock, embeddings: Iterable[torch.Tensor], hidden: tor
     trunk and the shared embedding get no gradient from it; RL keeps the drafter up to date this way)."""
     previous = hidden.detach() if detach else hidden
     for embedded in embeddings:
-        previous, routing = mtp(embedded.detach() if detach else embedded, previous, seq_idx=seq_idx,
-                                context=context)
+        previous, routing = mtp(embedded.detach() if detach else embedded, previous, seq_idx=seq_idx, context=context)
         yield previous, routing
 
 

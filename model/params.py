@@ -57,16 +57,26 @@ def count_parameters(model: HybridModel) -> ParamCounts:
             per_layer[block.kind] = [0, n, active]
         per_layer[block.kind][0] += 1
     active = (total - mtp) - cfg.count("moe") * inactive_experts * expert_params
-    return ParamCounts(total=total, without_mtp=total - mtp, mtp=mtp, active=active,
-                       per_layer={k: tuple(v) for k, v in per_layer.items()},
-                       embedding=model.backbone.embeddings.weight.numel(), lm_head=model.lm_head.weight.numel())
+    return ParamCounts(
+        total=total,
+        without_mtp=total - mtp,
+        mtp=mtp,
+        active=active,
+        per_layer={k: tuple(v) for k, v in per_layer.items()},
+        embedding=model.backbone.embeddings.weight.numel(),
+        lm_head=model.lm_head.weight.numel(),
+    )
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Megatron's hybrid FLOP formula (forward + backward = 3 x forward), per token, at sequence length seq_len."""
     h = cfg.hidden_size
-    attention = 4 * h * (cfg.num_attention_heads * cfg.head_dim / h) * (
-        h + h * cfg.num_key_value_heads / cfg.num_attention_heads + seq_len / 2)
+    attention = (
+        4
+        * h
+        * (cfg.num_attention_heads * cfg.head_dim / h)
+        * (h + h * cfg.num_key_value_heads / cfg.num_attention_heads + seq_len / 2)
+    )
     d_in = cfg.mamba_d_inner
     groups_state = cfg.mamba_groups * cfg.ssm_state_size
     mamba = 2 * h * (2 * d_in + 2 * groups_state + cfg.mamba_num_heads) + 7 * d_in * cfg.ssm_state_size + 2 * d_in * h
@@ -77,9 +87,13 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     moe = routed + 4 * h * cfg.shared_expert_intermediate_size
     mlp = 4 * h * cfg.mlp_intermediate_size
     depths = cfg.mtp_depths
-    forward = ((cfg.count("attention") + depths) * attention + cfg.count("mamba") * mamba
-               + (cfg.count("moe") + depths) * moe + cfg.count("mlp") * mlp
-               + 2 * h * cfg.vocab_size * (1 + depths))
+    forward = (
+        (cfg.count("attention") + depths) * attention
+        + cfg.count("mamba") * mamba
+        + (cfg.count("moe") + depths) * moe
+        + cfg.count("mlp") * mlp
+        + 2 * h * cfg.vocab_size * (1 + depths)
+    )
     return 3 * forward
 
 
@@ -98,7 +112,9 @@ def format_report(cfg: ModelConfig, counts: ParamCounts, seq_len: int) -> str:
     for kind, (count, each, active) in counts.per_layer.items():
         lines.append(f"  {names[kind]:<16} {count:>5}  {each:>12,}  {active:>12,}  {count * each:,}")
     flops = training_flops_per_token(cfg, seq_len)
-    lines.append(f"training FLOPs     {flops / 1e9:.2f} GFLOP per token at sequence {seq_len} (Megatron hybrid formula)")
+    lines.append(
+        f"training FLOPs     {flops / 1e9:.2f} GFLOP per token at sequence {seq_len} (Megatron hybrid formula)"
+    )
     return "\n".join(lines)
 
 

@@ -68,7 +68,9 @@ def compose(overrides=(), config_name: Optional[str] = "config", config_dir=None
 
     config_dir = Path(config_dir or RECIPES_DIR)
     if not config_dir.is_dir():
-        raise FileNotFoundError(f"recipes directory not found at {config_dir}; install LatentForge with `pip install -e .`")
+        raise FileNotFoundError(
+            f"recipes directory not found at {config_dir}; install LatentForge with `pip install -e .`"
+        )
     register_schemas()
     refuse_moved_keys(overrides)
     GlobalHydra.instance().clear()

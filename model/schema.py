@@ -53,16 +53,22 @@ def from_dict(cls: Type[T], values: Any, prefix: str, error: Type[Exception] = S
     moved = {key: getattr(cls, "MOVED_KEYS", {}).get(key) for key in unknown}
     if any(moved.values()):
         where = f"{prefix}." if prefix else ""
-        raise error("; ".join(f"{where}{key} is now {where}{new}" for key, new in moved.items() if new)
-                    + ": rename it in the recipe or override")
+        raise error(
+            "; ".join(f"{where}{key} is now {where}{new}" for key, new in moved.items() if new)
+            + ": rename it in the recipe or override"
+        )
     if unknown and not prefix:
         raise error(f"unknown option(s) {unknown}; options: {', '.join(sorted(settable))}")
     if unknown:
-        raise error(f"unknown {prefix} config key(s) {unknown}; valid keys: {sorted(settable)}. "
-                    f"Fix the recipe's `{prefix}:` section or the override.")
+        raise error(
+            f"unknown {prefix} config key(s) {unknown}; valid keys: {sorted(settable)}. "
+            f"Fix the recipe's `{prefix}:` section or the override."
+        )
     hints = typing.get_type_hints(cls)
-    checked = {name: _check(value, hints.get(name, Any), f"{prefix}.{name}" if prefix else name, error)
-               for name, value in values.items()}
+    checked = {
+        name: _check(value, hints.get(name, Any), f"{prefix}.{name}" if prefix else name, error)
+        for name, value in values.items()
+    }
     try:
         return cls(**checked)
     except UserError:

@@ -45,15 +45,20 @@ def group_rows(groups: List[Group], normalize_std: bool, filter_overlong: bool) 
             p, c = len(sample.prompt_ids), len(sample.completion_ids)
             keep = 0.0 if (filter_overlong and sample.truncated) else 1.0
             generated = sample.completion_mask if sample.completion_mask is not None else [True] * c
-            rows.append({
-                "input_ids": tokens[:-1], "targets": tokens[1:],
-                "loss_mask": [0.0] * (p - 1) + [keep if g else 0.0 for g in generated],
-                "behaviour_logprobs": [0.0] * (p - 1) + list(sample.logprobs),
-                "versions": [-1] * (p - 1) + list(sample.versions),
-                "advantage": a, "group_id": g.group_id, "sample_index": sample.sample_index,
-            })
+            rows.append(
+                {
+                    "input_ids": tokens[:-1],
+                    "targets": tokens[1:],
+                    "loss_mask": [0.0] * (p - 1) + [keep if g else 0.0 for g in generated],
+                    "behaviour_logprobs": [0.0] * (p - 1) + list(sample.logprobs),
+                    "versions": [-1] * (p - 1) + list(sample.versions),
+                    "advantage": a,
+                    "group_id": g.group_id,
+                    "sample_index": sample.sample_index,
+                }
+            )
             if sample.routes is not None:
-                rows[-1]["routes"] = torch.as_tensor(sample.routes)[:len(tokens) - 1]
+                rows[-1]["routes"] = torch.as_tensor(sample.routes)[: len(tokens) - 1]
     return rows
 
 
@@ -117,10 +122,12 @@ def _pad_routes(rows: List[dict], length: int, device) -> torch.Tensor:
     out = torch.arange(top_k, dtype=torch.long).expand(len(rows), length, layers, top_k).clone()
     for i, row in enumerate(rows):
         if "routes" in row:
-            out[i, :row["routes"].shape[0]] = row["routes"]
+            out[i, : row["routes"].shape[0]] = row["routes"]
         elif not row.get("placeholder", False) and row["input_ids"]:  # e.g. an episode whose reset failed
-            raise ValueError(f"row {row['group_id']}/{row['sample_index']} has no recorded routes while others "
-                             "do: rollout routing replay needs every sample's routes")
+            raise ValueError(
+                f"row {row['group_id']}/{row['sample_index']} has no recorded routes while others "
+                "do: rollout routing replay needs every sample's routes"
+            )
     return out.to(device)
 
 
@@ -137,12 +144,27 @@ def padded_length(rows: List[dict], multiple: int = 1) -> int:
     return -(-longest // multiple) * multiple
 
 
-PLACEHOLDER = {"input_ids": [PAD_ID], "targets": [PAD_ID], "loss_mask": [0.0], "behaviour_logprobs": [0.0],
-               "versions": [-1], "advantage": 0.0, "group_id": -1, "sample_index": -1, "placeholder": True}
+PLACEHOLDER = {
+    "input_ids": [PAD_ID],
+    "targets": [PAD_ID],
+    "loss_mask": [0.0],
+    "behaviour_logprobs": [0.0],
+    "versions": [-1],
+    "advantage": 0.0,
+    "group_id": -1,
+    "sample_index": -1,
+    "placeholder": True,
+}
 
 
-def shard_micro_batches(rows: List[dict], dp_rank: int, dp_size: int, micro_batch_size: int,
-                        min_micro_batches: int = 1, multiple_of: int = 1) -> List[List[dict]]:
+def shard_micro_batches(
+    rows: List[dict],
+    dp_rank: int,
+    dp_size: int,
+    micro_batch_size: int,
+    min_micro_batches: int = 1,
+    multiple_of: int = 1,
+) -> List[List[dict]]:
     """This data-parallel rank's micro-batches. Every rank gets the same number (collectives inside FSDP must
     match; a rank short of rows gets placeholder rows with an all-zero loss mask), at least `min_micro_batches`
     and a multiple of `multiple_of` (pipeline schedules), and no micro-batch holds more than
@@ -150,8 +172,10 @@ def shard_micro_batches(rows: List[dict], dp_rank: int, dp_size: int, micro_batc
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ValueError(f"bad data-parallel coordinates rank {dp_rank} of {dp_size}")
     if micro_batch_size < 1 or min_micro_batches < 1 or multiple_of < 1:
-        raise ValueError(f"micro_batch_size ({micro_batch_size}), min_micro_batches ({min_micro_batches}) and "
-                         f"multiple_of ({multiple_of}) must be >= 1")
+        raise ValueError(
+            f"micro_batch_size ({micro_batch_size}), min_micro_batches ({min_micro_batches}) and "
+            f"multiple_of ({multiple_of}) must be >= 1"
+        )
     per_rank = -(-len(rows) // dp_size)
     num_micro = max(min_micro_batches, -(-per_rank // micro_batch_size), 1)
     num_micro = -(-num_micro // multiple_of) * multiple_of
@@ -161,6 +185,6 @@ def shard_micro_batches(rows: List[dict], dp_rank: int, dp_size: int, micro_batc
     mine = sorted(mine, key=lambda r: len(r["input_ids"]))
     out = []
     for i in range(num_micro):
-        chunk = mine[i * size:(i + 1) * size]
+        chunk = mine[i * size : (i + 1) * size]
         out.append(chunk or [PLACEHOLDER])
     return out

@@ -41,12 +41,16 @@ class Sample:
     def __post_init__(self):
         n = len(self.completion_ids)
         if len(self.logprobs) != n or len(self.versions) != n:
-            raise ValueError(f"sample {self.group_id}/{self.sample_index}: {n} completion tokens but "
-                             f"{len(self.logprobs)} logprobs and {len(self.versions)} versions; the engine must "
-                             "stamp every generated token")
+            raise ValueError(
+                f"sample {self.group_id}/{self.sample_index}: {n} completion tokens but "
+                f"{len(self.logprobs)} logprobs and {len(self.versions)} versions; the engine must "
+                "stamp every generated token"
+            )
         if self.completion_mask is not None and len(self.completion_mask) != n:
-            raise ValueError(f"sample {self.group_id}/{self.sample_index}: {n} completion tokens but a completion "
-                             f"mask of {len(self.completion_mask)}")
+            raise ValueError(
+                f"sample {self.group_id}/{self.sample_index}: {n} completion tokens but a completion "
+                f"mask of {len(self.completion_mask)}"
+            )
 
     @property
     def oldest_version(self) -> int:
@@ -89,8 +93,12 @@ class StalenessBuffer:
         self.filter_zero_advantage = filter_zero_advantage
         self._partial: Dict[int, Dict[int, Sample]] = {}
         self._ready: "OrderedDict[int, Group]" = OrderedDict()  # completion order (FIFO)
-        self.counters = {"groups_completed": 0, "groups_zero_advantage": 0, "groups_stale_dropped": 0,
-                         "groups_served": 0}
+        self.counters = {
+            "groups_completed": 0,
+            "groups_zero_advantage": 0,
+            "groups_stale_dropped": 0,
+            "groups_served": 0,
+        }
 
     # ----- in -------------------------------------------------------------------------------------------------
     def add(self, sample: Sample) -> Optional[str]:
@@ -102,8 +110,10 @@ class StalenessBuffer:
             raise ValueError(f"group {sample.group_id} is already complete; sample {sample.sample_index} is extra")
         slots = self._partial.setdefault(sample.group_id, {})
         if sample.sample_index in slots or not (0 <= sample.sample_index < self.group_size):
-            raise ValueError(f"sample index {sample.sample_index} of group {sample.group_id} is a duplicate or "
-                             f"outside 0..{self.group_size - 1}")
+            raise ValueError(
+                f"sample index {sample.sample_index} of group {sample.group_id} is a duplicate or "
+                f"outside 0..{self.group_size - 1}"
+            )
         slots[sample.sample_index] = sample
         if len(slots) < self.group_size:
             return None
@@ -127,8 +137,11 @@ class StalenessBuffer:
 
     def stale_partial_groups(self, train_version: int) -> List[int]:
         """Ids of partial groups that already hold a too-old token: they can never be served."""
-        return [gid for gid, slots in self._partial.items()
-                if any(train_version - s.oldest_version > self.max_staleness for s in slots.values())]
+        return [
+            gid
+            for gid, slots in self._partial.items()
+            if any(train_version - s.oldest_version > self.max_staleness for s in slots.values())
+        ]
 
     def drop_partial(self, group_id: int) -> List[Sample]:
         return list(self._partial.pop(group_id, {}).values())
@@ -152,13 +165,18 @@ class StalenessBuffer:
 
     def state_dict(self) -> dict:
         """Complete groups travel with the checkpoint; partial ones do not (see `pending_group_ids`)."""
-        return {"ready": [g for g in self._ready.values()], "counters": dict(self.counters),
-                "group_size": self.group_size}
+        return {
+            "ready": [g for g in self._ready.values()],
+            "counters": dict(self.counters),
+            "group_size": self.group_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["group_size"] != self.group_size:
-            raise ValueError(f"checkpointed buffer has groups of {state['group_size']}, this run uses "
-                             f"{self.group_size}; resume with the same rollout.group_size")
+            raise ValueError(
+                f"checkpointed buffer has groups of {state['group_size']}, this run uses "
+                f"{self.group_size}; resume with the same rollout.group_size"
+            )
         self._partial.clear()
         self._ready = OrderedDict((g.group_id, g) for g in state["ready"])
         self.counters.update(state["counters"])

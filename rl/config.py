@@ -50,18 +50,23 @@ class PolicyLossConfig:
         _need(self.clip_high >= 0, f"rl.loss.clip_high must be >= 0, got {self.clip_high}")
         _need(self.tis_cap > 0, f"rl.loss.tis_cap must be positive, got {self.tis_cap}")
         _need(self.kl_coef >= 0, f"rl.loss.kl_coef must be >= 0 (0 disables the KL term), got {self.kl_coef}")
-        _need(self.kl_estimator in KL_ESTIMATORS,
-              f"rl.loss.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        _need(self.aggregation in AGGREGATIONS,
-              f"rl.loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        _need(
+            self.kl_estimator in KL_ESTIMATORS,
+            f"rl.loss.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}",
+        )
+        _need(
+            self.aggregation in AGGREGATIONS,
+            f"rl.loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}",
+        )
 
 
 @dataclass
 class RolloutConfig:
     # keys of the flat layout before the nested engine / sampling configs, named in the unknown-key error
-    MOVED_KEYS: ClassVar[dict] = {**{k: f"sampling.{k}" for k in ("temperature", "top_p", "top_k", "max_new_tokens")},
-                                  **{k: f"engine.{k}" for k in ("draft_tokens", "draft_gate", "max_batch",
-                                                                "weight_update_policy")}}
+    MOVED_KEYS: ClassVar[dict] = {
+        **{k: f"sampling.{k}" for k in ("temperature", "top_p", "top_k", "max_new_tokens")},
+        **{k: f"engine.{k}" for k in ("draft_tokens", "draft_gate", "max_batch", "weight_update_policy")},
+    }
 
     num_workers: int = 1
     group_size: int = 4  # G samples per prompt
@@ -88,17 +93,27 @@ class RolloutConfig:
         self.sampling = _build(SamplingParams, self.sampling, "rl.rollout.sampling")
         self.engine = _build(EngineConfig, self.engine, "rl.rollout.engine")
         _need(self.num_workers >= 1, f"rl.rollout.num_workers must be >= 1, got {self.num_workers}")
-        _need(self.group_size >= 2, f"rl.rollout.group_size must be >= 2 (advantages compare samples), "
-                                    f"got {self.group_size}")
-        _need(self.sampling.temperature > 0, f"rl.rollout.sampling.temperature must be > 0 for RL sampling, "
-                                             f"got {self.sampling.temperature}")
-        _need(not self.sampling.return_logits, "rl.rollout.sampling.return_logits must be false (rollouts keep "
-                                               "log-probs, not logits)")
-        _need(self.weight_sync in WEIGHT_SYNC, f"rl.rollout.weight_sync must be one of {WEIGHT_SYNC}, "
-                                               f"got {self.weight_sync!r}")
+        _need(
+            self.group_size >= 2,
+            f"rl.rollout.group_size must be >= 2 (advantages compare samples), got {self.group_size}",
+        )
+        _need(
+            self.sampling.temperature > 0,
+            f"rl.rollout.sampling.temperature must be > 0 for RL sampling, got {self.sampling.temperature}",
+        )
+        _need(
+            not self.sampling.return_logits,
+            "rl.rollout.sampling.return_logits must be false (rollouts keep log-probs, not logits)",
+        )
+        _need(
+            self.weight_sync in WEIGHT_SYNC,
+            f"rl.rollout.weight_sync must be one of {WEIGHT_SYNC}, got {self.weight_sync!r}",
+        )
         _need(self.max_turns >= 1, f"rl.rollout.max_turns must be >= 1, got {self.max_turns}")
-        _need(self.max_episode_tokens is None or self.max_episode_tokens >= 1,
-              f"rl.rollout.max_episode_tokens must be >= 1 or null, got {self.max_episode_tokens}")
+        _need(
+            self.max_episode_tokens is None or self.max_episode_tokens >= 1,
+            f"rl.rollout.max_episode_tokens must be >= 1 or null, got {self.max_episode_tokens}",
+        )
         _need(self.env_step_timeout_s > 0, f"rl.rollout.env_step_timeout_s must be > 0, got {self.env_step_timeout_s}")
 
     def episode_tokens(self) -> int:
@@ -134,8 +149,10 @@ class RewardConfig:
                 self.judge = _build(JudgeConfig, self.judge, "rl.reward.judge")
             except ValueError as exc:
                 raise GRPOConfigError(f"rl.reward.judge: {exc}") from None
-        self.functions = [f if isinstance(f, RewardFunctionConfig) else RewardFunctionConfig(**dict(f))
-                          for f in (self.functions or [])]
+        self.functions = [
+            f if isinstance(f, RewardFunctionConfig) else RewardFunctionConfig(**dict(f))
+            for f in (self.functions or [])
+        ]
 
 
 @dataclass
@@ -147,11 +164,14 @@ class PromptConfig:
     order_seed: int = 0  # the prompt order's shuffle
 
     def __post_init__(self):
-        _need(bool(self.tasks),
-              "rl.prompts.tasks is empty: list at least one task, e.g. [{name: arithmetic, num: 1000}]")
+        _need(
+            bool(self.tasks), "rl.prompts.tasks is empty: list at least one task, e.g. [{name: arithmetic, num: 1000}]"
+        )
         for spec in list(self.tasks) + list(self.eval_tasks):
-            _need(isinstance(spec, dict) or hasattr(spec, "keys"),
-                  f"rl.prompts tasks must be mappings like {{name: arithmetic, num: 1000}}, got {spec!r}")
+            _need(
+                isinstance(spec, dict) or hasattr(spec, "keys"),
+                f"rl.prompts tasks must be mappings like {{name: arithmetic, num: 1000}}, got {spec!r}",
+            )
         self.tasks = [dict(t) for t in self.tasks]
         self.eval_tasks = [dict(t) for t in (self.eval_tasks or [])]
 
@@ -206,22 +226,32 @@ class GRPOConfig:
         self.prompts = _build(PromptConfig, self.prompts, "rl.prompts")
         self.wandb = _build(WandbConfig, self.wandb, "rl.wandb")
         _need(self.steps >= 1, f"rl.steps must be >= 1, got {self.steps}")
-        _need(self.stop_at_step is None or 0 < self.stop_at_step <= self.steps,
-              f"rl.stop_at_step must be in (0, rl.steps={self.steps}] or null, got {self.stop_at_step}")
+        _need(
+            self.stop_at_step is None or 0 < self.stop_at_step <= self.steps,
+            f"rl.stop_at_step must be in (0, rl.steps={self.steps}] or null, got {self.stop_at_step}",
+        )
         _need(self.groups_per_step >= 1, f"rl.groups_per_step must be >= 1, got {self.groups_per_step}")
         _need(self.max_staleness >= 0, f"rl.max_staleness must be >= 0 (0 = synchronous), got {self.max_staleness}")
-        _need(self.updates_per_batch >= 1, f"rl.updates_per_batch must be >= 1 (optimizer steps per rollout batch), "
-                                           f"got {self.updates_per_batch}")
+        _need(
+            self.updates_per_batch >= 1,
+            f"rl.updates_per_batch must be >= 1 (optimizer steps per rollout batch), got {self.updates_per_batch}",
+        )
         for name in ("steps", "stop_at_step"):
             value = getattr(self, name)
-            _need(value is None or value % self.updates_per_batch == 0,
-                  f"rl.{name}={value} counts optimizer steps and must be a multiple of "
-                  f"rl.updates_per_batch={self.updates_per_batch} (each rollout batch is that many steps)")
-        _need(self.max_consecutive_nonfinite >= 1,
-              f"rl.max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}")
+            _need(
+                value is None or value % self.updates_per_batch == 0,
+                f"rl.{name}={value} counts optimizer steps and must be a multiple of "
+                f"rl.updates_per_batch={self.updates_per_batch} (each rollout batch is that many steps)",
+            )
+        _need(
+            self.max_consecutive_nonfinite >= 1,
+            f"rl.max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}",
+        )
         for name in ("max_worker_restarts", "max_trainer_restarts"):
-            _need(getattr(self, name) >= 0, f"rl.{name} must be >= 0 (0: a death stops the run), "
-                                            f"got {getattr(self, name)}")
+            _need(
+                getattr(self, name) >= 0,
+                f"rl.{name} must be >= 0 (0: a death stops the run), got {getattr(self, name)}",
+            )
         _need(self.mtp_loss_weight >= 0, f"rl.mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
         for name in ("log_interval", "checkpoint_interval", "keep_last"):
             _need(getattr(self, name) >= 1, f"rl.{name} must be >= 1, got {getattr(self, name)}")

@@ -40,10 +40,22 @@ class LatentForgeLM(LogLikelihoodLM):
     """lm-eval model: `--model latentforge --model_args checkpoint=PATH[,batch_size=8,device=cpu,dtype=float32,
     max_length=2048,tokenizer=SPEC,prefix_token_id=ID,max_batch=16]`."""
 
-    def __init__(self, checkpoint: Optional[str] = None, *, model=None, tokenizer=None, batch_size: int = 8,
-                 max_length: int = 2048, device: str = "cpu", dtype: str = "float32",
-                 prefix_token_id: Optional[int] = None, max_gen_toks: int = 256, max_batch: int = 16,
-                 enable_thinking: Optional[bool] = None, **unused):
+    def __init__(
+        self,
+        checkpoint: Optional[str] = None,
+        *,
+        model=None,
+        tokenizer=None,
+        batch_size: int = 8,
+        max_length: int = 2048,
+        device: str = "cpu",
+        dtype: str = "float32",
+        prefix_token_id: Optional[int] = None,
+        max_gen_toks: int = 256,
+        max_batch: int = 16,
+        enable_thinking: Optional[bool] = None,
+        **unused,
+    ):
         from latentforge.rl.generate import load_model
 
         if model is None:
@@ -52,9 +64,16 @@ class LatentForgeLM(LogLikelihoodLM):
             model = load_model(checkpoint, device=device, dtype=DTYPES[dtype])
         if tokenizer is None or isinstance(tokenizer, str):
             tokenizer = checkpoint_tokenizer(checkpoint, tokenizer or None)
-        super().__init__(model_scorer(model, int(batch_size), device), tokenizer, batch_size=int(batch_size), max_length=int(max_length),
-                         device=device, prefix_token_id=None if prefix_token_id is None else int(prefix_token_id),
-                         max_gen_toks=int(max_gen_toks), enable_thinking=enable_thinking)
+        super().__init__(
+            model_scorer(model, int(batch_size), device),
+            tokenizer,
+            batch_size=int(batch_size),
+            max_length=int(max_length),
+            device=device,
+            prefix_token_id=None if prefix_token_id is None else int(prefix_token_id),
+            max_gen_toks=int(max_gen_toks),
+            enable_thinking=enable_thinking,
+        )
         self.model = model.eval()
         self.max_batch = int(max_batch)
 
@@ -77,11 +96,16 @@ class LatentForgeLM(LogLikelihoodLM):
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
             untils.append(handle_stop_sequences(kwargs.pop("until", None), eos=eos))
             new_tokens = kwargs.pop("max_gen_toks")
-            prompts.append(self.tok_encode(context)[-(self.max_length - new_tokens):])
-            params.append(SamplingParams(
-                temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
-                top_p=float(kwargs.get("top_p", 1.0)), top_k=int(kwargs.get("top_k", 0) or 0),
-                max_new_tokens=new_tokens, stop_token_ids=STOP_TOKEN_IDS))
+            prompts.append(self.tok_encode(context)[-(self.max_length - new_tokens) :])
+            params.append(
+                SamplingParams(
+                    temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
+                    top_p=float(kwargs.get("top_p", 1.0)),
+                    top_k=int(kwargs.get("top_k", 0) or 0),
+                    max_new_tokens=new_tokens,
+                    stop_token_ids=STOP_TOKEN_IDS,
+                )
+            )
         engine = Engine(self.model, EngineConfig(max_batch=self.max_batch, max_seq_len=self.max_length + 1))
         texts = []
         for request, until, result in zip(requests, untils, engine.generate(prompts, params)):
@@ -91,8 +115,15 @@ class LatentForgeLM(LogLikelihoodLM):
         return texts
 
 
-def parallel_lm(checkpoint: str, parallel: dict, tokenizer=None, *, micro_batch_size: int = 4,
-                max_length: int = 2048, prefix_token_id: Optional[int] = None) -> LogLikelihoodLM:
+def parallel_lm(
+    checkpoint: str,
+    parallel: dict,
+    tokenizer=None,
+    *,
+    micro_batch_size: int = 4,
+    max_length: int = 2048,
+    prefix_token_id: Optional[int] = None,
+) -> LogLikelihoodLM:
     """A log-likelihood lm-eval model on a parallel layout (under torchrun; every rank runs the same tasks): the DCP
     checkpoint is loaded sharded into the training runner (train/parallel), each rank reading only its shards, and
     requests are scored through the runner as during training. Generation needs the single-device engine."""
@@ -107,8 +138,9 @@ def parallel_lm(checkpoint: str, parallel: dict, tokenizer=None, *, micro_batch_
 
     path = resolve_checkpoint(checkpoint)  # a Hugging Face export has no shards to read in parallel
     if (path / LORA_CONFIG_FILE).is_file():
-        raise ValueError(f"{path} is a LoRA checkpoint: merge it first (latentforge-export {path} OUT), then "
-                         "evaluate the export")
+        raise ValueError(
+            f"{path} is a LoRA checkpoint: merge it first (latentforge-export {path} OUT), then evaluate the export"
+        )
     world.init_distributed()
     cfg = model_config_of(str(path))
     with torch.device("meta"):
@@ -120,12 +152,17 @@ def parallel_lm(checkpoint: str, parallel: dict, tokenizer=None, *, micro_batch_
     for part in runner.model_parts:
         part.eval()
     scorer = runner_scorer(runner, micro_batch_size, max(1, runner.layout.pp), max_length, runner.device)
-    return LogLikelihoodLM(scorer, tokenizer or checkpoint_tokenizer(str(path)), max_length=max_length,
-                           device=runner.device, prefix_token_id=prefix_token_id)
+    return LogLikelihoodLM(
+        scorer,
+        tokenizer or checkpoint_tokenizer(str(path)),
+        max_length=max_length,
+        device=runner.device,
+        prefix_token_id=prefix_token_id,
+    )
 
 
 def parse_parallel(text: str) -> dict:
-    """"tp=2,pp=2" -> {"tp": 2, "pp": 2} (keys of the recipe's parallel group)."""
+    """ "tp=2,pp=2" -> {"tp": 2, "pp": 2} (keys of the recipe's parallel group)."""
     out = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
@@ -164,34 +201,64 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--tokenizer", default=None, help="tokenizer spec when the checkpoint records none")
-    parser.add_argument("--prefix-token-id", type=int, default=None,
-                        help="the token before an empty context (default <s>, as lm-eval's hf model)")
+    parser.add_argument(
+        "--prefix-token-id",
+        type=int,
+        default=None,
+        help="the token before an empty context (default <s>, as lm-eval's hf model)",
+    )
     parser.add_argument("--apply-chat-template", action="store_true", help="render prompts with the chat template")
-    parser.add_argument("--enable-thinking", choices=["true", "false"], default=None,
-                        help="the chat template's reasoning switch (default: the template's, on)")
+    parser.add_argument(
+        "--enable-thinking",
+        choices=["true", "false"],
+        default=None,
+        help="the chat template's reasoning switch (default: the template's, on)",
+    )
     parser.add_argument("--output", default=None, help="write the results (and samples) as JSON here")
     parser.add_argument("--log-samples", action="store_true")
-    parser.add_argument("--parallel", default=None,
-                        help="under torchrun: a layout of the recipe's parallel group, e.g. tp=2,pp=2 (a DCP "
-                             "checkpoint, log-likelihood tasks; --batch-size rows per micro-batch)")
+    parser.add_argument(
+        "--parallel",
+        default=None,
+        help="under torchrun: a layout of the recipe's parallel group, e.g. tp=2,pp=2 (a DCP "
+        "checkpoint, log-likelihood tasks; --batch-size rows per micro-batch)",
+    )
     args = parser.parse_args(argv)
     if not os.path.isdir(args.checkpoint):
-        parser.error(f"{args.checkpoint}: no such directory (expected a DCP checkpoint, a run directory or a "
-                     "Hugging Face export)")
+        parser.error(
+            f"{args.checkpoint}: no such directory (expected a DCP checkpoint, a run directory or a "
+            "Hugging Face export)"
+        )
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer) if args.tokenizer else None
     if args.parallel is not None:
-        lm = parallel_lm(args.checkpoint, parse_parallel(args.parallel), tokenizer,
-                         micro_batch_size=args.batch_size, max_length=args.max_length,
-                         prefix_token_id=args.prefix_token_id)
+        lm = parallel_lm(
+            args.checkpoint,
+            parse_parallel(args.parallel),
+            tokenizer,
+            micro_batch_size=args.batch_size,
+            max_length=args.max_length,
+            prefix_token_id=args.prefix_token_id,
+        )
     else:
-        lm = LatentForgeLM(args.checkpoint, batch_size=args.batch_size, max_length=args.max_length,
-                           device=args.device, dtype=args.dtype, tokenizer=tokenizer,
-                           prefix_token_id=args.prefix_token_id,
-                           enable_thinking=None if args.enable_thinking is None else args.enable_thinking == "true")
-    results = run_tasks(lm, [t for t in args.tasks.split(",") if t], limit=limit, num_fewshot=args.num_fewshot,
-                        include_paths=args.include_path, log_samples=args.log_samples,
-                        apply_chat_template=args.apply_chat_template)
+        lm = LatentForgeLM(
+            args.checkpoint,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            device=args.device,
+            dtype=args.dtype,
+            tokenizer=tokenizer,
+            prefix_token_id=args.prefix_token_id,
+            enable_thinking=None if args.enable_thinking is None else args.enable_thinking == "true",
+        )
+    results = run_tasks(
+        lm,
+        [t for t in args.tasks.split(",") if t],
+        limit=limit,
+        num_fewshot=args.num_fewshot,
+        include_paths=args.include_path,
+        log_samples=args.log_samples,
+        apply_chat_template=args.apply_chat_template,
+    )
     from lm_eval.utils import make_table
 
     from latentforge.train import distributed as world
@@ -202,8 +269,9 @@ def main(argv=None) -> int:
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
-            json.dump({"metrics": task_metrics(results), "samples": results.get("samples", {})}, f, indent=1,
-                      default=str)
+            json.dump(
+                {"metrics": task_metrics(results), "samples": results.get("samples", {})}, f, indent=1, default=str
+            )
     return 0
 
 

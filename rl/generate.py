@@ -88,13 +88,16 @@ def load_model(ckpt: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         try:
             from latentforge.train.export import load_model_from_checkpoint, resolve_checkpoint
         except ImportError as error:
-            raise SystemExit(f"ckpt={ckpt} is not a Hugging Face directory (no config.json) and the DCP loader "
-                             f"(train.export) is unavailable: {error}") from None
+            raise SystemExit(
+                f"ckpt={ckpt} is not a Hugging Face directory (no config.json) and the DCP loader "
+                f"(train.export) is unavailable: {error}"
+            ) from None
         try:
             path = resolve_checkpoint(ckpt)
         except FileNotFoundError as error:
-            raise SystemExit(f"ckpt={ckpt} is neither a Hugging Face directory (no config.json) nor a DCP "
-                             f"checkpoint: {error}") from None
+            raise SystemExit(
+                f"ckpt={ckpt} is neither a Hugging Face directory (no config.json) nor a DCP checkpoint: {error}"
+            ) from None
         model = load_model_from_checkpoint(path).to(device=device, dtype=dtype)
     return model.eval().requires_grad_(False)
 
@@ -119,8 +122,10 @@ def load_tokenizer_for(ckpt: str, spec: str = ""):
         return load_tokenizer(spec)
     path = find_tokenizer_file(ckpt)
     if path is None:
-        raise SystemExit(f"no {TOKENIZER_FILE} in {ckpt}: pass tokenizer=<spec> (e.g. tokenizer=bpe:4096, "
-                         "tokenizer=tekken or tokenizer=/path/tokenizer.json)")
+        raise SystemExit(
+            f"no {TOKENIZER_FILE} in {ckpt}: pass tokenizer=<spec> (e.g. tokenizer=bpe:4096, "
+            "tokenizer=tekken or tokenizer=/path/tokenizer.json)"
+        )
     return load_tokenizer(path)
 
 
@@ -143,27 +148,41 @@ def main(argv=None) -> int:
     model = load_model(args.ckpt, args.device, DTYPES[args.dtype])
     tokenizer = load_tokenizer_for(args.ckpt, args.tokenizer)
     if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.cfg.vocab_size}: "
-                         "pass the tokenizer the checkpoint was trained with")
+        raise SystemExit(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.cfg.vocab_size}: "
+            "pass the tokenizer the checkpoint was trained with"
+        )
     ids = prompt_ids(tokenizer, args.prompt, args.chat, args.think, args.system)
     draft = args.draft_tokens if args.draft_tokens >= 0 else model.cfg.mtp_depths
     stop = (tokenizer.im_end_id, tokenizer.eod_id) if args.chat else (tokenizer.eod_id,)
-    engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=len(ids) + args.max_new_tokens,
-                                        draft_tokens=draft))
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_new_tokens=args.max_new_tokens, stop_token_ids=stop, seed=args.seed)
+    engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=len(ids) + args.max_new_tokens, draft_tokens=draft))
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        stop_token_ids=stop,
+        seed=args.seed,
+    )
     start = time.perf_counter()
     (result,) = engine.generate([ids], params)
     elapsed = time.perf_counter() - start
     print(tokenizer.decode(result.token_ids, skip_special_tokens=args.skip_special))
     if args.stats:
         s = engine.stats
-        line = {"prompt_tokens": len(ids), "new_tokens": len(result.token_ids), "finish": result.finish_reason,
-                "seconds": round(elapsed, 3), "tokens_per_s": round(len(result.token_ids) / elapsed, 2),
-                "draft_tokens": draft}
+        line = {
+            "prompt_tokens": len(ids),
+            "new_tokens": len(result.token_ids),
+            "finish": result.finish_reason,
+            "seconds": round(elapsed, 3),
+            "tokens_per_s": round(len(result.token_ids) / elapsed, 2),
+            "draft_tokens": draft,
+        }
         if draft:
-            line.update(mean_accepted_length=round(s.mean_accepted_length, 3),
-                        acceptance=[round(a, 3) for a in s.acceptance_rate])
+            line.update(
+                mean_accepted_length=round(s.mean_accepted_length, 3),
+                acceptance=[round(a, 3) for a in s.acceptance_rate],
+            )
         print(json.dumps(line), file=sys.stderr)
     return 0
 

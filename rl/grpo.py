@@ -53,19 +53,25 @@ def load_configs(overrides) -> GRPOSetup:
 
     cfg = compose(list(overrides))
     if cfg.get("rl") is None:
-        raise GRPOConfigError("the recipe has no `rl` section: use recipe=grpo_tiny (or add `- /rl: tiny` to your "
-                              "recipe's defaults)")
+        raise GRPOConfigError(
+            "the recipe has no `rl` section: use recipe=grpo_tiny (or add `- /rl: tiny` to your recipe's defaults)"
+        )
     plain = plain_values(cfg)
     rl = GRPOConfig.from_dict(plain["rl"])
     data = DataConfig.from_any(plain["data"])
     tokenizer = data.tokenizer
     if rl.init_from and os.path.isfile(os.path.join(rl.init_from, "tokenizer.json")):
         tokenizer = TokenizerConfig(kind="hf", path=os.path.abspath(os.path.join(rl.init_from, "tokenizer.json")))
-    return GRPOSetup(rl=rl, model=resolve_model_config(rl.init_from, model_config_from(cfg)),
-                     optim=OptimConfig.from_dict(plain["optim"]), data=data,
-                     parallel=ParallelConfig.from_dict(plain.get("parallel")),
-                     precision=PrecisionConfig.from_dict(plain.get("precision")),
-                     tokenizer=tokenizer, recipe=plain)
+    return GRPOSetup(
+        rl=rl,
+        model=resolve_model_config(rl.init_from, model_config_from(cfg)),
+        optim=OptimConfig.from_dict(plain["optim"]),
+        data=data,
+        parallel=ParallelConfig.from_dict(plain.get("parallel")),
+        precision=PrecisionConfig.from_dict(plain.get("precision")),
+        tokenizer=tokenizer,
+        recipe=plain,
+    )
 
 
 def run(overrides, print_fn=print) -> dict:
@@ -81,11 +87,20 @@ def run(overrides, print_fn=print) -> dict:
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(setup.recipe, f, indent=1, default=str)
     preemption = PreemptionHandler()  # SIGTERM only sets a flag; the loop checkpoints and returns
-    loop = GRPOLoop(rl, setup.model, setup.optim, tokenizer_spec=setup.tokenizer, run_dir=run_dir,
-                    task_seed=setup.task_seed, enable_thinking=setup.data.enable_thinking,
-                    parallel_cfg=setup.parallel, precision_cfg=setup.precision, print_fn=print_fn,
-                    stop_requested=lambda: preemption.received,
-                    config_for_logs={k: setup.recipe.get(k) for k in ("rl", "model", "optim", "data")})
+    loop = GRPOLoop(
+        rl,
+        setup.model,
+        setup.optim,
+        tokenizer_spec=setup.tokenizer,
+        run_dir=run_dir,
+        task_seed=setup.task_seed,
+        enable_thinking=setup.data.enable_thinking,
+        parallel_cfg=setup.parallel,
+        precision_cfg=setup.precision,
+        print_fn=print_fn,
+        stop_requested=lambda: preemption.received,
+        config_for_logs={k: setup.recipe.get(k) for k in ("rl", "model", "optim", "data")},
+    )
     started_ray = not ray.is_initialized()
     try:
         loop.setup()
@@ -104,16 +119,19 @@ def main(argv=None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
-        print(f"unknown option(s) {bad}: arguments are Hydra overrides key=value, e.g. recipe=grpo_tiny",
-              file=sys.stderr)
+        print(
+            f"unknown option(s) {bad}: arguments are Hydra overrides key=value, e.g. recipe=grpo_tiny", file=sys.stderr
+        )
         return 2
     summary = run(overrides)
     before, after = summary.get("eval_before"), summary.get("eval_after")
     if before and after:
         from latentforge.rl.loop import describe_eval
 
-        print(f"held-out before: {describe_eval(before)}\nheld-out after:  {describe_eval(after)}\n"
-              f"training wall time {summary['wall_s']:.1f}s")
+        print(
+            f"held-out before: {describe_eval(before)}\nheld-out after:  {describe_eval(after)}\n"
+            f"training wall time {summary['wall_s']:.1f}s"
+        )
     return 0
 
 

@@ -63,11 +63,22 @@ class RolloutWorkerDied(ActorDied):
 
 
 class GRPOLoop:
-    def __init__(self, cfg: GRPOConfig, model_cfg: ModelConfig, optim_cfg: OptimConfig, *,
-                 tokenizer_spec: Union[TokenizerConfig, str], run_dir: str, task_seed: int,
-                 enable_thinking: bool = True, parallel_cfg: Optional[ParallelConfig] = None,
-                 precision_cfg: Optional[PrecisionConfig] = None, print_fn=print,
-                 config_for_logs: Optional[dict] = None, stop_requested: Callable[[], Optional[str]] = lambda: None):
+    def __init__(
+        self,
+        cfg: GRPOConfig,
+        model_cfg: ModelConfig,
+        optim_cfg: OptimConfig,
+        *,
+        tokenizer_spec: Union[TokenizerConfig, str],
+        run_dir: str,
+        task_seed: int,
+        enable_thinking: bool = True,
+        parallel_cfg: Optional[ParallelConfig] = None,
+        precision_cfg: Optional[PrecisionConfig] = None,
+        print_fn=print,
+        config_for_logs: Optional[dict] = None,
+        stop_requested: Callable[[], Optional[str]] = lambda: None,
+    ):
         self.cfg = cfg
         self.model_cfg = ModelConfig.from_dict(model_cfg)  # an instance passes; a mapping is validated into one
         self.optim_cfg = optim_cfg
@@ -109,8 +120,10 @@ class GRPOLoop:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(self.tokenizer_spec)
         if self.tokenizer.vocab_size > self.model_cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size is "
-                             f"{self.model_cfg.vocab_size}: use the tokenizer the policy was trained with")
+            raise ValueError(
+                f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size is "
+                f"{self.model_cfg.vocab_size}: use the tokenizer the policy was trained with"
+            )
         train_records = build_records(cfg.prompts.tasks, "train", self.task_seed, self.enable_thinking)
         self.eval_records = build_records(cfg.prompts.eval_tasks, "test", self.task_seed, self.enable_thinking)
         self.source = PromptSource(train_records, seed=cfg.prompts.order_seed, shuffle=cfg.prompts.shuffle)
@@ -123,8 +136,9 @@ class GRPOLoop:
         if not ray.is_initialized():
             init_ray(cfg.ray_address)
         self._spawn()
-        self.logger = MetricsLogger(self.run_dir, cfg.run_name, cfg.wandb, self.config_for_logs, cfg.steps,
-                                    cfg.log_interval, self.print)
+        self.logger = MetricsLogger(
+            self.run_dir, cfg.run_name, cfg.wandb, self.config_for_logs, cfg.steps, cfg.log_interval, self.print
+        )
         loop_state = self._resume()
         self.logger.start(loop_state.get("wandb_run_id") if loop_state else None)
         self._push_weights()  # every worker starts from the trainer's weights (fresh or resumed)
@@ -142,14 +156,19 @@ class GRPOLoop:
 
         cfg = self.cfg
         tc, rc, wc = cfg.trainer, cfg.rollout, cfg.reward
-        bundles = ([_bundle(tc.cpus_per_rank, tc.gpus_per_rank)] * tc.num_ranks
-                   + [_bundle(rc.cpus_per_worker, rc.gpus_per_worker)] * rc.num_workers
-                   + [_bundle(wc.cpus_per_worker, 0)] * wc.num_workers)
+        bundles = (
+            [_bundle(tc.cpus_per_rank, tc.gpus_per_rank)] * tc.num_ranks
+            + [_bundle(rc.cpus_per_worker, rc.gpus_per_worker)] * rc.num_workers
+            + [_bundle(wc.cpus_per_worker, 0)] * wc.num_workers
+        )
         self.placement = placement_group(bundles, strategy="PACK")
         ray.get(self.placement.ready(), timeout=600)
-        self._actor_env = {"env_vars": {
-            "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
-            "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p)}}
+        self._actor_env = {
+            "env_vars": {
+                "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
+                "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p),
+            }
+        }
         self._spawn_trainers()
         self._incarnations = 0  # rollout worker processes started so far (each gets a fresh sampling seed)
         self.rollouts = [self._new_rollout(i) for i in range(rc.num_workers)]
@@ -165,27 +184,55 @@ class GRPOLoop:
 
     def _spawn_trainers(self) -> None:
         tc = self.cfg.trainer
-        trainer_cls = remote(TrainerRank, num_cpus=tc.cpus_per_rank, num_gpus=tc.gpus_per_rank,
-                             runtime_env=self._actor_env)
-        self.trainers = [trainer_cls.options(scheduling_strategy=self._at(r)).remote(r, tc.num_ranks,
-                                                                                     tc.threads_per_rank)
-                         for r in range(tc.num_ranks)]
+        trainer_cls = remote(
+            TrainerRank, num_cpus=tc.cpus_per_rank, num_gpus=tc.gpus_per_rank, runtime_env=self._actor_env
+        )
+        self.trainers = [
+            trainer_cls.options(scheduling_strategy=self._at(r)).remote(r, tc.num_ranks, tc.threads_per_rank)
+            for r in range(tc.num_ranks)
+        ]
         master = ray.get(self.trainers[0].address.remote())
-        self.trainer_info = ray.get([t.setup.remote(master, self.model_cfg, self.cfg, self.optim_cfg, self.run_dir,
-                                                    self.parallel_cfg, self.precision_cfg) for t in self.trainers])
+        self.trainer_info = ray.get(
+            [
+                t.setup.remote(
+                    master,
+                    self.model_cfg,
+                    self.cfg,
+                    self.optim_cfg,
+                    self.run_dir,
+                    self.parallel_cfg,
+                    self.precision_cfg,
+                )
+                for t in self.trainers
+            ]
+        )
 
     def _new_rollout(self, slot: int):
         cfg, rc = self.cfg, self.cfg.rollout
-        rollout_cls = remote(RolloutWorker, num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker,
-                             max_concurrency=4, runtime_env=self._actor_env)
+        rollout_cls = remote(
+            RolloutWorker,
+            num_cpus=rc.cpus_per_worker,
+            num_gpus=rc.gpus_per_worker,
+            max_concurrency=4,
+            runtime_env=self._actor_env,
+        )
         # a replacement samples with other random numbers than the worker it replaces (the per-request seeds,
         # which make a group's samples reproducible, are unchanged)
         seed = cfg.seed + 1000 * (slot + 1) + 100_000 * (self._incarnations // rc.num_workers)
         self._incarnations += 1
         stop_ids = [self.tokenizer.im_end_id, self.tokenizer.eod_id]
         return rollout_cls.options(scheduling_strategy=self._at(cfg.trainer.num_ranks + slot)).remote(
-            slot, self.model_cfg, rc, self.max_seq_len, stop_ids, seed, None, rc.threads_per_worker,
-            tokenizer_spec=self.tokenizer_spec if self.has_envs else None, record_routes=cfg.router_replay)
+            slot,
+            self.model_cfg,
+            rc,
+            self.max_seq_len,
+            stop_ids,
+            seed,
+            None,
+            rc.threads_per_worker,
+            tokenizer_spec=self.tokenizer_spec if self.has_envs else None,
+            record_routes=cfg.router_replay,
+        )
 
     def _new_rewarder(self, slot: int):
         wc = self.cfg.reward
@@ -200,10 +247,12 @@ class GRPOLoop:
         backend = "nccl" if (tc.gpus_per_rank > 0 and rc.gpus_per_worker > 0) else "gloo"
         host, port = ray.get(self.trainers[0].address.remote())
         world = 1 + rc.num_workers
-        joins = ([(self.trainers[0].join_sync_group.remote(host, port, world, backend),
-                   ("trainer", 0, self.trainers[0]))]
-                 + [(w.join_sync_group.remote(host, port, 1 + i, world, backend), ("rollout", i, w))
-                    for i, w in enumerate(self.rollouts)])
+        joins = [
+            (self.trainers[0].join_sync_group.remote(host, port, world, backend), ("trainer", 0, self.trainers[0]))
+        ] + [
+            (w.join_sync_group.remote(host, port, 1 + i, world, backend), ("rollout", i, w))
+            for i, w in enumerate(self.rollouts)
+        ]
         self._pump_until([ref for ref, _ in joins], owners=dict(joins))
         self._sync_stale = False
 
@@ -215,8 +264,10 @@ class GRPOLoop:
             self._launch_state = self._loop_state()
             return None
         state = self._load_checkpoint(path)
-        self.print(f"resumed from {path} at step {self.version} (next prompt uid {self.source.next_uid}, "
-                   f"{len(state['prompts']['returned'])} prompts to regenerate, {len(self.buffer)} buffered groups)")
+        self.print(
+            f"resumed from {path} at step {self.version} (next prompt uid {self.source.next_uid}, "
+            f"{len(state['prompts']['returned'])} prompts to regenerate, {len(self.buffer)} buffered groups)"
+        )
         return state
 
     def _load_checkpoint(self, path: str) -> dict:
@@ -238,8 +289,13 @@ class GRPOLoop:
         prompts = self.source.state_dict()
         # groups still being generated or scored are not saved: their prompts are served again after a resume
         prompts["returned"] = sorted(set(prompts["returned"]) | set(self.inflight))
-        return {"version": self.version, "prompts": prompts, "buffer": self.buffer.state_dict(),
-                "counters": dict(self.counters), "wandb_run_id": getattr(self.logger, "run_id", None)}
+        return {
+            "version": self.version,
+            "prompts": prompts,
+            "buffer": self.buffer.state_dict(),
+            "counters": dict(self.counters),
+            "wandb_run_id": getattr(self.logger, "run_id", None),
+        }
 
     def save_checkpoint(self) -> str:
         blob = pack(self._loop_state())
@@ -278,8 +334,12 @@ class GRPOLoop:
         if rc.weight_sync == "broadcast":
             sent = ray.get(trainer_futs[0])
             received = ray.get(worker_futs)
-            result = {"sync_s": sent["sync_s"], "sync_gather_s": sent["gather_s"], "sync_bytes": sent["bytes"],
-                      "receive_s": max(r["receive_s"] for r in received)}
+            result = {
+                "sync_s": sent["sync_s"],
+                "sync_gather_s": sent["gather_s"],
+                "sync_bytes": sent["bytes"],
+                "receive_s": max(r["receive_s"] for r in received),
+            }
         else:
             result = {"sync_s": time.perf_counter() - start}
         result["push_wall_s"] = time.perf_counter() - start
@@ -300,9 +360,19 @@ class GRPOLoop:
             self._worker_groups[worker] += 1
             self._attempts += 1
             ids = self._ids(record)
-            requests = [{"group_id": uid, "sample_index": j, "prompt_ids": ids, "kind": "train",
-                         "attempt": self._attempts, "seed": sample_seed(self.cfg.seed, uid, j),
-                         "min_version": self.pushed_version, **_episode_fields(record)} for j in range(self.G)]
+            requests = [
+                {
+                    "group_id": uid,
+                    "sample_index": j,
+                    "prompt_ids": ids,
+                    "kind": "train",
+                    "attempt": self._attempts,
+                    "seed": sample_seed(self.cfg.seed, uid, j),
+                    "min_version": self.pushed_version,
+                    **_episode_fields(record),
+                }
+                for j in range(self.G)
+            ]
             self.inflight[uid] = {"worker": worker, "left": self.G, "attempt": self._attempts}
             self.rollouts[worker].submit.remote(requests)  # a dead worker: its collect says so
             self.counters["groups_admitted"] += 1
@@ -370,8 +440,10 @@ class GRPOLoop:
     def _on_samples(self, samples) -> None:
         if not samples:
             return
-        records = [self.eval_records[s.group_id] if s.meta.get("kind") == "eval" else self.source.record(s.group_id)
-                   for s in samples]
+        records = [
+            self.eval_records[s.group_id] if s.meta.get("kind") == "eval" else self.source.record(s.group_id)
+            for s in samples
+        ]
         self._score(samples, records)
 
     def _score(self, samples, records) -> None:
@@ -387,8 +459,10 @@ class GRPOLoop:
                 self.counters["reward_failures"] += len(failures)
                 if self.counters["reward_failures"] <= 3:
                     f = failures[0]
-                    self.print(f"reward function {f['function']} failed ({f['status']}), scored 0: "
-                               f"{f['message'].strip().splitlines()[-1] if f['message'].strip() else ''}")
+                    self.print(
+                        f"reward function {f['function']} failed ({f['status']}), scored 0: "
+                        f"{f['message'].strip().splitlines()[-1] if f['message'].strip() else ''}"
+                    )
             if s.meta.get("kind") == "eval":
                 self._eval_results[(s.group_id, s.sample_index)] = s
                 continue
@@ -444,8 +518,13 @@ class GRPOLoop:
         self._sync_stale = self.cfg.rollout.weight_sync == "broadcast"
         self._needs_push = True  # the newcomer has no weights: the next chance to push sends them
         if self._evaluating:
-            self.rollouts[slot].submit.remote([r for r in self._eval_requests.get(slot, [])
-                                               if (r["group_id"], r["sample_index"]) not in self._eval_results])
+            self.rollouts[slot].submit.remote(
+                [
+                    r
+                    for r in self._eval_requests.get(slot, [])
+                    if (r["group_id"], r["sample_index"]) not in self._eval_results
+                ]
+            )
         self.print(f"rollout worker {slot} died ({type(exc).__name__}); replaced, {len(requeued)} prompts re-queued")
 
     def _restart_trainers(self, died: TrainerGroupDied) -> None:
@@ -472,18 +551,24 @@ class GRPOLoop:
             self._restore(self._launch_state)
         self._sync_stale = self.cfg.rollout.weight_sync == "broadcast"
         self._push_weights()
-        self.print(f"{died} ({type(died.cause).__name__}); trainer group rebuilt from "
-                   f"{path or 'the initial weights'}, continuing at step {self.version}")
+        self.print(
+            f"{died} ({type(died.cause).__name__}); trainer group rebuilt from "
+            f"{path or 'the initial weights'}, continuing at step {self.version}"
+        )
 
     def _count_restart(self, who: str, exc: Exception, budget: str = "worker") -> None:
-        key, limit = (("trainer_restarts", self.cfg.max_trainer_restarts) if budget == "trainer"
-                      else ("worker_restarts", self.cfg.max_worker_restarts))
+        key, limit = (
+            ("trainer_restarts", self.cfg.max_trainer_restarts)
+            if budget == "trainer"
+            else ("worker_restarts", self.cfg.max_worker_restarts)
+        )
         self.counters[key] += 1
         if self.counters[key] > limit:
             raise RuntimeError(
                 f"{who} died ({type(exc).__name__}) and the run has used its {limit} restarts "
                 f"(rl.max_{key}={limit}): stopping. Newest checkpoint: {newest_checkpoint(self.run_dir)}; raise "
-                f"rl.max_{key} or find why the processes die (out of memory? see the Ray logs)") from exc
+                f"rl.max_{key} or find why the processes die (out of memory? see the Ray logs)"
+            ) from exc
 
     # ================================================================== evaluation
     def evaluate(self) -> dict:
@@ -501,9 +586,17 @@ class GRPOLoop:
             for j in range(1 + k):
                 temperature = self.cfg.eval_temperature if j == 0 else self.cfg.rollout.sampling.temperature
                 per_worker[(i * (1 + k) + j) % len(self.rollouts)].append(
-                    {"group_id": i, "sample_index": j, "prompt_ids": self._ids(record), "kind": "eval",
-                     "seed": sample_seed(-1, i, j), "temperature": temperature, "min_version": self.pushed_version,
-                     **_episode_fields(record)})
+                    {
+                        "group_id": i,
+                        "sample_index": j,
+                        "prompt_ids": self._ids(record),
+                        "kind": "eval",
+                        "seed": sample_seed(-1, i, j),
+                        "temperature": temperature,
+                        "min_version": self.pushed_version,
+                        **_episode_fields(record),
+                    }
+                )
         for w, requests in per_worker.items():
             self.rollouts[w].submit.remote(requests)
         self._eval_requests = dict(per_worker)
@@ -521,14 +614,20 @@ class GRPOLoop:
         self._eval_results, self._eval_requests = {}, {}
         greedy = [s for s in results if s.sample_index == 0]
         sampled = [s for s in results if s.sample_index > 0]
-        out = {"eval_reward": _mean(s.reward for s in greedy),
-               "eval_accuracy": _mean(bool(s.reward_info.get("correct")) for s in greedy),
-               "eval_response_len": _mean(len(s.completion_ids) for s in greedy), "eval_version": self.version,
-               "eval_s": time.perf_counter() - start, "eval_samples": [s.text for s in greedy[:3]]}
+        out = {
+            "eval_reward": _mean(s.reward for s in greedy),
+            "eval_accuracy": _mean(bool(s.reward_info.get("correct")) for s in greedy),
+            "eval_response_len": _mean(len(s.completion_ids) for s in greedy),
+            "eval_version": self.version,
+            "eval_s": time.perf_counter() - start,
+            "eval_samples": [s.text for s in greedy[:3]],
+        }
         if sampled:
-            out.update(eval_sampled_reward=_mean(s.reward for s in sampled),
-                       eval_sampled_accuracy=_mean(bool(s.reward_info.get("correct")) for s in sampled),
-                       eval_sampled_reward_se=_standard_error([s.reward for s in sampled]))
+            out.update(
+                eval_sampled_reward=_mean(s.reward for s in sampled),
+                eval_sampled_accuracy=_mean(bool(s.reward_info.get("correct")) for s in sampled),
+                eval_sampled_reward_se=_standard_error([s.reward for s in sampled]),
+            )
         out.update(episode_metrics(greedy, prefix="eval_"))
         out.update(episode_metrics(sampled, prefix="eval_sampled_"))
         return out
@@ -562,8 +661,9 @@ class GRPOLoop:
         reason = self.stop_requested()
         if reason:  # preempted: checkpoint first (unless this step already wrote it), no final evaluation
             path = self.save_checkpoint() if self._saved_version != self.version else None
-            self.print(f"stopping at step {self.version} ({reason}): checkpoint saved"
-                       + (f" to {path}" if path else ""))
+            self.print(
+                f"stopping at step {self.version} ({reason}): checkpoint saved" + (f" to {path}" if path else "")
+            )
             summary.update(steps=self.version, wall_s=wall, counters=dict(self.counters), stopped=reason)
             return summary
         final = self.evaluate()
@@ -594,22 +694,40 @@ class GRPOLoop:
         wall = time.perf_counter() - self.wall_start - self.eval_time
         self.counters["samples_overlong"] += sum(s.truncated for g in groups for s in g.samples)
         metrics = step_metrics(
-            trained_version, groups, train, push, stats, self._last_stats, normalize_std=cfg.loss.normalize_std,
-            waited=waited, wall=wall, previous_wall=self.history[-1]["wall_s"] if self.history else 0.0,
-            trainer_wait=self._trainer_wait, counters=self.counters, filtered=self._step_filtered)
+            trained_version,
+            groups,
+            train,
+            push,
+            stats,
+            self._last_stats,
+            normalize_std=cfg.loss.normalize_std,
+            waited=waited,
+            wall=wall,
+            previous_wall=self.history[-1]["wall_s"] if self.history else 0.0,
+            trainer_wait=self._trainer_wait,
+            counters=self.counters,
+            filtered=self._step_filtered,
+        )
         metrics.update(episode_metrics(s for g in groups for s in g.samples))
         metrics.update({k: self.counters[k] for k in RESTART_COUNTERS + ("groups_requeued",)})
         self._last_stats = stats
         self._step_filtered = []
-        if (cfg.eval_interval and crossed(trained_version, self.version, cfg.eval_interval)
-                and self.version < cfg.last_step and not self.stop_requested()):
+        if (
+            cfg.eval_interval
+            and crossed(trained_version, self.version, cfg.eval_interval)
+            and self.version < cfg.last_step
+            and not self.stop_requested()
+        ):
             ev = self.evaluate()
             self.eval_time += ev.get("eval_s", 0.0)
             metrics.update(ev)
         self.logger.log(metrics)
         self.history.append(metrics)
-        if (crossed(trained_version, self.version, cfg.checkpoint_interval) or self.version >= cfg.last_step
-                or self.stop_requested()):
+        if (
+            crossed(trained_version, self.version, cfg.checkpoint_interval)
+            or self.version >= cfg.last_step
+            or self.stop_requested()
+        ):
             metrics["checkpoint"] = self.save_checkpoint()
             self._saved_version = self.version
         return True
@@ -627,15 +745,18 @@ class GRPOLoop:
             self._evict_stale()
             if time.monotonic() >= next_notice:  # a long wait shows progress instead of silence
                 next_notice = time.monotonic() + self.WAITING_NOTICE_S
-                self.print(f"step {self.version + 1}: {self.buffer.num_ready(self.version)}/{self.B} groups ready; "
-                           f"{self.counters['groups_zero_advantage'] - filtered_before} filtered so far for equal "
-                           "rewards (rl.filter_zero_advantage)")
+                self.print(
+                    f"step {self.version + 1}: {self.buffer.num_ready(self.version)}/{self.B} groups ready; "
+                    f"{self.counters['groups_zero_advantage'] - filtered_before} filtered so far for equal "
+                    "rewards (rl.filter_zero_advantage)"
+                )
             if self.counters["groups_zero_advantage"] - filtered_before > max(1000, 100 * self.B):
                 raise RuntimeError(
                     f"{self.counters['groups_zero_advantage'] - filtered_before} groups in a row had equal "
                     "rewards for every sample (no learning signal): the policy solves all or none of these "
                     "prompts. Start from a better (SFT'd) checkpoint, change the tasks, raise "
-                    "rl.rollout.group_size or temperature, or set rl.filter_zero_advantage=false")
+                    "rl.rollout.group_size or temperature, or set rl.filter_zero_advantage=false"
+                )
         return not self.stop_requested()
 
     def _rollout_stats(self) -> list:
@@ -645,7 +766,6 @@ class GRPOLoop:
                 return self._pump_until(futures, owners=_owners("rollout", futures, self.rollouts))
             except RolloutWorkerDied as died:
                 self._replace_rollout(died.slot, died.cause, died.handle)
-
 
     # ================================================================== teardown
     def close(self) -> None:
@@ -685,8 +805,7 @@ def init_ray(address: Optional[str]) -> None:
     cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
-                 ignore_reinit_error=True)
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
@@ -721,7 +840,7 @@ def _mean(values) -> float:
 def sample_seed(run_seed: int, uid: int, index: int) -> int:
     """The sampling seed of sample `index` of prompt `uid`: the same on every machine and after a resume
     (Python hashes tuples of ints deterministically)."""
-    return hash((run_seed, uid, index)) & (2 ** 63 - 1)
+    return hash((run_seed, uid, index)) & (2**63 - 1)
 
 
 def _owners(role: str, futures: list, handles: list) -> dict:

@@ -61,9 +61,15 @@ def truncated_importance_weights(old_logp: torch.Tensor, behaviour_logp: torch.T
     return torch.exp(log_w)
 
 
-def per_token_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, behaviour_logp: torch.Tensor,
-                          advantages: torch.Tensor, mask: torch.Tensor, cfg: PolicyLossConfig,
-                          ref_logp: Optional[torch.Tensor] = None):
+def per_token_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    behaviour_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PolicyLossConfig,
+    ref_logp: Optional[torch.Tensor] = None,
+):
     """Per-token loss (same shape as `logp`, zero where `mask` is 0) and statistics (sums over masked tokens).
 
     `advantages` is per token (a sequence's advantage broadcast over its tokens). Statistics are sums so that
@@ -101,8 +107,15 @@ def per_token_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, behaviour_
     return loss, stats
 
 
-def aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, aggregation: str, *, num_tokens: float,
-              num_sequences: float, max_tokens: Optional[int] = None) -> torch.Tensor:
+def aggregate(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str,
+    *,
+    num_tokens: float,
+    num_sequences: float,
+    max_tokens: Optional[int] = None,
+) -> torch.Tensor:
     """Sum of this micro-batch's share of the global loss: adding the results of every micro-batch on every rank
     gives the loss of the whole batch. `num_tokens` / `num_sequences` are the global counts (all micro-batches,
     all ranks) of loss tokens and of sequences that have any loss token.

@@ -13,16 +13,27 @@ from typing import List, Optional
 
 from latentforge.train.config import WandbConfig
 
-CONSOLE_KEYS = (("reward", "reward_mean", "{:.3f}"), ("acc", "accuracy", "{:.3f}"), ("len", "response_len", "{:.0f}"),
-                ("turns", "turns", "{:.2f}"), ("tool_err", "tool_error_rate", "{:.2f}"),
-                ("stale", "staleness_mean", "{:.2f}"), ("clip", "ppo_clip_frac", "{:.3f}"),
-                ("tis", "tis_weight_mean", "{:.3f}"), ("mism0", "mismatch_fresh_mean", "{:.1e}"),
-                ("mtp_acc_len", "mtp_accepted_length", "{:.2f}"), ("draft_on", "draft_on", "{:.2f}"),
-                ("draft_x", "draft_expected_speedup", "{:.2f}"), ("gen_tok/s", "rollout_tokens_per_s", "{:.0f}"),
-                ("train_tok/s", "train_tokens_per_s", "{:.0f}"), ("sync", "sync_s", "{:.3f}s"),
-                ("sync_share", "sync_share", "{:.1%}"),
-                ("stall", "stall_per_update_s", "{:.4f}s"), ("idle_T", "trainer_idle_frac", "{:.2f}"),
-                ("idle_R", "rollout_idle_frac", "{:.2f}"))
+CONSOLE_KEYS = (
+    ("reward", "reward_mean", "{:.3f}"),
+    ("acc", "accuracy", "{:.3f}"),
+    ("len", "response_len", "{:.0f}"),
+    ("turns", "turns", "{:.2f}"),
+    ("tool_err", "tool_error_rate", "{:.2f}"),
+    ("stale", "staleness_mean", "{:.2f}"),
+    ("clip", "ppo_clip_frac", "{:.3f}"),
+    ("tis", "tis_weight_mean", "{:.3f}"),
+    ("mism0", "mismatch_fresh_mean", "{:.1e}"),
+    ("mtp_acc_len", "mtp_accepted_length", "{:.2f}"),
+    ("draft_on", "draft_on", "{:.2f}"),
+    ("draft_x", "draft_expected_speedup", "{:.2f}"),
+    ("gen_tok/s", "rollout_tokens_per_s", "{:.0f}"),
+    ("train_tok/s", "train_tokens_per_s", "{:.0f}"),
+    ("sync", "sync_s", "{:.3f}s"),
+    ("sync_share", "sync_share", "{:.1%}"),
+    ("stall", "stall_per_update_s", "{:.4f}s"),
+    ("idle_T", "trainer_idle_frac", "{:.2f}"),
+    ("idle_R", "rollout_idle_frac", "{:.2f}"),
+)
 
 
 def _plain(value):
@@ -45,8 +56,16 @@ def console_line(m: dict, total_steps: int) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, run_name: str, wandb_cfg: WandbConfig, config: dict, total_steps: int,
-                 log_interval: int = 1, print_fn=print):
+    def __init__(
+        self,
+        run_dir: str,
+        run_name: str,
+        wandb_cfg: WandbConfig,
+        config: dict,
+        total_steps: int,
+        log_interval: int = 1,
+        print_fn=print,
+    ):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         os.makedirs(run_dir, exist_ok=True)
         self.file = open(self.path, "a", buffering=1)
@@ -66,9 +85,17 @@ class MetricsLogger:
         if mode != "disabled":
             import wandb
 
-            self._run = wandb.init(project=self.wandb_cfg.project, entity=self.wandb_cfg.entity, name=self.run_name,
-                                   id=self.run_id, resume="allow", dir=self.run_dir, mode=mode, config=self.config,
-                                   tags=self.wandb_cfg.tags or None)
+            self._run = wandb.init(
+                project=self.wandb_cfg.project,
+                entity=self.wandb_cfg.entity,
+                name=self.run_name,
+                id=self.run_id,
+                resume="allow",
+                dir=self.run_dir,
+                mode=mode,
+                config=self.config,
+                tags=self.wandb_cfg.tags or None,
+            )
         return self.run_id
 
     def log(self, metrics: dict, console: bool = True) -> None:
@@ -97,8 +124,10 @@ def draft_gate_metrics(rollout_now: list) -> dict:
     if not gated:
         return {}
     estimates = [s["expected_draft_speedup"] for s in gated if s.get("expected_draft_speedup") is not None]
-    return {"draft_on": sum(bool(s["draft_on"]) for s in gated) / len(gated),
-            "draft_expected_speedup": sum(estimates) / len(estimates) if estimates else None}
+    return {
+        "draft_on": sum(bool(s["draft_on"]) for s in gated) / len(gated),
+        "draft_expected_speedup": sum(estimates) / len(estimates) if estimates else None,
+    }
 
 
 def sync_share(push_wall_s: float, step_wall_s: float) -> Optional[float]:
@@ -106,9 +135,22 @@ def sync_share(push_wall_s: float, step_wall_s: float) -> Optional[float]:
     return push_wall_s / step_wall_s if step_wall_s > 0 else None
 
 
-def step_metrics(version: int, groups: List, train: dict, push: dict, rollout_now: list, rollout_before: list, *,
-                 normalize_std: bool, waited: float, wall: float, previous_wall: float, trainer_wait: float,
-                 counters: dict, filtered: list) -> dict:
+def step_metrics(
+    version: int,
+    groups: List,
+    train: dict,
+    push: dict,
+    rollout_now: list,
+    rollout_before: list,
+    *,
+    normalize_std: bool,
+    waited: float,
+    wall: float,
+    previous_wall: float,
+    trainer_wait: float,
+    counters: dict,
+    filtered: list,
+) -> dict:
     """Everything logged for the step that trained weights `version`: from the trained groups (rewards, advantages,
     staleness per token), the trainer's summed statistics, the push, and the rollout workers' counters (differences
     since the previous step)."""
@@ -131,11 +173,15 @@ def step_metrics(version: int, groups: List, train: dict, push: dict, rollout_no
     elapsed = wall - previous_wall
     fresh = train.get("fresh_tokens")
     return {
-        "step": version + train.get("optimizer_steps", 1), "version": version, "wall_s": wall,
+        "step": version + train.get("optimizer_steps", 1),
+        "version": version,
+        "wall_s": wall,
         "reward_mean": sum(rewards) / len(rewards),
         "reward_std": float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,
         "accuracy": sum(map(bool, judged)) / len(judged) if judged else None,
-        "adv_abs_mean": float(adv.abs().mean()), "adv_max": float(adv.max()), "adv_min": float(adv.min()),
+        "adv_abs_mean": float(adv.abs().mean()),
+        "adv_max": float(adv.max()),
+        "adv_min": float(adv.min()),
         "response_len": sum(len(s.completion_ids) for s in samples) / len(samples),
         "overlong_frac": sum(s.truncated for s in samples) / len(samples),
         "staleness_hist": {str(k): v for k, v in sorted(hist.items())},
@@ -149,24 +195,31 @@ def step_metrics(version: int, groups: List, train: dict, push: dict, rollout_no
         "mismatch_mean": train.get("abs_log_mismatch_sum", 0.0) / tokens,
         "mismatch_fresh_mean": train["mismatch_fresh_sum"] / fresh if fresh else None,
         "mismatch_fresh_max": train.get("mismatch_fresh_max") if fresh else None,
-        "policy_loss": train.get("policy_loss"), "mtp_loss": train.get("mtp_loss_sum"),
-        "aux_loss": train.get("aux_loss_sum"), "grad_norm": train["grad_norm"], "lr": train["lr"],
-        "optimizer_steps": train.get("optimizer_steps", 1), "skipped_steps": train.get("skipped_steps", 0),
-        "router_agreement": (train["router_agree_sum"] / train["router_pairs"]
-                             if train.get("router_pairs") else None),
-        "train_s": train["train_s"], "train_tokens_per_s": train["train_tokens_per_s"],
-        "sync_s": push["sync_s"], "push_wall_s": push["push_wall_s"],
+        "policy_loss": train.get("policy_loss"),
+        "mtp_loss": train.get("mtp_loss_sum"),
+        "aux_loss": train.get("aux_loss_sum"),
+        "grad_norm": train["grad_norm"],
+        "lr": train["lr"],
+        "optimizer_steps": train.get("optimizer_steps", 1),
+        "skipped_steps": train.get("skipped_steps", 0),
+        "router_agreement": (train["router_agree_sum"] / train["router_pairs"] if train.get("router_pairs") else None),
+        "train_s": train["train_s"],
+        "train_tokens_per_s": train["train_tokens_per_s"],
+        "sync_s": push["sync_s"],
+        "push_wall_s": push["push_wall_s"],
         # the weight push as a share of this step's wall time (the goal: at most 2%)
         "sync_share": sync_share(push["push_wall_s"], elapsed),
         "stall_per_update_s": stall / updates if updates else 0.0,
         "rollout_tokens_per_s": delta("generated_tokens") / elapsed if elapsed > 0 else 0.0,
         "rollout_idle_frac": idle / (busy + idle + stall) if busy + idle + stall > 0 else 0.0,
-        "trainer_wait_s": waited, "trainer_idle_frac": trainer_wait / wall if wall > 0 else 0.0,
+        "trainer_wait_s": waited,
+        "trainer_idle_frac": trainer_wait / wall if wall > 0 else 0.0,
         "mtp_accepted_length": verified / rows if rows else None,
         **draft_gate_metrics(rollout_now),
         "groups_zero_advantage": counters["groups_zero_advantage"],
         "groups_stale_dropped": counters["groups_stale_dropped"],
         "samples_overlong": counters["samples_overlong"],
         "reward_failures": counters["reward_failures"],
-        "trained_groups": [g.group_id for g in groups], "filtered_groups": list(filtered),
+        "trained_groups": [g.group_id for g in groups],
+        "filtered_groups": list(filtered),
     }

@@ -27,14 +27,16 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
 
 
-def hidden_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-                    temperature: float = 1.0) -> torch.Tensor:
+def hidden_logprobs(
+    hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """token_logprobs of the logits hidden @ head_weight.T, computed by the fused chunked lm_head + cross-entropy:
     fp32 logits whatever the compute dtype (bf16 logits would round log-probs by up to ~0.06 and skew the
     importance weights), and the (b, s, V) logits never exist whole."""
     b, s, h = hidden.shape
-    ce = linear_cross_entropy(hidden.reshape(-1, h).float() / temperature, head_weight, targets.reshape(-1),
-                              reduction="none")
+    ce = linear_cross_entropy(
+        hidden.reshape(-1, h).float() / temperature, head_weight, targets.reshape(-1), reduction="none"
+    )
     return -ce.view(b, s)
 
 
@@ -46,13 +48,26 @@ def mtp_detached_ce(depth_hidden, head_weight: torch.Tensor, labels: list, reduc
 
     `labels[k-1]`: the labels shifted left by k (on the whole sequence)."""
     head = head_weight.detach()
-    return [linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, shifted.reshape(-1),
-                                 ignore_index=IGNORE_INDEX, reduction=reduction)
-            for hidden, shifted in zip(depth_hidden, labels)]
+    return [
+        linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]),
+            head,
+            shifted.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction=reduction,
+        )
+        for hidden, shifted in zip(depth_hidden, labels)
+    ]
 
 
-def mtp_detached_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, hidden: torch.Tensor,
-                        seq_idx: Optional[torch.Tensor] = None, reduction: str = "mean") -> list:
+def mtp_detached_losses(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    hidden: torch.Tensor,
+    seq_idx: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+) -> list:
     """`mtp_detached_ce` on a whole (unsharded) model and full sequences."""
     depths = mtp_recursion(model.mtp, model.mtp_embeddings(input_ids), hidden, seq_idx=seq_idx, detach=True)
     shifted = [shifted_labels(labels, k) for k in range(1, model.cfg.mtp_depths + 1)]
@@ -64,12 +79,25 @@ def aggregate_pieces(per_token: torch.Tensor, mb: dict, aggregation: str, counts
     token count (`row_tokens`, from collate), so the sum over pieces is the sum over rows."""
     if aggregation == "sequence":
         return (per_token / mb["row_tokens"]).sum() / max(counts.num_sequences, 1.0)
-    return aggregate(per_token, mb["loss_mask"], aggregation, num_tokens=counts.num_tokens,
-                     num_sequences=counts.num_sequences, max_tokens=counts.max_tokens)
+    return aggregate(
+        per_token,
+        mb["loss_mask"],
+        aggregation,
+        num_tokens=counts.num_tokens,
+        num_sequences=counts.num_sequences,
+        max_tokens=counts.max_tokens,
+    )
 
 
-def grpo_micro_batch_loss(logp: torch.Tensor, mb: dict, counts: BatchCounts, loss_cfg: PolicyLossConfig, *,
-                          train_version: int, prox_logp: Optional[torch.Tensor] = None):
+def grpo_micro_batch_loss(
+    logp: torch.Tensor,
+    mb: dict,
+    counts: BatchCounts,
+    loss_cfg: PolicyLossConfig,
+    *,
+    train_version: int,
+    prox_logp: Optional[torch.Tensor] = None,
+):
     """(policy loss share, stats) of one micro-batch piece from the trainer's token log-probs `logp` (b, s): the
     per-token GRPO math of rl.losses, aggregated so that summing over pieces, micro-batches and ranks gives the
     batch loss. Stats are sums and maxima (`_max`).
@@ -78,8 +106,9 @@ def grpo_micro_batch_loss(logp: torch.Tensor, mb: dict, counts: BatchCounts, los
     None: one optimizer step per batch, so pi_prox is the current policy itself."""
     mask = mb["loss_mask"]
     old = logp.detach() if prox_logp is None else prox_logp
-    per_token, stats = per_token_policy_loss(logp, old, mb["behaviour_logprobs"], mb["advantages"], mask, loss_cfg,
-                                             ref_logp=mb.get("ref_logprobs"))
+    per_token, stats = per_token_policy_loss(
+        logp, old, mb["behaviour_logprobs"], mb["advantages"], mask, loss_cfg, ref_logp=mb.get("ref_logprobs")
+    )
     loss = aggregate_pieces(per_token, mb, loss_cfg.aggregation, counts)
     stats["policy_loss"] = loss.detach()
 
@@ -104,8 +133,16 @@ class GRPOLoss:
     over tokens and divided by depths x the batch's positions, so independent of how rows are split) trains only
     the MTP block. The MoE balance loss is the runner's own, as in pretraining."""
 
-    def __init__(self, counts: BatchCounts, loss_cfg: PolicyLossConfig, *, temperature: float, train_version: int,
-                 mtp_loss_weight: float = 0.0, prox_logprobs: Optional[dict] = None):
+    def __init__(
+        self,
+        counts: BatchCounts,
+        loss_cfg: PolicyLossConfig,
+        *,
+        temperature: float,
+        train_version: int,
+        mtp_loss_weight: float = 0.0,
+        prox_logprobs: Optional[dict] = None,
+    ):
         self.counts, self.loss_cfg = counts, loss_cfg
         self.temperature, self.train_version = temperature, train_version
         self.mtp_loss_weight = mtp_loss_weight
@@ -114,8 +151,9 @@ class GRPOLoss:
     def __call__(self, out, mb: dict):
         logp = hidden_logprobs(out.hidden, out.lm_head_weight, mb["targets"], self.temperature)
         prox = None if self.prox_logprobs is None else self.prox_logprobs[mb[PROX_KEY]]
-        loss, stats = grpo_micro_batch_loss(logp, mb, self.counts, self.loss_cfg, train_version=self.train_version,
-                                            prox_logp=prox)
+        loss, stats = grpo_micro_batch_loss(
+            logp, mb, self.counts, self.loss_cfg, train_version=self.train_version, prox_logp=prox
+        )
         if self.mtp_loss_weight > 0 and out.part.mtp is not None and out.mtp_embeddings:
             sums = mtp_detached_ce(out.mtp_hidden(detach=True), out.lm_head_weight, out.mtp_labels, reduction="sum")
             mtp_loss = torch.stack(sums).sum() / (len(sums) * max(self.counts.num_positions, 1.0))

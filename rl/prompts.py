@@ -62,14 +62,20 @@ class PromptSource:
         return self.next_uid // len(self.records)
 
     def state_dict(self) -> dict:
-        return {"next_uid": self.next_uid, "returned": list(self._returned), "seed": self.seed,
-                "fingerprint": self.fingerprint}
+        return {
+            "next_uid": self.next_uid,
+            "returned": list(self._returned),
+            "seed": self.seed,
+            "fingerprint": self.fingerprint,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["fingerprint"] != self.fingerprint or state["seed"] != self.seed:
-            raise ValueError("the checkpoint's prompt source was built from other prompts or another seed "
-                             f"(fingerprint {state['fingerprint']} seed {state['seed']}, now {self.fingerprint} "
-                             f"seed {self.seed}); resume with the same rl.prompts settings")
+            raise ValueError(
+                "the checkpoint's prompt source was built from other prompts or another seed "
+                f"(fingerprint {state['fingerprint']} seed {state['seed']}, now {self.fingerprint} "
+                f"seed {self.seed}); resume with the same rl.prompts settings"
+            )
         self.next_uid = int(state["next_uid"])
         self._returned = deque(int(u) for u in state["returned"])
 
@@ -92,5 +98,6 @@ def build_records(tasks: Sequence[dict], split: str, seed: int, enable_thinking:
 
 def prompt_token_ids(tokenizer, record: dict) -> List[int]:
     """The generation prompt of a record: its chat rendered up to the opened assistant turn."""
-    return render_chat(tokenizer, record["messages"], enable_thinking=record.get("enable_thinking", True),
-                       add_generation_prompt=True).ids
+    return render_chat(
+        tokenizer, record["messages"], enable_thinking=record.get("enable_thinking", True), add_generation_prompt=True
+    ).ids

@@ -35,7 +35,6 @@ from latentforge.train.schedule import LRSchedule
 from latentforge.train.trainer import ModelState, NonFiniteLossError, rng_state, set_rng_state
 
 
-
 def resolve_model_config(init_from: Optional[str], recipe_model: ModelConfig) -> ModelConfig:
     """The policy's architecture: the checkpoint's own when starting from one, else the recipe's `model` group."""
     if init_from is None:
@@ -55,8 +54,10 @@ def load_initial_model(init_from: Optional[str], model_cfg: ModelConfig, seed: i
         torch.manual_seed(seed)
         return HybridModel(model_cfg)
     if not os.path.exists(init_from):
-        raise FileNotFoundError(f"rl.init_from={init_from} does not exist: point it at the SFT run's HF export "
-                                "(<run_dir>/hf) or its checkpoint directory")
+        raise FileNotFoundError(
+            f"rl.init_from={init_from} does not exist: point it at the SFT run's HF export "
+            "(<run_dir>/hf) or its checkpoint directory"
+        )
     if os.path.isfile(os.path.join(init_from, "config.json")):
         from latentforge.model.hf import load_pretrained
 
@@ -69,11 +70,13 @@ def load_initial_model(init_from: Optional[str], model_cfg: ModelConfig, seed: i
 def split_mini_batches(rows: List[dict], n: int) -> List[List[dict]]:
     """`rows` in n consecutive mini-batches of near-equal size (the first ones one row longer)."""
     if n > len(rows):
-        raise ValueError(f"rl.updates_per_batch={n} exceeds the batch's {len(rows)} trainable sequences: lower "
-                         "rl.updates_per_batch or raise rl.groups_per_step")
+        raise ValueError(
+            f"rl.updates_per_batch={n} exceeds the batch's {len(rows)} trainable sequences: lower "
+            "rl.updates_per_batch or raise rl.groups_per_step"
+        )
     size, extra = divmod(len(rows), n)
     bounds = [k * size + min(k, extra) for k in range(n + 1)]
-    return [rows[bounds[k]:bounds[k + 1]] for k in range(n)]
+    return [rows[bounds[k] : bounds[k + 1]] for k in range(n)]
 
 
 def merge_step_metrics(steps: List[dict]) -> dict:
@@ -106,8 +109,15 @@ class PolicyTrainer:
     the layout (a single process, FSDP2/HSDP data parallelism, TP, PP, CP, EP and their combinations, from the
     recipe's `parallel` group) and the GRPO loss is its loss hook (rl.policy.GRPOLoss)."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: GRPOConfig, optim_cfg: OptimConfig, run_dir: str,
-                 parallel_cfg: Optional[ParallelConfig] = None, precision_cfg: Optional[PrecisionConfig] = None):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        cfg: GRPOConfig,
+        optim_cfg: OptimConfig,
+        run_dir: str,
+        parallel_cfg: Optional[ParallelConfig] = None,
+        precision_cfg: Optional[PrecisionConfig] = None,
+    ):
         world.init_distributed()
         self.cfg = cfg
         self.model_cfg = ModelConfig.from_dict(model_cfg)  # an instance passes; a mapping is validated into one
@@ -158,8 +168,13 @@ class PolicyTrainer:
         steps = [self._optimizer_step(chunk, mbs, prox) for chunk, mbs in zip(mini_batches, micro)]
         elapsed = time.perf_counter() - start
         tokens = sum(len(r["input_ids"]) for r in rows)
-        return {**merge_step_metrics(steps), "train_s": elapsed, "train_tokens": tokens,
-                "train_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0, "sequences": len(rows)}
+        return {
+            **merge_step_metrics(steps),
+            "train_s": elapsed,
+            "train_tokens": tokens,
+            "train_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "sequences": len(rows),
+        }
 
     def _proximal_logprobs(self, micro: List[List[dict]]) -> dict:
         """pi_prox of every micro-batch of the rollout batch, with the weights as they are now (forward only)."""
@@ -175,8 +190,14 @@ class PolicyTrainer:
         it, weights and AdamW state untouched (train.optim.step_if_finite)."""
         cfg = self.cfg
         counts = count(rows, cfg.rollout.sampling.max_new_tokens)
-        loss_fn = GRPOLoss(counts, cfg.loss, temperature=cfg.rollout.sampling.temperature,
-                           train_version=self.version, mtp_loss_weight=cfg.mtp_loss_weight, prox_logprobs=prox)
+        loss_fn = GRPOLoss(
+            counts,
+            cfg.loss,
+            temperature=cfg.rollout.sampling.temperature,
+            train_version=self.version,
+            mtp_loss_weight=cfg.mtp_loss_weight,
+            prox_logprobs=prox,
+        )
         self.optimizer.zero_grad()
         result = self.runner.forward_backward(micro, loss_fn, replay_routes=cfg.router_replay)
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
@@ -191,21 +212,31 @@ class PolicyTrainer:
         stats = dict(result["stats"])
         if result["aux_loss"] is not None:
             stats["aux_loss_sum"] = result["aux_loss"]  # unweighted balance loss of the mini-batch
-        return {"loss": result["loss"], "grad_norm": grad_norm, "lr": lr, "loss_tokens": counts.num_tokens,
-                "skipped_steps": 0 if stepped else 1, **stats}
+        return {
+            "loss": result["loss"],
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "loss_tokens": counts.num_tokens,
+            "skipped_steps": 0 if stepped else 1,
+            **stats,
+        }
 
     def _count_nonfinite(self, stepped: bool, loss: float, grad_norm: float) -> None:
         if stepped:
             self.consecutive_nonfinite = 0
             return
         self.consecutive_nonfinite += 1
-        print(f"[grpo trainer] version {self.version}: non-finite loss {loss} or grad norm {grad_norm}; step "
-              f"skipped ({self.consecutive_nonfinite} in a row)", flush=True)
+        print(
+            f"[grpo trainer] version {self.version}: non-finite loss {loss} or grad norm {grad_norm}; step "
+            f"skipped ({self.consecutive_nonfinite} in a row)",
+            flush=True,
+        )
         if self.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
             raise NonFiniteLossError(
                 f"{self.consecutive_nonfinite} non-finite GRPO steps in a row (rl.max_consecutive_nonfinite), the "
                 f"last at version {self.version}: stopping. Check the rewards / advantages for NaN, lower optim.lr, "
-                f"and resume from the last good checkpoint: {self.checkpoints.latest() or 'none written yet'}")
+                f"and resume from the last good checkpoint: {self.checkpoints.latest() or 'none written yet'}"
+            )
 
     def _micro_batches(self, rows: List[dict]) -> List[dict]:
         """This rank's micro-batches as tensors, shaped for the layout: lengths divisible by the sequence split
@@ -217,8 +248,13 @@ class PolicyTrainer:
             multiple = math.lcm(multiple, lay.cp * self.model_cfg.chunk_size)
         pipelined = lay.pp > 1
         micro_rows = shard_micro_batches(
-            rows, self.dp_rank, self.dp_size, self.cfg.trainer.micro_batch_size,
-            min_micro_batches=lay.pp, multiple_of=lay.pp if pc.pp_schedule == "interleaved_1f1b" else 1)
+            rows,
+            self.dp_rank,
+            self.dp_size,
+            self.cfg.trainer.micro_batch_size,
+            min_micro_batches=lay.pp,
+            multiple_of=lay.pp if pc.pp_schedule == "interleaved_1f1b" else 1,
+        )
         if pipelined:
             length, num_rows = padded_length(rows, multiple), max(len(m) for m in micro_rows)
         batches = []
@@ -265,12 +301,17 @@ class PolicyTrainer:
 
     # ----- checkpoint ------------------------------------------------------------------------------------------
     def _state(self, loop_state: bytes = b"") -> dict:
-        return {"model": ModelState(self.parts), "optimizer": self.optimizer,
-                "grpo_trainer": pack({"version": self.version}), "grpo_loop": loop_state,
-                f"rng_rank{world.rank()}": pack(rng_state())}
+        return {
+            "model": ModelState(self.parts),
+            "optimizer": self.optimizer,
+            "grpo_trainer": pack({"version": self.version}),
+            "grpo_loop": loop_state,
+            f"rng_rank{world.rank()}": pack(rng_state()),
+        }
 
     def save_checkpoint(self, loop_state: bytes) -> str:
         """Collective over the trainer group; `loop_state` is the driver's (prompt position, buffer, counters)."""
+
         def extra(tmp_dir):
             with open(os.path.join(tmp_dir, MODEL_CONFIG_FILE), "w") as f:
                 json.dump(self.model_cfg.to_dict(), f, indent=1)

@@ -41,8 +41,9 @@ def node_ip() -> str:
 class WeightSyncGroup:
     """A standalone process group: rank 0 sends, the others receive. `backend`: gloo or nccl."""
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str = "gloo",
-                 timeout_s: float = 1800.0):
+    def __init__(
+        self, host: str, port: int, rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 1800.0
+    ):
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"weight sync backend must be gloo or nccl, got {backend!r}")
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -124,8 +125,10 @@ def receive_state(group: WeightSyncGroup, spec: Spec, bucket_mb: int = 256) -> T
     group.broadcast(header)
     version, digest, count = (int(v) for v in header.tolist())
     if digest != spec_hash(spec) or count != len(buckets):
-        raise RuntimeError("weight sync: the trainer's state dict (names, shapes, dtypes) differs from this rollout "
-                           "worker's model; both must be built from the same model config")
+        raise RuntimeError(
+            "weight sync: the trainer's state dict (names, shapes, dtypes) differs from this rollout "
+            "worker's model; both must be built from the same model config"
+        )
     out = {}
     for bucket in buckets:
         dtype = spec[bucket[0]][2]
@@ -135,6 +138,6 @@ def receive_state(group: WeightSyncGroup, spec: Spec, bucket_mb: int = 256) -> T
         for i in bucket:
             name, shape, _ = spec[i]
             n = _numel(shape)
-            out[name] = flat[offset:offset + n].view(shape)
+            out[name] = flat[offset : offset + n].view(shape)
             offset += n
     return out, version

@@ -25,11 +25,17 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # process, HF parity, decoding against a full forward). CI runs them a second time under another
 # ATEN_CPU_CAPABILITY so a tolerance tuned to one CPU's vector width fails here, not on a user's machine.
 NUMERICS_MODULES = (
-    "tests/kernels/test_ssd_ref.py", "tests/kernels/test_conv1d_ref.py", "tests/kernels/test_moe_ref.py",
-    "tests/kernels/test_rmsnorm_ref.py", "tests/kernels/test_cross_entropy_ref.py",
-    "tests/model/test_model.py", "tests/model/test_hf.py",
-    "tests/train/test_parallel_equivalence.py", "tests/train/test_parallel_single.py",
-    "tests/model/test_engine.py", "tests/rl/test_trainer_parallel.py",
+    "tests/kernels/test_ssd_ref.py",
+    "tests/kernels/test_conv1d_ref.py",
+    "tests/kernels/test_moe_ref.py",
+    "tests/kernels/test_rmsnorm_ref.py",
+    "tests/kernels/test_cross_entropy_ref.py",
+    "tests/model/test_model.py",
+    "tests/model/test_hf.py",
+    "tests/train/test_parallel_equivalence.py",
+    "tests/train/test_parallel_single.py",
+    "tests/model/test_engine.py",
+    "tests/rl/test_trainer_parallel.py",
 )
 
 

@@ -29,7 +29,9 @@ def test_every_python_folder_is_a_listed_package():
             if "__pycache__" in folder.parts or not any(any(folder.glob(g)) for g in patterns):
                 continue
             name = "latentforge." + ".".join(folder.relative_to(ROOT).parts)
-            assert name in listed, f"{folder.relative_to(ROOT)} holds Python or data files but {name} is not in pyproject.toml"
+            assert name in listed, (
+                f"{folder.relative_to(ROOT)} holds Python or data files but {name} is not in pyproject.toml"
+            )
 
 
 def test_hf_kernels_is_not_shadowed_and_ours_lives_in_the_namespace():
@@ -52,15 +54,22 @@ def test_a_users_own_modules_in_cwd_do_not_change_what_latentforge_imports(tmp_p
     (tmp_path / "model.py").write_text("raise RuntimeError('the user model.py was imported')\n")
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "__init__.py").write_text("raise RuntimeError('the user train/ was imported')\n")
-    code = ("import latentforge.data.tokenizer as t, latentforge.model.hybrid as m, latentforge.train.trainer as tr\n"
-            "print(t.__file__); print(m.__file__); print(tr.__file__)")
+    code = (
+        "import latentforge.data.tokenizer as t, latentforge.model.hybrid as m, latentforge.train.trainer as tr\n"
+        "print(t.__file__); print(m.__file__); print(tr.__file__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     for line in out.stdout.split():
         assert tmp_path not in Path(line).resolve().parents, line
     # `python -m` puts the cwd first on sys.path as well
-    out = subprocess.run([sys.executable, "-m", "latentforge.model.params", "recipe=tiny"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "latentforge.model.params", "recipe=tiny"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "total" in out.stdout.lower()
 
@@ -93,13 +102,18 @@ def test_a_built_wheel_runs_from_any_directory(tmp_path):
     """`pip wheel .` of a clean checkout, installed (not editable) into a fresh venv; entry points run elsewhere."""
     src = tmp_path / "src"
     src.mkdir()
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     subprocess.run(["tar", "-cf", str(tmp_path / "src.tar"), *files], cwd=ROOT, check=True)
     subprocess.run(["tar", "-xf", str(tmp_path / "src.tar")], cwd=src, check=True)
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", ".", "-w",
-                    str(wheels)], cwd=src, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", ".", "-w", str(wheels)],
+        cwd=src,
+        check=True,
+        capture_output=True,
+    )
     wheel = next(wheels.glob("latentforge-*.whl"))
 
     # a fresh venv that sees this environment's dependencies (not its editable latentforge: a .pth line adds a
@@ -109,10 +123,17 @@ def test_a_built_wheel_runs_from_any_directory(tmp_path):
     purelib = Path(sysconfig.get_paths()["purelib"])
     bindir = venv / "bin"
     py = bindir / "python"
-    site = Path(subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
-    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
-                   capture_output=True)
+    site = Path(
+        subprocess.run(
+            [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    subprocess.run(
+        [py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True
+    )
     # only now: pip would otherwise see (and uninstall) this environment's editable latentforge
     (site / "deps.pth").write_text(f"{purelib}\n")
 
@@ -120,17 +141,34 @@ def test_a_built_wheel_runs_from_any_directory(tmp_path):
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
-    where = subprocess.run([py, "-c", "import latentforge.model.recipes as r; print(r.__file__, r.RECIPES_DIR)"],
-                           cwd=work, env=env, capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [py, "-c", "import latentforge.model.recipes as r; print(r.__file__, r.RECIPES_DIR)"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert str(site) in where and str(ROOT) not in where, where
 
-    params = subprocess.run([bindir / "latentforge-params", "recipe=super_120b"], cwd=work, env=env,
-                            capture_output=True, text=True, timeout=300)
+    params = subprocess.run(
+        [bindir / "latentforge-params", "recipe=super_120b"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert params.returncode == 0, params.stderr[-3000:]
     assert "123,611,033,088" in params.stdout, params.stdout
 
-    train = subprocess.run([bindir / "latentforge-pretrain", "recipe=tiny", "train.steps=2"],
-                            cwd=work, env=env,
-                           capture_output=True, text=True, timeout=600)
+    train = subprocess.run(
+        [bindir / "latentforge-pretrain", "recipe=tiny", "train.steps=2"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert train.returncode == 0, (train.stdout[-2000:], train.stderr[-3000:])
     assert (work / "runs").is_dir(), "the run directory is made relative to the working directory"

@@ -19,7 +19,8 @@ def test_every_mapped_folder_has_one_link_to_it_and_nothing_else_is_linked():
     links = {p.name: p for p in (LINK_ROOT / "latentforge").iterdir()}
     assert sorted(links) == sorted(expected), (
         f"tools/pyright-root/latentforge has {sorted(links)}, package-dir maps {sorted(expected)}: add or remove "
-        f"the symlink (ln -s ../../../FOLDER tools/pyright-root/latentforge/NAME)")
+        f"the symlink (ln -s ../../../FOLDER tools/pyright-root/latentforge/NAME)"
+    )
     for name, link in links.items():
         assert link.is_symlink(), f"{link.relative_to(ROOT)} must be a symlink, not a copy"
         assert not Path(link.readlink()).is_absolute(), f"{link.relative_to(ROOT)} must be relative to work in a clone"
@@ -32,5 +33,6 @@ def test_pyright_reads_the_link_tree_and_checks_only_existing_paths():
     assert config["include"], "an empty include makes pyright check the whole tree"
     for entry in config["include"]:
         assert entry.startswith("tools/pyright-root/latentforge/"), (
-            f"{entry}: name checked files through the link tree, or pyright sees two modules per file")
+            f"{entry}: name checked files through the link tree, or pyright sees two modules per file"
+        )
         assert (ROOT / entry).exists(), f"pyright include {entry} does not exist"

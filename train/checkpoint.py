@@ -35,8 +35,15 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
 from latentforge.model.hf import STEP_DIR, complete_checkpoints  # noqa: F401 - the one definition of a complete checkpoint
-from latentforge.model.manifest import (CheckpointDamagedError, checkpoint_files, damage_message, find_damage,
-                                        hash_files, read_dcp_metadata, write_manifest)
+from latentforge.model.manifest import (
+    CheckpointDamagedError,
+    checkpoint_files,
+    damage_message,
+    find_damage,
+    hash_files,
+    read_dcp_metadata,
+    write_manifest,
+)
 
 from . import distributed as world
 
@@ -70,8 +77,10 @@ def _to_loadable(obj):
         cls = type(obj)
         if not cls.__module__.startswith(_OWN_MODULES):
             raise TypeError(f"pack: {cls.__module__}.{cls.__qualname__} is not a LatentForge dataclass")
-        return {_DATACLASS: f"{cls.__module__}:{cls.__qualname__}",
-                "fields": {f.name: _to_loadable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+        return {
+            _DATACLASS: f"{cls.__module__}:{cls.__qualname__}",
+            "fields": {f.name: _to_loadable(getattr(obj, f.name)) for f in dataclasses.fields(obj)},
+        }
     if isinstance(obj, dict):
         return {key: _to_loadable(value) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -145,8 +154,10 @@ def _collect_shard_hashes(tmp: str, world_size: int, timeout_s: float) -> dict:
     while not all(os.path.isfile(p) for p in parts):
         if time.monotonic() > deadline:
             missing = [p for p in parts if not os.path.isfile(p)]
-            raise RuntimeError(f"checkpoint {tmp}: no shard checksums from {len(missing)} rank(s) after "
-                               f"{timeout_s:.0f}s ({missing[0]} ...); the checkpoint is left unpublished")
+            raise RuntimeError(
+                f"checkpoint {tmp}: no shard checksums from {len(missing)} rank(s) after "
+                f"{timeout_s:.0f}s ({missing[0]} ...); the checkpoint is left unpublished"
+            )
         time.sleep(0.05)
     entries = {}
     for path in parts:
@@ -254,7 +265,7 @@ class CheckpointManager:
 
     def _rotate(self, keep: str):
         complete = complete_checkpoints(self.folder)
-        for _, path in complete[:-self.keep_last]:
+        for _, path in complete[: -self.keep_last]:
             if path != keep:
                 shutil.rmtree(path, ignore_errors=True)
         in_flight = self._pending[1] if self._pending is not None else None
@@ -302,18 +313,24 @@ class CheckpointManager:
                 return path
             message = damage_message(path, problems)
             if strict:
-                raise CheckpointDamagedError(f"{message}. train.strict_resume=true: stopping. Set it to false to "
-                                             "fall back to the newest intact checkpoint")
+                raise CheckpointDamagedError(
+                    f"{message}. train.strict_resume=true: stopping. Set it to false to "
+                    "fall back to the newest intact checkpoint"
+                )
             damaged.append(message)
             if warn is not None:
-                warn(f"WARNING: {message}; moving it aside to {path}{DAMAGED_SUFFIX} and falling back to an older "
-                     "checkpoint")
+                warn(
+                    f"WARNING: {message}; moving it aside to {path}{DAMAGED_SUFFIX} and falling back to an older "
+                    "checkpoint"
+                )
             if world.rank() == 0:
                 os.replace(path, path + DAMAGED_SUFFIX)
             world.barrier()
         if damaged:
-            raise CheckpointDamagedError(f"every checkpoint in {self.folder} is damaged ({damaged[0]}); restore "
-                                         "one from a copy, or start over with train.resume=false train.overwrite=true")
+            raise CheckpointDamagedError(
+                f"every checkpoint in {self.folder} is damaged ({damaged[0]}); restore "
+                "one from a copy, or start over with train.resume=false train.overwrite=true"
+            )
         return None
 
     @staticmethod

@@ -51,15 +51,19 @@ class OptimConfig:
     def validate(self):
         _need(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
         _need(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
-        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-              f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        _need(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optim.betas must be two numbers in [0, 1), got {self.betas}",
+        )
         _need(self.eps > 0, f"optim.eps must be positive, got {self.eps}")
         _need(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _need(self.schedule in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         _need(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _need(0 <= self.decay_fraction <= 1, f"optim.decay_fraction must be in [0, 1], got {self.decay_fraction}")
-        _need(self.decay_steps is None or self.decay_steps >= 0,
-              f"optim.decay_steps must be >= 0 or null, got {self.decay_steps}")
+        _need(
+            self.decay_steps is None or self.decay_steps >= 0,
+            f"optim.decay_steps must be >= 0 or null, got {self.decay_steps}",
+        )
 
     @classmethod
     def from_dict(cls, values: dict) -> "OptimConfig":
@@ -117,19 +121,36 @@ class TrainConfig:
         self.validate()
 
     def validate(self):
-        for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "log_interval",
-                     "checkpoint_interval", "keep_last", "max_consecutive_nonfinite", "eval_interval"):
+        for name in (
+            "steps",
+            "seq_len",
+            "micro_batch_size",
+            "global_batch_size",
+            "log_interval",
+            "checkpoint_interval",
+            "keep_last",
+            "max_consecutive_nonfinite",
+            "eval_interval",
+        ):
             _need(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
-        _need(self.global_batch_size % self.micro_batch_size == 0,
-              f"train.global_batch_size ({self.global_batch_size}) must be a multiple of train.micro_batch_size "
-              f"({self.micro_batch_size})")
-        _need(self.eval_limit is None or self.eval_limit > 0,
-              f"train.eval_limit must be positive or null (every document), got {self.eval_limit}")
-        _need(not self.eval_tasks or self.eval_interval % self.log_interval == 0,
-              f"train.eval_interval ({self.eval_interval}) must be a multiple of train.log_interval "
-              f"({self.log_interval}), or the steps that evaluate are not logged")
-        _need(self.stop_at_step is None or 0 < self.stop_at_step <= self.steps,
-              f"train.stop_at_step must be in (0, train.steps={self.steps}] or null, got {self.stop_at_step}")
+        _need(
+            self.global_batch_size % self.micro_batch_size == 0,
+            f"train.global_batch_size ({self.global_batch_size}) must be a multiple of train.micro_batch_size "
+            f"({self.micro_batch_size})",
+        )
+        _need(
+            self.eval_limit is None or self.eval_limit > 0,
+            f"train.eval_limit must be positive or null (every document), got {self.eval_limit}",
+        )
+        _need(
+            not self.eval_tasks or self.eval_interval % self.log_interval == 0,
+            f"train.eval_interval ({self.eval_interval}) must be a multiple of train.log_interval "
+            f"({self.log_interval}), or the steps that evaluate are not logged",
+        )
+        _need(
+            self.stop_at_step is None or 0 < self.stop_at_step <= self.steps,
+            f"train.stop_at_step must be in (0, train.steps={self.steps}] or null, got {self.stop_at_step}",
+        )
 
     def grad_accumulation(self, dp_size: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank; the sizes must divide exactly."""
@@ -137,7 +158,8 @@ class TrainConfig:
         if self.global_batch_size % per_step:
             raise TrainConfigError(
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of train.micro_batch_size "
-                f"({self.micro_batch_size}) x data-parallel size ({dp_size}) = {per_step}; change one of them")
+                f"({self.micro_batch_size}) x data-parallel size ({dp_size}) = {per_step}; change one of them"
+            )
         return self.global_batch_size // per_step
 
     @property

@@ -30,14 +30,16 @@ def _lm_eval():
         import lm_eval  # noqa: F401
         from lm_eval.api.model import TemplateLM
     except ImportError:
-        raise ImportError("lm-evaluation-harness is not installed: pip install 'latentforge[eval]' "
-                          "(or pip install lm-eval)") from None
+        raise ImportError(
+            "lm-evaluation-harness is not installed: pip install 'latentforge[eval]' (or pip install lm-eval)"
+        ) from None
     return TemplateLM
 
 
 @torch.no_grad()
-def score_continuations(forward: Callable, requests: Sequence[Tuple[List[int], List[int]]], max_length: int,
-                        batch_size: int, device) -> List[Tuple[float, bool]]:
+def score_continuations(
+    forward: Callable, requests: Sequence[Tuple[List[int], List[int]]], max_length: int, batch_size: int, device
+) -> List[Tuple[float, bool]]:
     """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per request, in
     order. `forward(ids)` returns logits (batch, time, vocab). Each sequence is context + continuation cut to its
     last `max_length` + 1 tokens, as lm-eval's `hf` model does."""
@@ -45,20 +47,20 @@ def score_continuations(forward: Callable, requests: Sequence[Tuple[List[int], L
     for context, continuation in requests:
         if not continuation:
             raise ValueError("an lm-eval request with an empty continuation: nothing to score")
-        rows.append((context + continuation)[-(max_length + 1):][:-1])
+        rows.append((context + continuation)[-(max_length + 1) :][:-1])
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     results: List[Optional[Tuple[float, bool]]] = [None] * len(rows)
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         width = len(rows[batch[0]])
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         for r, i in enumerate(batch):
-            ids[r, :len(rows[i])] = torch.tensor(rows[i])
+            ids[r, : len(rows[i])] = torch.tensor(rows[i])
         logits = forward(ids.to(device))
         for r, i in enumerate(batch):
             target = torch.tensor(requests[i][1], device=logits.device)
             length, count = len(rows[i]), len(target)
-            logprobs = F.log_softmax(logits[r, length - count:length].float(), dim=-1)
+            logprobs = F.log_softmax(logits[r, length - count : length].float(), dim=-1)
             greedy = bool((logprobs.argmax(-1) == target).all())
             results[i] = (float(logprobs.gather(-1, target[:, None]).sum()), greedy)
     return cast(List[Tuple[float, bool]], results)  # every index is filled above
@@ -66,8 +68,10 @@ def score_continuations(forward: Callable, requests: Sequence[Tuple[List[int], L
 
 def model_scorer(model, batch_size: int, device) -> Callable:
     """requests, max_length -> scores, from a plain HybridModel's forward."""
+
     def score(requests, max_length):
         return score_continuations(lambda ids: model(ids).logits, requests, max_length, batch_size, device)
+
     return score
 
 
@@ -98,19 +102,24 @@ def runner_scorer(runner, micro_batch_size: int, micro_batches: int, seq_len: in
     """requests, max_length -> scores through a training runner (any parallel layout; every rank calls it with the
     same requests). Each `runner.evaluate` call takes `micro_batches` micro-batches of `micro_batch_size` rows of
     `seq_len` tokens per data-parallel rank (the shapes training uses, so every layout accepts them)."""
+
     def score(requests, max_length):
         rows = []
         for rid, (context, continuation) in enumerate(requests):
-            whole = (context + continuation)[-(min(max_length, seq_len) + 1):]
+            whole = (context + continuation)[-(min(max_length, seq_len) + 1) :]
             rows.append((rid, whole[:-1], whole[1:], len(continuation)))
         per_call = micro_batch_size * micro_batches * runner.dp_size
         totals = {}
         for start in range(0, len(rows), per_call):
-            chunk = rows[start:start + per_call]
-            mine = [mb for i, mb in enumerate(_micro_batches(chunk, micro_batch_size, micro_batches * runner.dp_size,
-                                                             seq_len)) if i % runner.dp_size == runner.dp_rank]
+            chunk = rows[start : start + per_call]
+            mine = [
+                mb
+                for i, mb in enumerate(_micro_batches(chunk, micro_batch_size, micro_batches * runner.dp_size, seq_len))
+                if i % runner.dp_size == runner.dp_rank
+            ]
             totals.update(runner.evaluate(mine, loss_fn=_RunnerScoring())["stats"])
         return [(totals[f"lp_{rid:07d}"], totals[f"miss_{rid:07d}"] == 0) for rid in range(len(requests))]
+
     return score
 
 
@@ -122,10 +131,10 @@ def _micro_batches(rows, size: int, count: int, seq_len: int) -> list:
         targets = torch.zeros(size, seq_len, dtype=torch.long)
         score_mask = torch.zeros(size, seq_len)
         request_id = torch.full((size, seq_len), -1, dtype=torch.long)
-        for r, (rid, inputs, outputs, scored) in enumerate(rows[m * size:(m + 1) * size]):
+        for r, (rid, inputs, outputs, scored) in enumerate(rows[m * size : (m + 1) * size]):
             n = len(inputs)
             ids[r, :n], targets[r, :n] = torch.tensor(inputs), torch.tensor(outputs)
-            score_mask[r, n - scored:n] = 1
+            score_mask[r, n - scored : n] = 1
             request_id[r] = rid
         batches.append({"input_ids": ids, "targets": targets, "score_mask": score_mask, "request_id": request_id})
     return batches
@@ -134,9 +143,18 @@ def _micro_batches(rows, size: int, count: int, seq_len: int) -> list:
 class LogLikelihoodLM(_lm_eval()):
     """An lm-eval model over a LatentForge model: loglikelihood and loglikelihood_rolling."""
 
-    def __init__(self, scorer: Callable, tokenizer, *, batch_size: int = 8, max_length: int = 2048,
-                 device: str | torch.device = "cpu", prefix_token_id: Optional[int] = None, max_gen_toks: int = 256,
-                 enable_thinking: Optional[bool] = None):
+    def __init__(
+        self,
+        scorer: Callable,
+        tokenizer,
+        *,
+        batch_size: int = 8,
+        max_length: int = 2048,
+        device: str | torch.device = "cpu",
+        prefix_token_id: Optional[int] = None,
+        max_gen_toks: int = 256,
+        enable_thinking: Optional[bool] = None,
+    ):
         super().__init__()
         self._scorer = scorer  # (requests, max_length) -> [(log-likelihood, is greedy)]: model_scorer, runner_scorer
         self.lf_tokenizer = tokenizer
@@ -188,9 +206,15 @@ class LogLikelihoodLM(_lm_eval()):
 
         totals = []
         for (string,) in [request.args for request in requests]:
-            windows = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1)]
+            windows = [
+                utils.make_disjoint_window(w)
+                for w in utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
             scores = self._loglikelihood_tokens([(None, context, continuation) for context, continuation in windows])
             totals.append(sum(score for score, _ in scores))
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), totals[-1])
@@ -200,7 +224,8 @@ class LogLikelihoodLM(_lm_eval()):
         tasks = sorted({request.task_name for request in requests if getattr(request, "task_name", None)})
         raise NotImplementedError(
             f"generation tasks {tasks} need the inference engine, which training does not load: evaluate the "
-            "checkpoint with latentforge-eval (or keep train.eval_tasks to log-likelihood tasks)")
+            "checkpoint with latentforge-eval (or keep train.eval_tasks to log-likelihood tasks)"
+        )
 
     # ----- chat (lm-eval --apply_chat_template) ----------------------------------------------------------------
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
@@ -216,7 +241,7 @@ class LogLikelihoodLM(_lm_eval()):
         messages[-1]["content"] = messages[-1]["content"] + CONTINUE_TAG
         text = render_chat_text(messages, enable_thinking=thinking)
         cut = text.rindex(CONTINUE_TAG.strip())
-        return text[:cut] if text[cut:cut + len(CONTINUE_TAG)] == CONTINUE_TAG else text[:cut].rstrip()
+        return text[:cut] if text[cut : cut + len(CONTINUE_TAG)] == CONTINUE_TAG else text[:cut].rstrip()
 
     def chat_template(self, chat_template=False) -> Optional[str]:
         from latentforge.data.chat_template import CHAT_TEMPLATE
@@ -246,14 +271,19 @@ def check_loglikelihood_tasks(tasks: Sequence[str], include_paths: Sequence[str]
     manager = task_manager(tasks, include_paths)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"train.eval_tasks: unknown lm-eval task(s) {unknown}; local tasks: "
-                         f"{sorted(manager.all_tasks)[:8]}..., or add a folder of task YAML to train.eval_include")
-    generating = sorted(name for name, task in _leaf_tasks(get_task_dict(list(tasks), manager))
-                        if task.OUTPUT_TYPE == "generate_until")
+        raise ValueError(
+            f"train.eval_tasks: unknown lm-eval task(s) {unknown}; local tasks: "
+            f"{sorted(manager.all_tasks)[:8]}..., or add a folder of task YAML to train.eval_include"
+        )
+    generating = sorted(
+        name for name, task in _leaf_tasks(get_task_dict(list(tasks), manager)) if task.OUTPUT_TYPE == "generate_until"
+    )
     if generating:
-        raise ValueError(f"train.eval_tasks: {generating} generate text, which needs the inference engine (not "
-                         "loaded during training): keep log-likelihood tasks here and run generation tasks with "
-                         "latentforge-eval on a checkpoint")
+        raise ValueError(
+            f"train.eval_tasks: {generating} generate text, which needs the inference engine (not "
+            "loaded during training): keep log-likelihood tasks here and run generation tasks with "
+            "latentforge-eval on a checkpoint"
+        )
 
 
 def _leaf_tasks(task_dict: dict):
@@ -264,25 +294,46 @@ def _leaf_tasks(task_dict: dict):
             yield getattr(name, "group", name) if not isinstance(name, str) else name, task
 
 
-def run_tasks(lm, tasks: Sequence[str], *, limit=None, num_fewshot: Optional[int] = None,
-              include_paths: Sequence[str] = (), log_samples: bool = False, apply_chat_template: bool = False,
-              seed: int = 0) -> dict:
+def run_tasks(
+    lm,
+    tasks: Sequence[str],
+    *,
+    limit=None,
+    num_fewshot: Optional[int] = None,
+    include_paths: Sequence[str] = (),
+    log_samples: bool = False,
+    apply_chat_template: bool = False,
+    seed: int = 0,
+) -> dict:
     """lm_eval.simple_evaluate on `lm`: its results dict (results per task, and samples when asked); None on the
     processes whose LOCAL_RANK is not 0 (lm-eval reports from one process)."""
     from lm_eval import simple_evaluate
 
     # lm-eval's @positional_deprecated decorator hides simple_evaluate's keyword signature from type checkers
     evaluate: Callable[..., Any] = simple_evaluate
-    return evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                           task_manager=task_manager(tasks, include_paths), log_samples=log_samples,
-                           apply_chat_template=apply_chat_template, bootstrap_iters=0, random_seed=seed,
-                           numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    return evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=task_manager(tasks, include_paths),
+        log_samples=log_samples,
+        apply_chat_template=apply_chat_template,
+        bootstrap_iters=0,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
 
 
 def task_metrics(results: dict) -> dict:
     """{task: {metric: value}} without lm-eval's bookkeeping entries (aliases, stderr placeholders)."""
     out = {}
     for task, values in results["results"].items():
-        out[task] = {k.split(",")[0]: v for k, v in values.items()
-                     if k not in ("alias", "sample_len") and "_stderr" not in k and isinstance(v, (int, float))}
+        out[task] = {
+            k.split(",")[0]: v
+            for k, v in values.items()
+            if k not in ("alias", "sample_len") and "_stderr" not in k and isinstance(v, (int, float))
+        }
     return out

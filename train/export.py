@@ -16,13 +16,25 @@ import torch
 
 from latentforge.model.errors import entry_point
 
-from latentforge.model.hf import (DTYPES, LORA_CONFIG_FILE, MODEL_CONFIG_FILE, TOKENIZER_FILE, export_dcp_checkpoint,
-                      load_dcp_checkpoint)
+from latentforge.model.hf import (
+    DTYPES,
+    LORA_CONFIG_FILE,
+    MODEL_CONFIG_FILE,
+    TOKENIZER_FILE,
+    export_dcp_checkpoint,
+    load_dcp_checkpoint,
+)
 from latentforge.model.hf import resolve_checkpoint as _resolve
 from latentforge.model.hybrid import HybridModel
 
-__all__ = ["MODEL_CONFIG_FILE", "TOKENIZER_FILE", "resolve_checkpoint", "load_model_from_checkpoint",
-           "export_checkpoint", "main"]
+__all__ = [
+    "MODEL_CONFIG_FILE",
+    "TOKENIZER_FILE",
+    "resolve_checkpoint",
+    "load_model_from_checkpoint",
+    "export_checkpoint",
+    "main",
+]
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -45,8 +57,9 @@ def load_model_from_checkpoint(path: str) -> HybridModel:
     return load_dcp_checkpoint(checkpoint)
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32,
-                      tokenizer: str | None = None) -> str:
+def export_checkpoint(
+    checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, tokenizer: str | None = None
+) -> str:
     """A Hugging Face directory that stands alone (weights, tokenizer files, chat template, generation config);
     `tokenizer`: a tokenizer spec when the checkpoint records none (tekken runs record theirs in config.yaml)."""
     if (_resolve(checkpoint) / LORA_CONFIG_FILE).is_file():
@@ -58,12 +71,17 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.
 
 @entry_point("latentforge-export")
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m latentforge.train.export", description=(__doc__ or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m latentforge.train.export", description=(__doc__ or "").split("\n\n")[0]
+    )
     parser.add_argument("checkpoint", help="a step_XXXXXXXX checkpoint directory, or a run directory")
     parser.add_argument("out_dir", help="where the Hugging Face files go")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer spec (tekken, bpe:4096, path/tokenizer.json) when the checkpoint records none")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer spec (tekken, bpe:4096, path/tokenizer.json) when the checkpoint records none",
+    )
     args = parser.parse_args(argv)
     checkpoint = resolve_checkpoint(args.checkpoint)
     export_checkpoint(checkpoint, args.out_dir, dtype=DTYPES[args.dtype], tokenizer=args.tokenizer)

@@ -48,8 +48,12 @@ class Normalizers:
         targets = int((labels != IGNORE_INDEX).sum())
         mtp = [float((shifted_labels(labels, k) != IGNORE_INDEX).sum()) for k in range(1, mtp_depths + 1)]
         rows = labels.shape[0] if attention_mask is None else int((attention_mask.sum(1) > 0).sum())
-        return cls(lm=max(float(targets), 1.0), mtp=[max(n, 1.0) for n in mtp], sequences=max(float(rows), 1.0),
-                   targets=targets)
+        return cls(
+            lm=max(float(targets), 1.0),
+            mtp=[max(n, 1.0) for n in mtp],
+            sequences=max(float(rows), 1.0),
+            targets=targets,
+        )
 
 
 def shifted_labels(labels: torch.Tensor, depth: int) -> torch.Tensor:
@@ -59,8 +63,13 @@ def shifted_labels(labels: torch.Tensor, depth: int) -> torch.Tensor:
 
 def ce_sum(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of lm_head(hidden) over the target tokens (fused: the logits never exist whole)."""
-    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head_weight, labels.reshape(-1),
-                                ignore_index=IGNORE_INDEX, reduction="sum")
+    return linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]),
+        head_weight,
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
 @dataclass
@@ -141,8 +150,18 @@ class HeadLosses:
         return loss
 
 
-def head_losses(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, norms: Normalizers, *,
-                mtp=None, mtp_embeddings=(), mtp_labels=(), seq_idx=None, context=None) -> HeadLosses:
+def head_losses(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    norms: Normalizers,
+    *,
+    mtp=None,
+    mtp_embeddings=(),
+    mtp_labels=(),
+    seq_idx=None,
+    context=None,
+) -> HeadLosses:
     """LM loss of the final-normed `hidden`, and with an MTP block each depth's loss (`mtp_embeddings[k-1]` /
     `mtp_labels[k-1]`: inputs / labels shifted left by k on the whole sequence, then sliced like hidden)."""
     out = HeadLosses(lm=ce_sum(hidden, head_weight, labels) / norms.lm)
@@ -167,20 +186,36 @@ class LossOutput:
     hidden: torch.Tensor
 
 
-def model_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, seq_idx: Optional[torch.Tensor] = None,
-               attention_mask: Optional[torch.Tensor] = None, routes: Optional[torch.Tensor] = None) -> LossOutput:
+def model_loss(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    seq_idx: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    routes: Optional[torch.Tensor] = None,
+) -> LossOutput:
     """The training loss of a whole (unsplit) model on one batch, normalised by the batch's own counts: what the
     parallel runner computes for the same global batch under any layout."""
     cfg = model.cfg
     norms = Normalizers.of_batch(labels, cfg.mtp_depths, attention_mask)
     out = model(input_ids, seq_idx=seq_idx, routes=routes, with_logits=False)
     real = None if attention_mask is None else attention_mask.bool()
-    piece = TokenPiece(batch=input_ids.shape[0], seq_len=input_ids.shape[1], real=real,
-                       row_tokens=None if real is None else real.sum(1))
-    heads = head_losses(out.hidden, model.lm_head.weight, labels, norms, mtp=model.mtp,
-                        mtp_embeddings=model.mtp_embeddings(input_ids) if model.mtp is not None else (),
-                        mtp_labels=[shifted_labels(labels, k) for k in range(1, cfg.mtp_depths + 1)],
-                        seq_idx=seq_idx)
+    piece = TokenPiece(
+        batch=input_ids.shape[0],
+        seq_len=input_ids.shape[1],
+        real=real,
+        row_tokens=None if real is None else real.sum(1),
+    )
+    heads = head_losses(
+        out.hidden,
+        model.lm_head.weight,
+        labels,
+        norms,
+        mtp=model.mtp,
+        mtp_embeddings=model.mtp_embeddings(input_ids) if model.mtp is not None else (),
+        mtp_labels=[shifted_labels(labels, k) for k in range(1, cfg.mtp_depths + 1)],
+        seq_idx=seq_idx,
+    )
     mtp_row = len(model.trunk_moe_index)
     routings = sorted(out.routing.items()) + [(mtp_row, r) for r in heads.mtp_routings]
     moe = balance(routings, piece, norms)
@@ -188,5 +223,6 @@ def model_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, seq_idx: Op
     if moe.loss is not None:
         loss = loss + cfg.moe_aux_loss_coeff * moe.loss
     load = torch.stack([moe.loads[r] for r in sorted(moe.loads)]).round().long() if moe.loads else None
-    return LossOutput(loss=loss, lm_loss=heads.lm, mtp_losses=heads.mtp, aux_loss=moe.loss, expert_load=load,
-                      hidden=out.hidden)
+    return LossOutput(
+        loss=loss, lm_loss=heads.lm, mtp_losses=heads.mtp, aux_loss=moe.loss, expert_load=load, hidden=out.hidden
+    )

@@ -15,8 +15,7 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from .config import OptimConfig
 
@@ -65,8 +64,11 @@ class OptimizerContainer:
             groups = param_groups(part, cfg.weight_decay)
             if not groups:
                 raise ValueError(f"model part {type(part).__name__} has no trainable parameters")
-            self.optimizers.append(torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                                     weight_decay=cfg.weight_decay, foreach=cfg.foreach))
+            self.optimizers.append(
+                torch.optim.AdamW(
+                    groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=cfg.foreach
+                )
+            )
 
     def set_lr(self, lr: float):
         for opt in self.optimizers:
@@ -98,5 +100,6 @@ class OptimizerContainer:
         from latentforge.train.parallel.tensor_parallel import stored_optimizer_state
 
         for part, opt in zip(self.model_parts, self.optimizers):
-            set_optimizer_state_dict(part, opt, optim_state_dict=stored_optimizer_state(part, state_dict),
-                                     options=self._options)
+            set_optimizer_state_dict(
+                part, opt, optim_state_dict=stored_optimizer_state(part, state_dict), options=self._options
+            )

@@ -28,11 +28,18 @@ USAGE = "python train/pretrain.py [--dry-run] [--world-size N] key=value ..."
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(usage=USAGE, description="LatentForge pretraining (Hydra overrides as arguments)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the mesh, pipeline stages and memory per GPU, then exit without allocating")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="with --dry-run: plan for this many ranks (default: the launched world, else the "
-                             "product of the recipe's parallel sizes)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the mesh, pipeline stages and memory per GPU, then exit without allocating",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="with --dry-run: plan for this many ranks (default: the launched world, else the "
+        "product of the recipe's parallel sizes)",
+    )
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
@@ -79,8 +86,16 @@ def print_plan(configs, world_size: int) -> None:
 
     train_cfg = configs["train"]
     layout = validate_layout(configs["model"], configs["parallel"], world_size, seq_len=train_cfg.seq_len)
-    print(format_plan(configs["model"], configs["parallel"], layout, seq_len=train_cfg.seq_len,
-                      micro_batch_size=train_cfg.micro_batch_size, global_batch_size=train_cfg.global_batch_size))
+    print(
+        format_plan(
+            configs["model"],
+            configs["parallel"],
+            layout,
+            seq_len=train_cfg.seq_len,
+            micro_batch_size=train_cfg.micro_batch_size,
+            global_batch_size=train_cfg.global_batch_size,
+        )
+    )
 
 
 def run_dir_of(train_cfg) -> str:
@@ -156,29 +171,51 @@ def main(argv=None) -> int:
         data_cfg = configs["data"]
         tokenizer = load_tokenizer(data_cfg.tokenizer, cache_dir=data_cfg.cache_dir)
         if tokenizer.vocab_size > model_cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                             f"{model_cfg.vocab_size}: use a model with at least that many rows, or another "
-                             "tokenizer (data.tokenizer)")
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                f"{model_cfg.vocab_size}: use a model with at least that many rows, or another "
+                "tokenizer (data.tokenizer)"
+            )
 
         torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
         model, _ = build_model(configs, device)
         runner = build_runner(model, model_cfg, configs["parallel"], configs["precision"])
-        loader = build_pretrain_loader(data_cfg, tokenizer, seq_len=train_cfg.seq_len,
-                                       micro_batch_size=train_cfg.micro_batch_size, dp_rank=runner.dp_rank,
-                                       dp_size=runner.dp_size)
+        loader = build_pretrain_loader(
+            data_cfg,
+            tokenizer,
+            seq_len=train_cfg.seq_len,
+            micro_batch_size=train_cfg.micro_batch_size,
+            dp_rank=runner.dp_rank,
+            dp_size=runner.dp_size,
+        )
 
         from omegaconf import OmegaConf
 
         from latentforge.model.recipes import plain_values
 
-        callbacks = standard_callbacks(train_cfg, training_flops_per_token(model_cfg, train_cfg.seq_len), run_dir,
-                                       device, world.world_size(), plain_values(cfg),
-                                       tokenizer=tokenizer)
-        trainer = Trainer(runner=runner, loader=loader, train_cfg=train_cfg, optim_cfg=configs["optim"],
-                          checkpoints=CheckpointManager(os.path.join(run_dir, "checkpoints"), train_cfg.keep_last,
-                                                        train_cfg.async_checkpoint),
-                          callbacks=callbacks, device=device, model_config=model_cfg.to_dict(), tokenizer=tokenizer,
-                          write_checkpoint_extra=checkpoint_extra_writer(cfg, configs, tokenizer))
+        callbacks = standard_callbacks(
+            train_cfg,
+            training_flops_per_token(model_cfg, train_cfg.seq_len),
+            run_dir,
+            device,
+            world.world_size(),
+            plain_values(cfg),
+            tokenizer=tokenizer,
+        )
+        trainer = Trainer(
+            runner=runner,
+            loader=loader,
+            train_cfg=train_cfg,
+            optim_cfg=configs["optim"],
+            checkpoints=CheckpointManager(
+                os.path.join(run_dir, "checkpoints"), train_cfg.keep_last, train_cfg.async_checkpoint
+            ),
+            callbacks=callbacks,
+            device=device,
+            model_config=model_cfg.to_dict(),
+            tokenizer=tokenizer,
+            write_checkpoint_extra=checkpoint_extra_writer(cfg, configs, tokenizer),
+        )
         resumed = trainer.resume_if_possible()
         if is_rank0:  # the launch is accepted (the checkpoint matches this model and tokenizer)
             with open(os.path.join(run_dir, "config.yaml"), "w") as f:
@@ -189,8 +226,11 @@ def main(argv=None) -> int:
             print_start(configs, trainer, run_dir, resumed, world.world_size(), device)
         reason = trainer.fit()
         if runner.is_metrics_rank:
-            print(f"stopped at step {trainer.state.step}/{train_cfg.steps} ({reason}); "
-                  f"{trainer.state.skipped_steps} skipped step(s); checkpoint {trainer.last_checkpoint}", flush=True)
+            print(
+                f"stopped at step {trainer.state.step}/{train_cfg.steps} ({reason}); "
+                f"{trainer.state.skipped_steps} skipped step(s); checkpoint {trainer.last_checkpoint}",
+                flush=True,
+            )
 
         if train_cfg.export_hf and reason == "finished" and trainer.last_checkpoint:
             if is_rank0:
@@ -216,8 +256,14 @@ def print_start(configs, trainer, run_dir, resumed, world_size, device) -> None:
     lines = [
         f"run        {run_dir}",
         f"devices    {world_size} x {device_label(device)}",
-        format_plan(configs["model"], configs["parallel"], runner.layout, seq_len=train_cfg.seq_len,
-                    micro_batch_size=train_cfg.micro_batch_size, global_batch_size=train_cfg.global_batch_size),
+        format_plan(
+            configs["model"],
+            configs["parallel"],
+            runner.layout,
+            seq_len=train_cfg.seq_len,
+            micro_batch_size=train_cfg.micro_batch_size,
+            global_batch_size=train_cfg.global_batch_size,
+        ),
         f"schedule   {configs['optim'].schedule}, peak lr {configs['optim'].lr:g}, {train_cfg.steps} steps"
         + (f", this launch stops at {train_cfg.stop_at_step}" if train_cfg.stop_at_step else ""),
         "start      " + (f"resumed from {resumed} at step {trainer.state.step}" if resumed else "step 0 (new run)"),

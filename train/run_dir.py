@@ -102,7 +102,8 @@ class RunDirClaim:
                 raise RunDirectoryError(
                     f"run directory {self.run_dir} is in use by pid {holder.get('pid')} on {holder.get('host')} "
                     f"(since {holder.get('since')}; lock {self.lock_path}): use another train.run_name / "
-                    "train.run_dir, or stop that run. If it is gone (another host, crashed), remove the lock file")
+                    "train.run_dir, or stop that run. If it is gone (another host, crashed), remove the lock file"
+                )
             try:
                 os.remove(self.lock_path)
             except FileNotFoundError:
@@ -119,7 +120,8 @@ class RunDirClaim:
             raise RunDirectoryError(
                 f"train.resume=false but {self.run_dir} holds an earlier run ({', '.join(old)}): its checkpoints "
                 "would be resumed by the next normal launch. Pass train.overwrite=true to move them aside and start "
-                "over, drop train.resume=false to continue that run, or choose a new train.run_name")
+                "over, drop train.resume=false to continue that run, or choose a new train.run_name"
+            )
         aside = os.path.join(self.run_dir, "old-" + time.strftime("%Y%m%d-%H%M%S"))
         os.makedirs(aside, exist_ok=True)
         for name in old:

@@ -44,5 +44,11 @@ class LRSchedule:
 
     def state_dict(self) -> dict:
         # the rate is a function of the step: this is recorded so a resume with another schedule is noticed
-        return {"schedule": self.cfg.schedule, "lr": self.cfg.lr, "min_lr": self.cfg.min_lr,
-                "warmup": self.warmup, "decay": self.decay, "total_steps": self.total_steps}
+        return {
+            "schedule": self.cfg.schedule,
+            "lr": self.cfg.lr,
+            "min_lr": self.cfg.min_lr,
+            "warmup": self.warmup,
+            "decay": self.decay,
+            "total_steps": self.total_steps,
+        }

@@ -30,8 +30,9 @@ import torch
 from latentforge.model.errors import UserError, entry_point
 from latentforge.train.callbacks.base import Callback
 
-USAGE = ("python train/sft.py key=value ...   |   python train/sft.py --accuracy CHECKPOINT [--adapter DIR] "
-         "[--problems N]")
+USAGE = (
+    "python train/sft.py key=value ...   |   python train/sft.py --accuracy CHECKPOINT [--adapter DIR] [--problems N]"
+)
 
 
 class SFTConfigError(UserError, ValueError):
@@ -92,8 +93,10 @@ def load_configs(overrides):
     node = cfg.get("lora")
     configs["lora"] = LoRAConfig.from_dict(OmegaConf.to_container(node, resolve=True)) if node is not None else None
     if configs["data"].kind != "sft":
-        raise SFTConfigError(f"data.kind is {configs['data'].kind!r}: fine-tuning reads chat data. Use a recipe with "
-                             "`override /data: synthetic_chat` (sft_tiny, lora_tiny) or set data.kind=sft")
+        raise SFTConfigError(
+            f"data.kind is {configs['data'].kind!r}: fine-tuning reads chat data. Use a recipe with "
+            "`override /data: synthetic_chat` (sft_tiny, lora_tiny) or set data.kind=sft"
+        )
     return cfg, configs
 
 
@@ -103,11 +106,15 @@ def starting_point(sft_cfg: SFTConfig):
     from latentforge.train.lora.checkpoint import model_config_of, resolve_source
 
     if not sft_cfg.init_from:
-        raise SFTConfigError("sft.init_from is not set: give the starting weights (a run directory of "
-                             "train/pretrain.py such as runs/tiny, a DCP checkpoint, or a Hugging Face directory)")
+        raise SFTConfigError(
+            "sft.init_from is not set: give the starting weights (a run directory of "
+            "train/pretrain.py such as runs/tiny, a DCP checkpoint, or a Hugging Face directory)"
+        )
     if not os.path.exists(sft_cfg.init_from):
-        raise SFTConfigError(f"sft.init_from={sft_cfg.init_from} does not exist. Pretrain first "
-                             "(python train/pretrain.py recipe=tiny writes runs/tiny) or point it at a checkpoint")
+        raise SFTConfigError(
+            f"sft.init_from={sft_cfg.init_from} does not exist. Pretrain first "
+            "(python train/pretrain.py recipe=tiny writes runs/tiny) or point it at a checkpoint"
+        )
     kind, path = resolve_source(sft_cfg.init_from)
     return kind, path, model_config_of(path)
 
@@ -147,7 +154,8 @@ def starting_tokenizer(kind: str, path: str, data_cfg, model_cfg):
                     f"latentforge.data.tokenizer ({requested.kind}, vocab {theirs.vocab_size}) is not the tokenizer of the "
                     f"starting checkpoint {path} ({file}, vocab {tokenizer.vocab_size}). The tokenizer and chat "
                     "template come from the checkpoint: drop the data.tokenizer override, or start from a "
-                    "checkpoint trained with that tokenizer")
+                    "checkpoint trained with that tokenizer"
+                )
     else:
         # no tokenizer file (e.g. a tekken run): the data config names it, the checkpoint's record must agree
         tokenizer = load_tokenizer(data_cfg.tokenizer, cache_dir=data_cfg.cache_dir)
@@ -156,11 +164,13 @@ def starting_tokenizer(kind: str, path: str, data_cfg, model_cfg):
         elif kind == "hf":
             raise TokenizerMismatchError(
                 f"the Hugging Face directory {path} has no tokenizer.json, so its tokenizer is unknown: copy the "
-                "model's tokenizer.json there")
+                "model's tokenizer.json there"
+            )
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise TokenizerMismatchError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the starting model only {model_cfg.vocab_size} "
-            "embedding rows: this tokenizer does not belong to that checkpoint")
+            "embedding rows: this tokenizer does not belong to that checkpoint"
+        )
     return tokenizer
 
 
@@ -182,9 +192,15 @@ def validation_batches(data_cfg, tokenizer, train_cfg, sft_cfg, dp_rank, dp_size
     """The first `sft.eval_batches` micro-batches of the held-out split for this data-parallel rank (fixed)."""
     from latentforge.data.sft import build_sft_loader
 
-    loader = build_sft_loader(data_cfg, tokenizer, seq_len=train_cfg.seq_len,
-                              micro_batch_size=train_cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                              split="valid")
+    loader = build_sft_loader(
+        data_cfg,
+        tokenizer,
+        seq_len=train_cfg.seq_len,
+        micro_batch_size=train_cfg.micro_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        split="valid",
+    )
     per_pass = max(1, loader.samples_per_epoch // (train_cfg.micro_batch_size * dp_size))
     return [next(loader) for _ in range(min(sft_cfg.eval_batches, per_pass))]
 
@@ -235,8 +251,10 @@ class Validation(Callback):
             if self.on_best is not None:
                 self.on_best(trainer, step, loss)
         if trainer.is_metrics_rank:
-            trainer.print(f"validation step {step}: loss {loss:.4f}{' (best)' if improved else ''}; best "
-                          f"{self.best:.4f} at step {self.best_step}")
+            trainer.print(
+                f"validation step {step}: loss {loss:.4f}{' (best)' if improved else ''}; best "
+                f"{self.best:.4f} at step {self.best_step}"
+            )
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_step": self.best_step}
@@ -275,8 +293,9 @@ def greedy_completions(model, prompts: List[List[int]], max_new_tokens: int, sto
     """Greedy continuation of each prompt (the stop token kept), decoded together by the generation engine."""
     from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 
-    config = EngineConfig(max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + max_new_tokens,
-                          prefix_cache_size=0)
+    config = EngineConfig(
+        max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + max_new_tokens, prefix_cache_size=0
+    )
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_ids))
     return [result.token_ids for result in Engine(model, config).generate(prompts, params)]
 
@@ -288,30 +307,45 @@ def heldout_accuracy(model, tokenizer, data_cfg, num_problems: int, max_new_toke
     from latentforge.data.chat import render_chat
     from latentforge.data.synthetic import check_answer, extract_answer, problem_messages, synthetic_splits
 
-    problems = synthetic_splits(data_cfg.synthetic_num_train, data_cfg.synthetic_num_heldout,
-                                data_cfg.seed)["test"][:num_problems]
+    problems = synthetic_splits(data_cfg.synthetic_num_train, data_cfg.synthetic_num_heldout, data_cfg.seed)["test"][
+        :num_problems
+    ]
     model = model.eval()
     stop = {tokenizer.im_end_id, tokenizer.eod_id}
     solved, examples = 0, []
     for start in range(0, len(problems), batch_size):
-        chunk = problems[start:start + batch_size]
-        prompts = [render_chat(tokenizer, problem_messages(p, with_solution=False),
-                               enable_thinking=data_cfg.enable_thinking, add_generation_prompt=True).ids
-                   for p in chunk]
+        chunk = problems[start : start + batch_size]
+        prompts = [
+            render_chat(
+                tokenizer,
+                problem_messages(p, with_solution=False),
+                enable_thinking=data_cfg.enable_thinking,
+                add_generation_prompt=True,
+            ).ids
+            for p in chunk
+        ]
         for problem, completion in zip(chunk, greedy_completions(model, prompts, max_new_tokens, stop)):
             # the prompt ends in <think> when thinking is on: put it back so the answer parser skips the reasoning
             text = ("<think>" if data_cfg.enable_thinking else "") + tokenizer.decode(completion)
             ok = check_answer(problem, text)
             solved += ok
-            examples.append({"question": problem["question"], "answer": problem["answer"], "completion": text,
-                             "correct": ok, "formatted": extract_answer(text) is not None})
+            examples.append(
+                {
+                    "question": problem["question"],
+                    "answer": problem["answer"],
+                    "completion": text,
+                    "correct": ok,
+                    "formatted": extract_answer(text) is not None,
+                }
+            )
     return solved, len(problems), examples
 
 
 def describe_accuracy(solved: int, total: int, examples: list) -> str:
     formatted = sum(e["formatted"] for e in examples)
-    lines = [f"{solved}/{total} solved ({100 * solved / max(total, 1):.1f}%), {formatted}/{total} with an "
-             "'Answer: N' line"]
+    lines = [
+        f"{solved}/{total} solved ({100 * solved / max(total, 1):.1f}%), {formatted}/{total} with an 'Answer: N' line"
+    ]
     lines += [f"  [{'ok' if e['correct'] else 'wrong'}] {e['question']!r} -> {e['completion']!r}" for e in examples[:3]]
     return "\n".join(lines)
 
@@ -326,9 +360,13 @@ def uses_builtin_chat(data_cfg) -> bool:
 @entry_point("latentforge-sft")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(usage=USAGE, description="LatentForge fine-tuning (Hydra overrides as arguments)")
-    parser.add_argument("--accuracy", metavar="CHECKPOINT", default=None,
-                        help="only measure the held-out share of built-in chat problems solved by CHECKPOINT "
-                             "(a run directory, DCP checkpoint or Hugging Face directory)")
+    parser.add_argument(
+        "--accuracy",
+        metavar="CHECKPOINT",
+        default=None,
+        help="only measure the held-out share of built-in chat problems solved by CHECKPOINT "
+        "(a run directory, DCP checkpoint or Hugging Face directory)",
+    )
     parser.add_argument("--adapter", default=None, help="with --accuracy: a PEFT adapter directory to apply")
     parser.add_argument("--problems", type=int, default=100, help="with --accuracy: how many held-out problems")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -351,8 +389,10 @@ def accuracy_main(args, overrides) -> int:
     model, _ = load_model(path, args.adapter)
     tokenizer = starting_tokenizer(kind, path, data_cfg, model.cfg)
     solved, total, examples = heldout_accuracy(model, tokenizer, data_cfg, args.problems, sft_cfg.max_new_tokens)
-    print(f"held-out accuracy of {path}{' + ' + args.adapter if args.adapter else ''}: "
-          + describe_accuracy(solved, total, examples))
+    print(
+        f"held-out accuracy of {path}{' + ' + args.adapter if args.adapter else ''}: "
+        + describe_accuracy(solved, total, examples)
+    )
     return 0
 
 
@@ -396,8 +436,9 @@ def run(overrides) -> int:
         model = build_model(model_cfg, configs["precision"], kind, start_path, device)
         accuracy_before = None
         if sft_cfg.accuracy_problems and uses_builtin_chat(data_cfg) and is_rank0:
-            solved, total, examples = heldout_accuracy(model, tokenizer, data_cfg, sft_cfg.accuracy_problems,
-                                                       sft_cfg.max_new_tokens)
+            solved, total, examples = heldout_accuracy(
+                model, tokenizer, data_cfg, sft_cfg.accuracy_problems, sft_cfg.max_new_tokens
+            )
             accuracy_before = [solved, total, sum(e["formatted"] for e in examples)]
             print("held-out accuracy before fine-tuning: " + describe_accuracy(solved, total, examples), flush=True)
             model.train()
@@ -406,8 +447,11 @@ def run(overrides) -> int:
             adapted = apply_lora(model, lora_cfg)
             if is_rank0:
                 count = sum(p.numel() for p in lora_parameters(model).values())
-                print(f"LoRA: rank {lora_cfg.rank}, alpha {lora_cfg.alpha}{' (rsLoRA)' if lora_cfg.use_rslora else ''}"
-                      f" on {len(adapted)} modules, {count:,} trainable parameters", flush=True)
+                print(
+                    f"LoRA: rank {lora_cfg.rank}, alpha {lora_cfg.alpha}{' (rsLoRA)' if lora_cfg.use_rslora else ''}"
+                    f" on {len(adapted)} modules, {count:,} trainable parameters",
+                    flush=True,
+                )
 
         runner = build_runner(model, model_cfg, configs["parallel"], configs["precision"])
         if lora_cfg is not None:
@@ -418,11 +462,19 @@ def run(overrides) -> int:
                 failure = error
             # only the ranks owning a bad stage see it: fail everywhere, not leave the others in a collective
             if world.any_rank(failure is not None):
-                raise failure or SFTConfigError("LoRA: another rank's pipeline stage failed the adapter check "
-                                                "(its error names the stage and the fix)")
-        loader = build_sft_loader(data_cfg, tokenizer, seq_len=train_cfg.seq_len,
-                                  micro_batch_size=train_cfg.micro_batch_size, dp_rank=runner.dp_rank,
-                                  dp_size=runner.dp_size, split="train")
+                raise failure or SFTConfigError(
+                    "LoRA: another rank's pipeline stage failed the adapter check "
+                    "(its error names the stage and the fix)"
+                )
+        loader = build_sft_loader(
+            data_cfg,
+            tokenizer,
+            seq_len=train_cfg.seq_len,
+            micro_batch_size=train_cfg.micro_batch_size,
+            dp_rank=runner.dp_rank,
+            dp_size=runner.dp_size,
+            split="train",
+        )
 
         write_extra = checkpoint_extra_writer(cfg, configs, tokenizer)
         if lora_cfg is not None:
@@ -438,14 +490,30 @@ def run(overrides) -> int:
             batches = validation_batches(data_cfg, tokenizer, train_cfg, sft_cfg, runner.dp_rank, runner.dp_size)
             on_best = best_saver(run_dir, write_extra, lora_cfg, start_path) if sft_cfg.save_best else None
             validation = Validation(batches, sft_cfg.eval_interval, device, on_best)
-        callbacks = standard_callbacks(train_cfg, training_flops_per_token(model_cfg, train_cfg.seq_len), run_dir,
-                                       device, world.world_size(), OmegaConf.to_container(cfg, resolve=True),
-                                       extra=[validation] if validation is not None else [], tokenizer=tokenizer)
-        trainer = Trainer(runner=runner, loader=loader, train_cfg=train_cfg, optim_cfg=configs["optim"],
-                          checkpoints=CheckpointManager(os.path.join(run_dir, "checkpoints"), train_cfg.keep_last,
-                                                        train_cfg.async_checkpoint),
-                          callbacks=callbacks, device=device, model_config=model_cfg.to_dict(), tokenizer=tokenizer,
-                          write_checkpoint_extra=write_extra)
+        callbacks = standard_callbacks(
+            train_cfg,
+            training_flops_per_token(model_cfg, train_cfg.seq_len),
+            run_dir,
+            device,
+            world.world_size(),
+            OmegaConf.to_container(cfg, resolve=True),
+            extra=[validation] if validation is not None else [],
+            tokenizer=tokenizer,
+        )
+        trainer = Trainer(
+            runner=runner,
+            loader=loader,
+            train_cfg=train_cfg,
+            optim_cfg=configs["optim"],
+            checkpoints=CheckpointManager(
+                os.path.join(run_dir, "checkpoints"), train_cfg.keep_last, train_cfg.async_checkpoint
+            ),
+            callbacks=callbacks,
+            device=device,
+            model_config=model_cfg.to_dict(),
+            tokenizer=tokenizer,
+            write_checkpoint_extra=write_extra,
+        )
         resumed = trainer.resume_if_possible()
         if is_rank0:  # the launch is accepted (the checkpoint matches this model and tokenizer)
             with open(os.path.join(run_dir, "config.yaml"), "w") as f:
@@ -455,21 +523,26 @@ def run(overrides) -> int:
             validation.on_step_end(trainer, {"step": 0})  # the starting model's validation loss (step 0)
 
         if runner.is_metrics_rank:
-            print(f"start      {start_path} ({kind}); {loader.source.stats['conversations']} training "
-                  f"conversations, {loader.samples_per_epoch} packed rows per epoch", flush=True)
+            print(
+                f"start      {start_path} ({kind}); {loader.source.stats['conversations']} training "
+                f"conversations, {loader.samples_per_epoch} packed rows per epoch",
+                flush=True,
+            )
             print_start(configs, trainer, run_dir, resumed, world.world_size(), device)
         reason = trainer.fit()
         if runner.is_metrics_rank:
-            print(f"stopped at step {trainer.state.step}/{train_cfg.steps} ({reason}); checkpoint "
-                  f"{trainer.last_checkpoint}", flush=True)
+            print(
+                f"stopped at step {trainer.state.step}/{train_cfg.steps} ({reason}); checkpoint "
+                f"{trainer.last_checkpoint}",
+                flush=True,
+            )
 
         if lora_cfg is not None and trainer.last_checkpoint:
             out = save_adapter(runner.model_parts, os.path.join(run_dir, "adapter"), lora_cfg, start_path)
             if out is not None:
                 print(f"adapter (PEFT layout): {out}", flush=True)
         if reason == "finished" and trainer.last_checkpoint and is_rank0:
-            finish(trainer.last_checkpoint, run_dir, train_cfg, sft_cfg, data_cfg, tokenizer, lora_cfg,
-                   accuracy_before)
+            finish(trainer.last_checkpoint, run_dir, train_cfg, sft_cfg, data_cfg, tokenizer, lora_cfg, accuracy_before)
         world.barrier()
     finally:
         if claim is not None:
@@ -482,11 +555,14 @@ def check_only_adapters_train(parts, stage_ids=None) -> None:
     """After parallelisation only adapter parameters may be trainable (a layer that rebuilt a frozen parameter as a
     trainable one would silently train, and give optimizer state to, the base), and every pipeline stage this rank
     owns needs some adapter (its optimizer would have nothing to update)."""
-    wrong = [name for part in parts for name, param in part.named_parameters()
-             if param.requires_grad != (".lora_" in name)]
+    wrong = [
+        name for part in parts for name, param in part.named_parameters() if param.requires_grad != (".lora_" in name)
+    ]
     if wrong:
-        raise RuntimeError(f"LoRA: after build_runner {len(wrong)} parameter(s) have the wrong requires_grad (base "
-                           f"trainable or adapter frozen), e.g. {wrong[:4]}: a parallel layer lost the flag")
+        raise RuntimeError(
+            f"LoRA: after build_runner {len(wrong)} parameter(s) have the wrong requires_grad (base "
+            f"trainable or adapter frozen), e.g. {wrong[:4]}: a parallel layer lost the flag"
+        )
     for index, part in enumerate(parts):
         if not any(p.requires_grad for p in part.parameters()):
             stage = stage_ids[index] if stage_ids is not None else index
@@ -495,7 +571,8 @@ def check_only_adapters_train(parts, stage_ids=None) -> None:
                 f"LoRA: pipeline stage {stage} (layers {layers}{', MTP' if part.mtp is not None else ''}) holds no "
                 "adapted module, so it has nothing to train. Add targets that occur in those layers to "
                 "lora.targets (e.g. up_proj/down_proj for dense MLP layers, lora.include_mtp=true for the MTP "
-                "block) or change parallel.pp")
+                "block) or change parallel.pp"
+            )
 
 
 def finish(checkpoint, run_dir, train_cfg, sft_cfg, data_cfg, tokenizer, lora_cfg, accuracy_before) -> None:
@@ -513,15 +590,27 @@ def finish(checkpoint, run_dir, train_cfg, sft_cfg, data_cfg, tokenizer, lora_cf
         print(f"Hugging Face export{' (adapters merged)' if lora_cfg is not None else ''}: {out}", flush=True)
     if sft_cfg.accuracy_problems and uses_builtin_chat(data_cfg):
         model, _ = load_model(checkpoint)
-        solved, total, examples = heldout_accuracy(model, tokenizer, data_cfg, sft_cfg.accuracy_problems,
-                                                   sft_cfg.max_new_tokens)
+        solved, total, examples = heldout_accuracy(
+            model, tokenizer, data_cfg, sft_cfg.accuracy_problems, sft_cfg.max_new_tokens
+        )
         print("held-out accuracy after fine-tuning: " + describe_accuracy(solved, total, examples), flush=True)
         if accuracy_before:
-            print(f"held-out accuracy: {accuracy_before[0]}/{accuracy_before[1]} before, {solved}/{total} after "
-                  "fine-tuning", flush=True)
+            print(
+                f"held-out accuracy: {accuracy_before[0]}/{accuracy_before[1]} before, {solved}/{total} after "
+                "fine-tuning",
+                flush=True,
+            )
         with open(os.path.join(run_dir, "accuracy.json"), "w") as f:
-            json.dump({"before": accuracy_before, "after": [solved, total, sum(e["formatted"] for e in examples)],
-                       "checkpoint": checkpoint, "examples": examples}, f, indent=1)
+            json.dump(
+                {
+                    "before": accuracy_before,
+                    "after": [solved, total, sum(e["formatted"] for e in examples)],
+                    "checkpoint": checkpoint,
+                    "examples": examples,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,7 @@ class ModelState:
     def load_state_dict(self, state_dict: dict) -> None:
         for part in self.model_parts:
             own = get_model_state_dict(part).keys()
-            set_model_state_dict(part, {k: state_dict[k] for k in own},
-                                 options=StateDictOptions(strict=True))
+            set_model_state_dict(part, {k: state_dict[k] for k in own}, options=StateDictOptions(strict=True))
 
 
 def rng_state() -> dict:
@@ -84,8 +83,15 @@ def _float(value) -> float:
     return float(value.item() if torch.is_tensor(value) else value)
 
 
-def step_time_breakdown(started: float, data_time: float, fwd_bwd_done: float, clip_done: float,
-                        optimizer_done: float, comm: Optional[float], checkpoint: float) -> dict:
+def step_time_breakdown(
+    started: float,
+    data_time: float,
+    fwd_bwd_done: float,
+    clip_done: float,
+    optimizer_done: float,
+    comm: Optional[float],
+    checkpoint: float,
+) -> dict:
     """Seconds of each phase of one step. step_time covers data + fwd_bwd + clip + optimizer; comm_time is the
     part of fwd_bwd spent in the runner's blocking collectives (None on one process: there are none); the
     FSDP gathers and reduce-scatters overlap the backward and are inside fwd_bwd_time. checkpoint_time: saving
@@ -102,9 +108,20 @@ def step_time_breakdown(started: float, data_time: float, fwd_bwd_done: float, c
 
 
 class Trainer:
-    def __init__(self, *, runner, loader, train_cfg: TrainConfig, optim_cfg: OptimConfig, checkpoints: CheckpointManager,
-                 callbacks: list = (), device: Optional[torch.device] = None, model_config: Optional[dict] = None,
-                 tokenizer=None, write_checkpoint_extra: Optional[Callable[[str], None]] = None):
+    def __init__(
+        self,
+        *,
+        runner,
+        loader,
+        train_cfg: TrainConfig,
+        optim_cfg: OptimConfig,
+        checkpoints: CheckpointManager,
+        callbacks: list = (),
+        device: Optional[torch.device] = None,
+        model_config: Optional[dict] = None,
+        tokenizer=None,
+        write_checkpoint_extra: Optional[Callable[[str], None]] = None,
+    ):
         self.runner = runner
         self.loader = loader
         self.cfg = train_cfg
@@ -118,9 +135,11 @@ class Trainer:
         self.grad_accumulation = train_cfg.grad_accumulation(runner.dp_size)
         self.optimizer = OptimizerContainer(runner.model_parts, optim_cfg)
         self.schedule = LRSchedule(optim_cfg, train_cfg.steps)
-        self.state = TrainState(model_config=model_config,
-                                tokenizer=tokenizer.fingerprint() if tokenizer is not None else None,
-                                schedule=self.schedule.state_dict())
+        self.state = TrainState(
+            model_config=model_config,
+            tokenizer=tokenizer.fingerprint() if tokenizer is not None else None,
+            schedule=self.schedule.state_dict(),
+        )
         self.print_hook = None  # the progress bar routes console lines through itself
         self._stop_reason: Optional[str] = None
         self._batches = None
@@ -195,17 +214,22 @@ class Trainer:
                 getattr(c, hook)(self, *args)
             except Exception as error:  # noqa: BLE001 - a logger must never end the run
                 self._failed_callbacks.add(id(c))
-                print(f"warning: callback {type(c).__name__} failed in {hook} at step {self.state.step} "
-                      f"({type(error).__name__}: {error}); training continues without it", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"warning: callback {type(c).__name__} failed in {hook} at step {self.state.step} "
+                    f"({type(error).__name__}: {error}); training continues without it",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def load_checkpoint(self, path: str) -> None:
         """Restore everything `checkpoint_state` saved. Refuses a checkpoint of another model or tokenizer."""
         stored = checkpoint_keys(path)
         for required in ("model", "optimizer", "trainer"):
             if required not in stored:
-                raise ResumeMismatchError(f"checkpoint {path} has no {required!r} entry; it was not written by "
-                                          "train/pretrain.py (or is damaged): start a new run directory")
+                raise ResumeMismatchError(
+                    f"checkpoint {path} has no {required!r} entry; it was not written by "
+                    "train/pretrain.py (or is damaged): start a new run directory"
+                )
         # the small trainer record first: a checkpoint of another model is refused by name, not by a shape error
         head = {"trainer": b""}
         self.checkpoints.load(path, head)  # collective, like every load below: all ranks call it together
@@ -223,8 +247,10 @@ class Trainer:
             state[loader_key] = b""
         missing = self.checkpoints.load(path, state)
         if saved.schedule is not None and saved.schedule != self.state.schedule and self.is_metrics_rank:
-            self.print(f"note: the learning-rate schedule differs from the checkpoint's ({saved.schedule} -> "
-                       f"{self.state.schedule}); continuing with the new one from step {saved.step}")
+            self.print(
+                f"note: the learning-rate schedule differs from the checkpoint's ({saved.schedule} -> "
+                f"{self.state.schedule}); continuing with the new one from step {saved.step}"
+            )
         saved.model_config = self.state.model_config
         saved.tokenizer = self.state.tokenizer
         saved.schedule = self.state.schedule
@@ -241,15 +267,22 @@ class Trainer:
         self._batches = None
 
     def _check_compatible(self, saved: TrainState, path: str) -> None:
-        if saved.model_config is not None and self.state.model_config is not None \
-                and saved.model_config != self.state.model_config:
-            diff = sorted(k for k in set(saved.model_config) | set(self.state.model_config)
-                          if saved.model_config.get(k) != self.state.model_config.get(k))
+        if (
+            saved.model_config is not None
+            and self.state.model_config is not None
+            and saved.model_config != self.state.model_config
+        ):
+            diff = sorted(
+                k
+                for k in set(saved.model_config) | set(self.state.model_config)
+                if saved.model_config.get(k) != self.state.model_config.get(k)
+            )
             raise ResumeMismatchError(
                 f"checkpoint {path} was written for another model: fields {diff} differ "
                 f"(saved {[saved.model_config.get(k) for k in diff]}, now "
                 f"{[self.state.model_config.get(k) for k in diff]}). Use the recipe it was trained with, "
-                "or a new train.run_dir")
+                "or a new train.run_dir"
+            )
         if saved.tokenizer is not None and self.tokenizer is not None:
             self.tokenizer.check_matches(saved.tokenizer, f"checkpoint {path}")
 
@@ -287,10 +320,12 @@ class Trainer:
             try:
                 batch = next(self._batches)
             except StopIteration:
-                raise RuntimeError(f"the data loader ran out at step {self.state.step}: give it more data or "
-                                   "fewer train.steps") from None
-            micro.append({k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                          for k, v in batch.items()})
+                raise RuntimeError(
+                    f"the data loader ran out at step {self.state.step}: give it more data or fewer train.steps"
+                ) from None
+            micro.append(
+                {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            )
         return micro
 
     def train_step(self) -> dict:
@@ -303,8 +338,9 @@ class Trainer:
         result = self.runner.forward_backward(micro_batches)
         loss = _float(result["loss"])  # a host sync: the forward/backward has finished on the device
         fwd_bwd_done = time.perf_counter()
-        grad_norm = _float(self.runner.clip_grad_norm_(self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0
-                                                       else float("inf")))
+        grad_norm = _float(
+            self.runner.clip_grad_norm_(self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf"))
+        )
         clip_done = time.perf_counter()
         lr = self.schedule.lr_at(step)
         # the grad norm is global (every shard and stage), so every rank takes the same decision
@@ -337,15 +373,23 @@ class Trainer:
             "skipped": skipped,
             "skipped_steps": self.state.skipped_steps,
             "moe_imbalance": moe_imbalance(expert_load),
-            **step_time_breakdown(started, data_time, fwd_bwd_done, clip_done, optimizer_done,
-                                  comm=self.runner.take_comm_seconds(), checkpoint=self._checkpoint_seconds),
+            **step_time_breakdown(
+                started,
+                data_time,
+                fwd_bwd_done,
+                clip_done,
+                optimizer_done,
+                comm=self.runner.take_comm_seconds(),
+                checkpoint=self._checkpoint_seconds,
+            ),
         }
         self._checkpoint_seconds = 0.0
         if self.state.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
             raise NonFiniteLossError(
                 f"{self.state.consecutive_nonfinite} non-finite losses in a row, the last at step {self.state.step} "
                 f"(loss {loss}, grad norm {grad_norm}); stopping. Lower optim.lr or check the data; the newest "
-                f"intact checkpoint is {self.newest_intact_checkpoint() or 'none'}")
+                f"intact checkpoint is {self.newest_intact_checkpoint() or 'none'}"
+            )
         return metrics
 
     # ----- the loop --------------------------------------------------------------------------------------------
@@ -382,8 +426,12 @@ class Trainer:
                 try:
                     c.on_train_end(self, reason)
                 except Exception as cleanup_error:  # noqa: BLE001 - the checkpoint is saved; the loop's error matters more
-                    print(f"warning: callback {type(c).__name__} failed at train end ({type(cleanup_error).__name__}: "
-                          f"{cleanup_error})", file=sys.stderr, flush=True)
+                    print(
+                        f"warning: callback {type(c).__name__} failed at train end ({type(cleanup_error).__name__}: "
+                        f"{cleanup_error})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         return reason
 
 

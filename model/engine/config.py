@@ -60,8 +60,10 @@ class EngineConfig:
         if self.draft_probe_interval < 1:
             raise ValueError(f"EngineConfig.draft_probe_interval must be >= 1, got {self.draft_probe_interval}")
         if self.weight_update_policy not in WEIGHT_UPDATE_POLICIES:
-            raise ValueError(f"EngineConfig.weight_update_policy must be one of {WEIGHT_UPDATE_POLICIES}, "
-                             f"got {self.weight_update_policy!r}")
+            raise ValueError(
+                f"EngineConfig.weight_update_policy must be one of {WEIGHT_UPDATE_POLICIES}, "
+                f"got {self.weight_update_policy!r}"
+            )
         if self.prefix_cache_size < 0:
             raise ValueError(f"EngineConfig.prefix_cache_size must be >= 0, got {self.prefix_cache_size}")
 

@@ -27,8 +27,10 @@ class MTPDrafter:
     def __init__(self, runner: ModelRunner, depths: int, num_slots: int):
         model = runner.model
         if model.mtp is None:
-            raise ValueError("draft_tokens > 0 needs a model with an MTP block (model.mtp_depths > 0); "
-                             "set draft_tokens=0 for plain decoding")
+            raise ValueError(
+                "draft_tokens > 0 needs a model with an MTP block (model.mtp_depths > 0); "
+                "set draft_tokens=0 for plain decoding"
+            )
         self.runner = runner
         self.depths = depths
         hidden = model.cfg.hidden_size
@@ -118,8 +120,9 @@ class MTPDrafter:
             return
         stacked = torch.stack(probs, dim=1)
         if self.draft_probs is None or self.draft_probs.dtype != stacked.dtype:
-            self.draft_probs = torch.zeros(len(self.processed), self.depths, stacked.shape[-1], dtype=stacked.dtype,
-                                           device=device)
+            self.draft_probs = torch.zeros(
+                len(self.processed), self.depths, stacked.shape[-1], dtype=stacked.dtype, device=device
+            )
         self.draft_probs[rows] = stacked
         self.has_probs[lo : lo + m] = [True] * m
 

@@ -72,8 +72,10 @@ class Engine:
         cfg = self.config
         k = cfg.draft_tokens
         if k and model.mtp is None:
-            raise ValueError("EngineConfig.draft_tokens > 0 needs a model with an MTP block (model.mtp_depths > 0); "
-                             "use draft_tokens=0 for plain decoding")
+            raise ValueError(
+                "EngineConfig.draft_tokens > 0 needs a model with an MTP block (model.mtp_depths > 0); "
+                "use draft_tokens=0 for plain decoding"
+            )
         self.device = model.lm_head.weight.device
         self.vocab_size = model.cfg.vocab_size
         # verify steps write k+1 positions past the row's length, MTP catch-up up to 2k past it
@@ -101,9 +103,11 @@ class Engine:
         if bad:
             raise ValueError(f"add_request: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if len(prompt) + params.max_new_tokens > self.config.max_seq_len:
-            raise ValueError(f"add_request: prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                             f"exceeds EngineConfig.max_seq_len={self.config.max_seq_len}; raise max_seq_len or lower "
-                             "max_new_tokens")
+            raise ValueError(
+                f"add_request: prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                f"exceeds EngineConfig.max_seq_len={self.config.max_seq_len}; raise max_seq_len or lower "
+                "max_new_tokens"
+            )
         with self._lock:
             number = next(self._ids)
             request_id = number if request_id is None else request_id
@@ -191,8 +195,13 @@ class Engine:
             if self.drafter is not None:
                 for row in rows:
                     self.drafter.reset_row(row)
-                self.drafter.catch_up(lo, [r.sequence for r in group], [r.processed for r in group],
-                                      hidden.expand(len(group), -1, -1), self._draft_sampler(lo, len(group)))
+                self.drafter.catch_up(
+                    lo,
+                    [r.sequence for r in group],
+                    [r.processed for r in group],
+                    hidden.expand(len(group), -1, -1),
+                    self._draft_sampler(lo, len(group)),
+                )
             lo += len(group)
         keep = [True] * len(self.running)
         for i, request in enumerate(self.running):
@@ -267,10 +276,17 @@ class Engine:
                 end += 1
             requests = self.running[row:end]
             width = max(len(r.pending_hidden) for r in requests)
-            padded = [torch.stack(r.pending_hidden + [r.pending_hidden[-1]] * (width - len(r.pending_hidden)))
-                      for r in requests]
-            self.drafter.catch_up(row, [r.sequence for r in requests], [r.processed for r in requests],
-                                  torch.stack(padded), self._draft_sampler(row, len(requests)))
+            padded = [
+                torch.stack(r.pending_hidden + [r.pending_hidden[-1]] * (width - len(r.pending_hidden)))
+                for r in requests
+            ]
+            self.drafter.catch_up(
+                row,
+                [r.sequence for r in requests],
+                [r.processed for r in requests],
+                torch.stack(padded),
+                self._draft_sampler(row, len(requests)),
+            )
             for request in requests:
                 request.pending_hidden = []
             row = end
@@ -286,8 +302,9 @@ class Engine:
                 request.pending_hidden.append(hidden)
         tokens, logprobs, _ = self._choose(logits, 0, self.running)
         keep = []
-        for i, (request, token, logprob, row_logits) in enumerate(zip(self.running, tokens.tolist(),
-                                                                      logprobs.tolist(), logits)):
+        for i, (request, token, logprob, row_logits) in enumerate(
+            zip(self.running, tokens.tolist(), logprobs.tolist(), logits)
+        ):
             self._keep_routes(request, out.routes, i, 1)
             request.processed += 1
             self._emit(request, token, logprob, row_logits)
@@ -314,8 +331,12 @@ class Engine:
             accepted, next_tokens = greedy_accept(out.logits, drafts)
         else:
             per_position = lambda t: t[rows].repeat_interleave(k + 1)  # noqa: E731
-            probs = sampling_probs(out.logits.reshape(n * (k + 1), -1), per_position(self.temperature),
-                                   per_position(self.top_k), per_position(self.top_p)).view(n, k + 1, -1)
+            probs = sampling_probs(
+                out.logits.reshape(n * (k + 1), -1),
+                per_position(self.temperature),
+                per_position(self.top_k),
+                per_position(self.top_p),
+            ).view(n, k + 1, -1)
             uniforms = torch.stack([r.uniforms(k + 1) for r in self.running]).to(self.device)
             draft_probs = drafter.draft_distributions(n, probs.shape[-1], probs.dtype)
             accepted, next_tokens = speculative_accept(probs, draft_probs, drafts, uniforms[:, :k], uniforms[:, k])
@@ -330,8 +351,9 @@ class Engine:
 
         # emitted tokens per row: the accepted drafts, then the correction / bonus token
         emitted = torch.cat([drafts, next_tokens[:, None]], dim=1)
-        emitted = torch.where(torch.arange(k + 1, device=self.device)[None, :] == accepted[:, None],
-                              next_tokens[:, None], emitted)
+        emitted = torch.where(
+            torch.arange(k + 1, device=self.device)[None, :] == accepted[:, None], next_tokens[:, None], emitted
+        )
         logprobs = log_softmax_at(out.logits, emitted)  # greedy rows report the plain softmax
         if not self._all_greedy(rows):
             sampled = probs.gather(-1, emitted.unsqueeze(-1)).squeeze(-1).log()
@@ -359,8 +381,13 @@ class Engine:
             m = len(survivors)
             index = torch.tensor(survivors, device=self.device)
             trunk = out.hidden[index, : max(counts[i] for i in survivors) + 1]
-            drafter.catch_up(0, [r.sequence for r in self.running], [r.processed for r in self.running], trunk,
-                             self._draft_sampler(0, m))
+            drafter.catch_up(
+                0,
+                [r.sequence for r in self.running],
+                [r.processed for r in self.running],
+                trunk,
+                self._draft_sampler(0, m),
+            )
 
     # ----- helpers -------------------------------------------------------------------------------------------
     def _all_greedy(self, rows: slice) -> bool:
@@ -475,16 +502,22 @@ class Engine:
             targets = self.model.state_dict(keep_vars=True)
             unknown = sorted(set(tensors) - set(targets))
             if unknown:
-                raise KeyError(f"update_weights: unknown tensor names {unknown[:5]}; expected the model's "
-                               "state-dict names (e.g. 'backbone.layers.0.mixer.in_proj.weight')")
+                raise KeyError(
+                    f"update_weights: unknown tensor names {unknown[:5]}; expected the model's "
+                    "state-dict names (e.g. 'backbone.layers.0.mixer.in_proj.weight')"
+                )
             missing = sorted(set(targets) - set(tensors))
             if missing and not partial:
-                raise KeyError(f"update_weights: {len(missing)} tensors missing (e.g. {missing[:3]}); send all of "
-                               "them, or pass partial=True for a subset")
+                raise KeyError(
+                    f"update_weights: {len(missing)} tensors missing (e.g. {missing[:3]}); send all of "
+                    "them, or pass partial=True for a subset"
+                )
             for name, value in tensors.items():
                 if tuple(value.shape) != tuple(targets[name].shape):
-                    raise ValueError(f"update_weights: {name} has shape {tuple(value.shape)}, the model's is "
-                                     f"{tuple(targets[name].shape)}")
+                    raise ValueError(
+                        f"update_weights: {name} has shape {tuple(value.shape)}, the model's is "
+                        f"{tuple(targets[name].shape)}"
+                    )
             for name, value in tensors.items():
                 targets[name].data.copy_(value)
             self.version = version
@@ -503,5 +536,4 @@ class Engine:
             request.pending_hidden = []
             if self.drafter is not None:
                 self.drafter.reset_row(row)
-                self.drafter.catch_up(row, [request.sequence], [request.processed], hidden,
-                                      self._draft_sampler(row, 1))
+                self.drafter.catch_up(row, [request.sequence], [request.processed], hidden, self._draft_sampler(row, 1))

@@ -18,11 +18,19 @@ from typing import Callable, Optional
 
 
 class DraftGate:
-    def __init__(self, probe_interval: int = 64, probe_steps: int = 4, margin: float = 0.05,
-                 smoothing: float = 0.3, clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        probe_interval: int = 64,
+        probe_steps: int = 4,
+        margin: float = 0.05,
+        smoothing: float = 0.3,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         if probe_interval < 1 or probe_steps < 2:
-            raise ValueError(f"DraftGate: probe_interval must be >= 1 and probe_steps >= 2 (the first step of a "
-                             f"probe is a warm-up), got {probe_interval} and {probe_steps}")
+            raise ValueError(
+                f"DraftGate: probe_interval must be >= 1 and probe_steps >= 2 (the first step of a "
+                f"probe is a warm-up), got {probe_interval} and {probe_steps}"
+            )
         self.probe_interval = probe_interval
         self.probe_steps = probe_steps
         self.margin = margin

@@ -43,8 +43,9 @@ class ModelRunner:
         self.record_routes = record_routes
         self.prefill_routes: Optional[torch.Tensor] = None
 
-    def _cache(self, rows: slice, length: int, pos: torch.Tensor, recurrent: bool,
-               keep_per_token: bool = False) -> ForwardCache:
+    def _cache(
+        self, rows: slice, length: int, pos: torch.Tensor, recurrent: bool, keep_per_token: bool = False
+    ) -> ForwardCache:
         """Views of the slot states of `rows`: attention keys/values up to `length` written at `pos`, Mamba states
         (a decode state when `recurrent`)."""
         layers = []
@@ -96,8 +97,12 @@ class ModelRunner:
         cache = self._cache(rows, length, pos, recurrent=True, keep_per_token=keep_positions)
         out = self.model(ids, cache=cache)
         if keep_positions:
-            pending = [None if view is None or "ssm_per_token" not in view
-                       else MambaStates(view["conv_per_token"], view["ssm_per_token"]) for view in cache.layers]
+            pending = [
+                None
+                if view is None or "ssm_per_token" not in view
+                else MambaStates(view["conv_per_token"], view["ssm_per_token"])
+                for view in cache.layers
+            ]
         else:
             self._write_back(cache, rows)
             pending = [None] * len(cache.layers)
@@ -112,8 +117,16 @@ class ModelRunner:
         out.mamba = [None] * len(out.mamba)
 
     @torch.no_grad()
-    def mtp_depth(self, depth: int, rows: slice, tokens: torch.Tensor, previous: torch.Tensor,
-                  start: torch.Tensor, max_start: int, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_depth(
+        self,
+        depth: int,
+        rows: slice,
+        tokens: torch.Tensor,
+        previous: torch.Tensor,
+        start: torch.Tensor,
+        max_start: int,
+        last: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's MTP block at drafting depth `depth` (1-based, own KV cache) over slot rows `rows`.
 
         tokens (m, c): the tokens shifted by `depth` (position s reads token s+depth); previous (m, c, H): the

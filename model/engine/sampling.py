@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 
-def sampling_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                   top_p: torch.Tensor) -> torch.Tensor:
+def sampling_probs(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """logits (n, V); per-row temperature (n,) (0 = greedy), top_k (n,) long (0 = off), top_p (n,) (1 = off).
 
     Returns probabilities (n, V) in fp32 (fp64 for fp64 logits)."""
@@ -54,8 +55,13 @@ def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return tokens.clamp_(max=probs.shape[-1] - 1)
 
 
-def speculative_accept(target: torch.Tensor, draft_probs: torch.Tensor, drafts: torch.Tensor,
-                       accept_uniforms: torch.Tensor, sample_uniforms: torch.Tensor):
+def speculative_accept(
+    target: torch.Tensor,
+    draft_probs: torch.Tensor,
+    drafts: torch.Tensor,
+    accept_uniforms: torch.Tensor,
+    sample_uniforms: torch.Tensor,
+):
     """The acceptance rule over k drafts per row.
 
     target (n, k+1, V): p at the k+1 verified positions (position j predicts the token after draft j, position 0

@@ -54,8 +54,10 @@ class SlotStates:
     def _kv_cache(self, attention) -> dict:
         kv_heads = attention.k_proj.weight.shape[0] // attention.head_dim
         shape = (self.num_slots, kv_heads, self.capacity, attention.head_dim)
-        return {"k": torch.zeros(shape, dtype=self.dtype, device=self.device),
-                "v": torch.zeros(shape, dtype=self.dtype, device=self.device)}
+        return {
+            "k": torch.zeros(shape, dtype=self.dtype, device=self.device),
+            "v": torch.zeros(shape, dtype=self.dtype, device=self.device),
+        }
 
     def _allocate(self, kind, mixer) -> Optional[dict]:
         n = self.num_slots
@@ -64,9 +66,12 @@ class SlotStates:
         if kind == "mamba":
             conv_dim, _, width = mixer.conv1d.weight.shape
             heads = mixer.dt_bias.shape[0]
-            return {"conv": torch.zeros(n, conv_dim, width - 1, dtype=self.dtype, device=self.device),
-                    "ssm": torch.zeros(n, heads, mixer.head_dim, mixer.state_size, dtype=self.state_dtype,
-                                       device=self.device)}
+            return {
+                "conv": torch.zeros(n, conv_dim, width - 1, dtype=self.dtype, device=self.device),
+                "ssm": torch.zeros(
+                    n, heads, mixer.head_dim, mixer.state_size, dtype=self.state_dtype, device=self.device
+                ),
+            }
         return None
 
     # ----- views handed to the layers ------------------------------------------------------------------------

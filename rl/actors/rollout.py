@@ -28,9 +28,19 @@ NO_WEIGHTS = -1  # version of a worker that has not received weights yet: it gen
 
 
 class RolloutWorker:
-    def __init__(self, worker_index: int, model_cfg: ModelConfig, cfg: RolloutConfig, max_seq_len: int,
-                 stop_token_ids=(), seed: int = 0, device: Optional[str] = None, threads: Optional[int] = None,
-                 tokenizer_spec=None, record_routes: bool = False):
+    def __init__(
+        self,
+        worker_index: int,
+        model_cfg: ModelConfig,
+        cfg: RolloutConfig,
+        max_seq_len: int,
+        stop_token_ids=(),
+        seed: int = 0,
+        device: Optional[str] = None,
+        threads: Optional[int] = None,
+        tokenizer_spec=None,
+        record_routes: bool = False,
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.index = worker_index
@@ -52,8 +62,16 @@ class RolloutWorker:
         self._stopping = False
         self._error: Optional[str] = None
         self._sync: Optional[WeightSyncGroup] = None
-        self._counters = {"busy_s": 0.0, "idle_s": 0.0, "stall_s": 0.0, "updates": 0, "generated_tokens": 0,
-                          "finished": 0, "verify_rows": 0, "verify_tokens": 0}
+        self._counters = {
+            "busy_s": 0.0,
+            "idle_s": 0.0,
+            "stall_s": 0.0,
+            "updates": 0,
+            "generated_tokens": 0,
+            "finished": 0,
+            "verify_rows": 0,
+            "verify_tokens": 0,
+        }
         # multi-turn environment episodes (rl/envs/episode.py); needs the tokenizer to render observations
         self.episodes = None if tokenizer_spec is None else episode_runner(self, tokenizer_spec, max_seq_len)
         self._thread = threading.Thread(target=self._loop, name=f"rollout-{worker_index}", daemon=True)
@@ -182,8 +200,9 @@ class RolloutWorker:
                 ready.append(self._queue.popleft())
         for req in ready:
             params = self.sampling_params(req)
-            rid = req.get("rid") or ":".join(str(x) for x in (req.get("kind", "train"), req["group_id"],
-                                                               req["sample_index"], req.get("attempt")))
+            rid = req.get("rid") or ":".join(
+                str(x) for x in (req.get("kind", "train"), req["group_id"], req["sample_index"], req.get("attempt"))
+            )
             self._meta[rid] = req
             self.engine.add_request(req["prompt_ids"], params, request_id=rid)
 
@@ -192,10 +211,15 @@ class RolloutWorker:
         top-p / top-k) at its own temperature (default greedy). Either may bring its own max_new_tokens."""
         sampling = self.cfg.sampling
         eval_mode = req.get("kind") == "eval"
-        return replace(sampling, temperature=req.get("temperature", 0.0 if eval_mode else sampling.temperature),
-                       top_p=1.0 if eval_mode else sampling.top_p, top_k=0 if eval_mode else sampling.top_k,
-                       max_new_tokens=req.get("max_new_tokens", sampling.max_new_tokens),
-                       stop_token_ids=tuple(sampling.stop_token_ids) + self.stop_token_ids, seed=req.get("seed"))
+        return replace(
+            sampling,
+            temperature=req.get("temperature", 0.0 if eval_mode else sampling.temperature),
+            top_p=1.0 if eval_mode else sampling.top_p,
+            top_k=0 if eval_mode else sampling.top_k,
+            max_new_tokens=req.get("max_new_tokens", sampling.max_new_tokens),
+            stop_token_ids=tuple(sampling.stop_token_ids) + self.stop_token_ids,
+            seed=req.get("seed"),
+        )
 
     def _finish(self, results):
         samples = []
@@ -207,12 +231,19 @@ class RolloutWorker:
             if self.episodes is not None and self.episodes.owns(r.request_id):
                 self.episodes.on_generated(r)  # one turn of an episode: its environment answers
                 continue
-            samples.append(Sample(group_id=req["group_id"], sample_index=req["sample_index"],
-                                  prompt_ids=list(req["prompt_ids"]), completion_ids=list(r.token_ids),
-                                  logprobs=[float(x) for x in r.logprobs], versions=[int(v) for v in r.versions],
-                                  finish_reason=r.finish_reason or "length", routes=r.routes,
-                                  meta={"kind": req.get("kind", "train"), "worker": self.index,
-                                        "attempt": req.get("attempt")}))
+            samples.append(
+                Sample(
+                    group_id=req["group_id"],
+                    sample_index=req["sample_index"],
+                    prompt_ids=list(req["prompt_ids"]),
+                    completion_ids=list(r.token_ids),
+                    logprobs=[float(x) for x in r.logprobs],
+                    versions=[int(v) for v in r.versions],
+                    finish_reason=r.finish_reason or "length",
+                    routes=r.routes,
+                    meta={"kind": req.get("kind", "train"), "worker": self.index, "attempt": req.get("attempt")},
+                )
+            )
             self._counters["finished"] += 1
         with self._lock:
             self._done.extend(samples)
@@ -244,10 +275,19 @@ class RolloutWorker:
         s = self.engine.stats
         with self._lock:
             out = dict(self._counters)
-            out.update(version=self.engine.version, queued=len(self._queue), running=len(self.engine.running),
-                       waiting=len(self.engine.waiting), verify_rows=s.verify_rows, verify_tokens=s.verify_tokens,
-                       drafted=list(s.drafted), accepted=list(s.accepted), undrafted_steps=s.undrafted_steps,
-                       draft_on=s.draft_on, expected_draft_speedup=s.expected_draft_speedup)
+            out.update(
+                version=self.engine.version,
+                queued=len(self._queue),
+                running=len(self.engine.running),
+                waiting=len(self.engine.waiting),
+                verify_rows=s.verify_rows,
+                verify_tokens=s.verify_tokens,
+                drafted=list(s.drafted),
+                accepted=list(s.accepted),
+                undrafted_steps=s.undrafted_steps,
+                draft_on=s.draft_on,
+                expected_draft_speedup=s.expected_draft_speedup,
+            )
         return out
 
     def stop(self) -> None:
@@ -267,8 +307,13 @@ def episode_runner(worker: RolloutWorker, tokenizer_spec, max_seq_len: int):
     from latentforge.rl.envs.episode import EpisodeLimits, EpisodeRunner
 
     cfg = worker.cfg
-    limits = EpisodeLimits(max_turns=cfg.max_turns, max_new_tokens=cfg.sampling.max_new_tokens,
-                           max_episode_tokens=cfg.episode_tokens(), step_timeout_s=cfg.env_step_timeout_s,
-                           max_seq_len=max_seq_len)
-    return EpisodeRunner(load_tokenizer(tokenizer_spec), limits, worker._enqueue_turn, worker._deliver_episode,
-                         worker.index)
+    limits = EpisodeLimits(
+        max_turns=cfg.max_turns,
+        max_new_tokens=cfg.sampling.max_new_tokens,
+        max_episode_tokens=cfg.episode_tokens(),
+        step_timeout_s=cfg.env_step_timeout_s,
+        max_seq_len=max_seq_len,
+    )
+    return EpisodeRunner(
+        load_tokenizer(tokenizer_spec), limits, worker._enqueue_turn, worker._deliver_episode, worker.index
+    )

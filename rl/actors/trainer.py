@@ -30,10 +30,24 @@ class TrainerRank:
         """(ip, a free port) on this rank's node: rank 0 hosts the rendezvous of the trainer world."""
         return node_ip(), free_port()
 
-    def setup(self, master: tuple, model_cfg: ModelConfig, cfg: GRPOConfig, optim_cfg: OptimConfig, run_dir: str,
-              parallel_cfg: Optional[ParallelConfig] = None, precision_cfg: Optional[PrecisionConfig] = None) -> dict:
-        os.environ.update(MASTER_ADDR=str(master[0]), MASTER_PORT=str(master[1]), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    def setup(
+        self,
+        master: tuple,
+        model_cfg: ModelConfig,
+        cfg: GRPOConfig,
+        optim_cfg: OptimConfig,
+        run_dir: str,
+        parallel_cfg: Optional[ParallelConfig] = None,
+        precision_cfg: Optional[PrecisionConfig] = None,
+    ) -> dict:
+        os.environ.update(
+            MASTER_ADDR=str(master[0]),
+            MASTER_PORT=str(master[1]),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+        )
         if torch.cuda.is_available():  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: it is device 0
             torch.cuda.set_device(0)
         from latentforge.rl.trainer import PolicyTrainer
@@ -62,8 +76,7 @@ class TrainerRank:
         if self.rank == 0:
             sent = send_state(self._sync, state, self.trainer.version, bucket_mb)
         done = time.perf_counter()
-        return {"version": self.trainer.version, "gather_s": gathered - start, "sync_s": done - start,
-                "bytes": sent}
+        return {"version": self.trainer.version, "gather_s": gathered - start, "sync_s": done - start, "bytes": sent}
 
     def export_weights(self):
         """Object-store path: rank 0 returns the full CPU tensors (the driver passes the reference on); every

@@ -77,16 +77,17 @@ def env_class(spec: str) -> type:
     if spec in _ENVS:
         return _ENVS[spec]
     if ":" not in spec:
-        raise EnvSpecError(f"unknown environment {spec!r}; registered: {sorted(_ENVS)}, or give "
-                                "'package.module:Class'")
+        raise EnvSpecError(f"unknown environment {spec!r}; registered: {sorted(_ENVS)}, or give 'package.module:Class'")
     module_name, _, attr = spec.partition(":")
     try:
         obj = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
-        raise EnvSpecError(f"environment {spec!r} could not be loaded ({exc}); check the module is importable "
-                                "on every rollout worker (PYTHONPATH) and the class name") from None
+        raise EnvSpecError(
+            f"environment {spec!r} could not be loaded ({exc}); check the module is importable "
+            "on every rollout worker (PYTHONPATH) and the class name"
+        ) from None
     if not (isinstance(obj, type) and hasattr(obj, "step") and hasattr(obj, "reset")):
         raise EnvSpecError(f"environment {spec!r} is not a class with reset() and step()")
     return obj

@@ -79,8 +79,14 @@ def assistant_message(text: str, thinking: bool) -> dict:
     elif "</think>" in text:
         answer = text.split("</think>", 1)[1]
     calls, errors = parse_tool_calls(answer)
-    return {"role": "assistant", "content": answer.strip(), "reasoning_content": (reasoning or "").strip() or None,
-            "tool_calls": calls, "tool_call_errors": errors, "text": text}
+    return {
+        "role": "assistant",
+        "content": answer.strip(),
+        "reasoning_content": (reasoning or "").strip() or None,
+        "tool_calls": calls,
+        "tool_call_errors": errors,
+        "text": text,
+    }
 
 
 class EpisodeRunner:
@@ -89,8 +95,14 @@ class EpisodeRunner:
     requests go back to the worker through `enqueue(request)` (its request dict, plus "rid": the engine request
     id); finished episodes through `deliver(sample)`. Both are called from the environment thread."""
 
-    def __init__(self, tokenizer, limits: EpisodeLimits, enqueue: Callable[[dict], None],
-                 deliver: Callable[[Sample], None], worker_index: int = 0):
+    def __init__(
+        self,
+        tokenizer,
+        limits: EpisodeLimits,
+        enqueue: Callable[[dict], None],
+        deliver: Callable[[Sample], None],
+        worker_index: int = 0,
+    ):
         self.tokenizer = tokenizer
         self.limits = limits
         self.enqueue, self.deliver = enqueue, deliver
@@ -119,11 +131,10 @@ class EpisodeRunner:
         episode.logprobs += [float(x) for x in result.logprobs]
         episode.versions += [int(v) for v in result.versions]
         if result.routes is not None:
-            episode.routes.append(result.routes[sum(len(r) for r in episode.routes):])
+            episode.routes.append(result.routes[sum(len(r) for r in episode.routes) :])
         episode.turns += 1
         self.counters["turns"] += 1
-        asyncio.run_coroutine_threadsafe(self._step(episode, list(result.token_ids), result.finish_reason),
-                                         self._loop)
+        asyncio.run_coroutine_threadsafe(self._step(episode, list(result.token_ids), result.finish_reason), self._loop)
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -136,8 +147,12 @@ class EpisodeRunner:
         try:
             episode.env = make_env(record)
             messages = await asyncio.wait_for(call(episode.env.reset, record), self.limits.step_timeout_s)
-            episode.prompt_ids = render_chat(self.tokenizer, messages, add_generation_prompt=True,
-                                             enable_thinking=record.get("enable_thinking", True)).ids
+            episode.prompt_ids = render_chat(
+                self.tokenizer,
+                messages,
+                add_generation_prompt=True,
+                enable_thinking=record.get("enable_thinking", True),
+            ).ids
         except Exception as exc:  # noqa: BLE001 - one broken episode must not stop the worker
             self._fail(episode, "reset", exc)
             episode.prompt_ids = [self.tokenizer.bos_id]  # a zero-reward sample with nothing to train
@@ -150,8 +165,9 @@ class EpisodeRunner:
         text = self.tokenizer.decode(generated[:-1] if finish_reason == "stop" else generated)
         thinking = episode.request["record"].get("enable_thinking", True)
         try:
-            result = await asyncio.wait_for(call(episode.env.step, assistant_message(text, thinking)),
-                                            self.limits.step_timeout_s)
+            result = await asyncio.wait_for(
+                call(episode.env.step, assistant_message(text, thinking)), self.limits.step_timeout_s
+            )
             reward = float(result.reward)
             if not math.isfinite(reward):
                 raise ValueError(f"the environment returned a non-finite reward {result.reward}")
@@ -164,8 +180,9 @@ class EpisodeRunner:
             episode.finish_reason = "length"
         if result.done or not result.observations or not closed or episode.turns >= episode.max_turns:
             return self._finish(episode)
-        observation = render_observation(self.tokenizer, result.observations,
-                                         enable_thinking=episode.request["record"].get("enable_thinking", True))
+        observation = render_observation(
+            self.tokenizer, result.observations, enable_thinking=episode.request["record"].get("enable_thinking", True)
+        )
         if len(episode.ids) + len(observation) >= self.limits.max_episode_tokens:
             episode.finish_reason = "length"
             return self._finish(episode)
@@ -178,16 +195,20 @@ class EpisodeRunner:
 
     def _queue_turn(self, episode: _Episode) -> None:
         request = episode.request
-        budget = min(self.limits.max_episode_tokens - len(episode.ids),
-                     self.limits.max_seq_len - len(episode.prompt_ids) - len(episode.ids))
+        budget = min(
+            self.limits.max_episode_tokens - len(episode.ids),
+            self.limits.max_seq_len - len(episode.prompt_ids) - len(episode.ids),
+        )
         if budget < 1:
             episode.finish_reason = "length"
             return self._finish(episode)
         turn = {k: v for k, v in request.items() if k != "record"}
-        turn.update(prompt_ids=episode.prompt_ids + episode.ids,
-                    max_new_tokens=min(request.get("max_new_tokens", self.limits.max_new_tokens), budget),
-                    seed=None if request.get("seed") is None else hash((request["seed"], episode.turns)) & (2**63 - 1),
-                    rid=f"{episode.key}:turn{episode.turns}")
+        turn.update(
+            prompt_ids=episode.prompt_ids + episode.ids,
+            max_new_tokens=min(request.get("max_new_tokens", self.limits.max_new_tokens), budget),
+            seed=None if request.get("seed") is None else hash((request["seed"], episode.turns)) & (2**63 - 1),
+            rid=f"{episode.key}:turn{episode.turns}",
+        )
         with self._lock:
             self._episodes[turn["rid"]] = episode
         self.enqueue(turn)
@@ -195,9 +216,13 @@ class EpisodeRunner:
     def _fail(self, episode: _Episode, where: str, exc: Exception) -> None:
         self.counters["env_failures"] += 1
         episode.reward = 0.0
-        episode.failures.append({"function": f"env:{episode.request['record'].get('env')}.{where}",
-                                 "status": "timeout" if isinstance(exc, asyncio.TimeoutError) else "error",
-                                 "message": "".join(traceback.format_exception_only(type(exc), exc))[-2000:]})
+        episode.failures.append(
+            {
+                "function": f"env:{episode.request['record'].get('env')}.{where}",
+                "status": "timeout" if isinstance(exc, asyncio.TimeoutError) else "error",
+                "message": "".join(traceback.format_exception_only(type(exc), exc))[-2000:],
+            }
+        )
 
     def _finish(self, episode: _Episode) -> None:
         self.counters["episodes"] += 1
@@ -207,13 +232,27 @@ class EpisodeRunner:
         if episode.failures:
             info["failures"] = episode.failures
         generated = [t for t, m in zip(episode.ids, episode.mask) if m]
-        self.deliver(Sample(group_id=request["group_id"], sample_index=request["sample_index"],
-                            prompt_ids=list(episode.prompt_ids), completion_ids=list(episode.ids),
-                            logprobs=episode.logprobs, versions=episode.versions,
-                            finish_reason=episode.finish_reason, reward=episode.reward, reward_info=info,
-                            text=self.tokenizer.decode(episode.ids),
-                            meta={"kind": request.get("kind", "train"), "worker": self.worker_index,
-                                  "attempt": request.get("attempt"),
-                                  "episode": True, "turns": episode.turns, "generated_tokens": len(generated)},
-                            completion_mask=list(episode.mask),
-                            routes=torch.cat(episode.routes) if episode.routes else None))
+        self.deliver(
+            Sample(
+                group_id=request["group_id"],
+                sample_index=request["sample_index"],
+                prompt_ids=list(episode.prompt_ids),
+                completion_ids=list(episode.ids),
+                logprobs=episode.logprobs,
+                versions=episode.versions,
+                finish_reason=episode.finish_reason,
+                reward=episode.reward,
+                reward_info=info,
+                text=self.tokenizer.decode(episode.ids),
+                meta={
+                    "kind": request.get("kind", "train"),
+                    "worker": self.worker_index,
+                    "attempt": request.get("attempt"),
+                    "episode": True,
+                    "turns": episode.turns,
+                    "generated_tokens": len(generated),
+                },
+                completion_mask=list(episode.mask),
+                routes=torch.cat(episode.routes) if episode.routes else None,
+            )
+        )

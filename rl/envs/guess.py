@@ -59,8 +59,7 @@ class GuessNumberEnv(ToolEnv):
         return gained
 
     async def after_tools(self, observations):
-        return StepResult(None if self.solved else observations, self._payout(), self.solved,
-                          {"correct": self.solved})
+        return StepResult(None if self.solved else observations, self._payout(), self.solved, {"correct": self.solved})
 
     async def finish(self, message: dict) -> StepResult:
         parsed = extract_answer(answer_section(self.record, message["text"]))
@@ -80,9 +79,17 @@ class GuessNumberTask(Task):
         records = []
         for i in range(n):
             low, high = 1, rng.choice(GUESS_RANGES)
-            records.append({"task": self.name, "env": self.name, "id": f"guess_number-{split}-{seed}-{i}",
-                            "low": low, "high": high, "answer": rng.randint(low, high),
-                            "messages": [{"role": "user", "content": PROMPT.format(low=low, high=high)}]})
+            records.append(
+                {
+                    "task": self.name,
+                    "env": self.name,
+                    "id": f"guess_number-{split}-{seed}-{i}",
+                    "low": low,
+                    "high": high,
+                    "answer": rng.randint(low, high),
+                    "messages": [{"role": "user", "content": PROMPT.format(low=low, high=high)}],
+                }
+            )
         return records
 
     def score(self, record: dict, completion: str) -> RewardResult:

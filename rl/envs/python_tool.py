@@ -30,8 +30,14 @@ class PythonToolEnv(ToolEnv):
     name = "python_tool"
     max_turns = 4
 
-    def __init__(self, timeout_s: float = 5.0, memory_mb: int = 256, output_bytes: int = 4096,
-                 observation_chars: int = 500, **options):
+    def __init__(
+        self,
+        timeout_s: float = 5.0,
+        memory_mb: int = 256,
+        output_bytes: int = 4096,
+        observation_chars: int = 500,
+        **options,
+    ):
         super().__init__(**options)
         self.limits = {"timeout_s": float(timeout_s), "memory_mb": int(memory_mb), "output_bytes": int(output_bytes)}
         self.observation_chars = int(observation_chars)
@@ -46,11 +52,12 @@ class PythonToolEnv(ToolEnv):
         result = await asyncio.to_thread(run_untrusted_code, code, **self.limits)
         if not result.ok:
             last = (result.stderr.strip().splitlines() or [""])[-1]
-            reason = {"error": f"exit code {result.returncode}",
-                      "timeout": f"timeout: no result within {self.limits['timeout_s']:g}s",
-                      "memory": f"memory: over {self.limits['memory_mb']} MB",
-                      "output_limit": f"output_limit: over {self.limits['output_bytes']} bytes"}.get(
-                          result.status, result.status)
+            reason = {
+                "error": f"exit code {result.returncode}",
+                "timeout": f"timeout: no result within {self.limits['timeout_s']:g}s",
+                "memory": f"memory: over {self.limits['memory_mb']} MB",
+                "output_limit": f"output_limit: over {self.limits['output_bytes']} bytes",
+            }.get(result.status, result.status)
             raise ToolError((f"{reason}: {last}" if last else reason)[: self.observation_chars])
         return result.stdout.strip()[: self.observation_chars]
 
@@ -68,8 +75,12 @@ class PythonToolTask(Task):
     def prompts(self, split: str, n: int, seed: int) -> List[dict]:
         records = get_task("arithmetic").prompts(split, n, seed)
         for r in records:
-            r.update(task=self.name, env=self.name, id=r["id"].replace("arithmetic", self.name, 1),
-                     messages=[{"role": "system", "content": SYSTEM}] + r["messages"])
+            r.update(
+                task=self.name,
+                env=self.name,
+                id=r["id"].replace("arithmetic", self.name, 1),
+                messages=[{"role": "system", "content": SYSTEM}] + r["messages"],
+            )
         return records
 
     def score(self, record: dict, completion: str) -> RewardResult:

@@ -21,7 +21,7 @@ def _splits(seed: int) -> dict:
 
 @register_task
 class ArithmeticTask(Task):
-    """"train" prompts come from the SFT training split, "test" from its held-out test split (never trained on).
+    """ "train" prompts come from the SFT training split, "test" from its held-out test split (never trained on).
     `seed` is the data seed the SFT run used (data.seed)."""
 
     name = "arithmetic"
@@ -32,9 +32,16 @@ class ArithmeticTask(Task):
         pool = _splits(seed)[split]
         if n > len(pool):
             raise ValueError(f"arithmetic has {len(pool)} {split} problems, {n} were asked for")
-        return [{"task": self.name, "id": f"arithmetic-{split}-{p['id']}",
-                 "messages": problem_messages(p, with_solution=False),
-                 "question": p["question"], "answer": int(p["answer"])} for p in pool[:n]]
+        return [
+            {
+                "task": self.name,
+                "id": f"arithmetic-{split}-{p['id']}",
+                "messages": problem_messages(p, with_solution=False),
+                "question": p["question"],
+                "answer": int(p["answer"]),
+            }
+            for p in pool[:n]
+        ]
 
     def score(self, record: dict, completion: str) -> RewardResult:
         """1 for the exact answer. With `partial_credit` p > 0 in the record (task option), a wrong number still

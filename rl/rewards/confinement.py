@@ -34,11 +34,12 @@ FALLBACK_WARNING = (
     "because bubblewrap is not usable here ({reason}). NOT contained: network access, writes anywhere the user "
     "can write, descendant processes that leave the program's session (setsid), files readable by the user "
     "(credentials in the home directory), the number of processes. Install bubblewrap (apt-get install "
-    "bubblewrap) for a real sandbox.")
+    "bubblewrap) for a real sandbox."
+)
 
 
 def resolve_backend(requested: str = "auto") -> str:
-    """"auto" -> "bwrap" when it works here, else "rlimits" with FALLBACK_WARNING; "bwrap" that does not work is an
+    """ "auto" -> "bwrap" when it works here, else "rlimits" with FALLBACK_WARNING; "bwrap" that does not work is an
     error."""
     if requested not in BACKENDS:
         raise ValueError(f"sandbox backend must be one of {BACKENDS}, got {requested!r}")
@@ -66,9 +67,17 @@ def bwrap_problem() -> Optional[str]:
 def _probe(identity: str) -> Optional[str]:
     # imports after the switch to an unprivileged uid: the standard library must be readable by anyone
     code = "import json, resource, ctypes"
-    command = bwrap_command(1 << 20, identity) + child_command(identity, ("-I", "-S"), "program", code,
-                                                               memory_mb=512, cpu_s=30, output_bytes=1 << 20,
-                                                               max_processes=0, shield=False)
+    command = bwrap_command(1 << 20, identity) + child_command(
+        identity,
+        ("-I", "-S"),
+        "program",
+        code,
+        memory_mb=512,
+        cpu_s=30,
+        output_bytes=1 << 20,
+        max_processes=0,
+        shield=False,
+    )
     try:
         probe = subprocess.run(command, capture_output=True, timeout=60, start_new_session=True)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -89,11 +98,14 @@ def sandbox_identity() -> str:
         return "self"
     if shutil.which("bwrap") is not None and _probe("private-uid") is None:
         return "private-uid"
-    warnings.warn(f"running as root and {sys.executable} is not usable by an unprivileged user: sandboxed code "
-                  "runs as root outside its user namespace, where the kernel does not enforce RLIMIT_NPROC "
-                  "(max_processes); install Python where anyone can read it (or run as a normal user) to limit "
-                  "processes",
-                  RuntimeWarning, stacklevel=2)
+    warnings.warn(
+        f"running as root and {sys.executable} is not usable by an unprivileged user: sandboxed code "
+        "runs as root outside its user namespace, where the kernel does not enforce RLIMIT_NPROC "
+        "(max_processes); install Python where anyone can read it (or run as a normal user) to limit "
+        "processes",
+        RuntimeWarning,
+        stacklevel=2,
+    )
     return "root-mapped"
 
 
@@ -101,13 +113,31 @@ def enforces_process_limit() -> bool:
     return bwrap_problem() is None and sandbox_identity() != "root-mapped"
 
 
-def child_command(identity: str, python_flags, mode: str, payload: str, *, memory_mb: int, cpu_s: float,
-                  output_bytes: int, max_processes: int, shield: bool) -> list:
+def child_command(
+    identity: str,
+    python_flags,
+    mode: str,
+    payload: str,
+    *,
+    memory_mb: int,
+    cpu_s: float,
+    output_bytes: int,
+    max_processes: int,
+    shield: bool,
+) -> list:
     """The sandboxed interpreter running sandbox_child.py (see there for the arguments)."""
     drop_to = PRIVATE_UIDS[0] + secrets.randbelow(PRIVATE_UIDS[1]) if identity == "private-uid" else -1
     limits = [int(memory_mb) << 20, max(1, int(cpu_s + 1)), int(output_bytes), int(max_processes)]
-    return [sys.executable, *python_flags, CHILD_SCRIPT, mode, *map(str, limits), "1" if shield else "0",
-            str(drop_to), payload]
+    return [
+        sys.executable,
+        *python_flags,
+        CHILD_SCRIPT,
+        mode,
+        *map(str, limits),
+        "1" if shield else "0",
+        str(drop_to),
+        payload,
+    ]
 
 
 def _hidden_homes() -> List[str]:
@@ -120,8 +150,15 @@ def _visible_paths(extra_paths) -> List[str]:
     """What the child needs even where it lies in a hidden directory (a home, /tmp): this interpreter and its
     libraries, LatentForge itself, and `extra_paths` (the caller's import path, for reward functions)."""
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(CHILD_SCRIPT)))
-    candidates = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable),
-                  os.path.dirname(os.path.realpath(sys.executable)), package_root, *extra_paths]
+    candidates = [
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        os.path.dirname(sys.executable),
+        os.path.dirname(os.path.realpath(sys.executable)),
+        package_root,
+        *extra_paths,
+    ]
     return sorted({os.path.abspath(p) for p in candidates if p and os.path.exists(p)})
 
 
@@ -162,20 +199,50 @@ def bwrap_command(scratch_bytes: int, identity: str, extra_paths=()) -> List[str
     """The bwrap prefix of a sandboxed command; /tmp (the child's home and working directory) is its only writable
     place, the home directories are empty but for the paths the child needs."""
     if identity == "private-uid":  # no user namespace: the child switches uid itself (with these two capabilities)
-        namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
-                      "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        namespaces = [
+            "--unshare-ipc",
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--cap-add",
+            "CAP_SETUID",
+            "--cap-add",
+            "CAP_SETGID",
+        ]
     elif identity == "root-mapped":
         namespaces = ["--unshare-all", "--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY)]
     else:
         namespaces = ["--unshare-all"]
-    return ["bwrap", *namespaces, "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
-            *_mounts(scratch_bytes, extra_paths), "--chdir", "/tmp", "--"]
+    return [
+        "bwrap",
+        *namespaces,
+        "--die-with-parent",
+        "--ro-bind",
+        "/",
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        *_mounts(scratch_bytes, extra_paths),
+        "--chdir",
+        "/tmp",
+        "--",
+    ]
 
 
 def child_env(home: str, pythonpath: str = "") -> dict:
     """The whole environment a sandboxed child sees: nothing inherited (no API keys, no tokens)."""
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-           "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1", "HOME": home, "TMPDIR": home}
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONIOENCODING": "utf-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "HOME": home,
+        "TMPDIR": home,
+    }
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     return env

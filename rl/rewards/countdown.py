@@ -14,11 +14,14 @@ from typing import List, Optional
 
 from .base import RewardResult, Task, answer_section, register_task
 
-INSTRUCTION = ("Use each number exactly once with + - * / and parentheses. "
-               "End your reply with 'Answer: <expression>'.")
+INSTRUCTION = "Use each number exactly once with + - * / and parentheses. End your reply with 'Answer: <expression>'."
 _ANSWER_RE = re.compile(r"answer\s*:\s*([^\n]+)", re.IGNORECASE)
-_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-        ast.Div: lambda a, b: a / b}
+_OPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+}
 
 
 def make_instance(rng: random.Random, count: int = 3, high: int = 30) -> dict:
@@ -97,8 +100,15 @@ class CountdownTask(Task):
         for i in range(n):
             inst = make_instance(rng)
             question = f"Numbers: {', '.join(map(str, inst['numbers']))}. Target: {inst['target']}."
-            records.append({"task": self.name, "id": f"countdown-{split}-{seed}-{i}", "question": question,
-                            "messages": [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}], **inst})
+            records.append(
+                {
+                    "task": self.name,
+                    "id": f"countdown-{split}-{seed}-{i}",
+                    "question": question,
+                    "messages": [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}],
+                    **inst,
+                }
+            )
         return records
 
     def score(self, record: dict, completion: str) -> RewardResult:

@@ -20,9 +20,11 @@ from typing import List, Optional, Sequence, Tuple
 
 from .base import RewardResult, answer_section
 
-DEFAULT_RUBRIC = ("You are grading an answer.\nQuestion: {question}\nReference answer: {reference}\n"
-                  "Answer to grade: {response}\nHow correct and helpful is the answer, from 0 to {max_score}? "
-                  "Reply with 'Score: <number>'.")
+DEFAULT_RUBRIC = (
+    "You are grading an answer.\nQuestion: {question}\nReference answer: {reference}\n"
+    "Answer to grade: {response}\nHow correct and helpful is the answer, from 0 to {max_score}? "
+    "Reply with 'Score: <number>'."
+)
 _SCORE_RE = re.compile(r"score\s*[:=]\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
@@ -43,11 +45,14 @@ class JudgeConfig:
 
     def __post_init__(self):
         if not self.checkpoint:
-            raise ValueError("rl.reward.judge.checkpoint is required: the judge model's Hugging Face directory or "
-                             "DCP run directory")
+            raise ValueError(
+                "rl.reward.judge.checkpoint is required: the judge model's Hugging Face directory or DCP run directory"
+            )
         if self.max_score <= 0 or self.timeout_s <= 0 or self.max_new_tokens < 1:
-            raise ValueError(f"rl.reward.judge: max_score ({self.max_score}) and timeout_s ({self.timeout_s}) must "
-                             f"be > 0 and max_new_tokens ({self.max_new_tokens}) >= 1")
+            raise ValueError(
+                f"rl.reward.judge: max_score ({self.max_score}) and timeout_s ({self.timeout_s}) must "
+                f"be > 0 and max_new_tokens ({self.max_new_tokens}) >= 1"
+            )
         for field_name in ("question", "response"):
             if "{" + field_name + "}" not in self.rubric:
                 raise ValueError(f"rl.reward.judge.rubric must contain {{{field_name}}}")
@@ -78,30 +83,39 @@ class ModelJudge:
             model = load_model(cfg.checkpoint, cfg.device)
             tokenizer = tokenizer or load_tokenizer_for(cfg.checkpoint, cfg.tokenizer)
         self.tokenizer = tokenizer
-        self.engine = Engine(model, EngineConfig(max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len,
-                                                 draft_tokens=0))
+        self.engine = Engine(model, EngineConfig(max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len, draft_tokens=0))
 
     def prompt_ids(self, record: dict, completion: str) -> List[int]:
-        text = self.cfg.rubric.format(question=rubric_question(record), reference=record.get("answer", "none"),
-                                      response=answer_section(record, completion).strip(),
-                                      max_score=f"{self.cfg.max_score:g}")
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                  enable_thinking=self.cfg.enable_thinking, add_generation_prompt=True)
+        text = self.cfg.rubric.format(
+            question=rubric_question(record),
+            reference=record.get("answer", "none"),
+            response=answer_section(record, completion).strip(),
+            max_score=f"{self.cfg.max_score:g}",
+        )
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], enable_thinking=self.cfg.enable_thinking, add_generation_prompt=True
+        )
 
     def judge(self, items: Sequence[Tuple[dict, str]]) -> List[RewardResult]:
         """One RewardResult per (record, completion), in order; info holds the verdict or the failure."""
         from latentforge.model.engine import SamplingParams
 
         cfg = self.cfg
-        params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                stop_token_ids=(self.tokenizer.im_end_id, self.tokenizer.eod_id))
+        params = SamplingParams(
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            stop_token_ids=(self.tokenizer.im_end_id, self.tokenizer.eod_id),
+        )
         results: List[Optional[RewardResult]] = [None] * len(items)
         pending = set()
         for i, (record, completion) in enumerate(items):
             ids = self.prompt_ids(record, completion)
             if len(ids) + cfg.max_new_tokens > cfg.max_seq_len:
-                results[i] = _failed("too_long", f"rubric prompt of {len(ids)} tokens + max_new_tokens "
-                                                 f"{cfg.max_new_tokens} > judge max_seq_len {cfg.max_seq_len}")
+                results[i] = _failed(
+                    "too_long",
+                    f"rubric prompt of {len(ids)} tokens + max_new_tokens "
+                    f"{cfg.max_new_tokens} > judge max_seq_len {cfg.max_seq_len}",
+                )
                 continue
             self.engine.add_request(ids, params, request_id=i)
             pending.add(i)
@@ -118,8 +132,9 @@ class ModelJudge:
     def _verdict(self, out) -> RewardResult:
         if out.finish_reason == "abort":
             return _failed("timeout", f"no verdict within rl.reward.judge.timeout_s={self.cfg.timeout_s}")
-        text = self.tokenizer.decode([t for t in out.token_ids
-                                      if t not in (self.tokenizer.im_end_id, self.tokenizer.eod_id)])
+        text = self.tokenizer.decode(
+            [t for t in out.token_ids if t not in (self.tokenizer.im_end_id, self.tokenizer.eod_id)]
+        )
         value = parse_score(text, self.cfg.max_score)
         if value is None:
             return _failed("unparsable", f"no 'Score: N' in [0, {self.cfg.max_score:g}] in the verdict {text[-200:]!r}")

@@ -41,5 +41,6 @@ class ProgramTask(Task):
         result = run_untrusted_code(code, timeout_s=self.timeout_s, memory_mb=self.memory_mb)
         lines = result.stdout.strip().splitlines()
         correct = result.ok and bool(lines) and lines[-1].strip() == str(record["answer"])
-        return RewardResult(float(correct), correct=correct,
-                            info={"status": result.status, "wall_s": round(result.wall_s, 3)})
+        return RewardResult(
+            float(correct), correct=correct, info={"status": result.status, "wall_s": round(result.wall_s, 3)}
+        )

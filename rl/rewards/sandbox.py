@@ -64,16 +64,43 @@ class ProgramResult:
         return self.status == "ok"
 
 
-def _child_command(backend: str, mode: str, payload: str, python_flags: tuple, *, memory_mb: int, cpu_s: float,
-                   output_bytes: int, max_processes: int, scratch_mb: int, import_path=()) -> list:
+def _child_command(
+    backend: str,
+    mode: str,
+    payload: str,
+    python_flags: tuple,
+    *,
+    memory_mb: int,
+    cpu_s: float,
+    output_bytes: int,
+    max_processes: int,
+    scratch_mb: int,
+    import_path=(),
+) -> list:
     if backend == "rlimits":  # no RLIMIT_NPROC: outside a sandbox it would count all the user's processes
-        return confinement.child_command("self", python_flags, mode, payload, memory_mb=memory_mb, cpu_s=cpu_s,
-                                         output_bytes=output_bytes, max_processes=0,
-                                         shield=sys.platform.startswith("linux"))
+        return confinement.child_command(
+            "self",
+            python_flags,
+            mode,
+            payload,
+            memory_mb=memory_mb,
+            cpu_s=cpu_s,
+            output_bytes=output_bytes,
+            max_processes=0,
+            shield=sys.platform.startswith("linux"),
+        )
     identity = confinement.sandbox_identity()
-    return (confinement.bwrap_command(scratch_mb << 20, identity, import_path)
-            + confinement.child_command(identity, python_flags, mode, payload, memory_mb=memory_mb, cpu_s=cpu_s,
-                                        output_bytes=output_bytes, max_processes=max_processes, shield=False))
+    return confinement.bwrap_command(scratch_mb << 20, identity, import_path) + confinement.child_command(
+        identity,
+        python_flags,
+        mode,
+        payload,
+        memory_mb=memory_mb,
+        cpu_s=cpu_s,
+        output_bytes=output_bytes,
+        max_processes=max_processes,
+        shield=False,
+    )
 
 
 def _classify(returncode: int, stderr: str, backend: str) -> str:
@@ -95,9 +122,17 @@ def _classify(returncode: int, stderr: str, backend: str) -> str:
     return "error"
 
 
-def run_untrusted_code(code: str, *, stdin: str = "", timeout_s: float = 5.0, memory_mb: int = 256,
-                       output_bytes: int = OUTPUT_LIMIT_BYTES, max_processes: int = MAX_PROCESSES,
-                       scratch_mb: int = SCRATCH_MB, backend: str = "auto") -> ProgramResult:
+def run_untrusted_code(
+    code: str,
+    *,
+    stdin: str = "",
+    timeout_s: float = 5.0,
+    memory_mb: int = 256,
+    output_bytes: int = OUTPUT_LIMIT_BYTES,
+    max_processes: int = MAX_PROCESSES,
+    scratch_mb: int = SCRATCH_MB,
+    backend: str = "auto",
+) -> ProgramResult:
     """Run `code` in a fresh sandboxed Python interpreter; never raises for anything the program does."""
     start = time.perf_counter()
     backend = confinement.resolve_backend(backend)
@@ -111,13 +146,26 @@ def run_untrusted_code(code: str, *, stdin: str = "", timeout_s: float = 5.0, me
         with open(paths["stdin"], "rb") as inp, open(paths["stdout"], "wb") as out, open(paths["stderr"], "wb") as err:
             try:
                 proc = subprocess.Popen(
-                    _child_command(backend, "program", code, ("-I", "-S"), memory_mb=memory_mb, cpu_s=timeout_s,
-                                   output_bytes=output_bytes, max_processes=max_processes, scratch_mb=scratch_mb),
-                    stdin=inp, stdout=out, stderr=err, cwd=scratch, env=confinement.child_env(home),
-                    start_new_session=True)  # its own session: the whole tree can be killed
+                    _child_command(
+                        backend,
+                        "program",
+                        code,
+                        ("-I", "-S"),
+                        memory_mb=memory_mb,
+                        cpu_s=timeout_s,
+                        output_bytes=output_bytes,
+                        max_processes=max_processes,
+                        scratch_mb=scratch_mb,
+                    ),
+                    stdin=inp,
+                    stdout=out,
+                    stderr=err,
+                    cwd=scratch,
+                    env=confinement.child_env(home),
+                    start_new_session=True,
+                )  # its own session: the whole tree can be killed
             except (OSError, ValueError) as exc:  # e.g. a NUL byte in the code, code over 128 KiB
-                return ProgramResult("error", "", f"could not start: {exc}", None, time.perf_counter() - start,
-                                     backend)
+                return ProgramResult("error", "", f"could not start: {exc}", None, time.perf_counter() - start, backend)
             timed_out = not confinement.wait_for_exit(proc, timeout_s)
             confinement.kill_tree(proc)  # also after an exit: what is left in its session (rlimits backend) dies
         out_path, err_path = paths["stdout"], paths["stderr"]
@@ -139,8 +187,16 @@ class IsolatedFunction:
     was killed or died: the reason). The child is started on first use and after every timeout or crash.
     """
 
-    def __init__(self, target: str, *, timeout_s: float = 5.0, memory_mb: int = 2048,
-                 max_processes: int = MAX_PROCESSES, scratch_mb: int = SCRATCH_MB, backend: str = "auto"):
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float = 5.0,
+        memory_mb: int = 2048,
+        max_processes: int = MAX_PROCESSES,
+        scratch_mb: int = SCRATCH_MB,
+        backend: str = "auto",
+    ):
         if ":" not in target:
             raise ValueError(f"reward function target must look like 'package.module:function', got {target!r}")
         self.target = target
@@ -166,18 +222,34 @@ class IsolatedFunction:
         # bwrap: home is a fresh tmpfs at /tmp; rlimits: a temporary directory removed by close()
         self._home = "/tmp" if self.backend == "bwrap" else tempfile.mkdtemp(prefix="lf_sandbox_")
         self._proc = subprocess.Popen(
-            _child_command(self.backend, "serve", self.target, ("-P",), memory_mb=self.memory_mb, cpu_s=1 << 20,
-                           output_bytes=OUTPUT_LIMIT_BYTES * 64, max_processes=self.max_processes,
-                           scratch_mb=self.scratch_mb, import_path=import_path),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=confinement.child_env(self._home, pythonpath), cwd="/" if self.backend == "bwrap" else self._home,
-            start_new_session=True)
+            _child_command(
+                self.backend,
+                "serve",
+                self.target,
+                ("-P",),
+                memory_mb=self.memory_mb,
+                cpu_s=1 << 20,
+                output_bytes=OUTPUT_LIMIT_BYTES * 64,
+                max_processes=self.max_processes,
+                scratch_mb=self.scratch_mb,
+                import_path=import_path,
+            ),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=confinement.child_env(self._home, pythonpath),
+            cwd="/" if self.backend == "bwrap" else self._home,
+            start_new_session=True,
+        )
         # the child answers "ready" (or the import error) before serving calls; importing may take a while
         status, message = self._receive(time.monotonic() + max(30.0, self.timeout_s))
         if status != "ready":
             self.close()
-            hint = (" (the sandbox runs as an unprivileged user: the module's files must be world-readable)"
-                    if self.backend == "bwrap" and confinement.sandbox_identity() == "private-uid" else "")
+            hint = (
+                " (the sandbox runs as an unprivileged user: the module's files must be world-readable)"
+                if self.backend == "bwrap" and confinement.sandbox_identity() == "private-uid"
+                else ""
+            )
             raise RuntimeError(f"reward function {self.target} could not be loaded in its sandbox{hint}: {message}")
 
     def _receive(self, deadline: float):

@@ -36,9 +36,11 @@ def loads_reply(payload: bytes):
         def find_class(self, module, name):
             if (module, name) in _REPLY_CLASSES and module in sys.modules:
                 return getattr(sys.modules[module], name)
-            raise pickle.UnpicklingError(f"a reply holding a {module}.{name} cannot cross the sandbox boundary: "
-                                         "return plain Python values (float, bool, str, list, dict) or a "
-                                         "RewardResult")
+            raise pickle.UnpicklingError(
+                f"a reply holding a {module}.{name} cannot cross the sandbox boundary: "
+                "return plain Python values (float, bool, str, list, dict) or a "
+                "RewardResult"
+            )
 
     return ReplyUnpickler(io.BytesIO(payload)).load()
 
@@ -50,7 +52,7 @@ def send(fd: int, obj) -> None:
     payload = pickle.dumps(obj)
     data = struct.pack(HEADER_FORMAT, len(payload)) + payload
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 def recv_exact(fd: int, n: int, deadline=None):
@@ -136,7 +138,7 @@ def run_program(code: str) -> None:
 
 
 def load_target(target: str):
-    """"pkg.module:attr" -> the object."""
+    """ "pkg.module:attr" -> the object."""
     import importlib
 
     module_name, _, attr = target.partition(":")

@@ -38,8 +38,9 @@ class RewardFunctionConfig:
 
     def __post_init__(self):
         if self.isolation not in ISOLATIONS:
-            raise ValueError(f"reward function {self.target}: isolation must be one of {ISOLATIONS}, "
-                             f"got {self.isolation!r}")
+            raise ValueError(
+                f"reward function {self.target}: isolation must be one of {ISOLATIONS}, got {self.isolation!r}"
+            )
         if self.timeout_s <= 0:
             raise ValueError(f"reward function {self.target}: timeout_s must be positive, got {self.timeout_s}")
         self.name = self.name or self.target.rpartition(":")[2]
@@ -52,8 +53,9 @@ class RewardScorer:
         self._callables = []
         for cfg in self.configs:
             if cfg.isolation == "process":
-                self._callables.append(IsolatedFunction(cfg.target, timeout_s=cfg.timeout_s,
-                                                        memory_mb=cfg.memory_mb).start())
+                self._callables.append(
+                    IsolatedFunction(cfg.target, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb).start()
+                )
             else:
                 self._callables.append(load_target(cfg.target))
         self._tasks = {}
@@ -93,15 +95,23 @@ class RewardScorer:
             else:
                 failures.append({"function": cfg.name, "status": status, "message": str(value)[-2000:]})
         if not math.isfinite(total):  # finite parts times weights can still overflow
-            failures.append({"function": "total", "status": "non_finite",
-                             "message": f"the weighted sum {total} is not finite (components {components})"})
+            failures.append(
+                {
+                    "function": "total",
+                    "status": "non_finite",
+                    "message": f"the weighted sum {total} is not finite (components {components})",
+                }
+            )
             total = 0.0
         self.failures += len(failures)
         for failure in failures:
             if failure["status"] == "non_finite" and failure["function"] not in self._warned_non_finite:
                 self._warned_non_finite.add(failure["function"])
-                log.warning("reward %s is not finite, scored 0 (logged once; every one is counted in "
-                            "reward_failures): %s", failure["function"], failure["message"].strip().splitlines()[-1])
+                log.warning(
+                    "reward %s is not finite, scored 0 (logged once; every one is counted in reward_failures): %s",
+                    failure["function"],
+                    failure["message"].strip().splitlines()[-1],
+                )
         info.update(components=components, reward_s=time.perf_counter() - start)
         if failures:
             info["failures"] = info.get("failures", []) + failures  # after the environment's own, if any

@@ -14,8 +14,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_acceptance.py"
 # absent on the lent GPU machine (or optional): the acceptance run must not import any of them
-MISSING_THERE = ("hydra", "omegaconf", "ray", "megatron", "megatron.core", "datasets", "wandb", "mistral_common",
-                 "transformer_engine", "mamba_ssm", "causal_conv1d")
+MISSING_THERE = (
+    "hydra",
+    "omegaconf",
+    "ray",
+    "megatron",
+    "megatron.core",
+    "datasets",
+    "wandb",
+    "mistral_common",
+    "transformer_engine",
+    "mamba_ssm",
+    "causal_conv1d",
+)
 
 
 def load_script():
@@ -47,14 +58,20 @@ def test_tiny_run_without_the_modules_missing_on_the_gpu_machine(tmp_path):
     parts = report["parts"]
     assert report["mode"] == "tiny"
     assert {name: e["status"] for name, e in parts.items()} == {
-        "environment": "ok", "gpu_tests": "skipped", "kernels": "ok", "train_bf16": "ok", "train_fp8": "skipped",
-        "decode": "ok"}
+        "environment": "ok",
+        "gpu_tests": "skipped",
+        "kernels": "ok",
+        "train_bf16": "ok",
+        "train_fp8": "skipped",
+        "decode": "ok",
+    }
     assert "no CUDA device" in parts["gpu_tests"]["reason"] and "test_ssd_triton.py" in parts["gpu_tests"]["reason"]
     assert "Transformer Engine" in parts["train_fp8"]["reason"]
     kernels = parts["kernels"]["result"]
     assert "Triton kernels not run" in kernels["note"]
     assert sorted(r["op"] for r in kernels["results"]) == sorted(
-        ["ssd", "conv1d", "gated_rmsnorm", "moe_experts", "linear_ce"])
+        ["ssd", "conv1d", "gated_rmsnorm", "moe_experts", "linear_ce"]
+    )
     # fp32 reference against fp64: small but not exactly zero (a real comparison ran)
     assert all(0 < r["relative_error"] < 1e-5 for r in kernels["results"])
     ssd = next(r for r in kernels["results"] if r["op"] == "ssd")
@@ -93,7 +110,8 @@ def test_parts_past_the_budget_are_skipped(tmp_path):
 
 
 def test_run_pytest_counts_passes_failures_and_skips(tmp_path):
-    (tmp_path / "test_sample.py").write_text(textwrap.dedent("""
+    (tmp_path / "test_sample.py").write_text(
+        textwrap.dedent("""
         import pytest
 
         @pytest.mark.gpu
@@ -111,7 +129,8 @@ def test_run_pytest_counts_passes_failures_and_skips(tmp_path):
 
         def test_unmarked_not_collected():
             assert False
-    """))
+    """)
+    )
     result = load_script().run_pytest(["test_sample.py"], tmp_path, timeout_s=120)
     assert (result["passed"], result["failures"], result["errors"], result["skipped"]) == (1, 1, 0, 1)
     assert result["failed"] == ["test_sample::test_fails"]

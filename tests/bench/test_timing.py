@@ -21,11 +21,14 @@ class FakeClock:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path times with perf_counter")
-@pytest.mark.parametrize("warmup, durations, median", [
-    (0, [5.0, 1.0, 3.0], 3.0),
-    (2, [100.0, 50.0, 2.0, 9.0, 4.0, 7.0, 1.0], 4.0),  # the slow first calls are warm-up, not timed
-    (1, [8.0, 6.0], 6.0),
-])
+@pytest.mark.parametrize(
+    "warmup, durations, median",
+    [
+        (0, [5.0, 1.0, 3.0], 3.0),
+        (2, [100.0, 50.0, 2.0, 9.0, 4.0, 7.0, 1.0], 4.0),  # the slow first calls are warm-up, not timed
+        (1, [8.0, 6.0], 6.0),
+    ],
+)
 def test_median_of_the_timed_calls(monkeypatch, warmup, durations, median):
     clock = FakeClock(durations)
     monkeypatch.setattr(timing.time, "perf_counter", clock.perf_counter)

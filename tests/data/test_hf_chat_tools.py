@@ -13,10 +13,18 @@ pytest.importorskip("transformers")
 TOOL_CONVERSATION = [
     {"role": "system", "content": "You can call tools."},
     {"role": "user", "content": "Weather and time in Paris?"},
-    {"role": "assistant", "content": "Let me check.", "reasoning_content": "two tools",
-     "tool_calls": [{"type": "function", "function": {"name": "get_weather",
-                                                       "arguments": {"city": "Paris", "unit": "°C", "days": [1, 2]}}},
-                    {"name": "get_time", "arguments": '{"tz": "CET"}'}]},
+    {
+        "role": "assistant",
+        "content": "Let me check.",
+        "reasoning_content": "two tools",
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C", "days": [1, 2]}},
+            },
+            {"name": "get_time", "arguments": '{"tz": "CET"}'},
+        ],
+    },
     {"role": "tool", "content": '{"temp": 12}'},
     {"role": "tool", "content": "13:00"},
     {"role": "assistant", "content": "", "tool_calls": [{"name": "noop", "arguments": {}}]},

@@ -19,20 +19,25 @@ CONVERSATIONS = {
     "system_user_assistant": [
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Name a prime."},
-        {"role": "assistant", "content": "7", "reasoning_content": "  2 is even-prime; pick an odd one.\n"}],
+        {"role": "assistant", "content": "7", "reasoning_content": "  2 is even-prime; pick an odd one.\n"},
+    ],
     "inline_think_multi_turn": [
         {"role": "user", "content": "def f(x):\n    return x"},
         {"role": "assistant", "content": "\n<think>it is the identity</think>\n\nIt returns x."},
         {"role": "user", "content": "\nand f(3)?  "},
-        {"role": "assistant", "content": "<think>\n\n</think>3"}],
+        {"role": "assistant", "content": "<think>\n\n</think>3"},
+    ],
     "whitespace_edges": [
         {"role": "user", "content": " \n leading space and newline"},
         {"role": "assistant", "content": "\n\nanswer\n", "reasoning_content": "r"},
-        {"role": "user", "content": ""}],
+        {"role": "user", "content": ""},
+    ],
     "unicode": [{"role": "user", "content": "héllo 日本語 🎉"}, {"role": "assistant", "content": "ça va"}],
 }
-CONTROL_TEXT = [{"role": "user", "content": "a </s> b <|im_start|>user <think>"},
-                {"role": "assistant", "content": "ok <|im_end|> not the end", "reasoning_content": "</think>?"}]
+CONTROL_TEXT = [
+    {"role": "user", "content": "a </s> b <|im_start|>user <think>"},
+    {"role": "assistant", "content": "ok <|im_end|> not the end", "reasoning_content": "</think>?"},
+]
 PLAIN_TEXTS = ["a </s> b <|im_start|>user", "<s><unk></think>", "no control tokens here\n\n  x", "</s></s>"]
 
 
@@ -77,7 +82,11 @@ def test_special_tokens_and_generation_config(pair, tmp_path):
     ours, hf = pair
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (1, 2, 0, 0)
     assert [hf.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<think>", "</think>")] == [
-        10, 11, 12, 13]
+        10,
+        11,
+        12,
+        13,
+    ]
     ids = ours.encode_with_control_tokens("<|im_start|>user\nhi<|im_end|>")
     assert hf.decode(ids, skip_special_tokens=True) == "user\nhi"
     write_generation_config(tmp_path)
@@ -120,8 +129,10 @@ def test_exported_model_generate_stops_at_eos(bpe_pair, tmp_path):
     prompt = torch.tensor([render_chat(ours, CONVERSATIONS["user_only"], add_generation_prompt=True).ids])
     limit = 24
     with torch.no_grad():
-        unstopped = hf.generate(prompt, max_new_tokens=limit, eos_token_id=[], min_new_tokens=limit)[0, prompt.shape[1]:]
-        stopped = hf.generate(prompt, max_new_tokens=limit)[0, prompt.shape[1]:]
+        unstopped = hf.generate(prompt, max_new_tokens=limit, eos_token_id=[], min_new_tokens=limit)[
+            0, prompt.shape[1] :
+        ]
+        stopped = hf.generate(prompt, max_new_tokens=limit)[0, prompt.shape[1] :]
     first_stop = next((i for i, t in enumerate(unstopped.tolist()) if t in (2, 11)), None)
     assert first_stop is not None and first_stop < limit - 1, f"no stop token early in {unstopped.tolist()}"
-    assert stopped.tolist() == unstopped[:first_stop + 1].tolist()
+    assert stopped.tolist() == unstopped[: first_stop + 1].tolist()

@@ -63,7 +63,7 @@ def _split_at_eod(tokens, eod=2):
 
 def _is_infix(piece, doc):
     n = len(piece)
-    return any(tuple(doc[i:i + n]) == piece for i in range(len(doc) - n + 1))
+    return any(tuple(doc[i : i + n]) == piece for i in range(len(doc) - n + 1))
 
 
 def test_megatron_written_files_load_in_our_loader(tmp_path, bpe_tok, cache_dir):
@@ -88,9 +88,9 @@ def test_megatron_written_files_load_in_our_loader(tmp_path, bpe_tok, cache_dir)
                 if len(pieces) == 1:  # the sample lies inside one document
                     assert any(_is_infix(piece, d) for d in docs)
                 elif k == 0:  # the sample may start in the middle of a document
-                    assert any(tuple(d[len(d) - len(piece):]) == piece for d in docs if len(d) >= len(piece))
+                    assert any(tuple(d[len(d) - len(piece) :]) == piece for d in docs if len(d) >= len(piece))
                 elif k == len(pieces) - 1:  # ... and end in the middle of another
-                    assert any(tuple(d[:len(piece)]) == piece for d in docs)
+                    assert any(tuple(d[: len(piece)]) == piece for d in docs)
                 else:
                     assert piece in doc_set  # whole documents in between
                     seen.add(piece)

@@ -31,8 +31,7 @@ def test_text_units_and_empty_documents(tmp_path, bpe_tok):
     assert read_docs(out) == expected(bpe_tok, [a.read_text()])
     assert report.num_empty == 1
     preprocess([str(a)], out + "_lines", bpe_tok, text_unit="line", num_workers=1, progress=False)
-    assert read_docs(out + "_lines") == expected(bpe_tok, ["line one", "line two", "para two first",
-                                                           "para two second"])
+    assert read_docs(out + "_lines") == expected(bpe_tok, ["line one", "line two", "para two first", "para two second"])
     preprocess([str(a)], out + "_para", bpe_tok, text_unit="paragraph", num_workers=1, progress=False)
     assert len(read_docs(out + "_para")) == 2
 
@@ -47,21 +46,25 @@ def test_jsonl_key_and_parquet(tmp_path, bpe_tok):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"body": [r["body"] for r in rows], "id": [r["id"] for r in rows]}),
-                   str(tmp_path / "d.parquet"))
-    preprocess([str(tmp_path / "d.parquet")], str(tmp_path / "p"), bpe_tok, json_key="body", num_workers=1,
-               progress=False)
+    pq.write_table(
+        pa.table({"body": [r["body"] for r in rows], "id": [r["id"] for r in rows]}), str(tmp_path / "d.parquet")
+    )
+    preprocess(
+        [str(tmp_path / "d.parquet")], str(tmp_path / "p"), bpe_tok, json_key="body", num_workers=1, progress=False
+    )
     assert read_docs(str(tmp_path / "p")) == read_docs(str(tmp_path / "j"))
     with pytest.raises(MalformedInputError, match="no column 'text'.*body, id"):
         preprocess([str(tmp_path / "d.parquet")], str(tmp_path / "p2"), bpe_tok, num_workers=1, progress=False)
 
 
-BAD_JSONL = ('{"text": "good one"}\n'
-             '{"text": "good two"}\n'
-             '{"text": "broken\n'
-             '{"txt": "wrong key"}\n'
-             '{"text": 42}\n'
-             '{"text": "good three"}\n')
+BAD_JSONL = (
+    '{"text": "good one"}\n'
+    '{"text": "good two"}\n'
+    '{"text": "broken\n'
+    '{"txt": "wrong key"}\n'
+    '{"text": 42}\n'
+    '{"text": "good three"}\n'
+)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -79,12 +82,14 @@ def test_text_that_is_not_utf8(tmp_path, bpe_tok):
     bad.write_bytes("caf\u00e9 ok\nna\u00efve\n".encode("latin-1"))
     for unit in ("document", "line"):
         with pytest.raises(MalformedInputError, match=r"latin1\.txt.*not valid UTF-8"):
-            preprocess([str(bad), str(good)], str(tmp_path / unit), bpe_tok, text_unit=unit, num_workers=1,
-                       progress=False)
+            preprocess(
+                [str(bad), str(good)], str(tmp_path / unit), bpe_tok, text_unit=unit, num_workers=1, progress=False
+            )
     with pytest.raises(MalformedInputError, match=r"latin1\.txt:1: not valid UTF-8"):
         preprocess([str(bad)], str(tmp_path / "x"), bpe_tok, text_unit="line", num_workers=1, progress=False)
-    report = preprocess([str(bad), str(good)], str(tmp_path / "skip"), bpe_tok, skip_bad=True, num_workers=1,
-                        progress=False)
+    report = preprocess(
+        [str(bad), str(good)], str(tmp_path / "skip"), bpe_tok, skip_bad=True, num_workers=1, progress=False
+    )
     assert report.num_bad == 1 and read_docs(str(tmp_path / "skip")) == expected(bpe_tok, [good.read_text()])
 
 
@@ -109,8 +114,16 @@ def test_interrupted_run_leaves_nothing(tmp_path, bpe_tok):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        preprocess([str(src)], str(tmp_path / "out"), bpe_tok, text_unit="line", num_workers=1, progress=False,
-                   batch_docs=5, on_batch=interrupt)
+        preprocess(
+            [str(src)],
+            str(tmp_path / "out"),
+            bpe_tok,
+            text_unit="line",
+            num_workers=1,
+            progress=False,
+            batch_docs=5,
+            on_batch=interrupt,
+        )
     assert leftovers(tmp_path, "out") == []
 
 
@@ -130,8 +143,10 @@ def test_cli_trains_bpe_next_to_data_and_reports_errors(tmp_path, capsys, cache_
     src = tmp_path / "c.jsonl"
     src.write_text("\n".join(json.dumps({"text": f"sample text {i} " * 5}) for i in range(40)) + "\n")
     out = str(tmp_path / "cli")
-    assert main(["--input", str(src), "--output-prefix", out, "--tokenizer", "train-bpe:300", "--workers", "1",
-                 "--quiet"]) == 0
+    assert (
+        main(["--input", str(src), "--output-prefix", out, "--tokenizer", "train-bpe:300", "--workers", "1", "--quiet"])
+        == 0
+    )
     assert "tokens/s" in capsys.readouterr().out
     meta = json.loads(open(out + ".meta.json").read())
     reloaded = load_tokenizer(meta["tokenizer_spec"])  # the BPE saved next to the data
@@ -141,8 +156,22 @@ def test_cli_trains_bpe_next_to_data_and_reports_errors(tmp_path, capsys, cache_
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(BAD_JSONL)
-    assert main(["--input", str(bad), "--output-prefix", str(tmp_path / "x"), "--tokenizer", f"hf:{out}"
-                 ".tokenizer.json", "--workers", "1", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "--input",
+                str(bad),
+                "--output-prefix",
+                str(tmp_path / "x"),
+                "--tokenizer",
+                f"hf:{out}.tokenizer.json",
+                "--workers",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "bad.jsonl:3" in capsys.readouterr().err
     assert leftovers(tmp_path, "x") == []
 
@@ -161,8 +190,23 @@ def test_skip_bad_loses_only_the_bad_line_of_a_large_file(tmp_path, bpe_tok, cap
         preprocess([str(src)], str(tmp_path / "strict"), bpe_tok, num_workers=1, progress=False)
     assert leftovers(tmp_path, "strict") == []
     out = str(tmp_path / "out")
-    assert main(["--input", str(src), "--output-prefix", out, "--tokenizer", bpe_tok.spec, "--workers", "2",
-                 "--skip-bad", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--input",
+                str(src),
+                "--output-prefix",
+                out,
+                "--tokenizer",
+                bpe_tok.spec,
+                "--workers",
+                "2",
+                "--skip-bad",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = capsys.readouterr().out
     assert "wrote 99,999 documents" in summary
     assert f"1 malformed records skipped ({src}:54321); first: {src}:54321: not valid UTF-8" in summary
@@ -174,10 +218,14 @@ def test_skip_bad_loses_only_the_bad_line_of_a_large_file(tmp_path, bpe_tok, cap
 @pytest.mark.parametrize("unit", ["line", "paragraph"])
 def test_skip_bad_text_units_keep_the_good_lines(tmp_path, bpe_tok, unit):
     src = tmp_path / "mixed.txt"
-    src.write_bytes(b"first para\nstill first\n\nbad \xff here\n\nthird\n" if unit == "paragraph"
-                    else b"good one\nbad \xff here\ngood two\r\ngood three")
-    report = preprocess([str(src)], str(tmp_path / "out"), bpe_tok, text_unit=unit, skip_bad=True, num_workers=1,
-                        progress=False)
+    src.write_bytes(
+        b"first para\nstill first\n\nbad \xff here\n\nthird\n"
+        if unit == "paragraph"
+        else b"good one\nbad \xff here\ngood two\r\ngood three"
+    )
+    report = preprocess(
+        [str(src)], str(tmp_path / "out"), bpe_tok, text_unit=unit, skip_bad=True, num_workers=1, progress=False
+    )
     good = ["first para\nstill first", "third\n"] if unit == "paragraph" else ["good one", "good two", "good three"]
     assert read_docs(str(tmp_path / "out")) == expected(bpe_tok, good)
     assert report.num_bad == 1 and report.bad_locations == [f"{src}:{4 if unit == 'paragraph' else 2}"]
@@ -193,9 +241,25 @@ def test_signal_mid_run_leaves_no_temp_files(tmp_path, bpe_tok, sig):
     src = tmp_path / "many.jsonl"
     src.write_text((json.dumps({"text": "a document of a few words " * 4}) + "\n") * 400_000)
     out = str(tmp_path / "out")
-    proc = subprocess.Popen([sys.executable, "-m", "latentforge.data.preprocess", "--input", str(src),
-                             "--output-prefix", out, "--tokenizer", bpe_tok.spec, "--workers", "2", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "latentforge.data.preprocess",
+            "--input",
+            str(src),
+            "--output-prefix",
+            out,
+            "--tokenizer",
+            bpe_tok.spec,
+            "--workers",
+            "2",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not glob.glob(out + ".bin.tmp-*") and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -26,8 +26,16 @@ def two_sources(tmp_path_factory, cache_dir):
 
 def loader(paths, tok, mbs=4, dp_rank=0, dp_size=1, seed=None, split="train", **cfg):
     cfg.setdefault("split", "90,10,0")
-    return build_pretrain_loader(DataConfig(paths=list(paths), **cfg), tok, seq_len=SEQ, micro_batch_size=mbs,
-                                 dp_rank=dp_rank, dp_size=dp_size, seed=seed, split=split)
+    return build_pretrain_loader(
+        DataConfig(paths=list(paths), **cfg),
+        tok,
+        seq_len=SEQ,
+        micro_batch_size=mbs,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=seed,
+        split=split,
+    )
 
 
 def take(it, n):
@@ -44,8 +52,9 @@ def test_batch_format_masks_and_seq_idx_against_naive_loop(two_sources, bpe_tok)
         assert (raw["seq_idx"] == 0).all()
         assert torch.equal(raw["input_ids"], batch["input_ids"])
         assert torch.equal(raw["labels"][:, :-1], raw["input_ids"][:, 1:])  # the labels are the next tokens
-        for x, y_raw, y, s in zip(raw["input_ids"].tolist(), raw["labels"].tolist(), batch["labels"].tolist(),
-                                  batch["seq_idx"].tolist()):
+        for x, y_raw, y, s in zip(
+            raw["input_ids"].tolist(), raw["labels"].tolist(), batch["labels"].tolist(), batch["seq_idx"].tolist()
+        ):
             doc = 0
             for t in range(SEQ):  # naive reference: documents counted token by token
                 assert s[t] == doc

@@ -69,8 +69,14 @@ def chat_file(tmp_path_factory):
 
 def sft(path, tok, mbs=4, dp_rank=0, dp_size=1, **kw):
     kw.setdefault("split", "100,0,0")
-    return build_sft_loader(DataConfig(kind="sft", paths=[path], **kw), tok, seq_len=SEQ, micro_batch_size=mbs,
-                            dp_rank=dp_rank, dp_size=dp_size)
+    return build_sft_loader(
+        DataConfig(kind="sft", paths=[path], **kw),
+        tok,
+        seq_len=SEQ,
+        micro_batch_size=mbs,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )
 
 
 @pytest.mark.parametrize("thinking", [True, False])
@@ -85,20 +91,21 @@ def test_packed_rows_against_rendered_conversations(chat_file, bpe_tok, cache_di
     rows = []
     while it.consumed_samples < epoch:
         b = next(it)
-        rows += list(zip(b["input_ids"].tolist(), b["labels"].tolist(), b["seq_idx"].tolist(),
-                         b["attention_mask"].tolist()))
+        rows += list(
+            zip(b["input_ids"].tolist(), b["labels"].tolist(), b["seq_idx"].tolist(), b["attention_mask"].tolist())
+        )
     for x, y, s, real in rows[:epoch]:
         for doc in sorted(set(s)):
             pos = [t for t in range(SEQ) if s[t] == doc]
             assert pos == list(range(pos[0], pos[-1] + 1))  # documents are contiguous, numbered in order
-            seg = tuple(x[pos[0]:pos[-1] + 1])
+            seg = tuple(x[pos[0] : pos[-1] + 1])
             if set(seg) == {bpe_tok.eod_id}:  # padding
                 assert all(y[t] == -100 for t in pos)
                 assert not any(real[t] for t in pos)  # left out of the MoE balance loss
                 continue
             assert all(real[t] for t in pos)
             # a conversation, or the head of one (truncated, or its last token beyond the row's inputs)
-            match = [c for ids, c in by_ids.items() if ids[:len(seg)] == seg]
+            match = [c for ids, c in by_ids.items() if ids[: len(seg)] == seg]
             exact = [c for c in match if len(c.ids) == len(seg)]
             assert exact or len(match) == 1, seg
             match = exact or match
@@ -156,10 +163,18 @@ def test_resume_across_dp_change(chat_file, bpe_tok, cache_dir):
 def test_enable_thinking_per_record_overrides_the_dataset(tmp_path, bpe_tok, cache_dir, default):
     """A record's "enable_thinking" renders that conversation as the chat template would with that switch (the
     reasoning and its </think> trained, or an empty <think></think> and no reasoning); absent: data.enable_thinking."""
-    conv = {"messages": [{"role": "user", "content": "two plus two"},
-                         {"role": "assistant", "content": "four", "reasoning_content": "two and two make four"}]}
-    records = [dict(conv, enable_thinking=True), dict(conv, enable_thinking=False), dict(conv),
-               {"prompt": "two plus two", "completion": "<think>add them</think>4", "enable_thinking": False}]
+    conv = {
+        "messages": [
+            {"role": "user", "content": "two plus two"},
+            {"role": "assistant", "content": "four", "reasoning_content": "two and two make four"},
+        ]
+    }
+    records = [
+        dict(conv, enable_thinking=True),
+        dict(conv, enable_thinking=False),
+        dict(conv),
+        {"prompt": "two plus two", "completion": "<think>add them</think>4", "enable_thinking": False},
+    ]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     it = sft(str(path), bpe_tok, packing=False, enable_thinking=default)
@@ -169,8 +184,10 @@ def test_enable_thinking_per_record_overrides_the_dataset(tmp_path, bpe_tok, cac
     for x, y, s in zip(b["input_ids"].tolist(), b["labels"].tolist(), b["seq_idx"].tolist()):
         n = s.count(0)  # the conversation, then padding
         rows[tuple(x[:n])] = [t for t in y[:n] if t != -100]
-    expected = [render_chat(bpe_tok, normalize_record(r), enable_thinking=think)
-                for r, think in zip(records, [True, False, default, False])]
+    expected = [
+        render_chat(bpe_tok, normalize_record(r), enable_thinking=think)
+        for r, think in zip(records, [True, False, default, False])
+    ]
     assert len(rows) == 3  # the record without the key renders as the dataset default says
     for chat in expected:
         ids = tuple(chat.ids)  # shorter than the row: all of it among the inputs, padding after
@@ -191,8 +208,12 @@ def test_enable_thinking_per_record_overrides_the_dataset(tmp_path, bpe_tok, cac
 def test_malformed_jsonl(tmp_path, bpe_tok, cache_dir):
     path = tmp_path / "bad.jsonl"
     good = {"prompt": "a", "completion": "b"}
-    path.write_text("\n".join([json.dumps(good), "{oops", json.dumps({"messages": [{"role": "user", "content": "x"}]}),
-                               json.dumps(good)]) + "\n")
+    path.write_text(
+        "\n".join(
+            [json.dumps(good), "{oops", json.dumps({"messages": [{"role": "user", "content": "x"}]}), json.dumps(good)]
+        )
+        + "\n"
+    )
     with pytest.raises(MalformedInputError, match=r"bad\.jsonl:2: invalid JSON"):
         sft(str(path), bpe_tok)
     it = sft(str(path), bpe_tok, skip_bad=True)

@@ -26,7 +26,7 @@ def test_worked_solutions_are_correct_arithmetic():
                 assert int(x) % int(y) == 0
         assert int(steps[-1][3]) == p["answer"]  # and ends at the answer
         if p["kind"] == "expression":  # an independent evaluation of the question itself
-            expr = p["question"][len("What is "):-1]
+            expr = p["question"][len("What is ") : -1]
             assert eval(expr) == p["answer"]  # noqa: S307 - digits and + - * only
 
 

@@ -2,19 +2,36 @@ import os
 
 import pytest
 
-from latentforge.data.tokenizer import (SPECIAL_TOKENS, HFTokenizer, TokenizerMismatchError, load_default_bpe, load_tokenizer,
-                            train_bpe)
+from latentforge.data.tokenizer import (
+    SPECIAL_TOKENS,
+    HFTokenizer,
+    TokenizerMismatchError,
+    load_default_bpe,
+    load_tokenizer,
+    train_bpe,
+)
 
-TEXTS = ["def f(x):\n    return x ** 2  # square\n", "Grüße aus Zürich — 東京 🚀\tend",
-         "  spaces   and\r\nCRLF", "numbers 1234567 and 3.14159"]
+TEXTS = [
+    "def f(x):\n    return x ** 2  # square\n",
+    "Grüße aus Zürich — 東京 🚀\tend",
+    "  spaces   and\r\nCRLF",
+    "numbers 1234567 and 3.14159",
+]
 
 
 def test_same_special_ids_in_every_source(bpe_tok, tekken_tok):
     hf = load_tokenizer(f"hf:{bpe_tok.path}")  # a tokenizer.json on disk
     for tok in (bpe_tok, tekken_tok, hf):
         assert tok.special_ids == SPECIAL_TOKENS
-        assert (tok.unk_id, tok.bos_id, tok.eod_id, tok.im_start_id, tok.im_end_id, tok.think_id,
-                tok.think_end_id) == (0, 1, 2, 10, 11, 12, 13)
+        assert (tok.unk_id, tok.bos_id, tok.eod_id, tok.im_start_id, tok.im_end_id, tok.think_id, tok.think_end_id) == (
+            0,
+            1,
+            2,
+            10,
+            11,
+            12,
+            13,
+        )
         for name, idx in SPECIAL_TOKENS.items():
             assert tok.decode([idx]) == name
             assert tok.is_special(idx)

@@ -22,48 +22,142 @@ def _specs():
 
     ssd_cfg = dict(Q=128, BLOCK=64, BLOCK_P=64, BLOCK_N=128, PREC="tf32")
     specs = [
-        (rms._group_rms_fwd, dict(X=BF16, Z=BF16, W=F32, Y=BF16, RSTD=F32, eps="fp32"),
-         dict(HAS_Z=True, BLOCK_S=1024, ROWS_PER_PROG=4)),
-        (rms._group_rms_bwd, dict(X=BF16, Z=BF16, W=F32, RSTD=F32, DY=BF16, DX=BF16, DZ=BF16, DW_PART=F32),
-         dict(HAS_Z=True, BLOCK_S=1024, ROWS_PER_PROG=4)),
-        (conv._conv_fwd_kernel, dict(X=BF16, W=F32, BIAS=F32, INIT=BF16, SEQ=I32, Y=BF16, DY=BF16, DACC=F32,
-                                     DW_PART=F32, DB_PART=F32),
-         dict(HAS_BIAS=True, HAS_INIT=True, HAS_SEQ=True, SILU=True, BACKWARD=False, K=4, BLOCK_T=32, BLOCK_C=64)),
-        (conv._conv_fwd_kernel, dict(X=BF16, W=F32, BIAS=F32, INIT=BF16, SEQ=I32, Y=BF16, DY=BF16, DACC=F32,
-                                     DW_PART=F32, DB_PART=F32),
-         dict(HAS_BIAS=True, HAS_INIT=True, HAS_SEQ=True, SILU=True, BACKWARD=True, K=4, BLOCK_T=32, BLOCK_C=64)),
-        (conv._conv_dx_kernel, dict(DACC=F32, W=F32, SEQ=I32, DX=BF16), dict(HAS_SEQ=True, K=4, BLOCK_T=32, BLOCK_C=64)),
+        (
+            rms._group_rms_fwd,
+            dict(X=BF16, Z=BF16, W=F32, Y=BF16, RSTD=F32, eps="fp32"),
+            dict(HAS_Z=True, BLOCK_S=1024, ROWS_PER_PROG=4),
+        ),
+        (
+            rms._group_rms_bwd,
+            dict(X=BF16, Z=BF16, W=F32, RSTD=F32, DY=BF16, DX=BF16, DZ=BF16, DW_PART=F32),
+            dict(HAS_Z=True, BLOCK_S=1024, ROWS_PER_PROG=4),
+        ),
+        (
+            conv._conv_fwd_kernel,
+            dict(X=BF16, W=F32, BIAS=F32, INIT=BF16, SEQ=I32, Y=BF16, DY=BF16, DACC=F32, DW_PART=F32, DB_PART=F32),
+            dict(HAS_BIAS=True, HAS_INIT=True, HAS_SEQ=True, SILU=True, BACKWARD=False, K=4, BLOCK_T=32, BLOCK_C=64),
+        ),
+        (
+            conv._conv_fwd_kernel,
+            dict(X=BF16, W=F32, BIAS=F32, INIT=BF16, SEQ=I32, Y=BF16, DY=BF16, DACC=F32, DW_PART=F32, DB_PART=F32),
+            dict(HAS_BIAS=True, HAS_INIT=True, HAS_SEQ=True, SILU=True, BACKWARD=True, K=4, BLOCK_T=32, BLOCK_C=64),
+        ),
+        (
+            conv._conv_dx_kernel,
+            dict(DACC=F32, W=F32, SEQ=I32, DX=BF16),
+            dict(HAS_SEQ=True, K=4, BLOCK_T=32, BLOCK_C=64),
+        ),
         (ce._lse_loss_kernel, dict(LOGITS=F32, LABELS=I64, LSE=F32, LOSS=F32), dict(BLOCK_V=4096)),
         (ce._softmax_grad_kernel, dict(LOGITS=F32, LABELS=I64, LSE=F32, SCALE=F32, DLOGITS=BF16), dict(BLOCK_V=4096)),
         (moe._gather_rows_kernel, dict(SRC=BF16, IDX=I32, DST=BF16), dict(BLOCK_R=32, BLOCK_D=128)),
-        (moe._combine_kernel, dict(Y_SORTED=BF16, ROWS=I32, W=F32, OUT=BF16), dict(HAS_W=True, BLOCK_T=16, BLOCK_D=128)),
-        (moe._combine_bwd_kernel, dict(DOUT=BF16, Y_SORTED=BF16, ROWS=I32, W=F32, DY_SORTED=BF16, DW=F32),
-         dict(HAS_W=True, BLOCK_D=1024)),
+        (
+            moe._combine_kernel,
+            dict(Y_SORTED=BF16, ROWS=I32, W=F32, OUT=BF16),
+            dict(HAS_W=True, BLOCK_T=16, BLOCK_D=128),
+        ),
+        (
+            moe._combine_bwd_kernel,
+            dict(DOUT=BF16, Y_SORTED=BF16, ROWS=I32, W=F32, DY_SORTED=BF16, DW=F32),
+            dict(HAS_W=True, BLOCK_D=1024),
+        ),
     ]
     gemm_ptrs = dict(A=BF16, W=BF16, OUT=BF16, H=BF16, ACT=BF16, ROW_W=F32, DROW_W=F32, TABLE=I32)
     for epi in (moe.EPI_NONE, moe.EPI_UP, moe.EPI_DACT):
-        specs.append((moe._grouped_gemm_kernel, gemm_ptrs,
-                      dict(EPILOGUE=epi, HAS_ROW_W=True, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)))
-    specs.append((moe._grouped_wgrad_kernel, dict(DOUT=BF16, A=BF16, DW=BF16, TABLE=I32),
-                  dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)))
+        specs.append(
+            (
+                moe._grouped_gemm_kernel,
+                gemm_ptrs,
+                dict(EPILOGUE=epi, HAS_ROW_W=True, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+            )
+        )
+    specs.append(
+        (
+            moe._grouped_wgrad_kernel,
+            dict(DOUT=BF16, A=BF16, DW=BF16, TABLE=I32),
+            dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+        )
+    )
     specs += [
-        (ssd._chunk_outer_kernel, dict(U=BF16, V=BF16, WT=F32, OUT=F32), dict(Q=128, BLOCK=64, BLOCK_P=64, BLOCK_N=128,
-                                                                            PREC="tf32")),
-        (ssd._state_passing_fwd_kernel, dict(S=F32, DECAY=F32, INIT=F32, HST=F32, FINAL=F32),
-         dict(HAS_INIT=True, BLOCK=1024)),
-        (ssd._state_passing_bwd_kernel, dict(DHY=F32, HST=F32, DECAY=F32, DFINAL=F32, DS=F32, DINIT=F32,
-                                             DDECAY_PART=F32), dict(BLOCK=1024)),
-        (ssd._chunk_scan_fwd_kernel, dict(X=BF16, DT=F32, ACUM=F32, WREAD=F32, Bm=BF16, Cm=BF16, HST=F32, D=F32,
-                                          SEQ=I32, Y=BF16), dict(HAS_SEQ=True, HAS_D=True, **ssd_cfg)),
-        (ssd._chunk_scan_bwd_j_kernel, dict(X=BF16, DT=F32, ACUM=F32, WSTATE=F32, Bm=BF16, Cm=BF16, DY=BF16, DS=F32,
-                                            D=F32, SEQ=I32, DX=BF16, DB_H=F32, DDT=F32, DACUM_J=F32, DWSTATE=F32),
-         dict(HAS_SEQ=True, HAS_D=True, COMPUTE_DB=False, **ssd_cfg)),
-        (ssd._chunk_scan_bwd_j_kernel, dict(X=BF16, DT=F32, ACUM=F32, WSTATE=F32, Bm=BF16, Cm=BF16, DY=BF16, DS=F32,
-                                            D=F32, SEQ=I32, DX=BF16, DB_H=F32, DDT=F32, DACUM_J=F32, DWSTATE=F32),
-         dict(HAS_SEQ=True, HAS_D=True, COMPUTE_DB=True, **ssd_cfg)),
-        (ssd._chunk_scan_bwd_i_kernel, dict(X=BF16, DT=F32, ACUM=F32, WREAD=F32, Bm=BF16, Cm=BF16, DY=BF16, HST=F32,
-                                            SEQ=I32, DC_H=F32, DACUM_I=F32, DWREAD=F32),
-         dict(HAS_SEQ=True, **ssd_cfg)),
+        (
+            ssd._chunk_outer_kernel,
+            dict(U=BF16, V=BF16, WT=F32, OUT=F32),
+            dict(Q=128, BLOCK=64, BLOCK_P=64, BLOCK_N=128, PREC="tf32"),
+        ),
+        (
+            ssd._state_passing_fwd_kernel,
+            dict(S=F32, DECAY=F32, INIT=F32, HST=F32, FINAL=F32),
+            dict(HAS_INIT=True, BLOCK=1024),
+        ),
+        (
+            ssd._state_passing_bwd_kernel,
+            dict(DHY=F32, HST=F32, DECAY=F32, DFINAL=F32, DS=F32, DINIT=F32, DDECAY_PART=F32),
+            dict(BLOCK=1024),
+        ),
+        (
+            ssd._chunk_scan_fwd_kernel,
+            dict(X=BF16, DT=F32, ACUM=F32, WREAD=F32, Bm=BF16, Cm=BF16, HST=F32, D=F32, SEQ=I32, Y=BF16),
+            dict(HAS_SEQ=True, HAS_D=True, **ssd_cfg),
+        ),
+        (
+            ssd._chunk_scan_bwd_j_kernel,
+            dict(
+                X=BF16,
+                DT=F32,
+                ACUM=F32,
+                WSTATE=F32,
+                Bm=BF16,
+                Cm=BF16,
+                DY=BF16,
+                DS=F32,
+                D=F32,
+                SEQ=I32,
+                DX=BF16,
+                DB_H=F32,
+                DDT=F32,
+                DACUM_J=F32,
+                DWSTATE=F32,
+            ),
+            dict(HAS_SEQ=True, HAS_D=True, COMPUTE_DB=False, **ssd_cfg),
+        ),
+        (
+            ssd._chunk_scan_bwd_j_kernel,
+            dict(
+                X=BF16,
+                DT=F32,
+                ACUM=F32,
+                WSTATE=F32,
+                Bm=BF16,
+                Cm=BF16,
+                DY=BF16,
+                DS=F32,
+                D=F32,
+                SEQ=I32,
+                DX=BF16,
+                DB_H=F32,
+                DDT=F32,
+                DACUM_J=F32,
+                DWSTATE=F32,
+            ),
+            dict(HAS_SEQ=True, HAS_D=True, COMPUTE_DB=True, **ssd_cfg),
+        ),
+        (
+            ssd._chunk_scan_bwd_i_kernel,
+            dict(
+                X=BF16,
+                DT=F32,
+                ACUM=F32,
+                WREAD=F32,
+                Bm=BF16,
+                Cm=BF16,
+                DY=BF16,
+                HST=F32,
+                SEQ=I32,
+                DC_H=F32,
+                DACUM_I=F32,
+                DWREAD=F32,
+            ),
+            dict(HAS_SEQ=True, **ssd_cfg),
+        ),
     ]
     return specs
 
@@ -95,8 +189,10 @@ def main() -> int:
         return 2
     for name, consts, compiled in compile_all():
         ptx = compiled.asm["ptx"]
-        print(f"{name:32s} ok  ptx {len(ptx) // 1024:5d} KiB  cubin {len(compiled.asm['cubin']) // 1024:4d} KiB  "
-              f"{ {k: v for k, v in consts.items() if k in ('EPILOGUE', 'BACKWARD')} }")
+        print(
+            f"{name:32s} ok  ptx {len(ptx) // 1024:5d} KiB  cubin {len(compiled.asm['cubin']) // 1024:4d} KiB  "
+            f"{ {k: v for k, v in consts.items() if k in ('EPILOGUE', 'BACKWARD')} }"
+        )
     return 0
 
 

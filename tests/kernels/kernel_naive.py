@@ -24,7 +24,9 @@ def ssd_naive(x, dt, A, B, C, D=None, seq_idx=None, initial_state=None, z=None):
             for t in range(l):
                 if seq_idx is not None and t > 0 and seq_idx[bi, t] != seq_idx[bi, t - 1]:
                     state = torch.zeros(p, n, dtype=torch.float64)
-                state = math.exp(dt[bi, t, hi] * A[hi]) * state + dt[bi, t, hi] * torch.outer(x[bi, t, hi], B[bi, t, gi])
+                state = math.exp(dt[bi, t, hi] * A[hi]) * state + dt[bi, t, hi] * torch.outer(
+                    x[bi, t, hi], B[bi, t, gi]
+                )
                 out = state @ C[bi, t, gi]
                 if D is not None:
                     out = out + D[hi].double() * x[bi, t, hi]

@@ -15,8 +15,13 @@ def make_conv_inputs(b, l, c, k, dtype=torch.float64, seed=0, device="cpu"):
     init = torch.randn(b, c, k - 1, generator=gen, dtype=torch.float64)
     seq_idx = random_seq_idx(b, l, 5, gen)
     pdt = dtype if dtype == torch.float64 else torch.float32
-    return dict(x=x.to(device=device, dtype=dtype), w=w.to(device=device, dtype=pdt), bias=bias.to(device=device, dtype=pdt),
-                init=init.to(device=device, dtype=dtype), seq_idx=seq_idx.to(device))
+    return dict(
+        x=x.to(device=device, dtype=dtype),
+        w=w.to(device=device, dtype=pdt),
+        bias=bias.to(device=device, dtype=pdt),
+        init=init.to(device=device, dtype=dtype),
+        seq_idx=seq_idx.to(device),
+    )
 
 
 @pytest.mark.parametrize("shape", [(2, 19, 5, 4), (1, 2, 3, 4), (2, 9, 4, 2), (1, 7, 3, 1)])
@@ -26,7 +31,9 @@ def make_conv_inputs(b, l, c, k, dtype=torch.float64, seed=0, device="cpu"):
 def test_conv1d_ref_matches_loop_fp64(shape, docs, with_init, activation):
     b, l, c, k = shape
     t = make_conv_inputs(b, l, c, k, seed=l * 7 + c + docs * 3 + with_init)
-    kw = dict(seq_idx=t["seq_idx"] if docs else None, initial_state=t["init"] if with_init else None, activation=activation)
+    kw = dict(
+        seq_idx=t["seq_idx"] if docs else None, initial_state=t["init"] if with_init else None, activation=activation
+    )
     y, final = causal_conv1d_ref(t["x"], t["w"], t["bias"], **kw)
     y_n, final_n = conv1d_naive(t["x"], t["w"], t["bias"], **kw)
     torch.testing.assert_close(y, y_n, rtol=0, atol=1e-12)

@@ -27,7 +27,9 @@ def _check(N, H, V, chunk, reduction, dtype, device=DEVICE, tol=1e-5):
         torch.testing.assert_close(a.float() / scale, b.float() / scale, rtol=tol * 10, atol=tol * 10)
 
 
-@pytest.mark.parametrize("N,H,V,chunk,reduction", [(13, 8, 50, 5, "mean"), (6, 4, 20, 16, "none"), (9, 8, 33, 4, "sum")])
+@pytest.mark.parametrize(
+    "N,H,V,chunk,reduction", [(13, 8, 50, 5, "mean"), (6, 4, 20, 16, "none"), (9, 8, 33, 4, "sum")]
+)
 def test_linear_ce_triton_fp32(N, H, V, chunk, reduction):
     _check(N, H, V, chunk, reduction, torch.float32)
 

@@ -24,8 +24,9 @@ def test_conv1d_update_continues_the_convolution(dtype, tol, head, new):
     y_full, _ = conv1d_naive(x, weight, bias, initial_state=initial)
     _, state = conv1d_naive(x[:, :head], weight, bias, initial_state=initial) if head else (None, initial)
     cast = lambda t: t.to(dtype)  # noqa: E731
-    y, per_token = causal_conv1d_update(cast(x[:, head:]), cast(weight), cast(bias), conv_state=cast(state),
-                                        per_token_states=True)
+    y, per_token = causal_conv1d_update(
+        cast(x[:, head:]), cast(weight), cast(bias), conv_state=cast(state), per_token_states=True
+    )
     y_last, last = causal_conv1d_update(cast(x[:, head:]), cast(weight), cast(bias), conv_state=cast(state))
     assert y.dtype == dtype and per_token.shape == (b, new, c, k - 1)
     torch.testing.assert_close(y.double(), y_full[:, head:], rtol=tol, atol=tol)
@@ -46,8 +47,9 @@ def test_ssd_update_continues_the_recurrence(dtype, tol, head, new):
     _, state = ssd_naive(x[:, :head], dt[:, :head], A, B[:, :head], C[:, :head], D, initial_state=init)
     tail = [t[:, head:].to(dtype) for t in (x, dt, B, C)]
     low = torch.float32 if dtype != torch.float64 else dtype  # A, D and the state stay fp32, as in the mixer
-    y, per_token = ssd_update(tail[0], tail[1], A.to(low), tail[2], tail[3], D.to(low), state=state.to(low),
-                              per_token_states=True)
+    y, per_token = ssd_update(
+        tail[0], tail[1], A.to(low), tail[2], tail[3], D.to(low), state=state.to(low), per_token_states=True
+    )
     y_last, last = ssd_update(tail[0], tail[1], A.to(low), tail[2], tail[3], D.to(low), state=state.to(low))
     assert y.dtype == dtype and per_token.shape == (2, new, 4, 3, 5) and per_token.dtype == low
     torch.testing.assert_close(y.double(), y_full[:, head:], rtol=tol, atol=tol)
@@ -70,12 +72,14 @@ def test_decode_steps_name_bad_states():
 @pytest.mark.parametrize("few_tokens", [moe_experts_dense, moe_experts_gathered])
 def test_few_token_expert_paths_match_the_token_loop(few_tokens):
     x, idx, w, w_up, w_down = make_moe_inputs(5, 8, 12, 6, 2, seed=3)
-    torch.testing.assert_close(few_tokens(x, idx, w, w_up, w_down), moe_naive(x, idx, w, w_up, w_down),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        few_tokens(x, idx, w, w_up, w_down), moe_naive(x, idx, w, w_up, w_down), rtol=0, atol=1e-12
+    )
     replayed = idx.clone()
     replayed[:, 1] = replayed[:, 0]  # a replayed route may name one expert twice: both weights count
-    torch.testing.assert_close(few_tokens(x, replayed, w, w_up, w_down), moe_naive(x, replayed, w, w_up, w_down),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        few_tokens(x, replayed, w, w_up, w_down), moe_naive(x, replayed, w, w_up, w_down), rtol=0, atol=1e-12
+    )
 
 
 def test_moe_experts_takes_the_few_token_paths_only_without_gradient(monkeypatch):

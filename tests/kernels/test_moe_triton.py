@@ -7,8 +7,11 @@ from latentforge.kernels.moe import grouped_mlp_ref, moe_experts_ref, moe_permut
 from tests.kernels.test_moe_ref import make_moe_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=5e-3, atol=5e-3),
-       torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+}
 
 
 def _leaves(*ts):

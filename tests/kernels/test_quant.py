@@ -4,6 +4,7 @@ The references below are written separately from the code under test: brute-forc
 search over the format's full value table (ties to the even code), numpy float32 arithmetic for the
 NVFP4 two-level scales, float64 math for power-of-two scale choices.
 """
+
 import math
 
 import numpy as np
@@ -20,6 +21,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
 
 # ----------------------------------------------------------------------------------------------
 # independent references
@@ -72,14 +74,14 @@ def nvfp4_numpy_ref(x, two_d=False):
     scales = np.zeros((n_rb, n_cb), dtype=np.float32)
     for rb in range(n_rb):
         for cb in range(n_cb):
-            blk = x[rb * br:(rb + 1) * br, cb * 16:(cb + 1) * 16]
+            blk = x[rb * br : (rb + 1) * br, cb * 16 : (cb + 1) * 16]
             bs = np_e4m3(min(f32(f32(np.abs(blk).max()) * mult), f32(448.0)))
             scales[rb, cb] = bs
             enc = f32(f32(1.0) / f32(bs * s_dec)) if bs > 0 else f32(np.finfo(np.float32).max)
             scaled = np.clip((blk * enc).astype(np.float32), -6.0, 6.0)
             t = torch.from_numpy(scaled.astype(np.float64).reshape(-1))
             rounded = nearest_even_ref(t, E2M1_TABLE, E2M1_CODES).numpy().reshape(blk.shape)
-            data[rb * br:(rb + 1) * br, cb * 16:(cb + 1) * 16] = rounded
+            data[rb * br : (rb + 1) * br, cb * 16 : (cb + 1) * 16] = rounded
     return torch.from_numpy(data), torch.from_numpy(scales), float(amax)
 
 
@@ -163,7 +165,9 @@ def test_fp8_tensorwise_scale_choice_and_saturation():
         assert qt.scale_inv.item() == pytest.approx(amax.item() / q.FP8_MAX[fmt], rel=1e-6)
         assert qt.data.abs().max() == q.FP8_MAX[fmt]  # the amax element maps to the format max
         vals, codes = fp8_table(fmt)
-        assert torch.equal(qt.data.double().reshape(-1), nearest_even_ref((x * (q.FP8_MAX[fmt] / amax)).reshape(-1), vals, codes))
+        assert torch.equal(
+            qt.data.double().reshape(-1), nearest_even_ref((x * (q.FP8_MAX[fmt] / amax)).reshape(-1), vals, codes)
+        )
     zero = q.quantize_fp8_tensorwise(torch.zeros(4, 4))
     assert zero.scale_inv.item() == 1.0 and torch.equal(zero.dequantize(), torch.zeros(4, 4))
     # a given (delayed) scale that is too large saturates instead of overflowing
@@ -205,7 +209,9 @@ def test_mxfp8_scale_is_e8m0_round_up_and_never_saturates():
 
 def test_nvfp4_matches_numpy_reference_bit_for_bit():
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(37, 80, generator=g) * torch.exp2(torch.randint(-8, 8, (37, 5), generator=g).float()).repeat_interleave(16, 1)
+    x = torch.randn(37, 80, generator=g) * torch.exp2(
+        torch.randint(-8, 8, (37, 5), generator=g).float()
+    ).repeat_interleave(16, 1)
     for two_d in (False, True):
         qt = q.quantize_nvfp4(x, two_d=two_d)
         data, scales, amax = nvfp4_numpy_ref(x, two_d)
@@ -225,7 +231,9 @@ def test_nvfp4_exact_on_representable_values_and_2d_transpose():
     qt = q.quantize_nvfp4(x)
     assert torch.equal(qt.dequantize(), x)
     w = torch.randn(48, 64, generator=g)
-    assert torch.equal(q.quantize_nvfp4(w, two_d=True).t().dequantize(), q.quantize_nvfp4(w.t(), two_d=True).dequantize())
+    assert torch.equal(
+        q.quantize_nvfp4(w, two_d=True).t().dequantize(), q.quantize_nvfp4(w.t(), two_d=True).dequantize()
+    )
 
 
 def test_nvfp4_stochastic_rounding_unbiased_on_a_tensor():
@@ -277,7 +285,7 @@ def test_delayed_scaler_uses_history_window():
     # the scale of step t comes from the max amax of steps t-3 .. t-1; the first step uses 1
     expected = [1.0]
     for t in range(1, len(amaxes)):
-        window = amaxes[max(0, t - 3):t]
+        window = amaxes[max(0, t - 3) : t]
         expected.append(448.0 / max(window))
     assert used == pytest.approx(expected, rel=1e-7)
     # a step with a larger amax than its (stale) scale allows saturates
@@ -404,6 +412,7 @@ def _te():
 def test_fp8_current_matches_te(fmt):
     te_mod = _te()
     import transformer_engine_torch as tex
+
     dtype = tex.DType.kFloat8E4M3 if fmt == "e4m3" else tex.DType.kFloat8E5M2
     x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16) * 3
     quantizer = te_mod.Float8CurrentScalingQuantizer(fp8_dtype=dtype, device=x.device)
@@ -415,11 +424,17 @@ def test_fp8_current_matches_te(fmt):
 def test_fp8_block_matches_te():
     te_mod = _te()
     import transformer_engine_torch as tex
+
     x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
     for dim, tile in ((1, (1, 128)), (2, (128, 128))):
         quantizer = te_mod.Float8BlockQuantizer(
-            fp8_dtype=tex.DType.kFloat8E4M3, rowwise=True, columnwise=False,
-            amax_epsilon=0.0, force_pow_2_scales=True, block_scaling_dim=dim)
+            fp8_dtype=tex.DType.kFloat8E4M3,
+            rowwise=True,
+            columnwise=False,
+            amax_epsilon=0.0,
+            force_pow_2_scales=True,
+            block_scaling_dim=dim,
+        )
         ours = q.quantize_fp8_block(x, tile).dequantize()
         torch.testing.assert_close(quantizer(x).dequantize(dtype=torch.float32), ours, rtol=0, atol=0)
 
@@ -430,9 +445,12 @@ def test_mxfp8_matches_te():
     if not te_mod.is_mxfp8_available():
         pytest.skip("MXFP8 needs compute capability 10.0")
     import transformer_engine_torch as tex
+
     x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
     quantizer = te_mod.MXFP8Quantizer(fp8_dtype=tex.DType.kFloat8E4M3, rowwise=True, columnwise=False)
-    torch.testing.assert_close(quantizer(x).dequantize(dtype=torch.float32), q.quantize_mxfp8(x).dequantize(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        quantizer(x).dequantize(dtype=torch.float32), q.quantize_mxfp8(x).dequantize(), rtol=0, atol=0
+    )
 
 
 @pytest.mark.gpu
@@ -442,8 +460,13 @@ def test_nvfp4_matches_te():
         pytest.skip("NVFP4 needs compute capability 10.0")
     x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
     for two_d in (False, True):
-        quantizer = te_mod.NVFP4Quantizer(rowwise=True, columnwise=False, with_rht=False,
-                                          with_2d_quantization=two_d, stochastic_rounding=False)
+        quantizer = te_mod.NVFP4Quantizer(
+            rowwise=True, columnwise=False, with_rht=False, with_2d_quantization=two_d, stochastic_rounding=False
+        )
         # the per-tensor factor is applied in a different order by TE's dequantize: allow 1 ulp
-        torch.testing.assert_close(quantizer(x).dequantize(dtype=torch.float32),
-                                   q.quantize_nvfp4(x, two_d=two_d).dequantize(), rtol=2e-7, atol=0)
+        torch.testing.assert_close(
+            quantizer(x).dequantize(dtype=torch.float32),
+            q.quantize_nvfp4(x, two_d=two_d).dequantize(),
+            rtol=2e-7,
+            atol=0,
+        )

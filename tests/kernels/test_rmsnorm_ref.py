@@ -21,7 +21,9 @@ def test_gated_rms_norm_ref_fp64(shape, group):
     gen = torch.Generator().manual_seed(group)
     x, z = (torch.randn(*shape, generator=gen, dtype=torch.float64) for _ in range(2))
     w = torch.randn(shape[-1], generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(gated_rms_norm_ref(x, z, w, group), gated_rms_norm_naive(x, z, w, group), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        gated_rms_norm_ref(x, z, w, group), gated_rms_norm_naive(x, z, w, group), rtol=0, atol=1e-12
+    )
 
 
 def test_norm_refs_gradcheck_and_bf16_dispatch():

@@ -6,8 +6,11 @@ import torch
 from latentforge.kernels.rmsnorm import gated_rms_norm_ref, rms_norm_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-       torch.float16: dict(rtol=2e-3, atol=2e-3)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
 
 
 def _compare(fn_fast, fn_ref, inputs, dtype):
@@ -32,8 +35,12 @@ def test_gated_rms_norm_triton(shape, group, dtype):
     gen = torch.Generator().manual_seed(group)
     x, z = (torch.randn(*shape, generator=gen).to(DEVICE, dtype) for _ in range(2))
     w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(DEVICE)
-    _compare(lambda a, b, c: gated_rms_norm_triton(a, b, c, group), lambda a, b, c: gated_rms_norm_ref(a, b, c, group),
-             [x, z, w], dtype)
+    _compare(
+        lambda a, b, c: gated_rms_norm_triton(a, b, c, group),
+        lambda a, b, c: gated_rms_norm_ref(a, b, c, group),
+        [x, z, w],
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -53,5 +60,9 @@ def test_gated_rms_norm_triton_gpu_sizes(dtype):
 
     x, z = (torch.randn(2, 4096, 8192, device="cuda", dtype=dtype) for _ in range(2))
     w = torch.randn(8192, device="cuda")
-    _compare(lambda a, b, c: gated_rms_norm(a, b, c, 1024), lambda a, b, c: gated_rms_norm_ref(a, b, c, 1024),
-             [x, z, w], dtype)
+    _compare(
+        lambda a, b, c: gated_rms_norm(a, b, c, 1024),
+        lambda a, b, c: gated_rms_norm_ref(a, b, c, 1024),
+        [x, z, w],
+        dtype,
+    )

@@ -24,8 +24,15 @@ def make_ssd_inputs(b, l, h, p, g, n, dtype=torch.float64, seed=0, device="cpu")
         return t.to(device=device, dtype=dt_)
 
     return dict(
-        x=cast(x, dtype), dt=cast(dt, dtype), A=cast(A, low), B=cast(B, dtype), C=cast(C, dtype), D=cast(D, low),
-        init=cast(init, low), z=cast(z, dtype), seq_idx=seq_idx.to(device),
+        x=cast(x, dtype),
+        dt=cast(dt, dtype),
+        A=cast(A, low),
+        B=cast(B, dtype),
+        C=cast(C, dtype),
+        D=cast(D, low),
+        init=cast(init, low),
+        z=cast(z, dtype),
+        seq_idx=seq_idx.to(device),
     )
 
 
@@ -41,7 +48,9 @@ def test_ssd_ref_matches_recurrence_fp64(shape, docs, with_init):
     t = make_ssd_inputs(b, l, h, p, g, n, seed=hash((shape, docs, with_init)) % 1000)
     seq_idx = t["seq_idx"] if docs else None
     init = t["init"] if with_init else None
-    y, final = ssd_scan_ref(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], chunk_size=q, seq_idx=seq_idx, initial_state=init)
+    y, final = ssd_scan_ref(
+        t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], chunk_size=q, seq_idx=seq_idx, initial_state=init
+    )
     y_n, final_n = ssd_naive(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], seq_idx=seq_idx, initial_state=init)
     assert y.dtype == torch.float64 and final.dtype == torch.float64
     torch.testing.assert_close(y, y_n, rtol=0, atol=1e-10)
@@ -53,10 +62,12 @@ def test_ssd_ref_resets_on_chunk_boundaries_and_z():
     b, l, h, p, g, n, q = 1, 24, 2, 2, 1, 3, 8
     t = make_ssd_inputs(b, l, h, p, g, n, seed=3)
     seq_idx = torch.tensor([[0] * 8 + [1] * 8 + [2] + [3] * 6 + [4]], dtype=torch.int32)
-    y, final = ssd_scan_ref(t["x"], t["dt"], t["A"], t["B"], t["C"], None, chunk_size=q, seq_idx=seq_idx,
-                            initial_state=t["init"], z=t["z"])
-    y_n, final_n = ssd_naive(t["x"], t["dt"], t["A"], t["B"], t["C"], None, seq_idx=seq_idx,
-                             initial_state=t["init"], z=t["z"])
+    y, final = ssd_scan_ref(
+        t["x"], t["dt"], t["A"], t["B"], t["C"], None, chunk_size=q, seq_idx=seq_idx, initial_state=t["init"], z=t["z"]
+    )
+    y_n, final_n = ssd_naive(
+        t["x"], t["dt"], t["A"], t["B"], t["C"], None, seq_idx=seq_idx, initial_state=t["init"], z=t["z"]
+    )
     torch.testing.assert_close(y, y_n, rtol=0, atol=1e-10)
     torch.testing.assert_close(final, final_n, rtol=0, atol=1e-10)
 
@@ -69,9 +80,18 @@ def test_ssd_ref_chunk_size_invariant_and_final_state_chains():
     y2, final2 = ssd_scan_ref(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], chunk_size=32)
     torch.testing.assert_close(y, y2, rtol=0, atol=1e-10)
     s = 13
-    ya, fa = ssd_scan_ref(*(t[k][:, :s] for k in ("x", "dt")), t["A"], t["B"][:, :s], t["C"][:, :s], t["D"], chunk_size=8)
-    yb, fb = ssd_scan_ref(*(t[k][:, s:] for k in ("x", "dt")), t["A"], t["B"][:, s:], t["C"][:, s:], t["D"], chunk_size=8,
-                          initial_state=fa)
+    ya, fa = ssd_scan_ref(
+        *(t[k][:, :s] for k in ("x", "dt")), t["A"], t["B"][:, :s], t["C"][:, :s], t["D"], chunk_size=8
+    )
+    yb, fb = ssd_scan_ref(
+        *(t[k][:, s:] for k in ("x", "dt")),
+        t["A"],
+        t["B"][:, s:],
+        t["C"][:, s:],
+        t["D"],
+        chunk_size=8,
+        initial_state=fa,
+    )
     torch.testing.assert_close(torch.cat([ya, yb], 1), y, rtol=0, atol=1e-10)
     torch.testing.assert_close(fb, final, rtol=0, atol=1e-10)
 

@@ -7,8 +7,11 @@ from latentforge.kernels.ssd import ssd_scan_ref
 from tests.kernels.test_ssd_ref import make_ssd_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),
-       torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+}
 NAMES = ("x", "dt", "A", "B", "C", "D", "init", "z")
 
 
@@ -23,8 +26,18 @@ def _check(shape, dtype, docs, with_init, with_z=False, with_d=True, seed=0, dev
     ref = {k: t[k].float().clone().requires_grad_() for k in NAMES}  # reference in fp32 from the same values
 
     def run(fn, a):
-        return fn(a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"] if with_d else None, chunk_size=q, seq_idx=seq_idx,
-                  initial_state=a["init"] if with_init else None, z=a["z"] if with_z else None)
+        return fn(
+            a["x"],
+            a["dt"],
+            a["A"],
+            a["B"],
+            a["C"],
+            a["D"] if with_d else None,
+            chunk_size=q,
+            seq_idx=seq_idx,
+            initial_state=a["init"] if with_init else None,
+            z=a["z"] if with_z else None,
+        )
 
     y, final = run(ssd_scan_triton, fast)
     y_r, final_r = run(ssd_scan_ref, ref)
@@ -43,11 +56,14 @@ def _check(shape, dtype, docs, with_init, with_z=False, with_d=True, seed=0, dev
 
 
 # (b, l, h, p, g, n, chunk): ragged last chunk, groups shared by heads, p / n not powers of two
-@pytest.mark.parametrize("shape,docs,with_init", [
-    ((1, 40, 4, 8, 2, 16, 16), True, True),
-    ((2, 23, 2, 5, 1, 6, 16), True, False),
-    ((1, 32, 2, 16, 2, 16, 32), False, True),
-])
+@pytest.mark.parametrize(
+    "shape,docs,with_init",
+    [
+        ((1, 40, 4, 8, 2, 16, 16), True, True),
+        ((2, 23, 2, 5, 1, 6, 16), True, False),
+        ((1, 32, 2, 16, 2, 16, 32), False, True),
+    ],
+)
 def test_ssd_triton_fp32(shape, docs, with_init):
     _check(shape, torch.float32, docs, with_init, seed=shape[1])
 
@@ -74,7 +90,8 @@ def test_ssd_dispatcher_gpu_small_model():
 
     t = make_ssd_inputs(2, 1000, 8, 32, 2, 64, dtype=torch.bfloat16, seed=2, device="cuda")
     y, f = ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], chunk_size=128, seq_idx=t["seq_idx"])
-    y_r, f_r = ssd_scan_ref(*(t[k].float() for k in ("x", "dt", "A", "B", "C", "D")), chunk_size=128,
-                            seq_idx=t["seq_idx"])
+    y_r, f_r = ssd_scan_ref(
+        *(t[k].float() for k in ("x", "dt", "A", "B", "C", "D")), chunk_size=128, seq_idx=t["seq_idx"]
+    )
     torch.testing.assert_close(y.float(), y_r, **TOL[torch.bfloat16])
     torch.testing.assert_close(f, f_r, **TOL[torch.bfloat16])

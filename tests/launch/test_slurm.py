@@ -18,8 +18,10 @@ from ..train.test_pretrain_job import REPO, SMALL
 SBATCH = os.path.join(REPO, "launch", "pretrain.sbatch")
 
 
-@pytest.mark.parametrize("text, seconds", [("10", 600), ("9:45", 585), ("1:00:00", 3600), ("1-02:03:04", 93784),
-                                           ("UNLIMITED", None), ("NOT_SET", None)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("10", 600), ("9:45", 585), ("1:00:00", 3600), ("1-02:03:04", 93784), ("UNLIMITED", None), ("NOT_SET", None)],
+)
 def test_slurm_durations(text, seconds):
     assert parse_slurm_duration(text) == seconds
 
@@ -46,8 +48,17 @@ def slurm_unavailable() -> str:
 
 
 def sbatch(submit_dir, env, *args, overrides=(), wait=False):
-    cmd = ["sbatch", "--parsable", "--nodes=1", "--cpus-per-task=2", *(["--wait"] if wait else []), *args, SBATCH,
-           *SMALL, *overrides]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--nodes=1",
+        "--cpus-per-task=2",
+        *(["--wait"] if wait else []),
+        *args,
+        SBATCH,
+        *SMALL,
+        *overrides,
+    ]
     out = subprocess.run(cmd, cwd=submit_dir, env=env, capture_output=True, text=True, timeout=900)
     job = out.stdout.strip().split(";")[0]
     return out.returncode, job, out.stderr
@@ -68,23 +79,34 @@ def stopped_line(log):
 @pytest.mark.timeout(1500)
 @pytest.mark.skipif(bool(slurm_unavailable()), reason=slurm_unavailable() or "slurm present")
 def test_sbatch_runs_as_written_resumes_and_saves_on_term(tmp_path):
-    env = dict(os.environ, LATENTFORGE_REPO=REPO, LATENTFORGE_CACHE=str(tmp_path / "cache"), WANDB_MODE="disabled",
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        LATENTFORGE_REPO=REPO,
+        LATENTFORGE_CACHE=str(tmp_path / "cache"),
+        WANDB_MODE="disabled",
+        PYTHONUNBUFFERED="1",
+    )
     env["OMP_NUM_THREADS"] = "1"  # the user's value wins over the script's (CPUs per task / ranks)
     submit = str(tmp_path)  # a fresh directory: no logs/ folder exists
     run_dir = str(tmp_path / "run")
     folder = os.path.join(run_dir, "checkpoints")
 
-    rc, job, err = sbatch(submit, env, "--time=10", overrides=[f"train.run_dir={run_dir}", "train.steps=2000",
-                                                               "train.stop_at_step=2"], wait=True)
+    rc, job, err = sbatch(
+        submit,
+        env,
+        "--time=10",
+        overrides=[f"train.run_dir={run_dir}", "train.steps=2000", "train.stop_at_step=2"],
+        wait=True,
+    )
     log = log_of(submit, job)
     assert rc == 0, f"{err}\n{log[-4000:]}"
     assert "1 node(s) x 1 rank(s) (0 GPU(s), 2 CPU(s), 1 thread(s) per rank)" in log
     assert [s for s, _ in complete_checkpoints(folder)] == [2]
 
     # resumed, then the warning of a 2-minute job (30 s before its end): a checkpoint and exit code 0
-    rc, job, err = sbatch(submit, env, "--time=2", overrides=[f"train.run_dir={run_dir}", "train.steps=2000"],
-                          wait=True)
+    rc, job, err = sbatch(
+        submit, env, "--time=2", overrides=[f"train.run_dir={run_dir}", "train.steps=2000"], wait=True
+    )
     log = log_of(submit, job)
     assert rc == 0, f"{err}\n{log[-4000:]}"
     assert "start      resumed from" in log and "step_00000002" in log
@@ -92,8 +114,12 @@ def test_sbatch_runs_as_written_resumes_and_saves_on_term(tmp_path):
     assert "(signal SIGTERM)" in line and step > 2 and complete_checkpoints(folder)[-1][0] == step
 
     # scancel: SIGTERM to every process of the step; the trainer saves before Slurm's KillWait runs out
-    rc, job, err = sbatch(submit, env, "--time=10", overrides=[f"train.run_dir={run_dir}", "train.steps=2000",
-                                                               "train.checkpoint_interval=1000"])
+    rc, job, err = sbatch(
+        submit,
+        env,
+        "--time=10",
+        overrides=[f"train.run_dir={run_dir}", "train.steps=2000", "train.checkpoint_interval=1000"],
+    )
     assert rc == 0, err
     log_path = os.path.join(submit, f"latentforge-{job}.out")
     deadline = time.time() + 300

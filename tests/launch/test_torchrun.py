@@ -48,9 +48,15 @@ def test_child_pids_reads_proc():
 def test_sigterm_saves_and_exits_0_and_kill_9_leaves_no_orphans(tmp_path, env):
     run_dir = str(tmp_path / "run")
     folder = os.path.join(run_dir, "checkpoints")
-    proc = subprocess.Popen(torchrun(f"train.run_dir={run_dir}", "train.steps=2000", "train.checkpoint_interval=2"),
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun(f"train.run_dir={run_dir}", "train.steps=2000", "train.checkpoint_interval=2"),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: complete_checkpoints(folder), proc, "a checkpoint")
         workers = child_pids(proc.pid)
@@ -70,9 +76,15 @@ def test_sigterm_saves_and_exits_0_and_kill_9_leaves_no_orphans(tmp_path, env):
     assert newest[0] == step and os.path.isfile(os.path.join(newest[1], MANIFEST_FILE))
 
     # plain torchrun resumes it; kill -9 of its process group (the workers run in sessions of their own)
-    proc = subprocess.Popen(torchrun(f"train.run_dir={run_dir}", "train.steps=2000", wrapper=False), env=env,
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun(f"train.run_dir={run_dir}", "train.steps=2000", wrapper=False),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     workers = []
     try:
         # training again (past init_distributed, where the workers arm PR_SET_PDEATHSIG): new metrics records

@@ -16,10 +16,26 @@ from tests.model.test_engine_sampling import _single_thread, chi_square_p_value,
 
 
 def make_model(dtype=torch.float64, seed=0, **overrides):
-    base = dict(pattern="M*E-M", hidden_size=32, vocab_size=97, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=8, mamba_num_heads=4, mamba_head_dim=8, mamba_groups=2, ssm_state_size=8, chunk_size=8,
-                num_experts=6, top_k=2, moe_intermediate_size=16, moe_latent_size=16,
-                shared_expert_intermediate_size=24, mlp_intermediate_size=40, mtp_depths=2)
+    base = dict(
+        pattern="M*E-M",
+        hidden_size=32,
+        vocab_size=97,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        mamba_groups=2,
+        ssm_state_size=8,
+        chunk_size=8,
+        num_experts=6,
+        top_k=2,
+        moe_intermediate_size=16,
+        moe_latent_size=16,
+        shared_expert_intermediate_size=24,
+        mlp_intermediate_size=40,
+        mtp_depths=2,
+    )
     base.update(overrides)
     torch.manual_seed(seed)
     return HybridModel(ModelConfig(**base)).to(dtype).eval()
@@ -32,7 +48,7 @@ def reference_greedy(model, prompt, max_new, stop=()):
         ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
         if ids[-1] in stop:
             break
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 PROMPTS = [[5, 17, 3, 88, 41], [9], [60, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [44, 44, 44, 7, 19, 23, 70]]
@@ -56,8 +72,10 @@ def test_mixer_decode_state_keeps_the_chunked_scans_state_after_every_token(fp64
     mixer = fp64_model.backbone.layers[0].mixer
     x = torch.randn(2, 13, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     conv_dim = mixer.conv1d.weight.shape[0]
-    state = {"conv": torch.zeros(2, conv_dim, 3, dtype=torch.float64),
-             "ssm": torch.zeros(2, 4, 8, 8, dtype=torch.float64)}
+    state = {
+        "conv": torch.zeros(2, conv_dim, 3, dtype=torch.float64),
+        "ssm": torch.zeros(2, 4, 8, 8, dtype=torch.float64),
+    }
     with torch.no_grad():
         full = mixer(x)
         head = mixer(x[:, :6], state=state)
@@ -87,9 +105,13 @@ def test_moe_module_without_gradient_equals_its_training_path(fp64_model, monkey
     moe = fp64_model.backbone.layers[2].mixer
     x = torch.randn(3, 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     taken = []
-    monkeypatch.setattr(kernels_moe, f"moe_experts_{'dense' if path == 'dense' else 'gathered'}",
-                        lambda *a, _f=getattr(kernels_moe, f"moe_experts_{'dense' if path == 'dense' else 'gathered'}"):
-                        taken.append(path) or _f(*a))
+    monkeypatch.setattr(
+        kernels_moe,
+        f"moe_experts_{'dense' if path == 'dense' else 'gathered'}",
+        lambda *a, _f=getattr(kernels_moe, f"moe_experts_{'dense' if path == 'dense' else 'gathered'}"): (
+            taken.append(path) or _f(*a)
+        ),
+    )
     with torch.no_grad():
         fast, _ = moe(x)
     with torch.enable_grad():
@@ -122,8 +144,11 @@ def test_every_engine_forward_is_the_models_own(fp64_model, greedy_references):
     def count(name):
         return lambda module, args, output: calls.__setitem__(name, calls[name] + 1)
 
-    handles = [fp64_model.register_forward_hook(count("model")), fp64_model.mtp.register_forward_hook(count("mtp")),
-               fp64_model.backbone.layers[0].mixer.register_forward_hook(count("mamba"))]
+    handles = [
+        fp64_model.register_forward_hook(count("model")),
+        fp64_model.mtp.register_forward_hook(count("mtp")),
+        fp64_model.backbone.layers[0].mixer.register_forward_hook(count("mamba")),
+    ]
     try:
         engine = Engine(fp64_model, EngineConfig(max_batch=2, max_seq_len=40, draft_tokens=2))
         catch_up, catch_ups = engine.drafter.catch_up, []
@@ -143,8 +168,10 @@ def test_token_by_token_logits_equal_one_full_forward(draft_tokens):
     """Prefill + decode (or verify) steps give the logits one forward over the whole sequence gives (float32)."""
     model = make_model(torch.float32)
     engine = Engine(model, EngineConfig(max_batch=2, max_seq_len=40, draft_tokens=draft_tokens))
-    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, max_new_tokens=n, seed=i, return_logits=True)
-              for i, n in enumerate(MAX_NEW)]
+    params = [
+        SamplingParams(temperature=0.0 if i % 2 else 1.0, max_new_tokens=n, seed=i, return_logits=True)
+        for i, n in enumerate(MAX_NEW)
+    ]
     results = engine.generate(PROMPTS, params)
     with torch.no_grad():
         for prompt, result in zip(PROMPTS, results):
@@ -166,8 +193,9 @@ def test_greedy_drafting_gives_the_tokens_of_greedy_decoding(fp64_model, greedy_
 def test_stop_tokens_end_a_sequence_inside_an_accepted_draft(fp64_model, greedy_references):
     stop = {greedy_references[0][4], greedy_references[3][2]}
     engine = Engine(fp64_model, EngineConfig(max_batch=3, max_seq_len=40, draft_tokens=3))
-    results = engine.generate(PROMPTS, [SamplingParams(temperature=0, max_new_tokens=n, stop_token_ids=stop)
-                                        for n in MAX_NEW])
+    results = engine.generate(
+        PROMPTS, [SamplingParams(temperature=0, max_new_tokens=n, stop_token_ids=stop) for n in MAX_NEW]
+    )
     for prompt, n, result in zip(PROMPTS, MAX_NEW, results):
         expected = reference_greedy(fp64_model, prompt, n, stop)
         assert result.token_ids == expected
@@ -278,8 +306,9 @@ def test_sampled_tokens_follow_the_model_distribution_with_and_without_drafting(
     n = 2500
     for draft_tokens in (0, 2):
         engine = Engine(model, EngineConfig(max_batch=64, max_seq_len=16, draft_tokens=draft_tokens))
-        results = engine.generate([prompt] * n, SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p,
-                                                              max_new_tokens=new, seed=None))
+        results = engine.generate(
+            [prompt] * n, SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, max_new_tokens=new, seed=None)
+        )
         samples = torch.tensor([r.token_ids for r in results])
         for j in range(new):
             marginal = torch.zeros(vocab, dtype=torch.float64).index_add_(0, continuations[:, j], joint)
@@ -320,8 +349,11 @@ def test_weight_update_between_steps_recompute(draft_tokens):
     """Running sequences survive the update; later tokens carry the new version; with recompute every later
     logit is the new weights' own, in particular the next one equals a fresh engine's on the new weights."""
     model, new_model = make_model(seed=0), make_model(seed=1)
-    engine = Engine(model, EngineConfig(max_batch=4, max_seq_len=40, draft_tokens=draft_tokens,
-                                        weight_update_policy="recompute"), version=0)
+    engine = Engine(
+        model,
+        EngineConfig(max_batch=4, max_seq_len=40, draft_tokens=draft_tokens, weight_update_policy="recompute"),
+        version=0,
+    )
     for prompt in PROMPTS[:3]:
         engine.add_request(prompt, SamplingParams(temperature=0, max_new_tokens=12, return_logits=True))
     done = {}
@@ -338,12 +370,14 @@ def test_weight_update_between_steps_recompute(draft_tokens):
         assert len(result.token_ids) == 12 and result.finish_reason == "length"
         assert result.versions == [0] * cut + [7] * (12 - cut)
         context = prompt + result.token_ids[:cut]
-        next_logits = fresh.generate([context], SamplingParams(temperature=0, max_new_tokens=1,
-                                                               return_logits=True))[0].logits[0]
+        next_logits = fresh.generate([context], SamplingParams(temperature=0, max_new_tokens=1, return_logits=True))[
+            0
+        ].logits[0]
         torch.testing.assert_close(result.logits[cut], next_logits, rtol=1e-9, atol=1e-9)
         for j in range(cut, 12):
-            torch.testing.assert_close(result.logits[j], last_logits(new_model, prompt + result.token_ids[:j]),
-                                       rtol=1e-8, atol=1e-8)
+            torch.testing.assert_close(
+                result.logits[j], last_logits(new_model, prompt + result.token_ids[:j]), rtol=1e-8, atol=1e-8
+            )
 
 
 def test_weight_update_continue_keeps_old_caches():

@@ -41,15 +41,25 @@ def test_cli_on_a_hugging_face_export(tmp_path, tokenizer_file, capsys, think):
     tokenizer = load_tokenizer(tokenizer_file)
     ids, text = expected_text(model, tokenizer, "What is 2 + 2?", think, 6)
     assert ids[-1] == (tokenizer.think_id if think else tokenizer.think_end_id)  # the template's reasoning switch
-    cli.main([f"ckpt={tmp_path / 'hf'}", "prompt=What is 2 + 2?", f"think={str(think).lower()}",
-              "max_new_tokens=6", "draft_tokens=2", "stats=true"])
+    cli.main(
+        [
+            f"ckpt={tmp_path / 'hf'}",
+            "prompt=What is 2 + 2?",
+            f"think={str(think).lower()}",
+            "max_new_tokens=6",
+            "draft_tokens=2",
+            "stats=true",
+        ]
+    )
     out, err = capsys.readouterr()
     assert out == text + "\n"
     assert json.loads(err.strip().splitlines()[-1])["draft_tokens"] == 2
 
 
 def test_cli_on_a_dcp_checkpoint(tmp_path, tokenizer_file, capsys):
-    pytest.importorskip("latentforge.train.export", reason="the trainer's DCP loader (train/export.py) is not in this checkout")
+    pytest.importorskip(
+        "latentforge.train.export", reason="the trainer's DCP loader (train/export.py) is not in this checkout"
+    )
     import torch.distributed.checkpoint as dcp
 
     from latentforge.data.tokenizer import load_tokenizer

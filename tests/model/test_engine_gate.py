@@ -109,8 +109,9 @@ def test_measured_costs_switch_drafting_off_and_on_with_the_same_output(fp64_mod
     k, new_tokens, change_at = 2, 60, 14
     prompts = [p * 3 for p in PROMPTS]
     expected = [reference_greedy(fp64_model, p, new_tokens) for p in prompts]
-    engine = Engine(fp64_model, EngineConfig(max_batch=5, max_seq_len=120, draft_tokens=k, draft_gate=True,
-                                             draft_probe_interval=4))
+    engine = Engine(
+        fp64_model, EngineConfig(max_batch=5, max_seq_len=120, draft_tokens=k, draft_gate=True, draft_probe_interval=4)
+    )
     cost = {"now": 0.0, "per_call": 0.0, "per_position": 1.0, "oracle": False}
     engine.gate.clock = lambda: cost["now"]
     step, catch_up = engine.runner.step, engine.drafter.catch_up
@@ -126,7 +127,7 @@ def test_measured_costs_switch_drafting_off_and_on_with_the_same_output(fp64_mod
             for i, sequence in enumerate(sequences):
                 request = engine.running[lo + i]
                 start = len(sequence) - len(request.result.prompt_ids)
-                engine.drafter.drafts[lo + i] = torch.tensor(truth[tuple(request.result.prompt_ids)][start:start + k])
+                engine.drafter.drafts[lo + i] = torch.tensor(truth[tuple(request.result.prompt_ids)][start : start + k])
 
     engine.runner.step, engine.drafter.catch_up = charged_step, drafts_after_training
     for prompt in prompts:
@@ -142,5 +143,5 @@ def test_measured_costs_switch_drafting_off_and_on_with_the_same_output(fp64_mod
     assert [results[i] for i in range(len(prompts))] == expected
     before = modes[8:change_at]  # after the first probe of plain decoding
     assert before.count(False) > before.count(True) and estimates[change_at - 1] < 0.95
-    after = modes[change_at + 6:]  # drafting back on, plain decoding only in the periodic probes
+    after = modes[change_at + 6 :]  # drafting back on, plain decoding only in the periodic probes
     assert after.count(True) >= 2 * after.count(False) and modes[-3:] == [True] * 3 and estimates[-1] > 1.5

@@ -59,8 +59,11 @@ def test_recorded_routes_equal_a_full_forward():
     model = _model()
     params = SamplingParams(temperature=0, max_new_tokens=9)
     for draft_tokens in (0, 2, 3):
-        engine = _with_oracle_drafts(Engine(model, EngineConfig(max_batch=2, max_seq_len=32, record_routes=True,
-                                                                draft_tokens=draft_tokens)), model, 9)
+        engine = _with_oracle_drafts(
+            Engine(model, EngineConfig(max_batch=2, max_seq_len=32, record_routes=True, draft_tokens=draft_tokens)),
+            model,
+            9,
+        )
         results = engine.generate(PROMPTS, params)  # 4 prompts on 2 slots: joins, compaction, a prefix-cache hit
         _check_routes(model, results)
         if draft_tokens:
@@ -75,8 +78,16 @@ def test_routes_are_recomputed_with_the_weights():
         for moe in moe_layers(new_model):
             moe.gate.e_score_correction_bias.add_(torch.randn_like(moe.gate.e_score_correction_bias))
     for draft_tokens in (0, 2):
-        engine = Engine(copy.deepcopy(model), EngineConfig(max_batch=4, max_seq_len=32, draft_tokens=draft_tokens,
-                                                           weight_update_policy="recompute", record_routes=True))
+        engine = Engine(
+            copy.deepcopy(model),
+            EngineConfig(
+                max_batch=4,
+                max_seq_len=32,
+                draft_tokens=draft_tokens,
+                weight_update_policy="recompute",
+                record_routes=True,
+            ),
+        )
         for prompt in PROMPTS[:2]:
             engine.add_request(prompt, SamplingParams(temperature=0, max_new_tokens=10))
         for _ in range(3):
@@ -95,8 +106,11 @@ def test_replaying_engine_routes_reproduces_engine_logprobs():
         for moe in moe_layers(trainer):
             moe.gate.e_score_correction_bias.add_(torch.randn_like(moe.gate.e_score_correction_bias) * 0.5)
     for draft_tokens in (0, 2):
-        engine = _with_oracle_drafts(Engine(rollout, EngineConfig(max_batch=2, max_seq_len=32, record_routes=True,
-                                                                  draft_tokens=draft_tokens)), rollout, 9)
+        engine = _with_oracle_drafts(
+            Engine(rollout, EngineConfig(max_batch=2, max_seq_len=32, record_routes=True, draft_tokens=draft_tokens)),
+            rollout,
+            9,
+        )
         results = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=9))
         free_gap = 0.0
         for result in results:
@@ -105,8 +119,8 @@ def test_replaying_engine_routes_reproduces_engine_logprobs():
             targets = torch.tensor(result.token_ids)
             want = torch.tensor(result.logprobs, dtype=torch.float32)
             with torch.no_grad():
-                free = torch.log_softmax(trainer(ids).logits.float()[0, len(result.prompt_ids) - 1:], -1)
-                replayed = trainer(ids, routes=result.routes[None]).logits.float()[0, len(result.prompt_ids) - 1:]
+                free = torch.log_softmax(trainer(ids).logits.float()[0, len(result.prompt_ids) - 1 :], -1)
+                replayed = trainer(ids, routes=result.routes[None]).logits.float()[0, len(result.prompt_ids) - 1 :]
                 replayed = torch.log_softmax(replayed, -1)
             free_gap = max(free_gap, float((free.gather(-1, targets[:, None])[:, 0] - want).abs().max()))
             got = replayed.gather(-1, targets[:, None])[:, 0]
@@ -126,9 +140,16 @@ def test_rollout_worker_samples_carry_routes_the_trainer_replays(tmp_path):
 
     torch.set_num_threads(1)
     model_cfg = dict(micro_model_cfg(), pattern="ME*E")
-    cfg = GRPOConfig(rollout={"group_size": 3, "sampling": {"max_new_tokens": 12, "temperature": 0.8},
-                              "engine": {"draft_tokens": 2}},
-                     trainer={"micro_batch_size": 6}, filter_overlong=False, router_replay=True)
+    cfg = GRPOConfig(
+        rollout={
+            "group_size": 3,
+            "sampling": {"max_new_tokens": 12, "temperature": 0.8},
+            "engine": {"draft_tokens": 2},
+        },
+        trainer={"micro_batch_size": 6},
+        filter_overlong=False,
+        router_replay=True,
+    )
     trainer = PolicyTrainer(model_cfg, cfg, OptimConfig(lr=1e-3, schedule="constant"), str(tmp_path))
     with torch.no_grad():
         for moe in moe_layers(trainer.model):
@@ -166,10 +187,22 @@ def test_multi_turn_episode_routes_cover_every_consumed_token():
     torch.manual_seed(0)
     tok = load_tokenizer("bpe")
     cfg = dict(micro_model_cfg(vocab_size=tok.vocab_size), pattern="ME*E")
-    rollout = RolloutConfig(sampling=SamplingParams(max_new_tokens=6, temperature=0.8), max_turns=3,
-                            max_episode_tokens=200, engine=EngineConfig(draft_tokens=2, max_batch=4))
-    worker = RolloutWorker(0, cfg, rollout, max_seq_len=256, stop_token_ids=[tok.im_end_id, tok.eod_id], seed=3,
-                           tokenizer_spec="bpe", record_routes=True)
+    rollout = RolloutConfig(
+        sampling=SamplingParams(max_new_tokens=6, temperature=0.8),
+        max_turns=3,
+        max_episode_tokens=200,
+        engine=EngineConfig(draft_tokens=2, max_batch=4),
+    )
+    worker = RolloutWorker(
+        0,
+        cfg,
+        rollout,
+        max_seq_len=256,
+        stop_token_ids=[tok.im_end_id, tok.eod_id],
+        seed=3,
+        tokenizer_spec="bpe",
+        record_routes=True,
+    )
     try:
         model = worker.engine.model
         model.lm_head.register_forward_hook(_end_turns(tok.im_end_id))  # turns end, the environment answers
@@ -190,14 +223,22 @@ def test_a_sample_without_input_tokens_needs_no_routes():
     from latentforge.rl.batch import collate, group_rows
     from latentforge.rl.buffer import Group, Sample
 
-    routed = Sample(group_id=0, sample_index=0, prompt_ids=[1, 5], completion_ids=[7, 9], logprobs=[-1.0, -2.0],
-                    versions=[0, 0], routes=torch.ones(3, 2, 2, dtype=torch.long), reward=1.0)
-    failed = Sample(group_id=0, sample_index=1, prompt_ids=[1], completion_ids=[], logprobs=[], versions=[],
-                    reward=0.0)
+    routed = Sample(
+        group_id=0,
+        sample_index=0,
+        prompt_ids=[1, 5],
+        completion_ids=[7, 9],
+        logprobs=[-1.0, -2.0],
+        versions=[0, 0],
+        routes=torch.ones(3, 2, 2, dtype=torch.long),
+        reward=1.0,
+    )
+    failed = Sample(group_id=0, sample_index=1, prompt_ids=[1], completion_ids=[], logprobs=[], versions=[], reward=0.0)
     batch = collate(group_rows([Group(0, [routed, failed])], normalize_std=True, filter_overlong=True))
     assert torch.equal(batch["routes"][0, :3], routed.routes)
-    unrouted = Sample(group_id=0, sample_index=1, prompt_ids=[1, 4], completion_ids=[6], logprobs=[-1.0],
-                      versions=[0], reward=0.0)
+    unrouted = Sample(
+        group_id=0, sample_index=1, prompt_ids=[1, 4], completion_ids=[6], logprobs=[-1.0], versions=[0], reward=0.0
+    )
     with pytest.raises(ValueError, match="no recorded routes"):
         collate(group_rows([Group(0, [routed, unrouted])], normalize_std=True, filter_overlong=True))
 
@@ -210,7 +251,7 @@ def test_results_enter_autograd():
     result = engine.generate([PROMPTS[1]], SamplingParams(temperature=0, max_new_tokens=5, return_logits=True))[0]
     trainer = copy.deepcopy(model).train()
     ids = torch.tensor([result.prompt_ids + result.token_ids[:-1]])
-    logits = trainer(ids, routes=result.routes[None]).logits[0, len(result.prompt_ids) - 1:]
+    logits = trainer(ids, routes=result.routes[None]).logits[0, len(result.prompt_ids) - 1 :]
     loss = torch.nn.functional.mse_loss(logits, result.logits)
     loss.backward()
     assert trainer.lm_head.weight.grad is not None and trainer.lm_head.weight.grad.abs().sum() > 0

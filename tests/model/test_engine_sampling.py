@@ -43,7 +43,7 @@ def naive_probs(logits, temperature, top_k, top_p):
         return out
     scaled = logits.double() / temperature
     order = sorted(range(vocab), key=lambda i: -scaled[i].item())
-    kept = order[: top_k] if top_k else order
+    kept = order[:top_k] if top_k else order
     weights = torch.tensor([math.exp(scaled[i].item() - scaled[kept[0]].item()) for i in kept], dtype=torch.float64)
     weights /= weights.sum()
     final, mass = [], 0.0
@@ -60,8 +60,16 @@ def naive_probs(logits, temperature, top_k, top_p):
 
 def test_sampling_probs_against_a_loop():
     torch.manual_seed(0)
-    settings = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 8, 0.6), (0.0, 0, 1.0), (2.0, 1, 1.0),
-                (1.0, 0, 0.05), (0.9, 30, 0.999)]
+    settings = [
+        (1.0, 0, 1.0),
+        (0.7, 5, 1.0),
+        (1.3, 0, 0.8),
+        (0.5, 8, 0.6),
+        (0.0, 0, 1.0),
+        (2.0, 1, 1.0),
+        (1.0, 0, 0.05),
+        (0.9, 30, 0.999),
+    ]
     logits = torch.randn(len(settings), 30, dtype=torch.float64) * 2
     temperature = torch.tensor([s[0] for s in settings], dtype=torch.float64)
     top_k = torch.tensor([s[1] for s in settings])
@@ -94,8 +102,13 @@ def test_speculative_rule_preserves_the_target_distribution(k):
     q[:, 0] = 0.0  # a token the drafter never proposes but the target likes
     q = q / q.sum(-1, keepdim=True)
     drafts = torch.stack([sample(q[j].expand(n, -1), torch.rand(n, dtype=torch.float64)) for j in range(k)], 1)
-    accepted, nxt = speculative_accept(p.expand(n, -1, -1), q.expand(n, -1, -1), drafts,
-                                       torch.rand(n, k, dtype=torch.float64), torch.rand(n, dtype=torch.float64))
+    accepted, nxt = speculative_accept(
+        p.expand(n, -1, -1),
+        q.expand(n, -1, -1),
+        drafts,
+        torch.rand(n, k, dtype=torch.float64),
+        torch.rand(n, dtype=torch.float64),
+    )
     emitted = torch.cat([drafts, nxt[:, None]], 1)
     emitted[torch.arange(n), accepted] = nxt
     expected_accept = torch.minimum(p[0], q[0]).sum().item()
@@ -128,8 +141,9 @@ def test_greedy_rule_equals_general_rule_with_one_hot_distributions():
     accepted, nxt = greedy_accept(logits, drafts)
     one_hot_p = torch.nn.functional.one_hot(best, vocab).double()
     one_hot_q = torch.nn.functional.one_hot(drafts, vocab).double()
-    acc2, nxt2 = speculative_accept(one_hot_p, one_hot_q, drafts, torch.rand(n, k, dtype=torch.float64),
-                                    torch.rand(n, dtype=torch.float64))
+    acc2, nxt2 = speculative_accept(
+        one_hot_p, one_hot_q, drafts, torch.rand(n, k, dtype=torch.float64), torch.rand(n, dtype=torch.float64)
+    )
     assert torch.equal(accepted, acc2) and torch.equal(nxt, nxt2)
     assert set(accepted.tolist()) == set(range(k + 1))
     for row in range(n):  # and against the definition

@@ -20,10 +20,24 @@ CONFIGS = {
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    base = dict(hidden_size=48, vocab_size=211, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-                mamba_num_heads=6, mamba_head_dim=8, mamba_groups=2, ssm_state_size=8, chunk_size=8,
-                num_experts=8, top_k=2, moe_intermediate_size=20, shared_expert_intermediate_size=40,
-                mlp_intermediate_size=56, routed_scaling_factor=2.5)
+    base = dict(
+        hidden_size=48,
+        vocab_size=211,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        mamba_num_heads=6,
+        mamba_head_dim=8,
+        mamba_groups=2,
+        ssm_state_size=8,
+        chunk_size=8,
+        num_experts=8,
+        top_k=2,
+        moe_intermediate_size=20,
+        shared_expert_intermediate_size=40,
+        mlp_intermediate_size=56,
+        routed_scaling_factor=2.5,
+    )
     base.update(overrides)
     return ModelConfig(**base)
 
@@ -33,7 +47,9 @@ def randomize(model: HybridModel):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "enorm.weight", "hnorm.weight", "final_layernorm.weight", "norm_f.weight")):
+            if name.endswith(
+                ("norm.weight", "enorm.weight", "hnorm.weight", "final_layernorm.weight", "norm_f.weight")
+            ):
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith(("D", "dt_bias")):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
@@ -106,7 +122,10 @@ def test_expert_names_convert_both_ways():
     stacked = {"backbone.layers.0.mixer.experts.up_proj": torch.randn(3, 4, 5)}
     split = to_hf_tensors(stacked)
     assert sorted(split) == [f"backbone.layers.0.mixer.experts.{e}.up_proj.weight" for e in range(3)]
-    assert torch.equal(from_hf_tensors(split)["backbone.layers.0.mixer.experts.up_proj"], stacked["backbone.layers.0.mixer.experts.up_proj"])
+    assert torch.equal(
+        from_hf_tensors(split)["backbone.layers.0.mixer.experts.up_proj"],
+        stacked["backbone.layers.0.mixer.experts.up_proj"],
+    )
     transformers_style = {"model.layers.0.mixer.experts.up_proj": stacked["backbone.layers.0.mixer.experts.up_proj"]}
     assert "backbone.layers.0.mixer.experts.up_proj" in from_hf_tensors(transformers_style)
 

@@ -40,9 +40,11 @@ def test_export_cli_writes_a_standalone_directory(checkpoint, tmp_path, cli):
     assert STANDALONE <= set(os.listdir(out))
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     messages = [{"role": "user", "content": "the fox"}]
-    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=False) == "<|im_start|>user\nthe fox<|im_end|>\n" \
-                                                                   "<|im_start|>assistant\n<think></think>"
+    assert (
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        == "<|im_start|>user\nthe fox<|im_end|>\n"
+        "<|im_start|>assistant\n<think></think>"
+    )
     assert GenerationConfig.from_pretrained(str(out)).eos_token_id == [2, 11]
 
 

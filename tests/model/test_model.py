@@ -11,10 +11,26 @@ from latentforge.model import HybridModel, ModelConfig
 
 
 def small(**overrides) -> ModelConfig:
-    base = dict(pattern="M*E-M", hidden_size=32, vocab_size=97, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=8, mamba_num_heads=4, mamba_head_dim=8, mamba_groups=2, ssm_state_size=8, chunk_size=8,
-                num_experts=6, top_k=2, moe_intermediate_size=16, moe_latent_size=16,
-                shared_expert_intermediate_size=24, mlp_intermediate_size=40, mtp_depths=2)
+    base = dict(
+        pattern="M*E-M",
+        hidden_size=32,
+        vocab_size=97,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        mamba_groups=2,
+        ssm_state_size=8,
+        chunk_size=8,
+        num_experts=6,
+        top_k=2,
+        moe_intermediate_size=16,
+        moe_latent_size=16,
+        shared_expert_intermediate_size=24,
+        mlp_intermediate_size=40,
+        mtp_depths=2,
+    )
     base.update(overrides)
     return ModelConfig(**base)
 

@@ -14,8 +14,14 @@ from latentforge.model.recipes import compose, model_config_from
 
 def spec_formulas(cfg: ModelConfig) -> dict:
     """SPEC section 2's per-block formulas, written independently of the modules."""
-    H, nh, P, G, N, K = (cfg.hidden_size, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.mamba_groups,
-                         cfg.ssm_state_size, cfg.conv_kernel)
+    H, nh, P, G, N, K = (
+        cfg.hidden_size,
+        cfg.mamba_num_heads,
+        cfg.mamba_head_dim,
+        cfg.mamba_groups,
+        cfg.ssm_state_size,
+        cfg.conv_kernel,
+    )
     a, g, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     E, k, I, S = cfg.num_experts, cfg.top_k, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
     mamba = H * (2 * nh * P + 2 * G * N + nh) + (nh * P + 2 * G * N) * (K + 1) + 3 * nh + nh * P + nh * P * H + H
@@ -35,10 +41,13 @@ def spec_formulas(cfg: ModelConfig) -> dict:
     return dict(total=trunk + mtp, without_mtp=trunk, mtp=mtp, active=active, per_kind=per_kind)
 
 
-@pytest.mark.parametrize("recipe, total, without, active", [
-    ("super_120b", 123_611_033_088, 120_668_707_840, 12_770_237_440),
-    ("nano_30b", 31_577_940_288, 31_577_940_288, 3_580_076_352),
-])
+@pytest.mark.parametrize(
+    "recipe, total, without, active",
+    [
+        ("super_120b", 123_611_033_088, 120_668_707_840, 12_770_237_440),
+        ("nano_30b", 31_577_940_288, 31_577_940_288, 3_580_076_352),
+    ],
+)
 def test_reference_models_exact(recipe, total, without, active):
     cfg = model_config_from(compose([f"recipe={recipe}"]))
     counts = count_parameters(meta_model(cfg))
@@ -64,13 +73,23 @@ def test_meta_count_matches_formulas_for_random_configs():
         hidden = rng.choice([32, 48, 64])
         cfg = ModelConfig(
             pattern="".join(rng.choice("M*E-") for _ in range(rng.randint(1, 9))),
-            hidden_size=hidden, vocab_size=rng.randint(50, 500),
-            num_attention_heads=kv * rng.randint(1, 4), num_key_value_heads=kv, head_dim=rng.choice([8, 16]),
-            mamba_num_heads=groups * rng.randint(1, 3), mamba_head_dim=rng.choice([4, 8]), mamba_groups=groups,
-            ssm_state_size=rng.choice([4, 8, 16]), conv_kernel=rng.choice([2, 3, 4]),
-            num_experts=experts, top_k=rng.randint(1, experts), moe_intermediate_size=rng.randint(4, 40),
-            moe_latent_size=rng.choice([None, 16, hidden]), shared_expert_intermediate_size=rng.randint(4, 64),
-            mlp_intermediate_size=rng.randint(8, 64), mtp_depths=rng.choice([0, 1, 2]),
+            hidden_size=hidden,
+            vocab_size=rng.randint(50, 500),
+            num_attention_heads=kv * rng.randint(1, 4),
+            num_key_value_heads=kv,
+            head_dim=rng.choice([8, 16]),
+            mamba_num_heads=groups * rng.randint(1, 3),
+            mamba_head_dim=rng.choice([4, 8]),
+            mamba_groups=groups,
+            ssm_state_size=rng.choice([4, 8, 16]),
+            conv_kernel=rng.choice([2, 3, 4]),
+            num_experts=experts,
+            top_k=rng.randint(1, experts),
+            moe_intermediate_size=rng.randint(4, 40),
+            moe_latent_size=rng.choice([None, 16, hidden]),
+            shared_expert_intermediate_size=rng.randint(4, 64),
+            mlp_intermediate_size=rng.randint(8, 64),
+            mtp_depths=rng.choice([0, 1, 2]),
         )
         counts = count_parameters(meta_model(cfg))
         expected = spec_formulas(cfg)
@@ -90,7 +109,11 @@ def test_meta_build_allocates_nothing():
 
 
 def test_cli_prints_the_counts():
-    out = subprocess.run([sys.executable, "-m", "latentforge.model.params", "recipe=super_120b", "seq_len=4096"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "latentforge.model.params", "recipe=super_120b", "seq_len=4096"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for number in ("123,611,033,088", "120,668,707,840", "12,770,237,440", "83.72 GFLOP"):
         assert number in out

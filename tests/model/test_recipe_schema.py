@@ -66,24 +66,34 @@ def composed(file: Path, root: Path) -> dict:
 def restatements(file: Path, root: Path, scratch: Path) -> dict:
     """The values of `file` that compose the same without it: what it inherits anyway."""
     shipped = leaves(composed(file, root))
-    inherited = leaves(OmegaConf.to_container(compose(selection(file), config_dir=without_own_values(file, root, scratch)),
-                                              resolve=True))
-    return {key: value for key, value in leaves(own_values(file, root)).items()
-            if key in inherited and inherited[key] == shipped[key]}
+    inherited = leaves(
+        OmegaConf.to_container(
+            compose(selection(file), config_dir=without_own_values(file, root, scratch)), resolve=True
+        )
+    )
+    return {
+        key: value
+        for key, value in leaves(own_values(file, root)).items()
+        if key in inherited and inherited[key] == shipped[key]
+    }
 
 
 @pytest.mark.parametrize("file", FILES, ids=str)
 def test_yaml_holds_only_what_it_changes(file, tmp_path):
     restated = restatements(file, RECIPES_DIR, tmp_path)
-    assert not restated, (f"recipes/{file} restates values it already inherits (a dataclass default or the file it "
-                          f"extends): {restated}; delete those lines")
+    assert not restated, (
+        f"recipes/{file} restates values it already inherits (a dataclass default or the file it "
+        f"extends): {restated}; delete those lines"
+    )
 
 
 @pytest.mark.parametrize("file", FILES, ids=str)
 def test_yaml_names_only_dataclass_fields_and_composes_into_valid_configs(file):
     for group in own_values(file):
         assert group in GROUP_SCHEMAS, f"recipes/{file}: `{group}` is not a recipe group ({sorted(GROUP_SCHEMAS)})"
-    for group, values in composed(file, RECIPES_DIR).items():  # every group the selection composes, not only the file's own
+    for group, values in composed(
+        file, RECIPES_DIR
+    ).items():  # every group the selection composes, not only the file's own
         if group != "recipe":
             from_dict(schema_class(group), values, group)  # raises naming an unknown key or a bad value
 
@@ -106,8 +116,9 @@ def test_the_checks_catch_a_restated_default_a_restated_parent_value_and_an_unkn
     shutil.copytree(RECIPES_DIR, tree)
     train, child = Path("train/default.yaml"), Path("recipe/child.yaml")
     (tree / train).write_text((tree / train).read_text() + "\nseq_len: 256\nsteps: 7\n")
-    (tree / child).write_text("# @package _global_\ndefaults: [super_120b, _self_]\n"
-                              "train: {checkpoint_interval: 1000, keep_last: 4}\n")
+    (tree / child).write_text(
+        "# @package _global_\ndefaults: [super_120b, _self_]\ntrain: {checkpoint_interval: 1000, keep_last: 4}\n"
+    )
     assert restatements(train, tree, tmp_path / "a") == {"train.seq_len": 256}  # the dataclass default
     assert restatements(child, tree, tmp_path / "b") == {"train.checkpoint_interval": 1000}  # the parent recipe's
     (tree / train).write_text((tree / train).read_text() + "sequence_len: 128\n")

@@ -6,8 +6,24 @@ from latentforge.model.recipes import compose, model_config_from
 def micro_model_cfg(vocab_size: int = 128) -> dict:
     """Every layer kind the engine must handle (Mamba, attention, MoE) and MTP, at toy width."""
     cfg = model_config_from(compose(["recipe=tiny"])).to_dict()
-    cfg.update(pattern="M*E", hidden_size=32, vocab_size=vocab_size, num_attention_heads=2, num_key_value_heads=1,
-               head_dim=16, mamba_num_heads=4, mamba_head_dim=16, mamba_groups=1, ssm_state_size=8, chunk_size=16,
-               num_experts=4, top_k=2, moe_intermediate_size=16, moe_latent_size=16,
-               shared_expert_intermediate_size=32, mlp_intermediate_size=32, mtp_depths=2)
+    cfg.update(
+        pattern="M*E",
+        hidden_size=32,
+        vocab_size=vocab_size,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        mamba_num_heads=4,
+        mamba_head_dim=16,
+        mamba_groups=1,
+        ssm_state_size=8,
+        chunk_size=16,
+        num_experts=4,
+        top_k=2,
+        moe_intermediate_size=16,
+        moe_latent_size=16,
+        shared_expert_intermediate_size=32,
+        mlp_intermediate_size=32,
+        mtp_depths=2,
+    )
     return cfg

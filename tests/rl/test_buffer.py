@@ -9,9 +9,16 @@ from latentforge.rl.buffer import Sample, StalenessBuffer
 
 def make_sample(gid, idx, versions, reward=None, finish="stop"):
     n = len(versions)
-    return Sample(group_id=gid, sample_index=idx, prompt_ids=[1, 2], completion_ids=list(range(n)),
-                  logprobs=[-1.0] * n, versions=list(versions), finish_reason=finish,
-                  reward=float(idx % 2) if reward is None else reward)
+    return Sample(
+        group_id=gid,
+        sample_index=idx,
+        prompt_ids=[1, 2],
+        completion_ids=list(range(n)),
+        logprobs=[-1.0] * n,
+        versions=list(versions),
+        finish_reason=finish,
+        reward=float(idx % 2) if reward is None else reward,
+    )
 
 
 def test_straddling_sequence_counts_its_oldest_token():
@@ -94,8 +101,9 @@ def test_adversarial_schedule_never_breaks_the_bound(k):
             assert min(group.staleness(version)) >= 0
             assert len(group.samples) == G
     c = buf.counters
-    assert c["groups_completed"] == (c["groups_served"] + c["groups_zero_advantage"] + c["groups_stale_dropped"]
-                                     + len(buf))
+    assert c["groups_completed"] == (
+        c["groups_served"] + c["groups_zero_advantage"] + c["groups_stale_dropped"] + len(buf)
+    )
     assert c["groups_served"] == len(served) > 0
     assert c["groups_stale_dropped"] > 0  # the schedule did produce too-old groups, and none was served
 

@@ -17,9 +17,14 @@ def test_recipe_composes_into_typed_configs():
     rl = setup.rl
     assert rl.max_staleness == 0 and rl.loss.kl_coef == 0.05 and rl.rollout.group_size == 8
     assert rl.run_name == "grpo_tiny" and rl.steps == 120  # the recipe's, over GRPOConfig's defaults
-    for value, kind in ((setup.model, ModelConfig), (setup.optim, OptimConfig), (setup.data, DataConfig),
-                        (setup.parallel, ParallelConfig), (setup.precision, PrecisionConfig),
-                        (setup.tokenizer, TokenizerConfig)):
+    for value, kind in (
+        (setup.model, ModelConfig),
+        (setup.optim, OptimConfig),
+        (setup.data, DataConfig),
+        (setup.parallel, ParallelConfig),
+        (setup.precision, PrecisionConfig),
+        (setup.tokenizer, TokenizerConfig),
+    ):
         assert type(value) is kind
     assert setup.model.vocab_size >= 4096 and setup.tokenizer.kind == "bpe" and setup.parallel.tp == 2
     assert setup.task_seed == 1234 and setup.data.enable_thinking is True  # the SFT data's seed and chat format
@@ -65,11 +70,11 @@ def test_rollout_holds_the_engine_and_sampling_configs_with_their_own_defaults()
 
     plain = GRPOConfig()
     assert plain.rollout.engine == EngineConfig() and plain.rollout.sampling == SamplingParams()
-    restated = {f.name for f in fields(RolloutConfig)} & ({f.name for f in fields(EngineConfig)}
-                                                         | {f.name for f in fields(SamplingParams)})
+    restated = {f.name for f in fields(RolloutConfig)} & (
+        {f.name for f in fields(EngineConfig)} | {f.name for f in fields(SamplingParams)}
+    )
     assert not restated, f"RolloutConfig restates engine / sampling fields: {restated}"
-    rl = load_configs(["recipe=grpo_tiny", "rl.rollout.engine.draft_gate=true",
-                       "rl.rollout.sampling.top_p=0.9"]).rl
+    rl = load_configs(["recipe=grpo_tiny", "rl.rollout.engine.draft_gate=true", "rl.rollout.sampling.top_p=0.9"]).rl
     assert isinstance(rl.rollout.engine, EngineConfig) and isinstance(rl.rollout.sampling, SamplingParams)
     assert (rl.rollout.engine.max_batch, rl.rollout.engine.draft_tokens, rl.rollout.engine.draft_gate) == (32, 2, True)
     assert (rl.rollout.sampling.max_new_tokens, rl.rollout.sampling.top_p) == (96, 0.9)
@@ -96,15 +101,22 @@ def test_a_rollout_worker_builds_its_engine_and_requests_from_the_nested_configs
     from latentforge.rl.config import RolloutConfig
     from tests.rl.helpers import micro_model_cfg
 
-    rollout = RolloutConfig(engine=EngineConfig(max_batch=3, draft_tokens=1, max_seq_len=9999, seed=77),
-                            sampling=SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=5, stop_token_ids=[9]))
+    rollout = RolloutConfig(
+        engine=EngineConfig(max_batch=3, draft_tokens=1, max_seq_len=9999, seed=77),
+        sampling=SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=5, stop_token_ids=[9]),
+    )
     worker = RolloutWorker(0, micro_model_cfg(), rollout, max_seq_len=40, stop_token_ids=[2], seed=5)
     try:
         engine = worker.engine.config
         assert (engine.max_batch, engine.draft_tokens, engine.max_seq_len, engine.seed) == (3, 1, 40, 5)
         train = worker.sampling_params({"kind": "train", "seed": 11})
-        assert (train.temperature, train.top_p, train.max_new_tokens, train.stop_token_ids, train.seed) == \
-            (0.7, 0.9, 5, (9, 2), 11)
+        assert (train.temperature, train.top_p, train.max_new_tokens, train.stop_token_ids, train.seed) == (
+            0.7,
+            0.9,
+            5,
+            (9, 2),
+            11,
+        )
         held_out = worker.sampling_params({"kind": "eval", "max_new_tokens": 8})
         assert (held_out.temperature, held_out.top_p, held_out.max_new_tokens) == (0.0, 1.0, 8)
     finally:

@@ -99,13 +99,15 @@ def test_answer_uses_tool_output_reads_the_last_tool_reply(word_problem):
 
 def test_python_tool_errors_are_observations(word_problem):
     env = python_env(word_problem, timeout_s=1)
-    cases = [(call("python", code="while True: pass"), "timeout"),
-             (call("python", code="raise ValueError('bad input')"), "ValueError: bad input"),
-             (call("python", code="import os; os.abort()"), "error: crash"),
-             (call("python"), 'python needs {"code"'),
-             (call("shell", cmd="ls"), "unknown tool 'shell'"),
-             ('<tool_call>{"name": "python", "arguments": </tool_call>', "not valid JSON"),
-             ('<tool_call>{"name": "python"', "not closed")]
+    cases = [
+        (call("python", code="while True: pass"), "timeout"),
+        (call("python", code="raise ValueError('bad input')"), "ValueError: bad input"),
+        (call("python", code="import os; os.abort()"), "error: crash"),
+        (call("python"), 'python needs {"code"'),
+        (call("shell", cmd="ls"), "unknown tool 'shell'"),
+        ('<tool_call>{"name": "python", "arguments": </tool_call>', "not valid JSON"),
+        ('<tool_call>{"name": "python"', "not closed"),
+    ]
     for text, expected in cases:
         result = run(env.step(turn(text)))
         assert not result.done and len(result.observations) == 1, text
@@ -168,10 +170,18 @@ def test_episode_metrics_rate_errors_per_attempted_call():
     from latentforge.rl.envs.metrics import episode_metrics
 
     def episode(turns, calls, errors, plain=False):
-        return Sample(0, 0, [1], [5, 6, 7], [0.0] * 3, [0, -1, 0], reward=0.0,
-                      reward_info={"tool_calls": calls, "tool_errors": errors},
-                      meta={} if plain else {"episode": True, "turns": turns, "generated_tokens": 2},
-                      completion_mask=[True, False, True])
+        return Sample(
+            0,
+            0,
+            [1],
+            [5, 6, 7],
+            [0.0] * 3,
+            [0, -1, 0],
+            reward=0.0,
+            reward_info={"tool_calls": calls, "tool_errors": errors},
+            meta={} if plain else {"episode": True, "turns": turns, "generated_tokens": 2},
+            completion_mask=[True, False, True],
+        )
 
     m = episode_metrics([episode(2, 3, 1), episode(1, 1, 1), episode(9, 9, 9, plain=True)], prefix="eval_")
     assert m["eval_turns"] == 1.5 and m["eval_tool_calls"] == 2.0 and m["eval_tool_error_rate"] == 0.5

@@ -53,10 +53,15 @@ def setup():
     tok = load_tokenizer("bpe")
     cfg = micro_model_cfg(vocab_size=tok.vocab_size)
     model = HybridModel(ModelConfig.from_dict(dict(cfg))).eval().requires_grad_(False)
-    rollout = RolloutConfig(sampling=SamplingParams(max_new_tokens=6, temperature=TEMPERATURE), max_turns=5,
-                            max_episode_tokens=200, engine=EngineConfig(max_batch=8))
-    worker = RolloutWorker(0, cfg, rollout, max_seq_len=256, stop_token_ids=[tok.im_end_id, tok.eod_id], seed=3,
-                           tokenizer_spec="bpe")
+    rollout = RolloutConfig(
+        sampling=SamplingParams(max_new_tokens=6, temperature=TEMPERATURE),
+        max_turns=5,
+        max_episode_tokens=200,
+        engine=EngineConfig(max_batch=8),
+    )
+    worker = RolloutWorker(
+        0, cfg, rollout, max_seq_len=256, stop_token_ids=[tok.im_end_id, tok.eod_id], seed=3, tokenizer_spec="bpe"
+    )
     for m in (model, worker.engine.model):
         m.lm_head.register_forward_hook(_end_turns(tok.im_end_id))
     worker.stage_weights({k: v.clone() for k, v in model.state_dict().items()}, 0)
@@ -71,6 +76,7 @@ def _end_turns(im_end_id):
         logits = logits.clone()
         logits[..., im_end_id] += IM_END_BIAS
         return logits
+
     return hook
 
 
@@ -83,14 +89,21 @@ def _spy_on_engine(engine):
         for r in out:
             results[r.request_id] = r
         return out
+
     engine.step = recording_step
     return results
 
 
 def _episode(env, group, index, **extra):
-    return {"group_id": group, "sample_index": index, "kind": "train", "seed": 100 * group + index,
-            "min_version": 0, "record": {"id": f"r{group}", "env": f"{HERE}:{env}", "enable_thinking": False},
-            **extra}
+    return {
+        "group_id": group,
+        "sample_index": index,
+        "kind": "train",
+        "seed": 100 * group + index,
+        "min_version": 0,
+        "record": {"id": f"r{group}", "env": f"{HERE}:{env}", "enable_thinking": False},
+        **extra,
+    }
 
 
 def _collect(worker, n, timeout=120):
@@ -109,13 +122,21 @@ def test_three_turn_episode_is_token_exact(setup):
     for s in samples:
         assert s.meta["turns"] == 3 and s.reward == 1.0 and s.finish_reason == "stop"
         turns = [spy[f"train:0:{s.sample_index}:turn{t}"] for t in range(3)]
-        observations = [tok.encode_with_control_tokens(
-            f"\n<|im_start|>tool\n<tool_response>\nobs {t}\n</tool_response><|im_end|>\n"
-            "<|im_start|>assistant\n<think></think>") for t in (1, 2)]
+        observations = [
+            tok.encode_with_control_tokens(
+                f"\n<|im_start|>tool\n<tool_response>\nobs {t}\n</tool_response><|im_end|>\n"
+                "<|im_start|>assistant\n<think></think>"
+            )
+            for t in (1, 2)
+        ]
         expected = turns[0].token_ids + observations[0] + turns[1].token_ids + observations[1] + turns[2].token_ids
-        expected_mask = ([1.0] * len(turns[0].token_ids) + [0.0] * len(observations[0])
-                         + [1.0] * len(turns[1].token_ids) + [0.0] * len(observations[1])
-                         + [1.0] * len(turns[2].token_ids))
+        expected_mask = (
+            [1.0] * len(turns[0].token_ids)
+            + [0.0] * len(observations[0])
+            + [1.0] * len(turns[1].token_ids)
+            + [0.0] * len(observations[1])
+            + [1.0] * len(turns[2].token_ids)
+        )
         assert all(t.token_ids[-1] == tok.im_end_id for t in turns)
         assert s.prompt_ids == tok.encode_with_control_tokens(prompt_text)
         assert s.completion_ids == expected
@@ -127,9 +148,10 @@ def test_three_turn_episode_is_token_exact(setup):
         assert row["input_ids"] == (s.prompt_ids + expected)[:-1] and row["targets"] == (s.prompt_ids + expected)[1:]
         assert row["loss_mask"] == [0.0] * (p - 1) + expected_mask
         generated_logprobs = [x for t in turns for x in t.logprobs]
-        assert [x for x, m in zip(row["behaviour_logprobs"][p - 1:], expected_mask) if m] == generated_logprobs
-        assert [v for v, m in zip(row["versions"][p - 1:], expected_mask) if not m] == [-1] * int(
-            len(expected_mask) - sum(expected_mask))
+        assert [x for x, m in zip(row["behaviour_logprobs"][p - 1 :], expected_mask) if m] == generated_logprobs
+        assert [v for v, m in zip(row["versions"][p - 1 :], expected_mask) if not m] == [-1] * int(
+            len(expected_mask) - sum(expected_mask)
+        )
 
         # the trainer's log-probs of the whole episode agree with the engine's at every generated token
         batch = collate([row])
@@ -144,8 +166,18 @@ def test_a_waiting_environment_does_not_stall_other_sequences(setup):
     tok, _, worker, _ = setup
     start = time.monotonic()
     worker.submit([_episode("SlowEnv", 1, 0)])
-    worker.submit([{"group_id": 2, "sample_index": 0, "kind": "train", "seed": 7, "min_version": 0,
-                    "prompt_ids": [tok.bos_id, 5, 6]}])
+    worker.submit(
+        [
+            {
+                "group_id": 2,
+                "sample_index": 0,
+                "kind": "train",
+                "seed": 7,
+                "min_version": 0,
+                "prompt_ids": [tok.bos_id, 5, 6],
+            }
+        ]
+    )
     first = _collect(worker, 1)
     assert first[0].group_id == 2 and time.monotonic() - start < 1.5  # done while the slow environment waited
     slow = _collect(worker, 1)[0]

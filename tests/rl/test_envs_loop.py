@@ -19,14 +19,29 @@ from latentforge.train.config import OptimConfig  # noqa: E402
 def test_guess_number_episodes_train_and_evaluate(local_ray, tmp_path):
     run_dir = str(tmp_path / "run")
     cfg = GRPOConfig(
-        steps=2, groups_per_step=2, max_staleness=1, seed=0, filter_zero_advantage=False, filter_overlong=False,
-        run_dir=run_dir, wandb={"enabled": False}, eval_samples=1,
+        steps=2,
+        groups_per_step=2,
+        max_staleness=1,
+        seed=0,
+        filter_zero_advantage=False,
+        filter_overlong=False,
+        run_dir=run_dir,
+        wandb={"enabled": False},
+        eval_samples=1,
         rollout={"group_size": 2, "sampling": {"max_new_tokens": 8}, "engine": {"max_batch": 8}, "max_turns": 3},
         trainer={"micro_batch_size": 4},
-        prompts={"tasks": [{"name": "guess_number", "num": 50}], "eval_tasks": [{"name": "guess_number", "num": 2}]})
+        prompts={"tasks": [{"name": "guess_number", "num": 50}], "eval_tasks": [{"name": "guess_number", "num": 2}]},
+    )
     lines = []
-    loop = GRPOLoop(cfg, micro_model_cfg(4096), OptimConfig(lr=1e-3, schedule="constant"),
-                    tokenizer_spec=vars(TokenizerConfig()), run_dir=run_dir, task_seed=1, print_fn=lines.append)
+    loop = GRPOLoop(
+        cfg,
+        micro_model_cfg(4096),
+        OptimConfig(lr=1e-3, schedule="constant"),
+        tokenizer_spec=vars(TokenizerConfig()),
+        run_dir=run_dir,
+        task_seed=1,
+        print_fn=lines.append,
+    )
     try:
         summary = loop.run()
     finally:

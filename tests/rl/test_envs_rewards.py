@@ -46,15 +46,24 @@ def play_episode(tok, record, turns):
     """Drive a real EpisodeRunner: each scripted assistant turn is handed over as the engine's result of the turn
     request the runner queued; returns the delivered Sample."""
     requests, delivered = queue.Queue(), queue.Queue()
-    runner = EpisodeRunner(tok, EpisodeLimits(max_turns=4, max_episode_tokens=400, step_timeout_s=30),
-                           requests.put, delivered.put)
+    runner = EpisodeRunner(
+        tok, EpisodeLimits(max_turns=4, max_episode_tokens=400, step_timeout_s=30), requests.put, delivered.put
+    )
     try:
         runner.start({"group_id": 0, "sample_index": 0, "kind": "train", "seed": None, "record": record})
         for text in turns:
             request = requests.get(timeout=30)
             ids = tok.encode_chat_text(text) + [tok.im_end_id]
-            runner.on_generated(SimpleNamespace(request_id=request["rid"], token_ids=ids, logprobs=[-0.5] * len(ids),
-                                                versions=[0] * len(ids), routes=None, finish_reason="stop"))
+            runner.on_generated(
+                SimpleNamespace(
+                    request_id=request["rid"],
+                    token_ids=ids,
+                    logprobs=[-0.5] * len(ids),
+                    versions=[0] * len(ids),
+                    routes=None,
+                    finish_reason="stop",
+                )
+            )
         return delivered.get(timeout=30)
     finally:
         runner.close()
@@ -63,8 +72,7 @@ def play_episode(tok, record, turns):
 @pytest.fixture(scope="module")
 def episode():
     tok = load_tokenizer("bpe")
-    record = dict(get_task("python_tool").prompts("test", 1, 0)[0], enable_thinking=False,
-                  env_options={"timeout_s": 5})
+    record = dict(get_task("python_tool").prompts("test", 1, 0)[0], enable_thinking=False, env_options={"timeout_s": 5})
     sample = play_episode(tok, record, [call_text(f"print({record['answer']})"), f"Answer: {record['answer']}"])
     assert sample.reward == 1.0 and sample.reward_info["tool_calls"] == 1 and sample.meta["turns"] == 2
     return tok, record, sample
@@ -82,10 +90,13 @@ def transcript(tok, sample):
 
 def test_user_functions_read_the_whole_episode_and_add_to_the_environment_reward(episode):
     tok, record, delivered = episode
-    cfg = RewardConfig(task_weight=0.5, functions=[
-        {"target": f"{HERE}:tool_calls_seen", "weight": 0.1, "isolation": "inline"},
-        {"target": f"{HERE}:echo_length", "weight": 0.001},  # in the sandboxed child process
-    ])
+    cfg = RewardConfig(
+        task_weight=0.5,
+        functions=[
+            {"target": f"{HERE}:tool_calls_seen", "weight": 0.1, "isolation": "inline"},
+            {"target": f"{HERE}:echo_length", "weight": 0.001},  # in the sandboxed child process
+        ],
+    )
     worker = RewardWorker(cfg, "bpe")
     try:
         sample = fresh(delivered)
@@ -93,11 +104,13 @@ def test_user_functions_read_the_whole_episode_and_add_to_the_environment_reward
     finally:
         worker.close()
     text = transcript(tok, delivered)
-    assert text.count("<tool_call>") == 1 and "<|im_start|>tool\n" in text and text.endswith(
-        f"Answer: {record['answer']}")
+    assert (
+        text.count("<tool_call>") == 1 and "<|im_start|>tool\n" in text and text.endswith(f"Answer: {record['answer']}")
+    )
     assert sample.text == text
-    assert sample.reward_info["components"] == pytest.approx({"env": 1.0, "tool_calls_seen": 11.0,
-                                                              "echo_length": float(len(text))})
+    assert sample.reward_info["components"] == pytest.approx(
+        {"env": 1.0, "tool_calls_seen": 11.0, "echo_length": float(len(text))}
+    )
     assert sample.reward == pytest.approx(0.5 * 1.0 + 0.1 * 11.0 + 0.001 * len(text))
     # the environment's own counters and verdict survive scoring
     assert sample.reward_info["correct"] is True and sample.reward_info["tool_calls"] == 1
@@ -125,8 +138,10 @@ def test_judge_only_reward_for_episodes(episode, tmp_path):
     tok, record, right = episode
     wrong = play_episode(tok, record, [call_text(f"print({record['answer']})"), f"Answer: {record['answer'] + 1}"])
     judge_dir = _teach_judge(tok, record, {f"Answer: {record['answer']}": "Score: 7"}, tmp_path)
-    cfg = RewardConfig(task_weight=0.0, judge={"checkpoint": judge_dir, "tokenizer": "bpe", "weight": 2.0,
-                                               "max_new_tokens": 8, "rubric": RUBRIC})
+    cfg = RewardConfig(
+        task_weight=0.0,
+        judge={"checkpoint": judge_dir, "tokenizer": "bpe", "weight": 2.0, "max_new_tokens": 8, "rubric": RUBRIC},
+    )
     worker = RewardWorker(cfg, "bpe")
     try:
         samples = [fresh(right), fresh(wrong)]

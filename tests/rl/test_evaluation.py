@@ -70,8 +70,25 @@ def both(checkpoints, tmp_path_factory):
 
     run_dir, export = checkpoints
     out = tmp_path_factory.mktemp("results") / "ours.json"
-    assert main([str(run_dir), "--tasks", ",".join(TASKS), "--limit", str(LIMIT), "--batch-size", "4",
-                 "--device", "cpu", "--log-samples", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                str(run_dir),
+                "--tasks",
+                ",".join(TASKS),
+                "--limit",
+                str(LIMIT),
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+                "--log-samples",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ours = json.loads(out.read_text())
     theirs = run_tasks(hf_lm(export), TASKS, limit=LIMIT, log_samples=True)
     return ours, theirs
@@ -111,8 +128,9 @@ def test_an_export_evaluates_like_its_checkpoint(checkpoints, both):
 
     _, export = checkpoints
     ours, _ = both
-    from_export = task_metrics(run_tasks(LatentForgeLM(str(export), batch_size=3), ["lf_choice", "lf_text"],
-                                         limit=LIMIT))
+    from_export = task_metrics(
+        run_tasks(LatentForgeLM(str(export), batch_size=3), ["lf_choice", "lf_text"], limit=LIMIT)
+    )
     for task in ("lf_choice", "lf_text"):
         for metric, value in from_export[task].items():
             assert math.isclose(ours["metrics"][task][metric], value, rel_tol=1e-5), (task, metric)
@@ -134,8 +152,9 @@ def test_parallel_layout_evaluates_like_one_device(checkpoints):
     from tests.distributed import run_distributed
 
     run_dir, _ = checkpoints
-    expected = task_metrics(run_tasks(LatentForgeLM(str(run_dir), max_length=64), ["lf_choice", "lf_text"],
-                                      limit=LIMIT))
+    expected = task_metrics(
+        run_tasks(LatentForgeLM(str(run_dir), max_length=64), ["lf_choice", "lf_text"], limit=LIMIT)
+    )
     got, other = run_distributed(_parallel_metrics, 2, str(run_dir), {"tp": 2})
     assert other is None
     for task, values in expected.items():
@@ -155,8 +174,13 @@ def test_chat_template_path_equals_stock_hf(checkpoints, thinking):
     if thinking is not None:
         theirs_lm.chat_template_args = {"enable_thinking": thinking}
     tasks = ["lf_arith", "lf_choice"]
-    ours = run_tasks(LatentForgeLM(str(run_dir), batch_size=4, enable_thinking=thinking), tasks, limit=4,
-                     log_samples=True, apply_chat_template=True)
+    ours = run_tasks(
+        LatentForgeLM(str(run_dir), batch_size=4, enable_thinking=thinking),
+        tasks,
+        limit=4,
+        log_samples=True,
+        apply_chat_template=True,
+    )
     theirs = run_tasks(theirs_lm, tasks, limit=4, log_samples=True, apply_chat_template=True)
     for task in tasks:
         mine = sorted(ours["samples"][task], key=lambda s: s["doc_id"])

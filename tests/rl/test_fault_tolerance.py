@@ -18,21 +18,42 @@ from tests.rl.helpers import micro_model_cfg  # noqa: E402
 
 
 def rollout_cfg(num_workers: int) -> dict:
-    return {"group_size": 2, "num_workers": num_workers, "sampling": {"max_new_tokens": 8},
-            "engine": {"draft_tokens": 0, "max_batch": 8}}
+    return {
+        "group_size": 2,
+        "num_workers": num_workers,
+        "sampling": {"max_new_tokens": 8},
+        "engine": {"draft_tokens": 0, "max_batch": 8},
+    }
 
 
 def make_loop(run_dir, lines, **overrides):
     values = dict(
-        steps=3, groups_per_step=2, max_staleness=1, checkpoint_interval=10, seed=0, filter_zero_advantage=False,
-        filter_overlong=False, run_dir=run_dir, wandb={"enabled": False}, eval_samples=0,
+        steps=3,
+        groups_per_step=2,
+        max_staleness=1,
+        checkpoint_interval=10,
+        seed=0,
+        filter_zero_advantage=False,
+        filter_overlong=False,
+        run_dir=run_dir,
+        wandb={"enabled": False},
+        eval_samples=0,
         rollout=rollout_cfg(num_workers=2),
-        trainer={"micro_batch_size": 4}, reward={"task_weight": 1.0},
-        prompts={"tasks": [{"name": "arithmetic", "num": 300}], "eval_tasks": []})
+        trainer={"micro_batch_size": 4},
+        reward={"task_weight": 1.0},
+        prompts={"tasks": [{"name": "arithmetic", "num": 300}], "eval_tasks": []},
+    )
     values.update(overrides)
     cfg = GRPOConfig(**values)
-    return GRPOLoop(cfg, micro_model_cfg(4096), OptimConfig(lr=1e-3, schedule="constant"),
-                    tokenizer_spec=vars(TokenizerConfig()), run_dir=run_dir, task_seed=1234, print_fn=lines.append)
+    return GRPOLoop(
+        cfg,
+        micro_model_cfg(4096),
+        OptimConfig(lr=1e-3, schedule="constant"),
+        tokenizer_spec=vars(TokenizerConfig()),
+        run_dir=run_dir,
+        task_seed=1234,
+        print_fn=lines.append,
+    )
 
 
 def pid_of(handle) -> int:
@@ -54,8 +75,11 @@ def final_history(run_dir):
 
 
 def assert_each_uid_once(loop, trained):
-    outstanding = (set(loop.inflight) | {g.group_id for g in loop.buffer.state_dict()["ready"]}
-                   | set(loop.source.state_dict()["returned"]))
+    outstanding = (
+        set(loop.inflight)
+        | {g.group_id for g in loop.buffer.state_dict()["ready"]}
+        | set(loop.source.state_dict()["returned"])
+    )
     assert len(trained) == len(set(trained)), f"a prompt trained twice: {sorted(trained)}"
     assert set(trained) | outstanding == set(range(loop.source.next_uid))  # none lost
     assert not set(trained) & outstanding
@@ -100,9 +124,14 @@ def test_dead_rollout_and_reward_workers_are_replaced(local_ray, tmp_path):
 def test_dead_trainer_rank_rebuilds_the_group_from_the_checkpoint(local_ray, tmp_path):
     run_dir = str(tmp_path / "run")
     lines, killed = [], []
-    loop = make_loop(run_dir, lines, steps=4, checkpoint_interval=2,
-                     rollout=rollout_cfg(num_workers=1),
-                     trainer={"micro_batch_size": 4, "num_ranks": 2})
+    loop = make_loop(
+        run_dir,
+        lines,
+        steps=4,
+        checkpoint_interval=2,
+        rollout=rollout_cfg(num_workers=1),
+        trainer={"micro_batch_size": 4, "num_ranks": 2},
+    )
     on_trainers = loop._on_trainers
 
     def kill_during_step_3(futures):  # right after the ranks were given step 3's batch
@@ -127,8 +156,7 @@ def test_dead_trainer_rank_rebuilds_the_group_from_the_checkpoint(local_ray, tmp
 def test_restart_budget_spent_stops_with_the_checkpoint_named(local_ray, tmp_path):
     run_dir = str(tmp_path / "run")
     lines, killed = [], []
-    loop = make_loop(run_dir, lines, max_worker_restarts=0,
-                     rollout=rollout_cfg(num_workers=1))
+    loop = make_loop(run_dir, lines, max_worker_restarts=0, rollout=rollout_cfg(num_workers=1))
     on_samples = loop._on_samples
 
     def kill_once(samples):

@@ -13,10 +13,20 @@ from latentforge.rl.config import GRPOConfigError, RewardConfig
 from latentforge.rl.rewards.judge import JudgeConfig, ModelJudge, parse_score
 from tests.rl.helpers import micro_model_cfg
 
-RECORDS = [{"task": "arithmetic", "answer": 12, "enable_thinking": False,
-            "messages": [{"role": "user", "content": "What is 3 * 4?"}]},
-           {"task": "arithmetic", "answer": 5, "enable_thinking": False,
-            "messages": [{"role": "user", "content": "What is 2 + 3?"}]}]
+RECORDS = [
+    {
+        "task": "arithmetic",
+        "answer": 12,
+        "enable_thinking": False,
+        "messages": [{"role": "user", "content": "What is 3 * 4?"}],
+    },
+    {
+        "task": "arithmetic",
+        "answer": 5,
+        "enable_thinking": False,
+        "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+    },
+]
 COMPLETIONS = ["Answer: 12", "Answer: 6"]
 
 
@@ -35,8 +45,8 @@ def judge_dir(tmp_path_factory):
         loss = 0.0
         for row in rows:
             ids = torch.tensor([row])
-            logits = model(ids[:, :-1]).logits[0, -len(target):]
-            loss = loss + torch.nn.functional.cross_entropy(logits, ids[0, -len(target):])
+            logits = model(ids[:, :-1]).logits[0, -len(target) :]
+            loss = loss + torch.nn.functional.cross_entropy(logits, ids[0, -len(target) :])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -67,12 +77,15 @@ def test_judge_checkpoint_verdicts_and_failures(judge_dir):
 
 
 def test_reward_worker_adds_the_judge_score(judge_dir):
-    cfg = RewardConfig(task_weight=1.0, judge={"checkpoint": judge_dir, "tokenizer": "bpe", "weight": 0.5,
-                                               "max_new_tokens": 8})
+    cfg = RewardConfig(
+        task_weight=1.0, judge={"checkpoint": judge_dir, "tokenizer": "bpe", "weight": 0.5, "max_new_tokens": 8}
+    )
     worker = RewardWorker(cfg, "bpe")
     tok = worker.tokenizer
-    samples = [Sample(0, i, [1], ids, [0.0] * len(ids), [0] * len(ids))
-               for i, ids in enumerate(tok.encode_chat_text(c) + [tok.im_end_id] for c in COMPLETIONS)]
+    samples = [
+        Sample(0, i, [1], ids, [0.0] * len(ids), [0] * len(ids))
+        for i, ids in enumerate(tok.encode_chat_text(c) + [tok.im_end_id] for c in COMPLETIONS)
+    ]
     worker.score(samples, RECORDS)
     assert [s.reward for s in samples] == pytest.approx([1.0 + 0.35, 0.35])
     assert samples[0].reward_info["components"] == {"task": 1.0, "judge": 0.7}

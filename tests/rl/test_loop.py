@@ -23,24 +23,46 @@ PLUGINS = "tests.rl.reward_plugins"
 
 def loop_config(run_dir, **overrides):
     values = dict(
-        steps=4, stop_at_step=3, groups_per_step=2, max_staleness=1, checkpoint_interval=2, seed=0,
-        filter_zero_advantage=False, filter_overlong=False, run_dir=run_dir, wandb={"enabled": False},
+        steps=4,
+        stop_at_step=3,
+        groups_per_step=2,
+        max_staleness=1,
+        checkpoint_interval=2,
+        seed=0,
+        filter_zero_advantage=False,
+        filter_overlong=False,
+        run_dir=run_dir,
+        wandb={"enabled": False},
         rollout={"group_size": 2, "sampling": {"max_new_tokens": 8}, "engine": {"draft_tokens": 2, "max_batch": 8}},
         trainer={"micro_batch_size": 4},
-        reward={"task_weight": 0.0, "functions": [
-            {"target": f"{PLUGINS}:parity", "isolation": "inline"},
-            {"target": f"{PLUGINS}:raises", "isolation": "inline", "weight": 0.0},
-            {"target": f"{PLUGINS}:hang_once", "isolation": "process", "timeout_s": 0.5, "weight": 0.0}]},
-        prompts={"tasks": [{"name": "arithmetic", "num": 300}],
-                 "eval_tasks": [{"name": "arithmetic", "num": 2, "partial_credit": 0.5}]}, eval_samples=1)
+        reward={
+            "task_weight": 0.0,
+            "functions": [
+                {"target": f"{PLUGINS}:parity", "isolation": "inline"},
+                {"target": f"{PLUGINS}:raises", "isolation": "inline", "weight": 0.0},
+                {"target": f"{PLUGINS}:hang_once", "isolation": "process", "timeout_s": 0.5, "weight": 0.0},
+            ],
+        },
+        prompts={
+            "tasks": [{"name": "arithmetic", "num": 300}],
+            "eval_tasks": [{"name": "arithmetic", "num": 2, "partial_credit": 0.5}],
+        },
+        eval_samples=1,
+    )
     values.update(overrides)
     return GRPOConfig(**values)
 
 
 def make_loop(cfg, lines):
-    return GRPOLoop(cfg, micro_model_cfg(4096), OptimConfig(lr=1e-3, schedule="constant"),
-                    tokenizer_spec=vars(TokenizerConfig()), run_dir=cfg.run_dir, task_seed=1234,
-                    print_fn=lines.append)
+    return GRPOLoop(
+        cfg,
+        micro_model_cfg(4096),
+        OptimConfig(lr=1e-3, schedule="constant"),
+        tokenizer_spec=vars(TokenizerConfig()),
+        run_dir=cfg.run_dir,
+        task_seed=1234,
+        print_fn=lines.append,
+    )
 
 
 def read_steps(run_dir):
@@ -80,11 +102,21 @@ def test_async_loop_resume_and_sync_mode(local_ray, tmp_path, monkeypatch):
     saved = state_digest(load_model_from_checkpoint(os.path.join(checkpoints, "step_00000002")).state_dict())
 
     # the resumed run also switches to 2 data-parallel trainer ranks and to the object-store weight path
-    second = make_loop(loop_config(run_dir, stop_at_step=None, max_staleness=0, trainer={"micro_batch_size": 4,
-                                                                                         "num_ranks": 2},
-                                   rollout={"group_size": 2, "sampling": {"max_new_tokens": 8},
-                                            "engine": {"draft_tokens": 2, "max_batch": 8},
-                                            "weight_sync": "object_store"}), lines)
+    second = make_loop(
+        loop_config(
+            run_dir,
+            stop_at_step=None,
+            max_staleness=0,
+            trainer={"micro_batch_size": 4, "num_ranks": 2},
+            rollout={
+                "group_size": 2,
+                "sampling": {"max_new_tokens": 8},
+                "engine": {"draft_tokens": 2, "max_batch": 8},
+                "weight_sync": "object_store",
+            },
+        ),
+        lines,
+    )
     try:
         second.setup()
         assert second.version == 2
@@ -92,8 +124,11 @@ def test_async_loop_resume_and_sync_mode(local_ray, tmp_path, monkeypatch):
         digests = ray.get([t.weights_digest.remote() for t in second.trainers])
         assert digests[0] == pytest.approx(saved, rel=1e-12)
         summary = second.run()
-        outstanding = (set(second.inflight) | {g.group_id for g in second.buffer.state_dict()["ready"]}
-                       | set(second.source.state_dict()["returned"]))
+        outstanding = (
+            set(second.inflight)
+            | {g.group_id for g in second.buffer.state_dict()["ready"]}
+            | set(second.source.state_dict()["returned"])
+        )
         next_uid = second.source.next_uid
     finally:
         second.close()
@@ -115,8 +150,10 @@ def test_loop_with_ppo_mini_batches(local_ray, tmp_path):
     """rl.updates_per_batch=2: each rollout batch is two optimizer steps, versions (and the logged step, the
     checkpoints) advance by 2, the staleness bound counts versions."""
     run_dir = str(tmp_path / "run")
-    loop = make_loop(loop_config(run_dir, steps=4, stop_at_step=None, updates_per_batch=2, max_staleness=2,
-                                 checkpoint_interval=3), [])
+    loop = make_loop(
+        loop_config(run_dir, steps=4, stop_at_step=None, updates_per_batch=2, max_staleness=2, checkpoint_interval=3),
+        [],
+    )
     try:
         summary = loop.run()
     finally:

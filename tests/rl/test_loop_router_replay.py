@@ -18,13 +18,29 @@ from tests.rl.helpers import micro_model_cfg  # noqa: E402
 def test_grpo_on_ray_with_router_replay(local_ray, tmp_path):
     run_dir = str(tmp_path / "run")
     cfg = GRPOConfig(
-        steps=2, groups_per_step=2, max_staleness=0, router_replay=True, seed=0, filter_zero_advantage=False,
-        filter_overlong=False, run_dir=run_dir, wandb={"enabled": False}, eval_samples=0,
+        steps=2,
+        groups_per_step=2,
+        max_staleness=0,
+        router_replay=True,
+        seed=0,
+        filter_zero_advantage=False,
+        filter_overlong=False,
+        run_dir=run_dir,
+        wandb={"enabled": False},
+        eval_samples=0,
         rollout={"group_size": 2, "sampling": {"max_new_tokens": 8}, "engine": {"draft_tokens": 2, "max_batch": 8}},
         trainer={"micro_batch_size": 4},
-        prompts={"tasks": [{"name": "arithmetic", "num": 100}], "eval_tasks": []})
-    loop = GRPOLoop(cfg, micro_model_cfg(4096), OptimConfig(lr=1e-3, schedule="constant"),
-                    tokenizer_spec=vars(TokenizerConfig()), run_dir=run_dir, task_seed=1234, print_fn=lambda _: None)
+        prompts={"tasks": [{"name": "arithmetic", "num": 100}], "eval_tasks": []},
+    )
+    loop = GRPOLoop(
+        cfg,
+        micro_model_cfg(4096),
+        OptimConfig(lr=1e-3, schedule="constant"),
+        tokenizer_spec=vars(TokenizerConfig()),
+        run_dir=run_dir,
+        task_seed=1234,
+        print_fn=lambda _: None,
+    )
     try:
         summary = loop.run()
     finally:

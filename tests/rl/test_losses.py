@@ -5,8 +5,14 @@ import math
 import pytest
 import torch
 
-from latentforge.rl.losses import (PolicyLossConfig, aggregate, group_advantages, kl_penalty, per_token_policy_loss,
-                       truncated_importance_weights)
+from latentforge.rl.losses import (
+    PolicyLossConfig,
+    aggregate,
+    group_advantages,
+    kl_penalty,
+    per_token_policy_loss,
+    truncated_importance_weights,
+)
 
 LN = math.log
 
@@ -26,7 +32,7 @@ def test_group_advantages_by_hand():
 def test_kl_estimators_by_hand():
     logp, ref = torch.tensor([LN(0.5)]), torch.tensor([LN(0.25)])  # log(pi/ref) = ln 2
     assert kl_penalty(logp, ref, "k1").item() == pytest.approx(0.693147, abs=1e-6)
-    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5 * 0.693147 ** 2, abs=1e-6)
+    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5 * 0.693147**2, abs=1e-6)
     # k3 = ref/pi - log(ref/pi) - 1 = 0.5 + 0.693147 - 1
     assert kl_penalty(logp, ref, "k3").item() == pytest.approx(0.193147, abs=1e-6)
     assert kl_penalty(ref, ref, "k3").item() == 0.0
@@ -44,7 +50,7 @@ def _example():
       t1: r=0.5 -> clip 0.8   -> -(min(-0.5, -0.8))      = 0.8     (clipped)
     """
     old = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.7, -2.0]], dtype=torch.float64)
-    logp = (old + torch.tensor([[0.0, LN(1.5), LN(0.5)], [LN(1.5), LN(0.5), 0.0]], dtype=torch.float64))
+    logp = old + torch.tensor([[0.0, LN(1.5), LN(0.5)], [LN(1.5), LN(0.5), 0.0]], dtype=torch.float64)
     behaviour = old - torch.tensor([[0.0, 0.0, LN(3.0)], [LN(0.5), 0.0, 0.0]], dtype=torch.float64)
     adv = torch.tensor([[1.0] * 3, [-1.0] * 3], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.float64)
@@ -106,8 +112,9 @@ def test_matches_naive_loop_random():
     ref = old + 0.3 * torch.randn(b, s, dtype=torch.float64)
     adv = torch.randn(b, 1, dtype=torch.float64).expand(b, s)
     mask = (torch.rand(b, s) > 0.2).double()
-    cfg = PolicyLossConfig(clip_low=0.1, clip_high=0.3, tis_cap=1.5, kl_coef=0.05, kl_estimator="k3",
-                           aggregation="sequence")
+    cfg = PolicyLossConfig(
+        clip_low=0.1, clip_high=0.3, tis_cap=1.5, kl_coef=0.05, kl_estimator="k3", aggregation="sequence"
+    )
     per_token, _ = per_token_policy_loss(logp, old, behaviour, adv, mask, cfg, ref)
     got = aggregate(per_token, mask, "sequence", num_tokens=mask.sum().item(), num_sequences=b)
 

@@ -18,9 +18,15 @@ def test_console_line_shows_the_share():
 def test_draft_gate_metrics_average_the_gated_workers():
     from latentforge.rl.metrics import draft_gate_metrics
 
-    workers = [{"draft_on": True, "expected_draft_speedup": 1.6}, {"draft_on": False, "expected_draft_speedup": 0.8},
-               {"draft_on": True, "expected_draft_speedup": None}]
-    assert draft_gate_metrics(workers) == {"draft_on": pytest.approx(2 / 3), "draft_expected_speedup": pytest.approx(1.2)}
+    workers = [
+        {"draft_on": True, "expected_draft_speedup": 1.6},
+        {"draft_on": False, "expected_draft_speedup": 0.8},
+        {"draft_on": True, "expected_draft_speedup": None},
+    ]
+    assert draft_gate_metrics(workers) == {
+        "draft_on": pytest.approx(2 / 3),
+        "draft_expected_speedup": pytest.approx(1.2),
+    }
     assert draft_gate_metrics([{"draft_on": None}]) == {}  # no gate: nothing logged
     line = console_line({"step": 1, "draft_on": 0.5, "draft_expected_speedup": 1.25}, 4)
     assert "draft_on 0.50 | draft_x 1.25" in line

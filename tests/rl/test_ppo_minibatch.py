@@ -22,9 +22,15 @@ CLIP_LOW, CLIP_HIGH, TIS_CAP, LR, EPS = 0.2, 0.28, 2.0, 1.0, 1.0
 
 
 def _cfg(updates: int, **extra) -> GRPOConfig:
-    return GRPOConfig(loss={"clip_low": CLIP_LOW, "clip_high": CLIP_HIGH, "tis_cap": TIS_CAP, "kl_coef": 0.0},
-                      trainer={"micro_batch_size": 3}, rollout={"sampling": {"max_new_tokens": 9}}, mtp_loss_weight=0.0,
-                      updates_per_batch=updates, steps=2 * updates, **extra)
+    return GRPOConfig(
+        loss={"clip_low": CLIP_LOW, "clip_high": CLIP_HIGH, "tis_cap": TIS_CAP, "kl_coef": 0.0},
+        trainer={"micro_batch_size": 3},
+        rollout={"sampling": {"max_new_tokens": 9}},
+        mtp_loss_weight=0.0,
+        updates_per_batch=updates,
+        steps=2 * updates,
+        **extra,
+    )
 
 
 def _optim() -> OptimConfig:
@@ -42,7 +48,7 @@ def _logprobs(model, batch):
 
 def reference_two_step(model, rows):
     """Two AdamW steps on the two halves of `rows`, each clipped against the start-of-batch policy."""
-    halves = [rows[:(len(rows) + 1) // 2], rows[(len(rows) + 1) // 2:]]
+    halves = [rows[: (len(rows) + 1) // 2], rows[(len(rows) + 1) // 2 :]]
     batches = [collate(h) for h in halves]
     with torch.no_grad():
         prox = [_logprobs(model, b) for b in batches]
@@ -98,8 +104,11 @@ def test_one_update_per_batch_runs_no_proximal_forward(tmp_path, monkeypatch):
 
 
 def _adam_state(trainer):
-    return [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-            for opt in trainer.optimizer.optimizers for s in opt.state.values()]
+    return [
+        {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+        for opt in trainer.optimizer.optimizers
+        for s in opt.state.values()
+    ]
 
 
 def test_a_nan_advantage_skips_the_step_bitwise(tmp_path):

@@ -7,8 +7,7 @@ from latentforge.rl.prompts import PromptSource, build_records, prompt_token_ids
 
 
 def records(n):
-    return [{"id": f"p{i}", "task": "arithmetic", "messages": [{"role": "user", "content": f"q{i}"}]}
-            for i in range(n)]
+    return [{"id": f"p{i}", "task": "arithmetic", "messages": [{"role": "user", "content": f"q{i}"}]} for i in range(n)]
 
 
 def test_order_is_a_fresh_permutation_each_epoch_and_deterministic():
@@ -32,7 +31,7 @@ def test_given_back_prompts_come_first_and_resume_is_exact():
     assert got == expected
     assert [u for u, _ in got[:3]] == [taken[1][0], taken[3][0], 5]
     with pytest.raises(ValueError, match="never handed out"):
-        src.give_back([10 ** 6])
+        src.give_back([10**6])
     with pytest.raises(ValueError, match="same rl.prompts"):
         PromptSource(records(8), seed=1).load_state_dict(state)
 

@@ -60,8 +60,11 @@ def test_untrusted_code_limits():
     flood = run_untrusted_code("while True: print('x' * 1000)", timeout_s=5.0, output_bytes=1 << 16)
     assert flood.status == "output_limit" and len(flood.stdout) <= 1 << 16
     # the program's children die with it
-    forked = run_untrusted_code("import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', "
-                                "'import time; time.sleep(60)'])\nwhile True: pass", timeout_s=1.0)
+    forked = run_untrusted_code(
+        "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', "
+        "'import time; time.sleep(60)'])\nwhile True: pass",
+        timeout_s=1.0,
+    )
     assert forked.status == "timeout"
 
 
@@ -95,12 +98,14 @@ def test_isolated_function_survives_hang_crash_and_raise():
 
 
 def test_scorer_contains_every_failure():
-    scorer = RewardScorer([
-        RewardFunctionConfig(f"{PLUGINS}:length_bonus", weight=0.5, isolation="inline"),
-        RewardFunctionConfig(f"{PLUGINS}:raises", isolation="inline"),
-        RewardFunctionConfig(f"{PLUGINS}:hangs", isolation="process", timeout_s=1.0),
-        RewardFunctionConfig(f"{PLUGINS}:returns_garbage", isolation="process"),
-    ])
+    scorer = RewardScorer(
+        [
+            RewardFunctionConfig(f"{PLUGINS}:length_bonus", weight=0.5, isolation="inline"),
+            RewardFunctionConfig(f"{PLUGINS}:raises", isolation="inline"),
+            RewardFunctionConfig(f"{PLUGINS}:hangs", isolation="process", timeout_s=1.0),
+            RewardFunctionConfig(f"{PLUGINS}:returns_garbage", isolation="process"),
+        ]
+    )
     record = dict(get_task("arithmetic").prompts("test", 1, seed=1234)[0], enable_thinking=False)
     result = scorer.score(record, f"Answer: {record['answer']} hang")
     # task 1.0 + 0.5 * length bonus (1.0); the raising, hanging and garbage functions add 0 and are reported
@@ -127,17 +132,31 @@ def test_non_finite_rewards_score_zero_and_are_recorded(caplog):
     from latentforge.rl.buffer import Sample
     from latentforge.rl.config import RewardConfig
 
-    functions = [dict(target=f"{PLUGINS}:returns_nan", isolation="process"),
-                 dict(target=f"{PLUGINS}:returns_inf_result", isolation="inline"),
-                 dict(target=f"{PLUGINS}:returns_numpy", isolation="process", weight=2.0),  # a numpy scalar counts
-                 dict(target=f"{PLUGINS}:length_bonus", isolation="inline", weight=0.5)]
+    functions = [
+        dict(target=f"{PLUGINS}:returns_nan", isolation="process"),
+        dict(target=f"{PLUGINS}:returns_inf_result", isolation="inline"),
+        dict(target=f"{PLUGINS}:returns_numpy", isolation="process", weight=2.0),  # a numpy scalar counts
+        dict(target=f"{PLUGINS}:length_bonus", isolation="inline", weight=0.5),
+    ]
     worker = RewardWorker(RewardConfig(functions=functions), None)
     record = dict(get_task("arithmetic").prompts("test", 1, seed=1234)[0], enable_thinking=False)
     completion = worker.tokenizer.encode(f"Answer: {record['answer']}")
-    sample = Sample(group_id=0, sample_index=0, prompt_ids=[1], completion_ids=completion, logprobs=[0.0] * len(
-        completion), versions=[0] * len(completion))
-    again = Sample(group_id=0, sample_index=1, prompt_ids=[1], completion_ids=completion, logprobs=[0.0] * len(
-        completion), versions=[0] * len(completion))
+    sample = Sample(
+        group_id=0,
+        sample_index=0,
+        prompt_ids=[1],
+        completion_ids=completion,
+        logprobs=[0.0] * len(completion),
+        versions=[0] * len(completion),
+    )
+    again = Sample(
+        group_id=0,
+        sample_index=1,
+        prompt_ids=[1],
+        completion_ids=completion,
+        logprobs=[0.0] * len(completion),
+        versions=[0] * len(completion),
+    )
     with caplog.at_level(logging.WARNING, logger="latentforge.rl.rewards.scorer"):
         worker.score([sample, again], [record, record])
     worker.close()
@@ -152,9 +171,12 @@ def test_non_finite_rewards_score_zero_and_are_recorded(caplog):
 
 
 def test_overflowing_weighted_sum_is_a_recorded_failure():
-    scorer = RewardScorer([RewardFunctionConfig(f"{PLUGINS}:length_bonus", weight=1e308, isolation="inline"),
-                           RewardFunctionConfig(f"{PLUGINS}:length_bonus", weight=1e308, isolation="inline",
-                                                name="again")])
+    scorer = RewardScorer(
+        [
+            RewardFunctionConfig(f"{PLUGINS}:length_bonus", weight=1e308, isolation="inline"),
+            RewardFunctionConfig(f"{PLUGINS}:length_bonus", weight=1e308, isolation="inline", name="again"),
+        ]
+    )
     record = dict(get_task("arithmetic").prompts("test", 1, seed=1234)[0], enable_thinking=False)
     result = scorer.score(record, "0123456789")
     assert result.score == 0.0 and result.info["failures"][0]["status"] == "non_finite"

@@ -27,14 +27,23 @@ def full_sequence_logprobs(model, sample, temperature=1.0):
     with torch.no_grad():
         logits = model(tokens[:, :-1]).logits
     logp = token_logprobs(logits, tokens[:, 1:], temperature)[0]
-    return logp[len(sample.prompt_ids) - 1:]
+    return logp[len(sample.prompt_ids) - 1 :]
 
 
 def generate(worker, groups, samples_per_group, max_new_tokens=None, min_version=0):
-    requests = [{"group_id": g, "sample_index": i, "prompt_ids": [1, 5 + g, 7, 9 + i % 3], "seed": 10 * g + i,
-                 "min_version": min_version, "kind": "train",
-                 **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})}
-                for g in range(groups) for i in range(samples_per_group)]
+    requests = [
+        {
+            "group_id": g,
+            "sample_index": i,
+            "prompt_ids": [1, 5 + g, 7, 9 + i % 3],
+            "seed": 10 * g + i,
+            "min_version": min_version,
+            "kind": "train",
+            **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}),
+        }
+        for g in range(groups)
+        for i in range(samples_per_group)
+    ]
     worker.submit(requests)
     out = []
     deadline = time.monotonic() + 120
@@ -48,9 +57,15 @@ def test_engine_and_trainer_agree_at_staleness_zero(tmp_path):
     """Same weights, float32: the behaviour log-probs of MTP-drafted sampling equal the trainer's to < 1e-5."""
     torch.set_num_threads(1)
     model_cfg = micro_model_cfg()
-    cfg = GRPOConfig(rollout={"group_size": 4, "sampling": {"max_new_tokens": 24, "temperature": 0.8},
-                              "engine": {"draft_tokens": 2}},
-                     trainer={"micro_batch_size": 8}, filter_overlong=False)
+    cfg = GRPOConfig(
+        rollout={
+            "group_size": 4,
+            "sampling": {"max_new_tokens": 24, "temperature": 0.8},
+            "engine": {"draft_tokens": 2},
+        },
+        trainer={"micro_batch_size": 8},
+        filter_overlong=False,
+    )
     trainer = PolicyTrainer(model_cfg, cfg, OptimConfig(lr=1e-3, schedule="constant"), str(tmp_path))
     worker = RolloutWorker(0, model_cfg, cfg.rollout, max_seq_len=64, stop_token_ids=[STOP], seed=5)
     try:
@@ -85,15 +100,28 @@ def test_in_flight_update_stamps_versions(tmp_path):
     torch.manual_seed(0)
     old = HybridModel(ModelConfig.from_dict(model_cfg)).eval()
     new = HybridModel(ModelConfig.from_dict(model_cfg)).eval()
-    rc = RolloutConfig(sampling=SamplingParams(max_new_tokens=48),
-                       engine=EngineConfig(draft_tokens=2, weight_update_policy="recompute", max_batch=8))
+    rc = RolloutConfig(
+        sampling=SamplingParams(max_new_tokens=48),
+        engine=EngineConfig(draft_tokens=2, weight_update_policy="recompute", max_batch=8),
+    )
     worker = RolloutWorker(0, model_cfg, rc, max_seq_len=64, stop_token_ids=[], seed=1)
     try:
         worker.stage_weights(old.state_dict(), 0)
         worker.wait_for_version(0)
         requests_done = []
-        worker.submit([{"group_id": g, "sample_index": 0, "prompt_ids": [1, 4 + g], "seed": g, "min_version": 0,
-                        "kind": "train"} for g in range(6)])
+        worker.submit(
+            [
+                {
+                    "group_id": g,
+                    "sample_index": 0,
+                    "prompt_ids": [1, 4 + g],
+                    "seed": g,
+                    "min_version": 0,
+                    "kind": "train",
+                }
+                for g in range(6)
+            ]
+        )
         deadline = time.monotonic() + 60
         while worker.engine.stats.generated_tokens < 12:  # the sequences are under way
             assert time.monotonic() < deadline
@@ -139,8 +167,12 @@ def in_threads(fn, world_size, *args):
 
 def _sync_roundtrip(rank, world_size, port, bucket_mb):
     gen = torch.Generator().manual_seed(0)  # per thread: the global RNG is shared by the rank threads
-    state = {"a.weight": torch.randn(300, 200, generator=gen), "b.bias": torch.randn(7, generator=gen),
-             "c.steps": torch.arange(5), "d.half": torch.randn(64, 3, generator=gen).half()}
+    state = {
+        "a.weight": torch.randn(300, 200, generator=gen),
+        "b.bias": torch.randn(7, generator=gen),
+        "c.steps": torch.arange(5),
+        "d.half": torch.randn(64, 3, generator=gen).half(),
+    }
     group = WeightSyncGroup("127.0.0.1", port, rank, world_size, "gloo", timeout_s=60)
     try:
         if rank == 0:
@@ -179,4 +211,3 @@ def _sync_mismatch(rank, world_size, port):
 
 def test_broadcast_refuses_a_different_layout():
     assert in_threads(_sync_mismatch, 2, free_port()) == ["sender done", "refused"]
-

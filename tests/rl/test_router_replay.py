@@ -71,10 +71,18 @@ def _trainer_and_rollout(tmp_path, replay: bool):
     from latentforge.rl.trainer import PolicyTrainer
     from latentforge.train.config import OptimConfig
 
-    cfg = GRPOConfig(trainer={"micro_batch_size": 4}, rollout={"sampling": {"max_new_tokens": 9}}, mtp_loss_weight=0.0,
-                     router_replay=replay)
-    trainer = PolicyTrainer(dict(micro_model_cfg(), pattern="ME*E", moe_aux_loss_coeff=0.0), cfg,
-                            OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0), str(tmp_path))
+    cfg = GRPOConfig(
+        trainer={"micro_batch_size": 4},
+        rollout={"sampling": {"max_new_tokens": 9}},
+        mtp_loss_weight=0.0,
+        router_replay=replay,
+    )
+    trainer = PolicyTrainer(
+        dict(micro_model_cfg(), pattern="ME*E", moe_aux_loss_coeff=0.0),
+        cfg,
+        OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0),
+        str(tmp_path),
+    )
     with torch.no_grad():
         for moe in moe_layers(trainer.model):
             moe.experts.up_proj.normal_(std=0.5)
@@ -99,8 +107,18 @@ def _rollout_groups(rollout, n_groups=2, G=2, seed=0):
             ids = torch.tensor([prompt + completion])
             with torch.no_grad():
                 logp, routes = _logprobs(rollout, ids)
-            samples.append(Sample(g, i, prompt, completion, logp[0, len(prompt) - 1:].tolist(), [0] * 7,
-                                  reward=float(i % 2), routes=routes[0]))
+            samples.append(
+                Sample(
+                    g,
+                    i,
+                    prompt,
+                    completion,
+                    logp[0, len(prompt) - 1 :].tolist(),
+                    [0] * 7,
+                    reward=float(i % 2),
+                    routes=routes[0],
+                )
+            )
         groups.append(Group(g, samples))
     return groups
 

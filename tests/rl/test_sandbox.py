@@ -52,12 +52,14 @@ def marker():
 
 @needs_bwrap
 def test_forked_children_die_when_the_program_exits(marker):
-    code = (f"# {marker}\nimport os, time\n"
-            "for _ in range(200):\n"
-            "    if os.fork() == 0:\n"
-            "        time.sleep(60)\n"
-            "        os._exit(0)\n"
-            "print('parent done')\n")
+    code = (
+        f"# {marker}\nimport os, time\n"
+        "for _ in range(200):\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(60)\n"
+        "        os._exit(0)\n"
+        "print('parent done')\n"
+    )
     result = run_untrusted_code(code, timeout_s=20, max_processes=1000)
     assert result.status == "ok" and result.stdout.strip() == "parent done", result
     assert _processes_with(marker) == []
@@ -65,9 +67,11 @@ def test_forked_children_die_when_the_program_exits(marker):
 
 @needs_bwrap
 def test_setsid_child_dies_when_the_program_is_killed(marker):
-    code = ("import subprocess, sys, time\n"
-            f"subprocess.Popen([sys.executable, '-c', 'import os, time; os.setsid(); time.sleep(60)  # {marker}'])\n"
-            "time.sleep(0.5)\nwhile True: pass\n")
+    code = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', 'import os, time; os.setsid(); time.sleep(60)  # {marker}'])\n"
+        "time.sleep(0.5)\nwhile True: pass\n"
+    )
     result = run_untrusted_code(code, timeout_s=2.0)
     assert result.status == "timeout"
     assert _processes_with(marker) == []
@@ -75,8 +79,13 @@ def test_setsid_child_dies_when_the_program_is_killed(marker):
 
 def _run_isolated(snippet: str) -> subprocess.CompletedProcess:
     """Runs `snippet` in a fresh interpreter: a sandbox that kills its caller must not take pytest with it."""
-    return subprocess.run([sys.executable, "-c", "import json\n" + snippet], capture_output=True, text=True,
-                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    return subprocess.run(
+        [sys.executable, "-c", "import json\n" + snippet],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -87,7 +96,8 @@ def test_reward_function_killing_its_parent_does_not_end_the_run(backend):
         "first = fn.call({}, '')\n"
         f"second = IsolatedFunction('{PLUGINS}:length_bonus', backend='{backend}').start().call({{}}, 'abc')\n"
         "again = fn.call({}, '')\n"
-        "print(json.dumps([first[0], second, again[0], fn.restarts]))\n")
+        "print(json.dumps([first[0], second, again[0], fn.restarts]))\n"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     first, second, again, restarts = json.loads(proc.stdout.strip().splitlines()[-1])
     if backend == "bwrap":  # its parent is the PID namespace's init: immune (as nobody, the kill is refused: error)
@@ -103,7 +113,8 @@ def test_program_killing_its_parent_does_not_end_the_run(backend):
         "from latentforge.rl.rewards import run_untrusted_code\n"
         "r = run_untrusted_code('import os, signal, time; os.kill(os.getppid(), signal.SIGKILL); time.sleep(1); "
         f"print(7)', backend='{backend}')\n"
-        "print(json.dumps([r.status, r.stdout.strip()]))\n")
+        "print(json.dumps([r.status, r.stdout.strip()]))\n"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     status, stdout = json.loads(proc.stdout.strip().splitlines()[-1])
     if backend == "bwrap":  # its parent is the PID namespace's init: immune (as nobody, the kill is refused)
@@ -119,8 +130,18 @@ def test_secrets_in_the_environment_are_not_inherited(backend, monkeypatch):
     status, env = fn.call({}, "")
     fn.close()
     assert status == "ok" and "LATENTFORGE_TEST_SECRET" not in env
-    assert set(env) <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONIOENCODING", "PYTHONDONTWRITEBYTECODE", "HOME",
-                        "TMPDIR", "PYTHONPATH", "PWD"}
+    assert set(env) <= {
+        "PATH",
+        "LANG",
+        "LC_ALL",
+        "LC_CTYPE",
+        "PYTHONIOENCODING",
+        "PYTHONDONTWRITEBYTECODE",
+        "HOME",
+        "TMPDIR",
+        "PYTHONPATH",
+        "PWD",
+    }
     program = run_untrusted_code("import os; print(sorted(os.environ))", backend=backend)
     assert program.ok and "LATENTFORGE_TEST_SECRET" not in program.stdout
 
@@ -140,8 +161,10 @@ def host_dir():
 @needs_bwrap
 def test_no_writes_outside_the_scratch_directory(host_dir):
     target = os.path.join(host_dir, "escaped.txt")
-    result = run_untrusted_code(f"import os\nopen(os.path.join(os.environ['HOME'], 'scratch.txt'), 'w').write('ok')\n"
-                                f"open({str(target)!r}, 'w').write('escaped')\n")
+    result = run_untrusted_code(
+        f"import os\nopen(os.path.join(os.environ['HOME'], 'scratch.txt'), 'w').write('ok')\n"
+        f"open({str(target)!r}, 'w').write('escaped')\n"
+    )
     assert result.status == "error" and "Read-only file system" in result.stderr, result
     fn = IsolatedFunction(f"{PLUGINS}:writes_file", backend="bwrap").start()
     status, message = fn.call({"path": str(target)}, "")
@@ -157,8 +180,9 @@ def test_no_network_even_to_loopback():
         server.listen(1)
         server.settimeout(0.5)
         port = server.getsockname()[1]
-        result = run_untrusted_code(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-                                    "print('connected')")
+        result = run_untrusted_code(
+            f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')"
+        )
         fn = IsolatedFunction(f"{PLUGINS}:connects", backend="bwrap").start()
         status, message = fn.call({"port": port}, "")
         fn.close()
@@ -169,12 +193,15 @@ def test_no_network_even_to_loopback():
     assert status == "error"
 
 
-@pytest.mark.skipif(not confinement.enforces_process_limit(),
-                    reason="RLIMIT_NPROC is not enforced here (no bwrap, or root and no unprivileged user can "
-                           "run this Python)")
+@pytest.mark.skipif(
+    not confinement.enforces_process_limit(),
+    reason="RLIMIT_NPROC is not enforced here (no bwrap, or root and no unprivileged user can run this Python)",
+)
 def test_process_count_is_limited():
-    code = ("import os, time\nn = 0\ntry:\n    for _ in range(100):\n        if os.fork() == 0:\n"
-            "            time.sleep(5)\n            os._exit(0)\n        n += 1\nexcept OSError:\n    pass\nprint(n)\n")
+    code = (
+        "import os, time\nn = 0\ntry:\n    for _ in range(100):\n        if os.fork() == 0:\n"
+        "            time.sleep(5)\n            os._exit(0)\n        n += 1\nexcept OSError:\n    pass\nprint(n)\n"
+    )
     result = run_untrusted_code(code, max_processes=16, timeout_s=10)
     assert result.ok and int(result.stdout) < 16
 
@@ -218,8 +245,10 @@ def test_credentials_in_the_home_directory_are_hidden(host_dir, monkeypatch):
     with open(os.path.join(home, ".netrc"), "w") as f:
         f.write("machine api.wandb.ai password secret-key\n")
     with open(os.path.join(code_dir, "lf_home_plugin.py"), "w") as f:
-        f.write("import os\n\ndef peek(record, completion):\n"
-                "    return sorted(os.listdir(os.path.dirname(os.path.dirname(__file__))))\n")
+        f.write(
+            "import os\n\ndef peek(record, completion):\n"
+            "    return sorted(os.listdir(os.path.dirname(os.path.dirname(__file__))))\n"
+        )
     for path in (home, code_dir, os.path.join(home, ".netrc"), os.path.join(code_dir, "lf_home_plugin.py")):
         os.chmod(path, 0o755)  # readable by anyone: only hiding keeps the sandbox out
     monkeypatch.setenv("HOME", home)

@@ -24,9 +24,18 @@ def random_groups(n_groups=3, G=4, vocab=128, seed=0):
         samples = []
         for i in range(G):
             n = rng.randint(1, 9)
-            samples.append(Sample(g, i, prompt, [rng.randrange(4, vocab) for _ in range(n)],
-                                  [-rng.uniform(2, 6) for _ in range(n)], [rng.choice([0, 0, -1]) for _ in range(n)],
-                                  finish_reason=rng.choice(["stop", "length"]), reward=float(rng.random() < 0.5)))
+            samples.append(
+                Sample(
+                    g,
+                    i,
+                    prompt,
+                    [rng.randrange(4, vocab) for _ in range(n)],
+                    [-rng.uniform(2, 6) for _ in range(n)],
+                    [rng.choice([0, 0, -1]) for _ in range(n)],
+                    finish_reason=rng.choice(["stop", "length"]),
+                    reward=float(rng.random() < 0.5),
+                )
+            )
         samples[0].reward, samples[1].reward = 1.0, 0.0  # every group has signal
         groups.append(Group(g, samples))
     return groups
@@ -40,13 +49,16 @@ def test_micro_batching_does_not_change_the_update(tmp_path, aggregation):
     model_cfg = dict(micro_model_cfg(), moe_aux_loss_coeff=0.0)
     results = []
     for mb in (2, 16):
-        cfg = GRPOConfig(loss={"aggregation": aggregation, "kl_coef": 0.05}, trainer={"micro_batch_size": mb},
-                         rollout={"sampling": {"max_new_tokens": 9}}, mtp_loss_weight=0.3)
+        cfg = GRPOConfig(
+            loss={"aggregation": aggregation, "kl_coef": 0.05},
+            trainer={"micro_batch_size": mb},
+            rollout={"sampling": {"max_new_tokens": 9}},
+            mtp_loss_weight=0.3,
+        )
         # AdamW's first step is lr * g / (|g| + eps): with eps = 1 the update is ~g itself, so comparing weights
         # compares gradients (with a tiny eps, float noise in near-zero gradients would be amplified to +-lr)
         optim = OptimConfig(lr=1.0, min_lr=0.0, eps=1.0, schedule="constant", weight_decay=0.0, grad_clip=0.0)
-        trainer = PolicyTrainer(model_cfg, cfg, optim,
-                                str(tmp_path / str(mb)))
+        trainer = PolicyTrainer(model_cfg, cfg, optim, str(tmp_path / str(mb)))
         metrics = trainer.train_step(random_groups())
         results.append((trainer.full_state_dict(), metrics))
     (a, ma), (b, mb_) = results
@@ -86,7 +98,9 @@ def _dp_step(rank, world_size, run_dir):
 
 
 def _cfg(mb):
-    return GRPOConfig(trainer={"micro_batch_size": mb}, rollout={"sampling": {"max_new_tokens": 9}}, mtp_loss_weight=0.3)
+    return GRPOConfig(
+        trainer={"micro_batch_size": mb}, rollout={"sampling": {"max_new_tokens": 9}}, mtp_loss_weight=0.3
+    )
 
 
 def _optim():
@@ -112,8 +126,13 @@ def test_data_parallel_ranks_match_one_process(tmp_path):
 def test_precision_group_reaches_the_trainer(tmp_path):
     """The recipe's precision.param_dtype sets the trainer's compute dtype (fp32 masters, bf16 GEMMs)."""
     torch.manual_seed(0)
-    trainer = PolicyTrainer(dict(micro_model_cfg(), moe_aux_loss_coeff=0.0), _cfg(3), _optim(), str(tmp_path),
-                            precision_cfg={"param_dtype": "bfloat16"})
+    trainer = PolicyTrainer(
+        dict(micro_model_cfg(), moe_aux_loss_coeff=0.0),
+        _cfg(3),
+        _optim(),
+        str(tmp_path),
+        precision_cfg={"param_dtype": "bfloat16"},
+    )
     assert trainer.runner.compute_dtype == torch.bfloat16
     seen = set()
     for module in trainer.model.modules():

@@ -37,9 +37,19 @@ def equal_length_groups(n_groups=3, G=4, vocab=128, seed=1):
     groups = []
     for g in range(n_groups):
         prompt = [rng.randrange(4, vocab) for _ in range(4)]
-        samples = [Sample(g, i, prompt, [rng.randrange(4, vocab) for _ in range(7)],
-                          [-rng.uniform(2, 6) for _ in range(7)], [rng.choice([0, 0, -1]) for _ in range(7)],
-                          finish_reason="stop", reward=float(i % 2)) for i in range(G)]
+        samples = [
+            Sample(
+                g,
+                i,
+                prompt,
+                [rng.randrange(4, vocab) for _ in range(7)],
+                [-rng.uniform(2, 6) for _ in range(7)],
+                [rng.choice([0, 0, -1]) for _ in range(7)],
+                finish_reason="stop",
+                reward=float(i % 2),
+            )
+            for i in range(G)
+        ]
         groups.append(Group(g, samples))
     return groups
 
@@ -58,23 +68,34 @@ def replayed_groups():
 
 SCENARIOS = {
     # name: (model with balance loss, GRPO config overrides, optimizer overrides, groups)
-    "equal": (True, dict(loss={"aggregation": "sequence", "kl_coef": 0.05}, update_expert_bias=True),
-              dict(grad_clip=1.0), equal_length_groups),
+    "equal": (
+        True,
+        dict(loss={"aggregation": "sequence", "kl_coef": 0.05}, update_expert_bias=True),
+        dict(grad_clip=1.0),
+        equal_length_groups,
+    ),
     # two PPO mini-batches: a forward-only pi_prox pass, then two optimizer steps clipped against it
-    "ragged": (True, dict(loss={"aggregation": "token"}, update_expert_bias=True, updates_per_batch=2, steps=2),
-               dict(grad_clip=0.0), random_groups),
+    "ragged": (
+        True,
+        dict(loss={"aggregation": "token"}, update_expert_bias=True, updates_per_batch=2, steps=2),
+        dict(grad_clip=0.0),
+        random_groups,
+    ),
     "replay": (True, dict(loss={"aggregation": "token"}, router_replay=True), dict(grad_clip=0.0), replayed_groups),
 }
 
 
 def _configs(name):
     aux, overrides, optim, groups = SCENARIOS[name]
-    cfg = GRPOConfig(trainer={"micro_batch_size": MICRO_BATCH}, rollout={"sampling": {"max_new_tokens": 9}}, mtp_loss_weight=0.3,
-                     **overrides)
+    cfg = GRPOConfig(
+        trainer={"micro_batch_size": MICRO_BATCH},
+        rollout={"sampling": {"max_new_tokens": 9}},
+        mtp_loss_weight=0.3,
+        **overrides,
+    )
     # AdamW's first step is lr * g / (|g| + eps): with eps = 1 the update is ~g, so comparing weights compares
     # gradients (with a tiny eps, float noise in near-zero gradients would be amplified to +-lr)
-    optim_cfg = OptimConfig(lr=1.0, min_lr=0.0, eps=1.0, schedule="constant", weight_decay=0.1,
-                            **optim)
+    optim_cfg = OptimConfig(lr=1.0, min_lr=0.0, eps=1.0, schedule="constant", weight_decay=0.1, **optim)
     return model_cfg(aux), cfg, optim_cfg, groups()
 
 

@@ -48,10 +48,11 @@ def reference_loss(model, input_ids, labels, seq_idx=None) -> Reference:
     out = model(input_ids, seq_idx=seq_idx, with_logits=False)
     lm = _ce(model, out.hidden, labels)
     mtp_losses, aux_terms, previous = [], [], out.hidden
-    loads = [torch.bincount(out.routing[m].topk_idx.flatten(), minlength=cfg.num_experts)
-             for m in sorted(out.routing)]
-    aux_terms = [_balance(out.routing[m].scores, out.routing[m].topk_idx, input_ids.shape[0], cfg.top_k)
-                 for m in sorted(out.routing)]
+    loads = [torch.bincount(out.routing[m].topk_idx.flatten(), minlength=cfg.num_experts) for m in sorted(out.routing)]
+    aux_terms = [
+        _balance(out.routing[m].scores, out.routing[m].topk_idx, input_ids.shape[0], cfg.top_k)
+        for m in sorted(out.routing)
+    ]
     mtp_load = 0
     for k in range(1, cfg.mtp_depths + 1):
         previous, routing = model.mtp(model.backbone.embeddings(_shift(input_ids, k, 0)), previous, seq_idx=seq_idx)

@@ -9,8 +9,9 @@ import torch
 
 
 class SyntheticLoader:
-    def __init__(self, vocab_size: int, seq_len: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0):
+    def __init__(
+        self, vocab_size: int, seq_len: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0
+    ):
         self.vocab_size, self.seq_len = vocab_size, seq_len
         self.micro_batch_size, self.dp_rank, self.dp_size, self.seed = micro_batch_size, dp_rank, dp_size, seed
         self.consumed_samples = 0
@@ -31,8 +32,11 @@ class SyntheticLoader:
         start = self.consumed_samples + self.dp_rank * self.micro_batch_size
         rows = [self.sample(i) for i in range(start, start + self.micro_batch_size)]
         self.consumed_samples += self.micro_batch_size * self.dp_size
-        return {"input_ids": torch.stack([r[0] for r in rows]), "labels": torch.stack([r[1] for r in rows]),
-                "seq_idx": torch.zeros(len(rows), self.seq_len, dtype=torch.int32)}
+        return {
+            "input_ids": torch.stack([r[0] for r in rows]),
+            "labels": torch.stack([r[1] for r in rows]),
+            "seq_idx": torch.zeros(len(rows), self.seq_len, dtype=torch.int32),
+        }
 
     def state_dict(self):
         return {"consumed_samples": self.consumed_samples}

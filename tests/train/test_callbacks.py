@@ -31,9 +31,21 @@ class FakeTrainer:
 
 
 def step_metrics(step=3, **extra):
-    return {"step": step, "loss": 5.25, "lm_loss": 5.0, "mtp_losses": [5.5, 6.0], "aux_loss": 1.01, "grad_norm": 0.75,
-            "lr": 3e-3, "tokens": 4096, "step_time": 0.5, "skipped": False, "skipped_steps": 0,
-            "moe_imbalance": 1.8, **extra}
+    return {
+        "step": step,
+        "loss": 5.25,
+        "lm_loss": 5.0,
+        "mtp_losses": [5.5, 6.0],
+        "aux_loss": 1.01,
+        "grad_norm": 0.75,
+        "lr": 3e-3,
+        "tokens": 4096,
+        "step_time": 0.5,
+        "skipped": False,
+        "skipped_steps": 0,
+        "moe_imbalance": 1.8,
+        **extra,
+    }
 
 
 def test_peak_table():
@@ -56,8 +68,20 @@ def test_speed_monitor_on_cpu_reports_na_and_eta():
     assert metrics["eta_s"] == pytest.approx(6 * 0.5)
     assert metrics["memory_gib"] > 0  # the process's resident memory on CPU
     line = format_line(metrics, 10)
-    for piece in ("step  4/10", "loss 5.2500", "lm 5.0000 mtp 5.5000 6.0000", "aux 1.010", "gnorm 0.750",
-                  "lr 3.00e-03", "8.2k tok/s", "TFLOP/s n/a", "MFU n/a", "GiB", "moe max/mean 1.80", "eta 3s"):
+    for piece in (
+        "step  4/10",
+        "loss 5.2500",
+        "lm 5.0000 mtp 5.5000 6.0000",
+        "aux 1.010",
+        "gnorm 0.750",
+        "lr 3.00e-03",
+        "8.2k tok/s",
+        "TFLOP/s n/a",
+        "MFU n/a",
+        "GiB",
+        "moe max/mean 1.80",
+        "eta 3s",
+    ):
         assert piece in line, (piece, line)
 
 
@@ -81,8 +105,9 @@ def test_console_and_jsonl_respect_interval_and_last_step(tmp_path):
     jsonl = JSONLWriter(str(tmp_path / "m.jsonl"), log_interval=2)
     jsonl.on_train_start(trainer)
     for step in range(1, 6):
-        metrics = step_metrics(step=step, loss=1.0 / step, grad_norm=float("nan") if step == 3 else 1.0,
-                               skipped=step == 3)
+        metrics = step_metrics(
+            step=step, loss=1.0 / step, grad_norm=float("nan") if step == 3 else 1.0, skipped=step == 3
+        )
         console.on_step_end(trainer, metrics)
         jsonl.on_step_end(trainer, metrics)
     jsonl.on_train_end(trainer, "finished")

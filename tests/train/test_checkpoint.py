@@ -10,8 +10,10 @@ from latentforge.train.checkpoint import CheckpointManager, complete_checkpoints
 
 def make_state(seed: int):
     g = torch.Generator().manual_seed(seed)
-    return {"model": {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)},
-            "trainer": pack({"step": seed, "note": f"state {seed}"})}
+    return {
+        "model": {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)},
+        "trainer": pack({"step": seed, "note": f"state {seed}"}),
+    }
 
 
 def empty_state():

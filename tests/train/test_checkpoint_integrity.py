@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from latentforge.model.manifest import (MANIFEST_FILE, CheckpointDamagedError, find_damage, verify_checkpoint)
+from latentforge.model.manifest import MANIFEST_FILE, CheckpointDamagedError, find_damage, verify_checkpoint
 from latentforge.train.checkpoint import CheckpointManager, checkpoint_keys, complete_checkpoints, pack, unpack
 
 
 def state(value: float) -> dict:
-    return {"model": {"w": torch.full((64, 64), value), "b": torch.arange(16, dtype=torch.float32) * value},
-            "trainer": pack({"step": int(value)})}
+    return {
+        "model": {"w": torch.full((64, 64), value), "b": torch.arange(16, dtype=torch.float32) * value},
+        "trainer": pack({"step": int(value)}),
+    }
 
 
 def saved_steps(folder, steps=(1, 2, 3), keep_last=3) -> CheckpointManager:
@@ -153,9 +155,11 @@ def test_blobs_load_weights_only(tmp_path):
 
     crafted = pickle.dumps(RunsCode())
     import io
+
     buffer = io.BytesIO()
     torch.save({"x": 1}, buffer)  # a real torch archive whose data pickle is swapped for one that runs code
     import zipfile
+
     src = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as dst:

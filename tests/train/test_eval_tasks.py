@@ -25,8 +25,10 @@ def requests():
     """(context, continuation) id pairs of varied lengths, one longer than the window (left-truncated)."""
     g = torch.Generator().manual_seed(3)
     lengths = [(5, 1), (12, 3), (1, 7), (30, 2), (70, 4), (9, 9), (3, 1)]
-    return [(torch.randint(16, VOCAB, (c,), generator=g).tolist(), torch.randint(16, VOCAB, (n,), generator=g).tolist())
-            for c, n in lengths]
+    return [
+        (torch.randint(16, VOCAB, (c,), generator=g).tolist(), torch.randint(16, VOCAB, (n,), generator=g).tolist())
+        for c, n in lengths
+    ]
 
 
 def build(parallel=None):
@@ -47,14 +49,16 @@ def _scores(rank, world_size, parallel, tokenizer_path=None):
 
     _, runner = build(parallel)
     scores = runner_scorer(runner, micro_batch_size=2, micro_batches=1, seq_len=SEQ_LEN, device=runner.device)(
-        requests(), SEQ_LEN)
+        requests(), SEQ_LEN
+    )
     if tokenizer_path is None:
         return scores
     from latentforge.data.tokenizer import HFTokenizer
     from latentforge.train.callbacks.eval_tasks import EvalTasks
 
-    callback = EvalTasks(["lf_choice"], interval=2, tokenizer=HFTokenizer(tokenizer_path), seq_len=SEQ_LEN,
-                         micro_batch_size=2, limit=4)
+    callback = EvalTasks(
+        ["lf_choice"], interval=2, tokenizer=HFTokenizer(tokenizer_path), seq_len=SEQ_LEN, micro_batch_size=2, limit=4
+    )
     metrics = {"step": 2}
     callback.on_step_end(FakeTrainer(runner, last_step=2, metrics_rank=rank == 0), metrics)
     return scores, metrics
@@ -106,8 +110,9 @@ def test_callback_logs_task_metrics_at_its_interval(bpe_tokenizer):
     from latentforge.train.eval_harness import run_tasks, task_metrics
 
     reference, runner = build()
-    callback = EvalTasks(["lf_choice", "lf_text"], interval=4, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN,
-                         micro_batch_size=2, limit=5)
+    callback = EvalTasks(
+        ["lf_choice", "lf_text"], interval=4, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN, micro_batch_size=2, limit=5
+    )
     trainer = FakeTrainer(runner, last_step=10)
     callback.on_train_start(trainer)
     logged = {}
@@ -117,8 +122,13 @@ def test_callback_logs_task_metrics_at_its_interval(bpe_tokenizer):
         if len(metrics) > 1:
             logged[step] = metrics
     assert sorted(logged) == [4, 8, 10]
-    expected = task_metrics(run_tasks(LatentForgeLM(model=reference, tokenizer=bpe_tokenizer, max_length=SEQ_LEN),
-                                      ["lf_choice", "lf_text"], limit=5))
+    expected = task_metrics(
+        run_tasks(
+            LatentForgeLM(model=reference, tokenizer=bpe_tokenizer, max_length=SEQ_LEN),
+            ["lf_choice", "lf_text"],
+            limit=5,
+        )
+    )
     for task, values in expected.items():
         for metric, value in values.items():
             assert math.isclose(logged[10][f"eval/{task}/{metric}"], value, rel_tol=1e-5), (task, metric)

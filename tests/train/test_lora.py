@@ -17,9 +17,18 @@ from tests.model.test_hf import randomize, tiny_config
 from latentforge.train.config import OptimConfig
 from latentforge.train.loss import model_loss
 from tests.train.loss_reference import reference_loss
-from latentforge.train.lora import (DEFAULT_TARGETS, LoRAConfig, LoRAConfigError, PEFTCompatibilityWarning, apply_lora,
-                        lora_parameters, lora_state_dict, merge_lora, remove_lora,
-                                   tensor_parallel_adapters)
+from latentforge.train.lora import (
+    DEFAULT_TARGETS,
+    LoRAConfig,
+    LoRAConfigError,
+    PEFTCompatibilityWarning,
+    apply_lora,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+    remove_lora,
+    tensor_parallel_adapters,
+)
 from latentforge.train.optim import OptimizerContainer
 
 
@@ -47,9 +56,13 @@ def test_default_targets_freeze_and_identity_at_init():
         adapted = apply_lora(model, LoRAConfig(rank=4, alpha=8))
     assert adapted == [
         "backbone.layers.0.mixer.in_proj",
-        "backbone.layers.1.mixer.q_proj", "backbone.layers.1.mixer.k_proj", "backbone.layers.1.mixer.v_proj",
+        "backbone.layers.1.mixer.q_proj",
+        "backbone.layers.1.mixer.k_proj",
+        "backbone.layers.1.mixer.v_proj",
         "backbone.layers.1.mixer.o_proj",
-        "backbone.layers.2.mixer.shared_experts.up_proj", "backbone.layers.2.mixer.shared_experts.down_proj"]
+        "backbone.layers.2.mixer.shared_experts.up_proj",
+        "backbone.layers.2.mixer.shared_experts.down_proj",
+    ]
     # the state-dict names of the base are untouched (base checkpoints load as before)
     assert "backbone.layers.1.mixer.q_proj.weight" in model.state_dict()
     assert isinstance(model.backbone.layers[1].mixer.q_proj, torch.nn.Linear)
@@ -96,8 +109,9 @@ def test_adapter_math_rslora_and_dropout():
     dropped = layer(x)
     torch.manual_seed(1)
     mask_x = F.dropout(x, 0.5, training=True)
-    torch.testing.assert_close(dropped, x @ weight.T + 3 * (mask_x @ layer.lora_A.T) @ layer.lora_B.T,
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        dropped, x @ weight.T + 3 * (mask_x @ layer.lora_A.T) @ layer.lora_B.T, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_routed_experts_adapter_is_per_expert():
@@ -148,13 +162,16 @@ def test_bf16_base_with_fp32_adapters():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora_parameters(model).values())
 
 
-@pytest.mark.parametrize("cfg, message", [
-    (dict(targets=["q_projection"]), "match no Linear"),
-    (dict(targets=["mixer"]), "not a Linear"),
-    (dict(routed_experts=True, dropout=0.1), "dropout=0"),
-    (dict(rank=0), "rank"),
-    (dict(base_dtype="float8"), "base_dtype"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (dict(targets=["q_projection"]), "match no Linear"),
+        (dict(targets=["mixer"]), "not a Linear"),
+        (dict(routed_experts=True, dropout=0.1), "dropout=0"),
+        (dict(rank=0), "rank"),
+        (dict(base_dtype="float8"), "base_dtype"),
+    ],
+)
 def test_bad_settings_are_clear_errors(cfg, message):
     with pytest.raises(LoRAConfigError, match=message):
         apply_lora(build(), LoRAConfig(**cfg))
@@ -182,8 +199,11 @@ DIST_LAYOUTS = {
     "tp": (dict(tp=2, dp_shard=1), dict(targets=DEFAULT_TARGETS + ["out_proj"]), {}),
     "fsdp": (dict(dp_shard=2), {}, {}),
     "ep": (dict(ep=2, dp_shard=2), dict(routed_experts=True), {}),
-    "pp": (dict(pp=2, dp_shard=1), dict(targets=DEFAULT_TARGETS + ["up_proj", "down_proj"], include_mtp=True),
-           dict(mtp_depths=1)),
+    "pp": (
+        dict(pp=2, dp_shard=1),
+        dict(targets=DEFAULT_TARGETS + ["up_proj", "down_proj"], include_mtp=True),
+        dict(mtp_depths=1),
+    ),
 }
 
 
@@ -223,7 +243,7 @@ def _layouts_worker(rank, world_size):
         mine = {"input_ids": ids[rows], "labels": labels[rows], "seq_idx": seq_idx[rows]}
         n_micro = 2 if layout.get("pp", 1) > 1 else 1
         step = mine["input_ids"].shape[0] // n_micro
-        micro = [{k: v[i * step:(i + 1) * step] for k, v in mine.items()} for i in range(n_micro)]
+        micro = [{k: v[i * step : (i + 1) * step] for k, v in mine.items()} for i in range(n_micro)]
         result = runner.forward_backward(micro)
         assert abs(result["loss"] - ref_loss.item()) < 1e-5 * abs(ref_loss.item()), (name, result["loss"], ref_loss)
 
@@ -262,7 +282,8 @@ def test_adapters_under_tensor_expert_pipeline_parallel_and_fsdp():
         every = sorted(lora_parameters(model))
         if name == "pp":  # each stage's adapters on its own rank, together all of them
             assert sorted(results[0][name] + results[1][name]) == every and not set(results[0][name]) & set(
-                results[1][name])
+                results[1][name]
+            )
         else:
             assert results[0][name] == results[1][name] == every, name
     assert any("experts.lora_A_up_proj" in n for n in results[0]["ep"])

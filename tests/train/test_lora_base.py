@@ -47,8 +47,9 @@ def base(tmp_path):
 def auto_peft(adapter_dir):
     from peft import AutoPeftModelForCausalLM
 
-    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32,
-                                                     experts_implementation="eager")
+    model = AutoPeftModelForCausalLM.from_pretrained(
+        str(adapter_dir), dtype=torch.float32, experts_implementation="eager"
+    )
     for module in model.modules():
         if hasattr(module, "time_step_limit"):
             module.time_step_limit = (0.0, float("inf"))  # transformers' CPU path clamps dt at 1e-3 otherwise
@@ -63,8 +64,13 @@ def test_auto_peft_loads_an_adapter_trained_on_a_dcp_checkpoint(base, tmp_path):
     adapter = write_adapter(lora_state_dict(model), tmp_path / "run" / "adapter", cfg, str(tmp_path / "run"))
     recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert recorded == str((tmp_path / "run" / BASE_EXPORT_DIR).resolve())
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json"} <= set(os.listdir(recorded))
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    } <= set(os.listdir(recorded))
 
     ids = torch.randint(0, VOCAB, (2, 21), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -111,5 +117,6 @@ def test_a_hugging_face_base_is_recorded_by_its_absolute_path(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     adapter = write_adapter(lora_state_dict(model), tmp_path / "adapter", cfg, "hf_base")
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
-        tmp_path / "hf_base")
+        tmp_path / "hf_base"
+    )
     assert not (tmp_path / BASE_EXPORT_DIR).exists()

@@ -11,12 +11,19 @@ import torch
 from latentforge.model import HybridModel
 from latentforge.model.hf import save_pretrained
 from tests.model.test_hf import hf_model, randomize, tiny_config
-from latentforge.train.lora import (DEFAULT_TARGETS, LoRAConfig, PEFTCompatibilityWarning, apply_lora, load_adapter,
-                        lora_parameters, merge_lora, save_adapter)
+from latentforge.train.lora import (
+    DEFAULT_TARGETS,
+    LoRAConfig,
+    PEFTCompatibilityWarning,
+    apply_lora,
+    load_adapter,
+    lora_parameters,
+    merge_lora,
+    save_adapter,
+)
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
-
 
 
 def relative_error(got, expected) -> float:
@@ -105,9 +112,16 @@ def test_adapter_written_by_peft_loads_onto_our_model(tmp_path):
 
     model = build(mtp_depths=0)
     save_pretrained(model, tmp_path / "base")
-    theirs_model = get_peft_model(hf_model(tmp_path / "base"), LoraConfig(
-        r=4, lora_alpha=6, target_modules=["q_proj", "v_proj", "in_proj", "up_proj"],
-        target_parameters=["experts.up_proj", "experts.down_proj"], init_lora_weights=False))
+    theirs_model = get_peft_model(
+        hf_model(tmp_path / "base"),
+        LoraConfig(
+            r=4,
+            lora_alpha=6,
+            target_modules=["q_proj", "v_proj", "in_proj", "up_proj"],
+            target_parameters=["experts.up_proj", "experts.down_proj"],
+            init_lora_weights=False,
+        ),
+    )
     theirs_model.save_pretrained(tmp_path / "adapter")  # keys `base_model.model.model.layers...`
     cfg = load_adapter(model, tmp_path / "adapter")
     assert cfg.routed_experts and cfg.rank == 4

@@ -17,8 +17,6 @@ from tests.model.test_model import small
 from .loss_reference import reference_loss
 
 
-
-
 def test_mtp_losses_follow_the_spec():
     torch.manual_seed(0)
     cfg = small()
@@ -118,8 +116,10 @@ def test_aux_loss_counts_every_mtp_depth():
         trunk = model(ids[:, :-1])
         piece = TokenPiece(batch=2, seq_len=8)
         trunk_aux = balance_partial(trunk.routing[0], piece).item() / 2
-        mtp_aux = sum(balance_partial(r, piece).item() / 2
-                      for _, r in mtp_recursion(model.mtp, model.mtp_embeddings(ids[:, :-1]), trunk.hidden))
+        mtp_aux = sum(
+            balance_partial(r, piece).item() / 2
+            for _, r in mtp_recursion(model.mtp, model.mtp_embeddings(ids[:, :-1]), trunk.hidden)
+        )
     assert out.aux_loss.item() == pytest.approx(trunk_aux + mtp_aux, rel=1e-6)
 
 

@@ -14,8 +14,7 @@ def expected_no_decay(name: str) -> bool:
     # written out from the issue: norms, biases, A_log, D, dt_bias
     leaf = name.split(".")[-1]
     owner = name.split(".")[-2]
-    return leaf in {"bias", "A_log", "D", "dt_bias"} or owner in {"norm", "norm_f", "enorm", "hnorm",
-                                                                   "final_layernorm"}
+    return leaf in {"bias", "A_log", "D", "dt_bias"} or owner in {"norm", "norm_f", "enorm", "hnorm", "final_layernorm"}
 
 
 def test_param_groups_split_decay_exactly_once():
@@ -49,4 +48,5 @@ def test_set_lr_reaches_every_group():
     opt = OptimizerContainer([model.backbone, model.lm_head], OptimConfig(lr=1.0))
     opt.set_lr(0.25)
     assert [g["lr"] for o in opt.optimizers for g in o.param_groups] == [0.25] * sum(
-        len(o.param_groups) for o in opt.optimizers)
+        len(o.param_groups) for o in opt.optimizers
+    )

@@ -13,11 +13,30 @@ import warnings
 
 import torch
 
-TINY = dict(pattern="MEM*E-", hidden_size=128, vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=32, mamba_num_heads=8, mamba_head_dim=32, mamba_groups=2, ssm_state_size=32, conv_kernel=4,
-            chunk_size=16, num_experts=8, top_k=2, moe_intermediate_size=64, moe_latent_size=64,
-            shared_expert_intermediate_size=128, routed_scaling_factor=2.5, mlp_intermediate_size=256,
-            mtp_depths=2, mtp_loss_weight=0.3, init_std=0.02)
+TINY = dict(
+    pattern="MEM*E-",
+    hidden_size=128,
+    vocab_size=512,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    mamba_num_heads=8,
+    mamba_head_dim=32,
+    mamba_groups=2,
+    ssm_state_size=32,
+    conv_kernel=4,
+    chunk_size=16,
+    num_experts=8,
+    top_k=2,
+    moe_intermediate_size=64,
+    moe_latent_size=64,
+    shared_expert_intermediate_size=128,
+    routed_scaling_factor=2.5,
+    mlp_intermediate_size=256,
+    mtp_depths=2,
+    mtp_loss_weight=0.3,
+    init_std=0.02,
+)
 SEQ_LEN = 64
 GLOBAL_BATCH = 4
 STEPS = 2
@@ -55,8 +74,8 @@ def micro_batches_for(batch: dict, dp_rank: int, dp_size: int, micro_batch_size:
     """This DP rank's share of a global batch, cut into micro-batches."""
     per_rank = batch["input_ids"].shape[0] // dp_size
     start = dp_rank * per_rank
-    mine = {k: v[start:start + per_rank] for k, v in batch.items()}
-    return [{k: v[i:i + micro_batch_size] for k, v in mine.items()} for i in range(0, per_rank, micro_batch_size)]
+    mine = {k: v[start : start + per_rank] for k, v in batch.items()}
+    return [{k: v[i : i + micro_batch_size] for k, v in mine.items()} for i in range(0, per_rank, micro_batch_size)]
 
 
 def _full(value):
@@ -77,8 +96,14 @@ def full_grads(parts: list) -> dict:
     return {"grad:" + name: _full(g) for part in parts for name, g in natural_gradients(part).items()}
 
 
-def train_run(parallel: dict, micro_batch_size: int = 2, model_overrides=None, lr: float = 1e-3,
-              checkpoint_dir=None, meta: bool = False):
+def train_run(
+    parallel: dict,
+    micro_batch_size: int = 2,
+    model_overrides=None,
+    lr: float = 1e-3,
+    checkpoint_dir=None,
+    meta: bool = False,
+):
     """Build, run STEPS optimizer steps, return (per-step results, full state of owned stages or None).
 
     With `checkpoint_dir`, the final model is also saved there with torch.distributed.checkpoint. With `meta`, the

@@ -66,8 +66,9 @@ def test_blockwise_attention_in_a_permuted_token_order():
     q, k, v, seq = _attention_inputs(256)
     order = TokenOrder.choose(256, cp=4, load_balance=True)
     pos = order.all_positions()
-    out = context_attention(q[:, :, pos], k[:, :, pos], v[:, :, pos], pos, pos, seq[:, pos], seq[:, pos], None,
-                            block=40)
+    out = context_attention(
+        q[:, :, pos], k[:, :, pos], v[:, :, pos], pos, pos, seq[:, pos], seq[:, pos], None, block=40
+    )
     assert (out - _sdpa_reference(q, k, v, seq)[:, :, pos]).abs().max() < 1e-12
 
 

@@ -14,8 +14,15 @@ import torch
 
 from tests.distributed import run_distributed
 
-from .test_parallel_common import (assert_same_training, load_unsharded, merged_states, one_thread,
-                                   reference_run, restore, train_run)
+from .test_parallel_common import (
+    assert_same_training,
+    load_unsharded,
+    merged_states,
+    one_thread,
+    reference_run,
+    restore,
+    train_run,
+)
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -60,7 +67,7 @@ def _expect_uneven_micro_batch_counts_refused(rank, parallel):
     runner = build_runner(HybridModel(cfg), cfg, ParallelConfig(**parallel))
     micro = micro_batches_for(global_batches(cfg, steps=1)[0], runner.dp_rank, runner.dp_size, 1)
     with pytest.raises(LayoutError, match="different numbers of micro-batches"):
-        runner.forward_backward(micro[:1 + rank])
+        runner.forward_backward(micro[: 1 + rank])
 
 
 def _check_checkpoint(path, results):
@@ -88,10 +95,13 @@ LAYOUTS = {
 def test_parallel_layout_matches_single_process(name, tmp_path):
     parallel, world, micro_batch_size, save, meta = LAYOUTS[name]
     checkpoint_dir = str(tmp_path / "ckpt") if save else None
-    results = run_distributed(_worker, world, parallel, micro_batch_size, checkpoint_dir, meta,
-                              name == "fsdp2_checkpointed", timeout=600)
+    results = run_distributed(
+        _worker, world, parallel, micro_batch_size, checkpoint_dir, meta, name == "fsdp2_checkpointed", timeout=600
+    )
     worst_grad, worst_param = assert_same_training(reference(meta), results)
-    print(f"{name}: worst gradient {worst_grad[0]:.1e} ({worst_grad[1]}), "
-          f"worst parameter {worst_param[0]:.1e} ({worst_param[1]})")
+    print(
+        f"{name}: worst gradient {worst_grad[0]:.1e} ({worst_grad[1]}), "
+        f"worst parameter {worst_param[0]:.1e} ({worst_param[1]})"
+    )
     if save:
         _check_checkpoint(checkpoint_dir, results)

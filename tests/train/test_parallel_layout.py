@@ -19,12 +19,15 @@ def test_dp_shard_fills_the_world():
     assert layout.dp == 4
 
 
-@pytest.mark.parametrize("pc, world, words", [
-    (ParallelConfig(tp=3), 8, ["world size 8", "tp (3)", "multiple of 3"]),
-    (ParallelConfig(tp=2, dp_shard=2), 8, ["world size 8", "dp_shard (2)", "4 processes"]),
-    (ParallelConfig(dp_shard=0), 2, ["dp_shard", "-1"]),
-    (ParallelConfig(pp=0), 2, ["parallel.pp", "positive"]),
-])
+@pytest.mark.parametrize(
+    "pc, world, words",
+    [
+        (ParallelConfig(tp=3), 8, ["world size 8", "tp (3)", "multiple of 3"]),
+        (ParallelConfig(tp=2, dp_shard=2), 8, ["world size 8", "dp_shard (2)", "4 processes"]),
+        (ParallelConfig(dp_shard=0), 2, ["dp_shard", "-1"]),
+        (ParallelConfig(pp=0), 2, ["parallel.pp", "positive"]),
+    ],
+)
 def test_world_size_mismatch_names_the_sizes(pc, world, words):
     with pytest.raises(LayoutError) as err:
         check(pc, world)
@@ -35,13 +38,19 @@ def test_world_size_mismatch_names_the_sizes(pc, world, words):
 NO_ATTENTION = dict(pattern="ME-", mtp_depths=0)
 
 
-@pytest.mark.parametrize("overrides, tp, words", [
-    (dict(num_key_value_heads=1), 2, ["tp (2)", "num_key_value_heads (1)", "kv-head"]),
-    (dict(mamba_groups=1), 2, ["tp (2)", "mamba_groups (1)"]),
-    (dict(mamba_num_heads=6, **NO_ATTENTION), 4, ["tp (4)", "mamba_num_heads (6)", "split by heads"]),
-    (dict(shared_expert_intermediate_size=100, pattern="E-", mtp_depths=0), 8,
-     ["shared_expert_intermediate_size (100)"]),
-])
+@pytest.mark.parametrize(
+    "overrides, tp, words",
+    [
+        (dict(num_key_value_heads=1), 2, ["tp (2)", "num_key_value_heads (1)", "kv-head"]),
+        (dict(mamba_groups=1), 2, ["tp (2)", "mamba_groups (1)"]),
+        (dict(mamba_num_heads=6, **NO_ATTENTION), 4, ["tp (4)", "mamba_num_heads (6)", "split by heads"]),
+        (
+            dict(shared_expert_intermediate_size=100, pattern="E-", mtp_depths=0),
+            8,
+            ["shared_expert_intermediate_size (100)"],
+        ),
+    ],
+)
 def test_tensor_parallel_must_divide_the_model(overrides, tp, words):
     cfg = tiny_config(**overrides)
     with pytest.raises(LayoutError) as err:
@@ -55,11 +64,14 @@ def test_sequence_parallel_off_is_refused_with_tp():
         check(ParallelConfig(tp=2, sequence_parallel=False), world=2)
 
 
-@pytest.mark.parametrize("pc, world, words", [
-    (ParallelConfig(ep=3), 6, ["ep (3)", "num_experts (8)"]),
-    (ParallelConfig(ep=4), 2, ["ep / cp", "dp_shard (2)"]),
-    (ParallelConfig(ep=2, cp=4), 8, ["multiple of parallel.cp (4)"]),
-])
+@pytest.mark.parametrize(
+    "pc, world, words",
+    [
+        (ParallelConfig(ep=3), 6, ["ep (3)", "num_experts (8)"]),
+        (ParallelConfig(ep=4), 2, ["ep / cp", "dp_shard (2)"]),
+        (ParallelConfig(ep=2, cp=4), 8, ["multiple of parallel.cp (4)"]),
+    ],
+)
 def test_expert_parallel_checks(pc, world, words):
     with pytest.raises(LayoutError) as err:
         check(pc, world)
@@ -129,7 +141,7 @@ def test_balance_minimises_the_largest_stage_against_brute_force():
 
             def worst(cuts):
                 bounds = [0, *cuts, len(costs)]
-                parts = [sum(costs[bounds[i]:bounds[i + 1]]) for i in range(stages)]
+                parts = [sum(costs[bounds[i] : bounds[i + 1]]) for i in range(stages)]
                 parts[-1] += tail
                 return max(parts)
 
@@ -139,8 +151,15 @@ def test_balance_minimises_the_largest_stage_against_brute_force():
 
 
 def test_cost_model_keeps_the_heads_stage_lighter():
-    cfg = ModelConfig(pattern="M" * 8, hidden_size=64, vocab_size=4096, mamba_num_heads=4, mamba_head_dim=16,
-                      mamba_groups=1, mtp_depths=0)
+    cfg = ModelConfig(
+        pattern="M" * 8,
+        hidden_size=64,
+        vocab_size=4096,
+        mamba_num_heads=4,
+        mamba_head_dim=16,
+        mamba_groups=1,
+        mtp_depths=0,
+    )
     first, second = split_stages(cfg, 2)
     assert len(first) > len(second)  # the last stage also runs the lm_head
     assert first + second == list(range(8))

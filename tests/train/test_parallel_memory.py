@@ -19,7 +19,7 @@ def _batch(cfg, seq_len):
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, cfg.vocab_size, (2, seq_len), generator=g)
     seq = torch.zeros(2, seq_len, dtype=torch.int32)
-    seq[1, seq_len // 3:] = 1
+    seq[1, seq_len // 3 :] = 1
     return {"input_ids": ids, "labels": torch.roll(ids, -1, 1), "seq_idx": seq}
 
 
@@ -65,8 +65,10 @@ def test_planned_activation_memory_within_20_percent(name, seq_len):
     else:
         results = run_distributed(measured_and_planned, world, parallel, seq_len)
     for measured, planned in results:
-        print(f"{name} s={seq_len}: measured {measured / 2**20:.2f} MiB, planned {planned / 2**20:.2f} MiB "
-              f"({planned / measured - 1:+.1%})")
+        print(
+            f"{name} s={seq_len}: measured {measured / 2**20:.2f} MiB, planned {planned / 2**20:.2f} MiB "
+            f"({planned / measured - 1:+.1%})"
+        )
         assert abs(planned - measured) <= 0.2 * measured, (name, seq_len, measured, planned)
 
 
@@ -98,6 +100,7 @@ def test_dry_run_of_the_million_token_layout(capsys):
     out = capsys.readouterr().out
     assert "cp 64, tp 2, ep 64" in out and "1048576 tokens" in out
     assert "fits an 80 GB GPU" in out and "NOT" not in out
-    assert main(["recipe=super_120b_long", "--dry-run", "--world-size", "128",
-                 "parallel.activation_checkpoint=none"]) == 0
+    assert (
+        main(["recipe=super_120b_long", "--dry-run", "--world-size", "128", "parallel.activation_checkpoint=none"]) == 0
+    )
     assert "does NOT fit an 80 GB GPU" in capsys.readouterr().out

@@ -60,7 +60,7 @@ def test_micro_batches_sum_to_the_global_batch_step():
     r1 = build_runner(whole, cfg, ParallelConfig())
     r2 = build_runner(split, cfg, ParallelConfig())
     one = r1.forward_backward([batch])
-    pieces = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(4)]
+    pieces = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(4)]
     four = r2.forward_backward(pieces)
     for key in ("loss", "lm_loss", "aux_loss"):
         assert four[key] == pytest.approx(one[key], rel=1e-6)
@@ -179,8 +179,9 @@ def _check_initialisation(model, again, cfg):
     backbone = model.backbone
     assert float(backbone.embeddings.weight.std()) == pytest.approx(cfg.init_std, rel=0.05)
     mamba = backbone.layers[0].mixer
-    assert torch.equal(mamba.D, torch.ones_like(mamba.D)) and torch.equal(backbone.norm_f.weight,
-                                                                          torch.ones_like(backbone.norm_f.weight))
+    assert torch.equal(mamba.D, torch.ones_like(mamba.D)) and torch.equal(
+        backbone.norm_f.weight, torch.ones_like(backbone.norm_f.weight)
+    )
     assert bool(((mamba.A_log.exp() >= 1) & (mamba.A_log.exp() <= 16)).all())
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     assert float(mamba.out_proj.weight.std()) == pytest.approx(out_std, rel=0.1)

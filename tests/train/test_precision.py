@@ -45,10 +45,26 @@ def load_recipe(name: str, **overrides) -> PrecisionConfig:
 def small_model_config(**kw):
     from latentforge.model import ModelConfig
 
-    base = dict(pattern="MEM*E-", hidden_size=64, vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=16, mamba_num_heads=4, mamba_head_dim=16, mamba_groups=2, ssm_state_size=16,
-                chunk_size=16, num_experts=8, top_k=2, moe_intermediate_size=32, moe_latent_size=32,
-                shared_expert_intermediate_size=64, mlp_intermediate_size=128, mtp_depths=1)
+    base = dict(
+        pattern="MEM*E-",
+        hidden_size=64,
+        vocab_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        mamba_num_heads=4,
+        mamba_head_dim=16,
+        mamba_groups=2,
+        ssm_state_size=16,
+        chunk_size=16,
+        num_experts=8,
+        top_k=2,
+        moe_intermediate_size=32,
+        moe_latent_size=32,
+        shared_expert_intermediate_size=64,
+        mlp_intermediate_size=128,
+        mtp_depths=1,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -120,8 +136,13 @@ def test_config_errors_name_the_field():
 
 
 def test_policy_rule_order_on_toy_model():
-    cfg = PrecisionConfig(name="nvfp4", keep_bf16=["mtp.*", "*.q_proj"], keep_last_layers=1, keep_layers=[0],
-                          mxfp8=["backbone.layers.*.mixer.out_proj", "backbone.layers.*.mixer.q_proj"])
+    cfg = PrecisionConfig(
+        name="nvfp4",
+        keep_bf16=["mtp.*", "*.q_proj"],
+        keep_last_layers=1,
+        keep_layers=[0],
+        mxfp8=["backbone.layers.*.mixer.out_proj", "backbone.layers.*.mixer.q_proj"],
+    )
     fmt = {e.name: (e.format, e.rule) for e in resolve_policy(ToyModel(), cfg)}
     assert fmt["backbone.embeddings"] == ("bf16", "never 'backbone.embeddings'")
     assert fmt["lm_head"] == ("bf16", "never 'lm_head'")

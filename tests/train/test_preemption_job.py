@@ -40,18 +40,31 @@ def test_sigterm_to_trainer_and_wandb_service_saves_and_exits_0(tmp_path, env):
     # to that service instead of starting its own, and there would be no service of the run's to signal
     wandb_env.pop("WANDB_SERVICE", None)
     # checkpoint_interval 2: at least one complete checkpoint exists while it runs, so the stop must add its own
-    proc = launch(pretrain_cmd(f"train.run_dir={run_dir}", "train.steps=2000", "train.checkpoint_interval=2",
-                               "train.wandb.enabled=true"), wandb_env)
+    proc = launch(
+        pretrain_cmd(
+            f"train.run_dir={run_dir}", "train.steps=2000", "train.checkpoint_interval=2", "train.wandb.enabled=true"
+        ),
+        wandb_env,
+    )
     try:
-        wait_for(lambda: complete_checkpoints(os.path.join(run_dir, "checkpoints")) and wandb_service(proc.pid),
-                 proc, "a checkpoint and the W&B service")
+        wait_for(
+            lambda: complete_checkpoints(os.path.join(run_dir, "checkpoints")) and wandb_service(proc.pid),
+            proc,
+            "a checkpoint and the W&B service",
+        )
 
         # a second launch on the same run directory is refused in one line, while the first holds it
-        second = subprocess.run(pretrain_cmd(f"train.run_dir={run_dir}", "train.steps=2000"), env=env,
-                                capture_output=True, text=True, timeout=WAIT_S)
+        second = subprocess.run(
+            pretrain_cmd(f"train.run_dir={run_dir}", "train.steps=2000"),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+        )
         assert second.returncode == 2, second.stderr[-3000:]
         assert second.stderr.strip().splitlines() == [
-            line for line in second.stderr.strip().splitlines() if line.startswith("latentforge-pretrain: error:")]
+            line for line in second.stderr.strip().splitlines() if line.startswith("latentforge-pretrain: error:")
+        ]
         assert f"is in use by pid {proc.pid}" in second.stderr
 
         # as Slurm does at preemption or scancel: SIGTERM to every process of the step at once
@@ -78,8 +91,13 @@ def test_sigterm_to_trainer_and_wandb_service_saves_and_exits_0(tmp_path, env):
 @pytest.mark.slow
 def test_refused_launches_write_nothing(tmp_path, env):
     run_dir = str(tmp_path / "run")
-    first = subprocess.run(pretrain_cmd(f"train.run_dir={run_dir}", "train.steps=2"), env=env, capture_output=True,
-                           text=True, timeout=WAIT_S)
+    first = subprocess.run(
+        pretrain_cmd(f"train.run_dir={run_dir}", "train.steps=2"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     config = os.path.join(run_dir, "config.yaml")
     before = open(config).read()
@@ -89,8 +107,13 @@ def test_refused_launches_write_nothing(tmp_path, env):
         # another tokenizer than the checkpoint's: refused by the resume, after the lock, before config.yaml
         (["data.tokenizer.vocab_size=2048"], "error: checkpoint"),
     ]:
-        refused = subprocess.run(pretrain_cmd(f"train.run_dir={run_dir}", "train.steps=4", *overrides), env=env,
-                                 capture_output=True, text=True, timeout=WAIT_S)
+        refused = subprocess.run(
+            pretrain_cmd(f"train.run_dir={run_dir}", "train.steps=4", *overrides),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+        )
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-3000:]
         assert "Traceback" not in refused.stderr
         assert open(config).read() == before

@@ -17,24 +17,45 @@ from latentforge.train.checkpoint import complete_checkpoints
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRETRAIN = os.path.join(REPO, "train", "pretrain.py")
 # tiny sizes: a small slice of the embedded corpus and its own small BPE, short sequences
-SMALL = ["recipe=tiny", "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=4",
-         "data.stdlib_max_mb=1", "data.tokenizer.train_max_mb=1", "train.log_interval=1", "train.progress_bar=false",
-         "optim.warmup_steps=2", "train.export_hf=false"]
+SMALL = [
+    "recipe=tiny",
+    "train.seq_len=64",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=4",
+    "data.stdlib_max_mb=1",
+    "data.tokenizer.train_max_mb=1",
+    "train.log_interval=1",
+    "train.progress_bar=false",
+    "optim.warmup_steps=2",
+    "train.export_hf=false",
+]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     values = dict(os.environ)
-    values.update(LATENTFORGE_CACHE=str(tmp_path_factory.mktemp("cache")), WANDB_MODE="disabled",
-                  OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    values.update(
+        LATENTFORGE_CACHE=str(tmp_path_factory.mktemp("cache")),
+        WANDB_MODE="disabled",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
     return values
 
 
 def pretrain_cmd(*overrides, nproc=None):
     if nproc is None:
         return [sys.executable, PRETRAIN, *SMALL, *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", PRETRAIN,
-            *SMALL, *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        PRETRAIN,
+        *SMALL,
+        *overrides,
+    ]
 
 
 def run(cmd, env, timeout=420):
@@ -54,8 +75,14 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run_bitwise(tmp_path, env):
 
     killed = str(tmp_path / "killed")
     # the same run (40 steps, so the schedule is the same) saving every 3 steps, killed -9 once a save is complete
-    proc = subprocess.Popen(pretrain_cmd(f"train.run_dir={killed}", "train.steps=40", "train.checkpoint_interval=3"),
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        pretrain_cmd(f"train.run_dir={killed}", "train.steps=40", "train.checkpoint_interval=3"),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 300
         while not complete_checkpoints(os.path.join(killed, "checkpoints")):
@@ -72,8 +99,12 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run_bitwise(tmp_path, env):
     saved_step = complete_checkpoints(os.path.join(killed, "checkpoints"))[-1][0]
     assert 3 <= saved_step < 8
 
-    out = run(pretrain_cmd(f"train.run_dir={killed}", "train.steps=40", "train.stop_at_step=8",
-                           "train.checkpoint_interval=3"), env)
+    out = run(
+        pretrain_cmd(
+            f"train.run_dir={killed}", "train.steps=40", "train.stop_at_step=8", "train.checkpoint_interval=3"
+        ),
+        env,
+    )
     assert f"resumed from {os.path.join(killed, 'checkpoints', f'step_{saved_step:08d}')}" in out
     expected = losses_by_step(straight)
     got = losses_by_step(killed)
@@ -83,8 +114,16 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run_bitwise(tmp_path, env):
 
 def test_main_job_two_processes_then_resume_on_one(tmp_path, env):
     main_run = str(tmp_path / "main")
-    out = run(pretrain_cmd(f"train.run_dir={main_run}", "train.steps=16", "train.checkpoint_interval=8",
-                           "train.export_hf=true", nproc=2), env)
+    out = run(
+        pretrain_cmd(
+            f"train.run_dir={main_run}",
+            "train.steps=16",
+            "train.checkpoint_interval=8",
+            "train.export_hf=true",
+            nproc=2,
+        ),
+        env,
+    )
     step_lines = [line for line in out.splitlines() if line.startswith("step ")]
     assert len(step_lines) == 16, out  # one console line per step, from one rank
     assert "TFLOP/s n/a" in step_lines[0] and "MFU n/a" in step_lines[0] and "tok/s" in step_lines[0]

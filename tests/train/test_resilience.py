@@ -64,8 +64,11 @@ def test_a_failing_logger_is_reported_once_and_the_run_goes_on(tmp_path, capsys,
 
 def test_sigterm_with_a_dead_logger_saves_before_the_end_of_run_work(tmp_path):
     at_end = CheckpointAtEnd()
-    trainer, _ = make_trainer(tmp_path, steps=10, callbacks=[Broken({"on_step_end", "on_train_end"}), at_end,
-                                                             SignalAt(3), PreemptionHandler()])
+    trainer, _ = make_trainer(
+        tmp_path,
+        steps=10,
+        callbacks=[Broken({"on_step_end", "on_train_end"}), at_end, SignalAt(3), PreemptionHandler()],
+    )
     assert trainer.fit() == "signal SIGTERM"
     assert at_end.seen == [3]
     assert os.path.isfile(os.path.join(checkpoint_dir(tmp_path, 3), MANIFEST_FILE))
@@ -103,8 +106,9 @@ def test_a_nan_stop_names_the_newest_intact_checkpoint(tmp_path):
     first, _ = make_trainer(tmp_path, steps=10, stop_at=4, interval=2)
     first.fit()  # checkpoints 2 and 4
     damage(checkpoint_dir(tmp_path, 4))
-    trainer, _ = make_trainer(tmp_path, steps=10, interval=100, max_nonfinite=2,
-                              runner_wrapper=lambda r: NonFiniteAt(r, {1, 2}))
+    trainer, _ = make_trainer(
+        tmp_path, steps=10, interval=100, max_nonfinite=2, runner_wrapper=lambda r: NonFiniteAt(r, {1, 2})
+    )
     assert trainer.resume_if_possible() == checkpoint_dir(tmp_path, 2)
     with pytest.raises(NonFiniteLossError, match=f"newest intact checkpoint is {checkpoint_dir(tmp_path, 2)}$"):
         trainer.fit()

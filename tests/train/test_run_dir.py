@@ -61,7 +61,9 @@ def old_run(run_dir):
 def test_resume_false_on_an_old_run_needs_overwrite_which_moves_it_aside(tmp_path):
     run_dir = str(tmp_path / "run")
     old_run(run_dir)
-    with pytest.raises(RunDirectoryError, match="train.resume=false but .* holds an earlier run .*train.overwrite=true"):
+    with pytest.raises(
+        RunDirectoryError, match="train.resume=false but .* holds an earlier run .*train.overwrite=true"
+    ):
         RunDirClaim.acquire(run_dir, resume=False, overwrite=False)
     assert not os.path.exists(os.path.join(run_dir, LOCK_FILE))  # a refused launch keeps no lock
 

@@ -16,8 +16,18 @@ import torch.nn.functional as F
 from latentforge.kernels.cross_entropy import linear_cross_entropy
 from tests.distributed import run_distributed
 
-from .test_parallel_common import (GLOBAL_BATCH, assert_same_training, full_grads, full_state, global_batches,
-                                   micro_batches_for, one_thread, portable, restore, tiny_config)
+from .test_parallel_common import (
+    GLOBAL_BATCH,
+    assert_same_training,
+    full_grads,
+    full_state,
+    global_batches,
+    micro_batches_for,
+    one_thread,
+    portable,
+    restore,
+    tiny_config,
+)
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -43,11 +53,16 @@ class WeightedLogprobLoss:
         loss = -(weights * logp).sum() / self.total_weight
         head, mtp_ce = out.lm_head_weight.detach(), 0.0
         for hidden, shifted in zip(out.mtp_hidden(detach=True), out.mtp_labels):  # the MTP block on detached inputs
-            mtp_ce = mtp_ce + linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head,
-                                                   shifted.reshape(-1), reduction="sum")
+            mtp_ce = mtp_ce + linear_cross_entropy(
+                hidden.reshape(-1, hidden.shape[-1]), head, shifted.reshape(-1), reduction="sum"
+            )
         loss = loss + MTP_WEIGHT * mtp_ce / self.total_targets
-        stats = {"targets": valid.sum(), "weighted_logp_sum": (weights * logp).sum().detach(),
-                 "mtp_ce_sum": mtp_ce.detach(), "logp_max": logp.masked_fill(~valid, -1e9).max().detach()}
+        stats = {
+            "targets": valid.sum(),
+            "weighted_logp_sum": (weights * logp).sum().detach(),
+            "mtp_ce_sum": mtp_ce.detach(),
+            "logp_max": logp.masked_fill(~valid, -1e9).max().detach(),
+        }
         return loss, stats
 
 
@@ -73,8 +88,7 @@ def hook_run(parallel: dict, micro_batch_size: int):
     runner = build_runner(HybridModel(cfg), cfg, ParallelConfig(**parallel))
     batch = hook_batch(cfg)
     loss_fn = hook_loss(batch)
-    micro = [dict(mb, scale=SCALE) for mb in micro_batches_for(batch, runner.dp_rank, runner.dp_size,
-                                                                micro_batch_size)]
+    micro = [dict(mb, scale=SCALE) for mb in micro_batches_for(batch, runner.dp_rank, runner.dp_size, micro_batch_size)]
     params = [p for part in runner.model_parts for p in part.parameters()]
     lm_eval = runner.evaluate(micro)  # the pretraining losses, forward only
     evaluated = runner.evaluate(micro, loss_fn)
@@ -173,9 +187,12 @@ def test_single_process_hook_and_evaluate():
     assert result["stats"]["weighted_logp_sum"] == pytest.approx(weighted.item(), rel=1e-5)
     assert result["stats"]["targets"] == valid.sum().item() == result["tokens"]
     assert result["stats"]["logp_max"] == pytest.approx(logp[valid].max().item(), rel=1e-5)
-    assert result["loss"] == pytest.approx(-weighted.item() / loss_fn.total_weight + MTP_WEIGHT *
-                                           result["stats"]["mtp_ce_sum"] / loss_fn.total_targets
-                                           + cfg.moe_aux_loss_coeff * result["aux_loss"], rel=1e-5)
+    assert result["loss"] == pytest.approx(
+        -weighted.item() / loss_fn.total_weight
+        + MTP_WEIGHT * result["stats"]["mtp_ce_sum"] / loss_fn.total_targets
+        + cfg.moe_aux_loss_coeff * result["aux_loss"],
+        rel=1e-5,
+    )
     # the MTP term saw detached trunk features: the embedding's gradient is the policy term's alone
     out = policy_only(batch["input_ids"], seq_idx=batch["seq_idx"])
     logp = torch.log_softmax(out.logits.float(), -1).gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0]

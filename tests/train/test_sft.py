@@ -14,15 +14,32 @@ from latentforge.train.lora import lora_parameters
 from latentforge.train.lora.checkpoint import load_model
 from latentforge.train.sft import SFTConfigError, greedy_completions, rewrite_overrides, run, validation_loss
 
-WORDS = ("What is 12 + 3 * 4? First the multiplication: 3 * 4 = 12. Then 12 + 12 = 24. Answer: 24. "
-         "Ada has 5 apples and buys 3 bags with 4 apples in each bag. How many apples does Ada have now? ")
+WORDS = (
+    "What is 12 + 3 * 4? First the multiplication: 3 * 4 = 12. Then 12 + 12 = 24. Answer: 24. "
+    "Ada has 5 apples and buys 3 bags with 4 apples in each bag. How many apples does Ada have now? "
+)
 
 
 def small_config(vocab_size: int) -> ModelConfig:
-    return ModelConfig(pattern="M*E", hidden_size=32, vocab_size=vocab_size, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=16, mamba_num_heads=4, mamba_head_dim=8, mamba_groups=1,
-                       ssm_state_size=8, chunk_size=16, num_experts=4, top_k=2, moe_intermediate_size=16,
-                       moe_latent_size=16, shared_expert_intermediate_size=32, mtp_depths=1)
+    return ModelConfig(
+        pattern="M*E",
+        hidden_size=32,
+        vocab_size=vocab_size,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        mamba_groups=1,
+        ssm_state_size=8,
+        chunk_size=16,
+        num_experts=4,
+        top_k=2,
+        moe_intermediate_size=16,
+        moe_latent_size=16,
+        shared_expert_intermediate_size=32,
+        mtp_depths=1,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +57,25 @@ def start(tmp_path_factory):
 
 
 def common(root, run_name):
-    return [f"train.run_dir={root / run_name}", "train.steps=4", "train.seq_len=64", "train.micro_batch_size=2",
-            "train.global_batch_size=4", "train.log_interval=1", "train.checkpoint_interval=2",
-            "train.progress_bar=false", "train.wandb.enabled=false", "optim.warmup_steps=1",
-            "data.synthetic_num_train=48", "data.synthetic_num_heldout=8", f"data.cache_dir={root / 'cache'}",
-            "sft.eval_interval=2", "sft.eval_batches=1", "sft.accuracy_problems=2", "sft.max_new_tokens=6"]
+    return [
+        f"train.run_dir={root / run_name}",
+        "train.steps=4",
+        "train.seq_len=64",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+        "train.log_interval=1",
+        "train.checkpoint_interval=2",
+        "train.progress_bar=false",
+        "train.wandb.enabled=false",
+        "optim.warmup_steps=1",
+        "data.synthetic_num_train=48",
+        "data.synthetic_num_heldout=8",
+        f"data.cache_dir={root / 'cache'}",
+        "sft.eval_interval=2",
+        "sft.eval_batches=1",
+        "sft.accuracy_problems=2",
+        "sft.max_new_tokens=6",
+    ]
 
 
 def test_lora_run_then_full_sft_from_its_checkpoint(start, capsys):
@@ -91,23 +122,35 @@ def test_lora_run_then_full_sft_from_its_checkpoint(start, capsys):
     from latentforge.train.export import load_model_from_checkpoint  # what rl.init_from and rl/generate.py load
 
     with torch.no_grad():
-        torch.testing.assert_close(load_model_from_checkpoint(str(lora_dir))(ids).logits, adapted, rtol=1e-4,
-                                   atol=1e-5)
+        torch.testing.assert_close(load_model_from_checkpoint(str(lora_dir))(ids).logits, adapted, rtol=1e-4, atol=1e-5)
     assert not (root / "refused").exists()
     # the command line extracts the same adapter from the best checkpoint's folder
     from latentforge.train.lora.__main__ import main as lora_cli
 
     assert lora_cli(["save-adapter", str(lora_dir / "best"), str(root / "extracted")]) == 0
-    assert (root / "extracted" / "adapter_model.safetensors").read_bytes() == \
-        (lora_dir / "best" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (root / "extracted" / "adapter_model.safetensors").read_bytes() == (
+        lora_dir / "best" / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
 
     # full fine-tuning from the LoRA run's DCP directory: everything trains, adapters are not part of it
-    assert run(["recipe=sft_tiny", f"sft.init_from={lora_dir}", "train.export_hf=false",
-                *common(root, "full")[:-2], "sft.accuracy_problems=0"]) == 0
+    assert (
+        run(
+            [
+                "recipe=sft_tiny",
+                f"sft.init_from={lora_dir}",
+                "train.export_hf=false",
+                *common(root, "full")[:-2],
+                "sft.accuracy_problems=0",
+            ]
+        )
+        == 0
+    )
     full, cfg = load_model(str(root / "full"))
     assert cfg is None
-    assert not torch.equal(full.state_dict()["backbone.layers.1.mixer.q_proj.weight"],
-                           trained.state_dict()["backbone.layers.1.mixer.q_proj.weight"])
+    assert not torch.equal(
+        full.state_dict()["backbone.layers.1.mixer.q_proj.weight"],
+        trained.state_dict()["backbone.layers.1.mixer.q_proj.weight"],
+    )
 
 
 def test_starting_checkpoint_problems_are_clear_errors(start, tmp_path):
@@ -123,8 +166,15 @@ def test_starting_checkpoint_problems_are_clear_errors(start, tmp_path):
         run(["recipe=sft_tiny", f"sft.init_from={no_tokenizer}", *common(tmp_path, "x")])
     other = train_bpe(["completely different text " * 50], 300, str(tmp_path / "other" / "tokenizer.json"))
     with pytest.raises(TokenizerMismatchError, match="not the tokenizer of the starting checkpoint"):
-        run(["recipe=sft_tiny", f"sft.init_from={start / 'start'}", "data.tokenizer.kind=hf",
-             f"data.tokenizer.path={other.path}", *common(tmp_path, "x")])
+        run(
+            [
+                "recipe=sft_tiny",
+                f"sft.init_from={start / 'start'}",
+                "data.tokenizer.kind=hf",
+                f"data.tokenizer.path={other.path}",
+                *common(tmp_path, "x"),
+            ]
+        )
     with pytest.raises(SFTConfigError, match="data.kind"):
         run(["recipe=sft_tiny", f"sft.init_from={start / 'start'}", "data.kind=pretrain", *common(tmp_path, "x")])
 
@@ -144,7 +194,7 @@ def test_cached_greedy_decoding_matches_recomputation():
         with torch.no_grad():
             for _ in range(6):
                 ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-        assert completion == ids[len(prompt):]
+        assert completion == ids[len(prompt) :]
 
 
 def test_validation_loss_is_the_token_weighted_mean():
@@ -159,8 +209,12 @@ def test_validation_loss_is_the_token_weighted_mean():
         labels = torch.where(torch.rand(2, 16, generator=g) < 0.5, ids.roll(-1, 1), -100)
         batches.append({"input_ids": ids, "labels": labels, "seq_idx": torch.zeros(2, 16, dtype=torch.int32)})
     with torch.no_grad():
-        total = sum(torch.nn.functional.cross_entropy(model(b["input_ids"]).logits.flatten(0, 1),
-                                                      b["labels"].flatten(), reduction="sum") for b in batches)
+        total = sum(
+            torch.nn.functional.cross_entropy(
+                model(b["input_ids"]).logits.flatten(0, 1), b["labels"].flatten(), reduction="sum"
+            )
+            for b in batches
+        )
         expected = total / sum(int((b["labels"] != -100).sum()) for b in batches)
     runner = build_runner(model, model.cfg, ParallelConfig())
     # forward only: no backward, and the gradients accumulated so far (mid-step) stay as they are

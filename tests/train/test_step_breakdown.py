@@ -56,8 +56,13 @@ def slowed(function, seconds):
 def test_planted_delays_land_in_their_own_phase(tmp_path, capsys):
     recorder = Recorder()
     jsonl = tmp_path / "metrics.jsonl"
-    trainer, _ = make_trainer(tmp_path, steps=4, interval=2, runner_wrapper=SlowRunner,
-                              callbacks=[recorder, JSONLWriter(str(jsonl)), ConsoleLogger()])
+    trainer, _ = make_trainer(
+        tmp_path,
+        steps=4,
+        interval=2,
+        runner_wrapper=SlowRunner,
+        callbacks=[recorder, JSONLWriter(str(jsonl)), ConsoleLogger()],
+    )
     trainer.loader = SlowLoader(trainer.loader, DELAY["data"] / trainer.grad_accumulation)
     trainer.optimizer.step = slowed(trainer.optimizer.step, DELAY["optimizer"])
     trainer.checkpoints.save = slowed(trainer.checkpoints.save, DELAY["checkpoint"])
@@ -84,9 +89,19 @@ def test_planted_delays_land_in_their_own_phase(tmp_path, capsys):
 
 
 def test_step_line_shows_communication_inside_the_forward_backward():
-    metrics = {"step": 5, "loss": 1.0, "grad_norm": 0.5, "lr": 1e-3, "step_time": 0.5, "data_time": 0.01,
-               "fwd_bwd_time": 0.3, "comm_time": 0.05, "clip_time": 0.04, "optimizer_time": 0.15,
-               "checkpoint_time": 0.0}
+    metrics = {
+        "step": 5,
+        "loss": 1.0,
+        "grad_norm": 0.5,
+        "lr": 1e-3,
+        "step_time": 0.5,
+        "data_time": 0.01,
+        "fwd_bwd_time": 0.3,
+        "comm_time": 0.05,
+        "clip_time": 0.04,
+        "optimizer_time": 0.15,
+        "checkpoint_time": 0.0,
+    }
     line = format_line(metrics, total_steps=10)
     assert "500ms = data 10ms + fwd/bwd 300ms (comm 50ms) + clip 40ms + opt 150ms" in line
     assert "ckpt" not in line

@@ -45,8 +45,12 @@ def _worker(rank, world_size, checkpoint_dir):
     conv_rows = rank_rows(mixer.conv_blocks(), world_size, rank)
     checks = {}
     # this rank's heads' rows are its Shard(0) piece: nothing to gather at forward time
-    checks["in_proj"] = torch.equal(mixer.in_proj.weight.to_local(), plain.state_dict()[MIXER + "in_proj.weight"][in_rows])
-    checks["conv1d"] = torch.equal(mixer.conv1d.weight.to_local(), plain.state_dict()[MIXER + "conv1d.weight"][conv_rows])
+    checks["in_proj"] = torch.equal(
+        mixer.in_proj.weight.to_local(), plain.state_dict()[MIXER + "in_proj.weight"][in_rows]
+    )
+    checks["conv1d"] = torch.equal(
+        mixer.conv1d.weight.to_local(), plain.state_dict()[MIXER + "conv1d.weight"][conv_rows]
+    )
 
     # a checkpoint written by one process (natural order) loads into the TP layout
     state = get_model_state_dict(part)
@@ -75,8 +79,9 @@ def _worker(rank, world_size, checkpoint_dir):
         if torch.is_tensor(value) and value.dim() > 0:
             value.zero_()
     optimizer.load_state_dict(natural)
-    checks["moment reloaded"] = torch.equal(optimizer.optimizers[0].state[mixer.in_proj.weight]["exp_avg"].to_local(),
-                                            before)
+    checks["moment reloaded"] = torch.equal(
+        optimizer.optimizers[0].state[mixer.in_proj.weight]["exp_avg"].to_local(), before
+    )
     return checks
 
 

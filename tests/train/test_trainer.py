@@ -27,30 +27,64 @@ SEQ, MICRO, GLOBAL = 32, 2, 4  # two micro-batches per step on one process
 
 @functools.lru_cache(maxsize=1)
 def small_config():
-    return model_config_from(compose(["recipe=tiny", "model.vocab_size=256", "model.hidden_size=64",
-                                      "model.num_experts=8", "model.top_k=2", "model.mlp_intermediate_size=128",
-                                      "model.shared_expert_intermediate_size=64",
-                                      # one MTP depth: the model keeps only the last application's MoE aux loss and
-                                      # load, while the runner counts every depth (reported; not the loop's business)
-                                      "model.mtp_depths=1"]))
+    return model_config_from(
+        compose(
+            [
+                "recipe=tiny",
+                "model.vocab_size=256",
+                "model.hidden_size=64",
+                "model.num_experts=8",
+                "model.top_k=2",
+                "model.mlp_intermediate_size=128",
+                "model.shared_expert_intermediate_size=64",
+                # one MTP depth: the model keeps only the last application's MoE aux loss and
+                # load, while the runner counts every depth (reported; not the loop's business)
+                "model.mtp_depths=1",
+            ]
+        )
+    )
 
 
-def make_trainer(tmp_path, *, steps=4, stop_at=None, interval=100, runner_wrapper=None, callbacks=(), seed=0,
-                 max_nonfinite=3, cfg=None, tokenizer=None):
+def make_trainer(
+    tmp_path,
+    *,
+    steps=4,
+    stop_at=None,
+    interval=100,
+    runner_wrapper=None,
+    callbacks=(),
+    seed=0,
+    max_nonfinite=3,
+    cfg=None,
+    tokenizer=None,
+):
     cfg = cfg or small_config()
     torch.manual_seed(seed)
     model = HybridModel(cfg)
     runner = build_runner(model, cfg, ParallelConfig())
     if runner_wrapper is not None:
         runner = runner_wrapper(runner)
-    train_cfg = TrainConfig(steps=steps, stop_at_step=stop_at, seq_len=SEQ, micro_batch_size=MICRO,
-                            global_batch_size=GLOBAL, checkpoint_interval=interval,
-                            max_consecutive_nonfinite=max_nonfinite)
+    train_cfg = TrainConfig(
+        steps=steps,
+        stop_at_step=stop_at,
+        seq_len=SEQ,
+        micro_batch_size=MICRO,
+        global_batch_size=GLOBAL,
+        checkpoint_interval=interval,
+        max_consecutive_nonfinite=max_nonfinite,
+    )
     optim_cfg = OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, schedule="wsd", decay_fraction=0.5)
     loader = SyntheticLoader(cfg.vocab_size, SEQ, MICRO)
-    return Trainer(runner=runner, loader=loader, train_cfg=train_cfg, optim_cfg=optim_cfg,
-                   checkpoints=CheckpointManager(str(tmp_path / "ckpt"), keep_last=2), callbacks=list(callbacks),
-                   model_config=cfg.to_dict(), tokenizer=tokenizer), model
+    return Trainer(
+        runner=runner,
+        loader=loader,
+        train_cfg=train_cfg,
+        optim_cfg=optim_cfg,
+        checkpoints=CheckpointManager(str(tmp_path / "ckpt"), keep_last=2),
+        callbacks=list(callbacks),
+        model_config=cfg.to_dict(),
+        tokenizer=tokenizer,
+    ), model
 
 
 class Recorder(Callback):
@@ -121,8 +155,9 @@ class NonFiniteAt:
 
 def test_non_finite_steps_are_skipped_counted_and_too_many_stop_the_run(tmp_path):
     recorder = Recorder()
-    trainer, model = make_trainer(tmp_path, steps=10, callbacks=[recorder], max_nonfinite=2,
-                                  runner_wrapper=lambda r: NonFiniteAt(r, {2, 4, 5}))
+    trainer, model = make_trainer(
+        tmp_path, steps=10, callbacks=[recorder], max_nonfinite=2, runner_wrapper=lambda r: NonFiniteAt(r, {2, 4, 5})
+    )
     snapshots = []
 
     class Snapshot(Callback):

@@ -12,12 +12,21 @@ from .progress import ProgressBar
 from .speed import SpeedMonitor
 from .wandb_logger import WandbLogger
 
-__all__ = ["Callback", "ConsoleLogger", "JSONLWriter", "PreemptionHandler", "ProgressBar", "SpeedMonitor",
-           "WandbLogger", "standard_callbacks"]
+__all__ = [
+    "Callback",
+    "ConsoleLogger",
+    "JSONLWriter",
+    "PreemptionHandler",
+    "ProgressBar",
+    "SpeedMonitor",
+    "WandbLogger",
+    "standard_callbacks",
+]
 
 
-def standard_callbacks(train_cfg, flops_per_token: float, run_dir: str, device, world_size: int, config: dict,
-                       extra=(), tokenizer=None) -> list:
+def standard_callbacks(
+    train_cfg, flops_per_token: float, run_dir: str, device, world_size: int, config: dict, extra=(), tokenizer=None
+) -> list:
     """The callbacks of every training entry point (pretrain, SFT): speed/MFU, console, metrics.jsonl, W&B,
     SIGTERM handling, then `extra` (e.g. SFT validation), lm-eval tasks (train.eval_tasks, needs `tokenizer`),
     then the progress bar when asked for."""
@@ -29,8 +38,18 @@ def standard_callbacks(train_cfg, flops_per_token: float, run_dir: str, device, 
 
         if tokenizer is None:
             raise ValueError("train.eval_tasks needs the tokenizer: pass tokenizer= to standard_callbacks")
-        extra = [*extra, EvalTasks(train_cfg.eval_tasks, train_cfg.eval_interval, tokenizer, train_cfg.seq_len,
-                                   train_cfg.micro_batch_size, train_cfg.eval_limit, train_cfg.eval_include)]
+        extra = [
+            *extra,
+            EvalTasks(
+                train_cfg.eval_tasks,
+                train_cfg.eval_interval,
+                tokenizer,
+                train_cfg.seq_len,
+                train_cfg.micro_batch_size,
+                train_cfg.eval_limit,
+                train_cfg.eval_include,
+            ),
+        ]
     callbacks = [
         SpeedMonitor(flops_per_token, device, world_size),
         ConsoleLogger(log_every),

@@ -27,8 +27,14 @@ def format_rate(tokens_per_s: float) -> str:
 
 
 # (metrics key, label) of the step-time phases, in the order they run; absent / None phases are left out
-BREAKDOWN = (("data_time", "data"), ("fwd_bwd_time", "fwd/bwd"), ("comm_time", "comm"), ("clip_time", "clip"),
-             ("optimizer_time", "opt"), ("checkpoint_time", "ckpt"))
+BREAKDOWN = (
+    ("data_time", "data"),
+    ("fwd_bwd_time", "fwd/bwd"),
+    ("comm_time", "comm"),
+    ("clip_time", "clip"),
+    ("optimizer_time", "opt"),
+    ("checkpoint_time", "ckpt"),
+)
 
 
 def format_breakdown(metrics: dict) -> str:

@@ -17,8 +17,9 @@ class EvalTasks(Callback):
     order = 25  # after validation, before the writers (console, JSONL, W&B) that log its metrics
     essential = True  # a collective forward on every rank
 
-    def __init__(self, tasks, interval: int, tokenizer, seq_len: int, micro_batch_size: int, limit=None,
-                 include_paths=()):
+    def __init__(
+        self, tasks, interval: int, tokenizer, seq_len: int, micro_batch_size: int, limit=None, include_paths=()
+    ):
         self.tasks = list(tasks)
         self.interval = interval
         self.tokenizer = tokenizer
@@ -43,8 +44,9 @@ class EvalTasks(Callback):
             for metric, value in values.items():
                 metrics[f"eval/{task}/{metric}"] = value
         if trainer.is_metrics_rank:
-            shown = ", ".join(f"{task} {metric} {value:.4g}" for task, values in scores.items()
-                              for metric, value in values.items())
+            shown = ", ".join(
+                f"{task} {metric} {value:.4g}" for task, values in scores.items() for metric, value in values.items()
+            )
             trainer.print(f"eval step {step}: {shown}")
 
     def measure(self, trainer) -> dict:

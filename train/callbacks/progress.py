@@ -19,8 +19,9 @@ class ProgressBar(Callback):
             return
         from tqdm import tqdm
 
-        self._bar = tqdm(total=trainer.last_step, initial=trainer.state.step, dynamic_ncols=True, leave=False,
-                         file=self.stream)
+        self._bar = tqdm(
+            total=trainer.last_step, initial=trainer.state.step, dynamic_ncols=True, leave=False, file=self.stream
+        )
         trainer.print_hook = self._bar.write  # console lines go above the bar instead of through it
 
     def on_step_end(self, trainer, metrics: dict) -> None:

@@ -66,9 +66,17 @@ class WandbLogger(Callback):
         import wandb
 
         os.makedirs(self.run_dir, exist_ok=True)
-        self._run = wandb.init(project=self.cfg.project, entity=self.cfg.entity, name=self.run_name,
-                               id=self.run_id, resume="allow", dir=self.run_dir, mode=self.mode,
-                               config=self.config, tags=list(self.cfg.tags))
+        self._run = wandb.init(
+            project=self.cfg.project,
+            entity=self.cfg.entity,
+            name=self.run_name,
+            id=self.run_id,
+            resume="allow",
+            dir=self.run_dir,
+            mode=self.mode,
+            config=self.config,
+            tags=list(self.cfg.tags),
+        )
 
     def on_step_end(self, trainer, metrics: dict) -> None:
         if self._run is None:

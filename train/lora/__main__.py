@@ -1,8 +1,8 @@
 """LoRA command line.
 
-    python -m latentforge.train.lora merge runs/lora_tiny out/merged-hf                 # a LoRA run (its newest checkpoint)
-    python -m latentforge.train.lora merge BASE out/merged-hf --adapter path/to/adapter  # base (HF dir or DCP) + PEFT adapter
-    python -m latentforge.train.lora save-adapter runs/lora_tiny out/adapter              # the PEFT directory of a LoRA run
+python -m latentforge.train.lora merge runs/lora_tiny out/merged-hf                 # a LoRA run (its newest checkpoint)
+python -m latentforge.train.lora merge BASE out/merged-hf --adapter path/to/adapter  # base (HF dir or DCP) + PEFT adapter
+python -m latentforge.train.lora save-adapter runs/lora_tiny out/adapter              # the PEFT directory of a LoRA run
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from latentforge.model.hf import DTYPES
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m latentforge.train.lora", description="merge or extract LoRA adapters")
+    parser = argparse.ArgumentParser(
+        prog="python -m latentforge.train.lora", description="merge or extract LoRA adapters"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     merge = sub.add_parser("merge", help="fold adapters into the base and write a Hugging Face checkpoint")
     merge.add_argument("source", help="a LoRA run directory / DCP checkpoint, or a base (HF dir or DCP) with --adapter")

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from .config import PEFT_REFUSED, LoRAConfig, LoRAConfigError, PEFTCompatibilityWarning
-from .layers import (add_lora_experts, add_lora_linear, is_lora_module, lora_param_names, merge_and_remove,
-                     remove)
+from .layers import add_lora_experts, add_lora_linear, is_lora_module, lora_param_names, merge_and_remove, remove
 
 PLAIN_NAME = re.compile(r"^[\w.]+$")
 
@@ -33,17 +32,23 @@ def find_targets(model: nn.Module, cfg: LoRAConfig) -> tuple:
             if not isinstance(module, nn.Linear):
                 raise LoRAConfigError(
                     f"lora.targets pattern(s) {hits} matched {name!r}, a {type(module).__name__}, not a Linear layer. "
-                    "Target Linear layers only (routed experts: lora.routed_experts=true)")
+                    "Target Linear layers only (routed experts: lora.routed_experts=true)"
+                )
             linears.append(name)
             unmatched -= set(hits)
-        if cfg.routed_experts and name.endswith("mixer.experts") and hasattr(module, "up_proj") \
-                and isinstance(module.up_proj, nn.Parameter):
+        if (
+            cfg.routed_experts
+            and name.endswith("mixer.experts")
+            and hasattr(module, "up_proj")
+            and isinstance(module.up_proj, nn.Parameter)
+        ):
             experts.append(name)
     if unmatched:
         raise LoRAConfigError(
             f"lora.targets pattern(s) {sorted(unmatched)} match no Linear module of this model"
             f"{' outside the MTP block' if not cfg.include_mtp else ''}. Linear names look like "
-            "'backbone.layers.1.mixer.q_proj'; fix the pattern or drop it")
+            "'backbone.layers.1.mixer.q_proj'; fix the pattern or drop it"
+        )
     if cfg.routed_experts and not experts:
         raise LoRAConfigError("lora.routed_experts=true but the model has no MoE layer; set it to false")
     return linears, experts
@@ -71,13 +76,23 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, warn_peft: bool = True) -> lis
             "merged Hugging Face export handle it, but stock PEFT (0.21) refuses LoRA on a module named out_proj "
             "or conv1d in a nemotron_h model (transformers' fused Mamba training kernel reads out_proj.weight "
             "directly, bypassing an adapter), so PeftModel.from_pretrained will not load this adapter directory. "
-            "Drop out_proj from lora.targets for a PEFT-loadable adapter", PEFTCompatibilityWarning, stacklevel=2)
+            "Drop out_proj from lora.targets for a PEFT-loadable adapter",
+            PEFTCompatibilityWarning,
+            stacklevel=2,
+        )
     generator = None
     if cfg.init_seed is not None:
         generator = torch.Generator().manual_seed(cfg.init_seed)
     for name in linears:
-        add_lora_linear(model.get_submodule(name), name, cfg.rank, cfg.scaling, cfg.dropout, generator=generator,
-                        row_blocks=_row_blocks(model, name))
+        add_lora_linear(
+            model.get_submodule(name),
+            name,
+            cfg.rank,
+            cfg.scaling,
+            cfg.dropout,
+            generator=generator,
+            row_blocks=_row_blocks(model, name),
+        )
     for name in experts:
         add_lora_experts(model.get_submodule(name), name, cfg.rank, cfg.scaling, generator=generator)
     freeze_base(model, getattr(torch, cfg.base_dtype) if cfg.base_dtype else None)

@@ -24,7 +24,8 @@ TOKENIZER_FILE = "tokenizer.json"
 
 def is_hf_directory(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and any(
-        name.endswith(".safetensors") for name in os.listdir(path))
+        name.endswith(".safetensors") for name in os.listdir(path)
+    )
 
 
 def resolve_source(path: str) -> Tuple[str, str]:
@@ -40,7 +41,8 @@ def resolve_source(path: str) -> Tuple[str, str]:
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{path} is neither a Hugging Face directory (config.json + *.safetensors) nor a DCP checkpoint / run "
-            "directory written by train/pretrain.py or train/sft.py") from None
+            "directory written by train/pretrain.py or train/sft.py"
+        ) from None
 
 
 def model_config_of(path: str):
@@ -55,8 +57,9 @@ def model_config_of(path: str):
             return from_hf_config(json.load(f))
     config_file = os.path.join(path, MODEL_CONFIG_FILE)
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{config_file} is missing: this checkpoint was not written by train/pretrain.py "
-                                "or train/sft.py")
+        raise FileNotFoundError(
+            f"{config_file} is missing: this checkpoint was not written by train/pretrain.py or train/sft.py"
+        )
     with open(config_file) as f:
         return ModelConfig.from_dict(json.load(f))
 
@@ -88,8 +91,11 @@ def load_base_weights(model: nn.Module, path: str) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemReader
 
-        stored = {k.removeprefix("model.") for k in FileSystemReader(path).read_metadata().state_dict_metadata
-                  if k.startswith("model.")}
+        stored = {
+            k.removeprefix("model.")
+            for k in FileSystemReader(path).read_metadata().state_dict_metadata
+            if k.startswith("model.")
+        }
         missing, unexpected = sorted(set(expected) - stored), []
         state = {k: v for k, v in expected.items() if k in stored}
         if not missing:
@@ -97,9 +103,11 @@ def load_base_weights(model: nn.Module, path: str) -> None:
             dcp.load(box, checkpoint_id=path, no_dist=True)
             state = box["model"]
     if missing or unexpected:
-        raise ValueError(f"the starting checkpoint {path} does not fit the model: missing {missing[:6]}"
-                         f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                         f"{'...' if len(unexpected) > 6 else ''}")
+        raise ValueError(
+            f"the starting checkpoint {path} does not fit the model: missing {missing[:6]}"
+            f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+            f"{'...' if len(unexpected) > 6 else ''}"
+        )
     for name, value in state.items():
         expected[name].copy_(value)
 
@@ -137,8 +145,10 @@ def load_model(source: str, adapter: Optional[str] = None) -> Tuple[nn.Module, O
     lora_cfg = lora_config_of(path) if kind == "dcp" else None
     if lora_cfg is not None:
         if adapter is not None:
-            raise ValueError(f"{path} already holds trained adapters ({LORA_CONFIG_FILE}); pass its starting "
-                             "checkpoint as the source to apply another adapter")
+            raise ValueError(
+                f"{path} already holds trained adapters ({LORA_CONFIG_FILE}); pass its starting "
+                "checkpoint as the source to apply another adapter"
+            )
         lora_cfg.base_dtype = None  # evaluation and merging run in fp32 whatever the training held the base in
         apply_lora(model, lora_cfg, warn_peft=False)
         box = {"model": {k: v for k, v in model.state_dict().items() if ".lora_" in k}}
@@ -151,8 +161,13 @@ def load_model(source: str, adapter: Optional[str] = None) -> Tuple[nn.Module, O
     return model.eval(), lora_cfg
 
 
-def export_merged(source: str, out_dir: str, adapter: Optional[str] = None,
-                  dtype: torch.dtype = torch.float32, tokenizer: Optional[str] = None) -> str:
+def export_merged(
+    source: str,
+    out_dir: str,
+    adapter: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: Optional[str] = None,
+) -> str:
     """Fold the adapters into the base and write a full Hugging Face checkpoint with the tokenizer files of
     data/hf_tokenizer.py (`tokenizer`: a spec when the source records none)."""
     from latentforge.data.hf_tokenizer import export_checkpoint_tokenizer
@@ -160,8 +175,10 @@ def export_merged(source: str, out_dir: str, adapter: Optional[str] = None,
 
     model, lora_cfg = load_model(source, adapter)
     if lora_cfg is None:
-        raise ValueError(f"{source} carries no adapters and no --adapter was given: nothing to merge "
-                         "(python -m latentforge.train.export exports a plain checkpoint)")
+        raise ValueError(
+            f"{source} carries no adapters and no --adapter was given: nothing to merge "
+            "(python -m latentforge.train.export exports a plain checkpoint)"
+        )
     merge_lora(model)
     hf.save_pretrained(model, out_dir, dtype=dtype)
     export_checkpoint_tokenizer(resolve_source(source)[1], out_dir, tokenizer)

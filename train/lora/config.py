@@ -9,8 +9,15 @@ from latentforge.model.errors import UserError
 # SPEC section 4 module names: attention q/k/v/o, the Mamba input projection, the MoE shared expert. Not the Mamba
 # out_proj: stock PEFT refuses it (below), and the default adapter must load with PEFT onto transformers'
 # NemotronHForCausalLM (and so in vLLM). Add "out_proj" to lora.targets to adapt it anyway (a warning says so).
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj",
-                   "shared_experts.up_proj", "shared_experts.down_proj"]
+DEFAULT_TARGETS = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "in_proj",
+    "shared_experts.up_proj",
+    "shared_experts.down_proj",
+]
 # Module leaf names PEFT (0.21, peft.tuners.tuners_utils._check_lora_target_modules_mamba) refuses for LoRA in a
 # Mamba-family model (model_type nemotron_h among them), whatever the pattern or target_parameters route: in
 # transformers' training forward the fused kernel mamba2_split_conv1d_scan_combined receives out_proj.weight and
@@ -54,19 +61,25 @@ class LoRAConfig:
         need(isinstance(self.rank, int) and self.rank > 0, f"lora.rank must be a positive integer, got {self.rank}")
         need(self.alpha > 0, f"lora.alpha must be positive, got {self.alpha}")
         need(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
-        need(bool(self.targets) or self.routed_experts,
-             "lora.targets is empty and lora.routed_experts is false: nothing would be adapted. "
-             f"Use e.g. lora.targets={DEFAULT_TARGETS}")
-        need(self.base_dtype is None or self.base_dtype in BASE_DTYPES,
-             f"lora.base_dtype must be one of {BASE_DTYPES} or null, got {self.base_dtype!r}")
-        need(not (self.routed_experts and self.dropout > 0),
-             "lora.routed_experts needs lora.dropout=0: the expert adapters are folded into the stacked expert "
-             "weights, where an input dropout cannot apply (PEFT's parameter adapters have the same limit). "
-             "Set lora.dropout=0 or lora.routed_experts=false")
+        need(
+            bool(self.targets) or self.routed_experts,
+            "lora.targets is empty and lora.routed_experts is false: nothing would be adapted. "
+            f"Use e.g. lora.targets={DEFAULT_TARGETS}",
+        )
+        need(
+            self.base_dtype is None or self.base_dtype in BASE_DTYPES,
+            f"lora.base_dtype must be one of {BASE_DTYPES} or null, got {self.base_dtype!r}",
+        )
+        need(
+            not (self.routed_experts and self.dropout > 0),
+            "lora.routed_experts needs lora.dropout=0: the expert adapters are folded into the stacked expert "
+            "weights, where an input dropout cannot apply (PEFT's parameter adapters have the same limit). "
+            "Set lora.dropout=0 or lora.routed_experts=false",
+        )
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (self.rank ** 0.5 if self.use_rslora else self.rank)
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -69,8 +69,10 @@ class LoRALinearMixin:
         a = self.lora_A if a is None else a
         b = self.lora_B if b is None else b
         if isinstance(a, DTensor) or isinstance(b, DTensor):
-            raise RuntimeError(f"{self.lora_name}: LoRA factors are DTensors at forward time; shard them with FSDP "
-                               "only (tensor parallelism uses slices of the whole factors)")
+            raise RuntimeError(
+                f"{self.lora_name}: LoRA factors are DTensors at forward time; shard them with FSDP "
+                "only (tensor parallelism uses slices of the whole factors)"
+            )
         if self.lora_dropout > 0 and self.training:
             x = F.dropout(x, p=self.lora_dropout, training=True)
         return F.linear(F.linear(x.to(a.dtype), a), b) * self.lora_scaling
@@ -140,8 +142,16 @@ def _init_a(a: torch.Tensor, generator=None):
     a.copy_(values.to(a.dtype))
 
 
-def add_lora_linear(module: nn.Linear, name: str, rank: int, scaling: float, dropout: float,
-                    dtype: torch.dtype = torch.float32, generator=None, row_blocks: list = None) -> None:
+def add_lora_linear(
+    module: nn.Linear,
+    name: str,
+    rank: int,
+    scaling: float,
+    dropout: float,
+    dtype: torch.dtype = torch.float32,
+    generator=None,
+    row_blocks: list = None,
+) -> None:
     """Adapt `module` in place. `row_blocks`: how its output rows split over tensor-parallel ranks (each rank a
     slice of every block; default one block)."""
     weight = module.weight
@@ -156,16 +166,19 @@ def add_lora_linear(module: nn.Linear, name: str, rank: int, scaling: float, dro
     module.reset_lora_parameters(generator)
 
 
-def add_lora_experts(module: nn.Module, name: str, rank: int, scaling: float, dtype: torch.dtype = torch.float32,
-                     generator=None) -> None:
+def add_lora_experts(
+    module: nn.Module, name: str, rank: int, scaling: float, dtype: torch.dtype = torch.float32, generator=None
+) -> None:
     module.__class__ = lora_class(LoRAExpertsMixin, type(module))
     for proj in EXPERT_PROJS:
         experts, out_features, in_features = getattr(module, proj).shape
         device = getattr(module, proj).device
-        setattr(module, f"lora_A_{proj}", nn.Parameter(torch.empty(experts, rank, in_features, device=device,
-                                                                   dtype=dtype)))
-        setattr(module, f"lora_B_{proj}", nn.Parameter(torch.zeros(experts, out_features, rank, device=device,
-                                                                   dtype=dtype)))
+        setattr(
+            module, f"lora_A_{proj}", nn.Parameter(torch.empty(experts, rank, in_features, device=device, dtype=dtype))
+        )
+        setattr(
+            module, f"lora_B_{proj}", nn.Parameter(torch.zeros(experts, out_features, rank, device=device, dtype=dtype))
+        )
     module.lora_rank, module.lora_scaling, module.lora_dropout, module.lora_name = rank, scaling, 0.0, name
     module.reset_lora_parameters(generator)
 
@@ -211,8 +224,10 @@ def _tp_geometry(weight: torch.Tensor, name: str) -> tuple:
     mesh = weight.device_mesh
     names = mesh.mesh_dim_names or ()
     if "tp" not in names:
-        raise RuntimeError(f"{name}: a DTensor output but the weight is not split over a 'tp' mesh dimension "
-                           f"(mesh {names}); LoRA supports tensor-parallel Linears and FSDP-sharded ones only")
+        raise RuntimeError(
+            f"{name}: a DTensor output but the weight is not split over a 'tp' mesh dimension "
+            f"(mesh {names}); LoRA supports tensor-parallel Linears and FSDP-sharded ones only"
+        )
     tp_dim = names.index("tp")
     placement = weight.placements[tp_dim]
     return mesh.size(tp_dim), mesh.get_local_rank(tp_dim), 0 if placement.dim in (0, -2) else 1

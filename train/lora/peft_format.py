@@ -145,8 +145,11 @@ def hf_base_of(base, adapter_dir) -> str:
         return source
     parent = Path(adapter_dir).resolve().parent
     wanted = {"dcp": str(source)}
-    for candidate in [parent / BASE_EXPORT_DIR, parent.parent / BASE_EXPORT_DIR,
-                      *sorted(parent.glob(f"*/{BASE_EXPORT_DIR}"))]:
+    for candidate in [
+        parent / BASE_EXPORT_DIR,
+        parent.parent / BASE_EXPORT_DIR,
+        *sorted(parent.glob(f"*/{BASE_EXPORT_DIR}")),
+    ]:
         marker = candidate / BASE_SOURCE_FILE
         if is_hf_directory(str(candidate)) and marker.is_file() and json.loads(marker.read_text()) == wanted:
             return str(candidate)
@@ -170,8 +173,9 @@ def write_adapter(tensors: dict, path, cfg: LoRAConfig, base_model_name_or_path:
     return path
 
 
-def save_adapter(model_or_parts, path, cfg: LoRAConfig, base_model_name_or_path: Optional[str] = None
-                 ) -> Optional[Path]:
+def save_adapter(
+    model_or_parts, path, cfg: LoRAConfig, base_model_name_or_path: Optional[str] = None
+) -> Optional[Path]:
     """Write the PEFT adapter directory of a model (or of a runner's model parts). Collective when distributed:
     every rank calls it; rank 0 writes and returns the path, the others return None."""
     parts = list(model_or_parts) if isinstance(model_or_parts, (list, tuple)) else [model_or_parts]
@@ -193,21 +197,31 @@ def config_from_peft(peft: dict) -> LoRAConfig:
         raise LoRAConfigError("adapter uses DoRA, LoRA biases or modules_to_save: not supported")
     targets = peft.get("target_modules") or []
     if isinstance(targets, str):
-        raise LoRAConfigError(f"target_modules is the string {targets!r} (a regex or 'all-linear'): only a list of "
-                              "module names loads here; save the adapter with the list of modules it adapts")
+        raise LoRAConfigError(
+            f"target_modules is the string {targets!r} (a regex or 'all-linear'): only a list of "
+            "module names loads here; save the adapter with the list of modules it adapts"
+        )
     params = sorted(peft.get("target_parameters") or [])
     if params and params != sorted(f"experts.{p}" for p in EXPERT_PROJS):
-        raise LoRAConfigError(f"target_parameters {params}: only both routed-expert projections "
-                              f"{[f'experts.{p}' for p in EXPERT_PROJS]} together are supported")
-    return LoRAConfig(rank=int(peft["r"]), alpha=float(peft["lora_alpha"]), dropout=float(peft.get("lora_dropout", 0)),
-                      use_rslora=bool(peft.get("use_rslora", False)), targets=list(targets),
-                      routed_experts=bool(params), include_mtp=any(str(t).startswith("mtp.") for t in targets))
+        raise LoRAConfigError(
+            f"target_parameters {params}: only both routed-expert projections "
+            f"{[f'experts.{p}' for p in EXPERT_PROJS]} together are supported"
+        )
+    return LoRAConfig(
+        rank=int(peft["r"]),
+        alpha=float(peft["lora_alpha"]),
+        dropout=float(peft.get("lora_dropout", 0)),
+        use_rslora=bool(peft.get("use_rslora", False)),
+        targets=list(targets),
+        routed_experts=bool(params),
+        include_mtp=any(str(t).startswith("mtp.") for t in targets),
+    )
 
 
 def _our_name(key: str) -> str:
     key = key.removeprefix(PREFIX)
     if key.startswith("model."):  # written by PEFT on transformers' NemotronH
-        key = "backbone." + key[len("model."):]
+        key = "backbone." + key[len("model.") :]
     return key
 
 
@@ -227,8 +241,10 @@ def load_adapter_weights(model: nn.Module, tensors: dict) -> None:
     given = {_our_name(k): v for k, v in tensors.items()}
     missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"adapter weights do not match the adapted modules: missing {missing[:6]}, "
-                         f"unexpected {unexpected[:6]}. Was the adapter trained on this model's configuration?")
+        raise ValueError(
+            f"adapter weights do not match the adapted modules: missing {missing[:6]}, "
+            f"unexpected {unexpected[:6]}. Was the adapter trained on this model's configuration?"
+        )
     for key, (param, kind) in expected.items():
         value = given[key]
         if kind == "A":  # (E*r, in) -> (E, r, in)
@@ -237,8 +253,10 @@ def load_adapter_weights(model: nn.Module, tensors: dict) -> None:
             experts, out, rank = param.shape
             value = value.reshape(out, rank, experts).permute(2, 0, 1)
         if value.shape != param.shape:
-            raise ValueError(f"{key}: adapter tensor has shape {tuple(value.shape)}, the model expects "
-                             f"{tuple(param.shape)} (a different rank or model size)")
+            raise ValueError(
+                f"{key}: adapter tensor has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(param.shape)} (a different rank or model size)"
+            )
         param.copy_(value.to(param.dtype))
 
 

@@ -12,5 +12,15 @@ from .pipeline import split_stages
 from .plan import format_plan, layout_plan
 from .runner import Runner, build_runner, describe
 
-__all__ = ["Layout", "LayoutError", "ParallelConfig", "Runner", "build_runner", "describe", "format_plan",
-           "layout_plan", "split_stages", "validate_layout"]
+__all__ = [
+    "Layout",
+    "LayoutError",
+    "ParallelConfig",
+    "Runner",
+    "build_runner",
+    "describe",
+    "format_plan",
+    "layout_plan",
+    "split_stages",
+    "validate_layout",
+]

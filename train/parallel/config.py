@@ -92,10 +92,15 @@ class Layout:
         return self.pp * self.virtual_stages
 
     def describe(self) -> str:
-        parts = [f"world {self.world_size}", f"pp {self.pp}" + (f"x{self.virtual_stages} virtual"
-                                                                 if self.virtual_stages > 1 else ""),
-                 f"dp_replicate {self.dp_replicate}", f"dp_shard {self.dp_shard}", f"cp {self.cp}",
-                 f"tp {self.tp}", f"ep {self.ep}"]
+        parts = [
+            f"world {self.world_size}",
+            f"pp {self.pp}" + (f"x{self.virtual_stages} virtual" if self.virtual_stages > 1 else ""),
+            f"dp_replicate {self.dp_replicate}",
+            f"dp_shard {self.dp_shard}",
+            f"cp {self.cp}",
+            f"tp {self.tp}",
+            f"ep {self.ep}",
+        ]
         return ", ".join(parts)
 
 
@@ -113,22 +118,39 @@ def resolve_sizes(pc: ParallelConfig, world_size: int) -> Layout:
     others = pc.pp * pc.dp_replicate * pc.cp * pc.tp
     if pc.dp_shard == -1:
         if world_size % others:
-            _fail(f"world size {world_size} is not divisible by pp ({pc.pp}) x dp_replicate ({pc.dp_replicate}) "
-                  f"x cp ({pc.cp}) x tp ({pc.tp}) = {others}; launch a multiple of {others} processes or change "
-                  "the parallel sizes")
+            _fail(
+                f"world size {world_size} is not divisible by pp ({pc.pp}) x dp_replicate ({pc.dp_replicate}) "
+                f"x cp ({pc.cp}) x tp ({pc.tp}) = {others}; launch a multiple of {others} processes or change "
+                "the parallel sizes"
+            )
         dp_shard = world_size // others
     else:
         dp_shard = pc.dp_shard
         if others * dp_shard != world_size:
-            _fail(f"world size {world_size} != pp ({pc.pp}) x dp_replicate ({pc.dp_replicate}) x dp_shard "
-                  f"({dp_shard}) x cp ({pc.cp}) x tp ({pc.tp}) = {others * dp_shard}; set parallel.dp_shard=-1 "
-                  f"to fill the world, or launch {others * dp_shard} processes")
-    return Layout(world_size=world_size, pp=pc.pp, dp_replicate=pc.dp_replicate, dp_shard=dp_shard, cp=pc.cp,
-                  tp=pc.tp, ep=pc.ep, virtual_stages=pc.pp_virtual_stages)
+            _fail(
+                f"world size {world_size} != pp ({pc.pp}) x dp_replicate ({pc.dp_replicate}) x dp_shard "
+                f"({dp_shard}) x cp ({pc.cp}) x tp ({pc.tp}) = {others * dp_shard}; set parallel.dp_shard=-1 "
+                f"to fill the world, or launch {others * dp_shard} processes"
+            )
+    return Layout(
+        world_size=world_size,
+        pp=pc.pp,
+        dp_replicate=pc.dp_replicate,
+        dp_shard=dp_shard,
+        cp=pc.cp,
+        tp=pc.tp,
+        ep=pc.ep,
+        virtual_stages=pc.pp_virtual_stages,
+    )
 
 
-def validate_layout(model_cfg, pc: ParallelConfig, world_size: int, seq_len: Optional[int] = None,
-                    num_microbatches: Optional[int] = None) -> Layout:
+def validate_layout(
+    model_cfg,
+    pc: ParallelConfig,
+    world_size: int,
+    seq_len: Optional[int] = None,
+    num_microbatches: Optional[int] = None,
+) -> Layout:
     """Check that `pc` runs `model_cfg` on `world_size` ranks; returns the resolved Layout (with pipeline stages).
 
     `seq_len` and `num_microbatches` are checked when given (the runner checks them again at every step)."""
@@ -141,17 +163,17 @@ def validate_layout(model_cfg, pc: ParallelConfig, world_size: int, seq_len: Opt
     tp = pc.tp
     if tp > 1:
         if not pc.sequence_parallel:
-            _fail("parallel.sequence_parallel=false with tp > 1 is not supported: LatentForge's tensor parallelism "
-                  "always shards the sequence between blocks; set parallel.sequence_parallel=true")
+            _fail(
+                "parallel.sequence_parallel=false with tp > 1 is not supported: LatentForge's tensor parallelism "
+                "always shards the sequence between blocks; set parallel.sequence_parallel=true"
+            )
 
         def need_tp(value, name, why):
             if value % tp:
-                _fail(f"parallel.tp ({tp}) must divide model.{name} ({value}) {why}; use a tp that divides "
-                      f"{value}")
+                _fail(f"parallel.tp ({tp}) must divide model.{name} ({value}) {why}; use a tp that divides {value}")
 
         if has_attention:
-            need_tp(model_cfg.num_key_value_heads, "num_key_value_heads",
-                    "(attention is split by kv-head groups)")
+            need_tp(model_cfg.num_key_value_heads, "num_key_value_heads", "(attention is split by kv-head groups)")
             need_tp(model_cfg.num_attention_heads, "num_attention_heads", "(attention is split by heads)")
         if "mamba" in kinds:
             need_tp(model_cfg.mamba_num_heads, "mamba_num_heads", "(the Mamba mixer is split by heads)")
@@ -159,8 +181,11 @@ def validate_layout(model_cfg, pc: ParallelConfig, world_size: int, seq_len: Opt
         if "mlp" in kinds:
             need_tp(model_cfg.mlp_intermediate_size, "mlp_intermediate_size", "(dense MLP column/row split)")
         if has_moe:
-            need_tp(model_cfg.shared_expert_intermediate_size, "shared_expert_intermediate_size",
-                    "(shared expert column/row split)")
+            need_tp(
+                model_cfg.shared_expert_intermediate_size,
+                "shared_expert_intermediate_size",
+                "(shared expert column/row split)",
+            )
 
     # ----- expert parallel -----------------------------------------------------------------------------------
     ep = pc.ep
@@ -168,36 +193,50 @@ def validate_layout(model_cfg, pc: ParallelConfig, world_size: int, seq_len: Opt
         if not has_moe:
             _fail(f"parallel.ep ({ep}) > 1 but the model has no MoE layer; set parallel.ep=1")
         if model_cfg.num_experts % ep:
-            _fail(f"parallel.ep ({ep}) must divide model.num_experts ({model_cfg.num_experts}): each EP rank holds "
-                  "an equal share of the experts")
+            _fail(
+                f"parallel.ep ({ep}) must divide model.num_experts ({model_cfg.num_experts}): each EP rank holds "
+                "an equal share of the experts"
+            )
         if ep % pc.cp:
-            _fail(f"parallel.ep ({ep}) must be a multiple of parallel.cp ({pc.cp}): the EP group is carved out of "
-                  "dp_shard x cp and spans whole CP groups")
+            _fail(
+                f"parallel.ep ({ep}) must be a multiple of parallel.cp ({pc.cp}): the EP group is carved out of "
+                "dp_shard x cp and spans whole CP groups"
+            )
         if layout.dp_shard % (ep // pc.cp):
-            _fail(f"parallel.ep / cp ({ep} / {pc.cp} = {ep // pc.cp}) must divide dp_shard ({layout.dp_shard}): "
-                  f"the EP group is carved out of dp_shard x cp = {layout.dp_shard * pc.cp}; use an ep that "
-                  f"divides {layout.dp_shard * pc.cp} and is a multiple of cp")
+            _fail(
+                f"parallel.ep / cp ({ep} / {pc.cp} = {ep // pc.cp}) must divide dp_shard ({layout.dp_shard}): "
+                f"the EP group is carved out of dp_shard x cp = {layout.dp_shard * pc.cp}; use an ep that "
+                f"divides {layout.dp_shard * pc.cp} and is a multiple of cp"
+            )
 
     # ----- pipeline parallel ---------------------------------------------------------------------------------
     if pc.pp_schedule not in SCHEDULES:
         _fail(f"parallel.pp_schedule must be one of {list(SCHEDULES)}, got {pc.pp_schedule!r}")
     v = pc.pp_virtual_stages
     if pc.pp_schedule == "interleaved_1f1b" and pc.pp > 1 and v < 2:
-        _fail("parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual_stages >= 2 (model chunks per "
-              "rank); set it, or use pp_schedule=1f1b")
+        _fail(
+            "parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual_stages >= 2 (model chunks per "
+            "rank); set it, or use pp_schedule=1f1b"
+        )
     if pc.pp_schedule in ("1f1b", "gpipe") and v != 1:
-        _fail(f"parallel.pp_virtual_stages={v} needs pp_schedule=interleaved_1f1b; {pc.pp_schedule} runs one "
-              "stage per rank")
+        _fail(
+            f"parallel.pp_virtual_stages={v} needs pp_schedule=interleaved_1f1b; {pc.pp_schedule} runs one "
+            "stage per rank"
+        )
     if pc.pp == 1 and v != 1:
         _fail(f"parallel.pp_virtual_stages={v} needs parallel.pp > 1")
     stages = pc.pp * v
     if model_cfg.num_layers < stages:
-        _fail(f"the model has {model_cfg.num_layers} layers, fewer than pp ({pc.pp}) x pp_virtual_stages ({v}) "
-              f"= {stages} pipeline stages; every stage needs at least one layer")
+        _fail(
+            f"the model has {model_cfg.num_layers} layers, fewer than pp ({pc.pp}) x pp_virtual_stages ({v}) "
+            f"= {stages} pipeline stages; every stage needs at least one layer"
+        )
     if model_cfg.pipeline_cuts and pc.pp > 1 and len(model_cfg.pipeline_cuts) + 1 != stages:
-        _fail(f"model.pattern has {len(model_cfg.pipeline_cuts)} '|' cut(s) = {len(model_cfg.pipeline_cuts) + 1} "
-              f"stages, but pp ({pc.pp}) x pp_virtual_stages ({v}) = {stages}; add or remove '|' cuts, or remove "
-              "them all to let the cost model balance the stages")
+        _fail(
+            f"model.pattern has {len(model_cfg.pipeline_cuts)} '|' cut(s) = {len(model_cfg.pipeline_cuts) + 1} "
+            f"stages, but pp ({pc.pp}) x pp_virtual_stages ({v}) = {stages}; add or remove '|' cuts, or remove "
+            "them all to let the cost model balance the stages"
+        )
     if pc.pp_microbatches is not None and pc.pp > 1 and pc.pp_microbatches < pc.pp:
         _fail(f"parallel.pp_microbatches ({pc.pp_microbatches}) must be >= pp ({pc.pp}) to fill the pipeline")
     if num_microbatches is not None and pc.pp > 1:
@@ -210,8 +249,10 @@ def validate_layout(model_cfg, pc: ParallelConfig, world_size: int, seq_len: Opt
     # ----- misc ----------------------------------------------------------------------------------------------
     unknown = pc.checkpointed_kinds() - set(CHECKPOINT_KINDS)
     if unknown:
-        _fail(f"parallel.activation_checkpoint has unknown kind(s) {sorted(unknown)}; use 'none', 'all' or a list "
-              f"among {list(CHECKPOINT_KINDS)}")
+        _fail(
+            f"parallel.activation_checkpoint has unknown kind(s) {sorted(unknown)}; use 'none', 'all' or a list "
+            f"among {list(CHECKPOINT_KINDS)}"
+        )
 
     from .pipeline import split_stages
 
@@ -221,8 +262,10 @@ def validate_layout(model_cfg, pc: ParallelConfig, world_size: int, seq_len: Opt
 
 def check_microbatches(n: int, pc: ParallelConfig) -> None:
     if pc.pp > 1 and n < pc.pp:
-        _fail(f"{n} micro-batch(es) per step on this data-parallel rank, fewer than pp ({pc.pp}): the pipeline "
-              "schedule needs at least one per stage; raise global_batch_size or lower micro_batch_size")
+        _fail(
+            f"{n} micro-batch(es) per step on this data-parallel rank, fewer than pp ({pc.pp}): the pipeline "
+            "schedule needs at least one per stage; raise global_batch_size or lower micro_batch_size"
+        )
     if pc.pp > 1 and pc.pp_schedule == "interleaved_1f1b" and n % pc.pp:
         _fail(f"interleaved_1f1b needs the micro-batches per step ({n}) to be a multiple of pp ({pc.pp})")
 
@@ -230,14 +273,20 @@ def check_microbatches(n: int, pc: ParallelConfig) -> None:
 def check_sequence(model_cfg, pc: ParallelConfig, seq_len: int) -> None:
     split = pc.cp * pc.tp
     if seq_len % split:
-        _fail(f"sequence length {seq_len} must be divisible by cp ({pc.cp}) x tp ({pc.tp}) = {split}: context "
-              "parallel and sequence parallel split every sequence evenly; change the sequence length")
+        _fail(
+            f"sequence length {seq_len} must be divisible by cp ({pc.cp}) x tp ({pc.tp}) = {split}: context "
+            "parallel and sequence parallel split every sequence evenly; change the sequence length"
+        )
     if pc.cp > 1 and "mamba" in model_cfg.layer_types:
         local = seq_len // pc.cp
         if local % model_cfg.chunk_size:
-            _fail(f"with cp ({pc.cp}) each rank holds {local} tokens of a {seq_len}-token sequence, not a multiple "
-                  f"of model.chunk_size ({model_cfg.chunk_size}): use a sequence length divisible by cp x "
-                  f"chunk_size = {pc.cp * model_cfg.chunk_size}")
+            _fail(
+                f"with cp ({pc.cp}) each rank holds {local} tokens of a {seq_len}-token sequence, not a multiple "
+                f"of model.chunk_size ({model_cfg.chunk_size}): use a sequence length divisible by cp x "
+                f"chunk_size = {pc.cp * model_cfg.chunk_size}"
+            )
         if local < model_cfg.conv_kernel - 1:
-            _fail(f"with cp ({pc.cp}) each rank holds {local} tokens, fewer than conv_kernel - 1 "
-                  f"({model_cfg.conv_kernel - 1}); use fewer CP ranks or longer sequences")
+            _fail(
+                f"with cp ({pc.cp}) each rank holds {local} tokens, fewer than conv_kernel - 1 "
+                f"({model_cfg.conv_kernel - 1}); use fewer CP ranks or longer sequences"
+            )

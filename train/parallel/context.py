@@ -69,8 +69,9 @@ class TrunkOutput:
 
     def mtp_hidden(self, detach: bool = False):
         """Yields h_k of MTP depth k = 1.. (model.mtp.mtp_recursion); `detach`: train the MTP block alone."""
-        for hidden, routing in mtp_recursion(self.part.mtp, self.mtp_embeddings, self.hidden, seq_idx=self.seq_idx,
-                                             context=self.context, detach=detach):
+        for hidden, routing in mtp_recursion(
+            self.part.mtp, self.mtp_embeddings, self.hidden, seq_idx=self.seq_idx, context=self.context, detach=detach
+        ):
             self.mtp_routings.append(routing)
             yield hidden
 
@@ -118,7 +119,7 @@ class ParallelContext:
         # [lm targets, sequences, mtp targets per depth, micro-batches, micro-batches^2, 1]
         counts = torch.zeros(5 + depths, dtype=torch.float64, device=self.device)
         n = len(micro_batches)
-        counts[2 + depths:] = torch.tensor([n, n * n, 1], dtype=torch.float64)
+        counts[2 + depths :] = torch.tensor([n, n * n, 1], dtype=torch.float64)
         prepared = []
         for mb in micro_batches:
             ids, labels, seq_idx = _unpack(mb, self.device, labels_required)
@@ -129,10 +130,19 @@ class ParallelContext:
             real = _attention_mask(mb, ids)
             counts[0] += (labels != IGNORE_INDEX).sum()
             counts[1] += b if real is None else (real.sum(1) > 0).sum()  # an all-padding row is no sequence
-            item = MicroBatch(batch=b, seq_len=s, ids_local=ids[:, local], labels_local=labels[:, local],
-                              seq_local=seq_idx[:, local], seq_cp=seq_idx[:, pos_cp], seq_full=seq_idx,
-                              order=order, pos_cp=pos_cp, pos_all=order.all_positions(self.device),
-                              extras=_local_extras(mb, b, s, local, self.device))
+            item = MicroBatch(
+                batch=b,
+                seq_len=s,
+                ids_local=ids[:, local],
+                labels_local=labels[:, local],
+                seq_local=seq_idx[:, local],
+                seq_cp=seq_idx[:, pos_cp],
+                seq_full=seq_idx,
+                order=order,
+                pos_cp=pos_cp,
+                pos_all=order.all_positions(self.device),
+                extras=_local_extras(mb, b, s, local, self.device),
+            )
             if real is not None:
                 item.real_local, item.row_tokens = real[:, local], real.sum(1)
             for k in range(1, depths + 1):
@@ -143,16 +153,22 @@ class ParallelContext:
             prepared.append(item)
         all_reduce_sum(counts, self.groups.dp_group)
         values = counts.tolist()
-        total, squares, ranks = values[2 + depths:]
+        total, squares, ranks = values[2 + depths :]
         if squares * ranks != total * total:  # not every data-parallel rank has the same number of micro-batches
             from .config import LayoutError
 
-            raise LayoutError(f"forward_backward: the data-parallel ranks got different numbers of micro-batches "
-                              f"(this rank {n}, {total:g} over {ranks:g} ranks); every rank must run the same "
-                              "number per step (their collectives pair up)")
+            raise LayoutError(
+                f"forward_backward: the data-parallel ranks got different numbers of micro-batches "
+                f"(this rank {n}, {total:g} over {ranks:g} ranks); every rank must run the same "
+                "number per step (their collectives pair up)"
+            )
         self.micro_batches = prepared
-        self.counts = Normalizers(lm=max(values[0], 1.0), sequences=max(values[1], 1.0),
-                                  mtp=[max(v, 1.0) for v in values[2:2 + depths]], targets=int(values[0]))
+        self.counts = Normalizers(
+            lm=max(values[0], 1.0),
+            sequences=max(values[1], 1.0),
+            mtp=[max(v, 1.0) for v in values[2 : 2 + depths]],
+            targets=int(values[0]),
+        )
 
     def token_order(self, seq_len: int) -> TokenOrder:
         # the conv history of a chunk comes from the chunk before it only
@@ -165,12 +181,14 @@ class ParallelContext:
         if seq_len % pieces:
             from .config import LayoutError
 
-            raise LayoutError(f"sequence length {seq_len} must be divisible by cp ({self.cp}) x tp ({self.tp}) = "
-                              f"{pieces}; change the sequence length")
+            raise LayoutError(
+                f"sequence length {seq_len} must be divisible by cp ({self.cp}) x tp ({self.tp}) = "
+                f"{pieces}; change the sequence length"
+            )
         order = order or self.token_order(seq_len)
         size = seq_len // pieces
         start = self.groups.tp_rank * size
-        return order.positions(self.groups.cp_rank, self.device)[start:start + size]
+        return order.positions(self.groups.cp_rank, self.device)[start : start + size]
 
     def begin(self, index: int) -> MicroBatch:
         # stays current until the next begin: an activation-checkpoint recompute in the backward reads it too
@@ -193,8 +211,10 @@ class ParallelContext:
             return None
         routes = self.current.extras.get("routes")
         if routes is None:
-            raise ValueError("rl.router_replay=true but the batch carries no routes: the rollout engine must "
-                             "record them (Sample.routes), or set rl.router_replay=false")
+            raise ValueError(
+                "rl.router_replay=true but the batch carries no routes: the rollout engine must "
+                "record them (Sample.routes), or set rl.router_replay=false"
+            )
         return routes
 
     @torch.no_grad()
@@ -215,8 +235,13 @@ class ParallelContext:
     def balance_loss(self, routings: list) -> Optional[torch.Tensor]:
         """The weighted balance-loss partial of (expert-load row, Routing) pairs; records it and the loads."""
         mb = self.current
-        piece = TokenPiece(batch=mb.batch, seq_len=mb.seq_len, real=mb.real_local, row_tokens=mb.row_tokens,
-                           seq_group=self.groups.seq_group)
+        piece = TokenPiece(
+            batch=mb.batch,
+            seq_len=mb.seq_len,
+            real=mb.real_local,
+            row_tokens=mb.row_tokens,
+            seq_group=self.groups.seq_group,
+        )
         result: Balance = balance(routings, piece, self.counts)
         for row, load in result.loads.items():
             self.load[row] += load.to(self.load.device)
@@ -229,9 +254,17 @@ class ParallelContext:
     def head_loss(self, part, hidden, mtp_embeddings, context=None) -> tuple:
         """(LM + weighted MTP partial loss, the MTP MoE's routing per depth) of the last stage; records them."""
         mb = self.current
-        heads: HeadLosses = head_losses(hidden, part.lm_head.weight, mb.labels_local, self.counts, mtp=part.mtp,
-                                        mtp_embeddings=mtp_embeddings, mtp_labels=mb.mtp_labels_local,
-                                        seq_idx=mb.seq_cp, context=context)
+        heads: HeadLosses = head_losses(
+            hidden,
+            part.lm_head.weight,
+            mb.labels_local,
+            self.counts,
+            mtp=part.mtp,
+            mtp_embeddings=mtp_embeddings,
+            mtp_labels=mb.mtp_labels_local,
+            seq_idx=mb.seq_cp,
+            context=context,
+        )
         self.stat_lm += heads.lm.detach().double()
         for k, term in enumerate(heads.mtp):
             self.stat_mtp[k] += term.detach().double()
@@ -241,14 +274,22 @@ class ParallelContext:
         """The caller's loss hook on the last stage (instead of head_loss): (its loss, the MTP MoE's routing of
         each depth it ran); records its loss and statistics."""
         mb = self.current
-        output = TrunkOutput(hidden=hidden, lm_head_weight=part.lm_head.weight, part=part,
-                             mtp_embeddings=list(mtp_embeddings), mtp_labels=list(mb.mtp_labels_local),
-                             seq_idx=mb.seq_cp, context=context)
+        output = TrunkOutput(
+            hidden=hidden,
+            lm_head_weight=part.lm_head.weight,
+            part=part,
+            mtp_embeddings=list(mtp_embeddings),
+            mtp_labels=list(mb.mtp_labels_local),
+            seq_idx=mb.seq_cp,
+            context=context,
+        )
         local = {"input_ids": mb.ids_local, "labels": mb.labels_local, "seq_idx": mb.seq_local, **mb.extras}
         returned = self.loss_fn(output, local)
         if not (isinstance(returned, tuple) and len(returned) == 2 and isinstance(returned[1], dict)):
-            raise TypeError("loss_fn must return (loss, stats): a 0-dim tensor and a dict of 0-dim tensors, got "
-                            f"{type(returned).__name__}")
+            raise TypeError(
+                "loss_fn must return (loss, stats): a 0-dim tensor and a dict of 0-dim tensors, got "
+                f"{type(returned).__name__}"
+            )
         loss, stats = returned
         if not torch.is_tensor(loss) or loss.numel() != 1:
             raise TypeError(f"loss_fn's loss must be a one-element tensor, got {loss!r:.80}")
@@ -273,6 +314,7 @@ class ParallelContext:
             self.custom_stats[key] = value.clone()
         else:
             self.custom_stats[key] = torch.maximum(old, value) if key.endswith("_max") else old + value
+
 
 def _attention_mask(mb: dict, ids: torch.Tensor):
     """The micro-batch's `attention_mask` (b, s; 1 = real token, 0 = padding) as bool on ids' device, or None.
@@ -299,8 +341,10 @@ def _unpack(mb: dict, device, labels_required: bool = True):
     if seq_idx is None:
         seq_idx = torch.zeros_like(ids, dtype=torch.int32)
     if ids.shape != labels.shape or ids.shape != seq_idx.shape or ids.dim() != 2:
-        raise ValueError(f"micro-batch tensors must share one (batch, seq) shape: input_ids {tuple(ids.shape)}, "
-                         f"labels {tuple(labels.shape)}, seq_idx {tuple(seq_idx.shape)}")
+        raise ValueError(
+            f"micro-batch tensors must share one (batch, seq) shape: input_ids {tuple(ids.shape)}, "
+            f"labels {tuple(labels.shape)}, seq_idx {tuple(seq_idx.shape)}"
+        )
     return ids.to(device), labels.to(device), seq_idx.to(device)
 
 

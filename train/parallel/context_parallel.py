@@ -40,8 +40,9 @@ class ContextParallelMixing:
         if plan is None:
             plan = mb.cache["attention_plan"] = block_plan(mb.pos_cp, mb.pos_all, self.attention_block)
             mb.cache["key_docs"] = mb.seq_full[:, mb.pos_all]
-        return context_attention(q, k, v, mb.pos_cp, mb.pos_all, mb.seq_cp, mb.cache["key_docs"], self.cp_group,
-                                 plan=plan)
+        return context_attention(
+            q, k, v, mb.pos_cp, mb.pos_all, mb.seq_cp, mb.cache["key_docs"], self.cp_group, plan=plan
+        )
 
     def mamba_mix(self, mixer, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
         """xbc (b, s_cp, conv channels) and raw dt (b, s_cp, heads) of this rank's tokens -> y (b, s_cp, h, p)."""
@@ -68,8 +69,11 @@ class _Segments:
         if self.n == 1:
             return t
         b, s = t.shape[:2]
-        return t.reshape(b, self.n, s // self.n, *t.shape[2:]).transpose(0, 1).reshape(self.n * b, s // self.n,
-                                                                                         *t.shape[2:])
+        return (
+            t.reshape(b, self.n, s // self.n, *t.shape[2:])
+            .transpose(0, 1)
+            .reshape(self.n * b, s // self.n, *t.shape[2:])
+        )
 
     def unstack(self, t: torch.Tensor) -> torch.Tensor:
         if self.n == 1:
@@ -81,11 +85,11 @@ class _Segments:
     def _rows(self, gathered: torch.Tensor, chunk: int) -> torch.Tensor:
         """Chunk `chunk`'s rows (b, ...) of a tensor all-gathered over CP from every rank's stacked rows."""
         rank, segment = self.order.owner(chunk)
-        return gathered[rank, segment * self.batch:(segment + 1) * self.batch]
+        return gathered[rank, segment * self.batch : (segment + 1) * self.batch]
 
     def _same_doc(self, before: slice, at: int) -> torch.Tensor:
         """(b, len) whether the positions `before` are in the document of position `at`."""
-        return self.seq_full[:, before] == self.seq_full[:, at:at + 1]
+        return self.seq_full[:, before] == self.seq_full[:, at : at + 1]
 
     def conv_history(self, xbc: torch.Tensor, kernel: int) -> torch.Tensor:
         """(n*b, c, k-1): the k-1 conv inputs before each chunk (the previous chunk's last ones, from whichever
@@ -96,7 +100,7 @@ class _Segments:
         histories = []
         for chunk in self.chunks:
             if chunk == 0:
-                histories.append(keep_in_graph(torch.zeros_like(xbc[:self.batch, -keep:]), tails))
+                histories.append(keep_in_graph(torch.zeros_like(xbc[: self.batch, -keep:]), tails))
                 continue
             start = chunk * length
             same_doc = self._same_doc(slice(start - keep, start), start)
@@ -120,14 +124,13 @@ class _Segments:
         rows, _, heads = dt.shape
         groups, state = C.shape[2], C.shape[3]
         grouped = incoming.view(rows, groups, heads // groups, -1, state)  # head h = group * (h/g) + i
-        term = torch.einsum("blgn,bgrpn->blgrp", C.to(final.dtype), grouped).reshape(rows, -1, heads,
-                                                                                       grouped.shape[3])
+        term = torch.einsum("blgn,bgrpn->blgrp", C.to(final.dtype), grouped).reshape(rows, -1, heads, grouped.shape[3])
         first_doc = (seq == seq[:, :1]).to(term.dtype)  # documents are contiguous: the row's first one
         return term * (torch.exp(log_decay) * first_doc[..., None])[..., None]
 
     def _incoming_states(self, finals, decays) -> torch.Tensor:
         length = self.order.chunk_len
-        state = torch.zeros_like(finals[0, :self.batch])
+        state = torch.zeros_like(finals[0, : self.batch])
         entering = {}
         for chunk in range(max(self.chunks) + 1):
             entering[chunk] = state

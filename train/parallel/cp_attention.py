@@ -61,7 +61,12 @@ def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
 def _scores(qb, kb, scale, allowed):
     """(b, g, r, nq, nk) fp32 (fp64 for fp64 inputs) masked scores of query block qb (b, g, r, nq, d) against keys kb (b, g, nk, d)."""
     b, g, r, nq, d = qb.shape
-    s = torch.matmul(qb.reshape(b, g, r * nq, d), kb.transpose(-1, -2)).to(_accumulation_dtype(qb)).view(b, g, r, nq, -1) * scale
+    s = (
+        torch.matmul(qb.reshape(b, g, r * nq, d), kb.transpose(-1, -2))
+        .to(_accumulation_dtype(qb))
+        .view(b, g, r, nq, -1)
+        * scale
+    )
     return s.masked_fill(~allowed, float("-inf"))
 
 

@@ -54,7 +54,7 @@ def all_reduce_replicated_grads(parts: list, tp_group) -> None:
         dist.all_reduce(flat, group=tp_group)
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
 

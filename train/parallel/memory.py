@@ -104,15 +104,30 @@ class ActivationPlan:
         return self.saved * self.in_flight + self.transient
 
 
-def plan_activations(model_cfg, pc, layout, seq_len: int, micro_batch_size: int, num_microbatches: int = 1,
-                     value_bytes: int = 4, mtp_on_rank: bool = True, layers_on_rank=None) -> ActivationPlan:
+def plan_activations(
+    model_cfg,
+    pc,
+    layout,
+    seq_len: int,
+    micro_batch_size: int,
+    num_microbatches: int = 1,
+    value_bytes: int = 4,
+    mtp_on_rank: bool = True,
+    layers_on_rank=None,
+) -> ActivationPlan:
     """Activation bytes of one micro-batch on one GPU holding `layers_on_rank` (layer indices, default all) and,
     with `mtp_on_rank`, the heads and MTP block. `value_bytes`: the compute dtype's size. Attention is blockwise
     under CP or TP (the runner's parallel forwards); otherwise the model's own SDPA keeps a dense mask."""
     cfg = model_cfg
     b = micro_batch_size
-    sz = Sizes(local=b * seq_len / (layout.cp * layout.tp), cp=b * seq_len / layout.cp, seq_len=seq_len,
-               tp=layout.tp, cp_size=layout.cp, value_bytes=value_bytes)
+    sz = Sizes(
+        local=b * seq_len / (layout.cp * layout.tp),
+        cp=b * seq_len / layout.cp,
+        seq_len=seq_len,
+        tp=layout.tp,
+        cp_size=layout.cp,
+        value_bytes=value_bytes,
+    )
     per_layer = {
         "mamba": _bytes(mamba_values(cfg, sz), sz),
         "attention": _bytes(attention_values(cfg, sz, blockwise=layout.cp > 1 or layout.tp > 1), sz),
@@ -130,10 +145,20 @@ def plan_activations(model_cfg, pc, layout, seq_len: int, micro_batch_size: int,
     if mtp_on_rank:
         heads = _heads_bytes(cfg, sz, per_layer, checkpointed, kept_input)
     saved = sum(by_kind.values()) + heads
-    transient = max([_attention_transient(cfg, sz, pc)] +
-                    [per_layer[kind] for kind in KINDS if layers[kind] and kind in checkpointed])
-    return ActivationPlan(per_layer=per_layer, layers=layers, checkpointed=checkpointed, heads=heads, saved=saved,
-                          transient=transient, in_flight=_in_flight(pc, layout, num_microbatches), by_kind=by_kind)
+    transient = max(
+        [_attention_transient(cfg, sz, pc)]
+        + [per_layer[kind] for kind in KINDS if layers[kind] and kind in checkpointed]
+    )
+    return ActivationPlan(
+        per_layer=per_layer,
+        layers=layers,
+        checkpointed=checkpointed,
+        heads=heads,
+        saved=saved,
+        transient=transient,
+        in_flight=_in_flight(pc, layout, num_microbatches),
+        by_kind=by_kind,
+    )
 
 
 def _heads_bytes(cfg, sz: Sizes, per_layer: dict, checkpointed: set, kept_input: float) -> float:

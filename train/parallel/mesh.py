@@ -94,8 +94,10 @@ def build_groups(layout: Layout, device_type: str) -> Groups:
     if layout.world_size == 1:
         return Groups(layout=layout)
     if not dist.is_initialized():
-        raise RuntimeError("build_runner: world size > 1 but torch.distributed is not initialised; launch with "
-                       "torchrun (the trainer calls init_process_group)")
+        raise RuntimeError(
+            "build_runner: world size > 1 but torch.distributed is not initialised; launch with "
+            "torchrun (the trainer calls init_process_group)"
+        )
     from torch.distributed.device_mesh import init_device_mesh
 
     lay = layout
@@ -109,11 +111,20 @@ def build_groups(layout: Layout, device_type: str) -> Groups:
     }
     coords = mesh.get_coordinate()
     return Groups(
-        layout=lay, mesh=mesh, flat=flat, rank=dist.get_rank(), pp_rank=coords[0],
-        dp_rank=flat["dp"].get_local_rank(), cp_rank=coords[4], tp_rank=coords[5],
-        pp_group=_group(mesh["pp"], lay.pp), dp_group=_group(flat["dp"], lay.dp),
-        cp_group=_group(mesh["cp"], lay.cp), tp_group=_group(mesh["tp"], lay.tp),
-        ep_group=_group(flat["ep"], lay.ep), seq_group=_group(flat["seq"], lay.cp * lay.tp),
+        layout=lay,
+        mesh=mesh,
+        flat=flat,
+        rank=dist.get_rank(),
+        pp_rank=coords[0],
+        dp_rank=flat["dp"].get_local_rank(),
+        cp_rank=coords[4],
+        tp_rank=coords[5],
+        pp_group=_group(mesh["pp"], lay.pp),
+        dp_group=_group(flat["dp"], lay.dp),
+        cp_group=_group(mesh["cp"], lay.cp),
+        tp_group=_group(mesh["tp"], lay.tp),
+        ep_group=_group(flat["ep"], lay.ep),
+        seq_group=_group(flat["seq"], lay.cp * lay.tp),
     )
 
 

@@ -14,9 +14,21 @@ from dataclasses import dataclass
 from .config import ParallelConfig, validate_layout
 
 # parameter names (last two components) split over the TP group, per mixer
-_TP_SPLIT = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "in_proj.weight",
-             "conv1d.weight", "conv1d.bias", "mixer.dt_bias", "mixer.A_log", "mixer.D", "out_proj.weight",
-             "shared_experts.up_proj.weight", "shared_experts.down_proj.weight")
+_TP_SPLIT = (
+    "q_proj.weight",
+    "k_proj.weight",
+    "v_proj.weight",
+    "o_proj.weight",
+    "in_proj.weight",
+    "conv1d.weight",
+    "conv1d.bias",
+    "mixer.dt_bias",
+    "mixer.A_log",
+    "mixer.D",
+    "out_proj.weight",
+    "shared_experts.up_proj.weight",
+    "shared_experts.down_proj.weight",
+)
 
 
 @dataclass
@@ -79,9 +91,17 @@ def layout_plan(model_cfg, pc: ParallelConfig, world_size: int, seq_len=None) ->
             else:
                 split = layout.tp if (layout.tp > 1 and _tp_split(name, kind)) else 1
                 per_gpu += n / split / dense_shards
-        plans.append(StagePlan(stage=stage, pp_rank=stage % layout.pp, layers=list(layers),
-                               pattern="".join(symbols[model_cfg.layer_types[i]] for i in layers),
-                               parameters=total, expert_parameters=experts, parameters_per_gpu=per_gpu))
+        plans.append(
+            StagePlan(
+                stage=stage,
+                pp_rank=stage % layout.pp,
+                layers=list(layers),
+                pattern="".join(symbols[model_cfg.layer_types[i]] for i in layers),
+                parameters=total,
+                expert_parameters=experts,
+                parameters_per_gpu=per_gpu,
+            )
+        )
     return layout, plans
 
 
@@ -91,11 +111,15 @@ def format_plan(layout, plans: list, bytes_per_parameter: float = 16.0) -> str:
     by_rank: dict = {}
     for p in plans:
         by_rank[p.pp_rank] = by_rank.get(p.pp_rank, 0.0) + p.parameters_per_gpu
-        lines.append(f"  stage {p.stage} (pp rank {p.pp_rank}): layers {p.layers[0]}..{p.layers[-1]} "
-                     f"'{p.pattern}' -> {p.parameters:,} parameters ({p.expert_parameters:,} in routed experts), "
-                     f"{p.parameters_per_gpu:,.0f} per GPU")
+        lines.append(
+            f"  stage {p.stage} (pp rank {p.pp_rank}): layers {p.layers[0]}..{p.layers[-1]} "
+            f"'{p.pattern}' -> {p.parameters:,} parameters ({p.expert_parameters:,} in routed experts), "
+            f"{p.parameters_per_gpu:,.0f} per GPU"
+        )
     for rank, count in sorted(by_rank.items()):
         gib = count * bytes_per_parameter / 2**30
-        lines.append(f"  pp rank {rank}: {count:,.0f} parameters per GPU, {gib:.1f} GiB for weights, grads and "
-                     f"AdamW states at {bytes_per_parameter:g} bytes/parameter (activations not included)")
+        lines.append(
+            f"  pp rank {rank}: {count:,.0f} parameters per GPU, {gib:.1f} GiB for weights, grads and "
+            f"AdamW states at {bytes_per_parameter:g} bytes/parameter (activations not included)"
+        )
     return "\n".join(lines)

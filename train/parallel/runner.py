@@ -31,8 +31,18 @@ from .wrapping import Sharder, initialise_unit, units, wrap_unit
 
 
 class Runner:
-    def __init__(self, *, stages: list, stage_ids: list, groups, ctx: ParallelContext, pc: ParallelConfig,
-                 model_cfg, fsdp_modules: list, device: torch.device):
+    def __init__(
+        self,
+        *,
+        stages: list,
+        stage_ids: list,
+        groups,
+        ctx: ParallelContext,
+        pc: ParallelConfig,
+        model_cfg,
+        fsdp_modules: list,
+        device: torch.device,
+    ):
         self.stages = stages
         self.stage_ids = stage_ids
         self.groups = groups
@@ -154,8 +164,10 @@ class Runner:
                 check_microbatches(n, self.parallel_cfg)
                 first = ctx.micro_batches[0]
                 if any(mb.ids_local.shape != first.ids_local.shape for mb in ctx.micro_batches):
-                    raise LayoutError("forward_backward: pipeline parallelism needs every micro-batch of a step to "
-                                      "have the same (batch, sequence) shape; pad or drop the uneven one")
+                    raise LayoutError(
+                        "forward_backward: pipeline parallelism needs every micro-batch of a step to "
+                        "have the same (batch, sequence) shape; pad or drop the uneven one"
+                    )
                 ids = torch.arange(n, device=self.device)
                 schedule = self._schedule(n, first.ids_local.shape)
                 if backward:
@@ -189,8 +201,16 @@ class Runner:
         custom_sums = torch.stack([ctx.custom_stats.get(k, zero) for k in sum_keys] or [zero])
         # a pipeline stage without the hook holds no value: -inf never wins the maximum
         custom_max = torch.stack([ctx.custom_stats.get(k, zero - float("inf")) for k in max_keys] or [zero])
-        stats = torch.cat([ctx.stat_lm.view(1), ctx.stat_mtp, ctx.stat_aux.view(1), ctx.stat_custom.view(1),
-                           custom_sums, ctx.load.flatten()])
+        stats = torch.cat(
+            [
+                ctx.stat_lm.view(1),
+                ctx.stat_mtp,
+                ctx.stat_aux.view(1),
+                ctx.stat_custom.view(1),
+                custom_sums,
+                ctx.load.flatten(),
+            ]
+        )
         if self.groups.distributed:
             # the ranks of one pipeline stage hold different tokens and only the last stage adds losses and stats,
             # so a sum (a maximum) over the world is the global batch's
@@ -199,11 +219,11 @@ class Runner:
                 if max_keys:
                     dist.all_reduce(custom_max, op=dist.ReduceOp.MAX)
         lm = stats[0]
-        mtp = stats[1:1 + depths]
+        mtp = stats[1 : 1 + depths]
         aux = stats[1 + depths]
         custom = stats[2 + depths]
-        custom_sums = stats[3 + depths:3 + depths + custom_sums.numel()]
-        load = stats[3 + depths + custom_sums.numel():].view(-1, self.model_cfg.num_experts)[:ctx.num_moe]
+        custom_sums = stats[3 + depths : 3 + depths + custom_sums.numel()]
+        load = stats[3 + depths + custom_sums.numel() :].view(-1, self.model_cfg.num_experts)[: ctx.num_moe]
         if hooked:
             loss = custom
         else:
@@ -213,14 +233,15 @@ class Runner:
         if ctx.num_moe:
             loss = loss + self.model_cfg.moe_aux_loss_coeff * aux
         result = {
-            "loss": float(loss), "lm_loss": None if hooked else float(lm),
+            "loss": float(loss),
+            "lm_loss": None if hooked else float(lm),
             "mtp_losses": [] if hooked else [float(x) for x in mtp],
-            "aux_loss": float(aux) if ctx.num_moe else None, "tokens": float(ctx.counts.targets),
+            "aux_loss": float(aux) if ctx.num_moe else None,
+            "tokens": float(ctx.counts.targets),
             "expert_load": load.round().to(torch.long) if ctx.num_moe else None,
         }
         if hooked:
-            result["stats"] = {**dict(zip(sum_keys, custom_sums.tolist())),
-                               **dict(zip(max_keys, custom_max.tolist()))}
+            result["stats"] = {**dict(zip(sum_keys, custom_sums.tolist())), **dict(zip(max_keys, custom_max.tolist()))}
         return result
 
     def _stat_keys(self) -> list:
@@ -244,8 +265,17 @@ class Runner:
         pipeline_stages = []
         for stage, stage_id in zip(self.stages, self.stage_ids):
             inputs, outputs = self._stage_metas(stage_id, local_shape)
-            pipeline_stages.append(PipelineStage(stage, stage_id, num_stages, self.device, input_args=inputs,
-                                                 output_args=outputs, group=self.groups.pp_group))
+            pipeline_stages.append(
+                PipelineStage(
+                    stage,
+                    stage_id,
+                    num_stages,
+                    self.device,
+                    input_args=inputs,
+                    output_args=outputs,
+                    group=self.groups.pp_group,
+                )
+            )
         kind = self.parallel_cfg.pp_schedule
         common = dict(n_microbatches=n, loss_fn=_stage_loss, scale_grads=False)
         if kind == "interleaved_1f1b":
@@ -266,8 +296,9 @@ class Runner:
         run the stage's collectives on empty tensors): (mb index, hidden, *MTP embeddings), the loss at the end."""
         dtype = getattr(self, "activation_dtype", None) or next(self.model_parts[0].parameters()).dtype
         index = torch.empty(1, dtype=torch.long, device="meta")
-        hidden = torch.empty(*local_shape, self.model_cfg.hidden_size, dtype=dtype, device="meta",
-                             requires_grad=True)  # float activations carry gradients back
+        hidden = torch.empty(
+            *local_shape, self.model_cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True
+        )  # float activations carry gradients back
         between = (index, hidden) + (hidden,) * self.model_cfg.mtp_depths
         inputs = (index,) if stage_id == 0 else between
         last = stage_id == self.layout.num_stages - 1
@@ -299,8 +330,10 @@ def build_runner(model, model_cfg, parallel_cfg=None, precision=None) -> Runner:
     device = default_device()
     on_meta = any(p.is_meta for p in model.parameters())
     if on_meta and any(not p.is_meta for p in model.parameters()):
-        raise LayoutError("build_runner: the model is partly on the meta device; build it entirely on the meta "
-                          "device (or entirely on a real one)")
+        raise LayoutError(
+            "build_runner: the model is partly on the meta device; build it entirely on the meta "
+            "device (or entirely on a real one)"
+        )
     if not on_meta:
         model.to(device)
     groups = build_groups(layout, device.type)
@@ -310,8 +343,9 @@ def build_runner(model, model_cfg, parallel_cfg=None, precision=None) -> Runner:
             base_seed = _agreed_seed(device)
         else:
             _check_same_model(model, device)
-    ctx = ParallelContext(groups, model_cfg, device, load_balance=pc.cp_load_balance,
-                          attention_block=pc.attention_block)
+    ctx = ParallelContext(
+        groups, model_cfg, device, load_balance=pc.cp_load_balance, attention_block=pc.attention_block
+    )
 
     ctx.num_moe, ctx.num_trunk_moe = len(model.moe_layers()), len(model.trunk_moe_index)
     ctx.reset_step()
@@ -346,8 +380,16 @@ def build_runner(model, model_cfg, parallel_cfg=None, precision=None) -> Runner:
         stage = StageModule(part, ctx, first=(stage_id == 0), last=(stage_id == num_stages - 1))
         sharder.shard_root(stage)
         stages.append(stage)
-    runner = Runner(stages=stages, stage_ids=stage_ids, groups=groups, ctx=ctx, pc=pc, model_cfg=model_cfg,
-                    fsdp_modules=sharder.modules, device=device)
+    runner = Runner(
+        stages=stages,
+        stage_ids=stage_ids,
+        groups=groups,
+        ctx=ctx,
+        pc=pc,
+        model_cfg=model_cfg,
+        fsdp_modules=sharder.modules,
+        device=device,
+    )
     runner.compute_dtype = compute_dtype
     runner.activation_dtype = sharder.activation_dtype(next(model.parameters()).dtype)
     return runner
@@ -380,9 +422,11 @@ def _check_same_model(model, device) -> None:
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     if not torch.equal(low, high):
-        raise LayoutError("build_runner: the model's weights differ between ranks; seed every rank the same "
-                          "(torch.manual_seed(seed)) before building it, or build it on the meta device and let the "
-                          "runner initialise it")
+        raise LayoutError(
+            "build_runner: the model's weights differ between ranks; seed every rank the same "
+            "(torch.manual_seed(seed)) before building it, or build it on the meta device and let the "
+            "runner initialise it"
+        )
 
 
 def describe(runner: Runner) -> str:
@@ -394,5 +438,3 @@ def describe(runner: Runner) -> str:
         count = sum(p.numel() for p in parameters([part]))
         lines.append(f"stage {stage_id}: layers {names[0]}..{names[-1]} ({len(names)}), {count:,} parameters")
     return "\n".join(lines)
-
-

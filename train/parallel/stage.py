@@ -54,8 +54,9 @@ class StageModule(nn.Module):
         else:
             ids, (previous, *mtp_embeddings) = None, activations
         context = ctx.mixer_context()
-        out = part(ids, hidden=previous, seq_idx=mb.seq_cp, context=context, routes=ctx.replayed_routes(),
-                   with_logits=False)
+        out = part(
+            ids, hidden=previous, seq_idx=mb.seq_cp, context=context, routes=ctx.replayed_routes(), with_logits=False
+        )
         ctx.record_agreement(out.routing)
         aux = ctx.balance_loss(sorted(out.routing.items()))  # this stage's trunk MoE layers
         if not self.last:
@@ -74,8 +75,13 @@ class StageModule(nn.Module):
 
 def split_model(model, stage_layers: list, stage_ids: list) -> list:
     """One HybridModel shell per stage in `stage_ids`, holding (not copying) that stage's modules of `model`."""
-    heavy = {"embeddings": model.backbone.embeddings, "layers": model.backbone.layers,
-             "norm_f": model.backbone.norm_f, "lm_head": model.lm_head, "mtp": model.mtp}
+    heavy = {
+        "embeddings": model.backbone.embeddings,
+        "layers": model.backbone.layers,
+        "norm_f": model.backbone.norm_f,
+        "lm_head": model.lm_head,
+        "mtp": model.mtp,
+    }
     last = len(stage_layers) - 1
     parts = []
     # copy the module skeleton without its parameters, then put the stage's own modules in

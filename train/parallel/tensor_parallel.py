@@ -24,8 +24,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
-                                               parallelize_module)
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 from latentforge.model.attention import Attention
 from latentforge.model.mamba import Mamba2Mixer
@@ -48,8 +53,9 @@ def shard_parameter(module: nn.Module, name: str, mesh, dim: int, src_data_rank=
     sharded = distribute_tensor(param.data, mesh, [Shard(dim)], src_data_rank=src_data_rank)
     if src_data_rank is None:
         # the local shard may be a view of the full tensor: own it, so the full one can be freed
-        sharded = DTensor.from_local(sharded.to_local().clone(), mesh, [Shard(dim)], run_check=False,
-                                     shape=param.shape, stride=param.stride())
+        sharded = DTensor.from_local(
+            sharded.to_local().clone(), mesh, [Shard(dim)], run_check=False, shape=param.shape, stride=param.stride()
+        )
     setattr(module, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
 
 
@@ -101,8 +107,10 @@ class RowwiseLinear(_WeightOnly, RowwiseParallel):
 
 def _no_bias(linear: nn.Module) -> None:
     if getattr(linear, "bias", None) is not None:
-        raise ValueError(f"tensor parallelism: a {type(linear).__name__} with a bias; the plan splits the model's "
-                         "bias-free Linears only (add the bias's placement to ColwiseLinear / RowwiseLinear)")
+        raise ValueError(
+            f"tensor parallelism: a {type(linear).__name__} with a bias; the plan splits the model's "
+            "bias-free Linears only (add the bias's placement to ColwiseLinear / RowwiseLinear)"
+        )
 
 
 def _gather_sequence() -> PrepareModuleInput:
@@ -111,8 +119,12 @@ def _gather_sequence() -> PrepareModuleInput:
 
 def _mlp_plan(module: nn.Module, mesh, src_data_rank) -> None:
     parallelize_module(module, mesh, _gather_sequence())
-    parallelize_module(module, mesh, {"up_proj": ColwiseLinear(), "down_proj": RowwiseLinear(
-        output_layouts=Shard(1))}, src_data_rank=src_data_rank)
+    parallelize_module(
+        module,
+        mesh,
+        {"up_proj": ColwiseLinear(), "down_proj": RowwiseLinear(output_layouts=Shard(1))},
+        src_data_rank=src_data_rank,
+    )
 
 
 class MambaTensorParallel(ParallelStyle):
@@ -127,10 +139,20 @@ class MambaTensorParallel(ParallelStyle):
         _permute_rows(module.conv1d, "weight", conv_order)
         _permute_rows(module.conv1d, "bias", conv_order)
         parallelize_module(module, device_mesh, _gather_sequence())
-        parallelize_module(module, device_mesh, {"in_proj": ColwiseLinear(), "out_proj": RowwiseLinear(
-            output_layouts=Shard(1))}, src_data_rank=self.src_data_rank)
-        for owner, name in ((module.conv1d, "weight"), (module.conv1d, "bias"), (module, "dt_bias"),
-                            (module, "A_log"), (module, "D"), (module.norm, "weight")):
+        parallelize_module(
+            module,
+            device_mesh,
+            {"in_proj": ColwiseLinear(), "out_proj": RowwiseLinear(output_layouts=Shard(1))},
+            src_data_rank=self.src_data_rank,
+        )
+        for owner, name in (
+            (module.conv1d, "weight"),
+            (module.conv1d, "bias"),
+            (module, "dt_bias"),
+            (module, "A_log"),
+            (module, "D"),
+            (module.norm, "weight"),
+        ):
             shard_parameter(owner, name, device_mesh, 0, self.src_data_rank)
         module.register_state_dict_post_hook(_save_natural)
         module.register_load_state_dict_pre_hook(_load_stored)
@@ -142,9 +164,17 @@ def apply_tensor_parallel(unit: nn.Module, tp_mesh, src_data_rank=0) -> None:
     for module in list(unit.modules()):
         if isinstance(module, Attention):
             parallelize_module(module, tp_mesh, _gather_sequence())
-            parallelize_module(module, tp_mesh, {
-                "q_proj": ColwiseLinear(), "k_proj": ColwiseLinear(), "v_proj": ColwiseLinear(),
-                "o_proj": RowwiseLinear(output_layouts=Shard(1))}, src_data_rank=src_data_rank)
+            parallelize_module(
+                module,
+                tp_mesh,
+                {
+                    "q_proj": ColwiseLinear(),
+                    "k_proj": ColwiseLinear(),
+                    "v_proj": ColwiseLinear(),
+                    "o_proj": RowwiseLinear(output_layouts=Shard(1)),
+                },
+                src_data_rank=src_data_rank,
+            )
         elif isinstance(module, Mamba2Mixer):
             parallelize_module(module, tp_mesh, MambaTensorParallel(), src_data_rank=src_data_rank)
         elif isinstance(module, LatentMoE):
@@ -206,8 +236,7 @@ def _save_natural(module, state_dict, prefix, local_metadata) -> None:
             state_dict[prefix + name] = natural_order(state_dict[prefix + name].detach(), order)
 
 
-def _load_stored(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                 error_msgs) -> None:
+def _load_stored(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
     owners = dict(module.named_parameters())
     for name, order in permuted_tensors(module).items():
         if prefix + name in state_dict:
@@ -241,7 +270,7 @@ def _convert_optimizer_state(part: nn.Module, state: dict, convert) -> dict:
     for key, value in state.items():
         if not key.startswith("state.") or not torch.is_tensor(value) or value.dim() == 0:
             continue
-        param = key[len("state."):].rsplit(".", 1)[0]
+        param = key[len("state.") :].rsplit(".", 1)[0]
         if param in permuted:
             out[key] = convert(value, permuted[param])
     return out
@@ -250,5 +279,7 @@ def _convert_optimizer_state(part: nn.Module, state: dict, convert) -> dict:
 def natural_gradients(part: nn.Module) -> dict:
     """{parameter name: gradient} in the natural order (None where there is none): for comparing layouts."""
     permuted = _permuted_parameters(part)
-    return {name: (natural_order(p.grad, permuted[name]) if name in permuted and p.grad is not None else p.grad)
-            for name, p in part.named_parameters()}
+    return {
+        name: (natural_order(p.grad, permuted[name]) if name in permuted and p.grad is not None else p.grad)
+        for name, p in part.named_parameters()
+    }

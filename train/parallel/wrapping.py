@@ -32,7 +32,7 @@ def units(part) -> list:
     if part.backbone.embeddings is not None:
         found.append((0, "embeddings", part.backbone.embeddings))
     layers = part.backbone.layers
-    for key, block in (layers.items() if hasattr(layers, "items") else enumerate(layers)):
+    for key, block in layers.items() if hasattr(layers, "items") else enumerate(layers):
         found.append((3 + int(key), "block", block))
     if part.backbone.norm_f is not None:
         found.append((2, "norm_f", part.backbone.norm_f))
@@ -121,8 +121,13 @@ class Sharder:
     """fully_shard over the data-parallel mesh (2-D for HSDP); routed experts over their own mesh; the compute
     dtype (module doc)."""
 
-    def __init__(self, groups, reshard_after_forward: bool = True, compute_dtype: torch.dtype = torch.float32,
-                 reduce_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        groups,
+        reshard_after_forward: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
+        reduce_dtype: torch.dtype = torch.float32,
+    ):
         self.mesh = groups.fsdp_mesh()
         self.expert_mesh = groups.expert_fsdp_mesh()
         self.reshard_after_forward = reshard_after_forward
@@ -132,8 +137,10 @@ class Sharder:
         if self.mixed and self.active:
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
-            self.policies = {"default": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype),
-                             "fp32": MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)}
+            self.policies = {
+                "default": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype),
+                "fp32": MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32),
+            }
         self.modules: list = []
 
     @property

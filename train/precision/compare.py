@@ -15,8 +15,16 @@ from typing import Optional
 import torch
 
 
-def markov_batches(num_batches: int, batch: int, seq_len: int, vocab: int, *, branching: int = 4,
-                   used_vocab: Optional[int] = None, seed: int = 0) -> list:
+def markov_batches(
+    num_batches: int,
+    batch: int,
+    seq_len: int,
+    vocab: int,
+    *,
+    branching: int = 4,
+    used_vocab: Optional[int] = None,
+    seed: int = 0,
+) -> list:
     """[(input_ids (b, s), labels (b, s))]: labels[t] is input_ids[t + 1] of one Markov sequence."""
     used = min(vocab, used_vocab or vocab)
     successors = torch.randint(0, used, (used, branching), generator=torch.Generator().manual_seed(seed + 1))
@@ -32,8 +40,17 @@ def markov_batches(num_batches: int, batch: int, seq_len: int, vocab: int, *, br
     return out
 
 
-def train_loss_curve(model_cfg, precision_cfg, batches: list, *, lr: float = 3e-3, seed: int = 0,
-                     device: str = "cpu", dtype: torch.dtype = torch.float32, log_every: int = 0):
+def train_loss_curve(
+    model_cfg,
+    precision_cfg,
+    batches: list,
+    *,
+    lr: float = 3e-3,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    log_every: int = 0,
+):
     """Train a fresh model (same init for every precision) on `batches`; return (lm losses, seconds per step).
 
     `precision_cfg` None (or name bf16) trains without quantization.

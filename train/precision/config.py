@@ -74,23 +74,38 @@ class PrecisionConfig:
             if not ok:
                 raise PrecisionConfigError(message)
 
-        need(self.name in RECIPES, f"precision.name {self.name!r} is not a precision; choose one of "
-                                   f"{', '.join(RECIPES)} (on the command line: precision=<name>)")
-        need(self.fp8_format in ("hybrid", "e4m3"),
-             f"precision.fp8_format must be 'hybrid' or 'e4m3', got {self.fp8_format!r}")
-        need(self.amax_compute_algo in ("max", "most_recent"),
-             f"precision.amax_compute_algo must be 'max' or 'most_recent', got {self.amax_compute_algo!r}")
+        need(
+            self.name in RECIPES,
+            f"precision.name {self.name!r} is not a precision; choose one of "
+            f"{', '.join(RECIPES)} (on the command line: precision=<name>)",
+        )
+        need(
+            self.fp8_format in ("hybrid", "e4m3"),
+            f"precision.fp8_format must be 'hybrid' or 'e4m3', got {self.fp8_format!r}",
+        )
+        need(
+            self.amax_compute_algo in ("max", "most_recent"),
+            f"precision.amax_compute_algo must be 'max' or 'most_recent', got {self.amax_compute_algo!r}",
+        )
         need(self.amax_history_len >= 1, f"precision.amax_history_len must be >= 1, got {self.amax_history_len}")
-        need(self.param_dtype in COMPUTE_DTYPES or self.param_dtype == "auto",
-             f"precision.param_dtype must be auto, bfloat16 or float32, got {self.param_dtype!r}")
-        need(self.reduce_dtype in COMPUTE_DTYPES,
-             f"precision.reduce_dtype must be bfloat16 or float32, got {self.reduce_dtype!r}")
+        need(
+            self.param_dtype in COMPUTE_DTYPES or self.param_dtype == "auto",
+            f"precision.param_dtype must be auto, bfloat16 or float32, got {self.param_dtype!r}",
+        )
+        need(
+            self.reduce_dtype in COMPUTE_DTYPES,
+            f"precision.reduce_dtype must be bfloat16 or float32, got {self.reduce_dtype!r}",
+        )
         need(self.keep_last_layers >= 0, f"precision.keep_last_layers must be >= 0, got {self.keep_last_layers}")
-        need(all(isinstance(i, int) for i in self.keep_layers),
-             f"precision.keep_layers must hold layer indices (ints), got {self.keep_layers}")
+        need(
+            all(isinstance(i, int) for i in self.keep_layers),
+            f"precision.keep_layers must hold layer indices (ints), got {self.keep_layers}",
+        )
         for name in ("keep_bf16", "mxfp8", "fp32", "never"):
-            need(all(isinstance(p, str) for p in getattr(self, name)),
-                 f"precision.{name} must hold module-name patterns (strings), got {getattr(self, name)}")
+            need(
+                all(isinstance(p, str) for p in getattr(self, name)),
+                f"precision.{name} must hold module-name patterns (strings), got {getattr(self, name)}",
+            )
 
     def compute_dtype(self, device_type: str) -> torch.dtype:
         """The dtype the model computes in on this device type (weights stay fp32)."""
@@ -106,11 +121,18 @@ class PrecisionConfig:
         if fmt in ("fp8_current",):
             return {"fp8_format": self.fp8_format}
         if fmt == "fp8_delayed":
-            return {"fp8_format": self.fp8_format, "amax_history_len": self.amax_history_len,
-                    "margin": self.margin, "amax_compute_algo": self.amax_compute_algo}
+            return {
+                "fp8_format": self.fp8_format,
+                "amax_history_len": self.amax_history_len,
+                "margin": self.margin,
+                "amax_compute_algo": self.amax_compute_algo,
+            }
         if fmt == "nvfp4":
-            return {"rht": self.nvfp4_rht, "stochastic_rounding": self.nvfp4_stochastic_rounding,
-                    "two_d_weights": self.nvfp4_2d_weights}
+            return {
+                "rht": self.nvfp4_rht,
+                "stochastic_rounding": self.nvfp4_stochastic_rounding,
+                "two_d_weights": self.nvfp4_2d_weights,
+            }
         return {}
 
     @classmethod

@@ -81,8 +81,12 @@ class PrecisionTable:
 def is_experts(module: nn.Module) -> bool:
     """The stacked routed experts of model/moe.py (up (E, I, D), down (E, D, I), a `linear_fn` hook)."""
     up, down = getattr(module, "up_proj", None), getattr(module, "down_proj", None)
-    return (isinstance(up, nn.Parameter) and isinstance(down, nn.Parameter) and up.dim() == 3
-            and hasattr(module, "linear_fn"))
+    return (
+        isinstance(up, nn.Parameter)
+        and isinstance(down, nn.Parameter)
+        and up.dim() == 3
+        and hasattr(module, "linear_fn")
+    )
 
 
 def backbone_layer_index(name: str) -> Optional[int]:
@@ -130,7 +134,8 @@ def resolve_policy(model: nn.Module, cfg: PrecisionConfig) -> PrecisionTable:
             raise PrecisionConfigError(
                 f"precision.keep_last_layers={cfg.keep_last_layers} keeps all {n_layers} layers of this model in "
                 f"high precision, so nothing would run {cfg.name}; set precision.keep_last_layers below "
-                f"{n_layers} (the real run keeps the last 14 of 88, about 1/6)")
+                f"{n_layers} (the real run keeps the last 14 of 88, about 1/6)"
+            )
         kept_layers.update(range(n_layers - cfg.keep_last_layers, n_layers))
         for i in cfg.keep_layers:
             if not -n_layers <= i < n_layers:
@@ -182,8 +187,9 @@ def check_support(table_or_formats, *, emulate: bool, device_capability: Optiona
         formats = set(examples)
     else:
         formats, examples = set(table_or_formats), {}
-    needed = sorted((f for f in formats if f in REQUIRED_CAPABILITY),
-                    key=lambda f: (REQUIRED_CAPABILITY[f], f), reverse=True)
+    needed = sorted(
+        (f for f in formats if f in REQUIRED_CAPABILITY), key=lambda f: (REQUIRED_CAPABILITY[f], f), reverse=True
+    )
     if emulate or not needed:
         return
 
@@ -197,22 +203,28 @@ def check_support(table_or_formats, *, emulate: bool, device_capability: Optiona
         raise PrecisionUnsupportedError(
             f"this precision policy uses {listing}, which runs on Transformer Engine, and Transformer Engine is not "
             "installed. Install the GPU extra on a CUDA machine (pip install -e .[gpu]), or set "
-            "precision.emulate=true to run the same quantization in PyTorch (any device, slower).")
+            "precision.emulate=true to run the same quantization in PyTorch (any device, slower)."
+        )
     if device_capability is None:
         raise PrecisionUnsupportedError(
             f"this precision policy uses {listing}, which needs a CUDA GPU and none is visible. Run on a GPU "
-            "(compute capability >= 9.0 for FP8, >= 10.0 for MXFP8/NVFP4), or set precision.emulate=true.")
+            "(compute capability >= 9.0 for FP8, >= 10.0 for MXFP8/NVFP4), or set precision.emulate=true."
+        )
     cap = tuple(device_capability)
     for fmt in needed:
         need = REQUIRED_CAPABILITY[fmt]
         if cap < need:
             fp8_ok = [f for f in ("fp8_current", "fp8_delayed", "fp8_block") if cap >= REQUIRED_CAPABILITY[f]]
-            offer = (f"pick an FP8 recipe this GPU runs (precision={'|'.join(fp8_ok)}, with no mxfp8 overrides), "
-                     if fp8_ok else "")
+            offer = (
+                f"pick an FP8 recipe this GPU runs (precision={'|'.join(fp8_ok)}, with no mxfp8 overrides), "
+                if fp8_ok
+                else ""
+            )
             raise PrecisionUnsupportedError(
                 f"{what(fmt)} needs compute capability >= {need[0]}.{need[1]} "
                 f"({'Blackwell' if need >= (10, 0) else 'Hopper'}); this GPU has {cap[0]}.{cap[1]}. "
-                f"Either {offer}or set precision.emulate=true to emulate {fmt} in PyTorch (slow).")
+                f"Either {offer}or set precision.emulate=true to emulate {fmt} in PyTorch (slow)."
+            )
 
 
 def _shape_text(e: PrecisionEntry) -> str:
@@ -235,7 +247,8 @@ def check_te_shapes(table: PrecisionTable, multiple: int = 16) -> None:
         raise PrecisionUnsupportedError(
             f"Transformer Engine needs GEMM feature dims divisible by {multiple}; these quantized modules are not: "
             f"{'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Keep them in high precision "
-            "(precision.keep_bf16 patterns), change the model sizes, or set precision.emulate=true.")
+            "(precision.keep_bf16 patterns), change the model sizes, or set precision.emulate=true."
+        )
 
 
 def format_table(table: PrecisionTable) -> str:
@@ -259,8 +272,10 @@ def format_table(table: PrecisionTable) -> str:
     share = Counter()
     for e in entries:
         share[e.format] += e.numel
-    summary = ", ".join(f"{fmt} {table.counts()[fmt]} modules / {100.0 * n / total:.1f}% of params"
-                        for fmt, n in sorted(share.items(), key=lambda kv: -kv[1]))
+    summary = ", ".join(
+        f"{fmt} {table.counts()[fmt]} modules / {100.0 * n / total:.1f}% of params"
+        for fmt, n in sorted(share.items(), key=lambda kv: -kv[1])
+    )
     out = [head, line(cols), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
     out.append(f"summary: {summary}")

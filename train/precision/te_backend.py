@@ -28,8 +28,10 @@ def _te():
     try:
         import transformer_engine.pytorch as te  # pyright: ignore[reportMissingImports]  (the gpu extra)
     except Exception as exc:  # pragma: no cover - exercised only where TE is missing at run time
-        raise ImportError("Transformer Engine is not importable: install the GPU extra (pip install -e .[gpu]) "
-                          "or set precision.emulate=true") from exc
+        raise ImportError(
+            "Transformer Engine is not importable: install the GPU extra (pip install -e .[gpu]) "
+            "or set precision.emulate=true"
+        ) from exc
     return te
 
 
@@ -41,16 +43,22 @@ def make_te_recipe(fmt: str, cfg):
     if fmt == "fp8_current":
         return te_recipe.Float8CurrentScaling(fp8_format=fp8_format)
     if fmt == "fp8_delayed":
-        return te_recipe.DelayedScaling(fp8_format=fp8_format, amax_history_len=cfg.amax_history_len,
-                                        amax_compute_algo=cfg.amax_compute_algo, margin=cfg.margin)
+        return te_recipe.DelayedScaling(
+            fp8_format=fp8_format,
+            amax_history_len=cfg.amax_history_len,
+            amax_compute_algo=cfg.amax_compute_algo,
+            margin=cfg.margin,
+        )
     if fmt == "fp8_block":
         return te_recipe.Float8BlockScaling(fp8_format=te_recipe.Format.E4M3)
     if fmt == "mxfp8":
         return te_recipe.MXFP8BlockScaling(fp8_format=te_recipe.Format.E4M3)
     if fmt == "nvfp4":
-        return te_recipe.NVFP4BlockScaling(disable_rht=not cfg.nvfp4_rht,
-                                           disable_stochastic_rounding=not cfg.nvfp4_stochastic_rounding,
-                                           disable_2d_quantization=not cfg.nvfp4_2d_weights)
+        return te_recipe.NVFP4BlockScaling(
+            disable_rht=not cfg.nvfp4_rht,
+            disable_stochastic_rounding=not cfg.nvfp4_stochastic_rounding,
+            disable_2d_quantization=not cfg.nvfp4_2d_weights,
+        )
     raise ValueError(f"no Transformer Engine recipe for format {fmt!r}")
 
 
@@ -89,8 +97,9 @@ def make_te_linear(source: nn.Linear, fmt: str, cfg) -> nn.Module:
     cls = _recipe_linear_class()
     weight = source.weight
     # build TE's own parameters on the meta device (nothing allocated), then adopt the model's
-    lin = cls(source.in_features, source.out_features, bias=source.bias is not None,
-              params_dtype=weight.dtype, device="meta")
+    lin = cls(
+        source.in_features, source.out_features, bias=source.bias is not None, params_dtype=weight.dtype, device="meta"
+    )
     _adopt_parameter(lin, "weight", weight)
     if source.bias is not None:
         _adopt_parameter(lin, "bias", source.bias)
