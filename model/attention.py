@@ -5,9 +5,13 @@
 and the queries attend to everything cached before them; `pos` advances by the number of new tokens.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .mixer_types import LayerState, MixerContext
 
 
 def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
@@ -19,7 +23,7 @@ def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -29,7 +33,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, seq_idx=None, state=None, context=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        seq_idx: Optional[torch.Tensor] = None,
+        state: Optional[LayerState] = None,
+        context: Optional[MixerContext] = None,
+    ) -> torch.Tensor:
         """x (b, s, H) -> (b, s, H). `state`: cached decoding (module doc). `context`: context parallelism (a
         train.parallel object): this rank's queries attend to the keys/values of every rank's chunks."""
         q, k, v = self.project(x)
@@ -43,7 +53,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(seq_idx), enable_gqa=True)
         return self.output(out)
 
-    def project(self, x: torch.Tensor) -> tuple:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (b, heads, s, d), k and v (b, kv_heads, s, d). Head counts come from the weights, so a
         tensor-parallel shard (fewer heads) runs the same code."""
         b, s, _ = x.shape
@@ -58,7 +68,7 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
     @staticmethod
-    def _attend_cached(q, k, v, state):
+    def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LayerState) -> torch.Tensor:
         b, _, s, _ = q.shape
         pos = state["pos"]
         rows = torch.arange(b, device=q.device)[:, None]
@@ -74,7 +84,7 @@ class Attention(nn.Module):
         state["pos"] = pos + s
         return out
 
-    def init_weights(self, std: float, out_std: float):
+    def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, std=std)
         nn.init.normal_(self.o_proj.weight, std=out_std)

@@ -6,7 +6,7 @@ checkpoint (routed experts stay stacked; `model/hf.py` splits them per expert).
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from torch import nn
 from .attention import Attention
 from .config import ModelConfig
 from .mamba import Mamba2Mixer
+from .mixer_types import LayerCache, LayerState, MixerContext
 from .mlp import MLP
 from .moe import LatentMoE, Routing
 from .mtp import MTPBlock, shift_left
@@ -21,8 +22,10 @@ from .norm import RMSNorm
 
 IGNORE_INDEX = -100
 
+Mixer = Union[Mamba2Mixer, Attention, LatentMoE, MLP]
 
-def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
+
+def build_mixer(kind: str, cfg: ModelConfig) -> Mixer:
     if kind == "mamba":
         return Mamba2Mixer(cfg)
     if kind == "attention":
@@ -37,14 +40,19 @@ def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
 class Block(nn.Module):
     """`x + mixer(RMSNorm(x))`; forward returns (x, Routing of a MoE layer or None)."""
 
-    def __init__(self, kind: str, cfg: ModelConfig):
+    def __init__(self, kind: str, cfg: ModelConfig) -> None:
         super().__init__()
         self.kind = kind
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mixer = build_mixer(kind, cfg)
+        self.mixer: Mixer = build_mixer(kind, cfg)
 
     def forward(
-        self, x: torch.Tensor, seq_idx=None, state=None, context=None, routes: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        seq_idx: Optional[torch.Tensor] = None,
+        state: Optional[LayerState] = None,
+        context: Optional[MixerContext] = None,
+        routes: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[Routing]]:
         h = self.norm(x)
         if self.kind == "moe":
@@ -54,7 +62,7 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([Block(kind, cfg) for kind in cfg.layer_types])
@@ -66,7 +74,9 @@ class ModelOutput:
     """What a model (or a pipeline stage's part of it) computed; the losses are `latentforge.train.loss`'s."""
 
     hidden: torch.Tensor  # (b, s, H): after norm_f when the part has it (the lm_head input), else the residual
-    routing: dict = field(default_factory=dict)  # trunk MoE index -> Routing, for the MoE layers this part ran
+    routing: dict[int, Routing] = field(
+        default_factory=dict
+    )  # trunk MoE index -> Routing, for the MoE layers this part ran
     logits: Optional[torch.Tensor] = None  # (b, s, V) when asked for and the part has the lm_head
 
     @property
@@ -80,7 +90,7 @@ class ModelOutput:
 
 
 class HybridModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.backbone = Backbone(cfg)
@@ -91,14 +101,14 @@ class HybridModel(nn.Module):
 
     # ----- initialisation --------------------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self):
+    def init_weights(self) -> None:
         """SPEC section 3 init. Output projections get std / sqrt(2 * layers) when `scale_output_init`."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers) if self.cfg.scale_output_init else std
         nn.init.normal_(self.backbone.embeddings.weight, std=std)
         nn.init.normal_(self.lm_head.weight, std=std)
         self.backbone.norm_f.init_weights()
-        for block in self.backbone.layers:
+        for _, block in self.numbered_layers():
             block.norm.init_weights()
             block.mixer.init_weights(std, out_std)
         if self.mtp is not None:
@@ -111,8 +121,8 @@ class HybridModel(nn.Module):
         *,
         hidden: Optional[torch.Tensor] = None,
         seq_idx: Optional[torch.Tensor] = None,
-        cache=None,
-        context=None,
+        cache: Optional[LayerCache] = None,
+        context: Optional[MixerContext] = None,
         routes: Optional[torch.Tensor] = None,
         with_logits: bool = True,
     ) -> ModelOutput:
@@ -150,7 +160,7 @@ class HybridModel(nn.Module):
             out.logits = self.lm_head(x)
         return out
 
-    def _embed(self, input_ids, hidden):
+    def _embed(self, input_ids: Optional[torch.Tensor], hidden: Optional[torch.Tensor]) -> torch.Tensor:
         if self.backbone.embeddings is None:
             if hidden is None:
                 raise ValueError(
@@ -162,38 +172,41 @@ class HybridModel(nn.Module):
             raise ValueError("HybridModel.forward needs input_ids (token ids, (batch, seq))")
         return self.backbone.embeddings(input_ids)
 
-    def numbered_layers(self):
+    def numbered_layers(self) -> Iterable[tuple[int, Block]]:
         """(index in the whole model, block) of the layers this model (or pipeline part) holds, in order."""
         layers = self.backbone.layers
-        return [(int(k), b) for k, b in layers.items()] if isinstance(layers, nn.ModuleDict) else enumerate(layers)
+        # torch's stubs type a container's items as Module; the backbone only ever holds Blocks
+        if isinstance(layers, nn.ModuleDict):
+            return [(int(k), cast(Block, b)) for k, b in layers.items()]
+        return enumerate(cast(Iterable[Block], layers))
 
     @property
-    def trunk_moe_index(self) -> dict:
+    def trunk_moe_index(self) -> dict[int, int]:
         """Layer index -> its position among the trunk's MoE layers (a routes tensor's layer axis, an expert-load
         row)."""
         kinds = self.cfg.layer_types
         return {i: m for m, i in enumerate(i for i, kind in enumerate(kinds) if kind == "moe")}
 
-    def mtp_embeddings(self, input_ids: torch.Tensor) -> list:
+    def mtp_embeddings(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """Embeddings of input_ids shifted left by k = 1..mtp_depths (what MTP depth k reads), whole sequences."""
         return [self.backbone.embeddings(shift_left(input_ids, k, 0)) for k in range(1, self.cfg.mtp_depths + 1)]
 
     # ----- MoE balancing -----------------------------------------------------------------------------------
-    def moe_layers(self) -> list:
+    def moe_layers(self) -> list[LatentMoE]:
         """Every LatentMoE this model (or pipeline part) holds: trunk first, then the MTP block's."""
         return [moe for _, moe in self.moe_rows()]
 
-    def moe_rows(self) -> list:
+    def moe_rows(self) -> list[tuple[int, LatentMoE]]:
         """(expert-load row, LatentMoE) of the MoE layers this model (or pipeline part) holds. Rows follow the
         whole model: trunk MoE layers in order, then the MTP block's (its routing at every depth summed)."""
         moe_index = self.trunk_moe_index
-        rows = [(moe_index[i], block.mixer) for i, block in self.numbered_layers() if i in moe_index]
+        rows = [(moe_index[i], cast(LatentMoE, block.mixer)) for i, block in self.numbered_layers() if i in moe_index]
         if self.mtp is not None:
-            rows.append((len(moe_index), self.mtp.layers[1].mixer))
+            rows.append((len(moe_index), self.mtp.moe_layer.mixer))
         return rows
 
     @torch.no_grad()
-    def update_expert_bias(self, global_load: torch.Tensor):
+    def update_expert_bias(self, global_load: torch.Tensor) -> None:
         """After an optimizer step: `bias += rate * sign(mean_load - load)` per MoE layer (SPEC section 3).
 
         `global_load` (n_moe_layers, E): token counts summed over the step's micro-batches and data-parallel ranks,

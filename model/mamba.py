@@ -9,6 +9,7 @@ head_dim, state) and "conv" / "ssm" stay as they were, so a rejected draft rolls
 """
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +18,14 @@ from torch import nn
 from latentforge.kernels.conv1d import causal_conv1d, causal_conv1d_update
 from latentforge.kernels.ssd import ssd_scan, ssd_update
 
+from .config import ModelConfig
+from .mixer_types import LayerState, MixerContext
 from .norm import GatedRMSNorm
 from .shards import local_tensor
 
 
 class Mamba2Mixer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads = cfg.mamba_num_heads
         self.head_dim = cfg.mamba_head_dim
@@ -42,7 +45,13 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(d_inner, group_size=d_inner // self.groups, eps=cfg.norm_eps)
         self.out_proj = nn.Linear(d_inner, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, seq_idx=None, state=None, context=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        seq_idx: Optional[torch.Tensor] = None,
+        state: Optional[LayerState] = None,
+        context: Optional[MixerContext] = None,
+    ) -> torch.Tensor:
         """x (b, s, H) -> (b, s, H). `state`: cached decoding (module doc). `context`: context parallelism (a
         train.parallel object holding this rank's chunks of the sequence): it runs the conv and the scan of those
         chunks with the states entering each from the others, through the steps below."""
@@ -60,7 +69,7 @@ class Mamba2Mixer(nn.Module):
         return self.gate_and_project(y, z)
 
     # ----- the named steps: context parallelism and cached decoding reuse them ------------------------------------
-    def sizes(self) -> tuple:
+    def sizes(self) -> tuple[int, int, int, int]:
         """(heads, d_inner, B/C width, groups) of the weights this module holds: a tensor-parallel shard holds
         fewer heads and groups and runs the same steps."""
         heads = local_tensor(self.dt_bias).shape[0]
@@ -68,33 +77,42 @@ class Mamba2Mixer(nn.Module):
         bc_size = (local_tensor(self.conv1d.weight).shape[0] - d_inner) // 2
         return heads, d_inner, bc_size, bc_size // self.state_size
 
-    def in_proj_blocks(self) -> list:
+    def in_proj_blocks(self) -> list[int]:
         """Row counts of in_proj's blocks z | x | B | C | dt in the full model; tensor parallelism gives each rank
         an equal slice of every block."""
         d_inner, bc_size = self.num_heads * self.head_dim, self.groups * self.state_size
         return [d_inner, d_inner, bc_size, bc_size, self.num_heads]
 
-    def conv_blocks(self) -> list:
+    def conv_blocks(self) -> list[int]:
         """Channel counts of conv1d's blocks x | B | C in the full model."""
         return self.in_proj_blocks()[1:4]
 
-    def project(self, x: torch.Tensor) -> tuple:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """in_proj, split into the gate z (b, s, d_inner), the conv input x|B|C and the raw time step dt."""
         heads, d_inner, bc_size, _ = self.sizes()
         return self.in_proj(x).split([d_inner, d_inner + 2 * bc_size, heads], dim=-1)
 
-    def convolve(self, xbc: torch.Tensor, seq_idx=None, initial_state=None) -> tuple:
+    def conv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """conv1d's (channels, K) weight and (channels,) bias: this rank's shard under tensor parallelism."""
+        bias = self.conv1d.bias
+        assert bias is not None, "conv1d is built with bias=True"
+        return local_tensor(self.conv1d.weight).squeeze(1), local_tensor(bias)
+
+    def convolve(
+        self, xbc: torch.Tensor, seq_idx: Optional[torch.Tensor] = None, initial_state: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal depthwise conv + SiLU; returns (activated x|B|C, the conv state after the last token)."""
         return causal_conv1d(
             xbc,
-            local_tensor(self.conv1d.weight).squeeze(1),
-            local_tensor(self.conv1d.bias),
+            *self.conv_weights(),
             seq_idx=seq_idx,
             initial_state=initial_state,
             activation="silu",
         )
 
-    def ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor) -> tuple:
+    def ssm_inputs(
+        self, xbc: torch.Tensor, dt: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x (b, s, h, p), B, C (b, s, g, n), dt (b, s, h) fp32 after softplus, A (h,) fp32)."""
         heads, d_inner, bc_size, groups = self.sizes()
         b, s = xbc.shape[:2]
@@ -109,7 +127,16 @@ class Mamba2Mixer(nn.Module):
             A,
         )
 
-    def scan(self, xs, dt, A, B, C, seq_idx=None, initial_state=None) -> tuple:
+    def scan(
+        self,
+        xs: torch.Tensor,
+        dt: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        seq_idx: Optional[torch.Tensor] = None,
+        initial_state: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The chunked SSD scan (with the D skip); returns (y (b, s, h, p), the SSM state after the last token)."""
         return ssd_scan(
             xs,
@@ -123,13 +150,12 @@ class Mamba2Mixer(nn.Module):
             initial_state=initial_state,
         )
 
-    def recurrent_mix(self, xbc: torch.Tensor, dt: torch.Tensor, state: dict) -> torch.Tensor:
+    def recurrent_mix(self, xbc: torch.Tensor, dt: torch.Tensor, state: LayerState) -> torch.Tensor:
         """Conv + SSM of a decode state (module doc) with the kernels' decode steps; returns y (b, s, h, p)."""
         per_token = bool(state.get("keep_per_token"))
         xbc, conv_state = causal_conv1d_update(
             xbc,
-            local_tensor(self.conv1d.weight).squeeze(1),
-            local_tensor(self.conv1d.bias),
+            *self.conv_weights(),
             conv_state=state["conv"],
             activation="silu",
             per_token_states=per_token,
@@ -148,7 +174,7 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(self.norm(y.reshape(b, s, -1), z))
 
     @torch.no_grad()
-    def init_weights(self, std: float, out_std: float):
+    def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.in_proj.weight, std=std)
         nn.init.normal_(self.out_proj.weight, std=out_std)
         self.conv1d.reset_parameters()  # PyTorch's default (kaiming-uniform), as mamba_ssm and Megatron keep it

@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.kernels.moe import moe_experts
+from latentforge.kernels.moe import LinearFn, moe_experts
 
+from .config import ModelConfig
+from .mixer_types import LayerState, MixerContext
 from .mlp import MLP
 
 
@@ -29,7 +31,9 @@ class Routing(NamedTuple):
 class Router(nn.Module):
     """fp32 sigmoid scores; the expert bias only chooses the experts, the weights use the unbiased scores."""
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, routed_scaling_factor: float):
+    e_score_correction_bias: torch.Tensor  # a registered buffer, which torch's stubs type as Tensor | Module
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, routed_scaling_factor: float) -> None:
         super().__init__()
         self.top_k = top_k
         self.routed_scaling_factor = routed_scaling_factor
@@ -37,7 +41,7 @@ class Router(nn.Module):
         # a buffer: trained by the balancing rule, never by gradient, and saved with the checkpoint
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, routes: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, routes: Optional[torch.Tensor] = None) -> tuple[Routing, torch.Tensor]:
         """-> (Routing, topk_weight). `routes` (tokens, top_k): use these experts instead of choosing (rollout
         routing replay); the weights still come from this router's own scores, so its gradient flows."""
         with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32 under mixed precision
@@ -61,21 +65,21 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """Routed experts, stacked: up (E, I, D), down (E, D, I) with D the latent (or hidden) width."""
 
-    def __init__(self, num_experts: int, dim: int, intermediate_size: int):
+    def __init__(self, num_experts: int, dim: int, intermediate_size: int) -> None:
         super().__init__()
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, intermediate_size))
-        self.linear_fn = None  # set by precision emulation: every expert GEMM goes through it
+        self.linear_fn: Optional[LinearFn] = None  # set by precision emulation: every expert GEMM goes through it
         self.alignment = 1  # rows per expert padded to this (16/32/128 for low-precision GEMMs)
 
-    def forward(self, x, topk_idx, topk_weight):
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         return moe_experts(
             x, topk_idx, topk_weight, self.up_proj, self.down_proj, alignment=self.alignment, linear_fn=self.linear_fn
         )
 
 
 class LatentMoE(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_experts = cfg.num_experts
         self.gate = Router(cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.routed_scaling_factor)
@@ -86,7 +90,12 @@ class LatentMoE(nn.Module):
         self.shared_experts = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
 
     def forward(
-        self, x: torch.Tensor, seq_idx=None, state=None, context=None, routes: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        seq_idx: Optional[torch.Tensor] = None,
+        state: Optional[LayerState] = None,
+        context: Optional[MixerContext] = None,
+        routes: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Routing]:
         """-> (output, Routing) over the tokens of x (..., H) in order. `routes` (..., top_k): replayed experts."""
         shape = x.shape
@@ -99,27 +108,27 @@ class LatentMoE(nn.Module):
         return routed.view(shape) + self.shared_experts(x), routing
 
     @torch.no_grad()
-    def update_bias(self, global_load: torch.Tensor, rate: float):
+    def update_bias(self, global_load: torch.Tensor, rate: float) -> None:
         """Aux-loss-free balancing: raise the bias of under-loaded experts, lower the over-loaded ones."""
         load = global_load.float().to(self.gate.e_score_correction_bias.device)
         self.gate.e_score_correction_bias.add_(rate * torch.sign(load.mean() - load))
 
     @torch.no_grad()
-    def init_weights(self, std: float, out_std: float):
+    def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.gate.weight, std=std)
         self.gate.e_score_correction_bias.zero_()
         nn.init.normal_(self.experts.up_proj, std=std)
         nn.init.normal_(self.experts.down_proj, std=out_std)
-        if self.fc1_latent_proj is not None:
-            nn.init.normal_(self.fc1_latent_proj.weight, std=std)
-            nn.init.normal_(self.fc2_latent_proj.weight, std=out_std)
+        for projection, projection_std in ((self.fc1_latent_proj, std), (self.fc2_latent_proj, out_std)):
+            if projection is not None:  # both exist or neither (moe_latent_size)
+                nn.init.normal_(projection.weight, std=projection_std)
         self.shared_experts.init_weights(std, out_std)
 
 
 # ----- rollout routing replay (R3) ----------------------------------------------------------------------------------
 # HybridModel.forward returns the experts each trunk MoE layer chose (`ModelOutput.routes`, (b, s, layers, top_k))
 # and replays recorded ones (`routes=`); the MTP block's MoE trains on detached features and routes by itself.
-def moe_layers(model: nn.Module) -> list:
+def moe_layers(model: nn.Module) -> list[LatentMoE]:
     """The trunk's LatentMoE layers in forward order (the layer axis of a routes tensor)."""
     trunk = getattr(model, "backbone", model)
     return [m for m in trunk.modules() if isinstance(m, LatentMoE)]

@@ -9,8 +9,10 @@ more lm_head), so numbers compare with Megatron's and NeMo's reported TFLOP/s.
 
 import sys
 from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
 
 import torch
+from torch import nn
 
 from .config import ModelConfig
 from .errors import entry_point
@@ -28,11 +30,11 @@ class ParamCounts:
     lm_head: int
 
 
-def _numel(named) -> int:
+def _numel(named: Iterable[tuple[str, torch.Tensor]]) -> int:
     return sum(t.numel() for _, t in named)
 
 
-def _tensors(module):
+def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Parameters and persistent buffers: what a checkpoint holds."""
     yield from module.named_parameters()
     yield from ((n, b) for n, b in module.named_buffers() if n.endswith("e_score_correction_bias"))
@@ -119,7 +121,7 @@ def format_report(cfg: ModelConfig, counts: ParamCounts, seq_len: int) -> str:
 
 
 @entry_point("latentforge-params")
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> None:
     from .recipes import compose, model_config_from
 
     argv = list(sys.argv[1:] if argv is None else argv)
