@@ -23,14 +23,17 @@ block's MoE layer counts once per depth (its load row sums the depths).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from latentforge.kernels.cross_entropy import linear_cross_entropy
-from latentforge.model.hybrid import IGNORE_INDEX
+from latentforge.model.config import ModelConfig
+from latentforge.model.hybrid import IGNORE_INDEX, HybridModel
+from latentforge.model.mixer_types import MixerContext
 from latentforge.model.moe import Routing
-from latentforge.model.mtp import mtp_recursion, shift_left
+from latentforge.model.mtp import MTPBlock, mtp_recursion, shift_left
 
 
 @dataclass
@@ -38,12 +41,14 @@ class Normalizers:
     """The global batch's counts that every partial loss is divided by."""
 
     lm: float  # target tokens of the main head (at least 1: a divisor)
-    mtp: list  # target tokens of each MTP depth (at least 1 each)
+    mtp: list[float]  # target tokens of each MTP depth (at least 1 each)
     sequences: float  # sequences with at least one real token (at least 1)
     targets: int = 0  # the actual number of target tokens
 
     @classmethod
-    def of_batch(cls, labels: torch.Tensor, mtp_depths: int, attention_mask: Optional[torch.Tensor] = None):
+    def of_batch(
+        cls, labels: torch.Tensor, mtp_depths: int, attention_mask: Optional[torch.Tensor] = None
+    ) -> Normalizers:
         """The counts of one whole (b, s) batch (one process, one micro-batch)."""
         targets = int((labels != IGNORE_INDEX).sum())
         mtp = [float((shifted_labels(labels, k) != IGNORE_INDEX).sum()) for k in range(1, mtp_depths + 1)]
@@ -82,7 +87,7 @@ class TokenPiece:
     seq_len: int
     real: Optional[torch.Tensor] = None
     row_tokens: Optional[torch.Tensor] = None
-    seq_group: object = None
+    seq_group: Optional[dist.ProcessGroup] = None
 
 
 def balance_partial(routing: Routing, piece: TokenPiece) -> torch.Tensor:
@@ -95,6 +100,8 @@ def balance_partial(routing: Routing, piece: TokenPiece) -> torch.Tensor:
     if piece.real is None:
         weight, T = 1.0, float(piece.seq_len)
     else:
+        if piece.row_tokens is None:
+            raise ValueError("a TokenPiece with real (b, s_local) needs row_tokens (b,): each row's real tokens")
         weight = piece.real.reshape(batch, local, 1).to(scores.dtype)
         T = piece.row_tokens.to(scores.dtype).clamp(min=1).view(batch, 1)
     with torch.no_grad():
@@ -121,10 +128,10 @@ class Balance:
     """The balance loss of some MoE routings (unweighted, / N_seq) and their expert loads by row."""
 
     loss: Optional[torch.Tensor] = None
-    loads: dict = field(default_factory=dict)  # expert-load row -> (E,) float64
+    loads: dict[int, torch.Tensor] = field(default_factory=dict)  # expert-load row -> (E,) float64
 
 
-def balance(routings: list, piece: TokenPiece, norms: Normalizers) -> Balance:
+def balance(routings: Sequence[tuple[int, Routing]], piece: TokenPiece, norms: Normalizers) -> Balance:
     """`routings`: (expert-load row, Routing) pairs (trunk MoE index, or the MTP row once per depth)."""
     out = Balance()
     for row, routing in routings:
@@ -140,10 +147,10 @@ class HeadLosses:
     """The LM and MTP partial losses of the last stage (each / its global count), and the MTP block's routings."""
 
     lm: torch.Tensor
-    mtp: list = field(default_factory=list)
-    mtp_routings: list = field(default_factory=list)  # one Routing per depth
+    mtp: list[torch.Tensor] = field(default_factory=list)
+    mtp_routings: list[Routing] = field(default_factory=list)  # one Routing per depth
 
-    def weighted(self, cfg) -> torch.Tensor:
+    def weighted(self, cfg: ModelConfig) -> torch.Tensor:
         loss = self.lm
         if self.mtp:
             loss = loss + cfg.mtp_loss_weight / len(self.mtp) * sum(self.mtp)
@@ -156,11 +163,11 @@ def head_losses(
     labels: torch.Tensor,
     norms: Normalizers,
     *,
-    mtp=None,
-    mtp_embeddings=(),
-    mtp_labels=(),
-    seq_idx=None,
-    context=None,
+    mtp: Optional[MTPBlock] = None,
+    mtp_embeddings: Sequence[torch.Tensor] = (),
+    mtp_labels: Sequence[torch.Tensor] = (),
+    seq_idx: Optional[torch.Tensor] = None,
+    context: Optional[MixerContext] = None,
 ) -> HeadLosses:
     """LM loss of the final-normed `hidden`, and with an MTP block each depth's loss (`mtp_embeddings[k-1]` /
     `mtp_labels[k-1]`: inputs / labels shifted left by k on the whole sequence, then sliced like hidden)."""
@@ -180,14 +187,14 @@ class LossOutput:
 
     loss: torch.Tensor  # lm + MTP (weighted) + balance (weighted)
     lm_loss: torch.Tensor
-    mtp_losses: list  # one CE per depth, unweighted
+    mtp_losses: list[torch.Tensor]  # one CE per depth, unweighted
     aux_loss: Optional[torch.Tensor]  # sum over MoE layers (and MTP depths), unweighted
     expert_load: Optional[torch.Tensor]  # (MoE layers, E) long: tokens per expert (HybridModel.moe_rows order)
     hidden: torch.Tensor
 
 
 def model_loss(
-    model,
+    model: HybridModel,
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     seq_idx: Optional[torch.Tensor] = None,
