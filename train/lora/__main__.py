@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 
 from latentforge.model.hf import DTYPES
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m latentforge.train.lora", description="merge or extract LoRA adapters"
     )

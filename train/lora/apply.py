@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
@@ -21,9 +22,11 @@ def name_matches(name: str, pattern: str) -> bool:
     return re.fullmatch(pattern, name) is not None
 
 
-def find_targets(model: nn.Module, cfg: LoRAConfig) -> tuple:
+def find_targets(model: nn.Module, cfg: LoRAConfig) -> tuple[list[str], list[str]]:
     """(linear names, routed-expert module names) that `cfg` adapts, in module order."""
-    linears, experts, unmatched = [], [], set(cfg.targets)
+    linears: list[str] = []
+    experts: list[str] = []
+    unmatched = set(cfg.targets)
     for name, module in model.named_modules():
         if not cfg.include_mtp and name.startswith("mtp."):
             continue
@@ -59,7 +62,7 @@ def peft_refused(name: str) -> bool:
     return name.rpartition(".")[2] in PEFT_REFUSED
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig, warn_peft: bool = True) -> list:
+def apply_lora(model: nn.Module, cfg: LoRAConfig, warn_peft: bool = True) -> list[str]:
     """Add adapters (in place), freeze everything else, optionally cast the frozen base; returns adapted names.
 
     Apply it after precision emulation (which replaces Linear modules) and before the model is parallelised
@@ -84,8 +87,10 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, warn_peft: bool = True) -> lis
     if cfg.init_seed is not None:
         generator = torch.Generator().manual_seed(cfg.init_seed)
     for name in linears:
+        linear = model.get_submodule(name)
+        assert isinstance(linear, nn.Linear), "find_targets only returns Linear layers"
         add_lora_linear(
-            model.get_submodule(name),
+            linear,
             name,
             cfg.rank,
             cfg.scaling,
@@ -99,7 +104,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, warn_peft: bool = True) -> lis
     return linears + experts
 
 
-def _row_blocks(model: nn.Module, name: str):
+def _row_blocks(model: nn.Module, name: str) -> Optional[list[int]]:
     """How the output rows of Linear `name` split over tensor-parallel ranks: a Mamba in_proj's z | x | B | C | dt
     blocks (each rank a slice of each), else None (one block)."""
     from latentforge.model.mamba import Mamba2Mixer
@@ -109,12 +114,12 @@ def _row_blocks(model: nn.Module, name: str):
     return parent.in_proj_blocks() if isinstance(parent, Mamba2Mixer) and leaf == "in_proj" else None
 
 
-def lora_modules(model: nn.Module) -> dict:
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     """{module name: module} of every adapted module."""
     return {name: m for name, m in model.named_modules() if is_lora_module(m)}
 
 
-def lora_parameters(model: nn.Module) -> dict:
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """{parameter name: parameter} of the adapters only."""
     out = {}
     for name, module in lora_modules(model).items():
@@ -124,7 +129,7 @@ def lora_parameters(model: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def freeze_base(model: nn.Module, dtype=None) -> None:
+def freeze_base(model: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
     """requires_grad only on adapter parameters; the base may be cast to `dtype` (adapters keep theirs)."""
     adapter_ids = {id(p) for p in lora_parameters(model).values()}
     for module in model.modules():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from torch import nn
 from .apply import apply_lora, merge_lora
 from .config import LoRAConfig
 from .peft_format import load_adapter
+
+if TYPE_CHECKING:
+    from latentforge.model import HybridModel, ModelConfig
 
 LORA_CONFIG_FILE = "lora_config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -45,7 +48,7 @@ def resolve_source(path: str) -> Tuple[str, str]:
         ) from None
 
 
-def model_config_of(path: str):
+def model_config_of(path: str) -> ModelConfig:
     """The ModelConfig stored with a Hugging Face directory or a DCP checkpoint."""
     from latentforge.model import ModelConfig
     from latentforge.model.hf import from_hf_config
@@ -112,7 +115,7 @@ def load_base_weights(model: nn.Module, path: str) -> None:
         expected[name].copy_(value)
 
 
-def load_base_model(source: str) -> nn.Module:
+def load_base_model(source: str) -> HybridModel:
     """The plain `HybridModel` (CPU, fp32) with the base weights at `source` (a LoRA checkpoint's adapters left out)."""
     from latentforge.model import HybridModel
 
@@ -135,7 +138,7 @@ def export_base(source: str, out_dir: str, tokenizer: Optional[str] = None) -> s
     return out_dir
 
 
-def load_model(source: str, adapter: Optional[str] = None) -> Tuple[nn.Module, Optional[LoRAConfig]]:
+def load_model(source: str, adapter: Optional[str] = None) -> Tuple[HybridModel, Optional[LoRAConfig]]:
     """A plain `HybridModel` (CPU, fp32) from `source`, with its adapters on (not merged) when it has any:
     those trained into a DCP checkpoint of a LoRA run, or the PEFT directory `adapter`."""
     import torch.distributed.checkpoint as dcp

@@ -49,12 +49,12 @@ class LoRAConfig:
     base_dtype: Optional[str] = None  # hold the frozen base in this dtype (bfloat16 halves its memory); null: as is
     init_seed: Optional[int] = None  # adapter A init seed (null: the global RNG)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.targets = list(self.targets or [])
         self.validate()
 
-    def validate(self):
-        def need(ok, message):
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
             if not ok:
                 raise LoRAConfigError(message)
 

@@ -25,17 +25,28 @@ experts (Shard(0), same names), and the adapted weights of this rank's experts g
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from latentforge.kernels.moe import moe_experts
 
 EXPERT_PROJS = ("up_proj", "down_proj")  # in the order PEFT nests its parameter wrappers (up innermost)
 
-_CLASS_CACHE: dict = {}
+_CLASS_CACHE: dict[tuple[type, type], type] = {}
+
+# The mixins only ever sit in front of their host class (`lora_class`); the type checker sees them as subclasses of
+# it, so `super().forward`, `weight` and `training` type-check. At runtime they stay plain mixins.
+if TYPE_CHECKING:
+    from latentforge.model.moe import Experts
+
+    _LinearHost = nn.Linear
+    _ExpertsHost = Experts
+else:
+    _LinearHost = _ExpertsHost = object
 
 
 def lora_class(mixin: type, base: type) -> type:
@@ -53,11 +64,19 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-class LoRALinearMixin:
+class LoRALinearMixin(_LinearHost):
     """Adds `lora_A` (r, in) and `lora_B` (out, r) to an nn.Linear. Attributes: lora_rank, lora_scaling,
     lora_dropout (probability), lora_name (for error messages)."""
 
     _lora_base_class: type
+    # set by add_lora_linear
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    lora_rank: int
+    lora_scaling: float
+    lora_dropout: float
+    lora_name: str
+    lora_row_blocks: list[int]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
@@ -65,7 +84,9 @@ class LoRALinearMixin:
             return out + self._tensor_parallel_delta(x, out)
         return out + self.lora_delta(x).to(out.dtype)
 
-    def lora_delta(self, x: torch.Tensor, a=None, b=None) -> torch.Tensor:
+    def lora_delta(
+        self, x: torch.Tensor, a: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         a = self.lora_A if a is None else a
         b = self.lora_B if b is None else b
         if isinstance(a, DTensor) or isinstance(b, DTensor):
@@ -77,11 +98,12 @@ class LoRALinearMixin:
             x = F.dropout(x, p=self.lora_dropout, training=True)
         return F.linear(F.linear(x.to(a.dtype), a), b) * self.lora_scaling
 
-    def _tensor_parallel_delta(self, x: DTensor, out: DTensor) -> DTensor:
+    def _tensor_parallel_delta(self, x: torch.Tensor, out: DTensor) -> DTensor:
         """The adapter's share of this rank's output piece, placed as `out` (Shard(-1): column-parallel, this
         rank's rows of B; Partial: row-parallel, this rank's columns of A)."""
         from torch.distributed.tensor import Partial
 
+        assert isinstance(x, DTensor), "the tensor-parallel plan hands its Linears DTensor inputs"
         tp, rank, dim = _tp_geometry(self.weight, self.lora_name)
         if dim == 0:
             rows = _rank_rows(self.lora_row_blocks, tp, rank).to(self.lora_B.device)
@@ -93,7 +115,7 @@ class LoRALinearMixin:
         return DTensor.from_local(delta.to(out.dtype), out.device_mesh, out.placements, run_check=False)
 
     @torch.no_grad()
-    def reset_lora_parameters(self, generator=None):
+    def reset_lora_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         _init_a(self.lora_A, generator)
         self.lora_B.zero_()
 
@@ -102,12 +124,17 @@ class LoRALinearMixin:
         return (self.lora_B.float() @ self.lora_A.float()) * self.lora_scaling
 
 
-class LoRAExpertsMixin:
+class LoRAExpertsMixin(_ExpertsHost):
     """Adds `lora_A_{up,down}_proj` (E, r, in) and `lora_B_{up,down}_proj` (E, out, r) to the stacked experts."""
 
     _lora_base_class: type
+    # set by add_lora_experts (the factors themselves go by name: lora_{A,B}_{up,down}_proj)
+    lora_rank: int
+    lora_scaling: float
+    lora_dropout: float
+    lora_name: str
 
-    def forward(self, x, topk_idx, topk_weight):
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         up, down = (self.lora_adapted_weight(proj) for proj in EXPERT_PROJS)
         run_experts = getattr(self, "run_experts", None)  # expert parallel: this rank's experts, tokens exchanged
         if run_experts is not None:
@@ -124,7 +151,7 @@ class LoRAExpertsMixin:
         return torch.bmm(b, a) * self.lora_scaling  # (E, out, r) @ (E, r, in)
 
     @torch.no_grad()
-    def reset_lora_parameters(self, generator=None):
+    def reset_lora_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         for proj in EXPERT_PROJS:
             a = getattr(self, f"lora_A_{proj}")
             for e in range(a.shape[0]):
@@ -133,7 +160,7 @@ class LoRAExpertsMixin:
 
 
 @torch.no_grad()
-def _init_a(a: torch.Tensor, generator=None):
+def _init_a(a: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
     # PyTorch's nn.Linear default (kaiming-uniform, a=sqrt(5)), as PEFT initialises lora_A
     if a.device.type == "meta":
         return
@@ -149,14 +176,15 @@ def add_lora_linear(
     scaling: float,
     dropout: float,
     dtype: torch.dtype = torch.float32,
-    generator=None,
-    row_blocks: list = None,
+    generator: Optional[torch.Generator] = None,
+    row_blocks: Optional[Sequence[int]] = None,
 ) -> None:
     """Adapt `module` in place. `row_blocks`: how its output rows split over tensor-parallel ranks (each rank a
     slice of every block; default one block)."""
     weight = module.weight
     out_features, in_features = weight.shape
     module.__class__ = lora_class(LoRALinearMixin, type(module))
+    assert isinstance(module, LoRALinearMixin)  # tells the type checker about the class swap
     module.lora_A = nn.Parameter(torch.empty(rank, in_features, device=weight.device, dtype=dtype))
     module.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=weight.device, dtype=dtype))
     module.lora_rank, module.lora_scaling, module.lora_dropout, module.lora_name = rank, scaling, dropout, name
@@ -167,9 +195,15 @@ def add_lora_linear(
 
 
 def add_lora_experts(
-    module: nn.Module, name: str, rank: int, scaling: float, dtype: torch.dtype = torch.float32, generator=None
+    module: nn.Module,
+    name: str,
+    rank: int,
+    scaling: float,
+    dtype: torch.dtype = torch.float32,
+    generator: Optional[torch.Generator] = None,
 ) -> None:
     module.__class__ = lora_class(LoRAExpertsMixin, type(module))
+    assert isinstance(module, LoRAExpertsMixin)  # tells the type checker about the class swap
     for proj in EXPERT_PROJS:
         experts, out_features, in_features = getattr(module, proj).shape
         device = getattr(module, proj).device
@@ -187,7 +221,7 @@ def is_lora_module(module: nn.Module) -> bool:
     return isinstance(module, (LoRALinearMixin, LoRAExpertsMixin))
 
 
-def lora_param_names(module: nn.Module) -> list:
+def lora_param_names(module: nn.Module) -> list[str]:
     if isinstance(module, LoRALinearMixin):
         return ["lora_A", "lora_B"]
     if isinstance(module, LoRAExpertsMixin):
@@ -211,6 +245,8 @@ def merge_and_remove(module: nn.Module) -> None:
 
 def remove(module: nn.Module) -> None:
     """Drop the adapter without merging: the module is its base class again."""
+    if not isinstance(module, (LoRALinearMixin, LoRAExpertsMixin)):
+        raise TypeError(f"{type(module).__name__} carries no LoRA adapter")
     for name in lora_param_names(module):
         delattr(module, name)
     for attr in ("lora_rank", "lora_scaling", "lora_dropout", "lora_name", "lora_row_blocks"):
@@ -219,8 +255,10 @@ def remove(module: nn.Module) -> None:
 
 
 # ----- tensor parallelism: which rows / columns of the factors this rank's weight shard needs ------------------
-def _tp_geometry(weight: torch.Tensor, name: str) -> tuple:
+def _tp_geometry(weight: torch.Tensor, name: str) -> tuple[int, int, int]:
     """(TP size, this rank's TP coordinate, sharded weight dim 0 or 1) of a tensor-parallel Linear's weight."""
+    if not isinstance(weight, DTensor):
+        raise RuntimeError(f"{name}: a DTensor output but a plain weight; LoRA supports tensor-parallel Linears only")
     mesh = weight.device_mesh
     names = mesh.mesh_dim_names or ()
     if "tp" not in names:
@@ -230,16 +268,18 @@ def _tp_geometry(weight: torch.Tensor, name: str) -> tuple:
         )
     tp_dim = names.index("tp")
     placement = weight.placements[tp_dim]
+    if not isinstance(placement, Shard):
+        raise RuntimeError(f"{name}: the weight is {placement} over 'tp', not split; LoRA expects a TP plan's Shard")
     return mesh.size(tp_dim), mesh.get_local_rank(tp_dim), 0 if placement.dim in (0, -2) else 1
 
 
-def _rank_rows(blocks: list, tp: int, rank: int) -> torch.Tensor:
+def _rank_rows(blocks: list[int], tp: int, rank: int) -> torch.Tensor:
     from latentforge.train.parallel.tensor_parallel import rank_rows
 
     return rank_rows(blocks, tp, rank)
 
 
-def tensor_parallel_adapters(model_parts: list) -> int:
+def tensor_parallel_adapters(model_parts: Sequence[nn.Module]) -> int:
     """How many adapted Linears of `model_parts` are split over a tensor-parallel mesh (read from placements)."""
     count = 0
     for part in model_parts:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,6 +31,7 @@ BASE_EXPORT_DIR = "base_hf"  # next to the adapter directory: the Hugging Face e
 BASE_SOURCE_FILE = "latentforge_source.json"  # in it: the DCP checkpoint it was exported from
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+StrPath = Union[str, "os.PathLike[str]"]  # a directory, as a string or a Path
 EXPERT_WRAPPER = {"up_proj": "base_layer.", "down_proj": ""}  # both targeted: up_proj is the inner wrapper
 
 
@@ -47,7 +48,7 @@ def _peft_target_name(name: str) -> str:
     return name.removeprefix("backbone.")
 
 
-def lora_state_dict(model: nn.Module) -> dict:
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """{PEFT key: full CPU tensor} of this model's adapters (collective under FSDP / TP: call on every rank)."""
     out = {}
     for name, module in lora_modules(model).items():
@@ -64,37 +65,39 @@ def lora_state_dict(model: nn.Module) -> dict:
     return out
 
 
-def gather_lora_state_dict(model_parts: list) -> Optional[dict]:
+def gather_lora_state_dict(model_parts: Sequence[nn.Module]) -> Optional[dict[str, torch.Tensor]]:
     """The adapters of every rank's model parts (pipeline stages own different layers), on rank 0; None elsewhere.
     Collective over the world; each tensor travels once (from the lowest rank holding it)."""
     import torch.distributed as dist
 
-    local = {}
+    local: dict[str, torch.Tensor] = {}
     for part in model_parts:
         local.update(lora_state_dict(part))
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
-    key_lists = [None] * dist.get_world_size()
+    key_lists: list[list[str]] = [[] for _ in range(dist.get_world_size())]  # all_gather_object fills them
     dist.all_gather_object(key_lists, sorted(local))
-    owner = {}
+    owner: dict[str, int] = {}
     for rank, keys in enumerate(key_lists):
         for key in keys:
             owner.setdefault(key, rank)
     me = dist.get_rank()
     mine = {k: v for k, v in local.items() if owner[k] == me}
-    gathered = [None] * dist.get_world_size() if me == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
     if me != 0:
+        dist.gather_object(mine, None, dst=0)
         return None
-    merged = {}
+    gathered: list[dict[str, torch.Tensor]] = [{} for _ in range(dist.get_world_size())]  # gather_object fills them
+    dist.gather_object(mine, gathered, dst=0)
+    merged: dict[str, torch.Tensor] = {}
     for piece in gathered:
         merged.update(piece)
     return merged
 
 
-def _adapted_modules(tensors: dict) -> tuple:
+def _adapted_modules(tensors: dict[str, torch.Tensor]) -> tuple[list[str], bool]:
     """(Linear module names, whether routed experts are adapted) from PEFT keys."""
-    linears, experts = set(), False
+    linears: set[str] = set()
+    experts = False
     for key in tensors:
         module = key.removeprefix(PREFIX).rsplit(".lora_", 1)[0]
         if module.endswith("mixer.experts") or module.endswith("mixer.experts.base_layer"):
@@ -104,7 +107,9 @@ def _adapted_modules(tensors: dict) -> tuple:
     return sorted(linears), experts
 
 
-def adapter_config(tensors: dict, cfg: LoRAConfig, base_model_name_or_path: Optional[str] = None) -> dict:
+def adapter_config(
+    tensors: dict[str, torch.Tensor], cfg: LoRAConfig, base_model_name_or_path: Optional[str] = None
+) -> dict:
     """PEFT's LoraConfig fields for these adapter tensors (exact module names, so nothing else matches)."""
     linears, has_experts = _adapted_modules(tensors)
     return {
@@ -130,7 +135,7 @@ def adapter_config(tensors: dict, cfg: LoRAConfig, base_model_name_or_path: Opti
     }
 
 
-def hf_base_of(base, adapter_dir) -> str:
+def hf_base_of(base: StrPath, adapter_dir: StrPath) -> str:
     """What `base_model_name_or_path` records for the base at `base` (a Hugging Face directory, a DCP checkpoint
     or run directory, or a hub name), so `AutoPeftModelForCausalLM.from_pretrained(adapter_dir)` finds it: a
     directory's absolute path; for a DCP checkpoint, a Hugging Face export of it written next to the adapter
@@ -159,7 +164,9 @@ def hf_base_of(base, adapter_dir) -> str:
     return str(out)
 
 
-def write_adapter(tensors: dict, path, cfg: LoRAConfig, base_model_name_or_path: Optional[str] = None) -> Path:
+def write_adapter(
+    tensors: dict[str, torch.Tensor], path: StrPath, cfg: LoRAConfig, base_model_name_or_path: Optional[str] = None
+) -> Path:
     """The PEFT directory; `base_model_name_or_path` may be a DCP checkpoint: see `hf_base_of`."""
     if not tensors:
         raise ValueError("no LoRA adapter tensors: nothing to save")
@@ -174,7 +181,10 @@ def write_adapter(tensors: dict, path, cfg: LoRAConfig, base_model_name_or_path:
 
 
 def save_adapter(
-    model_or_parts, path, cfg: LoRAConfig, base_model_name_or_path: Optional[str] = None
+    model_or_parts: nn.Module | list[nn.Module] | tuple[nn.Module, ...],
+    path: StrPath,
+    cfg: LoRAConfig,
+    base_model_name_or_path: Optional[str] = None,
 ) -> Optional[Path]:
     """Write the PEFT adapter directory of a model (or of a runner's model parts). Collective when distributed:
     every rank calls it; rank 0 writes and returns the path, the others return None."""
@@ -226,7 +236,7 @@ def _our_name(key: str) -> str:
 
 
 @torch.no_grad()
-def load_adapter_weights(model: nn.Module, tensors: dict) -> None:
+def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy PEFT-layout tensors into the adapters already on `model`; every adapter must be covered."""
     expected = {}
     for name, module in lora_modules(model).items():
@@ -260,14 +270,14 @@ def load_adapter_weights(model: nn.Module, tensors: dict) -> None:
         param.copy_(value.to(param.dtype))
 
 
-def read_adapter(path) -> tuple:
+def read_adapter(path: StrPath) -> tuple[dict, dict[str, torch.Tensor]]:
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a PEFT adapter directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     return json.loads((path / CONFIG_FILE).read_text()), load_file(str(path / WEIGHTS_FILE))
 
 
-def load_adapter(model: nn.Module, path, base_dtype: Optional[str] = None) -> LoRAConfig:
+def load_adapter(model: nn.Module, path: StrPath, base_dtype: Optional[str] = None) -> LoRAConfig:
     """Put the adapter saved at `path` on a plain (un-adapted, unparallelised) model; returns its config."""
     peft, tensors = read_adapter(path)
     cfg = config_from_peft(peft)
