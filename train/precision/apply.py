@@ -16,6 +16,7 @@ from .policy import (
     check_support,
     check_te_shapes,
     detect_capability,
+    is_experts,
     resolve_policy,
 )
 from .te_backend import TEExpertGemm, make_te_linear, te_available as _te_available
@@ -28,7 +29,7 @@ class EmulatedLinear(nn.Linear):
     Stays an nn.Linear for code that dispatches on the type.
     """
 
-    def __init__(self, source: nn.Linear, fmt: str, recipe: EmulatedRecipe):
+    def __init__(self, source: nn.Linear, fmt: str, recipe: EmulatedRecipe) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = source.in_features, source.out_features
         self.weight = source.weight
@@ -65,7 +66,7 @@ def apply_precision(
     model: nn.Module,
     cfg: PrecisionConfig,
     *,
-    device_capability: Optional[tuple] = None,
+    device_capability: Optional[tuple[int, int]] = None,
     te_available: Optional[bool] = None,
 ) -> PrecisionTable:
     """Apply the precision policy of `cfg` to `model` in place; return the table of every GEMM's format.
@@ -101,12 +102,14 @@ def apply_precision(
                 generator = torch.Generator(device=device).manual_seed(cfg.seed)
             options["generator"] = generator
         if entry.kind == "linear":
+            assert isinstance(module, nn.Linear), "resolve_policy's linear entries are nn.Linear modules"
             if cfg.emulate:
                 new = EmulatedLinear(module, entry.format, make_recipe(entry.format, **options))
             else:
                 new = make_te_linear(module, entry.format, cfg)
             _set_submodule(model, entry.name, new)
         elif entry.kind == "experts":
+            assert is_experts(module), "resolve_policy's experts entries are stacked experts"
             if cfg.emulate:
                 module.linear_fn = ExpertGemm(entry.format, **options)
             else:

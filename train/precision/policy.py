@@ -6,12 +6,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Optional
+from typing import Iterable, Iterator, Optional, Protocol, TypeGuard
 
 import torch
 from torch import nn
 
 from .config import QUANTIZED_FORMATS, PrecisionConfig, PrecisionConfigError
+from latentforge.kernels.moe import LinearFn
 from latentforge.model.errors import UserError
 
 # Transformer Engine recipe behind each format, and the compute capability it needs (SPEC section 5)
@@ -43,7 +44,7 @@ class PrecisionUnsupportedError(UserError, RuntimeError):
 class PrecisionEntry:
     name: str  # module name (the experts entry stands for its stacked up_proj and down_proj GEMMs)
     kind: str  # linear | experts | embedding | router
-    shape: tuple
+    shape: tuple[int, ...]
     dtype: str  # parameter dtype (checkpoints keep it: quantization happens on the fly)
     format: str  # nvfp4 | mxfp8 | fp8_current | fp8_delayed | fp8_block | bf16 | fp32
     rule: str  # the policy rule that decided
@@ -60,25 +61,34 @@ class PrecisionEntry:
 class PrecisionTable:
     precision: str
     emulate: bool
-    entries: list = field(default_factory=list)
+    entries: list[PrecisionEntry] = field(default_factory=list)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[PrecisionEntry]:
         return iter(self.entries)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.entries)
 
-    def by_name(self) -> dict:
+    def by_name(self) -> dict[str, PrecisionEntry]:
         return {e.name: e for e in self.entries}
 
-    def formats(self) -> set:
+    def formats(self) -> set[str]:
         return {e.format for e in self.entries}
 
     def counts(self) -> Counter:
         return Counter(e.format for e in self.entries)
 
 
-def is_experts(module: nn.Module) -> bool:
+class StackedExperts(Protocol):
+    """What the policy reads and apply_precision sets on routed experts (model/moe.py's Experts, LoRA's subclass)."""
+
+    up_proj: torch.Tensor
+    down_proj: torch.Tensor
+    linear_fn: Optional[LinearFn]
+    alignment: int
+
+
+def is_experts(module: nn.Module) -> TypeGuard[StackedExperts]:
     """The stacked routed experts of model/moe.py (up (E, I, D), down (E, D, I), a `linear_fn` hook)."""
     up, down = getattr(module, "up_proj", None), getattr(module, "down_proj", None)
     return (
@@ -103,26 +113,26 @@ def count_backbone_layers(model: nn.Module) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _first_match(name: str, patterns) -> Optional[str]:
+def _first_match(name: str, patterns: Iterable[str]) -> Optional[str]:
     for p in patterns:
         if fnmatchcase(name, p):
             return p
     return None
 
 
-def _targets(model: nn.Module, cfg: PrecisionConfig):
-    """Every module that owns a GEMM (or is named by a fp32/never rule), in model order."""
+def _targets(model: nn.Module, cfg: PrecisionConfig) -> Iterator[tuple[str, str, torch.Tensor, int]]:
+    """(name, kind, weight, parameters) of every module that owns a GEMM (or is named by a fp32/never rule), in
+    model order; experts: the weight is up_proj, the parameters count down_proj too."""
     for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
         if isinstance(module, nn.Linear):
-            yield name, module, "linear", tuple(module.weight.shape), module.weight
+            yield name, "linear", module.weight, module.weight.numel()
         elif is_experts(module):
-            yield name, module, "experts", tuple(module.up_proj.shape), module.up_proj
+            yield name, "experts", module.up_proj, module.up_proj.numel() + module.down_proj.numel()
         elif isinstance(module, nn.Embedding):
-            yield name, module, "embedding", tuple(module.weight.shape), module.weight
-        elif (_first_match(name, cfg.fp32) or _first_match(name, cfg.never)) and isinstance(
-            getattr(module, "weight", None), nn.Parameter
-        ):
-            yield name, module, "router", tuple(module.weight.shape), module.weight
+            yield name, "embedding", module.weight, module.weight.numel()
+        elif (_first_match(name, cfg.fp32) or _first_match(name, cfg.never)) and isinstance(weight, nn.Parameter):
+            yield name, "router", weight, weight.numel()
 
 
 def resolve_policy(model: nn.Module, cfg: PrecisionConfig) -> PrecisionTable:
@@ -143,8 +153,8 @@ def resolve_policy(model: nn.Module, cfg: PrecisionConfig) -> PrecisionTable:
             kept_layers.add(i % n_layers)
 
     table = PrecisionTable(cfg.name, cfg.emulate)
-    for name, module, kind, shape, param in _targets(model, cfg):
-        numel = param.numel() + (module.down_proj.numel() if kind == "experts" else 0)
+    for name, kind, param, numel in _targets(model, cfg):
+        shape = tuple(param.shape)
         layer = backbone_layer_index(name)
         if p := _first_match(name, cfg.fp32):
             fmt, rule = "fp32", f"fp32 '{p}'"
@@ -168,13 +178,20 @@ def resolve_policy(model: nn.Module, cfg: PrecisionConfig) -> PrecisionTable:
     return table
 
 
-def detect_capability() -> Optional[tuple]:
+def detect_capability() -> Optional[tuple[int, int]]:
     if not torch.cuda.is_available():
         return None
-    return tuple(torch.cuda.get_device_capability())
+    major, minor = torch.cuda.get_device_capability()
+    return major, minor
 
 
-def check_support(table_or_formats, *, emulate: bool, device_capability: Optional[tuple], te_available: bool) -> None:
+def check_support(
+    table_or_formats: PrecisionTable | Iterable[str],
+    *,
+    emulate: bool,
+    device_capability: Optional[tuple[int, int]],
+    te_available: bool,
+) -> None:
     """Raise PrecisionUnsupportedError when a format the policy uses cannot run on this machine.
 
     Pure: `device_capability` is (major, minor) or None (no CUDA device); `te_available` says whether
@@ -193,7 +210,7 @@ def check_support(table_or_formats, *, emulate: bool, device_capability: Optiona
     if emulate or not needed:
         return
 
-    def what(fmt):
+    def what(fmt: str) -> str:
         names = examples.get(fmt, [])
         where = f" ({len(names)} modules, e.g. {names[0]})" if names else ""
         return f"{fmt} (Transformer Engine {TE_RECIPE_NAMES[fmt]}){where}"
@@ -265,7 +282,7 @@ def format_table(table: PrecisionTable) -> str:
         rows.append((e.name, e.kind, _shape_text(e), e.dtype, e.format, e.backend, rule))
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
 
-    def line(values):
+    def line(values: Iterable[str]) -> str:
         return "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
 
     total = sum(e.numel for e in entries) or 1
