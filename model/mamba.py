@@ -4,8 +4,9 @@
 starts from it and it is replaced by the states after the last token, so prefill and decode share one code path.
 A decode state (`"recurrent": True`, a few tokens: decoding, draft verification) takes the recurrence token by
 token instead of the chunked scan (which pads every call to a whole chunk); with `"keep_per_token": True` the
-states after every token go to "conv_per_token" (b, s, conv_dim, K-1) and "ssm_per_token" (b, s, heads,
-head_dim, state) and "conv" / "ssm" stay as they were, so a rejected draft rolls back by picking one.
+states after every token go to "conv_per_token" (b, s, conv_dim, K-1) and "ssm_per_token" (a
+`kernels.ssd_verify.SSMTokenStates`: the SSM state after any token, built on `select`) and "conv" / "ssm" stay as
+they were, so a rejected draft rolls back by picking one.
 """
 
 import math
@@ -17,6 +18,7 @@ from torch import nn
 
 from latentforge.kernels.conv1d import causal_conv1d, causal_conv1d_update
 from latentforge.kernels.ssd import ssd_scan, ssd_update
+from latentforge.kernels.ssd_verify import SSMTokenStates, ssd_verify
 
 from .config import ModelConfig
 from .mixer_types import LayerState, MixerContext
@@ -161,9 +163,11 @@ class Mamba2Mixer(nn.Module):
             per_token_states=per_token,
         )
         xs, B, C, dt, A = self.ssm_inputs(xbc, dt)
-        y, ssm_state = ssd_update(
-            xs, dt, A, B, C, D=local_tensor(self.D), state=state["ssm"], per_token_states=per_token
-        )
+        ssm_state: torch.Tensor | SSMTokenStates
+        if per_token:  # draft verification: only the state after the row's last accepted token is ever built
+            y, ssm_state = ssd_verify(xs, dt, A, B, C, D=local_tensor(self.D), state=state["ssm"])
+        else:
+            y, ssm_state = ssd_update(xs, dt, A, B, C, D=local_tensor(self.D), state=state["ssm"])
         suffix = "_per_token" if per_token else ""
         state["conv" + suffix], state["ssm" + suffix] = conv_state, ssm_state
         return y

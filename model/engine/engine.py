@@ -30,7 +30,7 @@ import torch
 from .config import WEIGHT_UPDATE_POLICIES, EngineConfig, EngineStats, GenerationResult, SamplingParams
 from .drafter import MTPDrafter
 from .gate import DraftGate
-from .runner import ModelRunner
+from .runner import BATCHED_PREFILL_MAX_TOKENS, ModelRunner
 from .sampling import greedy_accept, log_softmax_at, sample, sampling_probs, speculative_accept
 from .state import SlotStates
 
@@ -177,32 +177,44 @@ class Engine:
         if free <= 0 or not self.waiting:
             return
         joining, self.waiting = self.waiting[:free], self.waiting[free:]
-        # identical prompts next to each other: one prefill per distinct prompt, copied to the other rows
-        joining.sort(key=lambda r: (len(r.result.prompt_ids), r.result.prompt_ids))
+        # identical prompts: one prefill per distinct prompt, copied to the other rows. The first request of each
+        # distinct prompt takes rows lo, lo+1, ... (prefilled together), the repeats the rows after them
+        groups: dict = {}
+        for request in joining:
+            groups.setdefault(tuple(request.result.prompt_ids), []).append(request)
         lo = len(self.running)
-        for _, group in itertools.groupby(joining, key=lambda r: tuple(r.result.prompt_ids)):
-            group = list(group)
-            rows = range(lo, lo + len(group))
-            for row, request in zip(rows, group):
-                self.running.append(request)
-                self._set_row_params(row, request.params)
-            logits, hidden, routes = self._prefill_group(group[0].result.prompt_ids, rows)
-            for request in group:
-                request.processed = len(request.sequence)
-                if routes is not None:
-                    request.routes = [routes]
-            self._sample_first(group, lo, logits)
-            if self.drafter is not None:
-                for row in rows:
-                    self.drafter.reset_row(row)
-                self.drafter.catch_up(
-                    lo,
-                    [r.sequence for r in group],
-                    [r.processed for r in group],
-                    hidden.expand(len(group), -1, -1),
-                    self._draft_sampler(lo, len(group)),
-                )
-            lo += len(group)
+        firsts = [group[0] for group in groups.values()]
+        repeats = [request for group in groups.values() for request in group[1:]]
+        for row, request in enumerate(firsts + repeats, start=lo):
+            self.running.append(request)
+            self._set_row_params(row, request.params)
+        logits, hidden = self._prefill_rows(lo, list(groups))
+        # row lo+i holds the prompt of firsts[source[i]]; a repeat's states and routes are its first's
+        first_row = {id(first): i for i, first in enumerate(firsts)}
+        source = list(range(len(firsts))) + [first_row[id(groups[tuple(r.result.prompt_ids)][0])] for r in repeats]
+        for row in range(len(firsts), len(source)):
+            original = firsts[source[row]]
+            self.states.move_row(lo + source[row], lo + row, len(original.sequence))
+            self.running[lo + row].routes = list(original.routes)
+        self.stats.prefix_hits += len(repeats)
+        joined = self.running[lo:]
+        for request in joined:
+            request.processed = len(request.sequence)
+        index = torch.tensor(source, device=self.device)
+        row_logits = logits[index]
+        tokens, logprobs, _ = self._choose(row_logits, lo, joined)
+        for request, token, logprob, one_row in zip(joined, tokens.tolist(), logprobs.tolist(), row_logits):
+            self._emit(request, token, logprob, one_row)
+        if self.drafter is not None:
+            for row in range(lo, lo + len(joined)):
+                self.drafter.reset_row(row)
+            self.drafter.catch_up(
+                lo,
+                [r.sequence for r in joined],
+                [r.processed for r in joined],
+                hidden[index],
+                self._draft_sampler(lo, len(joined)),
+            )
         keep = [True] * len(self.running)
         for i, request in enumerate(self.running):
             reason = self._done_reason(request)
@@ -212,35 +224,66 @@ class Engine:
         if not all(keep):
             self._compact(keep)
 
-    def _prefill_group(self, prompt: list, rows: range):
-        key = (self.version, tuple(prompt))
-        cached = self.prefix_cache.get(key)
-        if cached is not None:
-            self.prefix_cache.move_to_end(key)
-            snapshot, logits, hidden, routes = cached
-            for row in rows:
-                self.states.load_row(row, snapshot)
-            self.stats.prefix_hits += len(rows)
-            return logits, hidden, routes
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        logits, hidden = self.runner.prefill(rows[0], ids)
-        routes = self._routes_cpu(self.runner.prefill_routes, 0, len(prompt))
-        self.stats.prefill_tokens += len(prompt)
-        for row in rows[1:]:
-            self.states.move_row(rows[0], row, len(prompt))
-        self.stats.prefix_hits += len(rows) - 1
-        if self.config.prefix_cache_size:
-            snapshot = self.states.snapshot_row(rows[0], len(prompt))
-            self.prefix_cache[key] = (snapshot, logits, hidden if self.drafter is not None else None, routes)
-            while len(self.prefix_cache) > self.config.prefix_cache_size:
-                self.prefix_cache.popitem(last=False)
-        return logits, hidden, routes
+    def _prefill_rows(self, lo: int, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """States of the distinct `prompts` (tuples) into rows lo, lo+1, ...: prefix-cache copies under this weight
+        version, the others prefilled; the trunk MoE routes go to the requests in those rows. Returns (logits of
+        each prompt's last token (m, V), hidden (m, L, H) right-padded to the longest prompt, zeros where no
+        drafter needs it)."""
+        m, longest = len(prompts), max(map(len, prompts))
+        requests = self.running[lo : lo + m]
+        logits = torch.empty(m, self.vocab_size, dtype=self.model.lm_head.weight.dtype, device=self.device)
+        hidden = torch.zeros(m, longest, self.model.cfg.hidden_size, dtype=logits.dtype, device=self.device)
+        missing = []
+        for i, prompt in enumerate(prompts):
+            cached = self.prefix_cache.get((self.version, prompt))
+            if cached is None:
+                missing.append(i)
+                continue
+            self.prefix_cache.move_to_end((self.version, prompt))
+            snapshot, cached_logits, cached_hidden, routes = cached
+            logits[i] = cached_logits
+            self.states.load_row(lo + i, snapshot)
+            if cached_hidden is not None:
+                hidden[i, : len(prompt)] = cached_hidden[0]
+            requests[i].routes = [routes] if routes is not None else []
+            self.stats.prefix_hits += 1
+        for block in self._prefill_blocks(missing, prompts):
+            first = lo + block[0]
+            texts = [list(prompts[i]) for i in block]
+            if len(block) == 1:
+                block_logits, block_hidden = self.runner.prefill(first, torch.tensor([texts[0]], device=self.device))
+                block_routes = self.runner.prefill_routes
+            else:
+                block_logits, block_hidden, block_routes = self.runner.prefill_rows(first, texts)
+            for j, i in enumerate(block):
+                length = len(prompts[i])
+                logits[i] = block_logits[j]
+                hidden[i, :length] = block_hidden[j, :length]
+                routes = self._routes_cpu(block_routes, j, length)
+                requests[i].routes = [routes] if routes is not None else []
+                self.stats.prefill_tokens += length
+                if self.config.prefix_cache_size:
+                    snapshot = self.states.snapshot_row(lo + i, length)
+                    kept_hidden = block_hidden[j : j + 1, :length].clone() if self.drafter is not None else None
+                    self.prefix_cache[(self.version, prompts[i])] = (snapshot, logits[i].clone(), kept_hidden, routes)
+                    while len(self.prefix_cache) > self.config.prefix_cache_size:
+                        self.prefix_cache.popitem(last=False)
+        return logits, hidden
 
-    def _sample_first(self, group: list, lo: int, logits: torch.Tensor):
-        logits = logits.expand(len(group), -1)
-        tokens, logprobs, _ = self._choose(logits, lo, group)
-        for request, token, logprob, row_logits in zip(group, tokens.tolist(), logprobs.tolist(), logits):
-            self._emit(request, token, logprob, row_logits)
+    @staticmethod
+    def _prefill_blocks(missing: list, prompts: list) -> list:
+        """Runs of adjacent missing rows prefilled together; a prompt longer than BATCHED_PREFILL_MAX_TOKENS goes
+        alone through the chunked scan (the decode path's per-row decay matrices grow with the square of the
+        length)."""
+        blocks: list = []
+        for i in missing:
+            alone = len(prompts[i]) > BATCHED_PREFILL_MAX_TOKENS
+            joins = blocks and blocks[-1][-1] == i - 1 and len(prompts[blocks[-1][0]]) <= BATCHED_PREFILL_MAX_TOKENS
+            if joins and not alone:
+                blocks[-1].append(i)
+            else:
+                blocks.append([i])
+        return blocks
 
     def _gated_step(self, finished: list):
         """A draft step or a plain one, as the gate decides from measured costs and the accepted length."""

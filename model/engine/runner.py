@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from ..hybrid import HybridModel
 
 
+# prompts up to this long are prefilled together (`prefill_rows`: one forward for the rows joining in a step); the
+# decode path it takes builds (s, s) decay matrices per row and head, so longer ones take the chunked scan alone
+BATCHED_PREFILL_MAX_TOKENS = 256
+
+
 @dataclass
 class StepOutput:
     logits: torch.Tensor  # (n, s, V)
@@ -85,6 +90,28 @@ class ModelRunner:
         return self.model.lm_head(out.hidden[:, -1]), out.hidden
 
     @torch.no_grad()
+    def prefill_rows(self, lo: int, prompts: list) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Run fresh sequences `prompts` (lists of ids) into slot rows lo, lo+1, ... in one forward.
+
+        The rows are right-padded to the longest and fed through the decode path that verify steps use, keeping
+        each Mamba state after the row's own last token (`commit`); the pads' attention keys sit beyond the row's
+        length (masked by position, overwritten later). Returns (logits of each row's last token (m, V), hidden
+        (m, L, H) right-padded, the trunk MoE routes (m, L, layers, top_k) or None)."""
+        m, longest = len(prompts), max(map(len, prompts))
+        self.states.check_fits(longest)
+        device = self.model.lm_head.weight.device
+        for row in range(lo, lo + m):
+            self.states.reset_row(row)
+        ids = torch.tensor([p + [p[-1]] * (longest - len(p)) for p in prompts], dtype=torch.long, device=device)
+        last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=device)
+        rows = slice(lo, lo + m)
+        cache = self._cache(rows, longest, torch.zeros(m, dtype=torch.long, device=device), True, True)
+        out = self.model(ids, cache=cache, with_logits=False)  # logits of the last tokens only, below
+        self.commit(StepOutput(out.hidden, out.hidden, self._pending(cache)), last, lo=lo)
+        logits = self.model.lm_head(out.hidden[torch.arange(m, device=device), last])
+        return logits, out.hidden, out.routes if self.record_routes else None
+
+    @torch.no_grad()
     def step(self, ids: torch.Tensor, pos: torch.Tensor, max_pos: int, keep_positions: bool) -> StepOutput:
         """Feed ids (n, s) to slot rows 0..n-1, whose sequences hold `pos` (n,) tokens (max_pos = max of pos).
 
@@ -97,23 +124,28 @@ class ModelRunner:
         cache = self._cache(rows, length, pos, recurrent=True, keep_per_token=keep_positions)
         out = self.model(ids, cache=cache)
         if keep_positions:
-            pending = [
-                None
-                if view is None or "ssm_per_token" not in view
-                else MambaStates(view["conv_per_token"], view["ssm_per_token"])
-                for view in cache.layers
-            ]
+            pending = self._pending(cache)
         else:
             self._write_back(cache, rows)
             pending = [None] * len(cache.layers)
         return StepOutput(out.logits, out.hidden, pending, out.routes if self.record_routes else None)
 
-    def commit(self, out: StepOutput, index: torch.Tensor) -> None:
-        """Keep, per row, the Mamba/conv states after fed token index[row] (the last accepted one)."""
-        n = index.shape[0]
+    @staticmethod
+    def _pending(cache: ForwardCache) -> list:
+        """Per layer, the Mamba states a keep_per_token forward left in the cache (None for other layers)."""
+        return [
+            None
+            if view is None or "ssm_per_token" not in view
+            else MambaStates(view["conv_per_token"], view["ssm_per_token"])
+            for view in cache.layers
+        ]
+
+    def commit(self, out: StepOutput, index: torch.Tensor, lo: int = 0) -> None:
+        """Keep, per row lo+i, the Mamba/conv states after fed token index[i] (the last accepted one)."""
+        rows = slice(lo, lo + index.shape[0])
         for state, new in zip(self.states.layers, out.mamba):
             if state is not None and new is not None:
-                state["conv"][:n], state["ssm"][:n] = new.select(index)
+                state["conv"][rows], state["ssm"][rows] = new.select(index)
         out.mamba = [None] * len(out.mamba)
 
     @torch.no_grad()

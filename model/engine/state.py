@@ -16,18 +16,21 @@ from typing import Optional
 
 import torch
 
+from latentforge.kernels.ssd_verify import SSMTokenStates
+
 
 @dataclass
 class MambaStates:
-    """A Mamba layer's states after each token of a verify step: conv (n, s, c, K-1), ssm (n, s, h, p, n_state)."""
+    """A Mamba layer's states after each token of a verify step: conv (n, s, c, K-1), ssm deferred (only the kept
+    one is built)."""
 
     conv: torch.Tensor
-    ssm: torch.Tensor
+    ssm: SSMTokenStates
 
     def select(self, index: torch.Tensor) -> tuple:
         """(conv, ssm) after token index[row] of each row: the row's last accepted token."""
         rows = torch.arange(index.shape[0], device=index.device)
-        return self.conv[rows, index], self.ssm[rows, index]
+        return self.conv[rows, index], self.ssm.select(index)
 
 
 @dataclass

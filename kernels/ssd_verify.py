@@ -1,0 +1,97 @@
+"""Draft verification for the SSD recurrence: s tokens from a cached state, the state after any of them on demand.
+
+A verify step feeds the pending token and k drafts, and afterwards keeps, per row, the state after its last
+accepted token. :func:`ssd_update` with ``per_token_states`` materialises all s states (b, s, h, p, n) in a loop
+over tokens: s full state tensors written and re-read per Mamba layer, then one is kept. Here nothing of state
+size is built per token. With the cumulative log decay ``L_t = sum_{u<=t} dt_u A``:
+
+    y_t = exp(L_t) <h_0, C_t> + sum_{u<=t} exp(L_t - L_u) (C_t . B_u) dt_u x_u + D x_t   (small (s, s) matrices)
+    h_a = exp(L_a) h_0 + sum_{u<=a} exp(L_a - L_u) dt_u x_u (outer) B_u                  (one state per row)
+
+so the step reads the entering state once, and :meth:`SSMTokenStates.select` builds only the state that is kept.
+Same shapes and dtypes as :func:`ssd_update`; computes in fp32 (fp64 when an input is fp64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from latentforge.kernels._dispatch import compute_dtype
+from latentforge.kernels.ssd import _check_inputs
+
+__all__ = ["SSMTokenStates", "ssd_verify"]
+
+
+@dataclass
+class SSMTokenStates:
+    """The SSM state after each of s tokens, kept as what it is computed from (module doc)."""
+
+    initial: torch.Tensor  # (b, g, r, p, n) the state entering the tokens, compute dtype (not copied: read only)
+    log_decay: torch.Tensor  # (b, s, g, r) cumulative L_t
+    dtx: torch.Tensor  # (b, s, g, r, p) dt_u x_u
+    B: torch.Tensor  # (b, s, g, n)
+    dtype: torch.dtype  # the state's dtype
+
+    def select(self, index: torch.Tensor) -> torch.Tensor:
+        """The state after token index[row] of each row (b, h, p, n), in the state's dtype."""
+        b, s, g, r = self.log_decay.shape
+        rows = torch.arange(b, device=index.device)
+        last = self.log_decay[rows, index]  # (b, g, r)
+        upto = torch.arange(s, device=index.device)[None, :] <= index[:, None]  # (b, s): u <= a
+        exponent = last[:, None] - self.log_decay  # (b, s, g, r); positive (and unused) where u > a
+        weight = torch.exp(torch.where(upto[:, :, None, None], exponent, torch.full_like(exponent, float("-inf"))))
+        # sum over u of weight * dtx_u (outer) B_u: (b, g, r*p, u) @ (b, g, u, n)
+        p, n = self.dtx.shape[-1], self.B.shape[-1]
+        weighted = (weight[..., None] * self.dtx).permute(0, 2, 3, 4, 1).reshape(b, g, r * p, s)
+        inputs = (weighted @ self.B.transpose(1, 2)).view(b, g, r, p, n)
+        state = torch.exp(last)[..., None, None] * self.initial + inputs
+        return state.reshape(b, g * r, p, n).to(self.dtype)
+
+    def all(self) -> torch.Tensor:
+        """Every token's state (b, s, h, p, n): what ssd_update's per_token_states returns (tests, debugging)."""
+        b, s = self.log_decay.shape[:2]
+        states = [self.select(torch.full((b,), t, dtype=torch.long, device=self.B.device)) for t in range(s)]
+        return torch.stack(states, dim=1)
+
+
+def ssd_verify(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    *,
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, SSMTokenStates]:
+    """s new tokens of one document from ``state`` (b, h, p, n): y (b, s, h, p) in x.dtype and the states after each
+    token, deferred (:class:`SSMTokenStates`). ``state`` must stay unchanged until ``select`` has been called."""
+    _check_inputs(x, dt, A, B, C, D, 1, None, state, None)
+    b, s, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g  # heads per group
+    cdt = compute_dtype(x, dt, A, B, C, D, state)
+    xs = x.to(cdt).view(b, s, g, r, p)
+    dts = dt.to(cdt).view(b, s, g, r)
+    log_decay = torch.cumsum(dts * A.to(cdt).view(g, r), dim=1)  # (b, s, g, r)
+    dtx = dts[..., None] * xs  # (b, s, g, r, p)
+    initial = state.to(cdt).view(b, g, r, p, n)
+    Bg = B.to(cdt).transpose(1, 2)  # (b, g, s, n)
+    Cg = C.to(cdt).transpose(1, 2)
+    # plain batched matmuls in a (b, g, r, t, .) layout (einsum's planning costs more than the math here)
+    decay_t = log_decay.permute(0, 2, 3, 1)  # (b, g, r, t)
+    # the entering state read through each token's C, decayed to the token: (b, g, r*p, n) @ (b, g, n, t)
+    from_state = (initial.reshape(b, g, r * p, n) @ Cg.transpose(2, 3)).view(b, g, r, p, s).transpose(3, 4)
+    from_state = from_state * torch.exp(decay_t)[..., None]  # (b, g, r, t, p)
+    # the tokens' own inputs: (C_t . B_u) exp(L_t - L_u) over u <= t
+    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+    exponent = decay_t[..., :, None] - decay_t[..., None, :]  # (b, g, r, t, u)
+    decay = torch.exp(torch.where(causal, exponent, torch.full_like(exponent, float("-inf"))))
+    scores = (Cg @ Bg.transpose(2, 3))[:, :, None] * decay  # (b, g, r, t, u)
+    y = from_state + scores @ dtx.permute(0, 2, 3, 1, 4)  # (b, g, r, t, p)
+    y = y.permute(0, 3, 1, 2, 4)  # (b, t, g, r, p)
+    if D is not None:
+        y = y + D.to(cdt).view(g, r, 1) * xs
+    return y.reshape(b, s, h, p).to(x.dtype), SSMTokenStates(initial, log_decay, dtx, B.to(cdt), state.dtype)
