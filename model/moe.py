@@ -86,7 +86,9 @@ class LatentMoE(nn.Module):
         latent = cfg.moe_latent_size
         self.fc1_latent_proj = nn.Linear(cfg.hidden_size, latent, bias=False) if latent else None
         self.fc2_latent_proj = nn.Linear(latent, cfg.hidden_size, bias=False) if latent else None
-        self.experts = Experts(cfg.num_experts, cfg.expert_dim, cfg.moe_intermediate_size)
+        # an nn.Module: expert parallelism swaps in a drop-in with the same parameters and forward
+        # (train/parallel/expert_parallel.py)
+        self.experts: nn.Module = Experts(cfg.num_experts, cfg.expert_dim, cfg.moe_intermediate_size)
         self.shared_experts = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
 
     def forward(
@@ -117,8 +119,8 @@ class LatentMoE(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.gate.weight, std=std)
         self.gate.e_score_correction_bias.zero_()
-        nn.init.normal_(self.experts.up_proj, std=std)
-        nn.init.normal_(self.experts.down_proj, std=out_std)
+        nn.init.normal_(self.experts.get_parameter("up_proj"), std=std)
+        nn.init.normal_(self.experts.get_parameter("down_proj"), std=out_std)
         for projection, projection_std in ((self.fc1_latent_proj, std), (self.fc2_latent_proj, out_std)):
             if projection is not None:  # both exist or neither (moe_latent_size)
                 nn.init.normal_(projection.weight, std=projection_std)

@@ -11,9 +11,9 @@ dp_shard x cp (as TorchTitan does), so `ep` must be a multiple of `cp` and `ep /
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Mapping, NoReturn, Optional, Union
 
-from latentforge.model.config import LAYER_KINDS
+from latentforge.model.config import LAYER_KINDS, ModelConfig
 from latentforge.model.errors import UserError
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
@@ -44,13 +44,14 @@ class ParallelConfig:
     fsdp_reshard_after_forward: bool = True
 
     @classmethod
-    def from_dict(cls, values) -> "ParallelConfig":
-        """From a plain dict or an OmegaConf node (the recipe's `parallel:` group); unknown keys are named."""
+    def from_dict(cls, values: Union[Mapping[str, Any], "ParallelConfig", None]) -> "ParallelConfig":
+        """From a plain dict or an OmegaConf node (the recipe's `parallel:` group; None: the defaults); unknown keys
+        are named."""
         from latentforge.model.schema import from_dict
 
         return from_dict(cls, values, "parallel", LayoutError)
 
-    def checkpointed_kinds(self) -> set:
+    def checkpointed_kinds(self) -> set[str]:
         spec = self.activation_checkpoint
         if spec in (None, "none", False, [], ()):
             return set()
@@ -104,7 +105,7 @@ class Layout:
         return ", ".join(parts)
 
 
-def _fail(message: str):
+def _fail(message: str) -> NoReturn:
     raise LayoutError(message)
 
 
@@ -145,7 +146,7 @@ def resolve_sizes(pc: ParallelConfig, world_size: int) -> Layout:
 
 
 def validate_layout(
-    model_cfg,
+    model_cfg: ModelConfig,
     pc: ParallelConfig,
     world_size: int,
     seq_len: Optional[int] = None,
@@ -168,7 +169,7 @@ def validate_layout(
                 "always shards the sequence between blocks; set parallel.sequence_parallel=true"
             )
 
-        def need_tp(value, name, why):
+        def need_tp(value: int, name: str, why: str) -> None:
             if value % tp:
                 _fail(f"parallel.tp ({tp}) must divide model.{name} ({value}) {why}; use a tp that divides {value}")
 
@@ -270,7 +271,7 @@ def check_microbatches(n: int, pc: ParallelConfig) -> None:
         _fail(f"interleaved_1f1b needs the micro-batches per step ({n}) to be a multiple of pp ({pc.pp})")
 
 
-def check_sequence(model_cfg, pc: ParallelConfig, seq_len: int) -> None:
+def check_sequence(model_cfg: ModelConfig, pc: ParallelConfig, seq_len: int) -> None:
     split = pc.cp * pc.tp
     if seq_len % split:
         _fail(

@@ -21,30 +21,38 @@ elements per rank) so each rank scans the full sequence for h/cp heads, which ca
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .collectives import gather_along, keep_in_graph
 from .cp_attention import block_plan, context_attention
 
+if TYPE_CHECKING:
+    from latentforge.model.mamba import Mamba2Mixer
+
+    from .collectives import Group
+    from .context import MicroBatch
+
 
 class ContextParallelMixing:
     """The CP ranks' chunks of the current micro-batch `mb` (context.py's MicroBatch), over `cp_group`."""
 
-    def __init__(self, mb, cp_group, cp_rank: int, attention_block: int):
+    def __init__(self, mb: MicroBatch, cp_group: Group, cp_rank: int, attention_block: int) -> None:
         self.mb, self.cp_group, self.cp_rank, self.attention_block = mb, cp_group, cp_rank, attention_block
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (b, heads, s_cp, d), k and v (b, kv_heads, s_cp, d) of this rank's tokens -> (b, heads, s_cp, d)."""
         mb = self.mb
+        pos_cp, pos_all = mb.pos_cp, mb.pos_all
+        assert pos_cp is not None and pos_all is not None, "ParallelContext.prepare sets them under CP"
         plan = mb.cache.get("attention_plan")  # the same for every attention layer of the micro-batch
         if plan is None:
-            plan = mb.cache["attention_plan"] = block_plan(mb.pos_cp, mb.pos_all, self.attention_block)
-            mb.cache["key_docs"] = mb.seq_full[:, mb.pos_all]
-        return context_attention(
-            q, k, v, mb.pos_cp, mb.pos_all, mb.seq_cp, mb.cache["key_docs"], self.cp_group, plan=plan
-        )
+            plan = mb.cache["attention_plan"] = block_plan(pos_cp, pos_all, self.attention_block)
+            mb.cache["key_docs"] = mb.seq_full[:, pos_all]
+        return context_attention(q, k, v, pos_cp, pos_all, mb.seq_cp, mb.cache["key_docs"], self.cp_group, plan=plan)
 
-    def mamba_mix(self, mixer, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    def mamba_mix(self, mixer: Mamba2Mixer, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
         """xbc (b, s_cp, conv channels) and raw dt (b, s_cp, heads) of this rank's tokens -> y (b, s_cp, h, p)."""
         segments = _Segments(self.mb, self.cp_group, self.cp_rank, xbc.shape[0])
         xbc, dt, seq = segments.stack(xbc), segments.stack(dt), segments.stack(self.mb.seq_cp)
@@ -60,7 +68,8 @@ class _Segments:
     """This CP rank's chunks of the sequence (token_order.py) as rows of one batch: (b, n*L, ...) <-> (n*b, L, ...),
     segment-major, so the conv and the scan run once over all of them."""
 
-    def __init__(self, mb, cp_group, cp_rank: int, batch: int):
+    def __init__(self, mb: MicroBatch, cp_group: Group, cp_rank: int, batch: int) -> None:
+        assert mb.order is not None, "ParallelContext.prepare sets it under CP"
         self.order, self.cp_group, self.batch, self.seq_full = mb.order, cp_group, batch, mb.seq_full
         self.chunks = self.order.chunks_of(cp_rank)
         self.n = len(self.chunks)
@@ -107,7 +116,9 @@ class _Segments:
             histories.append(self._rows(tails, chunk - 1) * same_doc.unsqueeze(-1).to(xbc.dtype))
         return torch.cat(histories).transpose(1, 2)
 
-    def incoming_state_term(self, final, dt, A, C, seq) -> torch.Tensor:
+    def incoming_state_term(
+        self, final: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor, seq: torch.Tensor
+    ) -> torch.Tensor:
         """(n*b, L, h, p): C_t . (exp(cumulative dt*A up to t) * S_in) for the tokens of each chunk's first
         document, S_in the exact SSM state entering the chunk; in the scan state's dtype (fp32, or fp64).
 
@@ -128,7 +139,7 @@ class _Segments:
         first_doc = (seq == seq[:, :1]).to(term.dtype)  # documents are contiguous: the row's first one
         return term * (torch.exp(log_decay) * first_doc[..., None])[..., None]
 
-    def _incoming_states(self, finals, decays) -> torch.Tensor:
+    def _incoming_states(self, finals: torch.Tensor, decays: torch.Tensor) -> torch.Tensor:
         length = self.order.chunk_len
         state = torch.zeros_like(finals[0, : self.batch])
         entering = {}

@@ -15,11 +15,15 @@ layer stays a LoRA layer: its forward adds each local expert's B_e @ A_e to the 
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
-from latentforge.kernels.moe import grouped_mlp, moe_permute, moe_unpermute, row_weights
+from latentforge.kernels.moe import LinearFn, grouped_mlp, moe_permute, moe_unpermute, row_weights
+from latentforge.model.moe import Experts
 
 from .collectives import all_to_all
 from .tensor_parallel import local, shard_parameter
@@ -28,7 +32,11 @@ from .tensor_parallel import local, shard_parameter
 class ExpertParallelExperts(nn.Module):
     """Drop-in for model.moe.Experts (same parameter names and forward signature) over an EP group."""
 
-    def __init__(self, experts: nn.Module, ep_mesh, src_data_rank=0):
+    # shard_parameter sets these as DTensor parameters (torch's stubs type a module attribute as Tensor | Module)
+    up_proj: torch.Tensor
+    down_proj: torch.Tensor
+
+    def __init__(self, experts: Experts, ep_mesh: DeviceMesh, src_data_rank: Optional[int] = 0) -> None:
         super().__init__()
         from latentforge.train.lora.layers import LoRAExpertsMixin, lora_class, lora_param_names
 
@@ -41,17 +49,24 @@ class ExpertParallelExperts(nn.Module):
             setattr(self, name, param)
             shard_parameter(self, name, ep_mesh, 0, src_data_rank)
             getattr(self, name).requires_grad_(param.requires_grad)
-        self.linear_fn = experts.linear_fn
-        self.alignment = experts.alignment
+        self.linear_fn: Optional[LinearFn] = experts.linear_fn
+        self.alignment: int = experts.alignment
         if adapters:
             for attr in ("lora_rank", "lora_scaling", "lora_dropout", "lora_name"):
                 setattr(self, attr, getattr(experts, attr))
             self.__class__ = lora_class(LoRAExpertsMixin, type(self))  # forward: adapted weights -> run_experts
 
-    def forward(self, x, topk_idx, topk_weight):
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         return self.run_experts(x, topk_idx, topk_weight, local(self.up_proj), local(self.down_proj))
 
-    def run_experts(self, x, topk_idx, topk_weight, w_up, w_down):
+    def run_experts(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weight: torch.Tensor,
+        w_up: torch.Tensor,
+        w_down: torch.Tensor,
+    ) -> torch.Tensor:
         """The layer on this rank's experts' weights `w_up` (E / ep, I, D) and `w_down` (E / ep, D, I)."""
         ep, local_experts = self.ep, w_up.shape[0]
         x_sorted, perm = moe_permute(x, topk_idx, self.num_experts, alignment=1)
@@ -73,7 +88,7 @@ class ExpertParallelExperts(nn.Module):
         return moe_unpermute(y_back, perm, None)
 
 
-def _regroup(received: torch.Tensor, alignment: int):
+def _regroup(received: torch.Tensor, alignment: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Arrival order (source rank, then local expert) -> rows grouped by local expert, each padded to `alignment`.
 
     Returns (destination row of every arrived row, rows per local expert (padded), total rows)."""
@@ -91,11 +106,12 @@ def _regroup(received: torch.Tensor, alignment: int):
     return destination, padded, int(padded.sum())
 
 
-def apply_expert_parallel(parts: list, ep_mesh, src_data_rank=0) -> None:
+def apply_expert_parallel(parts: Sequence[nn.Module], ep_mesh: DeviceMesh, src_data_rank: Optional[int] = 0) -> None:
     """Replace every LatentMoE's experts by an ExpertParallelExperts over `ep_mesh` (same names)."""
     from latentforge.model.moe import LatentMoE
 
     for part in parts:
         for module in list(part.modules()):
-            if isinstance(module, LatentMoE) and not isinstance(module.experts, ExpertParallelExperts):
+            # Experts (or its LoRA subclass) until replaced: ExpertParallelExperts is not one
+            if isinstance(module, LatentMoE) and isinstance(module.experts, Experts):
                 module.experts = ExpertParallelExperts(module.experts, ep_mesh, src_data_rank)

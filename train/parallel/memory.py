@@ -18,6 +18,15 @@ modelled.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Optional
+
+if TYPE_CHECKING:
+    from latentforge.model.config import ModelConfig
+
+    from .config import Layout, ParallelConfig
+
+# (values in the compute dtype, values in fp32, bytes) one layer keeps for its backward
+Values = tuple[float, float, float]
 
 KINDS = ("mamba", "attention", "moe", "mlp")
 
@@ -34,13 +43,13 @@ class Sizes:
     value_bytes: int  # compute dtype (4 fp32, 2 bf16)
 
 
-def _norm(cfg, sz: Sizes) -> float:
+def _norm(cfg: ModelConfig, sz: Sizes) -> float:
     """The pre-norm of a block (its input and rstd, the normed output), and the mixer's input projection input
     (gathered over TP): values per micro-batch."""
     return sz.local * (2 * cfg.hidden_size + 1) + sz.cp * cfg.hidden_size
 
 
-def mamba_values(cfg, sz: Sizes) -> tuple:
+def mamba_values(cfg: ModelConfig, sz: Sizes) -> Values:
     """(values in the compute dtype, values in fp32, bytes of masks) one Mamba layer keeps."""
     tp = sz.tp
     h, p, n, Q = cfg.mamba_num_heads / tp, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.chunk_size
@@ -58,7 +67,7 @@ def mamba_values(cfg, sz: Sizes) -> tuple:
     return _norm(cfg, sz) + sz.cp * io, sz.cp * scan, sz.cp * (Q + 4)
 
 
-def attention_values(cfg, sz: Sizes, blockwise: bool) -> tuple:
+def attention_values(cfg: ModelConfig, sz: Sizes, blockwise: bool) -> Values:
     hq, hkv, d = cfg.num_attention_heads / sz.tp, cfg.num_key_value_heads / sz.tp, cfg.head_dim
     values = _norm(cfg, sz) + sz.cp * (2 * hq * d + 2 * hkv * d)  # q, out; this rank's k, v
     fp32 = sz.cp * hq  # log-sum-exp
@@ -69,35 +78,36 @@ def attention_values(cfg, sz: Sizes, blockwise: bool) -> tuple:
     return values, fp32, 0.0
 
 
-def mlp_values(cfg, sz: Sizes) -> tuple:
+def mlp_values(cfg: ModelConfig, sz: Sizes) -> Values:
     return _norm(cfg, sz) + sz.cp * 2 * cfg.mlp_intermediate_size / sz.tp, 0.0, 0.0
 
 
-def moe_values(cfg, sz: Sizes) -> tuple:
+def moe_values(cfg: ModelConfig, sz: Sizes) -> Values:
     """Routed experts on this rank's own tokens (no TP split): router scores, weights, the latent projection in
     and out, per routed copy the expert input, up output and activation; the shared expert tensor-parallel."""
-    k, L, I, H = cfg.top_k, cfg.moe_latent_size, cfg.moe_intermediate_size, cfg.hidden_size
-    routed = sz.local * (cfg.num_experts + 2 + 2 * k + k * L + k * (L + 2 * I + 1) + L + 2 * H + 1)
+    k, D, I, H = cfg.top_k, cfg.expert_dim, cfg.moe_intermediate_size, cfg.hidden_size
+    latent_out = cfg.moe_latent_size or 0  # fc2_latent_proj's input; no latent projections without a latent
+    routed = sz.local * (cfg.num_experts + 2 + 2 * k + k * D + k * (D + 2 * I + 1) + latent_out + 2 * H + 1)
     shared = sz.cp * 2 * cfg.shared_expert_intermediate_size / sz.tp
     index_bytes = sz.local * 3 * k * 8  # int64 routing indices
     return _norm(cfg, sz) + routed + shared, 0.0, index_bytes
 
 
-def _bytes(values: tuple, sz: Sizes) -> float:
+def _bytes(values: Values, sz: Sizes) -> float:
     compute, fp32, raw = values
     return compute * sz.value_bytes + fp32 * 4 + raw
 
 
 @dataclass
 class ActivationPlan:
-    per_layer: dict  # kind -> bytes one layer of that kind keeps (not checkpointed)
-    layers: dict  # kind -> number of layers on the heaviest pipeline rank
-    checkpointed: set
+    per_layer: dict[str, float]  # kind -> bytes one layer of that kind keeps (not checkpointed)
+    layers: dict[str, int]  # kind -> number of layers on the heaviest pipeline rank
+    checkpointed: set[str]
     heads: float  # final norm, LM and MTP cross-entropies, MTP block (last stage)
     saved: float  # bytes kept for the backward by one micro-batch on the heaviest rank
     transient: float  # the largest one-layer transient on top
     in_flight: int  # micro-batches whose activations are alive at once
-    by_kind: dict = field(default_factory=dict)  # kind -> bytes kept by all its layers on that rank
+    by_kind: dict[str, float] = field(default_factory=dict)  # kind -> bytes kept by all its layers on that rank
 
     @property
     def peak(self) -> float:
@@ -105,15 +115,15 @@ class ActivationPlan:
 
 
 def plan_activations(
-    model_cfg,
-    pc,
-    layout,
+    model_cfg: ModelConfig,
+    pc: Optional[ParallelConfig],
+    layout: Layout,
     seq_len: int,
     micro_batch_size: int,
     num_microbatches: int = 1,
     value_bytes: int = 4,
     mtp_on_rank: bool = True,
-    layers_on_rank=None,
+    layers_on_rank: Optional[Iterable[int]] = None,
 ) -> ActivationPlan:
     """Activation bytes of one micro-batch on one GPU holding `layers_on_rank` (layer indices, default all) and,
     with `mtp_on_rank`, the heads and MTP block. `value_bytes`: the compute dtype's size. Attention is blockwise
@@ -161,7 +171,9 @@ def plan_activations(
     )
 
 
-def _heads_bytes(cfg, sz: Sizes, per_layer: dict, checkpointed: set, kept_input: float) -> float:
+def _heads_bytes(
+    cfg: ModelConfig, sz: Sizes, per_layer: dict[str, float], checkpointed: set[str], kept_input: float
+) -> float:
     """Final norm and the cross-entropies (hidden, lse, labels per head); per MTP depth its attention and MoE
     layers plus its norms and eh_proj input (7 H per token)."""
     H = cfg.hidden_size
@@ -176,7 +188,7 @@ def _heads_bytes(cfg, sz: Sizes, per_layer: dict, checkpointed: set, kept_input:
     return total
 
 
-def _attention_transient(cfg, sz: Sizes, pc) -> float:
+def _attention_transient(cfg: ModelConfig, sz: Sizes, pc: Optional[ParallelConfig]) -> float:
     """Context-parallel attention: every rank's K/V gathered (compute dtype) and their fp32 gradients in the
     backward, plus one block of scores and probabilities (fp32) per query head."""
     if sz.cp_size == 1 and sz.tp == 1:
@@ -188,7 +200,7 @@ def _attention_transient(cfg, sz: Sizes, pc) -> float:
     return full_kv * (sz.value_bytes + 4) + batch * hq * block * block * 4 * 3
 
 
-def _in_flight(pc, layout, num_microbatches: int) -> int:
+def _in_flight(pc: Optional[ParallelConfig], layout: Layout, num_microbatches: int) -> int:
     if layout.pp == 1 or pc is None:
         return 1
     if pc.pp_schedule == "gpipe":

@@ -13,11 +13,12 @@ context-parallel ranks, as TorchTitan does). Flattened views:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from .config import Layout
 
@@ -29,19 +30,19 @@ class Groups:
     """Sizes, ranks and process groups of one rank (groups are None when their size is 1)."""
 
     layout: Layout
-    mesh: Optional[object] = None  # DeviceMesh (None for a single process)
-    flat: Optional[dict] = None  # flattened meshes by name: dp, dp_shard_cp, ep, seq
+    mesh: Optional[DeviceMesh] = None  # None for a single process
+    flat: dict[str, DeviceMesh] = field(default_factory=dict)  # flattened meshes by name: dp, dp_shard_cp, ep, seq
     rank: int = 0
     pp_rank: int = 0
     dp_rank: int = 0
     cp_rank: int = 0
     tp_rank: int = 0
-    pp_group: Optional[object] = None
-    dp_group: Optional[object] = None
-    cp_group: Optional[object] = None
-    tp_group: Optional[object] = None
-    ep_group: Optional[object] = None
-    seq_group: Optional[object] = None
+    pp_group: Optional[dist.ProcessGroup] = None
+    dp_group: Optional[dist.ProcessGroup] = None
+    cp_group: Optional[dist.ProcessGroup] = None
+    tp_group: Optional[dist.ProcessGroup] = None
+    ep_group: Optional[dist.ProcessGroup] = None
+    seq_group: Optional[dist.ProcessGroup] = None
 
     @property
     def distributed(self) -> bool:
@@ -51,10 +52,10 @@ class Groups:
     def is_metrics_rank(self) -> bool:
         if self.mesh is None:
             return True
-        coords = self.mesh.get_coordinate()
+        coords = _coordinate(self.mesh)
         return coords[0] == self.layout.pp - 1 and all(c == 0 for c in coords[1:])
 
-    def fsdp_mesh(self):
+    def fsdp_mesh(self) -> Optional[DeviceMesh]:
         """The mesh FSDP2 shards dense parameters over (2-D for HSDP), or None when no data parallelism.
 
         Tensor parallelism alone still gets a (size-1) FSDP mesh: every parameter then is a DTensor, which keeps
@@ -66,7 +67,7 @@ class Groups:
             return _slice(self.mesh, ("dp_replicate", "dp_shard_cp"))
         return self.flat["dp_shard_cp"]
 
-    def expert_fsdp_mesh(self):
+    def expert_fsdp_mesh(self) -> Optional[DeviceMesh]:
         lay = self.layout
         if self.mesh is None or lay.dp_replicate * lay.dp_shard * lay.cp == 1:
             return None
@@ -74,18 +75,28 @@ class Groups:
             return self.mesh["dp_replicate", "dp_shard_mod_ep"]
         return self.mesh["dp_shard_mod_ep"]
 
-    def sub(self, name: str):
+    def sub(self, name: str) -> DeviceMesh:
         """A 1-D mesh by name: a mesh dimension or a flattened view."""
-        return self.flat[name] if name in self.flat else self.mesh[name]
+        if name in self.flat:
+            return self.flat[name]
+        if self.mesh is None:
+            raise RuntimeError(f"a single process has no device mesh, so no {name!r} mesh")
+        return self.mesh[name]
 
 
-def _slice(mesh, names):
+def _coordinate(mesh: DeviceMesh) -> Sequence[int]:
+    coords = mesh.get_coordinate()
+    assert coords is not None, "the mesh spans the whole world, so it holds this rank"
+    return coords
+
+
+def _slice(mesh: DeviceMesh, names: tuple[str, ...]) -> DeviceMesh:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # slicing a flattened dim together with a root dim (HSDP)
         return mesh[names]
 
 
-def _group(mesh, size: int):
+def _group(mesh: DeviceMesh, size: int) -> Optional[dist.ProcessGroup]:
     return mesh.get_group() if size > 1 else None
 
 
@@ -109,7 +120,7 @@ def build_groups(layout: Layout, device_type: str) -> Groups:
         "ep": mesh["dp_shard_in_ep", "cp"]._flatten("ep"),
         "seq": mesh["cp", "tp"]._flatten("seq"),
     }
-    coords = mesh.get_coordinate()
+    coords = _coordinate(mesh)
     return Groups(
         layout=lay,
         mesh=mesh,

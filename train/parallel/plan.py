@@ -10,8 +10,11 @@ Parameters per GPU count each tensor once per rank as it is stored: tensor-paral
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
-from .config import ParallelConfig, validate_layout
+from latentforge.model.config import ModelConfig
+
+from .config import Layout, ParallelConfig, validate_layout
 
 # parameter names (last two components) split over the TP group, per mixer
 _TP_SPLIT = (
@@ -35,7 +38,7 @@ _TP_SPLIT = (
 class StagePlan:
     stage: int
     pp_rank: int
-    layers: list  # layer indices of the full model
+    layers: list[int]  # layer indices of the full model
     pattern: str  # their symbols
     parameters: int  # the stage's parameters (unsharded, with buffers)
     expert_parameters: int
@@ -50,7 +53,9 @@ def _tp_split(name: str, kind: str) -> bool:
     return name.endswith(_TP_SPLIT)
 
 
-def layout_plan(model_cfg, pc: ParallelConfig, world_size: int, seq_len=None) -> tuple:
+def layout_plan(
+    model_cfg: ModelConfig, pc: ParallelConfig, world_size: int, seq_len: Optional[int] = None
+) -> tuple[Layout, list[StagePlan]]:
     """(Layout, [StagePlan]) for `pc` on `world_size` ranks; validates like build_runner does."""
     import torch
 
@@ -105,7 +110,7 @@ def layout_plan(model_cfg, pc: ParallelConfig, world_size: int, seq_len=None) ->
     return layout, plans
 
 
-def format_plan(layout, plans: list, bytes_per_parameter: float = 16.0) -> str:
+def format_plan(layout: Layout, plans: Sequence[StagePlan], bytes_per_parameter: float = 16.0) -> str:
     """Text for --dry-run. `bytes_per_parameter`: 16 = fp32 weights + fp32 grads + AdamW's two fp32 moments."""
     lines = [f"mesh: {layout.describe()}"]
     by_rank: dict = {}

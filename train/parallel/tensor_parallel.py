@@ -21,8 +21,11 @@ so a checkpoint written in one layout loads in any other.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -44,7 +47,7 @@ def local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
 
 
-def shard_parameter(module: nn.Module, name: str, mesh, dim: int, src_data_rank=0) -> None:
+def shard_parameter(module: nn.Module, name: str, mesh: DeviceMesh, dim: int, src_data_rank: Optional[int] = 0) -> None:
     """Replace `module.<name>` by a DTensor Shard(dim) parameter over `mesh` (same name, global shape).
 
     `src_data_rank` 0 takes rank 0's values; None takes each rank's own copy (no communication: every rank built
@@ -59,7 +62,7 @@ def shard_parameter(module: nn.Module, name: str, mesh, dim: int, src_data_rank=
     setattr(module, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
 
 
-def rank_rows(blocks: list, tp: int, rank: int) -> torch.Tensor:
+def rank_rows(blocks: Sequence[int], tp: int, rank: int) -> torch.Tensor:
     """Indices (into the natural order) of TP rank `rank`'s slice of every block of sizes `blocks`."""
     pieces, offset = [], 0
     for size in blocks:
@@ -69,23 +72,31 @@ def rank_rows(blocks: list, tp: int, rank: int) -> torch.Tensor:
     return torch.cat(pieces)
 
 
-def rank_major_order(blocks: list, tp: int) -> torch.Tensor:
+def rank_major_order(blocks: Sequence[int], tp: int) -> torch.Tensor:
     """stored[i] = natural[order[i]]: every rank's rows contiguous, in rank order."""
     return torch.cat([rank_rows(blocks, tp, rank) for rank in range(tp)])
 
 
 # ----- plan ------------------------------------------------------------------------------------------------------
-class _WeightOnly:
+# _WeightOnly is a mixin in front of a ParallelStyle; the type checker sees it as one, so `super()._apply` checks
+if TYPE_CHECKING:
+    _StyleHost = ParallelStyle
+else:
+    _StyleHost = object
+
+
+class _WeightOnly(_StyleHost):
     """Splits only a Linear's weight: other parameters on it (LoRA's factors, which read their slices from the
     weight's placement: train/lora/layers.py) stay whole, plain tensors (distribute_module would replicate them)."""
 
-    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         _no_bias(module)
         others = {name: p for name, p in module.named_parameters(recurse=False) if name != "weight"}
         for name in others:
             delattr(module, name)
         try:
-            return super()._apply(module, device_mesh)
+            # abstract on ParallelStyle; the concrete style after this mixin (Colwise/RowwiseParallel) implements it
+            return super()._apply(module, device_mesh)  # pyright: ignore[reportAbstractUsage]
         finally:
             for name, p in others.items():
                 module.register_parameter(name, p)
@@ -94,14 +105,14 @@ class _WeightOnly:
 class ColwiseLinear(_WeightOnly, ColwiseParallel):
     """ColwiseParallel of the weight alone (_WeightOnly); the unsplit copy is freed."""
 
-    def _partition_linear_fn(self, name, module, device_mesh):
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
         shard_parameter(module, "weight", device_mesh, 0, self.src_data_rank)
 
 
 class RowwiseLinear(_WeightOnly, RowwiseParallel):
     """RowwiseParallel of the weight alone (_WeightOnly); the unsplit copy is freed."""
 
-    def _partition_linear_fn(self, name, module, device_mesh):
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
         shard_parameter(module, "weight", device_mesh, 1, self.src_data_rank)
 
 
@@ -117,7 +128,7 @@ def _gather_sequence() -> PrepareModuleInput:
     return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
 
 
-def _mlp_plan(module: nn.Module, mesh, src_data_rank) -> None:
+def _mlp_plan(module: nn.Module, mesh: DeviceMesh, src_data_rank: Optional[int]) -> None:
     parallelize_module(module, mesh, _gather_sequence())
     parallelize_module(
         module,
@@ -131,7 +142,9 @@ class MambaTensorParallel(ParallelStyle):
     """A Mamba-2 mixer split by heads (and B/C groups) over the TP mesh, stored rank-contiguous (module doc).
     `src_data_rank` (set by parallelize_module): 0 takes rank 0's weights, None each rank's own copy."""
 
-    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, Mamba2Mixer):
+            raise TypeError(f"MambaTensorParallel splits a Mamba2Mixer, not a {type(module).__name__}")
         tp = device_mesh.size()
         in_order = rank_major_order(module.in_proj_blocks(), tp)
         conv_order = rank_major_order(module.conv_blocks(), tp)
@@ -159,7 +172,7 @@ class MambaTensorParallel(ParallelStyle):
         return module
 
 
-def apply_tensor_parallel(unit: nn.Module, tp_mesh, src_data_rank=0) -> None:
+def apply_tensor_parallel(unit: nn.Module, tp_mesh: DeviceMesh, src_data_rank: Optional[int] = 0) -> None:
     """Split the attention, Mamba, dense MLP and MoE shared-expert layers of `unit` over `tp_mesh`."""
     for module in list(unit.modules()):
         if isinstance(module, Attention):
@@ -193,12 +206,13 @@ def _permute_rows(module: nn.Module, name: str, order: torch.Tensor) -> None:
 
 
 def _tp_size(t: torch.Tensor) -> int:
-    if not isinstance(t, DTensor) or "tp" not in (t.device_mesh.mesh_dim_names or ()):
+    if not isinstance(t, DTensor):
         return 1
-    return t.device_mesh.size(t.device_mesh.mesh_dim_names.index("tp"))
+    names = t.device_mesh.mesh_dim_names or ()
+    return t.device_mesh.size(names.index("tp")) if "tp" in names else 1
 
 
-def permuted_tensors(mixer: nn.Module) -> dict:
+def permuted_tensors(mixer: nn.Module) -> dict[str, torch.Tensor]:
     """{name relative to the mixer: stored order} of a TP-split Mamba mixer's rank-contiguous tensors ({} if none)."""
     if not isinstance(mixer, Mamba2Mixer):
         return {}
@@ -218,7 +232,7 @@ def natural_order(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return _like(natural, t)
 
 
-def stored_order(t: torch.Tensor, order: torch.Tensor, like: torch.Tensor = None) -> torch.Tensor:
+def stored_order(t: torch.Tensor, order: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A natural-order tensor in the rank-contiguous order, placed as `like` (default: as `t`)."""
     full = t.full_tensor() if isinstance(t, DTensor) else t
     return _like(full.index_select(0, order.to(full.device)), t if like is None else like)
@@ -230,20 +244,29 @@ def _like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
 
 
-def _save_natural(module, state_dict, prefix, local_metadata) -> None:
+def _save_natural(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
     for name, order in permuted_tensors(module).items():
         if prefix + name in state_dict:
             state_dict[prefix + name] = natural_order(state_dict[prefix + name].detach(), order)
 
 
-def _load_stored(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+def _load_stored(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
     owners = dict(module.named_parameters())
     for name, order in permuted_tensors(module).items():
         if prefix + name in state_dict:
             state_dict[prefix + name] = stored_order(state_dict[prefix + name], order, owners[name])
 
 
-def _permuted_parameters(part: nn.Module) -> dict:
+def _permuted_parameters(part: nn.Module) -> dict[str, torch.Tensor]:
     """{parameter name in `part`: stored order} of every rank-contiguous tensor of `part`."""
     found = {}
     for prefix, module in part.named_modules():
@@ -252,17 +275,19 @@ def _permuted_parameters(part: nn.Module) -> dict:
     return found
 
 
-def natural_optimizer_state(part: nn.Module, state: dict) -> dict:
+def natural_optimizer_state(part: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
     """A flattened optimizer state dict (`state.<param>.<key>`) with the rank-contiguous tensors in natural order."""
     return _convert_optimizer_state(part, state, natural_order)
 
 
-def stored_optimizer_state(part: nn.Module, state: dict) -> dict:
+def stored_optimizer_state(part: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
     """The inverse of `natural_optimizer_state` (before set_optimizer_state_dict)."""
     return _convert_optimizer_state(part, state, stored_order)
 
 
-def _convert_optimizer_state(part: nn.Module, state: dict, convert) -> dict:
+def _convert_optimizer_state(
+    part: nn.Module, state: dict[str, Any], convert: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> dict[str, Any]:
     permuted = _permuted_parameters(part)
     if not permuted:
         return state
@@ -276,7 +301,7 @@ def _convert_optimizer_state(part: nn.Module, state: dict, convert) -> dict:
     return out
 
 
-def natural_gradients(part: nn.Module) -> dict:
+def natural_gradients(part: nn.Module) -> dict[str, Optional[torch.Tensor]]:
     """{parameter name: gradient} in the natural order (None where there is none): for comparing layouts."""
     permuted = _permuted_parameters(part)
     return {

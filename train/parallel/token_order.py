@@ -16,6 +16,7 @@ The load-balanced order needs a sequence length divisible by 2cp with chunks of 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -40,23 +41,23 @@ class TokenOrder:
     def chunk_len(self) -> int:
         return self.seq_len // self.num_chunks
 
-    def chunks_of(self, rank: int) -> list:
+    def chunks_of(self, rank: int) -> list[int]:
         """The global chunk indices rank `rank` holds, in its local order (= global order)."""
         if self.load_balanced:
             return [rank, 2 * self.cp - 1 - rank]
         return [rank]
 
-    def owner(self, chunk: int) -> tuple:
+    def owner(self, chunk: int) -> tuple[int, int]:
         """(rank, segment index within that rank) of global chunk `chunk`."""
         if not self.load_balanced or chunk < self.cp:
             return chunk, 0
         return 2 * self.cp - 1 - chunk, 1
 
-    def positions(self, rank: int, device=None) -> torch.Tensor:
+    def positions(self, rank: int, device: Optional[torch.device] = None) -> torch.Tensor:
         """(seq_len / cp,) global positions of rank `rank`'s tokens, in its local order."""
         n = self.chunk_len
         return torch.cat([torch.arange(c * n, (c + 1) * n, device=device) for c in self.chunks_of(rank)])
 
-    def all_positions(self, device=None) -> torch.Tensor:
+    def all_positions(self, device: Optional[torch.device] = None) -> torch.Tensor:
         """(seq_len,) global positions of every rank's tokens concatenated in rank order (an all-gather's order)."""
         return torch.cat([self.positions(r, device) for r in range(self.cp)])
