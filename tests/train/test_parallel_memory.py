@@ -23,12 +23,12 @@ def _batch(cfg, seq_len):
     return {"input_ids": ids, "labels": torch.roll(ids, -1, 1), "seq_idx": seq}
 
 
-def measured_and_planned(rank, world_size, parallel, seq_len):
+def measured_and_planned(rank, world_size, parallel, seq_len, model_overrides):
     from latentforge.model import HybridModel
     from latentforge.train.parallel import ParallelConfig, build_runner
     from latentforge.train.parallel.memory import plan_activations
 
-    cfg = tiny_config()
+    cfg = tiny_config(**model_overrides)
     torch.manual_seed(0)
     pc = ParallelConfig(**parallel)
     runner = build_runner(HybridModel(cfg), cfg, pc)
@@ -48,22 +48,24 @@ def measured_and_planned(rank, world_size, parallel, seq_len):
 
 
 CASES = {
-    "single": (dict(), 1),
-    "single_checkpoint_mamba_moe": (dict(activation_checkpoint="mamba,moe"), 1),
-    "single_checkpoint_all": (dict(activation_checkpoint="all"), 1),
-    "cp2": (dict(cp=2), 2),
-    "tp2": (dict(tp=2), 2),
+    # name: (parallel config, world size, model config overrides)
+    "single": (dict(), 1, {}),
+    "single_no_moe_latent": (dict(), 1, dict(moe_latent_size=None)),  # experts at full hidden width (nano)
+    "single_checkpoint_mamba_moe": (dict(activation_checkpoint="mamba,moe"), 1, {}),
+    "single_checkpoint_all": (dict(activation_checkpoint="all"), 1, {}),
+    "cp2": (dict(cp=2), 2, {}),
+    "tp2": (dict(tp=2), 2, {}),
 }
 
 
 @pytest.mark.parametrize("seq_len", [256, 512])
 @pytest.mark.parametrize("name", list(CASES))
 def test_planned_activation_memory_within_20_percent(name, seq_len):
-    parallel, world = CASES[name]
+    parallel, world, model_overrides = CASES[name]
     if world == 1:
-        results = [measured_and_planned(0, 1, parallel, seq_len)]
+        results = [measured_and_planned(0, 1, parallel, seq_len, model_overrides)]
     else:
-        results = run_distributed(measured_and_planned, world, parallel, seq_len)
+        results = run_distributed(measured_and_planned, world, parallel, seq_len, model_overrides)
     for measured, planned in results:
         print(
             f"{name} s={seq_len}: measured {measured / 2**20:.2f} MiB, planned {planned / 2**20:.2f} MiB "
