@@ -86,9 +86,8 @@ def ssd_verify(
     from_state = (initial.reshape(b, g, r * p, n) @ Cg.transpose(2, 3)).view(b, g, r, p, s).transpose(3, 4)
     from_state = from_state * torch.exp(decay_t)[..., None]  # (b, g, r, t, p)
     # the tokens' own inputs: (C_t . B_u) exp(L_t - L_u) over u <= t
-    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-    exponent = decay_t[..., :, None] - decay_t[..., None, :]  # (b, g, r, t, u)
-    decay = torch.exp(torch.where(causal, exponent, torch.full_like(exponent, float("-inf"))))
+    # u > t: exponent > 0 may overflow to inf; tril_ replaces those entries (no multiply, so no inf * 0 = NaN)
+    decay = torch.exp(decay_t[..., :, None] - decay_t[..., None, :]).tril_()  # (b, g, r, t, u)
     scores = (Cg @ Bg.transpose(2, 3))[:, :, None] * decay  # (b, g, r, t, u)
     y = from_state + scores @ dtx.permute(0, 2, 3, 1, 4)  # (b, g, r, t, p)
     y = y.permute(0, 3, 1, 2, 4)  # (b, t, g, r, p)

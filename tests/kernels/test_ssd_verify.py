@@ -38,3 +38,23 @@ def test_ssd_verify_names_a_bad_state():
     inputs = make_ssd_inputs(1, 2, 4, 3, 2, 5)
     with pytest.raises(ValueError, match="initial_state must be"):
         ssd_verify(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], state=torch.zeros(1, 4, 3, 4))
+
+
+def test_ssd_verify_stays_finite_where_the_decay_underflows():
+    """dt * A of -250 per token: exp(L_t - L_u) over u > t would overflow; those entries are masked, not multiplied."""
+    inputs = make_ssd_inputs(2, 4, 4, 3, 2, 5, dtype=torch.float32, seed=5)
+    dt = torch.full_like(inputs["dt"], 50.0)
+    A = torch.full_like(inputs["A"], -5.0)
+    state = torch.randn(2, 4, 3, 5)
+    y, token_states = ssd_verify(inputs["x"], dt, A, inputs["B"], inputs["C"], inputs["D"], state=state)
+    y_naive, _ = ssd_naive(
+        inputs["x"].double(),
+        dt.double(),
+        A.double(),
+        inputs["B"].double(),
+        inputs["C"].double(),
+        inputs["D"].double(),
+        initial_state=state.double(),
+    )
+    torch.testing.assert_close(y.double(), y_naive, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(token_states.all()).all()
