@@ -25,7 +25,7 @@ class ParamCounts:
     without_mtp: int
     mtp: int
     active: int  # per token, embedding and lm_head included, MTP excluded
-    per_layer: dict  # kind -> (count, params per layer incl. its norm, active params per layer)
+    per_layer: dict[str, tuple[int, ...]]  # kind -> (count, params per layer incl. its norm, active params per layer)
     embedding: int
     lm_head: int
 

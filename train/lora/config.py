@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 from latentforge.model.errors import UserError
 
 # SPEC section 4 module names: attention q/k/v/o, the Mamba input projection, the MoE shared expert. Not the Mamba
@@ -81,7 +81,7 @@ class LoRAConfig:
     def scaling(self) -> float:
         return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -109,7 +109,7 @@ def _adapted_modules(tensors: dict[str, torch.Tensor]) -> tuple[list[str], bool]
 
 def adapter_config(
     tensors: dict[str, torch.Tensor], cfg: LoRAConfig, base_model_name_or_path: Optional[str] = None
-) -> dict:
+) -> dict[str, Any]:
     """PEFT's LoraConfig fields for these adapter tensors (exact module names, so nothing else matches)."""
     linears, has_experts = _adapted_modules(tensors)
     return {
@@ -196,7 +196,7 @@ def save_adapter(
 
 
 # ----- loading ---------------------------------------------------------------------------------------------------
-def config_from_peft(peft: dict) -> LoRAConfig:
+def config_from_peft(peft: dict[str, Any]) -> LoRAConfig:
     """Our LoRAConfig from a PEFT adapter_config.json (ours, or one PEFT wrote for NemotronH)."""
     if peft.get("peft_type", "LORA") != "LORA":
         raise LoRAConfigError(f"adapter is {peft.get('peft_type')}, only LORA adapters load here")

@@ -74,7 +74,7 @@ class Layout:
     tp: int
     ep: int
     virtual_stages: int = 1
-    stage_layers: list = field(default_factory=list)  # layer indices per pipeline stage (pp * virtual)
+    stage_layers: list[list[int]] = field(default_factory=list)  # layer indices per pipeline stage (pp * virtual)
 
     @property
     def dp(self) -> int:

@@ -113,7 +113,7 @@ def layout_plan(
 def format_plan(layout: Layout, plans: Sequence[StagePlan], bytes_per_parameter: float = 16.0) -> str:
     """Text for --dry-run. `bytes_per_parameter`: 16 = fp32 weights + fp32 grads + AdamW's two fp32 moments."""
     lines = [f"mesh: {layout.describe()}"]
-    by_rank: dict = {}
+    by_rank: dict[int, float] = {}  # pp rank -> parameters per GPU
     for p in plans:
         by_rank[p.pp_rank] = by_rank.get(p.pp_rank, 0.0) + p.parameters_per_gpu
         lines.append(

@@ -75,7 +75,7 @@ class PrecisionTable:
     def formats(self) -> set[str]:
         return {e.format for e in self.entries}
 
-    def counts(self) -> Counter:
+    def counts(self) -> Counter[str]:
         return Counter(e.format for e in self.entries)
 
 
