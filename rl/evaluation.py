@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional, TypeVar
+from typing import List, Optional, Sequence, TypeVar
 
 import torch
 
@@ -86,79 +86,44 @@ class LatentForgeLM(LogLikelihoodLM):
         return cls(**{**args, **extra})
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
-        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-
-        from latentforge.model.engine import Engine, EngineConfig, SamplingParams
-
-        eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        prompts, params, untils = [], [], []
-        for context, gen_kwargs in [request.args for request in requests]:
-            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-            untils.append(handle_stop_sequences(kwargs.pop("until", None), eos=eos))
-            new_tokens = kwargs.pop("max_gen_toks")
-            prompts.append(self.tok_encode(context)[-(self.max_length - new_tokens) :])
-            params.append(
-                SamplingParams(
-                    temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
-                    top_p=float(kwargs.get("top_p", 1.0)),
-                    top_k=int(kwargs.get("top_k", 0) or 0),
-                    max_new_tokens=new_tokens,
-                    stop_token_ids=STOP_TOKEN_IDS,
-                )
-            )
-        engine = Engine(self.model, EngineConfig(max_batch=self.max_batch, max_seq_len=self.max_length + 1))
-        texts = []
-        for request, until, result in zip(requests, untils, engine.generate(prompts, params)):
-            tokens = [t for t in result.token_ids if t not in STOP_TOKEN_IDS]
-            texts.append(postprocess_generated_text(self.tok_decode(tokens), until, None))
-            self.cache_hook.add_partial("generate_until", request.args, texts[-1])
+        texts = generate_texts(self, self.model, self.max_batch, [request.args for request in requests])
+        for request, text in zip(requests, texts):
+            self.cache_hook.add_partial("generate_until", request.args, text)
         return texts
 
 
-def parallel_lm(
-    checkpoint: str,
-    parallel: dict,
-    tokenizer=None,
-    *,
-    micro_batch_size: int = 4,
-    max_length: int = 2048,
-    prefix_token_id: Optional[int] = None,
-) -> LogLikelihoodLM:
-    """A log-likelihood lm-eval model on a parallel layout (under torchrun; every rank runs the same tasks): the DCP
-    checkpoint is loaded sharded into the training runner (train/parallel), each rank reading only its shards, and
-    requests are scored through the runner as during training. Generation needs the single-device engine."""
-    from latentforge.model import HybridModel
-    from latentforge.model.hf import LORA_CONFIG_FILE, resolve_checkpoint
-    from latentforge.train import distributed as world
-    from latentforge.train.checkpoint import CheckpointManager
-    from latentforge.train.eval_harness import runner_scorer
-    from latentforge.train.lora.checkpoint import model_config_of
-    from latentforge.train.parallel import ParallelConfig, build_runner
-    from latentforge.train.trainer import ModelState
+def generate_texts(lm: LogLikelihoodLM, model, max_batch: int, requests: Sequence[tuple]) -> List[str]:
+    """lm-eval's generate_until on the inference engine: (context, gen_kwargs) pairs -> the generated texts, cut at
+    the stop tokens and lm-eval's `until` strings. Greedy unless do_sample; the engine seeds each request from its
+    position in the batch, so every tensor-parallel rank draws the same tokens."""
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-    path = resolve_checkpoint(checkpoint)  # a Hugging Face export has no shards to read in parallel
-    if (path / LORA_CONFIG_FILE).is_file():
-        raise ValueError(
-            f"{path} is a LoRA checkpoint: merge it first (latentforge-export {path} OUT), then evaluate the export"
+    from latentforge.model.engine import Engine, EngineConfig, SamplingParams
+
+    eos = lm.tok_decode([lm.eot_token_id], skip_special_tokens=False)
+    prompts, params, untils = [], [], []
+    for context, gen_kwargs in requests:
+        kwargs = normalize_gen_kwargs(gen_kwargs, lm.max_gen_toks)
+        untils.append(handle_stop_sequences(kwargs.pop("until", None), eos=eos))
+        new_tokens = kwargs.pop("max_gen_toks")
+        prompts.append(lm.tok_encode(context)[-(lm.max_length - new_tokens) :])
+        params.append(
+            SamplingParams(
+                temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
+                top_p=float(kwargs.get("top_p", 1.0)),
+                top_k=int(kwargs.get("top_k", 0) or 0),
+                max_new_tokens=new_tokens,
+                stop_token_ids=STOP_TOKEN_IDS,
+            )
         )
-    world.init_distributed()
-    cfg = model_config_of(str(path))
-    with torch.device("meta"):
-        model = HybridModel(cfg)
-    runner = build_runner(model, cfg, ParallelConfig.from_dict(parallel))
-    missing = CheckpointManager.load(str(path), {"model": ModelState(runner.model_parts)})
-    if missing:
-        raise ValueError(f"{path} holds no model weights")
-    for part in runner.model_parts:
-        part.eval()
-    scorer = runner_scorer(runner, micro_batch_size, max(1, runner.layout.pp), max_length, runner.device)
-    return LogLikelihoodLM(
-        scorer,
-        tokenizer or checkpoint_tokenizer(str(path)),
-        max_length=max_length,
-        device=runner.device,
-        prefix_token_id=prefix_token_id,
-    )
+    if not prompts:
+        return []
+    engine = Engine(model, EngineConfig(max_batch=max_batch, max_seq_len=lm.max_length + 1))
+    texts = []
+    for until, result in zip(untils, engine.generate(prompts, params)):
+        tokens = [t for t in result.token_ids if t not in STOP_TOKEN_IDS]
+        texts.append(postprocess_generated_text(lm.tok_decode(tokens), until, None))
+    return texts
 
 
 def parse_parallel(text: str) -> dict:
@@ -219,8 +184,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--parallel",
         default=None,
-        help="under torchrun: a layout of the recipe's parallel group, e.g. tp=2,pp=2 (a DCP "
-        "checkpoint, log-likelihood tasks; --batch-size rows per micro-batch)",
+        help="under torchrun: a layout of the recipe's parallel group, e.g. tp=2,pp=2 (a DCP checkpoint; "
+        "--batch-size rows per micro-batch; generative tasks under tp and dp only)",
     )
     args = parser.parse_args(argv)
     if not os.path.isdir(args.checkpoint):
@@ -228,12 +193,21 @@ def main(argv=None) -> int:
             f"{args.checkpoint}: no such directory (expected a DCP checkpoint, a run directory or a "
             "Hugging Face export)"
         )
+    tasks = [t for t in args.tasks.split(",") if t]
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer) if args.tokenizer else None
     if args.parallel is not None:
+        from latentforge.rl.parallel_evaluation import generation_blocker, parallel_lm
+        from latentforge.train.eval_harness import generating_tasks
+
+        layout = parse_parallel(args.parallel)
+        reason = generation_blocker(layout)
+        generating = generating_tasks(tasks, args.include_path) if reason else []
+        if generating:
+            raise SystemExit(f"latentforge-eval: {', '.join(generating)}: {reason}")  # one line, exit status 1
         lm = parallel_lm(
             args.checkpoint,
-            parse_parallel(args.parallel),
+            layout,
             tokenizer,
             micro_batch_size=args.batch_size,
             max_length=args.max_length,
@@ -252,7 +226,7 @@ def main(argv=None) -> int:
         )
     results = run_tasks(
         lm,
-        [t for t in args.tasks.split(",") if t],
+        tasks,
         limit=limit,
         num_fewshot=args.num_fewshot,
         include_paths=args.include_path,

@@ -266,8 +266,6 @@ def task_manager(tasks: Sequence[str], include_paths: Sequence[str] = ()):
 
 def check_loglikelihood_tasks(tasks: Sequence[str], include_paths: Sequence[str] = ()) -> None:
     """Raise ValueError naming any task that is unknown or needs generation (not available during training)."""
-    from lm_eval.tasks import get_task_dict
-
     manager = task_manager(tasks, include_paths)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
@@ -275,15 +273,23 @@ def check_loglikelihood_tasks(tasks: Sequence[str], include_paths: Sequence[str]
             f"train.eval_tasks: unknown lm-eval task(s) {unknown}; local tasks: "
             f"{sorted(manager.all_tasks)[:8]}..., or add a folder of task YAML to train.eval_include"
         )
-    generating = sorted(
-        name for name, task in _leaf_tasks(get_task_dict(list(tasks), manager)) if task.OUTPUT_TYPE == "generate_until"
-    )
+    generating = generating_tasks(tasks, include_paths, manager)
     if generating:
         raise ValueError(
             f"train.eval_tasks: {generating} generate text, which needs the inference engine (not "
             "loaded during training): keep log-likelihood tasks here and run generation tasks with "
             "latentforge-eval on a checkpoint"
         )
+
+
+def generating_tasks(tasks: Sequence[str], include_paths: Sequence[str] = (), manager=None) -> List[str]:
+    """The names of the (sub)tasks among `tasks` that generate text (lm-eval's generate_until output type)."""
+    from lm_eval.tasks import get_task_dict
+
+    manager = manager or task_manager(tasks, include_paths)
+    return sorted(
+        name for name, task in _leaf_tasks(get_task_dict(list(tasks), manager)) if task.OUTPUT_TYPE == "generate_until"
+    )
 
 
 def _leaf_tasks(task_dict: dict):

@@ -137,7 +137,7 @@ def test_an_export_evaluates_like_its_checkpoint(checkpoints, both):
 
 
 def _parallel_metrics(rank, world_size, checkpoint, layout):
-    from latentforge.rl.evaluation import parallel_lm
+    from latentforge.rl.parallel_evaluation import parallel_lm
     from latentforge.train.eval_harness import run_tasks, task_metrics
 
     lm = parallel_lm(checkpoint, layout, micro_batch_size=2, max_length=64)
@@ -160,6 +160,65 @@ def test_parallel_layout_evaluates_like_one_device(checkpoints):
     for task, values in expected.items():
         for metric, value in values.items():
             assert math.isclose(got[task][metric], value, rel_tol=1e-5), (task, metric, got[task][metric], value)
+
+
+GENERATION_LIMIT = 8
+
+
+def generations_by_doc(samples) -> list:
+    """(doc id, raw generations, filtered answers) per document, in document order."""
+    return [(s["doc_id"], s["resps"], s["filtered_resps"]) for s in sorted(samples, key=lambda s: s["doc_id"])]
+
+
+def _parallel_generations(rank, world_size, checkpoint, layout):
+    from latentforge.rl.parallel_evaluation import parallel_lm
+    from latentforge.train.eval_harness import run_tasks
+
+    lm = parallel_lm(checkpoint, layout, micro_batch_size=2, max_length=64, max_batch=3)
+    results = run_tasks(lm, ["lf_arith"], limit=GENERATION_LIMIT, log_samples=True)
+    # every rank's own generations (lm-eval reports on rank 0 only), straight from the model
+    requests = [
+        (f"Question: {a} + {b} =\nAnswer:", {"until": ["\n"], "max_gen_toks": 6}) for a, b in [(3, 4), (10, 31)]
+    ]
+    from latentforge.rl.evaluation import generate_texts
+
+    own = generate_texts(lm, lm._generation_model, 2, requests) if lm.runner.dp_size == 1 else None
+    return (results and results["samples"]["lf_arith"]), own
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [{"tp": 2}, {"dp_shard": 2}], ids=["tp2", "dp2"])
+def test_parallel_generation_equals_one_device(checkpoints, layout):
+    """Greedy generations of the generative task under TP=2 / DP=2 are token-identical to one process (and on
+    every TP rank), and so are its metrics."""
+    from latentforge.rl.evaluation import LatentForgeLM
+    from latentforge.train.eval_harness import run_tasks, task_metrics
+    from tests.distributed import run_distributed
+
+    run_dir, _ = checkpoints
+    reference = run_tasks(
+        LatentForgeLM(str(run_dir), max_length=64), ["lf_arith"], limit=GENERATION_LIMIT, log_samples=True
+    )
+    (samples, own0), (other, own1) = run_distributed(_parallel_generations, 2, str(run_dir), layout)
+    assert other is None  # lm-eval reports on rank 0 only
+    assert generations_by_doc(samples) == generations_by_doc(reference["samples"]["lf_arith"])
+    assert len(samples) == GENERATION_LIMIT
+    assert own0 == own1  # the TP ranks agree (None under DP)
+    assert any(resp[0][0] for resp in [s["resps"] for s in samples])  # something was generated
+    got = {s["doc_id"]: s["exact_match"] for s in samples}
+    expected = task_metrics(reference)["lf_arith"]["exact_match"]
+    assert math.isclose(sum(got.values()) / len(got), expected)
+
+
+def test_generation_under_pipeline_parallel_fails_in_one_line(checkpoints, capsys):
+    from latentforge.rl.evaluation import main
+
+    run_dir, _ = checkpoints
+    with pytest.raises(SystemExit) as failure:
+        main([str(run_dir), "--tasks", "lf_arith,lf_choice", "--parallel", "pp=2"])
+    message = str(failure.value)
+    assert message.count("\n") == 0
+    assert "lf_arith" in message and "pp=2" in message and "use tp" in message and "lf_choice" not in message
 
 
 @pytest.mark.parametrize("thinking", [None, False])
