@@ -78,19 +78,18 @@ def ssd_verify(
     log_decay = torch.cumsum(dts * A.to(cdt).view(g, r), dim=1)  # (b, s, g, r)
     dtx = dts[..., None] * xs  # (b, s, g, r, p)
     initial = state.to(cdt).view(b, g, r, p, n)
-    Bg = B.to(cdt).transpose(1, 2)  # (b, g, s, n)
-    Cg = C.to(cdt).transpose(1, 2)
-    # plain batched matmuls in a (b, g, r, t, .) layout (einsum's planning costs more than the math here)
+    Bg = B.to(cdt).transpose(1, 2).contiguous()  # (b, g, u, n)
+    Ct = C.to(cdt).permute(0, 2, 3, 1).contiguous()  # (b, g, n, t)
+    # batched matmuls in a (b, g, r, p, t) layout: contiguous operands, one copy into (b, t, h, p) at the end
     decay_t = log_decay.permute(0, 2, 3, 1)  # (b, g, r, t)
     # the entering state read through each token's C, decayed to the token: (b, g, r*p, n) @ (b, g, n, t)
-    from_state = (initial.reshape(b, g, r * p, n) @ Cg.transpose(2, 3)).view(b, g, r, p, s).transpose(3, 4)
-    from_state = from_state * torch.exp(decay_t)[..., None]  # (b, g, r, t, p)
-    # the tokens' own inputs: (C_t . B_u) exp(L_t - L_u) over u <= t
-    # u > t: exponent > 0 may overflow to inf; tril_ replaces those entries (no multiply, so no inf * 0 = NaN)
-    decay = torch.exp(decay_t[..., :, None] - decay_t[..., None, :]).tril_()  # (b, g, r, t, u)
-    scores = (Cg @ Bg.transpose(2, 3))[:, :, None] * decay  # (b, g, r, t, u)
-    y = from_state + scores @ dtx.permute(0, 2, 3, 1, 4)  # (b, g, r, t, p)
-    y = y.permute(0, 3, 1, 2, 4)  # (b, t, g, r, p)
+    from_state = (initial.reshape(b, g, r * p, n) @ Ct).view(b, g, r, p, s) * torch.exp(decay_t)[..., None, :]
+    # the tokens' own inputs: dt_u x_u (B_u . C_t) exp(L_t - L_u) summed over u <= t. Where u > t the exponent is
+    # positive and may overflow to inf: triu_ replaces those entries (no multiply, so no inf * 0 = NaN)
+    decay = torch.exp(decay_t[..., None, :] - decay_t[..., :, None]).triu_()  # (b, g, r, u, t)
+    scores = (Bg @ Ct)[:, :, None] * decay  # (b, g, r, u, t)
+    y = from_state + dtx.permute(0, 2, 3, 4, 1) @ scores  # (b, g, r, p, t)
+    y = y.permute(0, 4, 1, 2, 3).contiguous()  # (b, t, g, r, p)
     if D is not None:
         y = y + D.to(cdt).view(g, r, 1) * xs
     return y.reshape(b, s, h, p).to(x.dtype), SSMTokenStates(initial, log_decay, dtx, B.to(cdt), state.dtype)
