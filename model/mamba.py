@@ -5,8 +5,8 @@ starts from it and it is replaced by the states after the last token, so prefill
 A decode state (`"recurrent": True`, a few tokens: decoding, draft verification) takes the recurrence token by
 token instead of the chunked scan (which pads every call to a whole chunk); with `"keep_per_token": True` the
 states after every token go to "conv_per_token" (b, s, conv_dim, K-1) and "ssm_per_token" (a
-`kernels.ssd_verify.SSMTokenStates`: the SSM state after any token, built on `select`) and "conv" / "ssm" stay as
-they were, so a rejected draft rolls back by picking one.
+`kernels.ssd_verify.TokenStates`: the SSM state after any token, built on `select` for large states) and
+"conv" / "ssm" stay as they were, so a rejected draft rolls back by picking one.
 """
 
 import math
@@ -18,7 +18,7 @@ from torch import nn
 
 from latentforge.kernels.conv1d import causal_conv1d, causal_conv1d_update
 from latentforge.kernels.ssd import ssd_scan, ssd_update
-from latentforge.kernels.ssd_verify import SSMTokenStates, ssd_verify
+from latentforge.kernels.ssd_verify import TokenStates, ssd_verify
 
 from .config import ModelConfig
 from .mixer_types import LayerState, MixerContext
@@ -163,7 +163,7 @@ class Mamba2Mixer(nn.Module):
             per_token_states=per_token,
         )
         xs, B, C, dt, A = self.ssm_inputs(xbc, dt)
-        ssm_state: torch.Tensor | SSMTokenStates
+        ssm_state: torch.Tensor | TokenStates
         if per_token:  # draft verification: only the state after the row's last accepted token is ever built
             y, ssm_state = ssd_verify(xs, dt, A, B, C, D=local_tensor(self.D), state=state["ssm"])
         else:

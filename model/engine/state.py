@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from latentforge.kernels.ssd_verify import SSMTokenStates
+from latentforge.kernels.ssd_verify import TokenStates
 
 
 @dataclass
@@ -25,7 +25,7 @@ class MambaStates:
     one is built)."""
 
     conv: torch.Tensor
-    ssm: SSMTokenStates
+    ssm: TokenStates
 
     def select(self, index: torch.Tensor) -> tuple:
         """(conv, ssm) after token index[row] of each row: the row's last accepted token."""

@@ -4,14 +4,23 @@ s tokens from a cached state, and the state after the token each row keeps (what
 import pytest
 import torch
 
-from latentforge.kernels.ssd_verify import ssd_verify
+from latentforge.kernels import ssd_verify as ssd_verify_module
+from latentforge.kernels.ssd_verify import LoopTokenStates, SSMTokenStates, ssd_verify
 from tests.kernels.kernel_naive import ssd_naive
 from tests.kernels.test_ssd_ref import make_ssd_inputs
 
 
+@pytest.fixture(params=["closed form", "token loop"])
+def verify_path(request, monkeypatch):
+    """Both ways ssd_verify computes (it picks by the size of the states): forced by the threshold."""
+    closed = request.param == "closed form"
+    monkeypatch.setattr(ssd_verify_module, "CLOSED_FORM_MIN_ELEMENTS", 0 if closed else 1 << 62)
+    return SSMTokenStates if closed else LoopTokenStates
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("head,new", [(7, 1), (3, 5), (0, 4)])
-def test_ssd_verify_outputs_and_the_kept_state_follow_the_recurrence(dtype, tol, head, new):
+def test_ssd_verify_outputs_and_the_kept_state_follow_the_recurrence(dtype, tol, head, new, verify_path):
     """Grouped heads (4 heads, 2 groups), D skip, a random state entering; each row keeps a different token."""
     inputs = make_ssd_inputs(3, head + new, 4, 3, 2, 5, dtype=torch.float64, seed=head + 11)
     x, dt, A, B, C, D, init = (inputs[key] for key in ("x", "dt", "A", "B", "C", "D", "init"))
@@ -21,7 +30,7 @@ def test_ssd_verify_outputs_and_the_kept_state_follow_the_recurrence(dtype, tol,
     low = torch.float32 if dtype != torch.float64 else dtype  # A, D and the state stay fp32, as in the mixer
     entering = state.to(low)
     y, token_states = ssd_verify(tail[0], tail[1], A.to(low), tail[2], tail[3], D.to(low), state=entering)
-    assert y.dtype == dtype
+    assert y.dtype == dtype and isinstance(token_states, verify_path)
     torch.testing.assert_close(y.double(), y_full[:, head:], rtol=tol, atol=tol)
     keep = torch.tensor([new - 1, 0, (new - 1) // 2])
     kept = token_states.select(keep)
@@ -40,7 +49,7 @@ def test_ssd_verify_names_a_bad_state():
         ssd_verify(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], state=torch.zeros(1, 4, 3, 4))
 
 
-def test_ssd_verify_stays_finite_where_the_decay_underflows():
+def test_ssd_verify_stays_finite_where_the_decay_underflows(verify_path):
     """dt * A of -250 per token: exp(L_t - L_u) over u > t would overflow; those entries are masked, not multiplied."""
     inputs = make_ssd_inputs(2, 4, 4, 3, 2, 5, dtype=torch.float32, seed=5)
     dt = torch.full_like(inputs["dt"], 50.0)

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 
+from latentforge.kernels import ssd_verify as ssd_verify_module
 from latentforge.model import HybridModel, ModelConfig
 from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 from latentforge.model.engine.runner import ModelRunner
@@ -137,7 +138,13 @@ def test_cached_prefill_and_decode_steps_equal_one_full_forward():
     torch.testing.assert_close(torch.cat(steps, 1), full[:, 10:], rtol=1e-4, atol=1e-5)
 
 
-def test_rows_prefilled_together_continue_like_rows_prefilled_alone(fp64_model):
+@pytest.fixture(params=["closed form", "token loop"])
+def verify_path(request, monkeypatch):
+    """Both ways a verify step's SSM states are kept (kernels/ssd_verify.py picks by their size), forced."""
+    monkeypatch.setattr(ssd_verify_module, "CLOSED_FORM_MIN_ELEMENTS", 0 if request.param == "closed form" else 1 << 62)
+
+
+def test_rows_prefilled_together_continue_like_rows_prefilled_alone(fp64_model, verify_path):
     """prefill_rows (right-padded rows of different lengths through the decode path, one forward) leaves each row
     the states, last-token logits and hidden of a prefill of that row alone (the chunked scan): the next steps
     agree too, and the pads' keys beyond a row's length change nothing."""
@@ -207,7 +214,9 @@ def test_token_by_token_logits_equal_one_full_forward(draft_tokens):
 
 
 @pytest.mark.parametrize("draft_tokens,max_batch", [(0, 2), (1, 5), (2, 1), (3, 3), (4, 8)])
-def test_greedy_drafting_gives_the_tokens_of_greedy_decoding(fp64_model, greedy_references, draft_tokens, max_batch):
+def test_greedy_drafting_gives_the_tokens_of_greedy_decoding(
+    fp64_model, greedy_references, draft_tokens, max_batch, verify_path
+):
     """Across batch sizes and while sequences join and leave (5 requests, fewer slots, different lengths);
     depth 4 is beyond the trained depth (2). Prompts of 1 and 2 tokens are shorter than the deeper drafts."""
     engine = Engine(fp64_model, EngineConfig(max_batch=max_batch, max_seq_len=40, draft_tokens=draft_tokens))
