@@ -81,15 +81,32 @@ class LatentForgeLM(LogLikelihoodLM):
     def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
         from lm_eval.utils import simple_parse_args_string
 
-        args = simple_parse_args_string(arg_string)
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in ("batch_size", "device")}
-        return cls(**{**args, **extra})
+        return cls(**{**simple_parse_args_string(arg_string), **_run_config(additional_config)})
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None):
+        """lm-eval's command line (`latentforge-lm-eval`) builds the model through here."""
+        return cls(**{**arg_dict, **_run_config(additional_config)})
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
         texts = generate_texts(self, self.model, self.max_batch, [request.args for request in requests])
         for request, text in zip(requests, texts):
             self.cache_hook.add_partial("generate_until", request.args, text)
         return texts
+
+
+def _run_config(additional_config: Optional[dict]) -> dict:
+    """What lm-eval passes besides model_args that this model takes: --batch_size (a number; "auto" is the
+    default 8 here) and --device (lm-eval's default cuda:0 means the CPU where there is no CUDA, as its hf model)."""
+    config = additional_config or {}
+    out = {}
+    device = config.get("device")
+    if device is not None:
+        out["device"] = "cpu" if str(device).startswith("cuda") and not torch.cuda.is_available() else device
+    batch_size = config.get("batch_size")
+    if batch_size is not None and str(batch_size).isdigit():
+        out["batch_size"] = int(batch_size)
+    return out
 
 
 def generate_texts(lm: LogLikelihoodLM, model, max_batch: int, requests: Sequence[tuple]) -> List[str]:

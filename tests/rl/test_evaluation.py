@@ -5,6 +5,10 @@ generations, identical accuracies."""
 
 import json
 import math
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +254,41 @@ def test_chat_template_path_equals_stock_hf(checkpoints, thinking):
                 assert a == b, task
             else:
                 assert math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=1e-4), (task, a, b)
+
+
+def _lm_eval_cli(script: str, args: list, cwd) -> subprocess.CompletedProcess:
+    """Run a console script's target ("module:function") as the installed script would, in a subprocess."""
+    module, _, function = script.partition(":")
+    code = f"import sys; sys.argv[0] = 'lm_eval'; from {module} import {function}; sys.exit({function}())"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_selects_the_latentforge_model(checkpoints, tmp_path):
+    """`latentforge-lm-eval` (pyproject's console script: lm-eval's own CLI and flags) runs `--model latentforge`
+    and gives the generations and log-likelihoods of the in-process model; stock `lm_eval` does not find the model
+    (it reads no plugin entry points: the reason the command exists)."""
+    from latentforge.rl.evaluation import LatentForgeLM
+    from latentforge.train.eval_harness import run_tasks
+
+    run_dir, _ = checkpoints
+    repo = Path(__file__).resolve().parents[2]
+    script = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["scripts"]["latentforge-lm-eval"]
+    tasks = ["lf_arith", "lf_choice"]
+    flags = ["--model", "latentforge", "--model_args", f"checkpoint={run_dir},max_length=64", "--batch_size", "4"]
+    flags += ["--tasks", ",".join(tasks), "--include_path", str(repo / "data" / "eval_tasks"), "--limit", "4"]
+    run = _lm_eval_cli(script, [*flags, "--output_path", str(tmp_path), "--log_samples"], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = run_tasks(LatentForgeLM(str(run_dir), max_length=64, batch_size=4), tasks, limit=4, log_samples=True)
+    for task in tasks:
+        (samples_file,) = tmp_path.glob(f"*/samples_{task}_*.jsonl")
+        got = [json.loads(line) for line in samples_file.read_text().splitlines()]
+        assert len(got) == 4
+        for a, b in zip(
+            flatten([s["resps"] for s in sorted(got, key=lambda s: s["doc_id"])]),
+            flatten([s["resps"] for s in sorted(expected["samples"][task], key=lambda s: s["doc_id"])]),
+        ):
+            assert str(a) == str(b), task  # the same text, or the same log-likelihood as JSON writes it
+
+    stock = _lm_eval_cli("lm_eval.__main__:cli_evaluate", flags, tmp_path)
+    assert stock.returncode != 0 and "no model for this name found" in stock.stderr
