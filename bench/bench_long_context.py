@@ -7,6 +7,10 @@ ratio to one process, the plan's activation peak for the layout (--dry-run's num
 
     python bench/bench_long_context.py --seq-lens 16384 32768 65536 --cps 1 2 4
 
+`--kernels sdpa reference` runs every layout once per CP attention block kernel (cp_attention.py: PyTorch's SDPA
+op per block, or the hand-written block softmax), in the same invocation; `--attention-only` times just
+`context_attention` forward + backward on the tiny model's attention shape (one process, every block) per kernel.
+
 `--skip-cp1-above N` leaves out single-process runs longer than N tokens (they would not fit); past that length
 `--fp64-reference-cp 4` takes the float64 reference from CP4 (first shown equal to one float64 process with
 `--dtype float64 --seq-lens 8192 --cps 4`). The same script
@@ -64,9 +68,23 @@ def _full(t):
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def run_layout(rank: int, cp: int, seq_len: int, want_grads: bool, dtype=torch.float32) -> dict:
+def _use_kernel(kernel: str) -> None:
+    """Select the CP attention block kernel in this process (absent from checkouts before the SDPA path)."""
+    try:
+        from latentforge.train.parallel import cp_attention
+    except ImportError:
+        return
+    if hasattr(cp_attention, "DEFAULT_KERNEL"):
+        cp_attention.DEFAULT_KERNEL = kernel
+    elif kernel != "auto":
+        raise SystemExit(f"this checkout has no CP attention kernel choice (asked for {kernel})")
+
+
+def run_layout(rank: int, cp: int, seq_len: int, want_grads: bool, dtype=torch.float32, kernel="auto") -> dict:
     from latentforge.model import HybridModel
     from latentforge.train.parallel import ParallelConfig, build_runner
+
+    _use_kernel(kernel)
 
     cfg = tiny_config()
     torch.manual_seed(0)
@@ -84,7 +102,7 @@ def run_layout(rank: int, cp: int, seq_len: int, want_grads: bool, dtype=torch.f
     return out
 
 
-def _worker(rank, world, port, cp, seq_len, want_grads, dtype, results):
+def _worker(rank, world, port, cp, seq_len, want_grads, dtype, kernel, results):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -99,7 +117,7 @@ def _worker(rank, world, port, cp, seq_len, want_grads, dtype, results):
     try:
         if world > 1:
             dist.init_process_group("gloo", rank=rank, world_size=world)
-        results.put((rank, run_layout(rank, cp, seq_len, want_grads, dtype)))
+        results.put((rank, run_layout(rank, cp, seq_len, want_grads, dtype, kernel)))
         if world > 1:
             dist.barrier()
     except BaseException:  # noqa: BLE001 - reported by the parent
@@ -109,14 +127,15 @@ def _worker(rank, world, port, cp, seq_len, want_grads, dtype, results):
             dist.destroy_process_group()
 
 
-def launch(cp: int, seq_len: int, want_grads: bool, dtype=torch.float32) -> list:
+def launch(cp: int, seq_len: int, want_grads: bool, dtype=torch.float32, kernel="auto") -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [
-        ctx.Process(target=_worker, args=(r, cp, port, cp, seq_len, want_grads, dtype, results)) for r in range(cp)
+        ctx.Process(target=_worker, args=(r, cp, port, cp, seq_len, want_grads, dtype, kernel, results))
+        for r in range(cp)
     ]
     for p in procs:
         p.start()
@@ -159,6 +178,45 @@ def worst_grad_error(grads: dict, reference: dict) -> tuple:
     return worst
 
 
+def attention_only(seq_len: int, kernel: str, repeats: int = 2) -> dict:
+    """context_attention forward + backward alone (one process, every block) on the tiny model's attention shape
+    and the bench's three-document row: best of `repeats` seconds, and the output and input gradients."""
+    from latentforge.train.parallel.cp_attention import context_attention
+
+    cfg = tiny_config()
+    g = torch.Generator().manual_seed(0)
+    shapes = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_key_value_heads)
+    q, k, v = (torch.randn(1, n, seq_len, cfg.head_dim, generator=g).requires_grad_() for n in shapes)
+    doc, pos = one_row(cfg, seq_len)["seq_idx"], torch.arange(seq_len)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = context_attention(q, k, v, pos, pos, doc, doc, None, kernel=kernel)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        best = min(best, time.perf_counter() - start)
+    return {"seconds": best, "tensors": [out.detach(), *grads]}
+
+
+def main_attention_only(seq_lens: list, kernels: list) -> None:
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, one thread, context_attention forward + backward, best of 2")
+    print("| seq_len | kernel | s (fwd + bwd) | x first kernel | max rel diff vs first kernel (out, dq, dk, dv) |")
+    print("|---|---|---|---|---|")
+    for seq_len in seq_lens:
+        first = None
+        for kernel in kernels:
+            run = attention_only(seq_len, kernel)
+            if first is None:
+                first, ratio, diff = run, "-", "-"
+            else:
+                ratio = f"{run['seconds'] / first['seconds']:.2f}"
+                diff = ", ".join(
+                    f"{float((a - b).abs().max() / b.abs().max()):.1e}"
+                    for a, b in zip(run["tensors"], first["tensors"])
+                )
+            print(f"| {seq_len} | {kernel} | {run['seconds']:.2f} | {ratio} | {diff} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 32768, 65536])
@@ -178,27 +236,37 @@ def main():
         "first against one process with --dtype float64 at a length where both fit)",
     )
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="of the measured rows")
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        choices=["auto", "sdpa", "reference"],
+        default=["auto"],
+        help="CP attention block kernels to run each layout with (auto: sdpa on CPU)",
+    )
+    parser.add_argument("--attention-only", action="store_true", help="time context_attention alone per kernel")
     args = parser.parse_args()
+    if args.attention_only:
+        return main_attention_only(args.seq_lens, args.kernels)
     dtype = getattr(torch, args.dtype)
     print(
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, one thread per rank, rows in {args.dtype}, "
         f"float64 reference at cp={args.fp64_reference_cp}"
     )
     print(
-        f"| seq_len | cp | loss | loss err vs fp64 | worst grad err vs fp64 | vs {args.dtype} cp=1 | "
+        f"| seq_len | cp | kernel | loss | loss err vs fp64 | worst grad err vs fp64 | vs {args.dtype} cp=1 | "
         "peak added / rank (GiB) | x cp=1 | planned activations (GiB) | s/step |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for seq_len in args.seq_lens:
         single = seq_len <= args.skip_cp1_above
         exact = None
         if args.fp64_reference and (single or args.fp64_reference_cp > 1):
             exact = launch(args.fp64_reference_cp, seq_len, want_grads=True, dtype=torch.float64)[0]
         reference = None
-        for cp in sorted(args.cps):
+        for cp, kernel in [(cp, kernel) for cp in sorted(args.cps) for kernel in args.kernels]:
             if cp == 1 and not single:
                 continue
-            ranks = launch(cp, seq_len, want_grads=True, dtype=dtype)
+            ranks = launch(cp, seq_len, want_grads=True, dtype=dtype, kernel=kernel)
             loss, grads = ranks[0]["loss"], ranks[0]["grads"]
             peak = max(r["added_gib"] for r in ranks)
             seconds = max(r["seconds"] for r in ranks)
@@ -206,7 +274,7 @@ def main():
             if exact is not None:
                 loss_err = f"{abs(loss - exact['loss']) / abs(exact['loss']):.1e}"
                 grad_err = "{:.1e} ({})".format(*worst_grad_error(grads, exact["grads"]))
-            if cp == 1:
+            if cp == 1 and reference is None:
                 reference = (grads, peak)
                 versus_fp32 = ratio = "-"
             elif reference is None:
@@ -215,7 +283,7 @@ def main():
                 versus_fp32 = "{:.1e} ({})".format(*worst_grad_error(grads, reference[0]))
                 ratio = f"{peak / reference[1]:.2f}"
             print(
-                f"| {seq_len} | {cp} | {loss:.6f} | {loss_err} | {grad_err} | {versus_fp32} | {peak:.2f} | "
+                f"| {seq_len} | {cp} | {kernel} | {loss:.6f} | {loss_err} | {grad_err} | {versus_fp32} | {peak:.2f} | "
                 f"{ratio} | {planned_gib(cp, seq_len, dtype)} | {seconds:.1f} |".replace("backbone.", ""),
                 flush=True,
             )

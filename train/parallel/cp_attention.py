@@ -1,6 +1,20 @@
-"""Context-parallel attention in O(s/cp) saved memory per rank: keys/values consumed block by block with an
-online softmax, masks built per block from global positions and document ids, and a backward that recomputes
-each block's scores from the saved log-sum-exp (no score matrix of the whole sequence is ever kept).
+"""Context-parallel attention in O(s/cp) saved memory per rank: keys/values consumed block by block, each
+(query block, key block) pair through PyTorch's SDPA kernel op that also returns the log-sum-exp, the blocks merged
+by their log-sum-exps, masks built per block from global positions and document ids, and a backward that calls the
+kernel's own backward per block with the merged output and the global log-sum-exp (no score matrix of the whole
+sequence is ever kept).
+
+Kernels. On CPU (every dtype, fp64 included) the block op is `aten._scaled_dot_product_flash_attention_for_cpu`
+(out, lse) and its `_backward`. The backward is exact per block the way ring-flash-attention and TorchTitan's
+context parallel do it: with P_j = exp(S_j - lse) computed from the GLOBAL lse and delta = rowsum(dO * O) from the
+MERGED output, the kernel's dq/dk/dv for block j are exactly that block's share of the full gradients. Grouped-query
+attention passes no expanded K/V: the r query heads of a key/value head are folded into the query length
+((b, g, r * nq, d) against (b, g, nk, d)), so the kernel's dk/dv already sum over the group. Blocks whose pairs are
+all visible pass no mask; others pass a (b, 1, r * nq, nk) additive mask (0 / -inf). A query row with nothing
+visible in a block comes back from the kernel with out 0 and lse 0, so its lse is set to -inf before merging.
+Other devices use the hand-written block softmax (cp_attention_reference.py) until the CUDA call
+(`_scaled_dot_product_efficient_attention` with attn_bias and compute_log_sumexp) is verified on a GPU; `kernel=
+"reference"` selects it anywhere (the bench compares both).
 
 Why an all-gather of K/V rather than a ring of send/recv: the communication volume is the same. Per rank and per
 layer a ring moves (cp-1)/cp * S * 2 * kv_heads * head_dim elements forward (K and V pass every rank once) and the
@@ -23,6 +37,11 @@ import math
 import torch
 
 from .collectives import _all_gather, _reduce_scatter, _size
+from .cp_attention_reference import (
+    accumulation_dtype,
+    reference_attention_blocks,
+    reference_attention_blocks_backward,
+)
 
 DEFAULT_BLOCK = 1024
 
@@ -54,73 +73,96 @@ class _BlockMask:
         return (causal[None] & same_doc)[:, None, None]  # (b, 1, 1, nq, nk): broadcast over kv groups, repeats
 
 
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16/fp16/fp32 inputs, fp64 stays fp64
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _scores(qb, kb, scale, allowed):
-    """(b, g, r, nq, nk) fp32 (fp64 for fp64 inputs) masked scores of query block qb (b, g, r, nq, d) against keys kb (b, g, nk, d)."""
-    b, g, r, nq, d = qb.shape
-    s = (
-        torch.matmul(qb.reshape(b, g, r * nq, d), kb.transpose(-1, -2))
-        .to(_accumulation_dtype(qb))
-        .view(b, g, r, nq, -1)
-        * scale
-    )
-    return s.masked_fill(~allowed, float("-inf"))
+def _fold_group(x: torch.Tensor) -> torch.Tensor:
+    """(b, g, r, n, d) -> (b, g, r * n, d) contiguous: a group's r query heads as one longer query sequence."""
+    b, g, r, n, d = x.shape
+    return x.reshape(b, g, r * n, d).contiguous()
 
 
-def attention_blocks(q, K, V, mask: _BlockMask, plan: list, scale: float):
-    """Forward: out (b, g, r, Lq, d) in q's dtype and lse (b, g, r, Lq) fp32 (fp64 for fp64 inputs), by an online softmax over blocks."""
+def _block_bias(allowed: torch.Tensor, repeats: int, dtype: torch.dtype):
+    """(additive mask (b, 1, r * nq, nk) or None when every pair is visible, (b, 1, r * nq) rows that see a key)."""
+    if bool(allowed.all()):
+        return None, None
+    b, _, _, nq, nk = allowed.shape
+    folded = allowed.expand(b, 1, repeats, nq, nk).reshape(b, 1, repeats * nq, nk)
+    bias = torch.zeros(folded.shape, dtype=dtype, device=allowed.device).masked_fill_(~folded, float("-inf"))
+    return bias, folded.any(-1)
+
+
+def sdpa_attention_blocks(q, K, V, mask: _BlockMask, plan: list, scale: float):
+    """Forward: out (b, g, r, Lq, d) in q's dtype and lse (b, g, r, Lq) fp32 (fp64 for fp64 inputs), one SDPA
+    kernel call per block, merged online by log-sum-exp: lse = logaddexp_j lse_j, out = sum_j exp(lse_j - lse) out_j."""
     b, g, r, _, d = q.shape
-    acc_dtype = _accumulation_dtype(q)
+    acc_dtype = accumulation_dtype(q)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=acc_dtype, device=q.device)
+    minus_inf = float("-inf")
     for q0, q1, key_blocks in plan:
-        qb = q[:, :, :, q0:q1]
         nq = q1 - q0
-        best = torch.full((b, g, r, nq), float("-inf"), dtype=acc_dtype, device=q.device)
-        total = torch.zeros(b, g, r, nq, dtype=acc_dtype, device=q.device)
-        acc = torch.zeros(b, g, r, nq, d, dtype=acc_dtype, device=q.device)
+        qb = _fold_group(q[:, :, :, q0:q1])
+        acc = torch.zeros(b, g, r * nq, d, dtype=acc_dtype, device=q.device)
+        lse_acc = torch.full((b, g, r * nq), minus_inf, dtype=acc_dtype, device=q.device)
         for k0, k1 in key_blocks:
-            s = _scores(qb, K[:, :, k0:k1], scale, mask(q0, q1, k0, k1))
-            new_best = torch.maximum(best, s.amax(-1))
-            shift = new_best.masked_fill(new_best == float("-inf"), 0.0)  # rows with nothing visible yet
-            p = torch.exp(s - shift[..., None])
-            rescale = torch.exp(best - shift)
-            total = total * rescale + p.sum(-1)
-            pv = torch.matmul(p.view(b, g, r * nq, -1).to(V.dtype), V[:, :, k0:k1]).to(acc_dtype).view(b, g, r, nq, d)
-            acc = acc * rescale[..., None] + pv
-            best = new_best
-        out[:, :, :, q0:q1] = (acc / total[..., None]).to(q.dtype)
-        lse[:, :, :, q0:q1] = best + torch.log(total)  # every query sees itself: total > 0, best finite
+            bias, sees_a_key = _block_bias(mask(q0, q1, k0, k1), r, q.dtype)
+            out_j, lse_j = _flash_cpu(qb, K[:, :, k0:k1], V[:, :, k0:k1], 0.0, False, attn_mask=bias, scale=scale)
+            lse_j = lse_j.to(acc_dtype)
+            if sees_a_key is not None:
+                lse_j = lse_j.masked_fill(~sees_a_key, minus_inf)  # the kernel reports 0 for an empty row
+            merged = torch.logaddexp(lse_acc, lse_j)
+            shift = merged.masked_fill(merged == minus_inf, 0.0)  # rows with nothing visible yet stay 0 / -inf
+            acc = (
+                acc * torch.exp(lse_acc - shift)[..., None] + out_j.to(acc_dtype) * torch.exp(lse_j - shift)[..., None]
+            )
+            lse_acc = merged
+        out[:, :, :, q0:q1] = acc.view(b, g, r, nq, d).to(q.dtype)
+        lse[:, :, :, q0:q1] = lse_acc.view(b, g, r, nq)  # every query sees itself: finite
     return out, lse
 
 
-def attention_blocks_backward(q, K, V, out, grad_out, lse, mask: _BlockMask, plan: list, scale: float):
-    """dq (b, g, r, Lq, d), dK and dV (b, g, S, d), in fp32 (fp64 for fp64 inputs), recomputing every block's probabilities from lse."""
+def sdpa_attention_blocks_backward(q, K, V, out, grad_out, lse, mask: _BlockMask, plan: list, scale: float):
+    """dq (b, g, r, Lq, d), dK and dV (b, g, S, d), in fp32 (fp64 for fp64 inputs): per block the kernel's backward
+    given the merged output and the global lse, which makes each block's gradients its exact share of the total."""
     b, g, r, _, d = q.shape
-    acc = _accumulation_dtype(q)
-    delta = (grad_out.to(acc) * out.to(acc)).sum(-1)  # (b, g, r, Lq): rowsum(dO * O)
+    acc = accumulation_dtype(q)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dK = torch.zeros(K.shape, dtype=acc, device=q.device)
     dV = torch.zeros(V.shape, dtype=acc, device=q.device)
     for q0, q1, key_blocks in plan:
         nq = q1 - q0
-        qb = q[:, :, :, q0:q1].reshape(b, g, r * nq, d).to(acc)
-        dob = grad_out[:, :, :, q0:q1].reshape(b, g, r * nq, d).to(acc)
-        lse_b, delta_b = lse[:, :, :, q0:q1, None], delta[:, :, :, q0:q1, None]
+        qb, ob, dob = (_fold_group(x[:, :, :, q0:q1]) for x in (q, out, grad_out))
+        lse_b = lse[:, :, :, q0:q1].reshape(b, g, r * nq).contiguous()
+        dq_b = torch.zeros(b, g, r * nq, d, dtype=acc, device=q.device)
         for k0, k1 in key_blocks:
-            kb, vb = K[:, :, k0:k1].to(acc), V[:, :, k0:k1].to(acc)
-            s = _scores(qb.view(b, g, r, nq, d), kb, scale, mask(q0, q1, k0, k1))
-            p = torch.exp(s - lse_b)  # masked entries: exp(-inf) = 0
-            p_flat = p.view(b, g, r * nq, -1)
-            dV[:, :, k0:k1] += torch.matmul(p_flat.transpose(-1, -2), dob)
-            dp = torch.matmul(dob, vb.transpose(-1, -2)).view(p.shape)
-            ds = (p * (dp - delta_b) * scale).view(b, g, r * nq, -1)
-            dq[:, :, :, q0:q1] += torch.matmul(ds, kb).view(b, g, r, nq, d)
-            dK[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qb)
+            bias, _ = _block_bias(mask(q0, q1, k0, k1), r, q.dtype)
+            dq_j, dk_j, dv_j = _flash_cpu_backward(
+                dob, qb, K[:, :, k0:k1], V[:, :, k0:k1], ob, lse_b, 0.0, False, attn_mask=bias, scale=scale
+            )
+            dq_b += dq_j
+            dK[:, :, k0:k1] += dk_j
+            dV[:, :, k0:k1] += dv_j
+        dq[:, :, :, q0:q1] = dq_b.view(b, g, r, nq, d)
     return dq, dK, dV
+
+
+KERNELS = {
+    "sdpa": (sdpa_attention_blocks, sdpa_attention_blocks_backward),
+    "reference": (reference_attention_blocks, reference_attention_blocks_backward),
+}
+DEFAULT_KERNEL = "auto"  # "sdpa" on CPU, "reference" elsewhere; a process may set it (the bench does)
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    if kernel == "auto":
+        return "sdpa" if device.type == "cpu" else "reference"
+    if kernel not in KERNELS:
+        raise ValueError(f"context_attention: kernel {kernel!r} is not one of auto, {', '.join(KERNELS)}")
+    if kernel == "sdpa" and device.type != "cpu":
+        raise ValueError(f"context_attention: the SDPA block kernel runs on CPU only so far, not on {device.type}")
+    return kernel
 
 
 def _gather_keys(x, group):
@@ -133,30 +175,34 @@ def _scatter_key_grads(x, group):
 
 class _ContextAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, plan, group):
+    def forward(ctx, q, k, v, mask, plan, group, kernel):
         scale = 1.0 / math.sqrt(q.shape[-1])
         K, V = _gather_keys(k, group), _gather_keys(v, group)
-        out, lse = attention_blocks(q, K, V, mask, plan, scale)
+        out, lse = KERNELS[kernel][0](q, K, V, mask, plan, scale)
         ctx.save_for_backward(q, k, v, out, lse)  # this rank's shard only: K, V are gathered again
-        ctx.mask, ctx.plan, ctx.group, ctx.scale = mask, plan, group, scale
+        ctx.mask, ctx.plan, ctx.group, ctx.scale, ctx.kernel = mask, plan, group, scale, kernel
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         K, V = _gather_keys(k, ctx.group), _gather_keys(v, ctx.group)
-        dq, dK, dV = attention_blocks_backward(q, K, V, out, grad_out, lse, ctx.mask, ctx.plan, ctx.scale)
+        backward = KERNELS[ctx.kernel][1]
+        dq, dK, dV = backward(q, K, V, out, grad_out.contiguous(), lse, ctx.mask, ctx.plan, ctx.scale)
         del K, V
         dk, dv = _scatter_key_grads(dK, ctx.group), _scatter_key_grads(dV, ctx.group)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def context_attention(q, k, v, q_pos, k_pos, q_doc, k_doc, group, plan=None, block: int = DEFAULT_BLOCK):
+def context_attention(
+    q, k, v, q_pos, k_pos, q_doc, k_doc, group, plan=None, block: int = DEFAULT_BLOCK, kernel: str | None = None
+):
     """Causal, document-masked grouped-query attention of this rank's queries against every CP rank's keys.
 
     q (b, heads, Lq, d); k, v (b, kv_heads, Lk, d) this rank's shard; q_pos (Lq,) and q_doc (b, Lq) the queries'
     global positions and document ids; k_pos (S,) and k_doc (b, S) those of the keys of all ranks in rank order
-    (what an all-gather over `group` returns; with `group` None or of one rank, S = Lk). Returns (b, heads, Lq, d).
+    (what an all-gather over `group` returns; with `group` None or of one rank, S = Lk). `kernel`: "sdpa",
+    "reference" or "auto" (None: DEFAULT_KERNEL). Returns (b, heads, Lq, d).
     """
     b, heads, length, d = q.shape
     groups = k.shape[1]
@@ -167,6 +213,7 @@ def context_attention(q, k, v, q_pos, k_pos, q_doc, k_doc, group, plan=None, blo
         raise ValueError(f"context_attention: {k_pos.shape[0]} key positions for {expected} gathered keys")
     if plan is None:
         plan = block_plan(q_pos, k_pos, block)
+    chosen = resolve_kernel(DEFAULT_KERNEL if kernel is None else kernel, q.device)
     mask = _BlockMask(q_pos, k_pos, q_doc, k_doc)
     q5 = q.view(b, groups, heads // groups, length, d)
-    return _ContextAttention.apply(q5, k, v, mask, plan, group).view(b, heads, length, d)
+    return _ContextAttention.apply(q5, k, v, mask, plan, group, chosen).view(b, heads, length, d)
