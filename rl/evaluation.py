@@ -7,6 +7,8 @@
 The registered lm-eval model `latentforge` (`LatentForgeLM`) scores log-likelihoods with the model's forward
 (train/eval_harness.py) and generates with the inference engine (model/engine: greedy or sampled, stop at `</s>` /
 `<|im_end|>` as the export's generation_config.json says, then lm-eval's `until` strings cut the text).
+`--parallel` (under torchrun) evaluates a DCP checkpoint on a training layout: rl/parallel_evaluation.py. lm-eval's
+own command line with this model registered: `latentforge-lm-eval` (rl/lm_eval_cli.py).
 """
 
 from __future__ import annotations

@@ -115,13 +115,14 @@ def generation_model(runner) -> nn.Module:
         local, tp_dim = _tp_local(param)
         owner_name, _, attr = _unwrapped(name).rpartition(".")
         owner = model.get_submodule(owner_name)
-        setattr(owner, attr, nn.Parameter(local.clone(), requires_grad=False))
+        # shares the runner's storage where nothing was gathered: a TP-only layout holds its weights once
+        setattr(owner, attr, nn.Parameter(local, requires_grad=False))
         if tp_dim == 1 and isinstance(owner, nn.Linear):
             row_split.append(owner)
     for name, buffer in part.named_buffers():
         owner_name, _, attr = _unwrapped(name).rpartition(".")
         owner = model.get_submodule(owner_name)
-        owner.register_buffer(attr, buffer.detach().clone(), persistent=attr not in owner._non_persistent_buffers_set)
+        owner.register_buffer(attr, buffer.detach(), persistent=attr not in owner._non_persistent_buffers_set)
     meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if meta:
         raise RuntimeError(f"generation model: the runner holds no weights for {meta[:4]}")
