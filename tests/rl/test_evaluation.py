@@ -214,6 +214,40 @@ def test_parallel_generation_equals_one_device(checkpoints, layout):
     assert math.isclose(sum(got.values()) / len(got), expected)
 
 
+def _cli_under_layout(rank, world_size, checkpoint, out):
+    from latentforge.rl.evaluation import main
+
+    args = ["--tasks", "lf_arith,lf_choice", "--limit", "4", "--max-length", "64", "--batch-size", "2"]
+    return main([checkpoint, *args, "--parallel", "tp=2", "--log-samples", "--output", out])
+
+
+@pytest.mark.slow
+def test_cli_runs_generative_and_choice_tasks_under_tp(checkpoints, tmp_path):
+    """`latentforge-eval CKPT --parallel tp=2` (two processes) writes the one-device generations, log-likelihoods
+    and metrics."""
+    from latentforge.rl.evaluation import LatentForgeLM
+    from latentforge.train.eval_harness import run_tasks, task_metrics
+    from tests.distributed import run_distributed
+
+    run_dir, _ = checkpoints
+    out = tmp_path / "tp2.json"
+    assert run_distributed(_cli_under_layout, 2, str(run_dir), str(out)) == [0, 0]
+    got = json.loads(out.read_text())
+    tasks = ["lf_arith", "lf_choice"]
+    expected = run_tasks(LatentForgeLM(str(run_dir), max_length=64), tasks, limit=4, log_samples=True)
+    assert generations_by_doc(got["samples"]["lf_arith"]) == generations_by_doc(expected["samples"]["lf_arith"])
+    for task in tasks:
+        for metric, value in task_metrics(expected)[task].items():
+            assert math.isclose(got["metrics"][task][metric], value, rel_tol=1e-5), (task, metric)
+    mine = flatten([s["resps"] for s in sorted(got["samples"]["lf_choice"], key=lambda s: s["doc_id"])])
+    reference = flatten([s["resps"] for s in sorted(expected["samples"]["lf_choice"], key=lambda s: s["doc_id"])])
+    for a, b in zip(mine, reference):
+        if isinstance(b, bool) or b in ("True", "False"):
+            assert str(a) == str(b)
+        else:
+            assert math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=1e-4)
+
+
 def test_generation_under_pipeline_parallel_fails_in_one_line(checkpoints, capsys):
     from latentforge.rl.evaluation import main
 
