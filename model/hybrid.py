@@ -161,7 +161,10 @@ class HybridModel(nn.Module):
         return out
 
     def _embed(self, input_ids: Optional[torch.Tensor], hidden: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.backbone.embeddings is None:
+        # a later pipeline stage takes the previous one's hidden state; the last one may still hold an embedding
+        # (its copy for the MTP block: train/parallel/stage.py), which it never applies to the trunk's input
+        later_stage = isinstance(self.backbone.layers, nn.ModuleDict) and "0" not in self.backbone.layers
+        if self.backbone.embeddings is None or later_stage:
             if hidden is None:
                 raise ValueError(
                     "this model part has no embedding (a later pipeline stage): pass the previous "

@@ -1,4 +1,5 @@
-"""Gradient bookkeeping across ranks: the tensor-parallel sum of replicated weights, and the global grad norm.
+"""Gradient bookkeeping across ranks: the tensor-parallel sum of replicated weights, the sum of the pipeline's two
+embedding copies (first stage, and last stage for MTP: stage.py), and the global grad norm.
 
 Under sequence parallelism every weight that is *not* split over the TP group (norms, router, embedding, lm_head,
 latent projections, routed experts) sees only this rank's tokens, so its gradient is a partial sum over the TP
@@ -58,6 +59,18 @@ def all_reduce_replicated_grads(parts: list, tp_group) -> None:
             offset += g.numel()
 
 
+@torch.no_grad()
+def all_reduce_shared_embedding_grads(embedding_weight, group) -> None:
+    """Sum the embedding gradient of the first and the last pipeline stage over `group` (those two ranks of one
+    pipeline, same position in every other mesh dimension): both copies are sharded alike, so the local shards
+    pair up, and with equal sums the equal copies stay equal through the optimizer step."""
+    if embedding_weight is None or group is None or not embedding_weight.requires_grad:
+        return
+    if embedding_weight.grad is None:  # e.g. a loss hook that never ran the MTP block
+        embedding_weight.grad = torch.zeros_like(embedding_weight)
+    dist.all_reduce(_local(embedding_weight.grad), group=group)
+
+
 def _distinct_shards(t) -> int:
     """How many different pieces a tensor is split into across its mesh (1 for a plain tensor)."""
     if not _is_dtensor(t):
@@ -71,14 +84,17 @@ def _distinct_shards(t) -> int:
 
 
 @torch.no_grad()
-def clip_grad_norm_(parts: list, max_norm: float, stage_size: int, world_group=None) -> float:
+def clip_grad_norm_(parts: list, max_norm: float, stage_size: int, world_group=None, copy=None) -> float:
     """Scale every gradient by min(1, max_norm / (norm + 1e-6)) (as torch.nn.utils.clip_grad_norm_), with the
     norm over the whole model: each rank adds |its shard|^2 divided by the number of ranks of its pipeline stage
-    holding that same shard, and the sum runs over the world. Returns the norm (non-finite when a grad is)."""
+    holding that same shard, and the sum runs over the world; `copy`, a parameter that another stage also holds
+    (the last stage's embedding), is scaled but not counted. Returns the norm (non-finite when a grad is)."""
     grads = [p.grad for p in parameters(parts) if p.grad is not None]
     device = _local(grads[0]).device if grads else torch.device("cpu")
     total = torch.zeros((), dtype=torch.float64, device=device)
     for g in grads:
+        if copy is not None and g is copy.grad:
+            continue
         copies = stage_size / _distinct_shards(g)
         total += _local(g).double().pow(2).sum() / copies
     if world_group is not None or (dist.is_initialized() and dist.get_world_size() > 1):

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from .config import LayoutError, ParallelConfig, check_microbatches, check_sequence, validate_layout
 from .context import ParallelContext
 from .expert_parallel import apply_expert_parallel
-from .grads import all_reduce_replicated_grads, clip_grad_norm_, parameters
+from .grads import all_reduce_replicated_grads, all_reduce_shared_embedding_grads, clip_grad_norm_, parameters
 from .mesh import build_groups, default_device
 from .tensor_parallel import apply_tensor_parallel
 from .pipeline import stage_ranks
@@ -57,6 +57,16 @@ class Runner:
         self._checked_seq_lens: set = set()
         self._hooked = False  # the last step ran a caller's loss_fn
         self._comm_seconds = 0.0  # in blocking collectives since take_comm_seconds() (the trainer's step breakdown)
+        # the embedding of the first / last stage when both hold one (MTP under PP, stage.py), and the group of
+        # the two ranks that sum its gradient
+        self.shared_embedding, self.embedding_copy, self.embedding_group = None, None, None
+        if self.layout.pp > 1 and model_cfg.mtp_depths:
+            self.embedding_group = _embedding_group(self.groups)
+            for stage, stage_id in zip(stages, stage_ids):
+                if stage_id in (0, self.layout.num_stages - 1):
+                    self.shared_embedding = stage.part.backbone.embeddings.weight
+                    if stage_id != 0:
+                        self.embedding_copy = self.shared_embedding
 
     # ----- the contract -------------------------------------------------------------------------------------------
     @property
@@ -100,6 +110,7 @@ class Runner:
         self._run(micro_batches, loss_fn, backward=True, replay_routes=replay_routes)
         with self._timed_collective():
             all_reduce_replicated_grads(self.model_parts, self.groups.tp_group)
+            all_reduce_shared_embedding_grads(self.shared_embedding, self.embedding_group)
         return self._result()
 
     def take_comm_seconds(self):
@@ -180,7 +191,7 @@ class Runner:
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Global gradient norm over every shard and stage; scales the gradients when it exceeds `max_norm`."""
         stage_size = self.layout.world_size // self.layout.pp
-        return clip_grad_norm_(self.model_parts, max_norm, stage_size)
+        return clip_grad_norm_(self.model_parts, max_norm, stage_size, copy=self.embedding_copy)
 
     def update_expert_bias(self, expert_load: torch.Tensor) -> None:
         """Aux-loss-free balancing of the MoE layers this rank owns (rows of `expert_load` by global MoE index)."""
@@ -293,18 +304,34 @@ class Runner:
 
     def _stage_metas(self, stage_id: int, local_shape):
         """Shapes of what each stage receives and sends (given up front: no shape-inference forward, which would
-        run the stage's collectives on empty tensors): (mb index, hidden, *MTP embeddings), the loss at the end."""
+        run the stage's collectives on empty tensors): (mb index, hidden), the loss at the end (the last stage
+        embeds the MTP depths' tokens itself: stage.py)."""
         dtype = getattr(self, "activation_dtype", None) or next(self.model_parts[0].parameters()).dtype
         index = torch.empty(1, dtype=torch.long, device="meta")
         hidden = torch.empty(
             *local_shape, self.model_cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True
         )  # float activations carry gradients back
-        between = (index, hidden) + (hidden,) * self.model_cfg.mtp_depths
+        between = (index, hidden)
         inputs = (index,) if stage_id == 0 else between
         last = stage_id == self.layout.num_stages - 1
         loss_dtype = torch.promote_types(dtype, torch.float32)
         outputs = (torch.empty(1, dtype=loss_dtype, device="meta", requires_grad=True),) if last else between
         return inputs, outputs
+
+
+def _embedding_group(groups):
+    """The process group of the first and the last pipeline rank of this rank's pipeline (the pp group itself when
+    pp == 2). Every rank creates every such group, in the same order (torch.distributed.new_group's contract)."""
+    pp = groups.layout.pp
+    if pp == 2:
+        return groups.pp_group
+    mine = None
+    pipelines = groups.mesh.mesh.reshape(pp, -1).T.tolist()  # the global ranks of each pipeline, stage order
+    for ranks in pipelines:
+        group = dist.new_group([ranks[0], ranks[-1]])
+        if groups.rank in (ranks[0], ranks[-1]):
+            mine = group
+    return mine
 
 
 def _stage_loss(output, target):

@@ -5,11 +5,17 @@ embedding, the last the final norm, lm_head and MTP block), under the unsharded 
 ModuleDict keyed by their index in the full model, so `backbone.layers.7.mixer...` is the same key in every layout
 (that is what lets DCP reshard a checkpoint from one layout to another).
 
-`StageModule` wraps a part and runs the part's own forward (`HybridModel.forward`: embedding if it has it, its
-layers, final norm if it has it). The first stage's forward takes the micro-batch index (a (1,) long tensor: the
-stage looks the micro-batch up in the shared context); every later stage takes what the previous one returned:
-(index, hidden, *MTP embeddings), the embeddings of the shifted tokens being computed on the first stage, where the
-embedding lives, and carried to the MTP block on the last. The last stage returns its partial loss (train/loss.py:
+With MTP depths the last stage also holds its own copy of the embedding (as Megatron's shared word-embedding group
+does for a weight used on the first and last stage): it embeds the micro-batch's shifted tokens for the MTP block
+itself, so stage boundaries carry only the hidden state. The copy has the embedding's name
+(`backbone.embeddings.weight`: a checkpoint holds it once, DCP dedups the equal write of the two ranks), starts
+equal (same weights / same unit seed) and stays equal: the runner sums its gradient with the first stage's
+(grads.all_reduce_shared_embedding_grads) before the optimizer step.
+
+`StageModule` wraps a part and runs the part's own forward (`HybridModel.forward`: embedding if it has it and is
+the first stage, its layers, final norm if it has it). The first stage's forward takes the micro-batch index (a
+(1,) long tensor: the stage looks the micro-batch up in the shared context); every later stage takes what the
+previous one returned: (index, hidden). The last stage returns its partial loss (train/loss.py:
 the LM/MTP head losses, or the caller's loss hook) as a (1,) tensor. The losses come from what the forward returns
 (hidden state, each MoE layer's routing); the MoE balance loss of a non-last stage reaches the backward through
 `AuxLossInjector` on the stage output.
@@ -50,9 +56,8 @@ class StageModule(nn.Module):
         mb = ctx.begin(int(mb_index.reshape(-1)[0]))
         if self.first:
             ids, previous = mb.ids_local, None
-            mtp_embeddings = [part.backbone.embeddings(shifted) for shifted in mb.mtp_ids_local]
         else:
-            ids, (previous, *mtp_embeddings) = None, activations
+            ids, (previous,) = None, activations
         context = ctx.mixer_context()
         out = part(
             ids, hidden=previous, seq_idx=mb.seq_cp, context=context, routes=ctx.replayed_routes(), with_logits=False
@@ -61,7 +66,9 @@ class StageModule(nn.Module):
         aux = ctx.balance_loss(sorted(out.routing.items()))  # this stage's trunk MoE layers
         if not self.last:
             hidden = out.hidden if aux is None else AuxLossInjector.apply(out.hidden, aux)
-            return (mb_index, hidden, *mtp_embeddings)
+            return (mb_index, hidden)
+        # the MTP inputs: this stage's embedding (the first stage's, or the last stage's copy) of the shifted tokens
+        mtp_embeddings = [part.backbone.embeddings(shifted) for shifted in mb.mtp_ids_local]
         if ctx.loss_fn is not None:  # the caller's loss hook (runner.forward_backward(..., loss_fn))
             loss, mtp_routings = ctx.custom_loss(part, out.hidden, mtp_embeddings, context)
         else:
@@ -74,7 +81,9 @@ class StageModule(nn.Module):
 
 
 def split_model(model, stage_layers: list, stage_ids: list) -> list:
-    """One HybridModel shell per stage in `stage_ids`, holding (not copying) that stage's modules of `model`."""
+    """One HybridModel shell per stage in `stage_ids`, holding (not copying) that stage's modules of `model`; the
+    last stage also holds this rank's embedding when the model has MTP depths (module doc; the first stage runs on
+    another rank whenever there are several stages: stage s runs on rank s % pp and there are pp x virtual)."""
     heavy = {
         "embeddings": model.backbone.embeddings,
         "layers": model.backbone.layers,
@@ -97,6 +106,8 @@ def split_model(model, stage_layers: list, stage_ids: list) -> list:
                 shell.backbone.norm_f = heavy["norm_f"]
                 shell.lm_head = heavy["lm_head"]
                 shell.mtp = heavy["mtp"]
+                if model.cfg.mtp_depths and last > 0:
+                    shell.backbone.embeddings = heavy["embeddings"]
             parts.append(shell)
     finally:
         model.backbone.embeddings, model.backbone.layers = heavy["embeddings"], heavy["layers"]
