@@ -18,10 +18,21 @@ import sys
 import argparse
 import json
 import shutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from latentforge.model.errors import entry_point
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from latentforge.data.config import DataConfig
+    from latentforge.model.config import ModelConfig
+    from latentforge.train.config import OptimConfig, TrainConfig
+    from latentforge.train.parallel import ParallelConfig
+    from latentforge.train.precision import PrecisionConfig
 
 USAGE = "python train/pretrain.py [--dry-run] [--world-size N] key=value ..."
 
@@ -47,8 +58,22 @@ def parse_args(argv):
     return args, overrides
 
 
-def load_configs(overrides):
-    """The composed recipe and the validated config objects of each group."""
+@dataclass
+class PretrainSetup:
+    """A composed pretraining recipe as validated config objects; `recipe` is the composed recipe itself (written
+    as config.yaml into the run directory and every checkpoint)."""
+
+    model: ModelConfig
+    train: TrainConfig
+    optim: OptimConfig
+    parallel: ParallelConfig
+    precision: PrecisionConfig
+    data: DataConfig
+    recipe: DictConfig
+
+
+def load_configs(overrides) -> PretrainSetup:
+    """The composed recipe, validated against each group's dataclass."""
     from latentforge.data.config import DataConfig
     from latentforge.model.recipes import compose, model_config_from, plain_values
     from latentforge.train.config import OptimConfig, TrainConfig
@@ -60,14 +85,15 @@ def load_configs(overrides):
     def plain(node) -> dict:
         return plain_values(node) if node is not None else {}
 
-    return cfg, {
-        "model": model_config_from(cfg),
-        "train": TrainConfig.from_dict(plain(cfg.train)),
-        "optim": OptimConfig.from_dict(plain(cfg.optim)),
-        "parallel": ParallelConfig.from_dict(plain(cfg.get("parallel"))),
-        "precision": PrecisionConfig.from_dict(plain(cfg.get("precision"))),
-        "data": DataConfig.from_any(plain(cfg.data)),
-    }
+    return PretrainSetup(
+        model=model_config_from(cfg),
+        train=TrainConfig.from_dict(plain(cfg.train)),
+        optim=OptimConfig.from_dict(plain(cfg.optim)),
+        parallel=ParallelConfig.from_dict(plain(cfg.get("parallel"))),
+        precision=PrecisionConfig.from_dict(plain(cfg.get("precision"))),
+        data=DataConfig.from_any(plain(cfg.data)),
+        recipe=cfg,
+    )
 
 
 def planned_world_size(pc, requested) -> int:
@@ -80,16 +106,16 @@ def planned_world_size(pc, requested) -> int:
     return pc.pp * pc.dp_replicate * pc.dp_shard * pc.cp * pc.tp
 
 
-def print_plan(configs, world_size: int) -> None:
+def print_plan(setup: PretrainSetup, world_size: int) -> None:
     from latentforge.train.parallel.config import validate_layout
     from latentforge.train.plan import format_plan
 
-    train_cfg = configs["train"]
-    layout = validate_layout(configs["model"], configs["parallel"], world_size, seq_len=train_cfg.seq_len)
+    train_cfg = setup.train
+    layout = validate_layout(setup.model, setup.parallel, world_size, seq_len=train_cfg.seq_len)
     print(
         format_plan(
-            configs["model"],
-            configs["parallel"],
+            setup.model,
+            setup.parallel,
             layout,
             seq_len=train_cfg.seq_len,
             micro_batch_size=train_cfg.micro_batch_size,
@@ -111,44 +137,45 @@ def tokenizer_file(tokenizer):
     return None
 
 
-def checkpoint_extra_writer(cfg, configs, tokenizer):
+def checkpoint_extra_writer(setup: PretrainSetup, tokenizer):
     """Rank 0 writes human-readable files next to the shards: what export and people need."""
     from omegaconf import OmegaConf
 
     from latentforge.train.export import MODEL_CONFIG_FILE, TOKENIZER_FILE
 
-    model_config = configs["model"].to_dict()
+    model_config = setup.model.to_dict()
+    recipe_yaml = OmegaConf.to_yaml(setup.recipe, resolve=True)
     source = tokenizer_file(tokenizer)
 
     def write(directory: str) -> None:
         with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
             json.dump(model_config, f, indent=2)
         with open(os.path.join(directory, "config.yaml"), "w") as f:
-            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+            f.write(recipe_yaml)
         if source is not None:
             shutil.copyfile(source, os.path.join(directory, TOKENIZER_FILE))
 
     return write
 
 
-def build_model(configs, device):
+def build_model(setup: PretrainSetup, device):
     from latentforge.model import HybridModel
     from latentforge.train.precision import apply_precision
 
     with torch.device(device):
-        model = HybridModel(configs["model"])
-    table = apply_precision(model, configs["precision"])
+        model = HybridModel(setup.model)
+    table = apply_precision(model, setup.precision)
     return model, table
 
 
 @entry_point("latentforge-pretrain")
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg, configs = load_configs(overrides)
-    train_cfg, model_cfg = configs["train"], configs["model"]
+    setup = load_configs(overrides)
+    train_cfg, model_cfg = setup.train, setup.model
 
     if args.dry_run:
-        print_plan(configs, planned_world_size(configs["parallel"], args.world_size))
+        print_plan(setup, planned_world_size(setup.parallel, args.world_size))
         return 0
 
     from latentforge.data.pretrain import build_pretrain_loader
@@ -168,7 +195,7 @@ def main(argv=None) -> int:
         is_rank0 = world.rank() == 0
         run_dir = run_dir_of(train_cfg)
         claim = claim_run_dir(run_dir, train_cfg)  # before anything is written into it
-        data_cfg = configs["data"]
+        data_cfg = setup.data
         tokenizer = load_tokenizer(data_cfg.tokenizer, cache_dir=data_cfg.cache_dir)
         if tokenizer.vocab_size > model_cfg.vocab_size:
             raise ValueError(
@@ -178,8 +205,8 @@ def main(argv=None) -> int:
             )
 
         torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
-        model, _ = build_model(configs, device)
-        runner = build_runner(model, model_cfg, configs["parallel"], configs["precision"])
+        model, _ = build_model(setup, device)
+        runner = build_runner(model, model_cfg, setup.parallel, setup.precision)
         loader = build_pretrain_loader(
             data_cfg,
             tokenizer,
@@ -199,14 +226,14 @@ def main(argv=None) -> int:
             run_dir,
             device,
             world.world_size(),
-            plain_values(cfg),
+            plain_values(setup.recipe),
             tokenizer=tokenizer,
         )
         trainer = Trainer(
             runner=runner,
             loader=loader,
             train_cfg=train_cfg,
-            optim_cfg=configs["optim"],
+            optim_cfg=setup.optim,
             checkpoints=CheckpointManager(
                 os.path.join(run_dir, "checkpoints"), train_cfg.keep_last, train_cfg.async_checkpoint
             ),
@@ -214,16 +241,16 @@ def main(argv=None) -> int:
             device=device,
             model_config=model_cfg.to_dict(),
             tokenizer=tokenizer,
-            write_checkpoint_extra=checkpoint_extra_writer(cfg, configs, tokenizer),
+            write_checkpoint_extra=checkpoint_extra_writer(setup, tokenizer),
         )
         resumed = trainer.resume_if_possible()
         if is_rank0:  # the launch is accepted (the checkpoint matches this model and tokenizer)
             with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-                f.write(OmegaConf.to_yaml(cfg, resolve=True))
+                f.write(OmegaConf.to_yaml(setup.recipe, resolve=True))
         world.barrier()
 
         if runner.is_metrics_rank:
-            print_start(configs, trainer, run_dir, resumed, world.world_size(), device)
+            print_start(setup, trainer, run_dir, resumed, world.world_size(), device)
         reason = trainer.fit()
         if runner.is_metrics_rank:
             print(
@@ -246,25 +273,25 @@ def main(argv=None) -> int:
     return 0
 
 
-def print_start(configs, trainer, run_dir, resumed, world_size, device) -> None:
+def print_start(setup: PretrainSetup, trainer, run_dir, resumed, world_size, device) -> None:
     """The run's header: where, on what, the layout and its memory plan, and where it starts from."""
     from latentforge.train.flops import device_label
     from latentforge.train.plan import format_plan
 
-    train_cfg = configs["train"]
+    train_cfg = setup.train
     runner = trainer.runner
     lines = [
         f"run        {run_dir}",
         f"devices    {world_size} x {device_label(device)}",
         format_plan(
-            configs["model"],
-            configs["parallel"],
+            setup.model,
+            setup.parallel,
             runner.layout,
             seq_len=train_cfg.seq_len,
             micro_batch_size=train_cfg.micro_batch_size,
             global_batch_size=train_cfg.global_batch_size,
         ),
-        f"schedule   {configs['optim'].schedule}, peak lr {configs['optim'].lr:g}, {train_cfg.steps} steps"
+        f"schedule   {setup.optim.schedule}, peak lr {setup.optim.lr:g}, {train_cfg.steps} steps"
         + (f", this launch stops at {train_cfg.stop_at_step}" if train_cfg.stop_at_step else ""),
         "start      " + (f"resumed from {resumed} at step {trainer.state.step}" if resumed else "step 0 (new run)"),
     ]

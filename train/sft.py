@@ -22,13 +22,17 @@ import sys
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, replace
-from typing import List, Optional
+from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 
 from latentforge.model.errors import UserError, entry_point
 from latentforge.train.callbacks.base import Callback
+from latentforge.train.pretrain import PretrainSetup
+
+if TYPE_CHECKING:
+    from latentforge.train.lora import LoRAConfig
 
 USAGE = (
     "python train/sft.py key=value ...   |   python train/sft.py --accuracy CHECKPOINT [--adapter DIR] [--problems N]"
@@ -80,24 +84,34 @@ def rewrite_overrides(overrides: List[str]) -> List[str]:
     return out
 
 
-def load_configs(overrides):
-    """The composed recipe and each group's validated config (pretraining's groups plus `sft` and `lora`)."""
+@dataclass
+class SFTSetup(PretrainSetup):
+    """A composed fine-tuning recipe: pretraining's groups plus `sft` and `lora` (None: full fine-tuning)."""
+
+    sft: SFTConfig
+    lora: Optional[LoRAConfig]
+
+
+def load_configs(overrides) -> SFTSetup:
+    """The composed recipe, validated against each group's dataclass."""
     from omegaconf import OmegaConf
 
     from latentforge.train.lora import LoRAConfig
     from latentforge.train.pretrain import load_configs as load_pretrain_configs
 
-    cfg, configs = load_pretrain_configs(rewrite_overrides(overrides))
-    node = cfg.get("sft")
-    configs["sft"] = SFTConfig.from_dict(OmegaConf.to_container(node, resolve=True) if node is not None else {})
-    node = cfg.get("lora")
-    configs["lora"] = LoRAConfig.from_dict(OmegaConf.to_container(node, resolve=True)) if node is not None else None
-    if configs["data"].kind != "sft":
+    base = load_pretrain_configs(rewrite_overrides(overrides))
+    sft_node, lora_node = base.recipe.get("sft"), base.recipe.get("lora")
+    setup = SFTSetup(
+        **{f.name: getattr(base, f.name) for f in fields(base)},
+        sft=SFTConfig.from_dict(OmegaConf.to_container(sft_node, resolve=True) if sft_node is not None else {}),
+        lora=LoRAConfig.from_dict(OmegaConf.to_container(lora_node, resolve=True)) if lora_node is not None else None,
+    )
+    if setup.data.kind != "sft":
         raise SFTConfigError(
-            f"data.kind is {configs['data'].kind!r}: fine-tuning reads chat data. Use a recipe with "
+            f"data.kind is {setup.data.kind!r}: fine-tuning reads chat data. Use a recipe with "
             "`override /data: synthetic_chat` (sft_tiny, lora_tiny) or set data.kind=sft"
         )
-    return cfg, configs
+    return setup
 
 
 # ----- the starting checkpoint ---------------------------------------------------------------------------------
@@ -383,8 +397,8 @@ def accuracy_main(args, overrides) -> int:
 
     if not any(o.startswith("recipe=") for o in overrides):
         overrides = ["recipe=sft_tiny", *overrides]  # the built-in chat set's settings
-    _, configs = load_configs(overrides)
-    data_cfg, sft_cfg = configs["data"], configs["sft"]
+    setup = load_configs(overrides)
+    data_cfg, sft_cfg = setup.data, setup.sft
     kind, path = resolve_source(args.accuracy)
     model, _ = load_model(path, args.adapter)
     tokenizer = starting_tokenizer(kind, path, data_cfg, model.cfg)
@@ -411,17 +425,17 @@ def run(overrides) -> int:
     from latentforge.train.run_dir import claim_run_dir
     from latentforge.train.trainer import Trainer
 
-    cfg, configs = load_configs(overrides)
-    train_cfg, sft_cfg, lora_cfg, data_cfg = configs["train"], configs["sft"], configs["lora"], configs["data"]
+    setup = load_configs(overrides)
+    train_cfg, sft_cfg, lora_cfg, data_cfg = setup.train, setup.sft, setup.lora, setup.data
     kind, start_path, model_cfg = starting_point(sft_cfg)
     if lora_cfg is not None:
         # the base stays frozen, its MoE routing bias included (an adapter is only valid on the base it was
         # trained against): no aux-loss-free balancing updates
         model_cfg = replace(model_cfg, expert_bias_update_rate=0.0)
         if lora_cfg.init_seed is None:  # the same adapter initialisation on every rank, whatever ran before
-            lora_cfg = replace(lora_cfg, init_seed=configs["train"].seed)
-            configs["lora"] = lora_cfg
-    configs["model"] = model_cfg  # the checkpoint's architecture, whatever the recipe's model group says
+            lora_cfg = replace(lora_cfg, init_seed=train_cfg.seed)
+            setup.lora = lora_cfg
+    setup.model = model_cfg  # the checkpoint's architecture, whatever the recipe's model group says
 
     world.init_distributed()
     claim = None
@@ -433,7 +447,7 @@ def run(overrides) -> int:
         tokenizer = starting_tokenizer(kind, start_path, data_cfg, model_cfg)
 
         torch.manual_seed(train_cfg.seed)
-        model = build_model(model_cfg, configs["precision"], kind, start_path, device)
+        model = build_model(model_cfg, setup.precision, kind, start_path, device)
         accuracy_before = None
         if sft_cfg.accuracy_problems and uses_builtin_chat(data_cfg) and is_rank0:
             solved, total, examples = heldout_accuracy(
@@ -453,7 +467,7 @@ def run(overrides) -> int:
                     flush=True,
                 )
 
-        runner = build_runner(model, model_cfg, configs["parallel"], configs["precision"])
+        runner = build_runner(model, model_cfg, setup.parallel, setup.precision)
         if lora_cfg is not None:
             failure = None
             try:
@@ -476,7 +490,7 @@ def run(overrides) -> int:
             split="train",
         )
 
-        write_extra = checkpoint_extra_writer(cfg, configs, tokenizer)
+        write_extra = checkpoint_extra_writer(setup, tokenizer)
         if lora_cfg is not None:
             base_writer = write_extra
 
@@ -496,7 +510,7 @@ def run(overrides) -> int:
             run_dir,
             device,
             world.world_size(),
-            OmegaConf.to_container(cfg, resolve=True),
+            OmegaConf.to_container(setup.recipe, resolve=True),
             extra=[validation] if validation is not None else [],
             tokenizer=tokenizer,
         )
@@ -504,7 +518,7 @@ def run(overrides) -> int:
             runner=runner,
             loader=loader,
             train_cfg=train_cfg,
-            optim_cfg=configs["optim"],
+            optim_cfg=setup.optim,
             checkpoints=CheckpointManager(
                 os.path.join(run_dir, "checkpoints"), train_cfg.keep_last, train_cfg.async_checkpoint
             ),
@@ -517,7 +531,7 @@ def run(overrides) -> int:
         resumed = trainer.resume_if_possible()
         if is_rank0:  # the launch is accepted (the checkpoint matches this model and tokenizer)
             with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-                f.write(OmegaConf.to_yaml(cfg, resolve=True))
+                f.write(OmegaConf.to_yaml(setup.recipe, resolve=True))
         world.barrier()
         if validation is not None and not resumed:
             validation.on_step_end(trainer, {"step": 0})  # the starting model's validation loss (step 0)
@@ -528,7 +542,7 @@ def run(overrides) -> int:
                 f"conversations, {loader.samples_per_epoch} packed rows per epoch",
                 flush=True,
             )
-            print_start(configs, trainer, run_dir, resumed, world.world_size(), device)
+            print_start(setup, trainer, run_dir, resumed, world.world_size(), device)
         reason = trainer.fit()
         if runner.is_metrics_rank:
             print(

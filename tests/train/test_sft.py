@@ -12,7 +12,17 @@ from latentforge.model.hf import save_pretrained
 from latentforge.train.callbacks.jsonl import read_jsonl
 from latentforge.train.lora import lora_parameters
 from latentforge.train.lora.checkpoint import load_model
-from latentforge.train.sft import SFTConfigError, greedy_completions, rewrite_overrides, run, validation_loss
+from latentforge.train.lora import LoRAConfig
+from latentforge.train.sft import (
+    SFTConfig,
+    SFTConfigError,
+    SFTSetup,
+    greedy_completions,
+    load_configs,
+    rewrite_overrides,
+    run,
+    validation_loss,
+)
 
 WORDS = (
     "What is 12 + 3 * 4? First the multiplication: 3 * 4 = 12. Then 12 + 12 = 24. Answer: 24. "
@@ -182,6 +192,16 @@ def test_starting_checkpoint_problems_are_clear_errors(start, tmp_path):
 def test_data_path_is_one_file():
     assert rewrite_overrides(["data.path=my.jsonl", "train.steps=3"]) == ["data.paths=[my.jsonl]", "train.steps=3"]
     assert rewrite_overrides(["+data.path=[a.jsonl,b.jsonl]"]) == ["data.paths=[a.jsonl,b.jsonl]"]
+
+
+def test_load_configs_returns_the_typed_setup():
+    full = load_configs(["recipe=sft_tiny", "sft.eval_batches=3", "data.path=chats.jsonl"])
+    assert isinstance(full, SFTSetup) and isinstance(full.sft, SFTConfig) and full.lora is None
+    assert full.sft.eval_batches == 3 and full.data.paths == ["chats.jsonl"] and full.recipe.sft.eval_batches == 3
+    adapters = load_configs(["recipe=lora_tiny", "lora.rank=4"])
+    assert isinstance(adapters.lora, LoRAConfig) and adapters.lora.rank == 4
+    with pytest.raises(SFTConfigError, match="data.kind"):
+        load_configs(["recipe=sft_tiny", "data.kind=pretrain"])
 
 
 def test_cached_greedy_decoding_matches_recomputation():
