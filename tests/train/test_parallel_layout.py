@@ -184,9 +184,10 @@ def test_plan_counts_every_parameter_once_and_shards_per_gpu():
     _, single = layout_plan(cfg, ParallelConfig(), 1)
     assert single[0].parameters == total and single[0].parameters_per_gpu == total
     layout, plans = layout_plan(cfg, ParallelConfig(pp=2, dp_shard=2), 4)
-    assert sum(p.parameters for p in plans) == total
+    copy = cfg.vocab_size * cfg.hidden_size  # the last stage's embedding copy for the MTP block
+    assert sum(p.parameters for p in plans) == total + copy
     bias = cfg.num_experts * (cfg.count("moe") + 1)  # expert-bias buffers stay whole on every rank
-    assert sum(p.parameters_per_gpu for p in plans) == pytest.approx((total - bias) / 2 + bias)
+    assert sum(p.parameters_per_gpu for p in plans) == pytest.approx((total + copy - bias) / 2 + bias)
     assert "pp rank 1" in format_plan(layout, plans)
     _, ep = layout_plan(cfg, ParallelConfig(ep=2, dp_shard=2), 2)
     experts = ep[0].expert_parameters
@@ -198,6 +199,8 @@ def test_plan_of_super_120b_on_64_h100():
     from latentforge.train.parallel import layout_plan
 
     cfg = compose(["recipe=super_120b", "parallel=super_64xh100"])
-    layout, plans = layout_plan(model_config_from(cfg), ParallelConfig.from_dict(cfg.parallel), 64)
-    assert sum(p.parameters for p in plans) == 123_611_033_088  # SPEC section 2, with MTP
+    model_cfg = model_config_from(cfg)
+    layout, plans = layout_plan(model_cfg, ParallelConfig.from_dict(cfg.parallel), 64)
+    copy = model_cfg.vocab_size * model_cfg.hidden_size if layout.pp > 1 else 0  # the last stage's for MTP
+    assert sum(p.parameters for p in plans) == 123_611_033_088 + copy  # SPEC section 2, with MTP
     assert all(p.parameters_per_gpu * 16 < 80 * 2**30 for p in plans)  # weights + AdamW fit an 80 GB H100

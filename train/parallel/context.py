@@ -54,8 +54,8 @@ class TrunkOutput:
     """What a loss hook gets from the last stage, for this rank's token slice (CP chunk, then TP piece).
 
     `mtp_embeddings[k-1]` is the embedding of input_ids shifted left by k (computed on the last stage, which holds
-    the embedding or, under pipeline parallelism, its own copy of it: stage.py) and `mtp_labels[k-1]` the labels shifted left by k (shifted on the full sequence, then
-    sliced): `mtp_hidden()` runs the MTP recursion on them (every rank must run it equally often: its layers hold
+    the embedding or, under pipeline parallelism, its own copy of it: stage.py) and `mtp_labels[k-1]` the labels
+    shifted left by k (shifted on the full sequence, then sliced): `mtp_hidden()` runs the MTP recursion on them (every rank must run it equally often: its layers hold
     collectives); the MoE balance loss of the depths it ran is added by the runner."""
 
     hidden: torch.Tensor  # (b, s_local, H), after norm_f

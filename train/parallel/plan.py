@@ -80,6 +80,8 @@ def layout_plan(
             named.append(("norm_f.weight", model.backbone.norm_f.weight, None))
             named.append(("lm_head.weight", model.lm_head.weight, None))
             if model.mtp is not None:
+                if stage > 0:  # the last stage's own embedding copy for the MTP block (stage.py)
+                    named.append(("embeddings.weight", model.backbone.embeddings.weight, None))
                 kinds = ("attention", "moe")
                 for j, layer in enumerate(model.mtp.layers):
                     named += [(n, t, kinds[j]) for n, t in layer.state_dict(keep_vars=True).items()]
