@@ -1,8 +1,8 @@
 """Pipeline parallelism with MTP: the last stage holds its own copy of the embedding for the MTP block (stage.py),
 so stage boundaries carry only (micro-batch index, hidden state).
 
-Checked against one process (the tiny model with MoE and two MTP depths, fp32, gloo): a PP=2 1F1B run and a PP=3
-GPipe run (whose first/last embedding group is a new two-rank group) give the single-process losses, grad norm
+Checked against one process (the tiny model with MoE and two MTP depths, fp32, gloo): a PP=2 1F1B run, a PP=3
+GPipe run (whose first/last embedding group is a new two-rank group) and PP=2 x TP=2 give the single-process losses, grad norm
 (the copy counted once) and every gradient, the embedding's included (the reference is the one-process model's
 embedding gradient, LM and MTP paths together); the boundary carries one hidden state; the two copies are
 bitwise equal after several AdamW steps; a PP=2 checkpoint holds the embedding once and loads into one process,
@@ -28,8 +28,8 @@ def _train_worker(rank, world_size, parallel, checkpoint_dir):
 
 @pytest.mark.parametrize(
     "parallel, world",
-    [(dict(pp=2), 2), (dict(pp=3, pp_schedule="gpipe"), 3)],
-    ids=["pp2_1f1b", "pp3_gpipe"],
+    [(dict(pp=2), 2), (dict(pp=3, pp_schedule="gpipe"), 3), (dict(pp=2, tp=2), 4)],
+    ids=["pp2_1f1b", "pp3_gpipe", "pp2_x_tp2"],
 )
 def test_pipeline_with_mtp_matches_single_process(parallel, world, tmp_path):
     checkpoint_dir = str(tmp_path / "ckpt")
@@ -37,7 +37,8 @@ def test_pipeline_with_mtp_matches_single_process(parallel, world, tmp_path):
     reference = reference_run()
     assert_same_training(reference, results)
     # the embedding's gradient and final value come from the last stage's copy (merged last): also the first's
-    first_state, last_state = restore(results[0][1]), restore(results[-1][1])
+    owners = [restore(state) for _, state in results if state]  # one rank per stage, in stage order
+    first_state, last_state = owners[0], owners[-1]
     assert EMBEDDING in first_state and EMBEDDING in last_state
     assert torch.equal(first_state[EMBEDDING], last_state[EMBEDDING])
     assert torch.equal(first_state["grad:" + EMBEDDING], last_state["grad:" + EMBEDDING])
