@@ -19,7 +19,7 @@ import numpy as np
 
 from latentforge.data.config import BUILTIN_STDLIB, SPLITS, DataConfig, resolve_cache_dir, split_shares
 from latentforge.data.indexed import inspect_prefix, normalize_prefix
-from latentforge.data.loader import BatchLoader, seq_idx_from_eod
+from latentforge.data.loader import BatchLoader, MixedLengthLoader, seq_idx_from_eod
 from latentforge.data.tokenizer import Tokenizer
 from latentforge.data.util import derive_seed, megatron_datasets
 
@@ -232,3 +232,31 @@ def build_pretrain_loader(
         cfg, tokenizer, prefixes, seq_len=seq_len, seed=cfg.seed if seed is None else seed, split=split
     )
     return BatchLoader(source, tokenizer, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+
+
+def build_mixed_length_pretrain_loader(
+    cfg,
+    tokenizer: Tokenizer,
+    *,
+    micro_batch_sizes: Dict[int, int],
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    seed: Optional[int] = None,
+    split: str = "train",
+) -> MixedLengthLoader:
+    """The data of a run with train.seq_len_schedule: one stream per sequence length (`micro_batch_sizes`: length ->
+    sequences per micro-batch), each the blended pretraining stream cut at that length, as build_pretrain_loader
+    builds it; call it on every rank, like build_pretrain_loader."""
+    cfg = DataConfig.from_any(cfg)
+    if cfg.kind != "pretrain":
+        raise ValueError(f"train.seq_len_schedule needs data.kind=pretrain, got {cfg.kind!r}")
+    prefixes = resolve_pretrain_prefixes(cfg, tokenizer)
+    streams = {}
+    for seq_len, micro_batch_size in micro_batch_sizes.items():
+        source = PretrainSource(
+            cfg, tokenizer, prefixes, seq_len=seq_len, seed=cfg.seed if seed is None else seed, split=split
+        )
+        streams[seq_len] = BatchLoader(
+            source, tokenizer, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size
+        )
+    return MixedLengthLoader(streams)

@@ -7,7 +7,7 @@ with the field named and the fix (as `model.ModelConfig` does).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from latentforge.model.errors import UserError
 from latentforge.model.schema import from_dict
@@ -91,6 +91,10 @@ class TrainConfig:
     seq_len: int = 256
     micro_batch_size: int = 4  # sequences per forward/backward on one data-parallel rank
     global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
+    # lengths that change per step at the token budget global_batch_size x seq_len (train/seq_schedule.py):
+    # [1048576, 4096] alternates the two every step; [{seq_len: 4096, steps: 100}, {seq_len: 65536, steps: 50}]
+    # runs phases, cycling; [] is train.seq_len on every step
+    seq_len_schedule: List[Any] = field(default_factory=list)
     seed: int = 0
 
     log_interval: int = 1  # console line / JSONL / W&B every this many steps
@@ -151,6 +155,10 @@ class TrainConfig:
             self.stop_at_step is None or 0 < self.stop_at_step <= self.steps,
             f"train.stop_at_step must be in (0, train.steps={self.steps}] or null, got {self.stop_at_step}",
         )
+        if self.seq_len_schedule:  # a bad schedule fails here, when the recipe loads, not when its phase comes
+            from .seq_schedule import SeqLenSchedule
+
+            SeqLenSchedule.of(self)
 
     def grad_accumulation(self, dp_size: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank; the sizes must divide exactly."""

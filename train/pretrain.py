@@ -85,7 +85,7 @@ def load_configs(overrides) -> PretrainSetup:
     def plain(node) -> dict:
         return plain_values(node) if node is not None else {}
 
-    return PretrainSetup(
+    setup = PretrainSetup(
         model=model_config_from(cfg),
         train=TrainConfig.from_dict(plain(cfg.train)),
         optim=OptimConfig.from_dict(plain(cfg.optim)),
@@ -94,6 +94,11 @@ def load_configs(overrides) -> PretrainSetup:
         data=DataConfig.from_any(plain(cfg.data)),
         recipe=cfg,
     )
+    if setup.train.seq_len_schedule:  # every length must run on the layout: refused now, not when its phase comes
+        from latentforge.train.seq_schedule import SeqLenSchedule, check_schedule_layout
+
+        check_schedule_layout(SeqLenSchedule.of(setup.train), setup.model, setup.parallel)
+    return setup
 
 
 def planned_world_size(pc, requested) -> int:
@@ -110,18 +115,25 @@ def print_plan(setup: PretrainSetup, world_size: int) -> None:
     from latentforge.train.parallel.config import validate_layout
     from latentforge.train.plan import format_plan
 
-    train_cfg = setup.train
-    layout = validate_layout(setup.model, setup.parallel, world_size, seq_len=train_cfg.seq_len)
-    print(
-        format_plan(
-            setup.model,
-            setup.parallel,
-            layout,
-            seq_len=train_cfg.seq_len,
-            micro_batch_size=train_cfg.micro_batch_size,
-            global_batch_size=train_cfg.global_batch_size,
+    from latentforge.train.seq_schedule import SeqLenSchedule
+
+    layout = validate_layout(setup.model, setup.parallel, world_size, seq_len=setup.train.seq_len)
+    # with train.seq_len_schedule, one plan per length: activation memory is decided by the longest micro-batch
+    shapes = SeqLenSchedule.of(setup.train, layout.dp).shape_by_seq_len.values()
+    for shape in shapes:
+        if len(shapes) > 1:
+            print(f"train.seq_len_schedule phase(s) at {shape.seq_len} tokens:")
+        validate_layout(setup.model, setup.parallel, world_size, seq_len=shape.seq_len)
+        print(
+            format_plan(
+                setup.model,
+                setup.parallel,
+                layout,
+                seq_len=shape.seq_len,
+                micro_batch_size=shape.micro_batch_size,
+                global_batch_size=shape.global_batch_size,
+            )
         )
-    )
 
 
 def run_dir_of(train_cfg) -> str:
@@ -158,6 +170,31 @@ def checkpoint_extra_writer(setup: PretrainSetup, tokenizer):
     return write
 
 
+def build_loader(setup: PretrainSetup, tokenizer, dp_rank: int, dp_size: int):
+    """The pretraining batches of one data-parallel rank: one stream, or one per length of train.seq_len_schedule."""
+    from latentforge.data.pretrain import build_mixed_length_pretrain_loader, build_pretrain_loader
+    from latentforge.train.seq_schedule import SeqLenSchedule
+
+    train_cfg = setup.train
+    if not train_cfg.seq_len_schedule:
+        return build_pretrain_loader(
+            setup.data,
+            tokenizer,
+            seq_len=train_cfg.seq_len,
+            micro_batch_size=train_cfg.micro_batch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+        )
+    schedule = SeqLenSchedule.of(train_cfg, dp_size)
+    return build_mixed_length_pretrain_loader(
+        setup.data,
+        tokenizer,
+        micro_batch_sizes={length: shape.micro_batch_size for length, shape in schedule.shape_by_seq_len.items()},
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )
+
+
 def build_model(setup: PretrainSetup, device):
     from latentforge.model import HybridModel
     from latentforge.train.precision import apply_precision
@@ -178,7 +215,6 @@ def main(argv=None) -> int:
         print_plan(setup, planned_world_size(setup.parallel, args.world_size))
         return 0
 
-    from latentforge.data.pretrain import build_pretrain_loader
     from latentforge.data.tokenizer import load_tokenizer
     from latentforge.model.params import training_flops_per_token
     from latentforge.train import distributed as world
@@ -207,14 +243,7 @@ def main(argv=None) -> int:
         torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
         model, _ = build_model(setup, device)
         runner = build_runner(model, model_cfg, setup.parallel, setup.precision)
-        loader = build_pretrain_loader(
-            data_cfg,
-            tokenizer,
-            seq_len=train_cfg.seq_len,
-            micro_batch_size=train_cfg.micro_batch_size,
-            dp_rank=runner.dp_rank,
-            dp_size=runner.dp_size,
-        )
+        loader = build_loader(setup, tokenizer, runner.dp_rank, runner.dp_size)
 
         from omegaconf import OmegaConf
 
@@ -293,9 +322,23 @@ def print_start(setup: PretrainSetup, trainer, run_dir, resumed, world_size, dev
         ),
         f"schedule   {setup.optim.schedule}, peak lr {setup.optim.lr:g}, {train_cfg.steps} steps"
         + (f", this launch stops at {train_cfg.stop_at_step}" if train_cfg.stop_at_step else ""),
+        *seq_len_schedule_lines(trainer),
         "start      " + (f"resumed from {resumed} at step {trainer.state.step}" if resumed else "step 0 (new run)"),
     ]
     print("\n".join(lines), flush=True)
+
+
+def seq_len_schedule_lines(trainer) -> list:
+    """One line per phase of train.seq_len_schedule (none without one)."""
+    schedule, dp_size = trainer.seq_schedule, trainer.runner.dp_size
+    if not trainer.cfg.seq_len_schedule:
+        return []
+    return [
+        f"seq_len    phase {index}: {phase.steps} step(s) at {shape.seq_len} tokens, {shape.global_batch_size} "
+        f"sequences per step, micro-batch {shape.micro_batch_size} x {shape.grad_accumulation(dp_size)} per "
+        f"data-parallel rank ({schedule.tokens_per_step} tokens per step, cycling every {schedule.cycle} steps)"
+        for index, (phase, shape) in enumerate(zip(schedule.phases, schedule.shapes))
+    ]
 
 
 if __name__ == "__main__":

@@ -106,6 +106,11 @@ def load_configs(overrides) -> SFTSetup:
         sft=SFTConfig.from_dict(OmegaConf.to_container(sft_node, resolve=True) if sft_node is not None else {}),
         lora=LoRAConfig.from_dict(OmegaConf.to_container(lora_node, resolve=True)) if lora_node is not None else None,
     )
+    if setup.train.seq_len_schedule:
+        raise SFTConfigError(
+            "train.seq_len_schedule is for pretraining: fine-tuning packs conversations into rows of train.seq_len; "
+            "remove it (train.seq_len_schedule=[])"
+        )
     if setup.data.kind != "sft":
         raise SFTConfigError(
             f"data.kind is {setup.data.kind!r}: fine-tuning reads chat data. Use a recipe with "

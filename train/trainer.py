@@ -24,6 +24,7 @@ from .checkpoint import CheckpointManager, checkpoint_keys, pack, unpack
 from .config import OptimConfig, TrainConfig
 from .optim import OptimizerContainer, step_if_finite
 from .schedule import LRSchedule
+from .seq_schedule import SeqLenSchedule, StepShape
 
 
 class NonFiniteLossError(RuntimeError):
@@ -133,6 +134,13 @@ class Trainer:
         self.write_checkpoint_extra = write_checkpoint_extra
 
         self.grad_accumulation = train_cfg.grad_accumulation(runner.dp_size)
+        # the (seq_len, micro-batch, global batch) of every step; one shape without train.seq_len_schedule
+        self.seq_schedule = SeqLenSchedule.of(train_cfg, runner.dp_size)
+        if train_cfg.seq_len_schedule and not hasattr(loader, "stream"):
+            raise TypeError(
+                "train.seq_len_schedule needs a loader with one stream per length (data.loader.MixedLengthLoader, "
+                f"built by data.pretrain.build_mixed_length_pretrain_loader), got {type(loader).__name__}"
+            )
         self.optimizer = OptimizerContainer(runner.model_parts, optim_cfg)
         self.schedule = LRSchedule(optim_cfg, train_cfg.steps)
         self.state = TrainState(
@@ -312,17 +320,36 @@ class Trainer:
             return f"none ({error})"
 
     # ----- the step --------------------------------------------------------------------------------------------
-    def _next_micro_batches(self) -> list:
+    def step_shape(self, step: int) -> StepShape:
+        """The sequence length and batch sizes of step `step` (counted from 1)."""
+        return self.seq_schedule.shape(step)
+
+    def _micro_batch_source(self, seq_len: int):
+        if self.cfg.seq_len_schedule:  # each length reads its own stream (data.loader.MixedLengthLoader)
+            return self.loader.stream(seq_len)
         if self._batches is None:
             self._batches = iter(self.loader)
+        return self._batches
+
+    def _next_micro_batches(self, shape: StepShape) -> list:
+        source = self._micro_batch_source(shape.seq_len)
         micro = []
-        for _ in range(self.grad_accumulation):
+        for _ in range(shape.grad_accumulation(self.runner.dp_size)):
             try:
-                batch = next(self._batches)
+                batch = next(source)
             except StopIteration:
                 raise RuntimeError(
                     f"the data loader ran out at step {self.state.step}: give it more data or fewer train.steps"
                 ) from None
+            if self.cfg.seq_len_schedule and tuple(batch["input_ids"].shape) != (
+                shape.micro_batch_size,
+                shape.seq_len,
+            ):
+                raise RuntimeError(
+                    f"step {self.state.step + 1} of train.seq_len_schedule wants micro-batches of "
+                    f"{shape.micro_batch_size} x {shape.seq_len} tokens, the loader gave "
+                    f"{tuple(batch['input_ids'].shape)}"
+                )
             micro.append(
                 {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             )
@@ -331,7 +358,8 @@ class Trainer:
     def train_step(self) -> dict:
         started = time.perf_counter()
         step = self.state.step
-        micro_batches = self._next_micro_batches()
+        shape = self.step_shape(step + 1)
+        micro_batches = self._next_micro_batches(shape)
         data_time = time.perf_counter() - started
 
         self.optimizer.zero_grad()
@@ -368,6 +396,8 @@ class Trainer:
             "grad_norm": grad_norm,
             "lr": lr,
             "tokens": self.tokens_per_step,
+            "seq_len": shape.seq_len,
+            "micro_batch_size": shape.micro_batch_size,
             "target_tokens": int(_float(result["tokens"])) if result.get("tokens") is not None else None,
             "tokens_seen": self.state.tokens_seen,
             "skipped": skipped,

@@ -1,0 +1,270 @@
+"""train.seq_len_schedule: the resolver against a hand expansion, bad schedules refused when the recipe loads, the
+per-length data streams and their saved positions, and `train/pretrain.py` runs alternating lengths: the logged
+shapes follow the schedule at a constant token budget, a resume at and inside a phase equals the uninterrupted
+run bitwise, the first long step equals a plain run at that length, and CP=2 on 2 processes equals one process."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from latentforge.data.loader import BatchLoader, MixedLengthLoader
+from latentforge.train.callbacks.jsonl import read_jsonl
+from latentforge.train.config import TrainConfig, TrainConfigError
+from latentforge.train.parallel import ParallelConfig
+from latentforge.train.pretrain import PretrainSetup, load_configs
+from latentforge.train.seq_schedule import SeqLenSchedule, SeqLenScheduleError, StepShape, check_schedule_layout
+
+
+# ----- the resolver ----------------------------------------------------------------------------------------------
+def reference_shapes(phases, steps, seq_len, micro, global_batch):
+    """Expand the phases by hand, step by step, into (seq_len, micro, global) at the same token budget."""
+    tokens, out = seq_len * global_batch, []
+    while len(out) < steps:
+        for phase in phases:
+            length, count = (phase, 1) if isinstance(phase, int) else (phase["seq_len"], phase["steps"])
+            for _ in range(count):
+                out.append(StepShape(length, max(1, micro * seq_len // length), tokens // length))
+    return out[:steps]
+
+
+def test_alternation_keeps_token_budget_and_matches_hand_expansion():
+    phases = [{"seq_len": 1024, "steps": 1}, {"seq_len": 64, "steps": 1}]
+    schedule = SeqLenSchedule(phases, seq_len=64, micro_batch_size=4, global_batch_size=32)
+    got = [schedule.shape(step) for step in range(1, 9)]
+    assert got == reference_shapes(phases, 8, 64, 4, 32)
+    assert {shape.seq_len * shape.global_batch_size for shape in got} == {64 * 32}
+    assert got[0] == StepShape(1024, 1, 2) and got[1] == StepShape(64, 4, 32)
+    bare = SeqLenSchedule([1024, 64], seq_len=64, micro_batch_size=4, global_batch_size=32)
+    assert [bare.shape(step) for step in range(1, 9)] == got  # a bare length is one step
+
+
+def test_the_million_and_4k_alternation():
+    schedule = SeqLenSchedule([1048576, 4096], seq_len=1048576, micro_batch_size=1, global_batch_size=16)
+    assert schedule.shape(1) == StepShape(1048576, 1, 16) and schedule.shape(2) == StepShape(4096, 256, 4096)
+    assert schedule.shape(2026).seq_len == 4096 and schedule.shape(2027).seq_len == 1048576
+
+
+def test_phases_of_several_steps_cycle():
+    phases = [{"seq_len": 128, "steps": 3}, {"seq_len": 512, "steps": 2}]
+    schedule = SeqLenSchedule(phases, seq_len=128, micro_batch_size=2, global_batch_size=8)
+    got = [schedule.shape(step).seq_len for step in range(1, 12)]
+    assert got == [128, 128, 128, 512, 512, 128, 128, 128, 512, 512, 128]
+    assert [s.seq_len for s in reference_shapes(phases, 11, 128, 2, 8)] == got
+    assert schedule.shape(4).grad_accumulation(dp_size=1) == 2  # 2 sequences of 512 per step, one per micro-batch
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ([{"seq_len": 0, "steps": 1}], "positive integers"),
+        ([{"seq_len": 64}], "must be a length or {seq_len: int, steps: int}"),
+        ([{"seq_len": 64, "steps": 1, "micro": 2}], "must be a length or"),
+        (["64"], "must be a length or"),
+        ([{"seq_len": 96, "steps": 1}], "does not divide the step's token budget"),
+        ([{"seq_len": 256, "steps": 1}], "do not split into micro-batches"),
+    ],
+)
+def test_bad_schedules_give_one_clear_line(raw, fragment):
+    with pytest.raises(SeqLenScheduleError) as error:
+        SeqLenSchedule(raw, seq_len=64, micro_batch_size=2, global_batch_size=8, dp_size=4)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+    assert "train.seq_len_schedule[0]" in str(error.value)
+
+
+def test_a_bad_schedule_fails_when_the_recipe_loads():
+    setup = load_configs(["recipe=tiny", "train.seq_len_schedule=[{seq_len:256,steps:2},{seq_len:64,steps:1}]"])
+    assert isinstance(setup, PretrainSetup) and isinstance(setup.train, TrainConfig)
+    assert setup.train.seq_len_schedule == [{"seq_len": 256, "steps": 2}, {"seq_len": 64, "steps": 1}]
+    assert load_configs(["recipe=tiny"]).train.seq_len_schedule == []  # the dataclass default: one length
+    with pytest.raises(TrainConfigError, match=r"train.seq_len_schedule\[1\].seq_len=96 does not divide"):
+        load_configs(["recipe=tiny", "train.seq_len_schedule=[128,96]"])
+    # under CP every length must split into whole Mamba chunks per rank (tiny: chunk_size 32, so cp=2 needs 64)
+    with pytest.raises(TrainConfigError, match=r"\[1\].seq_len=32: with cp \(2\) each rank holds 16 tokens"):
+        load_configs(["recipe=tiny", "parallel.cp=2", "train.seq_len_schedule=[256,32]"])
+
+
+def test_the_load_balanced_cp_order_needs_lengths_divisible_by_2cp():
+    from latentforge.model import ModelConfig
+
+    model = ModelConfig(pattern="*", hidden_size=32, vocab_size=64, num_attention_heads=2, num_key_value_heads=1)
+    schedule = SeqLenSchedule([100, 20], seq_len=100, micro_batch_size=1, global_batch_size=4)
+    check_schedule_layout(schedule, model, ParallelConfig(cp=4, cp_load_balance=False))
+    with pytest.raises(SeqLenScheduleError, match=r"\[0\].seq_len=100 is not divisible by 2 x parallel.cp = 8"):
+        check_schedule_layout(schedule, model, ParallelConfig(cp=4))
+
+
+# ----- the per-length data streams -------------------------------------------------------------------------------
+class CountingTokenizer:
+    def fingerprint(self) -> dict:
+        return {"kind": "counting"}
+
+    def check_matches(self, recorded: dict, what: str) -> None:
+        assert recorded == self.fingerprint(), what
+
+
+class NumberedSource:
+    """Sample i of length L holds L copies of 1000 L + i: every token names its stream and its sample."""
+
+    samples_per_epoch = 1000
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+
+    def prepare(self, start: int, stop: int) -> None:
+        pass
+
+    def sample(self, index: int):
+        row = np.full(self.seq_len, 1000 * self.seq_len + index, dtype=np.int64)
+        return {"input_ids": row, "labels": row, "seq_idx": np.zeros(self.seq_len, dtype=np.int32)}
+
+    def identity(self) -> dict:
+        return {"seq_len": self.seq_len}
+
+
+def mixed(micro_batch_sizes, dp_rank=0, dp_size=1):
+    return MixedLengthLoader(
+        {
+            length: BatchLoader(
+                NumberedSource(length), CountingTokenizer(), micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size
+            )
+            for length, micro in micro_batch_sizes.items()
+        }
+    )
+
+
+def first_tokens(loader, length, count):
+    return [next(loader.stream(length))["input_ids"][:, 0].tolist() for _ in range(count)]
+
+
+def test_each_length_reads_its_own_stream_and_a_restored_position_repeats_the_batches():
+    loader = mixed({8: 1, 2: 4}, dp_rank=1, dp_size=2)
+    assert first_tokens(loader, 8, 2) == [[8001], [8003]]  # dp rank 1 takes the second of every 2 samples
+    assert first_tokens(loader, 2, 1) == [[2004, 2005, 2006, 2007]]
+    saved = loader.state_dict()
+    expected = first_tokens(loader, 8, 1) + first_tokens(loader, 2, 2)
+    resumed = mixed({8: 1, 2: 4}, dp_rank=1, dp_size=2)
+    resumed.load_state_dict(saved)
+    assert first_tokens(resumed, 8, 1) + first_tokens(resumed, 2, 2) == expected
+    with pytest.raises(KeyError, match="no data stream of sequence length 4"):
+        resumed.stream(4)
+
+
+def test_positions_carry_over_when_a_schedule_is_added_or_removed():
+    plain = BatchLoader(NumberedSource(8), CountingTokenizer(), micro_batch_size=2, dp_rank=0, dp_size=1)
+    next(plain)
+    scheduled = mixed({8: 2, 2: 8})
+    scheduled.load_state_dict(plain.state_dict())  # the stream of the old length continues, the new one starts
+    assert first_tokens(scheduled, 8, 1) == [[8002, 8003]] and first_tokens(scheduled, 2, 1)[0][0] == 2000
+    back = BatchLoader(NumberedSource(8), CountingTokenizer(), micro_batch_size=2, dp_rank=0, dp_size=1)
+    back.load_state_dict(scheduled.state_dict())
+    assert next(back)["input_ids"][:, 0].tolist() == [8004, 8005]
+    other = BatchLoader(NumberedSource(4), CountingTokenizer(), micro_batch_size=2, dp_rank=0, dp_size=1)
+    with pytest.raises(ValueError, match=r"sequence lengths \[2, 8\]"):
+        other.load_state_dict(scheduled.state_dict())
+
+
+# ----- train/pretrain.py runs ------------------------------------------------------------------------------------
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PRETRAIN = os.path.join(REPO, "train", "pretrain.py")
+STEPS = 6
+# a token budget of 4 x 128 = 512 per step: 2 steps of 2 x 256 tokens, then 1 step of 8 x 64, cycling
+SCHEDULED = [
+    "recipe=tiny",
+    "train.seq_len=128",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=4",
+    f"train.steps={STEPS}",
+    "data.stdlib_max_mb=1",
+    "data.tokenizer.train_max_mb=1",
+    "train.log_interval=1",
+    "train.progress_bar=false",
+    "optim.warmup_steps=2",
+    "train.export_hf=false",
+]
+SCHEDULE = "train.seq_len_schedule=[{seq_len:256,steps:2},{seq_len:64,steps:1}]"
+EXPECTED_LENGTHS = [256, 256, 64, 256, 256, 64]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    values = dict(os.environ)
+    values.update(
+        LATENTFORGE_CACHE=str(tmp_path_factory.mktemp("cache")),
+        WANDB_MODE="disabled",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return values
+
+
+def pretrain(env, *overrides, nproc=1):
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [*launcher, PRETRAIN, *SCHEDULED, *overrides]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def records_by_step(run_dir) -> dict:
+    """The last record of every step (a resumed run appends after the records of the run it continues)."""
+    return {r["step"]: r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))}
+
+
+@pytest.fixture(scope="module")
+def straight(env, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("straight"))
+    out = pretrain(env, f"train.run_dir={run_dir}", SCHEDULE)
+    return records_by_step(run_dir), out
+
+
+def test_logged_lengths_follow_the_schedule_at_a_constant_token_budget(straight):
+    records, out = straight
+    assert sorted(records) == list(range(1, STEPS + 1))
+    assert [records[s]["seq_len"] for s in records] == EXPECTED_LENGTHS
+    assert [records[s]["micro_batch_size"] for s in records] == [1, 1, 4, 1, 1, 4]
+    assert {records[s]["tokens"] for s in records} == {512}
+    assert [records[s]["tokens_seen"] for s in records] == [512 * s for s in range(1, STEPS + 1)]
+    assert "phase 1: 1 step(s) at 64 tokens, 8 sequences per step, micro-batch 4 x 2" in out
+
+
+def test_the_first_long_step_equals_a_plain_run_at_that_length(straight, env, tmp_path):
+    """The 256-token stream is the data a run at seq_len 256 (2 sequences per step) reads: its first step's loss."""
+    plain = str(tmp_path / "plain")
+    pretrain(
+        env,
+        f"train.run_dir={plain}",
+        "train.seq_len=256",
+        "train.micro_batch_size=1",
+        "train.global_batch_size=2",
+        "train.stop_at_step=1",
+    )
+    assert records_by_step(plain)[1]["loss"] == straight[0][1]["loss"]
+
+
+@pytest.mark.slow
+def test_resume_at_and_inside_a_phase_equals_the_uninterrupted_run_bitwise(straight, env, tmp_path):
+    run_dir = str(tmp_path / "resumed")
+    # stop after step 2: the resume starts right at the change to 64 tokens; after step 4: inside a 256-token phase
+    for stop in (2, 4, STEPS):
+        out = pretrain(env, f"train.run_dir={run_dir}", SCHEDULE, f"train.stop_at_step={stop}")
+        if stop > 2:
+            assert f"step_{stop - 2:08d} at step {stop - 2}" in out
+    expected, got = straight[0], records_by_step(run_dir)
+    assert sorted(got) == sorted(expected)
+    assert [got[s]["loss"] for s in got] == [expected[s]["loss"] for s in got]
+    assert [got[s]["seq_len"] for s in got] == EXPECTED_LENGTHS
+
+
+@pytest.mark.slow
+def test_the_schedule_under_cp2_on_two_processes_equals_one_process(straight, env, tmp_path):
+    run_dir = str(tmp_path / "cp2")
+    pretrain(env, f"train.run_dir={run_dir}", SCHEDULE, "parallel.cp=2", nproc=2)
+    expected, got = straight[0], records_by_step(run_dir)
+    assert [got[s]["seq_len"] for s in sorted(got)] == EXPECTED_LENGTHS
+    for step in expected:
+        assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-4, abs=1e-4), step
