@@ -1,8 +1,9 @@
 """The per-block kernels of context-parallel attention (train/parallel/cp_attention.py) against plain full attention
 written out here (scores, mask, softmax in float64; no SDPA): values and gradients in fp32 to 1e-5 for the SDPA
 block kernel and the hand-written one, with grouped-query heads, causal + document masks, query rows that see
-nothing in some key blocks, blocks of uneven size, a permuted token order; the unmasked-block fast path; and what
-the autograd graph keeps for the backward under CP2 (this rank's shard only: O(s/cp)).
+nothing in some key blocks, blocks of uneven size, a permuted token order; the unmasked-block fast path, its
+host-side flags in block_plan, a block loop that reads nothing back from the device; and what the autograd graph
+keeps for the backward under CP2 (this rank's shard only: O(s/cp)).
 """
 
 import pytest
@@ -92,6 +93,53 @@ def test_unmasked_blocks_pass_no_mask_and_empty_rows_are_dropped(monkeypatch):
     two_documents = one_document.clone()
     two_documents[:, 10:] = 1
     _check("sdpa", q[:1], k[:1], v[:1], torch.arange(32), two_documents, block=8)
+
+
+@pytest.mark.parametrize("block", [5, 8, 12])
+def test_block_plan_flags_masked_blocks_on_the_host(block):
+    """Each visited block's "needs a mask" flag equals "some pair is hidden" from the pairwise rule written out here,
+    in permuted and natural order, with documents starting inside and at block starts; skipped blocks see nothing."""
+    from latentforge.train.parallel.token_order import TokenOrder
+
+    _, _, _, doc = _inputs(48)
+    natural, permuted = torch.arange(48), TokenOrder.choose(48, cp=4, load_balance=True).all_positions()
+    for pos, docs in ((natural, doc), (permuted, doc[:, permuted]), (natural, doc[:1])):
+        plan = cp_attention.block_plan(pos, pos, docs, docs, block)
+        for q0, q1, visits in plan:
+            visited = {(k0, k1) for k0, k1, _ in visits}
+            for k0 in range(0, 48, block):
+                k1 = min(k0 + block, 48)
+                causal = pos[None, k0:k1] <= pos[q0:q1, None]
+                if (k0, k1) not in visited:
+                    assert not causal.any()
+                    continue
+                needs_mask = next(m for a, b, m in visits if (a, b) == (k0, k1))
+                allowed = causal[None] & (docs[:, q0:q1, None] == docs[:, None, k0:k1])
+                assert needs_mask == (not bool(allowed.all())), (q0, k0)
+    one_document = cp_attention.block_plan(natural, natural, doc[:1], doc[:1], block)
+    assert any(not needs_mask for _, _, visits in one_document for *_, needs_mask in visits)
+
+
+def test_block_loop_reads_nothing_back_from_the_device(monkeypatch):
+    """The per-layer block loop decides masks from the plan: with the plan made, Tensor.all / Tensor.item /
+    bool(tensor) are never called during the forward and backward (on CUDA each would be a device sync)."""
+    q, k, v, doc = _inputs(32)
+    pos = torch.arange(32)
+    plan = cp_attention.block_plan(pos, pos, doc, doc, 8)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    reads = []
+    for name in ("all", "item", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    out = context_attention(q, k, v, pos, pos, doc, doc, None, plan=plan, kernel="sdpa")
+    out.sum().backward()
+    monkeypatch.undo()
+    assert reads == []
 
 
 def test_bfloat16_through_the_sdpa_kernel():

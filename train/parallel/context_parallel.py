@@ -48,8 +48,8 @@ class ContextParallelMixing:
         assert pos_cp is not None and pos_all is not None, "ParallelContext.prepare sets them under CP"
         plan = mb.cache.get("attention_plan")  # the same for every attention layer of the micro-batch
         if plan is None:
-            plan = mb.cache["attention_plan"] = block_plan(pos_cp, pos_all, self.attention_block)
-            mb.cache["key_docs"] = mb.seq_full[:, pos_all]
+            mb.cache["key_docs"] = key_docs = mb.seq_full[:, pos_all]
+            plan = mb.cache["attention_plan"] = block_plan(pos_cp, pos_all, mb.seq_cp, key_docs, self.attention_block)
         return context_attention(q, k, v, pos_cp, pos_all, mb.seq_cp, mb.cache["key_docs"], self.cp_group, plan=plan)
 
     def mamba_mix(self, mixer: Mamba2Mixer, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:

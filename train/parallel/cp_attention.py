@@ -10,7 +10,9 @@ context parallel do it: with P_j = exp(S_j - lse) computed from the GLOBAL lse a
 MERGED output, the kernel's dq/dk/dv for block j are exactly that block's share of the full gradients. Grouped-query
 attention passes no expanded K/V: the r query heads of a key/value head are folded into the query length
 ((b, g, r * nq, d) against (b, g, nk, d)), so the kernel's dk/dv already sum over the group. Blocks whose pairs are
-all visible pass no mask; others pass a (b, 1, r * nq, nk) additive mask (0 / -inf). A query row with nothing
+all visible pass no mask; others pass a (b, 1, r * nq, nk) additive mask (0 / -inf). Which is which, and which key
+blocks a query block skips, block_plan decides once per micro-batch on the CPU from the positions and document ids,
+so the per-layer loop reads nothing back from the device (on CUDA each read would be a sync per block). A query row with nothing
 visible in a block comes back from the kernel with out 0 and lse 0, so its lse is set to -inf before merging.
 Other devices use the hand-written block softmax (cp_attention_reference.py) until the CUDA call
 (`_scaled_dot_product_efficient_attention` with attn_bias and compute_log_sumexp) is verified on a GPU; `kernel=
@@ -46,19 +48,38 @@ from .cp_attention_reference import (
 DEFAULT_BLOCK = 1024
 
 
-def block_plan(q_pos: torch.Tensor, k_pos: torch.Tensor, block: int = DEFAULT_BLOCK) -> list:
-    """[(q0, q1, [(k0, k1), ...]), ...]: the key blocks each query block must visit (causally visible at all).
+def block_plan(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor, k_doc: torch.Tensor, block: int = DEFAULT_BLOCK
+) -> list:
+    """[(q0, q1, [(k0, k1, needs_mask), ...]), ...]: the key blocks each query block must visit (causally visible at
+    all), each flagged whether some of its (query, key) pairs are hidden (a later position or another document).
 
-    Computed once per micro-batch on the CPU from the position vectors (no device synchronisation per layer)."""
-    q_pos, k_pos = q_pos.cpu(), k_pos.cpu()
+    Computed once per micro-batch on the CPU from the position vectors and document ids (q_doc (b, Lq), k_doc
+    (b, S)), so the per-layer block loop never reads a value back from the device to choose a kernel call."""
+    q_pos, k_pos, q_doc, k_doc = q_pos.cpu(), k_pos.cpu(), q_doc.cpu(), k_doc.cpu()
     k_blocks = [(k0, min(k0 + block, len(k_pos))) for k0 in range(0, len(k_pos), block)]
     k_first = [int(k_pos[k0:k1].min()) for k0, k1 in k_blocks]
+    k_last = [int(k_pos[k0:k1].max()) for k0, k1 in k_blocks]
+    k_one_doc = [_one_document(k_doc[:, k0:k1]) for k0, k1 in k_blocks]
     plan = []
     for q0 in range(0, len(q_pos), block):
         q1 = min(q0 + block, len(q_pos))
-        last = int(q_pos[q0:q1].max())
-        plan.append((q0, q1, [kb for kb, first in zip(k_blocks, k_first) if first <= last]))
+        first, last = int(q_pos[q0:q1].min()), int(q_pos[q0:q1].max())
+        q_one_doc = _one_document(q_doc[:, q0:q1])
+        visits = []
+        for (k0, k1), k_begin, k_end, k_docs in zip(k_blocks, k_first, k_last, k_one_doc):
+            if k_begin > last:
+                continue  # no key of this block precedes any query of this block
+            all_causal = k_end <= first
+            same_doc = q_one_doc is not None and k_docs is not None and bool(torch.equal(q_one_doc, k_docs))
+            visits.append((k0, k1, not (all_causal and same_doc)))
+        plan.append((q0, q1, visits))
     return plan
+
+
+def _one_document(doc: torch.Tensor) -> torch.Tensor | None:
+    """Per batch row the single document id of a span (b,), or None when some row holds more than one."""
+    return doc[:, 0] if bool((doc == doc[:, :1]).all()) else None
 
 
 class _BlockMask:
@@ -83,10 +104,13 @@ def _fold_group(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, g, r * n, d).contiguous()
 
 
-def _block_bias(allowed: torch.Tensor, repeats: int, dtype: torch.dtype):
-    """(additive mask (b, 1, r * nq, nk) or None when every pair is visible, (b, 1, r * nq) rows that see a key)."""
-    if bool(allowed.all()):
+def _block_bias(mask: _BlockMask, block: tuple, q0: int, q1: int, repeats: int, dtype: torch.dtype):
+    """(additive mask (b, 1, r * nq, nk) or None when the plan says every pair is visible, (b, 1, r * nq) rows that
+    see a key). The plan's host-side flag decides, so no value is read back from the device here."""
+    k0, k1, needs_mask = block
+    if not needs_mask:
         return None, None
+    allowed = mask(q0, q1, k0, k1)
     b, _, _, nq, nk = allowed.shape
     folded = allowed.expand(b, 1, repeats, nq, nk).reshape(b, 1, repeats * nq, nk)
     bias = torch.zeros(folded.shape, dtype=dtype, device=allowed.device).masked_fill_(~folded, float("-inf"))
@@ -106,8 +130,9 @@ def sdpa_attention_blocks(q, K, V, mask: _BlockMask, plan: list, scale: float):
         qb = _fold_group(q[:, :, :, q0:q1])
         acc = torch.zeros(b, g, r * nq, d, dtype=acc_dtype, device=q.device)
         lse_acc = torch.full((b, g, r * nq), minus_inf, dtype=acc_dtype, device=q.device)
-        for k0, k1 in key_blocks:
-            bias, sees_a_key = _block_bias(mask(q0, q1, k0, k1), r, q.dtype)
+        for key_block in key_blocks:
+            k0, k1, _ = key_block
+            bias, sees_a_key = _block_bias(mask, key_block, q0, q1, r, q.dtype)
             out_j, lse_j = _flash_cpu(qb, K[:, :, k0:k1], V[:, :, k0:k1], 0.0, False, attn_mask=bias, scale=scale)
             lse_j = lse_j.to(acc_dtype)
             if sees_a_key is not None:
@@ -136,8 +161,9 @@ def sdpa_attention_blocks_backward(q, K, V, out, grad_out, lse, mask: _BlockMask
         qb, ob, dob = (_fold_group(x[:, :, :, q0:q1]) for x in (q, out, grad_out))
         lse_b = lse[:, :, :, q0:q1].reshape(b, g, r * nq).contiguous()
         dq_b = torch.zeros(b, g, r * nq, d, dtype=acc, device=q.device)
-        for k0, k1 in key_blocks:
-            bias, _ = _block_bias(mask(q0, q1, k0, k1), r, q.dtype)
+        for key_block in key_blocks:
+            k0, k1, _ = key_block
+            bias, _ = _block_bias(mask, key_block, q0, q1, r, q.dtype)
             dq_j, dk_j, dv_j = _flash_cpu_backward(
                 dob, qb, K[:, :, k0:k1], V[:, :, k0:k1], ob, lse_b, 0.0, False, attn_mask=bias, scale=scale
             )
@@ -212,7 +238,7 @@ def context_attention(
     if k_pos.shape[0] != expected or k_doc.shape[-1] != expected:
         raise ValueError(f"context_attention: {k_pos.shape[0]} key positions for {expected} gathered keys")
     if plan is None:
-        plan = block_plan(q_pos, k_pos, block)
+        plan = block_plan(q_pos, k_pos, q_doc, k_doc, block)
     chosen = resolve_kernel(DEFAULT_KERNEL if kernel is None else kernel, q.device)
     mask = _BlockMask(q_pos, k_pos, q_doc, k_doc)
     q5 = q.view(b, groups, heads // groups, length, d)

@@ -38,7 +38,7 @@ def reference_attention_blocks(q, K, V, mask, plan: list, scale: float):
         best = torch.full((b, g, r, nq), float("-inf"), dtype=acc_dtype, device=q.device)
         total = torch.zeros(b, g, r, nq, dtype=acc_dtype, device=q.device)
         acc = torch.zeros(b, g, r, nq, d, dtype=acc_dtype, device=q.device)
-        for k0, k1 in key_blocks:
+        for k0, k1, _ in key_blocks:
             s = _scores(qb, K[:, :, k0:k1], scale, mask(q0, q1, k0, k1))
             new_best = torch.maximum(best, s.amax(-1))
             shift = new_best.masked_fill(new_best == float("-inf"), 0.0)  # rows with nothing visible yet
@@ -66,7 +66,7 @@ def reference_attention_blocks_backward(q, K, V, out, grad_out, lse, mask, plan:
         qb = q[:, :, :, q0:q1].reshape(b, g, r * nq, d).to(acc)
         dob = grad_out[:, :, :, q0:q1].reshape(b, g, r * nq, d).to(acc)
         lse_b, delta_b = lse[:, :, :, q0:q1, None], delta[:, :, :, q0:q1, None]
-        for k0, k1 in key_blocks:
+        for k0, k1, _ in key_blocks:
             kb, vb = K[:, :, k0:k1].to(acc), V[:, :, k0:k1].to(acc)
             s = _scores(qb.view(b, g, r, nq, d), kb, scale, mask(q0, q1, k0, k1))
             p = torch.exp(s - lse_b)  # masked entries: exp(-inf) = 0
