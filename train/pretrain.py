@@ -19,6 +19,7 @@ import argparse
 import json
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
 
         callbacks = standard_callbacks(
             train_cfg,
-            training_flops_per_token(model_cfg, train_cfg.seq_len),
+            partial(training_flops_per_token, model_cfg),  # per step's seq_len
             run_dir,
             device,
             world.world_size(),

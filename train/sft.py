@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from typing import TYPE_CHECKING, List, Optional
 
 import torch
@@ -511,7 +512,7 @@ def run(overrides) -> int:
             validation = Validation(batches, sft_cfg.eval_interval, device, on_best)
         callbacks = standard_callbacks(
             train_cfg,
-            training_flops_per_token(model_cfg, train_cfg.seq_len),
+            partial(training_flops_per_token, model_cfg),  # per step's seq_len
             run_dir,
             device,
             world.world_size(),

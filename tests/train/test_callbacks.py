@@ -99,6 +99,27 @@ def test_mfu_math_with_a_known_peak(monkeypatch):
     assert "MFU 38.1%" in format_line(metrics, 10)
 
 
+def test_mfu_counts_each_step_at_its_own_sequence_length(monkeypatch):
+    # train.seq_len_schedule: a 1M-token step costs more FLOPs per token (attention) than a 4K one
+    from functools import partial
+
+    from latentforge.model.params import training_flops_per_token
+    from latentforge.train.pretrain import load_configs
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cfg = load_configs(["recipe=super_120b"]).model
+    monitor = SpeedMonitor(partial(training_flops_per_token, cfg), torch.device("cuda", 0), world_size=1)
+    tflops = {}
+    for seq_len in (4096, 1048576):
+        metrics = step_metrics(tokens=1000, step_time=1.0, seq_len=seq_len)
+        monitor.on_step_end(FakeTrainer(), metrics)
+        tflops[seq_len] = metrics["tflops_per_device"]
+        assert tflops[seq_len] == pytest.approx(1000 * training_flops_per_token(cfg, seq_len) / 1e12)
+    assert tflops[1048576] > 1.5 * tflops[4096]
+
+
 def test_console_and_jsonl_respect_interval_and_last_step(tmp_path):
     trainer = FakeTrainer(last_step=5)
     console = ConsoleLogger(log_interval=2)

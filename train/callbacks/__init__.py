@@ -9,7 +9,7 @@ from .console import ConsoleLogger
 from .jsonl import JSONLWriter
 from .preemption import PreemptionHandler
 from .progress import ProgressBar
-from .speed import SpeedMonitor
+from .speed import FlopsPerToken, SpeedMonitor
 from .wandb_logger import WandbLogger
 
 __all__ = [
@@ -25,7 +25,14 @@ __all__ = [
 
 
 def standard_callbacks(
-    train_cfg, flops_per_token: float, run_dir: str, device, world_size: int, config: dict, extra=(), tokenizer=None
+    train_cfg,
+    flops_per_token: FlopsPerToken,
+    run_dir: str,
+    device,
+    world_size: int,
+    config: dict,
+    extra=(),
+    tokenizer=None,
 ) -> list:
     """The callbacks of every training entry point (pretrain, SFT): speed/MFU, console, metrics.jsonl, W&B,
     SIGTERM handling, then `extra` (e.g. SFT validation), lm-eval tasks (train.eval_tasks, needs `tokenizer`),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -20,17 +20,28 @@ def process_rss_bytes() -> Optional[int]:
         return None
 
 
+FlopsPerToken = Union[float, Callable[[int], float]]
+
+
 class SpeedMonitor(Callback):
-    """tokens/s over the whole world and per device; TFLOP/s and MFU per device (n/a = None on CPU)."""
+    """tokens/s over the whole world and per device; TFLOP/s and MFU per device (n/a = None on CPU).
+
+    `flops_per_token` is a number, or a function of the sequence length (attention's cost per token grows with
+    it): then each step is counted at its own `seq_len` (train.seq_len_schedule changes it from step to step)."""
 
     order = 10
 
-    def __init__(self, flops_per_token: float, device: torch.device, world_size: int, window: int = 20):
+    def __init__(self, flops_per_token: FlopsPerToken, device: torch.device, world_size: int, window: int = 20):
         self.flops_per_token = flops_per_token
         self.device = device
         self.world_size = world_size
         self.peak_tflops = device_peak_tflops(device)
         self.step_times = deque(maxlen=window)
+
+    def step_flops_per_token(self, metrics: dict) -> float:
+        if callable(self.flops_per_token):
+            return self.flops_per_token(int(metrics["seq_len"]))
+        return self.flops_per_token
 
     def on_step_end(self, trainer, metrics: dict) -> None:
         step_time = metrics["step_time"]
@@ -39,7 +50,7 @@ class SpeedMonitor(Callback):
         metrics["tokens_per_s"] = tokens_per_s
         metrics["tokens_per_s_per_device"] = tokens_per_s / self.world_size
         if self.device.type == "cuda":
-            tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
+            tflops = self.step_flops_per_token(metrics) * tokens_per_s / self.world_size / 1e12
             metrics["tflops_per_device"] = tflops
             metrics["mfu"] = tflops / self.peak_tflops if self.peak_tflops else None
             metrics["memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
