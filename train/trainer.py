@@ -84,6 +84,15 @@ def _float(value) -> float:
     return float(value.item() if torch.is_tensor(value) else value)
 
 
+def compile_seconds() -> float:
+    """Seconds torch.compile (dynamo + inductor, a cache hit included) has spent in this process so far."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:  # a torch without dynamo's timing table: report no compile time rather than fail
+        return 0.0
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
+
+
 def step_time_breakdown(
     started: float,
     data_time: float,
@@ -92,15 +101,19 @@ def step_time_breakdown(
     optimizer_done: float,
     comm: Optional[float],
     checkpoint: float,
+    compile_time: float = 0.0,
 ) -> dict:
     """Seconds of each phase of one step. step_time covers data + fwd_bwd + clip + optimizer; comm_time is the
     part of fwd_bwd spent in the runner's blocking collectives (None on one process: there are none); the
     FSDP gathers and reduce-scatters overlap the backward and are inside fwd_bwd_time. checkpoint_time: saving
-    after the previous step (a save runs between two steps)."""
+    after the previous step (a save runs between two steps). compile_time: the part of fwd_bwd spent compiling
+    (parallel.compile: the first step, and any step whose shapes are new, e.g. under train.seq_len_schedule; a
+    warm inductor cache makes it short), None when nothing compiled."""
     return {
         "data_time": data_time,
         "fwd_bwd_time": fwd_bwd_done - started - data_time,
         "comm_time": comm,
+        "compile_time": compile_time or None,
         "clip_time": clip_done - fwd_bwd_done,
         "optimizer_time": optimizer_done - clip_done,
         "checkpoint_time": checkpoint,
@@ -357,6 +370,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         started = time.perf_counter()
+        compiled_before = compile_seconds()
         step = self.state.step
         shape = self.step_shape(step + 1)
         micro_batches = self._next_micro_batches(shape)
@@ -411,6 +425,7 @@ class Trainer:
                 optimizer_done,
                 comm=self.runner.take_comm_seconds(),
                 checkpoint=self._checkpoint_seconds,
+                compile_time=compile_seconds() - compiled_before,
             ),
         }
         self._checkpoint_seconds = 0.0

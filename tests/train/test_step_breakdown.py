@@ -105,3 +105,34 @@ def test_step_line_shows_communication_inside_the_forward_backward():
     line = format_line(metrics, total_steps=10)
     assert "500ms = data 10ms + fwd/bwd 300ms (comm 50ms) + clip 40ms + opt 150ms" in line
     assert "ckpt" not in line
+
+
+class CompilingRunner(SlowRunner):
+    """A runner whose forward/backward compiles a function the first time it sees a shape (as parallel.compile's
+    blocks do on the first step)."""
+
+    def __init__(self, runner):
+        super().__init__(runner)
+        import torch
+
+        torch._dynamo.reset()
+        self.compiled = torch.compile(lambda x: x.sin() * 2 + 1, backend="aot_eager")
+
+    def forward_backward(self, micro_batches):
+        import torch
+
+        self.compiled(torch.ones(7))
+        return self.runner.forward_backward(micro_batches)
+
+
+def test_compile_time_is_reported_on_the_steps_that_compile(tmp_path, capsys):
+    recorder = Recorder()
+    trainer, _ = make_trainer(
+        tmp_path, steps=3, interval=10, runner_wrapper=CompilingRunner, callbacks=[recorder, ConsoleLogger()]
+    )
+    assert trainer.fit() == "finished"
+    first, *later = recorder.metrics
+    assert first["compile_time"] > 0 and first["compile_time"] <= first["fwd_bwd_time"]
+    assert [m["compile_time"] for m in later] == [None, None]  # same shapes: nothing compiles again
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert "(compile " in lines[0] and all("(compile " not in line for line in lines[1:])
