@@ -111,17 +111,25 @@ def _run_config(additional_config: Optional[dict]) -> dict:
     return out
 
 
-def generate_texts(lm: LogLikelihoodLM, model, max_batch: int, requests: Sequence[tuple]) -> List[str]:
+def generate_texts(
+    lm: LogLikelihoodLM,
+    model,
+    max_batch: int,
+    requests: Sequence[tuple],
+    positions: Optional[Sequence[int]] = None,
+) -> List[str]:
     """lm-eval's generate_until on the inference engine: (context, gen_kwargs) pairs -> the generated texts, cut at
-    the stop tokens and lm-eval's `until` strings. Greedy unless do_sample; the engine seeds each request from its
-    position in the batch, so every tensor-parallel rank draws the same tokens."""
+    the stop tokens and lm-eval's `until` strings. Greedy unless do_sample; a sampled request is seeded by its
+    position in lm-eval's request list (`positions`, default 0..n-1), so every tensor-parallel rank draws the same
+    tokens and a data-parallel rank given a share of the requests draws what one device would."""
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
     from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 
     eos = lm.tok_decode([lm.eot_token_id], skip_special_tokens=False)
     prompts, params, untils = [], [], []
-    for context, gen_kwargs in requests:
+    positions = range(len(requests)) if positions is None else positions
+    for position, (context, gen_kwargs) in zip(positions, requests):
         kwargs = normalize_gen_kwargs(gen_kwargs, lm.max_gen_toks)
         untils.append(handle_stop_sequences(kwargs.pop("until", None), eos=eos))
         new_tokens = kwargs.pop("max_gen_toks")
@@ -133,6 +141,7 @@ def generate_texts(lm: LogLikelihoodLM, model, max_batch: int, requests: Sequenc
                 top_k=int(kwargs.get("top_k", 0) or 0),
                 max_new_tokens=new_tokens,
                 stop_token_ids=STOP_TOKEN_IDS,
+                seed=int(position),
             )
         )
     if not prompts:

@@ -61,7 +61,7 @@ class ParallelLM(LogLikelihoodLM):
         args = [request.args for request in requests]
         dp_rank, dp_size = self.runner.dp_rank, self.runner.dp_size
         mine = list(range(dp_rank, len(args), dp_size))
-        texts = generate_texts(self, self._generation_model, self.max_batch, [args[i] for i in mine])
+        texts = generate_texts(self, self._generation_model, self.max_batch, [args[i] for i in mine], mine)
         gathered: list = [None] * dist.get_world_size() if dist.is_initialized() else [None]
         if dist.is_initialized():
             dist.all_gather_object(gathered, dict(zip(mine, texts)))

@@ -190,6 +190,21 @@ def _parallel_generations(rank, world_size, checkpoint, layout):
     return (results and results["samples"]["lf_arith"]), own
 
 
+def test_a_share_of_sampled_requests_draws_what_one_device_draws(checkpoints):
+    """Under DP each rank generates a share of lm-eval's requests; a sampled request is seeded by its position in
+    the whole list, so the share draws the same tokens as the one-device run (and a different seed would not)."""
+    from latentforge.rl.evaluation import LatentForgeLM, generate_texts
+
+    run_dir, _ = checkpoints
+    lm = LatentForgeLM(str(run_dir), max_length=64)
+    sampled = {"until": ["\n"], "max_gen_toks": 8, "do_sample": True, "temperature": 1.5}
+    requests = [(f"Question: {a} + {b} =\nAnswer:", sampled) for a, b in [(3, 4), (10, 31), (5, 5), (2, 9)]]
+    whole = generate_texts(lm, lm.model, 4, requests)
+    share = [1, 3]
+    assert generate_texts(lm, lm.model, 4, [requests[i] for i in share], share) == [whole[i] for i in share]
+    assert generate_texts(lm, lm.model, 4, [requests[i] for i in share]) != [whole[i] for i in share]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [{"tp": 2}, {"dp_shard": 2}], ids=["tp2", "dp2"])
 def test_parallel_generation_equals_one_device(checkpoints, layout):
