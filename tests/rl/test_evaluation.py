@@ -206,10 +206,12 @@ def test_a_share_of_sampled_requests_draws_what_one_device_draws(checkpoints):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [{"tp": 2}, {"dp_shard": 2}], ids=["tp2", "dp2"])
+@pytest.mark.parametrize(
+    "layout", [{"tp": 2}, {"dp_shard": 2}, {"tp": 2, "dp_shard": 2}], ids=["tp2", "dp2", "tp2xdp2"]
+)
 def test_parallel_generation_equals_one_device(checkpoints, layout):
-    """Greedy generations of the generative task under TP=2 / DP=2 are token-identical to one process (and on
-    every TP rank), and so are its metrics."""
+    """Greedy generations of the generative task under TP=2, DP=2 and TP=2 x DP=2 are token-identical to one
+    process (and on every TP rank), and so are its metrics."""
     from latentforge.rl.evaluation import LatentForgeLM
     from latentforge.train.eval_harness import run_tasks, task_metrics
     from tests.distributed import run_distributed
@@ -218,11 +220,12 @@ def test_parallel_generation_equals_one_device(checkpoints, layout):
     reference = run_tasks(
         LatentForgeLM(str(run_dir), max_length=64), ["lf_arith"], limit=GENERATION_LIMIT, log_samples=True
     )
-    (samples, own0), (other, own1) = run_distributed(_parallel_generations, 2, str(run_dir), layout)
-    assert other is None  # lm-eval reports on rank 0 only
+    world_size = math.prod(layout.values())
+    (samples, own0), *others = run_distributed(_parallel_generations, world_size, str(run_dir), layout)
+    assert all(other is None for other, _ in others)  # lm-eval reports on rank 0 only
     assert generations_by_doc(samples) == generations_by_doc(reference["samples"]["lf_arith"])
     assert len(samples) == GENERATION_LIMIT
-    assert own0 == own1  # the TP ranks agree (None under DP)
+    assert all(own == own0 for _, own in others)  # the TP ranks agree (None under DP)
     assert any(resp[0][0] for resp in [s["resps"] for s in samples])  # something was generated
     got = {s["doc_id"]: s["exact_match"] for s in samples}
     expected = task_metrics(reference)["lf_arith"]["exact_match"]
