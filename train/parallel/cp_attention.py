@@ -13,10 +13,13 @@ attention passes no expanded K/V: the r query heads of a key/value head are fold
 all visible pass no mask; others pass a (b, 1, r * nq, nk) additive mask (0 / -inf). Which is which, and which key
 blocks a query block skips, block_plan decides once per micro-batch on the CPU from the positions and document ids,
 so the per-layer loop reads nothing back from the device (on CUDA each read would be a sync per block). A query row with nothing
-visible in a block comes back from the kernel with out 0 and lse 0, so its lse is set to -inf before merging.
-Other devices use the hand-written block softmax (cp_attention_reference.py) until the CUDA call
-(`_scaled_dot_product_efficient_attention` with attn_bias and compute_log_sumexp) is verified on a GPU; `kernel=
-"reference"` selects it anywhere (the bench compares both).
+visible in a block comes back from the kernel with out 0 and lse 0 (NaN on CUDA, possibly), so its out is set to 0
+and its lse to -inf before merging. On CUDA the same block loop calls cp_attention_cuda.py's kernel pair:
+`_scaled_dot_product_efficient_attention` (attn_bias, compute_log_sumexp; its padded lse sliced, and padded again
+with +inf for its backward) and, for bf16/fp16 blocks without a mask, `_scaled_dot_product_flash_attention`.
+`kernel="auto"` still means the hand-written block softmax (cp_attention_reference.py) on CUDA, until the gpu-marked
+tests of tests/train/test_cp_attention_cuda.py (run by bench/gpu_acceptance.py) have passed on a GPU; `kernel="sdpa"`
+selects the CUDA kernels now, `kernel="reference"` the hand-written one anywhere (the bench compares both).
 
 Why an all-gather of K/V rather than a ring of send/recv: the communication volume is the same. Per rank and per
 layer a ring moves (cp-1)/cp * S * 2 * kv_heads * head_dim elements forward (K and V pass every rank once) and the
@@ -39,6 +42,7 @@ import math
 import torch
 
 from .collectives import _all_gather, _reduce_scatter, _size
+from .cp_attention_cuda import cuda_block_ops
 from .cp_attention_reference import (
     accumulation_dtype,
     reference_attention_blocks,
@@ -98,29 +102,59 @@ _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+class CpuFlashBlockOps:
+    """The block kernel interface of sdpa_attention_blocks on CPU (cp_attention_cuda.EfficientBlockOps on CUDA):
+    queries folded to (b, g, r * nq, d) against keys/values (b, g, nk, d); `bias` turns a (b, 1, r * nq, nk)
+    boolean of visible pairs into the kernel's additive mask; `forward` gives out (b, g, r * nq, d) and lse
+    (b, g, r * nq); `backward_lse` puts the merged lse in the layout `backward` reads."""
+
+    @staticmethod
+    def bias(allowed: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+    @staticmethod
+    def forward(qb, kb, vb, bias, scale: float):
+        return _flash_cpu(qb, kb, vb, 0.0, False, attn_mask=bias, scale=scale)
+
+    @staticmethod
+    def backward_lse(lse: torch.Tensor) -> torch.Tensor:
+        return lse.contiguous()
+
+    @staticmethod
+    def backward(dob, qb, kb, vb, bias, ob, lse, scale: float):
+        return _flash_cpu_backward(dob, qb, kb, vb, ob, lse, 0.0, False, attn_mask=bias, scale=scale)
+
+
+def block_ops(q: torch.Tensor):
+    """The SDPA block kernel for q's device (resolve_kernel has refused the others)."""
+    return cuda_block_ops(q) if q.device.type == "cuda" else CpuFlashBlockOps
+
+
 def _fold_group(x: torch.Tensor) -> torch.Tensor:
     """(b, g, r, n, d) -> (b, g, r * n, d) contiguous: a group's r query heads as one longer query sequence."""
     b, g, r, n, d = x.shape
     return x.reshape(b, g, r * n, d).contiguous()
 
 
-def _block_bias(mask: _BlockMask, block: tuple, q0: int, q1: int, repeats: int, dtype: torch.dtype):
-    """(additive mask (b, 1, r * nq, nk) or None when the plan says every pair is visible, (b, 1, r * nq) rows that
-    see a key). The plan's host-side flag decides, so no value is read back from the device here."""
+def _block_bias(mask: _BlockMask, block: tuple, q0: int, q1: int, q_shape: torch.Size, ops, dtype: torch.dtype):
+    """(the kernel's additive mask for (b, g, r * nq) queries against nk keys, or None when the plan says every pair
+    is visible; (b, 1, r * nq) rows that see a key). The plan's host-side flag decides, so no value is read back from
+    the device here."""
     k0, k1, needs_mask = block
     if not needs_mask:
         return None, None
+    b, groups, repeats = q_shape[:3]
     allowed = mask(q0, q1, k0, k1)
-    b, _, _, nq, nk = allowed.shape
+    nq, nk = allowed.shape[-2:]
     folded = allowed.expand(b, 1, repeats, nq, nk).reshape(b, 1, repeats * nq, nk)
-    bias = torch.zeros(folded.shape, dtype=dtype, device=allowed.device).masked_fill_(~folded, float("-inf"))
-    return bias, folded.any(-1)
+    return ops.bias(folded, groups, dtype), folded.any(-1)
 
 
 def sdpa_attention_blocks(q, K, V, mask: _BlockMask, plan: list, scale: float):
     """Forward: out (b, g, r, Lq, d) in q's dtype and lse (b, g, r, Lq) fp32 (fp64 for fp64 inputs), one SDPA
     kernel call per block, merged online by log-sum-exp: lse = logaddexp_j lse_j, out = sum_j exp(lse_j - lse) out_j."""
     b, g, r, _, d = q.shape
+    ops = block_ops(q)
     acc_dtype = accumulation_dtype(q)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=acc_dtype, device=q.device)
@@ -132,19 +166,18 @@ def sdpa_attention_blocks(q, K, V, mask: _BlockMask, plan: list, scale: float):
         lse_acc = torch.full((b, g, r * nq), minus_inf, dtype=acc_dtype, device=q.device)
         for key_block in key_blocks:
             k0, k1, _ = key_block
-            bias, sees_a_key = _block_bias(mask, key_block, q0, q1, r, q.dtype)
-            out_j, lse_j = _flash_cpu(qb, K[:, :, k0:k1], V[:, :, k0:k1], 0.0, False, attn_mask=bias, scale=scale)
-            lse_j = lse_j.to(acc_dtype)
-            if sees_a_key is not None:
-                lse_j = lse_j.masked_fill(~sees_a_key, minus_inf)  # the kernel reports 0 for an empty row
+            bias, sees_a_key = _block_bias(mask, key_block, q0, q1, q.shape, ops, q.dtype)
+            out_j, lse_j = ops.forward(qb, K[:, :, k0:k1], V[:, :, k0:k1], bias, scale)
+            out_j, lse_j = out_j.to(acc_dtype), lse_j.to(acc_dtype)
+            if sees_a_key is not None:  # a row with nothing visible: CPU gives out 0 and lse 0, CUDA may give NaN
+                lse_j = lse_j.masked_fill(~sees_a_key, minus_inf)
+                out_j = out_j.masked_fill(~sees_a_key[..., None], 0.0)
             merged = torch.logaddexp(lse_acc, lse_j)
             shift = merged.masked_fill(merged == minus_inf, 0.0)  # rows with nothing visible yet stay 0 / -inf
-            acc = (
-                acc * torch.exp(lse_acc - shift)[..., None] + out_j.to(acc_dtype) * torch.exp(lse_j - shift)[..., None]
-            )
+            acc = acc * torch.exp(lse_acc - shift)[..., None] + out_j * torch.exp(lse_j - shift)[..., None]
             lse_acc = merged
-        out[:, :, :, q0:q1] = acc.view(b, g, r, nq, d).to(q.dtype)
-        lse[:, :, :, q0:q1] = lse_acc.view(b, g, r, nq)  # every query sees itself: finite
+        out[:, :, :, q0:q1] = acc.reshape(b, g, r, nq, d).to(q.dtype)
+        lse[:, :, :, q0:q1] = lse_acc.reshape(b, g, r, nq)  # every query sees itself: finite
     return out, lse
 
 
@@ -152,6 +185,7 @@ def sdpa_attention_blocks_backward(q, K, V, out, grad_out, lse, mask: _BlockMask
     """dq (b, g, r, Lq, d), dK and dV (b, g, S, d), in fp32 (fp64 for fp64 inputs): per block the kernel's backward
     given the merged output and the global lse, which makes each block's gradients its exact share of the total."""
     b, g, r, _, d = q.shape
+    ops = block_ops(q)
     acc = accumulation_dtype(q)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dK = torch.zeros(K.shape, dtype=acc, device=q.device)
@@ -159,14 +193,12 @@ def sdpa_attention_blocks_backward(q, K, V, out, grad_out, lse, mask: _BlockMask
     for q0, q1, key_blocks in plan:
         nq = q1 - q0
         qb, ob, dob = (_fold_group(x[:, :, :, q0:q1]) for x in (q, out, grad_out))
-        lse_b = lse[:, :, :, q0:q1].reshape(b, g, r * nq).contiguous()
+        lse_b = ops.backward_lse(lse[:, :, :, q0:q1].reshape(b, g, r * nq))
         dq_b = torch.zeros(b, g, r * nq, d, dtype=acc, device=q.device)
         for key_block in key_blocks:
             k0, k1, _ = key_block
-            bias, _ = _block_bias(mask, key_block, q0, q1, r, q.dtype)
-            dq_j, dk_j, dv_j = _flash_cpu_backward(
-                dob, qb, K[:, :, k0:k1], V[:, :, k0:k1], ob, lse_b, 0.0, False, attn_mask=bias, scale=scale
-            )
+            bias, _ = _block_bias(mask, key_block, q0, q1, q.shape, ops, q.dtype)
+            dq_j, dk_j, dv_j = ops.backward(dob, qb, K[:, :, k0:k1], V[:, :, k0:k1], bias, ob, lse_b, scale)
             dq_b += dq_j
             dK[:, :, k0:k1] += dk_j
             dV[:, :, k0:k1] += dv_j
@@ -178,7 +210,11 @@ KERNELS = {
     "sdpa": (sdpa_attention_blocks, sdpa_attention_blocks_backward),
     "reference": (reference_attention_blocks, reference_attention_blocks_backward),
 }
-DEFAULT_KERNEL = "auto"  # "sdpa" on CPU, "reference" elsewhere; a process may set it (the bench does)
+SDPA_DEVICES = ("cpu", "cuda")
+# "auto" picks "sdpa" on CPU and "reference" on CUDA until a GPU run of tests/train/test_cp_attention_cuda.py (the
+# gpu-marked tests, part of bench/gpu_acceptance.py) has verified the CUDA block kernel; a process may set it
+# (the bench does)
+DEFAULT_KERNEL = "auto"
 
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
@@ -186,8 +222,8 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
         return "sdpa" if device.type == "cpu" else "reference"
     if kernel not in KERNELS:
         raise ValueError(f"context_attention: kernel {kernel!r} is not one of auto, {', '.join(KERNELS)}")
-    if kernel == "sdpa" and device.type != "cpu":
-        raise ValueError(f"context_attention: the SDPA block kernel runs on CPU only so far, not on {device.type}")
+    if kernel == "sdpa" and device.type not in SDPA_DEVICES:
+        raise ValueError(f"context_attention: the SDPA block kernel runs on CPU and CUDA, not on {device.type}")
     return kernel
 
 
