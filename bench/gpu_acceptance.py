@@ -5,7 +5,9 @@ why it was skipped):
   environment  torch / CUDA / Triton / Transformer Engine / mamba_ssm / causal_conv1d versions, device peak
   gpu_tests    the `gpu`-marked tests (a pytest subprocess over the files that hold them; junit counts, failures)
   kernels      each Triton kernel against its *_ref: relative error and speed, forward and forward+backward
-               (mamba_ssm / causal_conv1d timed beside them when importable)
+               (mamba_ssm / causal_conv1d timed beside them when importable); and CP attention's SDPA block kernel
+               (efficient / flash attention per block, train/parallel/cp_attention_cuda.py) against its
+               hand-written block softmax, one process (its correctness: gpu_tests, test_cp_attention_cuda.py)
   train_bf16   a bf16 train step of a ~1B-parameter hybrid (Mamba-2 / attention / LatentMoE / MTP): tokens/s,
                TFLOP/s (Megatron's hybrid formula) and MFU against the device's dense BF16 peak, peak memory
   train_fp8    the same step under Transformer Engine FP8 (current scaling), as a ratio to bf16 (when importable)
@@ -270,6 +272,19 @@ def kernel_cases(tiny: bool) -> list:
         labels = torch.randint(0, V, (N,), generator=gen).to(dev)
         return [hidden, weight, labels], dict(chunk_size=16 if tiny else 4096)
 
+    # CP attention at one GPU's share of a long sequence: 1 x 8192 tokens, 16 heads (2 KV heads) of 128, 3 documents
+    seq, heads, kv_heads, head_dim, block = (64, 4, 2, 16, 16) if tiny else (8192, 16, 2, 128, 1024)
+
+    def attention_inputs(dev, dt_):
+        from latentforge.train.parallel.cp_attention import block_plan
+
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, n, seq, head_dim, generator=gen).to(dev, dt_) for n in (heads, kv_heads, kv_heads))
+        pos = torch.arange(seq)
+        doc = (pos // -(-seq // 3)).to(torch.int32)[None]
+        plan = block_plan(pos, pos, doc, doc, block)  # on the host, once, as the trainer does per micro-batch
+        return [q, k, v, pos.to(dev), doc.to(dev)], dict(plan=plan)
+
     extras = {"ssd": [("mamba_ssm", _mamba_ssm_impl)], "conv1d": [("causal_conv1d", _causal_conv1d_impl)]}
     return [
         ("ssd", f"b={b} l={l} h={h}x{p} g={g} n={n} q={q}", ssd_inputs, ssd_scan, ssd_scan_ref, extras["ssd"]),
@@ -277,7 +292,31 @@ def kernel_cases(tiny: bool) -> list:
         ("gated_rmsnorm", f"rows={rows} d={d} groups={groups}", norm_inputs, gated_rms_norm, gated_rms_norm_ref, []),
         ("moe_experts", f"T={T} E={E} top{k} {dm}->{I}", moe_inputs, moe_experts, moe_experts_ref, []),
         ("linear_ce", f"N={N} H={H} V={V}", ce_inputs, linear_cross_entropy, linear_cross_entropy_ref, []),
+        (
+            "cp_attention",
+            f"b=1 L={seq} h={heads}/{kv_heads}x{head_dim} block={block} 3 docs",
+            attention_inputs,
+            _cp_attention("sdpa"),
+            _cp_attention("reference"),
+            [],
+        ),
     ]
+
+
+def _cp_attention(kernel: str):
+    """CP attention over one process (group None) with the given block kernel."""
+    from latentforge.train.parallel.cp_attention import context_attention
+
+    def call(q, k, v, pos, doc, plan):
+        return context_attention(q, k, v, pos, pos, doc, doc, None, plan=plan, kernel=kernel)
+
+    return call
+
+
+def _fast_impl_label(op: str) -> str:
+    if op == "cp_attention":
+        return "sdpa blocks (efficient/flash)" if on_cuda() else "sdpa blocks (CPU flash op)"
+    return "triton" if on_cuda() else "ref (no CUDA: Triton not run)"
 
 
 def _mamba_ssm_impl():
@@ -333,7 +372,7 @@ def measure_kernel(op, shape, make_inputs, fast, ref, extras, tiny: bool, reps: 
         "op": op,
         "shape": shape,
         "dtype": str(dtype).replace("torch.", ""),
-        "fast_impl": "triton" if on_cuda() else "ref (no CUDA: Triton not run)",
+        "fast_impl": _fast_impl_label(op),
         "reference": f"*_ref in {str(wide).replace('torch.', '')}",
         "relative_error": error,
         "impls": {},
