@@ -245,19 +245,31 @@ def _cuda_case(length, heads, kv_heads, documents, dtype, seed=0):
     return [t.to(dtype) for t in (q, k, v)], doc
 
 
+def _counted(op, name: str, calls: list):
+    def call(*args, **kwargs):
+        calls.append(name)
+        return op(*args, **kwargs)
+
+    return call
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("documents", [False, True])
-def test_cuda_sdpa_blocks_match_the_reference(dtype, heads, kv_heads, documents):
+def test_cuda_sdpa_blocks_match_the_reference(monkeypatch, dtype, heads, kv_heads, documents):
     """The real kernels against the hand-written reference path on the same GPU and float64 attention: out, lse,
     dq, dk, dv through the block functions (400 tokens in blocks of 96: a last block of 16 rows, lse rows and bias
-    columns not multiples of 32 / 16), and end to end through context_attention's autograd with group None."""
+    columns not multiples of 32 / 16), and end to end through context_attention's autograd with group None. bf16
+    sends the unmasked blocks to flash attention and fp32 sends none there (the ops are counted)."""
     from latentforge.train.parallel.cp_attention_reference import (
         reference_attention_blocks,
         reference_attention_blocks_backward,
     )
 
+    calls = []
+    for name in ("_efficient", "_efficient_backward", "_flash", "_flash_backward"):
+        monkeypatch.setattr(cp_attention_cuda, name, _counted(getattr(cp_attention_cuda, name), name, calls))
     length, block, dev = 400, 96, torch.device("cuda")
     (q, k, v), doc = _cuda_case(length, heads, kv_heads, documents, dtype)
     pos = torch.arange(length)
@@ -276,6 +288,8 @@ def test_cuda_sdpa_blocks_match_the_reference(dtype, heads, kv_heads, documents)
     assert (lse - ref_lse).abs().max() < 10 * tol  # lse is O(log length): an absolute check
     for name, a, b in zip(("out", "dq", "dK", "dV"), (out, *got), (ref_out, *ref)):
         assert _relative(a.cpu(), b.cpu().double()) < tol, (name, _relative(a.cpu(), b.cpu().double()))
+    flash = {"_flash", "_flash_backward"} if dtype == torch.bfloat16 else set()
+    assert set(calls) == {"_efficient", "_efficient_backward"} | flash
 
     leaves = [t.to(dev).requires_grad_() for t in (q, k, v)]
     out = context_attention(

@@ -15,8 +15,8 @@ the CUDA layouts, tests/train/test_cp_attention_cuda.py; verified on a GPU by th
   Lk and expanded over the heads with stride 0 (what F.scaled_dot_product_attention's preprocess_mask does).
 - The efficient forward's lse is (b, heads, Lq rounded up to 32) fp32 with +inf in the padding (kAlignLSE): sliced
   to Lq after the forward; its backward reads that padded layout without bounds checks, so the merged global lse
-  goes back in padded with +inf (exp(s - inf) = 0 for the padding rows). Flash's lse is (b, heads, Lq) fp32, and
-  its backward takes that compact layout.
+  goes back in padded with +inf (exp(s - inf) = 0 for the padding rows; on ROCm the lse is not padded, either way).
+  Flash's lse is (b, heads, Lq) fp32, and its backward takes that compact layout.
 - A query row that sees no key of a block (its bias row all -inf) may come back as NaN (0 / 0 in the kernel's
   softmax) rather than CPU's 0: the caller overwrites such rows (out 0, lse -inf) from the plan's mask.
 - No dropout: philox seed/offset and the flash rng state are read only when dropout_p > 0; the backward passes
@@ -112,7 +112,8 @@ class EfficientBlockOps:
     def backward_lse(self, lse: torch.Tensor):
         """The merged lse (b, g, r * nq) in both layouts: compact for flash, padded for the efficient kernel."""
         compact = lse.to(torch.float32).contiguous()
-        return compact, pad_lse(compact)
+        # ROCm's efficient kernels write and read the lse unpadded (its backward views it as (b * heads, Lq))
+        return compact, compact if torch.version.hip else pad_lse(compact)
 
     def backward(self, dob, qb, kb, vb, bias, ob, lse_layouts, scale: float):
         compact, padded = lse_layouts
