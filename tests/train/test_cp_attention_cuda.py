@@ -67,7 +67,8 @@ def test_calls_fit_the_real_op_schemas(flash, masked):
     ops = EfficientBlockOps(flash_for_unmasked=flash)
     out, lse = ops.forward(q, k, v, bias, 0.25)
     assert out.shape == (b, g, m, d) and lse.shape == (b, g, m) and lse.dtype == torch.float32
-    grads = ops.backward(out, q, k, v, bias, out, ops.backward_lse(lse), 0.25)
+    ob, dob, lse_layouts = ops.backward_layouts(out, out, lse)
+    grads = ops.backward(dob, q, k, v, bias, ob, lse_layouts, 0.25)
     assert [tuple(t.shape) for t in grads] == [(b, g, m, d), (b, g, n, d), (b, g, n, d)]
 
 
@@ -88,6 +89,11 @@ class FakeCudaKernels:
     @staticmethod
     def _kernel_layout(x):
         return x.transpose(1, 2).contiguous().transpose(1, 2)  # written as (b, m, h, d)
+
+    @staticmethod
+    def _check_out(out):
+        # the efficient backward reads `out` with row stride h * d, not out.stride(): (b, m, h, d) memory only
+        assert out.transpose(1, 2).is_contiguous(), "out must have the (b, m, h, d) memory layout"
 
     def efficient(self, query, key, value, attn_bias, compute_log_sumexp, dropout_p=0.0, is_causal=False, *, scale):
         assert compute_log_sumexp and dropout_p == 0.0 and not is_causal
@@ -128,6 +134,7 @@ class FakeCudaKernels:
         assert bool((lse[..., m:] == INF).all()), "the backward reads the padding: it must be +inf"
         if attn_bias is not None:
             self._check_bias(attn_bias, query, key)
+        self._check_out(out)
         self.calls.append(("efficient_backward", attn_bias is not None))
         grads = _flash_cpu_backward(
             grad_out, query, key, value, out, lse[..., :m].contiguous(), 0.0, False, attn_mask=attn_bias, scale=scale

@@ -106,7 +106,8 @@ class CpuFlashBlockOps:
     """The block kernel interface of sdpa_attention_blocks on CPU (cp_attention_cuda.EfficientBlockOps on CUDA):
     queries folded to (b, g, r * nq, d) against keys/values (b, g, nk, d); `bias` turns a (b, 1, r * nq, nk)
     boolean of visible pairs into the kernel's additive mask; `forward` gives out (b, g, r * nq, d) and lse
-    (b, g, r * nq); `backward_lse` puts the merged lse in the layout `backward` reads."""
+    (b, g, r * nq); `backward_layouts` puts a query block's merged output, its gradient and the merged lse in the
+    layouts `backward` reads (once per query block, not per key block)."""
 
     @staticmethod
     def bias(allowed: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -117,8 +118,8 @@ class CpuFlashBlockOps:
         return _flash_cpu(qb, kb, vb, 0.0, False, attn_mask=bias, scale=scale)
 
     @staticmethod
-    def backward_lse(lse: torch.Tensor) -> torch.Tensor:
-        return lse.contiguous()
+    def backward_layouts(ob: torch.Tensor, dob: torch.Tensor, lse: torch.Tensor):
+        return ob, dob, lse.contiguous()
 
     @staticmethod
     def backward(dob, qb, kb, vb, bias, ob, lse, scale: float):
@@ -193,7 +194,7 @@ def sdpa_attention_blocks_backward(q, K, V, out, grad_out, lse, mask: _BlockMask
     for q0, q1, key_blocks in plan:
         nq = q1 - q0
         qb, ob, dob = (_fold_group(x[:, :, :, q0:q1]) for x in (q, out, grad_out))
-        lse_b = ops.backward_lse(lse[:, :, :, q0:q1].reshape(b, g, r * nq))
+        ob, dob, lse_b = ops.backward_layouts(ob, dob, lse[:, :, :, q0:q1].reshape(b, g, r * nq))
         dq_b = torch.zeros(b, g, r * nq, d, dtype=acc, device=q.device)
         for key_block in key_blocks:
             k0, k1, _ = key_block

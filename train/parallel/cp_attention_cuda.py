@@ -19,6 +19,9 @@ the CUDA layouts, tests/train/test_cp_attention_cuda.py; verified on a GPU by th
   Flash's lse is (b, heads, Lq) fp32, and its backward takes that compact layout.
 - A query row that sees no key of a block (its bias row all -inf) may come back as NaN (0 / 0 in the kernel's
   softmax) rather than CPU's 0: the caller overwrites such rows (out 0, lse -inf) from the plan's mask.
+- The efficient backward reads `out` with the row stride heads * head_dim whatever its strides say (it derives
+  o_strideM instead of reading it): the merged output goes in with the memory layout of a contiguous (b, Lq, heads,
+  head_dim), as its forward writes it (and the gradient too, which both kernels would otherwise copy per block).
 - No dropout: philox seed/offset and the flash rng state are read only when dropout_p > 0; the backward passes
   empty stand-ins. grad_input_mask = (q, k, v, not the bias).
 - fp64 has no CUDA kernel here, and head_dim must be a multiple of 8 (the aligned kernels bf16 needs).
@@ -59,6 +62,12 @@ def pad_lse(lse: torch.Tensor) -> torch.Tensor:
     padded = torch.full((b, h, round_up(length, LSE_ALIGNMENT)), float("inf"), dtype=torch.float32, device=lse.device)
     padded[..., :length] = lse
     return padded
+
+
+def kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """(b, h, m, d) with the memory of a contiguous (b, m, h, d), as the kernels write their outputs: the efficient
+    backward reads `out` with a row stride it assumes to be h * d (not taken from the tensor)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def aligned_bias(allowed: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -109,11 +118,12 @@ class EfficientBlockOps:
         out, lse, _, _ = _efficient(qb, kb, vb, bias, True, 0.0, False, scale=scale)
         return out, unpad_lse(lse, qb.shape[2])
 
-    def backward_lse(self, lse: torch.Tensor):
-        """The merged lse (b, g, r * nq) in both layouts: compact for flash, padded for the efficient kernel."""
+    def backward_layouts(self, ob: torch.Tensor, dob: torch.Tensor, lse: torch.Tensor):
+        """The merged output and its gradient in the kernels' (b, m, g, d) memory layout, and the merged lse
+        (b, g, r * nq) in both layouts: compact for flash, padded for the efficient kernel."""
         compact = lse.to(torch.float32).contiguous()
         # ROCm's efficient kernels write and read the lse unpadded (its backward views it as (b * heads, Lq))
-        return compact, compact if torch.version.hip else pad_lse(compact)
+        return kernel_layout(ob), kernel_layout(dob), (compact, compact if torch.version.hip else pad_lse(compact))
 
     def backward(self, dob, qb, kb, vb, bias, ob, lse_layouts, scale: float):
         compact, padded = lse_layouts
