@@ -114,9 +114,9 @@ class EfficientBlockOps:
     def forward(self, qb, kb, vb, bias, scale: float):
         if bias is None and self.flash_for_unmasked:
             out, lse, *_ = _flash(qb, kb, vb, 0.0, False, False, scale=scale)
-            return out, lse
-        out, lse, _, _ = _efficient(qb, kb, vb, bias, True, 0.0, False, scale=scale)
-        return out, unpad_lse(lse, qb.shape[2])
+        else:
+            out, lse, _, _ = _efficient(qb, kb, vb, bias, True, 0.0, False, scale=scale)
+        return out, unpad_lse(lse, qb.shape[2])  # flash's lse is not padded: the slice is all of it
 
     def backward_layouts(self, ob: torch.Tensor, dob: torch.Tensor, lse: torch.Tensor):
         """The merged output and its gradient in the kernels' (b, m, g, d) memory layout, and the merged lse
