@@ -72,10 +72,10 @@ class MTPDrafter:
         old = self.processed[lo : lo + m]
         new = new_processed
         drafted = [[] for _ in range(m)]
-        probs = []
+        probs: list[torch.Tensor | None] = []
         carry_out = {}
-        previous = None  # depth j-1 hidden over its run [first[j-1], new-1]
-        previous_first = None
+        previous: torch.Tensor | None = None  # depth j-1 hidden over its run [first[j-1], new-1]
+        previous_first: list[int] = []
         for depth in range(1, self.depths + 1):
             first = [max(0, p - depth + 1) for p in old]
             counts = [n - f for n, f in zip(new, first)]
@@ -95,7 +95,7 @@ class MTPDrafter:
             keep = [max(0, n - depth - f) for n, f in zip(new, first)]
             meta = torch.tensor([first, [c - 1 for c in counts], shift, keep], dtype=torch.long).to(device)
             start, last, shift, keep = meta
-            if depth == 1:
+            if previous is None:  # depth 1 reads the trunk
                 prev_hidden = trunk_hidden[:, :width]
             else:
                 padded = torch.cat([self.carry[rows, depth - 2].unsqueeze(1), previous], dim=1)
@@ -115,10 +115,11 @@ class MTPDrafter:
             self.carry[rows, depth - 1] = value
         self.processed[lo : lo + m] = list(new)
         self.drafts[rows] = torch.tensor(drafted, dtype=torch.long, device=device)
-        if any(p is None for p in probs):  # greedy rows: q is the one-hot of the draft, built when needed
+        distributions = [p for p in probs if p is not None]
+        if len(distributions) < len(probs):  # greedy rows: q is the one-hot of the draft, built when needed
             self.has_probs[lo : lo + m] = [False] * m
             return
-        stacked = torch.stack(probs, dim=1)
+        stacked = torch.stack(distributions, dim=1)
         if self.draft_probs is None or self.draft_probs.dtype != stacked.dtype:
             self.draft_probs = torch.zeros(
                 len(self.processed), self.depths, stacked.shape[-1], dtype=stacked.dtype, device=device

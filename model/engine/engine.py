@@ -151,12 +151,13 @@ class Engine:
             finished = self._drop_aborted()
             self._admit(finished)
             if self.running:
-                if self.drafter is None:
+                drafter, gate = self.drafter, self.gate
+                if drafter is None:
                     self._decode(finished)
-                elif self.gate is None:
-                    self._verify(finished)
+                elif gate is None:
+                    self._verify(finished, drafter)
                 else:
-                    self._gated_step(finished)
+                    self._gated_step(finished, drafter, gate)
                 self.stats.steps += 1
         return [_usable_outside_inference(result) for result in finished]
 
@@ -202,7 +203,7 @@ class Engine:
             request.processed = len(request.sequence)
         index = torch.tensor(source, device=self.device)
         row_logits = logits[index]
-        tokens, logprobs, _ = self._choose(row_logits, lo, joined)
+        tokens, logprobs = self._choose(row_logits, lo, joined)
         for request, token, logprob, one_row in zip(joined, tokens.tolist(), logprobs.tolist(), row_logits):
             self._emit(request, token, logprob, one_row)
         if self.drafter is not None:
@@ -285,16 +286,15 @@ class Engine:
                 blocks.append([i])
         return blocks
 
-    def _gated_step(self, finished: list):
+    def _gated_step(self, finished: list, drafter: MTPDrafter, gate: DraftGate):
         """A draft step or a plain one, as the gate decides from measured costs and the accepted length."""
-        gate = self.gate
         drafting = gate.choose()
         if drafting:
-            self._resume_drafting()
+            self._resume_drafting(drafter)
         n, produced = len(self.running), self.stats.verify_tokens
         started = gate.clock()
         if drafting:
-            self._verify(finished)
+            self._verify(finished, drafter)
             produced = self.stats.verify_tokens - produced
         else:
             self._decode(finished, keep_hidden=True)
@@ -306,7 +306,7 @@ class Engine:
         self.stats.draft_on = drafting
         self.stats.expected_draft_speedup = gate.expected_speedup()
 
-    def _resume_drafting(self):
+    def _resume_drafting(self, drafter: MTPDrafter):
         """MTP caches and drafts of the rows decoded plainly since their last catch-up, in runs of adjacent rows."""
         stale = [bool(r.pending_hidden) for r in self.running]
         row = 0
@@ -323,7 +323,7 @@ class Engine:
                 torch.stack(r.pending_hidden + [r.pending_hidden[-1]] * (width - len(r.pending_hidden)))
                 for r in requests
             ]
-            self.drafter.catch_up(
+            drafter.catch_up(
                 row,
                 [r.sequence for r in requests],
                 [r.processed for r in requests],
@@ -343,7 +343,7 @@ class Engine:
         if keep_hidden:
             for request, hidden in zip(self.running, out.hidden[:, 0]):
                 request.pending_hidden.append(hidden)
-        tokens, logprobs, _ = self._choose(logits, 0, self.running)
+        tokens, logprobs = self._choose(logits, 0, self.running)
         keep = []
         for i, (request, token, logprob, row_logits) in enumerate(
             zip(self.running, tokens.tolist(), logprobs.tolist(), logits)
@@ -358,10 +358,9 @@ class Engine:
         if not all(keep):
             self._compact(keep)
 
-    def _verify(self, finished: list):
+    def _verify(self, finished: list, drafter: MTPDrafter):
         """Main model over [next token, k drafts] per row, acceptance, rollback, MTP catch-up for the next drafts."""
         n, k = len(self.running), self.config.draft_tokens
-        drafter = self.drafter
         rows = slice(0, n)
         pending = torch.tensor([[r.sequence[-1]] for r in self.running], dtype=torch.long, device=self.device)
         ids = torch.cat([pending, drafter.drafts[rows]], dim=1)
@@ -436,31 +435,36 @@ class Engine:
     def _all_greedy(self, rows: slice) -> bool:
         return all(request.params.greedy for request in self.running[rows])
 
-    def _choose(self, logits: torch.Tensor, lo: int, requests: list, with_logprobs: bool = True):
+    def _sample_rows(
+        self, logits: torch.Tensor, lo: int, requests: list
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Sample one token per row from logits (m, V) of slot rows lo..lo+m-1.
 
-        Returns (tokens, logprobs, probs): probs is None when every row is greedy (no distribution is built)."""
+        Returns (tokens, probs): probs is None when every row is greedy (no distribution is built)."""
         rows = slice(lo, lo + len(requests))
         if self._all_greedy(rows):
-            tokens = logits.argmax(-1)
-            return tokens, log_softmax_at(logits, tokens) if with_logprobs else None, None
+            return logits.argmax(-1), None
         probs = sampling_probs(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows])
         uniforms = torch.stack([r.uniforms(1) for r in requests]).to(self.device)
-        tokens = sample(probs, uniforms[:, 0])
-        if not with_logprobs:
-            return tokens, None, probs
+        return sample(probs, uniforms[:, 0]), probs
+
+    def _choose(self, logits: torch.Tensor, lo: int, requests: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, logprobs) of rows lo..lo+m-1: greedy rows report the plain softmax, sampled rows the
+        sampling distribution's probability."""
+        tokens, probs = self._sample_rows(logits, lo, requests)
+        if probs is None:
+            return tokens, log_softmax_at(logits, tokens)
         logprobs = probs.gather(-1, tokens[:, None]).squeeze(-1).log()
-        greedy = self.temperature[rows] <= 0
+        greedy = self.temperature[lo : lo + len(requests)] <= 0
         if bool(greedy.any()):
             logprobs = torch.where(greedy, log_softmax_at(logits, tokens).to(logprobs.dtype), logprobs)
-        return tokens, logprobs, probs
+        return tokens, logprobs
 
     def _draft_sampler(self, lo: int, m: int):
         requests = self.running[lo : lo + m]
 
         def draw(logits, depth):
-            tokens, _, probs = self._choose(logits, lo, requests, with_logprobs=False)
-            return tokens, probs
+            return self._sample_rows(logits, lo, requests)
 
         return draw
 

@@ -88,8 +88,8 @@ def test_switching_mid_sequence_keeps_greedy_output_and_true_drafts(fp64_model, 
     checked = []
     resume = engine._resume_drafting
 
-    def checked_resume():
-        resume()
+    def checked_resume(drafter):
+        resume(drafter)
         for row, request in enumerate(engine.running):
             expected = mtp_chain_drafts(fp64_model, request.sequence, request.processed, k)
             assert engine.drafter.drafts[row].tolist() == expected
