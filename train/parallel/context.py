@@ -14,11 +14,12 @@ choices, are replayed (`replay_routes`) and compared with the router's own choic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from latentforge.model.hybrid import IGNORE_INDEX
+from latentforge.model.hybrid import IGNORE_INDEX, HybridModel
+from latentforge.model.mixer_types import MixerContext
 from latentforge.model.mtp import mtp_recursion, shift_left
 from latentforge.train.loss import Balance, HeadLosses, Normalizers, TokenPiece, balance, head_losses, shifted_labels
 
@@ -60,20 +61,27 @@ class TrunkOutput:
 
     hidden: torch.Tensor  # (b, s_local, H), after norm_f
     lm_head_weight: torch.Tensor  # (V, H), the full weight (tensor parallelism never splits lm_head)
-    part: object  # this stage's model part (part.mtp, part.lm_head)
+    part: HybridModel  # this stage's model part (part.mtp, part.lm_head)
     mtp_embeddings: list
     mtp_labels: list
     seq_idx: torch.Tensor  # (b, s_cp) document ids of the tokens the mixers see (this CP rank's, TP-gathered)
-    context: object = None  # the layout's mixer context (HybridModel.forward's `context`)
+    context: Optional[MixerContext] = None  # the layout's mixer context (HybridModel.forward's `context`)
     mtp_routings: list = field(default_factory=list)  # the MTP MoE's Routing of each depth run
 
     def mtp_hidden(self, detach: bool = False):
         """Yields h_k of MTP depth k = 1.. (model.mtp.mtp_recursion); `detach`: train the MTP block alone."""
+        mtp = self.part.mtp
+        if mtp is None:  # a model without MTP depths has no MTP embeddings: no depth to yield
+            return
         for hidden, routing in mtp_recursion(
-            self.part.mtp, self.mtp_embeddings, self.hidden, seq_idx=self.seq_idx, context=self.context, detach=detach
+            mtp, self.mtp_embeddings, self.hidden, seq_idx=self.seq_idx, context=self.context, detach=detach
         ):
             self.mtp_routings.append(routing)
             yield hidden
+
+
+# a caller's loss on the last stage: (TrunkOutput, the micro-batch sliced to this rank) -> (loss, stats)
+LossHook = Callable[[TrunkOutput, dict], Any]
 
 
 class ParallelContext:
@@ -87,12 +95,13 @@ class ParallelContext:
         self.device = device
         lay = groups.layout
         self.cp, self.tp = lay.cp, lay.tp
-        self.micro_batches: list = []
-        self.counts: Optional[Normalizers] = None
-        self.current: Optional[MicroBatch] = None
+        self.micro_batches: list[MicroBatch] = []
+        self.counts: Optional[Normalizers] = None  # set by prepare()
+        self.current: Optional[MicroBatch] = None  # set by begin()
         self.num_moe = 0  # expert-load rows: trunk MoE layers, then the MTP block's
         self.num_trunk_moe = 0
-        self.loss_fn = None  # the caller's loss hook for the step in progress (None: LM/MTP head losses)
+        # the caller's loss hook for the step in progress (None: LM/MTP head losses)
+        self.loss_fn: Optional[LossHook] = None
         self.replay_routes = False  # the step in progress replays each micro-batch's `routes`
         self.reset_step()
 
@@ -192,24 +201,39 @@ class ParallelContext:
 
     def begin(self, index: int) -> MicroBatch:
         # stays current until the next begin: an activation-checkpoint recompute in the backward reads it too
-        self.current = self.micro_batches[index]
+        mb = self.micro_batches[index]
+        self.current = mb
+        return mb
+
+    def current_batch(self) -> MicroBatch:
+        """The micro-batch whose stage forward (or its recompute in the backward) is running."""
+        if self.current is None:
+            raise RuntimeError("ParallelContext.begin(index) must run before the stage forward reads the micro-batch")
         return self.current
 
-    def mixer_context(self):
+    def normalizers(self) -> Normalizers:
+        """The global batch's target and sequence counts every partial loss is divided by."""
+        if self.counts is None:
+            raise RuntimeError("ParallelContext.prepare(micro_batches) must run before the step's losses")
+        return self.counts
+
+    def mixer_context(self) -> Optional[MixerContext]:
         """What HybridModel.forward hands the mixers under this layout: context parallelism's view of the current
         micro-batch (context_parallel.py), None on one process or TP alone."""
         if self.cp == 1:
             return None
         from .context_parallel import ContextParallelMixing
 
-        return ContextParallelMixing(self.current, self.groups.cp_group, self.groups.cp_rank, self.attention_block)
+        return ContextParallelMixing(
+            self.current_batch(), self.groups.cp_group, self.groups.cp_rank, self.attention_block
+        )
 
     # ----- MoE routing -----------------------------------------------------------------------------------------
     def replayed_routes(self) -> Optional[torch.Tensor]:
         """The micro-batch's recorded routes (b, s_local, trunk MoE layers, top_k) when replaying, else None."""
         if not self.replay_routes:
             return None
-        routes = self.current.extras.get("routes")
+        routes = self.current_batch().extras.get("routes")
         if routes is None:
             raise ValueError(
                 "rl.router_replay=true but the batch carries no routes: the rollout engine must "
@@ -221,10 +245,11 @@ class ParallelContext:
     def record_agreement(self, routing: dict) -> None:
         """When the micro-batch carries the rollout's routes, count per real token and trunk MoE layer whether the
         router's own top-k set equals the recorded one (`router_agree_sum` / `router_pairs` statistics)."""
-        recorded = self.current.extras.get("routes")
+        mb = self.current_batch()
+        recorded = mb.extras.get("routes")
         if recorded is None or not routing:
             return
-        real = self.current.real_local
+        real = mb.real_local
         for index, r in routing.items():
             mine = recorded[:, :, index].reshape(-1, r.router_topk.shape[-1]).to(r.router_topk.device)
             same = (r.router_topk.sort(-1).values == mine.sort(-1).values).all(-1)
@@ -234,7 +259,7 @@ class ParallelContext:
 
     def balance_loss(self, routings: list) -> Optional[torch.Tensor]:
         """The weighted balance-loss partial of (expert-load row, Routing) pairs; records it and the loads."""
-        mb = self.current
+        mb = self.current_batch()
         piece = TokenPiece(
             batch=mb.batch,
             seq_len=mb.seq_len,
@@ -242,7 +267,7 @@ class ParallelContext:
             row_tokens=mb.row_tokens,
             seq_group=self.groups.seq_group,
         )
-        result: Balance = balance(routings, piece, self.counts)
+        result: Balance = balance(routings, piece, self.normalizers())
         for row, load in result.loads.items():
             self.load[row] += load.to(self.load.device)
         if result.loss is None:
@@ -253,12 +278,12 @@ class ParallelContext:
     # ----- heads -----------------------------------------------------------------------------------------------
     def head_loss(self, part, hidden, mtp_embeddings, context=None) -> tuple:
         """(LM + weighted MTP partial loss, the MTP MoE's routing per depth) of the last stage; records them."""
-        mb = self.current
+        mb = self.current_batch()
         heads: HeadLosses = head_losses(
             hidden,
             part.lm_head.weight,
             mb.labels_local,
-            self.counts,
+            self.normalizers(),
             mtp=part.mtp,
             mtp_embeddings=mtp_embeddings,
             mtp_labels=mb.mtp_labels_local,
@@ -273,7 +298,9 @@ class ParallelContext:
     def custom_loss(self, part, hidden, mtp_embeddings, context=None) -> tuple:
         """The caller's loss hook on the last stage (instead of head_loss): (its loss, the MTP MoE's routing of
         each depth it ran); records its loss and statistics."""
-        mb = self.current
+        if self.loss_fn is None:
+            raise RuntimeError("custom_loss runs only for a step given a loss_fn (head_loss otherwise)")
+        mb = self.current_batch()
         output = TrunkOutput(
             hidden=hidden,
             lm_head_weight=part.lm_head.weight,

@@ -9,12 +9,16 @@ group. FSDP already summed it over the data-parallel (and CP) ranks; one buckete
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
-def _is_dtensor(t) -> bool:
+
+def _is_dtensor(t: object) -> TypeGuard[DTensor]:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)

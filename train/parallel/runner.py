@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from .config import LayoutError, ParallelConfig, check_microbatches, check_sequence, validate_layout
-from .context import ParallelContext
+from .context import LossHook, ParallelContext
 from .expert_parallel import apply_expert_parallel
 from .grads import all_reduce_replicated_grads, all_reduce_shared_embedding_grads, clip_grad_norm_, parameters
 from .mesh import build_groups, default_device
@@ -42,6 +43,8 @@ class Runner:
         model_cfg,
         fsdp_modules: list,
         device: torch.device,
+        compute_dtype: torch.dtype = torch.float32,
+        activation_dtype: Optional[torch.dtype] = None,
     ):
         self.stages = stages
         self.stage_ids = stage_ids
@@ -51,6 +54,9 @@ class Runner:
         self.model_cfg = model_cfg
         self.layout = groups.layout
         self.device = device
+        self.compute_dtype = compute_dtype  # the mixed-precision compute dtype (wrapping.py)
+        # what flows between pipeline stages (None: the parameters' dtype)
+        self.activation_dtype = activation_dtype
         self._fsdp_modules = list(fsdp_modules)
         self._fsdp = bool(fsdp_modules)
         self._schedules: dict = {}
@@ -150,7 +156,9 @@ class Runner:
         self._comm_seconds = comm_seconds
         return result
 
-    def _run(self, micro_batches: list, loss_fn, backward: bool, replay_routes: bool = False) -> None:
+    def _run(
+        self, micro_batches: list, loss_fn: Optional[LossHook], backward: bool, replay_routes: bool = False
+    ) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (output, micro_batch) -> (loss, stats), got {loss_fn!r}")
         ctx = self.ctx
@@ -248,7 +256,7 @@ class Runner:
             "lm_loss": None if hooked else float(lm),
             "mtp_losses": [] if hooked else [float(x) for x in mtp],
             "aux_loss": float(aux) if ctx.num_moe else None,
-            "tokens": float(ctx.counts.targets),
+            "tokens": float(ctx.normalizers().targets),
             "expert_load": load.round().to(torch.long) if ctx.num_moe else None,
         }
         if hooked:
@@ -260,9 +268,9 @@ class Runner:
         never call the hook, so they learn the names from the others)."""
         keys = sorted(self.ctx.custom_stats)
         if self.groups.distributed:
-            gathered = [None] * dist.get_world_size()
+            gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
             dist.all_gather_object(gathered, keys)
-            keys = sorted(set().union(*map(set, gathered)))
+            keys = sorted({key for rank_keys in gathered for key in rank_keys})
         return keys
 
     def _schedule(self, n: int, local_shape):
@@ -288,7 +296,7 @@ class Runner:
                 )
             )
         kind = self.parallel_cfg.pp_schedule
-        common = dict(n_microbatches=n, loss_fn=_stage_loss, scale_grads=False)
+        common: dict[str, Any] = dict(n_microbatches=n, loss_fn=_stage_loss, scale_grads=False)
         if kind == "interleaved_1f1b":
             schedule = ScheduleInterleaved1F1B(pipeline_stages, **common)
         elif kind == "gpipe":
@@ -306,7 +314,7 @@ class Runner:
         """Shapes of what each stage receives and sends (given up front: no shape-inference forward, which would
         run the stage's collectives on empty tensors): (mb index, hidden), the loss at the end (the last stage
         embeds the MTP depths' tokens itself: stage.py)."""
-        dtype = getattr(self, "activation_dtype", None) or next(self.model_parts[0].parameters()).dtype
+        dtype = self.activation_dtype or next(self.model_parts[0].parameters()).dtype
         index = torch.empty(1, dtype=torch.long, device="meta")
         hidden = torch.empty(
             *local_shape, self.model_cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True
@@ -416,9 +424,9 @@ def build_runner(model, model_cfg, parallel_cfg=None, precision=None) -> Runner:
         model_cfg=model_cfg,
         fsdp_modules=sharder.modules,
         device=device,
+        compute_dtype=compute_dtype,
+        activation_dtype=sharder.activation_dtype(next(model.parameters()).dtype),
     )
-    runner.compute_dtype = compute_dtype
-    runner.activation_dtype = sharder.activation_dtype(next(model.parameters()).dtype)
     return runner
 
 

@@ -28,6 +28,10 @@ import copy
 import torch
 from torch import nn
 
+from latentforge.model.hybrid import HybridModel
+
+from .context import ParallelContext
+
 
 class AuxLossInjector(torch.autograd.Function):
     """Identity on `hidden`; in the backward it also hands `aux` a gradient of 1 (it is already weighted), so a
@@ -44,7 +48,10 @@ class AuxLossInjector(torch.autograd.Function):
 
 
 class StageModule(nn.Module):
-    def __init__(self, part, ctx, *, first: bool, last: bool):
+    part: HybridModel
+    ctx: ParallelContext
+
+    def __init__(self, part: HybridModel, ctx: ParallelContext, *, first: bool, last: bool):
         super().__init__()
         self.part = part
         self.first, self.last = first, last
