@@ -27,7 +27,7 @@ import shutil
 import time
 import warnings
 from concurrent.futures import Future
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -123,7 +123,8 @@ def pack(obj) -> bytes:
     return buffer.getvalue()
 
 
-def unpack(blob: bytes):
+def unpack(blob: bytes) -> Any:
+    """What `pack` was given (any of the value kinds it takes: the caller knows which)."""
     # weights_only: a blob holds data, never code to run
     return _from_loadable(torch.load(io.BytesIO(blob), weights_only=True))
 

@@ -11,7 +11,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -130,7 +130,7 @@ class Trainer:
         train_cfg: TrainConfig,
         optim_cfg: OptimConfig,
         checkpoints: CheckpointManager,
-        callbacks: list = (),
+        callbacks: Sequence = (),
         device: Optional[torch.device] = None,
         model_config: Optional[dict] = None,
         tokenizer=None,
