@@ -5,6 +5,11 @@ modules such as `latentforge.model.errors` or `latentforge.model.schema` can be 
 """
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what __getattr__ loads on first use, named for the type checker
+    from .config import ConfigError, ModelConfig
+    from .hybrid import HybridModel, ModelOutput
 
 _EXPORTS = {
     "ConfigError": "latentforge.model.config",
@@ -13,7 +18,7 @@ _EXPORTS = {
     "ModelOutput": "latentforge.model.hybrid",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["ConfigError", "HybridModel", "ModelConfig", "ModelOutput"]  # the keys of _EXPORTS
 
 
 def __getattr__(name):

@@ -8,7 +8,7 @@ configured by `mtp_depths`, since its block is always `*E`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
+from typing import Any, Mapping, Optional, Union
 
 from .errors import UserError
 
@@ -108,7 +108,8 @@ class ModelConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
+    def from_dict(cls, values: Union[Mapping[str, Any], "ModelConfig", None]) -> "ModelConfig":
+        """The recipe's `model` node checked field by field (an instance passes unchanged, None: defaults)."""
         from latentforge.model.schema import from_dict
 
         return from_dict(cls, values, "model", ConfigError)
