@@ -21,7 +21,7 @@ import collections
 import contextlib
 import os
 import time
-from typing import Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union, cast
 
 import ray
 from ray.exceptions import RayActorError
@@ -45,6 +45,8 @@ RESTART_COUNTERS = ("worker_restarts", "trainer_restarts")  # kept across a trai
 
 
 class ActorDied(Exception):
+    role = "actor"  # each subclass names its kind of actor
+
     def __init__(self, slot: int, handle, cause: Exception):
         super().__init__(f"{self.role} {slot} died")
         self.slot, self.handle, self.cause = slot, handle, cause
@@ -66,7 +68,7 @@ class GRPOLoop:
     def __init__(
         self,
         cfg: GRPOConfig,
-        model_cfg: ModelConfig,
+        model_cfg: Union[ModelConfig, dict],
         optim_cfg: OptimConfig,
         *,
         tokenizer_spec: Union[TokenizerConfig, str],
@@ -106,7 +108,7 @@ class GRPOLoop:
         self._sync_stale = False  # the broadcast group lost a member: rebuilt before the next push
         self._last_stats: List[dict] = []  # rollout counters at the last step (metrics are differences)
         self._launch_state: Optional[dict] = None  # loop state a trainer restart without checkpoint goes back to
-        self.logger = None
+        self.logger: Optional[MetricsLogger] = None  # opened by setup()
         self.counters = collections.Counter()
         self.history: List[dict] = []
         self._step_filtered: List[int] = []  # zero-advantage groups since the last step (logged with it)
@@ -144,6 +146,11 @@ class GRPOLoop:
         self._push_weights()  # every worker starts from the trainer's weights (fresh or resumed)
         for i in range(len(self.rollouts)):
             self._issue_collect(i)
+
+    def _metrics_logger(self) -> MetricsLogger:
+        if self.logger is None:
+            raise RuntimeError("GRPOLoop.setup() must run first: it opens the metrics logger")
+        return self.logger
 
     def _ids(self, record: dict) -> List[int]:
         key = record["id"]
@@ -258,7 +265,7 @@ class GRPOLoop:
 
     # ================================================================== checkpoint / resume
     def _resume(self) -> Optional[dict]:
-        path = ray.get(self.trainers[0].latest_checkpoint.remote()) if self.cfg.resume else None
+        path = self._latest_checkpoint() if self.cfg.resume else None
         if path is None:
             # what a trainer restart before the first checkpoint goes back to (fresh weights are seeded: the same)
             self._launch_state = self._loop_state()
@@ -270,9 +277,13 @@ class GRPOLoop:
         )
         return state
 
+    def _latest_checkpoint(self) -> Optional[str]:
+        # one ObjectRef: ray.get returns its value (Ray's stubs read an untyped handle's call as a list of refs)
+        return cast(Optional[str], ray.get(self.trainers[0].latest_checkpoint.remote()))
+
     def _load_checkpoint(self, path: str) -> dict:
         blobs = self._on_trainers([t.load_checkpoint.remote(path) for t in self.trainers])
-        state = unpack(blobs[0])
+        state: dict = unpack(blobs[0])
         self._restore(state)
         return state
 
@@ -332,7 +343,7 @@ class GRPOLoop:
         owners = {**_owners("trainer", trainer_futs, self.trainers), **_owners("rollout", worker_futs, self.rollouts)}
         self._pump_until(trainer_futs + worker_futs, owners=owners)
         if rc.weight_sync == "broadcast":
-            sent = ray.get(trainer_futs[0])
+            sent = cast(Dict[str, Any], ray.get(trainer_futs[0]))  # one ObjectRef: its dict
             received = ray.get(worker_futs)
             result = {
                 "sync_s": sent["sync_s"],
@@ -544,10 +555,13 @@ class GRPOLoop:
         self._step_filtered = []
         self.pushed_version = -1
         self._spawn_trainers()
-        path = ray.get(self.trainers[0].latest_checkpoint.remote())
+        path = self._latest_checkpoint()
         if path is not None:
             self._load_checkpoint(path)
         else:
+            # _resume() keeps the launch state whenever it found no checkpoint, and a checkpoint found then is
+            # still there
+            assert self._launch_state is not None, "a trainer restart without a checkpoint needs the launch state"
             self._restore(self._launch_state)
         self._sync_stale = self.cfg.rollout.weight_sync == "broadcast"
         self._push_weights()
@@ -645,7 +659,7 @@ class GRPOLoop:
             if first:  # empty when preempted during it
                 self.eval_time += first["eval_s"]
                 summary["eval_before"] = first
-                self.logger.log({"step": self.version, **first}, console=False)
+                self._metrics_logger().log({"step": self.version, **first}, console=False)
                 self.print(f"eval before step {self.version}: {describe_eval(first)} ({first['eval_s']:.1f}s)")
         self._last_stats = self._rollout_stats()
         self._trainer_wait = 0.0
@@ -669,7 +683,7 @@ class GRPOLoop:
         final = self.evaluate()
         summary.update(eval_after=final, steps=self.version, wall_s=wall, counters=dict(self.counters))
         if final:
-            self.logger.log({"step": self.version, **final}, console=False)
+            self._metrics_logger().log({"step": self.version, **final}, console=False)
             self.print(f"eval after step {self.version}: {describe_eval(final)}; training wall time {wall:.1f}s")
         return summary
 
@@ -721,7 +735,7 @@ class GRPOLoop:
             ev = self.evaluate()
             self.eval_time += ev.get("eval_s", 0.0)
             metrics.update(ev)
-        self.logger.log(metrics)
+        self._metrics_logger().log(metrics)
         self.history.append(metrics)
         if (
             crossed(trained_version, self.version, cfg.checkpoint_interval)
@@ -788,7 +802,7 @@ class GRPOLoop:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(self.placement)
-        if getattr(self, "logger", None) is not None:
+        if self.logger is not None:
             self.logger.close()
 
 

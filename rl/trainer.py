@@ -147,7 +147,7 @@ class PolicyTrainer:
         self.optimizer = OptimizerContainer(self.parts, optim_cfg)
         self.schedule = LRSchedule(optim_cfg, cfg.steps)
         self.checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), keep_last=cfg.keep_last)
-        self.version = 0
+        self.version: int = 0
         self.consecutive_nonfinite = 0
 
     # ----- the GRPO step ---------------------------------------------------------------------------------------
@@ -291,12 +291,13 @@ class PolicyTrainer:
                 if keep:
                     state[name] = full
         if pipelined and representative:
-            mine = None if world.rank() == 0 else {k: v.cpu() for k, v in state.items()}
-            gathered = [None] * self.runner.layout.pp if world.rank() == 0 else None
-            dist.gather_object(mine, gathered, dst=0, group=groups.pp_group)
             if world.rank() == 0:
+                gathered: List[Optional[dict]] = [None] * self.runner.layout.pp
+                dist.gather_object(None, gathered, dst=0, group=groups.pp_group)
                 for stage_state in gathered:
                     state.update(stage_state or {})
+            else:
+                dist.gather_object({k: v.cpu() for k, v in state.items()}, None, dst=0, group=groups.pp_group)
         return state if world.rank() == 0 else None
 
     # ----- checkpoint ------------------------------------------------------------------------------------------

@@ -36,11 +36,16 @@ class RewardWorker:
             sample.text = self.decode(sample)
             # an environment episode was scored by its environment, turn by turn: that score stands in for the
             # task's verifier, and the user functions and the judge read the whole episode
-            verdict = (
-                RewardResult(sample.reward, correct=sample.reward_info.get("correct"), info=sample.reward_info)
-                if sample.meta.get("episode")
-                else None
-            )
+            verdict = None
+            if sample.meta.get("episode"):
+                if sample.reward is None:
+                    raise ValueError(
+                        f"episode sample {sample.group_id}/{sample.sample_index} came without its environment's "
+                        "reward (rl/envs/episode.py scores every episode it finishes)"
+                    )
+                verdict = RewardResult(
+                    sample.reward, correct=sample.reward_info.get("correct"), info=sample.reward_info
+                )
             result = self.scorer.score(record, sample.text, verdict=verdict)
             sample.reward = result.score
             sample.reward_info = {"correct": result.correct, **result.info}

@@ -82,14 +82,16 @@ class RolloutWorker:
         """Each request: group_id, sample_index, prompt_ids, seed, min_version, kind ("train" / "eval"),
         and optionally temperature, max_new_tokens."""
         episodes = [r for r in requests if (r.get("record") or {}).get("env")]
-        if episodes and self.episodes is None:
+        runner = self.episodes
+        if episodes and runner is None:
             raise ValueError("environment requests need a rollout worker built with tokenizer_spec")
         with self._lock:
             self._raise_if_failed()
             self._queue.extend(r for r in requests if not (r.get("record") or {}).get("env"))
             self._wake.notify_all()
-        for request in episodes:
-            self.episodes.start(request)
+        if runner is not None:
+            for request in episodes:
+                runner.start(request)
 
     def collect(self, wait_s: float = 0.0) -> List[Sample]:
         """Finished samples since the last call; waits up to `wait_s` for at least one."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 
@@ -17,14 +17,22 @@ from latentforge.train.parallel.config import ParallelConfig
 from latentforge.train.precision.config import PrecisionConfig
 from latentforge.rl.weight_sync import WeightSyncGroup, free_port, node_ip, send_state
 
+if TYPE_CHECKING:
+    from latentforge.rl.trainer import PolicyTrainer
+
 
 class TrainerRank:
     def __init__(self, rank: int, world_size: int, threads: Optional[int] = None):
         if threads:
             torch.set_num_threads(threads)
         self.rank, self.world_size = rank, world_size
-        self.trainer = None
+        self.trainer: Optional[PolicyTrainer] = None  # built by setup()
         self._sync: Optional[WeightSyncGroup] = None
+
+    def _policy(self) -> PolicyTrainer:
+        if self.trainer is None:
+            raise RuntimeError("TrainerRank.setup() must run first: it builds the policy trainer")
+        return self.trainer
 
     def address(self) -> tuple:
         """(ip, a free port) on this rank's node: rank 0 hosts the rendezvous of the trainer world."""
@@ -56,7 +64,7 @@ class TrainerRank:
         return {"rank": self.rank, "dp_rank": self.trainer.dp_rank, "dp_size": self.trainer.dp_size}
 
     def train_step(self, groups: List[Group]) -> dict:
-        return self.trainer.train_step(groups)
+        return self._policy().train_step(groups)
 
     # ----- weights out ---------------------------------------------------------------------------------------
     def join_sync_group(self, host: str, port: int, world_size: int, backend: str) -> int:
@@ -69,42 +77,46 @@ class TrainerRank:
 
     def push_broadcast(self, bucket_mb: int) -> dict:
         """Every trainer rank calls it (gathering sharded layouts is collective); rank 0 broadcasts."""
+        trainer = self._policy()
         start = time.perf_counter()
-        state = self.trainer.full_state_dict()
+        state = trainer.full_state_dict()
         gathered = time.perf_counter()
         sent = 0
         if self.rank == 0:
-            sent = send_state(self._sync, state, self.trainer.version, bucket_mb)
+            if self._sync is None:
+                raise RuntimeError("push_broadcast: rank 0 must join_sync_group() before it broadcasts")
+            assert state is not None, "rank 0 gathers the full state dict"
+            sent = send_state(self._sync, state, trainer.version, bucket_mb)
         done = time.perf_counter()
-        return {"version": self.trainer.version, "gather_s": gathered - start, "sync_s": done - start, "bytes": sent}
+        return {"version": trainer.version, "gather_s": gathered - start, "sync_s": done - start, "bytes": sent}
 
     def export_weights(self):
         """Object-store path: rank 0 returns the full CPU tensors (the driver passes the reference on); every
         trainer rank calls it (gathering sharded layouts is collective)."""
-        state = self.trainer.full_state_dict()
+        state = self._policy().full_state_dict()
         if state is None:
             return None
         return {k: v.detach().cpu() for k, v in state.items()}
 
     # ----- checkpoints ---------------------------------------------------------------------------------------
     def save_checkpoint(self, loop_state: bytes) -> str:
-        return self.trainer.save_checkpoint(loop_state)
+        return self._policy().save_checkpoint(loop_state)
 
-    def latest_checkpoint(self):
-        return self.trainer.latest_checkpoint()
+    def latest_checkpoint(self) -> Optional[str]:
+        return self._policy().latest_checkpoint()
 
     def load_checkpoint(self, path: str) -> bytes:
-        return self.trainer.load_checkpoint(path)
+        return self._policy().load_checkpoint(path)
 
     def version(self) -> int:
-        return self.trainer.version
+        return self._policy().version
 
     def weights_digest(self) -> float:
         """A cheap fingerprint of the weights (tests compare runs with it). Every trainer rank calls it (gathering
         sharded layouts is collective); rank 0 returns it, the others 0.0."""
         from latentforge.rl.trainer import state_digest
 
-        state = self.trainer.full_state_dict()
+        state = self._policy().full_state_dict()
         return 0.0 if state is None else state_digest(state)
 
     def close(self):

@@ -27,7 +27,7 @@ import asyncio
 import importlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Protocol
 
 from latentforge.model.errors import UserError
 
@@ -59,6 +59,15 @@ class Environment:
 
     async def step(self, message: dict) -> StepResult:
         raise NotImplementedError(f"{type(self).__name__}.step")
+
+
+class EpisodeEnvironment(Protocol):
+    """What an episode calls: an `Environment`, or any class with reset() and step() (async or plain) named as
+    "package.module:Class"."""
+
+    def reset(self, record: dict, /) -> Any: ...
+
+    def step(self, message: dict, /) -> Any: ...
 
 
 _ENVS: Dict[str, type] = {}
@@ -93,7 +102,7 @@ def env_class(spec: str) -> type:
     return obj
 
 
-def make_env(record: dict):
+def make_env(record: dict) -> EpisodeEnvironment:
     """A fresh environment for one episode of `record` (its "env" names the class, "env_options" its options)."""
     return env_class(record["env"])(**dict(record.get("env_options") or {}))
 

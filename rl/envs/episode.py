@@ -25,14 +25,14 @@ import math
 import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from latentforge.data.chat import parse_tool_calls, render_chat, render_observation
 from latentforge.rl.buffer import Sample
 
-from .base import call, make_env
+from .base import EpisodeEnvironment, call, make_env
 
 
 @dataclass
@@ -47,7 +47,7 @@ class EpisodeLimits:
 @dataclass
 class _Episode:
     request: dict
-    env: object = None
+    env: Optional[EpisodeEnvironment] = None  # built by the episode's reset
     prompt_ids: List[int] = field(default_factory=list)
     ids: List[int] = field(default_factory=list)  # everything after the prompt
     mask: List[bool] = field(default_factory=list)
@@ -145,8 +145,8 @@ class EpisodeRunner:
     async def _reset(self, episode: _Episode) -> None:
         record = episode.request["record"]
         try:
-            episode.env = make_env(record)
-            messages = await asyncio.wait_for(call(episode.env.reset, record), self.limits.step_timeout_s)
+            env = episode.env = make_env(record)
+            messages = await asyncio.wait_for(call(env.reset, record), self.limits.step_timeout_s)
             episode.prompt_ids = render_chat(
                 self.tokenizer,
                 messages,
@@ -164,9 +164,11 @@ class EpisodeRunner:
         closed = finish_reason == "stop" and generated and generated[-1] == self.im_end_id
         text = self.tokenizer.decode(generated[:-1] if finish_reason == "stop" else generated)
         thinking = episode.request["record"].get("enable_thinking", True)
+        env = episode.env
+        assert env is not None, "an episode's turns are queued only after its reset built the environment"
         try:
             result = await asyncio.wait_for(
-                call(episode.env.step, assistant_message(text, thinking)), self.limits.step_timeout_s
+                call(env.step, assistant_message(text, thinking)), self.limits.step_timeout_s
             )
             reward = float(result.reward)
             if not math.isfinite(reward):
@@ -227,7 +229,7 @@ class EpisodeRunner:
     def _finish(self, episode: _Episode) -> None:
         self.counters["episodes"] += 1
         request = episode.request
-        info = dict(episode.info, turns=episode.turns)
+        info: Dict[str, Any] = dict(episode.info, turns=episode.turns)
         info.setdefault("correct", None)
         if episode.failures:
             info["failures"] = episode.failures
