@@ -95,8 +95,7 @@ class SFTSetup(PretrainSetup):
 
 def load_configs(overrides) -> SFTSetup:
     """The composed recipe, validated against each group's dataclass."""
-    from omegaconf import OmegaConf
-
+    from latentforge.model.schema import plain
     from latentforge.train.lora import LoRAConfig
     from latentforge.train.pretrain import load_configs as load_pretrain_configs
 
@@ -104,8 +103,9 @@ def load_configs(overrides) -> SFTSetup:
     sft_node, lora_node = base.recipe.get("sft"), base.recipe.get("lora")
     setup = SFTSetup(
         **{f.name: getattr(base, f.name) for f in fields(base)},
-        sft=SFTConfig.from_dict(OmegaConf.to_container(sft_node, resolve=True) if sft_node is not None else {}),
-        lora=LoRAConfig.from_dict(OmegaConf.to_container(lora_node, resolve=True)) if lora_node is not None else None,
+        # plain() keeps what is no mapping as it is: from_dict's error names the group
+        sft=SFTConfig.from_dict(plain(sft_node) if sft_node is not None else {}),
+        lora=LoRAConfig.from_dict(plain(lora_node)) if lora_node is not None else None,
     )
     if setup.train.seq_len_schedule:
         raise SFTConfigError(
@@ -419,8 +419,9 @@ def accuracy_main(args, overrides) -> int:
 def run(overrides) -> int:
     from omegaconf import OmegaConf
 
-    from latentforge.data.sft import build_sft_loader
+    from latentforge.data.sft import SFTSource, build_sft_loader
     from latentforge.model.params import training_flops_per_token
+    from latentforge.model.recipes import plain_values
     from latentforge.train import distributed as world
     from latentforge.train.callbacks import standard_callbacks
     from latentforge.train.checkpoint import CheckpointManager
@@ -516,7 +517,7 @@ def run(overrides) -> int:
             run_dir,
             device,
             world.world_size(),
-            OmegaConf.to_container(setup.recipe, resolve=True),
+            plain_values(setup.recipe),
             extra=[validation] if validation is not None else [],
             tokenizer=tokenizer,
         )
@@ -543,8 +544,10 @@ def run(overrides) -> int:
             validation.on_step_end(trainer, {"step": 0})  # the starting model's validation loss (step 0)
 
         if runner.is_metrics_rank:
+            source = loader.source
+            assert isinstance(source, SFTSource), "build_sft_loader packs an SFTSource"
             print(
-                f"start      {start_path} ({kind}); {loader.source.stats['conversations']} training "
+                f"start      {start_path} ({kind}); {source.stats['conversations']} training "
                 f"conversations, {loader.samples_per_epoch} packed rows per epoch",
                 flush=True,
             )
