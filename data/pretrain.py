@@ -13,7 +13,7 @@ import copy
 import logging
 import os
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -243,10 +243,12 @@ def build_mixed_length_pretrain_loader(
     dp_size: int = 1,
     seed: Optional[int] = None,
     split: str = "train",
+    readers: Optional[Dict[int, Tuple[int, int]]] = None,
 ) -> MixedLengthLoader:
     """The data of a run with train.seq_len_schedule: one stream per sequence length (`micro_batch_sizes`: length ->
     sequences per micro-batch), each the blended pretraining stream cut at that length, as build_pretrain_loader
-    builds it; call it on every rank, like build_pretrain_loader."""
+    builds it; call it on every rank, like build_pretrain_loader. `readers`: length -> (this rank's index, ranks)
+    reading distinct sequences of that length, where it is not (dp_rank, dp_size) (a phase without CP)."""
     cfg = DataConfig.from_any(cfg)
     if cfg.kind != "pretrain":
         raise ValueError(f"train.seq_len_schedule needs data.kind=pretrain, got {cfg.kind!r}")
@@ -256,7 +258,8 @@ def build_mixed_length_pretrain_loader(
         source = PretrainSource(
             cfg, tokenizer, prefixes, seq_len=seq_len, seed=cfg.seed if seed is None else seed, split=split
         )
+        rank, ranks = (readers or {}).get(seq_len, (dp_rank, dp_size))
         streams[seq_len] = BatchLoader(
-            source, tokenizer, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size
+            source, tokenizer, micro_batch_size=micro_batch_size, dp_rank=rank, dp_size=ranks
         )
     return MixedLengthLoader(streams)

@@ -98,7 +98,7 @@ def load_configs(overrides) -> PretrainSetup:
     if setup.train.seq_len_schedule:  # every length must run on the layout: refused now, not when its phase comes
         from latentforge.train.seq_schedule import SeqLenSchedule, check_schedule_layout
 
-        check_schedule_layout(SeqLenSchedule.of(setup.train), setup.model, setup.parallel)
+        check_schedule_layout(SeqLenSchedule.of(setup.train, cp=setup.parallel.cp), setup.model, setup.parallel)
     return setup
 
 
@@ -116,20 +116,23 @@ def print_plan(setup: PretrainSetup, world_size: int) -> None:
     from latentforge.train.parallel.config import validate_layout
     from latentforge.train.plan import format_plan
 
-    from latentforge.train.seq_schedule import SeqLenSchedule
+    from latentforge.train.seq_schedule import SeqLenSchedule, without_cp
 
     layout = validate_layout(setup.model, setup.parallel, world_size, seq_len=setup.train.seq_len)
     # with train.seq_len_schedule, one plan per length: activation memory is decided by the longest micro-batch
-    shapes = SeqLenSchedule.of(setup.train, layout.dp).shape_by_seq_len.values()
+    shapes = SeqLenSchedule.of(setup.train, layout.dp, layout.cp).shape_by_seq_len.values()
     for shape in shapes:
+        # a phase with cp: false runs its CP ranks as data-parallel ones (the same parameter shards)
+        phase_cfg = setup.parallel if shape.context_parallel else without_cp(setup.parallel)
         if len(shapes) > 1:
-            print(f"train.seq_len_schedule phase(s) at {shape.seq_len} tokens:")
-        validate_layout(setup.model, setup.parallel, world_size, seq_len=shape.seq_len)
+            cp_use = "" if shape.context_parallel or layout.cp == 1 else ", without CP (cp: false)"
+            print(f"train.seq_len_schedule phase(s) at {shape.seq_len} tokens{cp_use}:")
+        phase_layout = validate_layout(setup.model, phase_cfg, world_size, seq_len=shape.seq_len)
         print(
             format_plan(
                 setup.model,
-                setup.parallel,
-                layout,
+                phase_cfg,
+                phase_layout,
                 seq_len=shape.seq_len,
                 micro_batch_size=shape.micro_batch_size,
                 global_batch_size=shape.global_batch_size,
@@ -171,8 +174,9 @@ def checkpoint_extra_writer(setup: PretrainSetup, tokenizer):
     return write
 
 
-def build_loader(setup: PretrainSetup, tokenizer, dp_rank: int, dp_size: int):
-    """The pretraining batches of one data-parallel rank: one stream, or one per length of train.seq_len_schedule."""
+def build_loader(setup: PretrainSetup, tokenizer, dp_rank: int, dp_size: int, cp_rank: int = 0, cp: int = 1):
+    """The pretraining batches of one data-parallel rank: one stream, or one per length of train.seq_len_schedule
+    (a length whose phases run without CP is read by the dp x cp ranks, CP rank `cp_rank` of `cp` being one)."""
     from latentforge.data.pretrain import build_mixed_length_pretrain_loader, build_pretrain_loader
     from latentforge.train.seq_schedule import SeqLenSchedule
 
@@ -186,13 +190,19 @@ def build_loader(setup: PretrainSetup, tokenizer, dp_rank: int, dp_size: int):
             dp_rank=dp_rank,
             dp_size=dp_size,
         )
-    schedule = SeqLenSchedule.of(train_cfg, dp_size)
+    schedule = SeqLenSchedule.of(train_cfg, dp_size, cp)
+    shapes = schedule.shape_by_seq_len
     return build_mixed_length_pretrain_loader(
         setup.data,
         tokenizer,
-        micro_batch_sizes={length: shape.micro_batch_size for length, shape in schedule.shape_by_seq_len.items()},
+        micro_batch_sizes={length: shape.micro_batch_size for length, shape in shapes.items()},
         dp_rank=dp_rank,
         dp_size=dp_size,
+        readers={
+            length: (dp_rank * cp + cp_rank, dp_size * cp)
+            for length, shape in shapes.items()
+            if shape.cp_ranks_as_dp > 1
+        },
     )
 
 
@@ -244,7 +254,7 @@ def main(argv=None) -> int:
         torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
         model, _ = build_model(setup, device)
         runner = build_runner(model, model_cfg, setup.parallel, setup.precision)
-        loader = build_loader(setup, tokenizer, runner.dp_rank, runner.dp_size)
+        loader = build_loader(setup, tokenizer, runner.dp_rank, runner.dp_size, runner.groups.cp_rank, runner.layout.cp)
 
         from omegaconf import OmegaConf
 
@@ -337,7 +347,8 @@ def seq_len_schedule_lines(trainer) -> list:
     return [
         f"seq_len    phase {index}: {phase.steps} step(s) at {shape.seq_len} tokens, {shape.global_batch_size} "
         f"sequences per step, micro-batch {shape.micro_batch_size} x {shape.grad_accumulation(dp_size)} per "
-        f"data-parallel rank ({schedule.tokens_per_step} tokens per step, cycling every {schedule.cycle} steps)"
+        + ("data-parallel rank" if shape.cp_ranks_as_dp == 1 else "rank (cp: false, CP ranks read as data-parallel)")
+        + f" ({schedule.tokens_per_step} tokens per step, cycling every {schedule.cycle} steps)"
         for index, (phase, shape) in enumerate(zip(schedule.phases, schedule.shapes))
     ]
 

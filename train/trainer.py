@@ -148,7 +148,7 @@ class Trainer:
 
         self.grad_accumulation = train_cfg.grad_accumulation(runner.dp_size)
         # the (seq_len, micro-batch, global batch) of every step; one shape without train.seq_len_schedule
-        self.seq_schedule = SeqLenSchedule.of(train_cfg, runner.dp_size)
+        self.seq_schedule = SeqLenSchedule.of(train_cfg, runner.dp_size, runner.layout.cp)
         if train_cfg.seq_len_schedule and not hasattr(loader, "stream"):
             raise TypeError(
                 "train.seq_len_schedule needs a loader with one stream per length (data.loader.MixedLengthLoader, "
@@ -377,7 +377,10 @@ class Trainer:
         data_time = time.perf_counter() - started
 
         self.optimizer.zero_grad()
-        result = self.runner.forward_backward(micro_batches)
+        if shape.context_parallel:
+            result = self.runner.forward_backward(micro_batches)
+        else:  # train.seq_len_schedule's cp: false (only such steps need a runner that takes the switch)
+            result = self.runner.forward_backward(micro_batches, context_parallel=False)
         loss = _float(result["loss"])  # a host sync: the forward/backward has finished on the device
         fwd_bwd_done = time.perf_counter()
         grad_norm = _float(

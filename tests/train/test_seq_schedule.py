@@ -268,3 +268,75 @@ def test_the_schedule_under_cp2_on_two_processes_equals_one_process(straight, en
     assert [got[s]["seq_len"] for s in sorted(got)] == EXPECTED_LENGTHS
     for step in expected:
         assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-4, abs=1e-4), step
+
+
+# ----- phases without context parallelism (cp: false) ------------------------------------------------------------
+def test_a_phase_without_cp_spreads_its_sequences_over_dp_x_cp_ranks():
+    phases = [1024, {"seq_len": 64, "steps": 1, "cp": False}]
+    schedule = SeqLenSchedule(phases, seq_len=1024, micro_batch_size=1, global_batch_size=8, dp_size=2, cp=4)
+    long, short = schedule.shape(1), schedule.shape(2)
+    assert (long.context_parallel, long.cp_ranks_as_dp, long.grad_accumulation(2)) == (True, 1, 4)
+    # 128 sequences of 64 tokens in micro-batches of 16 over 2 x 4 ranks: one micro-batch each
+    assert (short.context_parallel, short.cp_ranks_as_dp, short.global_batch_size) == (False, 4, 128)
+    assert short.grad_accumulation(2) == 1
+    with pytest.raises(SeqLenScheduleError, match=r"\[1\].seq_len=64: .* over 4 data-parallel x 4 CP rank"):
+        SeqLenSchedule(phases, seq_len=1024, micro_batch_size=1, global_batch_size=8, dp_size=4, cp=4)
+    # one process (or cp=1): cp: false changes nothing
+    assert SeqLenSchedule(phases, seq_len=1024, micro_batch_size=1, global_batch_size=8).shape(2).cp_ranks_as_dp == 1
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ([{"seq_len": 64, "steps": 1, "cp": "no"}], "[0].cp must be true or false"),
+        ([64, {"seq_len": 64, "steps": 1, "cp": False}], "[1]: seq_len=64 appears both with and without cp"),
+    ],
+)
+def test_bad_cp_switches_give_one_clear_line(raw, fragment):
+    with pytest.raises(SeqLenScheduleError) as error:
+        SeqLenSchedule(raw, seq_len=64, micro_batch_size=2, global_batch_size=8)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_phase_without_cp_is_checked_against_the_layout_without_cp():
+    # tiny: chunk_size 32; with cp=2 a 32-token sequence leaves 16 tokens per rank, without CP it is one whole chunk
+    setup = load_configs(["recipe=tiny", "parallel.cp=2", "train.seq_len_schedule=[256,{seq_len:32,steps:1,cp:false}]"])
+    assert setup.train.seq_len_schedule[1] == {"seq_len": 32, "steps": 1, "cp": False}
+    # a budget of 2 x 192 tokens: 128 sequences of 3 tokens per step, which do not split over tp=2
+    with pytest.raises(TrainConfigError, match=r"\[1\].seq_len=3 \(the phase runs with cp: false\): .*tp \(2\)"):
+        load_configs(
+            [
+                "recipe=tiny",
+                "parallel.cp=2",
+                "parallel.tp=2",
+                "train.seq_len=192",
+                "train.micro_batch_size=1",
+                "train.global_batch_size=2",
+                "train.seq_len_schedule=[192,{seq_len:3,steps:1,cp:false}]",
+            ]
+        )
+
+
+NO_CP_SCHEDULE = "train.seq_len_schedule=[{seq_len:256,steps:2},{seq_len:64,steps:1,cp:false}]"
+
+
+@pytest.mark.slow
+def test_cp2_with_a_phase_without_cp_equals_one_process_and_resumes_bitwise(straight, env, tmp_path):
+    """cp=2 on 2 processes, the 64-token phase without CP (each CP rank reads 4 of its 8 sequences, as a
+    data-parallel rank): every step's loss equals the one-process run (whose cp: false changes nothing), so the
+    parameters after each step agree too; stopped at step 2 (the change to the no-CP phase) and step 3 (back to
+    CP) the resumed run equals the uninterrupted cp=2 run bitwise."""
+    run_dir, resumed_dir = str(tmp_path / "cp2"), str(tmp_path / "cp2_resumed")
+    out = pretrain(env, f"train.run_dir={run_dir}", NO_CP_SCHEDULE, "parallel.cp=2", nproc=2)
+    assert "micro-batch 4 x 1 per rank (cp: false, CP ranks read as data-parallel)" in out
+    expected, got = straight[0], records_by_step(run_dir)
+    assert [got[s]["seq_len"] for s in sorted(got)] == EXPECTED_LENGTHS
+    for step in expected:
+        assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5, abs=1e-6), step
+        assert got[step]["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-5, abs=1e-6), step
+    for stop in (2, 3, STEPS):
+        pretrain(
+            env, f"train.run_dir={resumed_dir}", NO_CP_SCHEDULE, "parallel.cp=2", f"train.stop_at_step={stop}", nproc=2
+        )
+    resumed = records_by_step(resumed_dir)
+    assert [resumed[s]["loss"] for s in sorted(resumed)] == [got[s]["loss"] for s in sorted(got)]

@@ -103,7 +103,23 @@ class ParallelContext:
         # the caller's loss hook for the step in progress (None: LM/MTP head losses)
         self.loss_fn: Optional[LossHook] = None
         self.replay_routes = False  # the step in progress replays each micro-batch's `routes`
+        # False for a step without CP (train.seq_len_schedule's cp: false): every CP rank holds whole sequences of
+        # its own, as a data-parallel rank would, and the mixers run without the CP context
+        self.context_parallel = True
         self.reset_step()
+
+    @property
+    def step_cp(self) -> int:
+        """The CP size of the step in progress (1 for a step without CP)."""
+        return self.cp if self.context_parallel else 1
+
+    @property
+    def step_cp_rank(self) -> int:
+        return self.groups.cp_rank if self.context_parallel else 0
+
+    def _sequence_readers(self):
+        """The group whose ranks hold distinct sequences this step: dp, or dp x cp for a step without CP."""
+        return self.groups.dp_group if self.step_cp == self.cp else self.groups.dp_cp_group
 
     # ----- per step ------------------------------------------------------------------------------------------
     def reset_step(self):
@@ -135,7 +151,7 @@ class ParallelContext:
             b, s = ids.shape
             order = self.token_order(s)
             local = self.local_index(s, order)
-            pos_cp = order.positions(self.groups.cp_rank, self.device)
+            pos_cp = order.positions(self.step_cp_rank, self.device)
             real = _attention_mask(mb, ids)
             counts[0] += (labels != IGNORE_INDEX).sum()
             counts[1] += b if real is None else (real.sum(1) > 0).sum()  # an all-padding row is no sequence
@@ -160,7 +176,7 @@ class ParallelContext:
                 item.mtp_ids_local.append(shift_left(ids, k, 0)[:, local])
                 item.mtp_labels_local.append(depth_labels[:, local])
             prepared.append(item)
-        all_reduce_sum(counts, self.groups.dp_group)
+        all_reduce_sum(counts, self._sequence_readers())
         values = counts.tolist()
         total, squares, ranks = values[2 + depths :]
         if squares * ranks != total * total:  # not every data-parallel rank has the same number of micro-batches
@@ -181,23 +197,23 @@ class ParallelContext:
 
     def token_order(self, seq_len: int) -> TokenOrder:
         # the conv history of a chunk comes from the chunk before it only
-        return TokenOrder.choose(seq_len, self.cp, self.load_balance, min_chunk=self.cfg.conv_kernel - 1)
+        return TokenOrder.choose(seq_len, self.step_cp, self.load_balance, min_chunk=self.cfg.conv_kernel - 1)
 
     def local_index(self, seq_len: int, order: Optional[TokenOrder] = None) -> torch.Tensor:
         """Global positions of this rank's tokens: its CP tokens (token_order.py), then the TP (sequence-parallel)
         piece of them."""
-        pieces = self.cp * self.tp
+        pieces = self.step_cp * self.tp
         if seq_len % pieces:
             from .config import LayoutError
 
             raise LayoutError(
-                f"sequence length {seq_len} must be divisible by cp ({self.cp}) x tp ({self.tp}) = "
+                f"sequence length {seq_len} must be divisible by cp ({self.step_cp}) x tp ({self.tp}) = "
                 f"{pieces}; change the sequence length"
             )
         order = order or self.token_order(seq_len)
         size = seq_len // pieces
         start = self.groups.tp_rank * size
-        return order.positions(self.groups.cp_rank, self.device)[start : start + size]
+        return order.positions(self.step_cp_rank, self.device)[start : start + size]
 
     def begin(self, index: int) -> MicroBatch:
         # stays current until the next begin: an activation-checkpoint recompute in the backward reads it too
@@ -219,8 +235,8 @@ class ParallelContext:
 
     def mixer_context(self) -> Optional[MixerContext]:
         """What HybridModel.forward hands the mixers under this layout: context parallelism's view of the current
-        micro-batch (context_parallel.py), None on one process or TP alone."""
-        if self.cp == 1:
+        micro-batch (context_parallel.py), None on one process, TP alone, or a step without CP."""
+        if self.step_cp == 1:
             return None
         from .context_parallel import ContextParallelMixing
 
@@ -265,7 +281,7 @@ class ParallelContext:
             seq_len=mb.seq_len,
             real=mb.real_local,
             row_tokens=mb.row_tokens,
-            seq_group=self.groups.seq_group,
+            seq_group=self.groups.seq_group if self.step_cp > 1 else self.groups.tp_group,
         )
         result: Balance = balance(routings, piece, self.normalizers())
         for row, load in result.loads.items():

@@ -43,6 +43,8 @@ class Groups:
     tp_group: Optional[dist.ProcessGroup] = None
     ep_group: Optional[dist.ProcessGroup] = None
     seq_group: Optional[dist.ProcessGroup] = None
+    # dp x cp: the ranks reading distinct sequences in a step without CP (train.seq_len_schedule's cp: false)
+    dp_cp_group: Optional[dist.ProcessGroup] = None
 
     @property
     def distributed(self) -> bool:
@@ -120,6 +122,8 @@ def build_groups(layout: Layout, device_type: str) -> Groups:
         "ep": mesh["dp_shard_in_ep", "cp"]._flatten("ep"),
         "seq": mesh["cp", "tp"]._flatten("seq"),
     }
+    if lay.cp > 1:  # only runs with CP can have steps without it: no extra communicator for the others
+        flat["dp_cp"] = mesh["dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp"]._flatten("dp_cp")
     coords = _coordinate(mesh)
     return Groups(
         layout=lay,
@@ -136,6 +140,7 @@ def build_groups(layout: Layout, device_type: str) -> Groups:
         tp_group=_group(mesh["tp"], lay.tp),
         ep_group=_group(flat["ep"], lay.ep),
         seq_group=_group(flat["seq"], lay.cp * lay.tp),
+        dp_cp_group=_group(flat["dp_cp"], lay.dp * lay.cp) if lay.cp > 1 else _group(flat["dp"], lay.dp),
     )
 
 

@@ -96,7 +96,9 @@ class Runner:
     def mesh(self):
         return self.groups.mesh
 
-    def forward_backward(self, micro_batches: list, loss_fn=None, replay_routes: bool = False) -> dict:
+    def forward_backward(
+        self, micro_batches: list, loss_fn=None, replay_routes: bool = False, context_parallel: bool = True
+    ) -> dict:
         """Forward and backward of every micro-batch; returns the global batch's losses (same on every rank).
 
         `micro_batches`: this data-parallel rank's share of the global batch (full sequences); every rank of a
@@ -112,8 +114,12 @@ class Runner:
 
         A micro-batch may carry `routes` (b, s, trunk MoE layers, top_k), the experts a rollout chose: the result's
         stats then count `router_agree_sum` / `router_pairs` (real tokens x layers where the router's own top-k set
-        equals the recorded one), and with `replay_routes` every trunk MoE layer uses the recorded experts."""
-        self._run(micro_batches, loss_fn, backward=True, replay_routes=replay_routes)
+        equals the recorded one), and with `replay_routes` every trunk MoE layer uses the recorded experts.
+
+        Without `context_parallel` (train.seq_len_schedule's cp: false) the step runs without CP: every CP rank
+        passes whole sequences of its own, like a data-parallel rank (ranks sharing a dp_rank and a cp_rank the same
+        ones), the losses are normalised over dp x cp, and the gradients, summed over dp x cp as always, stay exact."""
+        self._run(micro_batches, loss_fn, backward=True, replay_routes=replay_routes, context_parallel=context_parallel)
         with self._timed_collective():
             all_reduce_replicated_grads(self.model_parts, self.groups.tp_group)
             all_reduce_shared_embedding_grads(self.shared_embedding, self.embedding_group)
@@ -157,16 +163,26 @@ class Runner:
         return result
 
     def _run(
-        self, micro_batches: list, loss_fn: Optional[LossHook], backward: bool, replay_routes: bool = False
+        self,
+        micro_batches: list,
+        loss_fn: Optional[LossHook],
+        backward: bool,
+        replay_routes: bool = False,
+        context_parallel: bool = True,
     ) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (output, micro_batch) -> (loss, stats), got {loss_fn!r}")
         ctx = self.ctx
+        ctx.context_parallel = context_parallel
         ctx.prepare(micro_batches, labels_required=loss_fn is None)
         seq_len = ctx.micro_batches[0].seq_len
-        if seq_len not in self._checked_seq_lens:
-            check_sequence(self.model_cfg, self.parallel_cfg, seq_len)
-            self._checked_seq_lens.add(seq_len)
+        if (seq_len, context_parallel) not in self._checked_seq_lens:
+            from latentforge.train.seq_schedule import without_cp
+
+            check_sequence(
+                self.model_cfg, self.parallel_cfg if context_parallel else without_cp(self.parallel_cfg), seq_len
+            )
+            self._checked_seq_lens.add((seq_len, context_parallel))
         n = len(micro_batches)
         ctx.loss_fn, ctx.replay_routes = loss_fn, replay_routes
         self._hooked = loss_fn is not None
