@@ -13,7 +13,8 @@ same number of tokens on every step, whichever length it has.
 
 A phase `{seq_len: L, steps: n, cp: false}` runs without context parallelism: each CP rank then reads sequences of
 its own, as one more data-parallel rank (the phase splits its sequences over dp x cp ranks), and the model runs
-without the CP mixer context. That is what short phases of a long-context run want (a 4K step on CP64 would
+without the CP mixer context; its micro-batch keeps the tokens one rank held under CP (train.micro_batch_size x
+train.seq_len / cp), so its activation memory stays what the CP phases were sized for. That is what short phases of a long-context run want (a 4K step on CP64 would
 otherwise cut each sequence into 64-token pieces). Bare lengths and phases without `cp` keep CP on.
 """
 
@@ -100,7 +101,8 @@ def phase_shape(
             "(train.global_batch_size x train.seq_len); pick a divisor of it or change the batch size"
         )
     global_batch = tokens_per_step // phase.seq_len
-    micro_batch = max(1, tokens_per_micro // phase.seq_len)
+    # a rank's activations hold tokens_per_micro / cp tokens under CP; a phase without CP keeps that per rank
+    micro_batch = max(1, tokens_per_micro // cp_ranks_as_dp // phase.seq_len)
     ranks = dp_size * cp_ranks_as_dp
     if global_batch % (micro_batch * ranks):
         over = (

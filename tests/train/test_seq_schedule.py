@@ -276,11 +276,13 @@ def test_a_phase_without_cp_spreads_its_sequences_over_dp_x_cp_ranks():
     schedule = SeqLenSchedule(phases, seq_len=1024, micro_batch_size=1, global_batch_size=8, dp_size=2, cp=4)
     long, short = schedule.shape(1), schedule.shape(2)
     assert (long.context_parallel, long.cp_ranks_as_dp, long.grad_accumulation(2)) == (True, 1, 4)
-    # 128 sequences of 64 tokens in micro-batches of 16 over 2 x 4 ranks: one micro-batch each
+    # 128 sequences of 64 tokens; a micro-batch keeps the 1024 / 4 tokens a rank held under CP: 4 sequences,
+    # over 2 x 4 ranks: 4 micro-batches each
     assert (short.context_parallel, short.cp_ranks_as_dp, short.global_batch_size) == (False, 4, 128)
-    assert short.grad_accumulation(2) == 1
-    with pytest.raises(SeqLenScheduleError, match=r"\[1\].seq_len=64: .* over 4 data-parallel x 4 CP rank"):
-        SeqLenSchedule(phases, seq_len=1024, micro_batch_size=1, global_batch_size=8, dp_size=4, cp=4)
+    assert (short.micro_batch_size, short.grad_accumulation(2)) == (4, 4)
+    # 4 x 1024 tokens: 8 sequences of 512, one per micro-batch at least, cannot feed 4 x 4 ranks
+    with pytest.raises(SeqLenScheduleError, match=r"\[1\].seq_len=512: .* over 4 data-parallel x 4 CP rank"):
+        SeqLenSchedule([1024, {"seq_len": 512, "steps": 1, "cp": False}], 1024, 1, 4, dp_size=4, cp=4)
     # one process (or cp=1): cp: false changes nothing
     assert SeqLenSchedule(phases, seq_len=1024, micro_batch_size=1, global_batch_size=8).shape(2).cp_ranks_as_dp == 1
 
@@ -322,13 +324,13 @@ NO_CP_SCHEDULE = "train.seq_len_schedule=[{seq_len:256,steps:2},{seq_len:64,step
 
 @pytest.mark.slow
 def test_cp2_with_a_phase_without_cp_equals_one_process_and_resumes_bitwise(straight, env, tmp_path):
-    """cp=2 on 2 processes, the 64-token phase without CP (each CP rank reads 4 of its 8 sequences, as a
+    """cp=2 on 2 processes, the 64-token phase without CP (each CP rank reads 4 of its 8 sequences, 2 per micro-batch, as a
     data-parallel rank): every step's loss equals the one-process run (whose cp: false changes nothing), so the
     parameters after each step agree too; stopped at step 2 (the change to the no-CP phase) and step 3 (back to
     CP) the resumed run equals the uninterrupted cp=2 run bitwise."""
     run_dir, resumed_dir = str(tmp_path / "cp2"), str(tmp_path / "cp2_resumed")
     out = pretrain(env, f"train.run_dir={run_dir}", NO_CP_SCHEDULE, "parallel.cp=2", nproc=2)
-    assert "micro-batch 4 x 1 per rank (cp: false, CP ranks read as data-parallel)" in out
+    assert "micro-batch 2 x 2 per rank (cp: false, CP ranks read as data-parallel)" in out
     expected, got = straight[0], records_by_step(run_dir)
     assert [got[s]["seq_len"] for s in sorted(got)] == EXPECTED_LENGTHS
     for step in expected:
