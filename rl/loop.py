@@ -68,7 +68,7 @@ class GRPOLoop:
     def __init__(
         self,
         cfg: GRPOConfig,
-        model_cfg: Union[ModelConfig, dict],
+        model_cfg: ModelConfig,
         optim_cfg: OptimConfig,
         *,
         tokenizer_spec: Union[TokenizerConfig, str],
@@ -82,7 +82,7 @@ class GRPOLoop:
         stop_requested: Callable[[], Optional[str]] = lambda: None,
     ):
         self.cfg = cfg
-        self.model_cfg = ModelConfig.from_dict(model_cfg)  # an instance passes; a mapping is validated into one
+        self.model_cfg = model_cfg
         self.optim_cfg = optim_cfg
         self.tokenizer_spec = tokenizer_spec
         self.run_dir = os.path.abspath(run_dir)

@@ -120,7 +120,7 @@ class PolicyTrainer:
     ):
         world.init_distributed()
         self.cfg = cfg
-        self.model_cfg = ModelConfig.from_dict(model_cfg)  # an instance passes; a mapping is validated into one
+        self.model_cfg = model_cfg
         model = load_initial_model(cfg.init_from, self.model_cfg, seed=cfg.seed)
         if cfg.mtp_loss_weight == 0 and model.mtp is not None:
             model.mtp.requires_grad_(False)  # rl.mtp_loss_weight=0: the MTP block stays as it is

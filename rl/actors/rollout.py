@@ -47,7 +47,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.manual_seed(seed)
-        model = HybridModel(ModelConfig.from_dict(model_cfg)).to(self.device).eval().requires_grad_(False)
+        model = HybridModel(model_cfg).to(self.device).eval().requires_grad_(False)
         self.spec = state_spec(model.state_dict())
         engine_cfg = replace(cfg.engine, max_seq_len=max_seq_len, seed=seed, record_routes=record_routes)
         self.engine = Engine(model, engine_cfg, version=NO_WEIGHTS)

@@ -1,12 +1,14 @@
 """Small models and configs shared by the GRPO tests."""
 
+from latentforge.model.config import ModelConfig
 from latentforge.model.recipes import compose, model_config_from
 
 
-def micro_model_cfg(vocab_size: int = 128) -> dict:
-    """Every layer kind the engine must handle (Mamba, attention, MoE) and MTP, at toy width."""
-    cfg = model_config_from(compose(["recipe=tiny"])).to_dict()
-    cfg.update(
+def micro_model_cfg(vocab_size: int = 128, **overrides) -> ModelConfig:
+    """Every layer kind the engine must handle (Mamba, attention, MoE) and MTP, at toy width; `overrides` are
+    ModelConfig fields. Returns the typed config `rl/` receives in production, built by the same checking from_dict."""
+    tiny = model_config_from(compose(["recipe=tiny"])).to_dict()
+    micro = dict(
         pattern="M*E",
         hidden_size=32,
         vocab_size=vocab_size,
@@ -26,4 +28,4 @@ def micro_model_cfg(vocab_size: int = 128) -> dict:
         mlp_intermediate_size=32,
         mtp_depths=2,
     )
-    return cfg
+    return ModelConfig.from_dict({**tiny, **micro, **overrides})

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from latentforge.data.tokenizer import load_tokenizer
-from latentforge.model import HybridModel, ModelConfig
+from latentforge.model import HybridModel
 from latentforge.rl.actors.rollout import RolloutWorker
 from latentforge.rl.batch import collate, group_rows
 from latentforge.rl.buffer import Group
@@ -52,7 +52,7 @@ def setup():
     torch.manual_seed(0)
     tok = load_tokenizer("bpe")
     cfg = micro_model_cfg(vocab_size=tok.vocab_size)
-    model = HybridModel(ModelConfig.from_dict(dict(cfg))).eval().requires_grad_(False)
+    model = HybridModel(cfg).eval().requires_grad_(False)
     rollout = RolloutConfig(
         sampling=SamplingParams(max_new_tokens=6, temperature=TEMPERATURE),
         max_turns=5,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from latentforge.data.tokenizer import load_tokenizer
-from latentforge.model import HybridModel, ModelConfig
+from latentforge.model import HybridModel
 from latentforge.model.hf import save_pretrained
 from latentforge.rl.actors.reward import RewardWorker
 from latentforge.rl.config import RewardConfig
@@ -158,7 +158,7 @@ def test_judge_only_reward_for_episodes(episode, tmp_path):
 
 def _teach_judge(tok, record, verdicts, tmp_path):
     torch.manual_seed(0)
-    model = HybridModel(ModelConfig.from_dict(micro_model_cfg(tok.vocab_size)))
+    model = HybridModel(micro_model_cfg(tok.vocab_size))
     judge = ModelJudge(JudgeConfig(checkpoint="unused", rubric=RUBRIC), model=model.eval(), tokenizer=tok)
     rows = []
     for response, verdict in verdicts.items():

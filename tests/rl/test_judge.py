@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from latentforge.data.tokenizer import load_tokenizer
-from latentforge.model import HybridModel, ModelConfig
+from latentforge.model import HybridModel
 from latentforge.model.hf import save_pretrained
 from latentforge.rl.actors.reward import RewardWorker
 from latentforge.rl.buffer import Sample
@@ -35,7 +35,7 @@ def judge_dir(tmp_path_factory):
     """A micro model trained to reply 'Score: 7' to the rubric prompts, saved as a Hugging Face directory."""
     torch.manual_seed(0)
     tok = load_tokenizer("bpe")
-    model = HybridModel(ModelConfig.from_dict(micro_model_cfg(tok.vocab_size)))
+    model = HybridModel(micro_model_cfg(tok.vocab_size))
     judge = ModelJudge(JudgeConfig(checkpoint="unused"), model=model.eval(), tokenizer=tok)
     target = tok.encode_chat_text("Score: 7") + [tok.im_end_id]
     rows = [judge.prompt_ids(r, c) + target for r, c in zip(RECORDS, COMPLETIONS)]

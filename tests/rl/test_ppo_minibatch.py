@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from latentforge.model import ModelConfig
 from latentforge.rl.batch import collate, group_rows
 from latentforge.rl.config import GRPOConfig
 from latentforge.rl.trainer import PolicyTrainer
@@ -37,8 +38,8 @@ def _optim() -> OptimConfig:
     return OptimConfig(lr=LR, min_lr=LR, eps=EPS, schedule="constant", weight_decay=0.0, grad_clip=0.0, warmup_steps=0)
 
 
-def _model_cfg() -> dict:
-    return dict(micro_model_cfg(), moe_aux_loss_coeff=0.0)
+def _model_cfg() -> ModelConfig:
+    return micro_model_cfg(moe_aux_loss_coeff=0.0)
 
 
 def _logprobs(model, batch):

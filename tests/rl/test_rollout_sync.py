@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from latentforge.model import HybridModel, ModelConfig
+from latentforge.model import HybridModel
 from latentforge.rl.actors.rollout import RolloutWorker
 from latentforge.rl.buffer import Group
 from latentforge.model.engine import EngineConfig, SamplingParams
@@ -98,8 +98,8 @@ def test_in_flight_update_stamps_versions(tmp_path):
     torch.set_num_threads(1)
     model_cfg = micro_model_cfg()
     torch.manual_seed(0)
-    old = HybridModel(ModelConfig.from_dict(model_cfg)).eval()
-    new = HybridModel(ModelConfig.from_dict(model_cfg)).eval()
+    old = HybridModel(model_cfg).eval()
+    new = HybridModel(model_cfg).eval()
     rc = RolloutConfig(
         sampling=SamplingParams(max_new_tokens=48),
         engine=EngineConfig(draft_tokens=2, weight_update_policy="recompute", max_batch=8),

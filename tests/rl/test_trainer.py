@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from latentforge.model import HybridModel, ModelConfig
+from latentforge.model import HybridModel
 from latentforge.rl.buffer import Group, Sample
 from latentforge.rl.config import GRPOConfig
 from latentforge.rl.policy import mtp_detached_losses
@@ -46,7 +46,7 @@ def test_micro_batching_does_not_change_the_update(tmp_path, aggregation):
     """Global normalisers make the update independent of how rows are split into micro-batches (the MoE balance
     loss is per micro-batch by definition, as in pretraining, so it is off here)."""
     torch.set_num_threads(1)
-    model_cfg = dict(micro_model_cfg(), moe_aux_loss_coeff=0.0)
+    model_cfg = micro_model_cfg(moe_aux_loss_coeff=0.0)
     results = []
     for mb in (2, 16):
         cfg = GRPOConfig(
@@ -71,7 +71,7 @@ def test_micro_batching_does_not_change_the_update(tmp_path, aggregation):
 
 def test_mtp_loss_moves_only_the_mtp_block():
     torch.manual_seed(0)
-    model = HybridModel(ModelConfig.from_dict(micro_model_cfg()))
+    model = HybridModel(micro_model_cfg())
     reference = copy.deepcopy(model)
     ids = torch.randint(4, 128, (2, 10))
     out = model(ids)
@@ -90,7 +90,7 @@ def test_mtp_loss_moves_only_the_mtp_block():
 
 def _dp_step(rank, world_size, run_dir):
     torch.manual_seed(0)
-    trainer = PolicyTrainer(dict(micro_model_cfg(), moe_aux_loss_coeff=0.0), _cfg(3), _optim(), run_dir)
+    trainer = PolicyTrainer(micro_model_cfg(moe_aux_loss_coeff=0.0), _cfg(3), _optim(), run_dir)
     metrics = trainer.train_step(random_groups())
     state = trainer.full_state_dict()
     # numpy copies: tensors would travel back as shared-memory handles that die with the worker process
@@ -114,7 +114,7 @@ def test_data_parallel_ranks_match_one_process(tmp_path):
 
     (m0, state0), (m1, state1) = run_distributed(_dp_step, 2, str(tmp_path / "dp"))
     assert state1 is None
-    single = PolicyTrainer(dict(micro_model_cfg(), moe_aux_loss_coeff=0.0), _cfg(16), _optim(), str(tmp_path / "one"))
+    single = PolicyTrainer(micro_model_cfg(moe_aux_loss_coeff=0.0), _cfg(16), _optim(), str(tmp_path / "one"))
     metrics = single.train_step(random_groups())
     assert m0["tokens"] == m1["tokens"] == metrics["tokens"]
     assert m0["policy_loss"] == pytest.approx(metrics["policy_loss"], rel=1e-5, abs=1e-7)
@@ -127,7 +127,7 @@ def test_precision_group_reaches_the_trainer(tmp_path):
     """The recipe's precision.param_dtype sets the trainer's compute dtype (fp32 masters, bf16 GEMMs)."""
     torch.manual_seed(0)
     trainer = PolicyTrainer(
-        dict(micro_model_cfg(), moe_aux_loss_coeff=0.0),
+        micro_model_cfg(moe_aux_loss_coeff=0.0),
         _cfg(3),
         _optim(),
         str(tmp_path),

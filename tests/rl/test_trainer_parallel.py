@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from latentforge.model import ModelConfig
 from latentforge.rl.buffer import Group, Sample
 from latentforge.rl.config import GRPOConfig
 from latentforge.rl.trainer import PolicyTrainer
@@ -27,9 +28,9 @@ from latentforge.train.config import OptimConfig
 MICRO_BATCH = 3  # 12 rows: 4 micro-batches in one process, 2 per data-parallel rank of 2
 
 
-def model_cfg(aux: bool) -> dict:
+def model_cfg(aux: bool) -> ModelConfig:
     # two kv heads and two Mamba groups: tensor parallelism splits attention by kv-head groups, Mamba's B/C by group
-    return dict(micro_model_cfg(), num_key_value_heads=2, mamba_groups=2, moe_aux_loss_coeff=1e-2 if aux else 0.0)
+    return micro_model_cfg(num_key_value_heads=2, mamba_groups=2, moe_aux_loss_coeff=1e-2 if aux else 0.0)
 
 
 def equal_length_groups(n_groups=3, G=4, vocab=128, seed=1):
