@@ -13,7 +13,7 @@ import time
 import torch
 
 from latentforge.model import HybridModel
-from latentforge.model.moe import moe_layers, router_agreement
+from latentforge.model.moe import router_agreement
 from latentforge.model.recipes import compose, model_config_from
 
 
@@ -36,14 +36,14 @@ def main():
     model = HybridModel(model_config_from(compose(["recipe=tiny"]))).eval()
     if args.expert_std > 0:
         with torch.no_grad():
-            for moe in moe_layers(model):
+            for moe in model.moe_layers()[: len(model.trunk_moe_index)]:  # the trunk's: its routing is measured
                 moe.experts.up_proj.normal_(std=args.expert_std)
                 moe.experts.down_proj.normal_(std=args.expert_std)
     ids = torch.randint(4, model.cfg.vocab_size, (args.batch, args.seq))
     started = time.perf_counter()
     rollout_logp, rollout_routes = scored(model, ids)
     print(
-        f"tiny recipe, {args.batch}x{args.seq} tokens, {len(moe_layers(model))} MoE layers, "
+        f"tiny recipe, {args.batch}x{args.seq} tokens, {len(model.trunk_moe_index)} MoE layers, "
         f"expert std {args.expert_std}; rollout fp32, trainer bf16 CPU autocast"
     )
     print("| trainer routing | router agreement | mean abs log-prob mismatch | max |")

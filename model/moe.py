@@ -130,12 +130,6 @@ class LatentMoE(nn.Module):
 # ----- rollout routing replay (R3) ----------------------------------------------------------------------------------
 # HybridModel.forward returns the experts each trunk MoE layer chose (`ModelOutput.routes`, (b, s, layers, top_k))
 # and replays recorded ones (`routes=`); the MTP block's MoE trains on detached features and routes by itself.
-def moe_layers(model: nn.Module) -> list[LatentMoE]:
-    """The trunk's LatentMoE layers in forward order (the layer axis of a routes tensor)."""
-    trunk = getattr(model, "backbone", model)
-    return [m for m in trunk.modules() if isinstance(m, LatentMoE)]
-
-
 def router_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Share of (token, layer) pairs whose top-k expert sets match in two routes tensors (..., top_k)."""
     same = (a.sort(dim=-1).values == b.sort(dim=-1).values).all(dim=-1)

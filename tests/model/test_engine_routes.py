@@ -7,8 +7,7 @@ import copy
 import pytest
 import torch
 
-from latentforge.model import HybridModel, ModelConfig
-from latentforge.model.moe import moe_layers
+from latentforge.model import HybridModel
 from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 from tests.rl.helpers import micro_model_cfg
 from tests.model.test_engine import OracleDrafts, reference_greedy
@@ -18,9 +17,9 @@ PROMPTS = [[5, 9, 17, 3], [7, 7, 40, 2, 11, 90, 33], [5, 9, 17, 3], [100]]
 
 def _model(dtype=torch.float64):
     torch.manual_seed(0)
-    model = HybridModel(ModelConfig.from_dict(dict(micro_model_cfg(), pattern="ME*E"))).eval()
+    model = HybridModel(micro_model_cfg(pattern="ME*E")).eval()
     with torch.no_grad():  # make the routing matter (test_router_replay.py does the same)
-        for moe in moe_layers(model):
+        for moe in model.moe_layers():
             moe.experts.up_proj.normal_(std=0.5)
             moe.experts.down_proj.normal_(std=0.5)
         model.lm_head.weight.mul_(20.0)
@@ -75,7 +74,7 @@ def test_routes_are_recomputed_with_the_weights():
     model = _model()
     new_model = _model()
     with torch.no_grad():
-        for moe in moe_layers(new_model):
+        for moe in new_model.moe_layers():
             moe.gate.e_score_correction_bias.add_(torch.randn_like(moe.gate.e_score_correction_bias))
     for draft_tokens in (0, 2):
         engine = Engine(
@@ -103,7 +102,7 @@ def test_replaying_engine_routes_reproduces_engine_logprobs():
     rollout = _model(torch.float32)
     trainer = copy.deepcopy(rollout)
     with torch.no_grad():  # shifting the bias changes the routing and nothing else
-        for moe in moe_layers(trainer):
+        for moe in trainer.moe_layers():
             moe.gate.e_score_correction_bias.add_(torch.randn_like(moe.gate.e_score_correction_bias) * 0.5)
     for draft_tokens in (0, 2):
         engine = _with_oracle_drafts(
@@ -139,7 +138,7 @@ def test_rollout_worker_samples_carry_routes_the_trainer_replays(tmp_path):
     from tests.rl.test_rollout_sync import generate
 
     torch.set_num_threads(1)
-    model_cfg = dict(micro_model_cfg(), pattern="ME*E")
+    model_cfg = micro_model_cfg(pattern="ME*E")
     cfg = GRPOConfig(
         rollout={
             "group_size": 3,
@@ -152,7 +151,7 @@ def test_rollout_worker_samples_carry_routes_the_trainer_replays(tmp_path):
     )
     trainer = PolicyTrainer(model_cfg, cfg, OptimConfig(lr=1e-3, schedule="constant"), str(tmp_path))
     with torch.no_grad():
-        for moe in moe_layers(trainer.model):
+        for moe in trainer.model.moe_layers():
             moe.experts.up_proj.normal_(std=0.5)
             moe.experts.down_proj.normal_(std=0.5)
     worker = RolloutWorker(0, model_cfg, cfg.rollout, max_seq_len=48, stop_token_ids=[], seed=5, record_routes=True)
@@ -166,7 +165,7 @@ def test_rollout_worker_samples_carry_routes_the_trainer_replays(tmp_path):
         tokens = sample.prompt_ids + sample.completion_ids
         assert sample.routes.shape == (len(tokens) - 1, 2, 2)
     with torch.no_grad():
-        for moe in moe_layers(trainer.model):
+        for moe in trainer.model.moe_layers():
             moe.gate.e_score_correction_bias.add_(torch.randn_like(moe.gate.e_score_correction_bias) * 0.5)
     for i, sample in enumerate(samples):
         sample.reward = float(i % 2)
@@ -186,7 +185,7 @@ def test_multi_turn_episode_routes_cover_every_consumed_token():
 
     torch.manual_seed(0)
     tok = load_tokenizer("bpe")
-    cfg = dict(micro_model_cfg(vocab_size=tok.vocab_size), pattern="ME*E")
+    cfg = micro_model_cfg(vocab_size=tok.vocab_size, pattern="ME*E")
     rollout = RolloutConfig(
         sampling=SamplingParams(max_new_tokens=6, temperature=0.8),
         max_turns=3,

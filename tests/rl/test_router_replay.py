@@ -7,23 +7,23 @@ import copy
 import pytest
 import torch
 
-from latentforge.model import HybridModel, ModelConfig
-from latentforge.model.moe import moe_layers, router_agreement
+from latentforge.model import HybridModel
+from latentforge.model.moe import router_agreement
 from tests.rl.helpers import micro_model_cfg
 
 
 def _models():
     torch.manual_seed(0)
-    rollout = HybridModel(ModelConfig.from_dict(dict(micro_model_cfg(), pattern="ME*E"))).eval()
+    rollout = HybridModel(micro_model_cfg(pattern="ME*E")).eval()
     with torch.no_grad():  # a fresh init's experts barely move the output: make the routing matter
-        for moe in moe_layers(rollout):
+        for moe in rollout.moe_layers():
             moe.experts.up_proj.normal_(std=0.5)
             moe.experts.down_proj.normal_(std=0.5)
         rollout.lm_head.weight.mul_(20.0)
     trainer = copy.deepcopy(rollout)
     # the expert bias only chooses experts (gate weights use the unbiased scores): shifting it changes the routing
     # and nothing else, so with the rollout's routes the trainer must give the rollout's numbers exactly
-    for moe in moe_layers(trainer):
+    for moe in trainer.moe_layers():
         moe.gate.e_score_correction_bias.add_(torch.randn_like(moe.gate.e_score_correction_bias) * 0.5)
     return rollout, trainer
 
@@ -48,7 +48,8 @@ def test_replayed_routes_reproduce_the_rollout_logprobs():
     assert torch.equal(replayed, routes)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
     got.sum().backward()
-    assert all(m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0 for m in moe_layers(trainer))
+    trunk_moe = trainer.moe_layers()[: len(trainer.trunk_moe_index)]  # the MTP block's router is not in this loss
+    assert all(m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0 for m in trunk_moe)
 
 
 def test_replay_rejects_routes_of_another_shape():
@@ -78,18 +79,18 @@ def _trainer_and_rollout(tmp_path, replay: bool):
         router_replay=replay,
     )
     trainer = PolicyTrainer(
-        dict(micro_model_cfg(), pattern="ME*E", moe_aux_loss_coeff=0.0),
+        micro_model_cfg(pattern="ME*E", moe_aux_loss_coeff=0.0),
         cfg,
         OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0),
         str(tmp_path),
     )
     with torch.no_grad():
-        for moe in moe_layers(trainer.model):
+        for moe in trainer.model.moe_layers():
             moe.experts.up_proj.normal_(std=0.5)
             moe.experts.down_proj.normal_(std=0.5)
         trainer.model.lm_head.weight.mul_(20.0)
     rollout = copy.deepcopy(trainer.model).eval()
-    for moe in moe_layers(trainer.model):
+    for moe in trainer.model.moe_layers():
         moe.gate.e_score_correction_bias.add_(torch.randn_like(moe.gate.e_score_correction_bias) * 0.5)
     return trainer, rollout
 
