@@ -66,7 +66,9 @@ def from_dict(cls: Type[T], values: Any, prefix: str, error: Type[Exception] = S
         )
     hints = typing.get_type_hints(cls)
     checked = {
-        name: _check(value, hints.get(name, Any), f"{prefix}.{name}" if prefix else name, error)
+        name: _check(
+            _onto_default(settable[name], value), hints.get(name, Any), f"{prefix}.{name}" if prefix else name, error
+        )
         for name, value in values.items()
     }
     try:
@@ -75,6 +77,18 @@ def from_dict(cls: Type[T], values: Any, prefix: str, error: Type[Exception] = S
         raise
     except (ValueError, TypeError) as exc:  # a dataclass's own check: one line under `error`, naming where
         raise error(f"{prefix}: {exc}" if prefix else str(exc)) from None
+
+
+def _onto_default(field: dataclasses.Field, value: Any) -> Any:
+    """A mapping for a nested dataclass field, laid over that field's own default (its default_factory's
+    instance), as Hydra lays a recipe over `defaults_of`: `judge: {engine: {max_seq_len: 4096}}` keeps the
+    judge's engine defaults (max_batch 16), which are not EngineConfig's."""
+    if not isinstance(value, Mapping) or field.default_factory is dataclasses.MISSING:
+        return value
+    default = field.default_factory()
+    if not dataclasses.is_dataclass(default) or isinstance(default, type):
+        return value
+    return {**{f.name: getattr(default, f.name) for f in dataclasses.fields(default) if f.init}, **value}
 
 
 def moved_key(cls: type, path: list, prefix: str) -> Optional[str]:

@@ -144,11 +144,8 @@ class RewardConfig:
 
     def __post_init__(self):
         _need(self.num_workers >= 1, f"rl.reward.num_workers must be >= 1, got {self.num_workers}")
-        if self.judge is not None:
-            try:
-                self.judge = _build(JudgeConfig, self.judge, "rl.reward.judge")
-            except ValueError as exc:
-                raise GRPOConfigError(f"rl.reward.judge: {exc}") from None
+        if self.judge is not None:  # from_dict's errors already name rl.reward.judge.<key>
+            self.judge = _build(JudgeConfig, self.judge, "rl.reward.judge")
         self.functions = [
             f if isinstance(f, RewardFunctionConfig) else RewardFunctionConfig(**dict(f))
             for f in (self.functions or [])

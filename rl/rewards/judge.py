@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, List, Optional, Sequence, Tuple
+
+from latentforge.model.engine.config import EngineConfig, SamplingParams
 
 from .base import RewardResult, answer_section
 
@@ -28,19 +30,36 @@ DEFAULT_RUBRIC = (
 _SCORE_RE = re.compile(r"score\s*[:=]\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
+def judge_sampling() -> SamplingParams:
+    """Greedy verdicts (the same answer gets the same score); a "Score: N" line needs few tokens."""
+    return SamplingParams(temperature=0.0, max_new_tokens=64)
+
+
+def judge_engine() -> EngineConfig:
+    """A batch of verdicts is one reward worker's samples: wider than a rollout worker's default slots."""
+    return EngineConfig(max_batch=16)
+
+
 @dataclass
 class JudgeConfig:
+    # keys of the flat layout before the nested sampling / engine configs, named in the unknown-key error
+    MOVED_KEYS: ClassVar[dict] = {
+        **{k: f"sampling.{k}" for k in ("temperature", "max_new_tokens")},
+        **{k: f"engine.{k}" for k in ("max_batch", "max_seq_len")},
+    }
+
     checkpoint: str = ""  # the judge model: a Hugging Face directory or a DCP checkpoint / run directory
     tokenizer: str = ""  # default: the checkpoint's tokenizer.json
     rubric: str = DEFAULT_RUBRIC  # fields: {question} {reference} {response} {max_score}
     weight: float = 1.0
     max_score: float = 10.0
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy verdicts
+    # how verdicts are drawn (temperature, max_new_tokens, ...; the chat end tokens are always stops): a partial
+    # mapping keeps the rest of judge_sampling()
+    sampling: SamplingParams = field(default_factory=judge_sampling)
+    # the judge's generation engine (max_batch slots, max_seq_len = rubric prompt + verdict, draft_tokens...)
+    engine: EngineConfig = field(default_factory=judge_engine)
     enable_thinking: bool = False
     timeout_s: float = 120.0  # one batch of verdicts
-    max_batch: int = 16
-    max_seq_len: int = 2048
     device: str = "cpu"
 
     def __post_init__(self):
@@ -48,10 +67,9 @@ class JudgeConfig:
             raise ValueError(
                 "rl.reward.judge.checkpoint is required: the judge model's Hugging Face directory or DCP run directory"
             )
-        if self.max_score <= 0 or self.timeout_s <= 0 or self.max_new_tokens < 1:
+        if self.max_score <= 0 or self.timeout_s <= 0:
             raise ValueError(
-                f"rl.reward.judge: max_score ({self.max_score}) and timeout_s ({self.timeout_s}) must "
-                f"be > 0 and max_new_tokens ({self.max_new_tokens}) >= 1"
+                f"rl.reward.judge: max_score ({self.max_score}) and timeout_s ({self.timeout_s}) must be > 0"
             )
         for field_name in ("question", "response"):
             if "{" + field_name + "}" not in self.rubric:
@@ -74,7 +92,7 @@ def rubric_question(record: dict) -> str:
 
 class ModelJudge:
     def __init__(self, cfg: JudgeConfig, model=None, tokenizer=None):
-        from latentforge.model.engine import Engine, EngineConfig
+        from latentforge.model.engine import Engine
 
         self.cfg = cfg
         if model is None:
@@ -83,7 +101,7 @@ class ModelJudge:
             model = load_model(cfg.checkpoint, cfg.device)
             tokenizer = tokenizer or load_tokenizer_for(cfg.checkpoint, cfg.tokenizer)
         self.tokenizer = tokenizer
-        self.engine = Engine(model, EngineConfig(max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len, draft_tokens=0))
+        self.engine = Engine(model, cfg.engine)
 
     def prompt_ids(self, record: dict, completion: str) -> List[int]:
         text = self.cfg.rubric.format(
@@ -98,23 +116,19 @@ class ModelJudge:
 
     def judge(self, items: Sequence[Tuple[dict, str]]) -> List[RewardResult]:
         """One RewardResult per (record, completion), in order; info holds the verdict or the failure."""
-        from latentforge.model.engine import SamplingParams
-
         cfg = self.cfg
-        params = SamplingParams(
-            temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens,
-            stop_token_ids=(self.tokenizer.im_end_id, self.tokenizer.eod_id),
-        )
+        stops = (*cfg.sampling.stop_token_ids, self.tokenizer.im_end_id, self.tokenizer.eod_id)
+        params = replace(cfg.sampling, stop_token_ids=stops)
+        max_new_tokens, max_seq_len = params.max_new_tokens, cfg.engine.max_seq_len
         results: List[Optional[RewardResult]] = [None] * len(items)
         pending = set()
         for i, (record, completion) in enumerate(items):
             ids = self.prompt_ids(record, completion)
-            if len(ids) + cfg.max_new_tokens > cfg.max_seq_len:
+            if len(ids) + max_new_tokens > max_seq_len:
                 results[i] = _failed(
                     "too_long",
-                    f"rubric prompt of {len(ids)} tokens + max_new_tokens "
-                    f"{cfg.max_new_tokens} > judge max_seq_len {cfg.max_seq_len}",
+                    f"rubric prompt of {len(ids)} tokens + sampling.max_new_tokens "
+                    f"{max_new_tokens} > judge engine.max_seq_len {max_seq_len}",
                 )
                 continue
             self.engine.add_request(ids, params, request_id=i)

@@ -140,7 +140,13 @@ def test_judge_only_reward_for_episodes(episode, tmp_path):
     judge_dir = _teach_judge(tok, record, {f"Answer: {record['answer']}": "Score: 7"}, tmp_path)
     cfg = RewardConfig(
         task_weight=0.0,
-        judge={"checkpoint": judge_dir, "tokenizer": "bpe", "weight": 2.0, "max_new_tokens": 8, "rubric": RUBRIC},
+        judge={
+            "checkpoint": judge_dir,
+            "tokenizer": "bpe",
+            "weight": 2.0,
+            "sampling": {"max_new_tokens": 8},
+            "rubric": RUBRIC,
+        },
     )
     worker = RewardWorker(cfg, "bpe")
     try:
