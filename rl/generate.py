@@ -1,16 +1,20 @@
 """Generate a completion from a checkpoint: `python -m latentforge.rl.generate ckpt=<dir> prompt="..."`.
 
     python -m latentforge.rl.generate ckpt=out/tiny-hf prompt="What is 3 + 4 * 5?"
-    python -m latentforge.rl.generate ckpt=runs/tiny prompt="def fib(n):" chat=false max_new_tokens=64 temperature=0.7
+    python -m latentforge.rl.generate ckpt=runs/tiny prompt="Once upon a time" chat=false max_new_tokens=64 temperature=0.7
     python -m latentforge.rl.generate ckpt=out/tiny-hf prompt="..." think=false draft_tokens=3 stats=true
 
 ckpt: a Hugging Face directory (config.json + safetensors, e.g. from `python -m latentforge.train.export`) or a DCP
 checkpoint / run directory written by the trainer. The tokenizer is the checkpoint's own `tokenizer.json`
 (or `tokenizer=<spec>`, e.g. bpe:4096). With chat=true (default) the prompt is a user turn in the ChatML template
 with reasoning on (think=true) or off, and generation stops at <|im_end|>; with chat=false the prompt text
-follows a document separator, as a document does in pretraining, and generation stops at </s>.
-Options (key=value): max_new_tokens=256 temperature=0 top_p=1.0 top_k=0 seed=0 draft_tokens=<MTP depths or 0>
-system="" think=true chat=true skip_special=false stats=false threads=<torch threads> device=cpu|cuda dtype=float32.
+follows a document separator, as a document does in pretraining, and generation stops at </s>. Arguments follow
+Hydra's override grammar: a prompt with brackets, commas or `=` is quoted for it, `'prompt="def fib(n):"'`.
+Options (key=value): system="" think=true chat=true skip_special=false stats=false threads=<torch threads>
+device=cpu|cuda dtype=float32; any SamplingParams field (max_new_tokens temperature top_p top_k seed
+stop_token_ids) and any EngineConfig field (draft_tokens draft_gate prefix_cache_size ...), flat or as
+sampling.<key> / engine.<key>, with those classes' defaults except greedy sampling, one slot and draft_tokens (the
+checkpoint's MTP depth unless given); engine.max_seq_len is the prompt + max_new_tokens; `seed` is the request's.
 """
 
 from __future__ import annotations
@@ -19,15 +23,27 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
-from typing import Optional
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, Optional
 
 import torch
 
+from latentforge.model.engine.config import EngineConfig, SamplingParams
 from latentforge.model.errors import entry_point
 
 TOKENIZER_FILE = "tokenizer.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def generate_sampling() -> SamplingParams:
+    """Greedy: a command line asks for the model's completion, the same one every run."""
+    return SamplingParams(temperature=0.0)
+
+
+def generate_engine() -> EngineConfig:
+    """One prompt, one slot; draft_tokens left out of the command line means the checkpoint's MTP depth."""
+    return EngineConfig(max_batch=1)
 
 
 @dataclass
@@ -37,12 +53,9 @@ class GenerateArgs:
     system: str = ""
     chat: bool = True
     think: bool = True
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    draft_tokens: int = -1  # -1: the checkpoint's MTP depth (0 without MTP)
+    # before `engine`: a flat key both hold (seed) is the request's
+    sampling: SamplingParams = field(default_factory=generate_sampling)
+    engine: EngineConfig = field(default_factory=generate_engine)
     tokenizer: str = ""
     skip_special: bool = False
     stats: bool = False
@@ -51,27 +64,61 @@ class GenerateArgs:
     dtype: str = "float32"
 
 
-def parse_key_values(argv, cls):
-    """`key=value` arguments (Hydra's override grammar, as every LatentForge command takes them) into the
-    dataclass `cls`, checked by the same typed `from_dict` as the recipes: unknown keys and bad values are named."""
+def read_key_values(argv, cls) -> dict:
+    """`key=value` arguments (Hydra's override grammar, as every LatentForge command takes them) as a mapping of
+    `cls`'s fields: a flat key naming a field of one of `cls`'s nested dataclass fields (`temperature` for
+    `sampling.temperature`; the first such field where two hold it) goes into that field's mapping, as does a dotted
+    `sampling.temperature`. Unknown keys are one line listing the valid ones."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from latentforge.model.schema import SchemaError, from_dict
-
-    keys = ", ".join(f.name for f in fields(cls))
+    top = [f.name for f in fields(cls)]  # in declaration order: it decides which nested field gets a shared key
+    hints = typing.get_type_hints(cls)  # the field types (this module's annotations are strings)
+    nested = {name: [f.name for f in fields(hints[name])] for name in top if _is_dataclass_type(hints[name])}
+    options = list(dict.fromkeys([name for name in top if name not in nested] + sum(nested.values(), [])))
     for arg in argv:
         if "=" not in arg:
-            raise SystemExit(f"argument {arg!r}: expected key=value (keys: {keys})")
+            raise SystemExit(f"argument {arg!r}: expected key=value (keys: {', '.join(options)})")
     try:
         overrides = OverridesParser.create().parse_overrides([a.lstrip("-") for a in argv])
     except HydraException as e:
         raise SystemExit(f"could not parse the arguments: {e}") from None
-    values = {o.key_or_group.replace("-", "_"): o.value() for o in overrides}
+    values: dict[str, Any] = {}
+    unknown = []
+    for override in overrides:
+        key, value = override.key_or_group.replace("-", "_"), override.value()
+        group, _, sub = key.rpartition(".")
+        owner = group if group in nested and sub in nested[group] else None
+        owner = owner or next((name for name, keys in nested.items() if key in keys and key not in top), None)
+        if owner:
+            values.setdefault(owner, {})[sub] = value
+        elif key in top and key not in nested:
+            values[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise SystemExit(f"unknown option(s) {unknown}; options: {', '.join(options)}")
+    return values
+
+
+def parse_key_values(argv, cls):
+    """`key=value` arguments into the dataclass `cls` (read_key_values, then args_from)."""
+    return args_from(read_key_values(argv, cls), cls)
+
+
+def args_from(values: dict, cls):
+    """read_key_values' mapping as `cls`, checked by the same typed `from_dict` as the recipes: a bad value is one
+    line naming its key; the keys a nested field is not given keep `cls`'s default for that field."""
+    from latentforge.model.schema import SchemaError, from_dict
+
     try:
         return from_dict(cls, values, "", SchemaError)
     except SchemaError as e:
         raise SystemExit(str(e)) from None
+
+
+def _is_dataclass_type(kind) -> bool:
+    return isinstance(kind, type) and is_dataclass(kind)
 
 
 def load_model(ckpt: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -138,12 +185,14 @@ def prompt_ids(tokenizer, text: str, chat: bool, think: bool, system: str = "") 
 
 @entry_point("latentforge-generate")
 def main(argv=None) -> int:
-    args = parse_key_values(sys.argv[1:] if argv is None else argv, GenerateArgs)
+    values = read_key_values(sys.argv[1:] if argv is None else argv, GenerateArgs)
+    args = args_from(values, GenerateArgs)
+    draft_given = "draft_tokens" in values.get("engine", {})  # else the checkpoint's MTP depth
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dtype not in DTYPES:
         raise SystemExit(f"dtype={args.dtype!r}: use one of {', '.join(DTYPES)}")
-    from latentforge.model.engine import Engine, EngineConfig, SamplingParams
+    from latentforge.model.engine import Engine
 
     model = load_model(args.ckpt, args.device, DTYPES[args.dtype])
     tokenizer = load_tokenizer_for(args.ckpt, args.tokenizer)
@@ -153,17 +202,11 @@ def main(argv=None) -> int:
             "pass the tokenizer the checkpoint was trained with"
         )
     ids = prompt_ids(tokenizer, args.prompt, args.chat, args.think, args.system)
-    draft = args.draft_tokens if args.draft_tokens >= 0 else model.cfg.mtp_depths
+    draft = args.engine.draft_tokens if draft_given else model.cfg.mtp_depths
     stop = (tokenizer.im_end_id, tokenizer.eod_id) if args.chat else (tokenizer.eod_id,)
-    engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=len(ids) + args.max_new_tokens, draft_tokens=draft))
-    params = SamplingParams(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
-        stop_token_ids=stop,
-        seed=args.seed,
-    )
+    params = replace(args.sampling, stop_token_ids=(*args.sampling.stop_token_ids, *stop))
+    engine_cfg = replace(args.engine, max_seq_len=len(ids) + params.max_new_tokens, draft_tokens=draft)
+    engine = Engine(model, engine_cfg)
     start = time.perf_counter()
     (result,) = engine.generate([ids], params)
     elapsed = time.perf_counter() - start

@@ -73,15 +73,23 @@ def test_cli_on_a_dcp_checkpoint(tmp_path, tokenizer_file, capsys):
     shutil.copyfile(tokenizer_file, step / "tokenizer.json")
     tokenizer = load_tokenizer(tokenizer_file)
     _, text = expected_text(model, tokenizer, "Hi", True, 5)
-    cli.main([f"ckpt={tmp_path / 'run'}", "prompt=Hi", "max_new_tokens=5"])  # a run directory: newest step
-    assert capsys.readouterr().out == text + "\n"
+    cli.main([f"ckpt={tmp_path / 'run'}", "prompt=Hi", "max_new_tokens=5", "stats=true"])  # a run dir: newest step
+    out, err = capsys.readouterr()
+    assert out == text + "\n"
+    assert json.loads(err.strip().splitlines()[-1])["draft_tokens"] == model.cfg.mtp_depths > 0  # drafts unless told
 
 
 def test_cli_names_bad_arguments(tmp_path):
     with pytest.raises(SystemExit, match=r"unknown option\(s\) \['promt'\]; options: .*prompt"):
         cli.main(["ckpt=x", "promt=hi"])
-    with pytest.raises(SystemExit, match="max_new_tokens must be an integer, got 'many'"):
+    with pytest.raises(SystemExit, match=r"^sampling\.max_new_tokens must be an integer, got 'many'$"):
         cli.main(["ckpt=x", "max_new_tokens=many"])
+    with pytest.raises(SystemExit, match=r"^sampling\.temperature must be a number, got 'hot'$"):
+        cli.main(["ckpt=x", "sampling.temperature=hot"])
+    with pytest.raises(SystemExit, match=r"^sampling: SamplingParams\.top_p must be in \(0, 1\], got 1\.5$"):
+        cli.main(["ckpt=x", "top_p=1.5"])
+    with pytest.raises(SystemExit, match=r"^engine: EngineConfig\.draft_tokens must be >= 0, got -1$"):
+        cli.main(["ckpt=x", "draft_tokens=-1"])
     with pytest.raises(SystemExit, match="think must be true or false, got 'no'"):
         cli.main(["ckpt=x", "think=no"])
     with pytest.raises(SystemExit, match="no such directory"):
@@ -89,3 +97,39 @@ def test_cli_names_bad_arguments(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(SystemExit, match="neither a Hugging Face directory"):
         cli.main([f"ckpt={tmp_path / 'empty'}", "prompt=hi"])
+
+
+def test_cli_options_are_the_sampling_and_engine_configs():
+    """The command's sampling and engine options are SamplingParams and EngineConfig fields, with those classes'
+    defaults except greedy sampling and one slot; flat keys (as documented) and dotted ones land in them."""
+    from dataclasses import fields
+
+    from latentforge.model.engine import EngineConfig, SamplingParams
+
+    restated = {f.name for f in fields(cli.GenerateArgs)} & (
+        {f.name for f in fields(SamplingParams)} | {f.name for f in fields(EngineConfig)}
+    )
+    assert not restated, f"GenerateArgs restates sampling / engine fields: {restated}"
+    plain = cli.parse_key_values([], cli.GenerateArgs)
+    assert plain.sampling == SamplingParams(temperature=0.0) and plain.engine == EngineConfig(max_batch=1)
+    args = cli.parse_key_values(
+        ["max_new_tokens=64", "temperature=0.7", "draft_tokens=3", "seed=5", "sampling.top_p=0.9", "engine.seed=2"],
+        cli.GenerateArgs,
+    )
+    assert args.sampling == SamplingParams(temperature=0.7, max_new_tokens=64, seed=5, top_p=0.9)
+    assert args.engine == EngineConfig(max_batch=1, draft_tokens=3, seed=2)  # a flat seed is the request's
+
+
+def test_documented_command_lines_parse():
+    """Every `python -m latentforge.rl.generate ...` line of the module docstring and README.md parses."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    lines = re.findall(r"python -m latentforge\.rl\.generate (.*)", (cli.__doc__ or "") + readme)
+    examples = [line for line in lines if "<" not in line and not line.startswith("...")]  # not placeholders
+    commands = [shlex.split(line.split("#")[0]) for line in examples]
+    assert len(commands) >= 4
+    for argv in commands:
+        cli.parse_key_values(argv, cli.GenerateArgs)
