@@ -16,11 +16,14 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, ClassVar, List, Optional, Sequence, Tuple
 
 from latentforge.model.engine.config import EngineConfig, SamplingParams
 
 from .base import RewardResult, answer_section
+
+if TYPE_CHECKING:
+    from latentforge.data.tokenizer import Tokenizer
 
 DEFAULT_RUBRIC = (
     "You are grading an answer.\nQuestion: {question}\nReference answer: {reference}\n"
@@ -91,7 +94,7 @@ def rubric_question(record: dict) -> str:
 
 
 class ModelJudge:
-    def __init__(self, cfg: JudgeConfig, model=None, tokenizer=None):
+    def __init__(self, cfg: JudgeConfig, model=None, tokenizer: Optional[Tokenizer] = None):
         from latentforge.model.engine import Engine
 
         self.cfg = cfg
@@ -100,7 +103,9 @@ class ModelJudge:
 
             model = load_model(cfg.checkpoint, cfg.device)
             tokenizer = tokenizer or load_tokenizer_for(cfg.checkpoint, cfg.tokenizer)
-        self.tokenizer = tokenizer
+        elif tokenizer is None:
+            raise ValueError("ModelJudge(model=...) needs that model's tokenizer as well (tokenizer=...)")
+        self.tokenizer: Tokenizer = tokenizer
         self.engine = Engine(model, cfg.engine)
 
     def prompt_ids(self, record: dict, completion: str) -> List[int]:
@@ -141,7 +146,9 @@ class ModelJudge:
             for out in self.engine.step():
                 pending.discard(out.request_id)
                 results[out.request_id] = self._verdict(out)
-        return results
+        verdicts = [r for r in results if r is not None]
+        assert len(verdicts) == len(items), "every request ends in a verdict (an aborted one too)"
+        return verdicts
 
     def _verdict(self, out) -> RewardResult:
         if out.finish_reason == "abort":
