@@ -2,10 +2,14 @@
 
 For each file, the recipe that selects it is composed twice: as shipped, and with the file's own values removed
 (its `defaults:` kept). A value that composes the same either way restates what the file inherits (a dataclass
-default, or the group file it extends) and fails the test; a key no dataclass field names fails too.
+default, or the group file it extends) and fails the test; a key no dataclass field names fails too. Entries the
+composition has no default for (a reward function in a list, the optional judge, an environment's options) are
+compared with their class's defaults.
 """
 
+import dataclasses
 import functools
+import inspect
 import shutil
 from pathlib import Path
 
@@ -129,3 +133,68 @@ def test_the_checks_catch_a_restated_default_a_restated_parent_value_and_an_unkn
 def test_a_field_without_yaml_is_overridable_without_plus():
     cfg = compose(["recipe=tiny", "train.eval_limit=3", "data.tokenizer.train_max_mb=1.5"])
     assert cfg.train.eval_limit == 3 and cfg.data.tokenizer.train_max_mb == 1.5
+
+
+def field_defaults(cls) -> dict:
+    """`cls`'s field defaults as plain values, without constructing `cls` (a JudgeConfig needs a checkpoint)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            out[f.name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+    return out
+
+
+def same_as_default(values: dict, defaults: dict, prefix: str) -> dict:
+    known = leaves(defaults)
+    return {f"{prefix}.{k}": v for k, v in leaves(values).items() if k in known and known[k] == v}
+
+
+def entry_restatements(rl: dict) -> dict:
+    """Values of a composed `rl` group equal to the default of the class that reads them, where the composition
+    has none to compare with: reward functions, the judge, each task's env_options (the environment's arguments)."""
+    from latentforge.rl.envs.base import env_class
+    from latentforge.rl.rewards.judge import JudgeConfig
+    from latentforge.rl.rewards.scorer import RewardFunctionConfig
+
+    reward, prompts, found = rl.get("reward") or {}, rl.get("prompts") or {}, {}
+    for i, function in enumerate(reward.get("functions") or []):
+        found.update(same_as_default(function, field_defaults(RewardFunctionConfig), f"rl.reward.functions[{i}]"))
+    if reward.get("judge"):
+        found.update(same_as_default(reward["judge"], field_defaults(JudgeConfig), "rl.reward.judge"))
+    for key in ("tasks", "eval_tasks"):
+        for i, task in enumerate(prompts.get(key) or []):
+            if task.get("env_options"):
+                parameters = inspect.signature(env_class(task["name"])).parameters.values()
+                defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+                found.update(same_as_default(task["env_options"], defaults, f"rl.prompts.{key}[{i}].env_options"))
+    return found
+
+
+def test_list_entries_and_optional_configs_hold_only_what_they_change():
+    rl_files = [file for file in FILES if "rl" in composed(file, RECIPES_DIR)]
+    assert rl_files, "no recipe composes the rl group"
+    for file in rl_files:
+        restated = entry_restatements(composed(file, RECIPES_DIR)["rl"])
+        assert not restated, f"recipes/{file} restates class defaults: {restated}; delete them"
+
+
+def test_the_entry_check_catches_restated_function_judge_and_environment_defaults():
+    rl = {
+        "reward": {
+            "functions": [{"target": "m:f", "weight": 1.0, "isolation": "inline"}],
+            "judge": {
+                "checkpoint": "j",
+                "sampling": {"temperature": 0.0, "max_new_tokens": 8},
+                "engine": {"max_batch": 4},
+            },
+        },
+        "prompts": {"tasks": [{"name": "python_tool", "num": 5, "env_options": {"timeout_s": 2, "memory_mb": 256}}]},
+    }
+    assert entry_restatements(rl) == {
+        "rl.reward.functions[0].weight": 1.0,
+        "rl.reward.judge.sampling.temperature": 0.0,  # the judge's default factory's, not SamplingParams' 1.0
+        "rl.prompts.tasks[0].env_options.memory_mb": 256,
+    }
