@@ -36,3 +36,11 @@ def test_pyright_reads_the_link_tree_and_checks_only_existing_paths():
             f"{entry}: name checked files through the link tree, or pyright sees two modules per file"
         )
         assert (ROOT / entry).exists(), f"pyright include {entry} does not exist"
+
+
+def test_pyright_checks_every_package_whole():
+    """Each mapped folder is in pyright's include as a whole, so a module added to one is checked from its first
+    commit (no per-file list to forget)."""
+    include = _pyproject()["tool"]["pyright"]["include"]
+    packages = [f"tools/pyright-root/latentforge/{link.name}" for link in (LINK_ROOT / "latentforge").iterdir()]
+    assert sorted(include) == sorted(packages), f"pyright include {include} should be exactly {sorted(packages)}"
