@@ -51,8 +51,9 @@ def test_pipeline_with_mtp_matches_single_process(parallel, world, tmp_path):
 
 
 def _copies_worker(rank, world_size, steps, checkpoint_dir):
-    """A PP=2 run with FSDP inside each stage: what stage 0 sends, and this rank's embedding after `steps` AdamW
-    steps (or, with `checkpoint_dir`, right after loading that one-process checkpoint)."""
+    """A PP=2 run with FSDP inside each stage, started from that one-process checkpoint: this rank's embedding right
+    after loading, what stage 0 sends, and the embedding after `steps` AdamW steps. Loading and training share one
+    launch of 4 processes (each launch costs seconds of process start-up and runner building on 2 CPU cores)."""
     import torch.distributed.checkpoint as dcp
 
     from latentforge.model import HybridModel
@@ -68,55 +69,43 @@ def _copies_worker(rank, world_size, steps, checkpoint_dir):
     sent = []
     if stage_id == 0:
         stage.register_forward_hook(lambda module, args, output: sent.append([tuple(t.shape) for t in output]))
-    if checkpoint_dir is not None:
-        dcp.load({"model": ModelState(runner.model_parts)}, checkpoint_id=checkpoint_dir)
-    else:
-        params = [p for part in runner.model_parts for p in part.parameters()]
-        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=False)
-        batch = global_batches(cfg, steps=1)[0]
-        for _ in range(steps):
-            optimizer.zero_grad()
-            runner.forward_backward(micro_batches_for(batch, runner.dp_rank, runner.dp_size, 1))
-            runner.clip_grad_norm_(1.0)
-            optimizer.step()
+    dcp.load({"model": ModelState(runner.model_parts)}, checkpoint_id=checkpoint_dir)
+    loaded = _full(runner.model_parts[0].backbone.embeddings.weight).numpy()
+    params = [p for part in runner.model_parts for p in part.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=False)
+    batch = global_batches(cfg, steps=1)[0]
+    for _ in range(steps):
+        optimizer.zero_grad()
+        runner.forward_backward(micro_batches_for(batch, runner.dp_rank, runner.dp_size, 1))
+        runner.clip_grad_norm_(1.0)
+        optimizer.step()
     _, metas = runner._stage_metas(0, (1, 64))
-    embedding = _full(runner.model_parts[0].backbone.embeddings.weight)
-    return stage_id, [tuple(t.shape) for t in metas], sent, embedding.numpy()
+    trained = _full(runner.model_parts[0].backbone.embeddings.weight)
+    return stage_id, [tuple(t.shape) for t in metas], sent, loaded, trained.numpy()
 
 
-def test_boundary_carries_only_hidden_and_copies_stay_equal():
-    results = run_distributed(_copies_worker, 4, 3, None, timeout=600)
-    by_stage = {}
-    for stage_id, metas, sent, embedding in results:
-        assert metas == [(1,), (1, 64, 128)]  # (micro-batch index, hidden): no MTP embeddings
-        if stage_id == 0:
-            assert sent and all(shapes == [(1,), (1, 64, 128)] for shapes in sent), sent
-        by_stage.setdefault(stage_id, []).append(torch.from_numpy(embedding))
-    first, last = by_stage[0][0], by_stage[1][0]
-    from latentforge.model import HybridModel
-
-    from .test_parallel_common import tiny_config
-
-    torch.manual_seed(0)
-    initial = HybridModel(tiny_config()).backbone.embeddings.weight.detach()
-    assert not torch.equal(first, initial)  # it trained
-    for embedding in by_stage[0] + by_stage[1]:
-        assert torch.equal(embedding, first)
-    assert torch.equal(last, first)
-
-
-def test_single_process_checkpoint_loads_into_both_copies(tmp_path):
+def test_checkpoint_loads_into_both_copies_then_boundary_carries_only_hidden_and_copies_stay_equal(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     from latentforge.model import HybridModel
 
     from .test_parallel_common import tiny_config
 
-    torch.manual_seed(7)
+    torch.manual_seed(7)  # not the workers' seed 0: the loaded values are the checkpoint's, not a fresh init's
     model = HybridModel(tiny_config())
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp_path), no_dist=True)
-    results = run_distributed(_copies_worker, 4, 0, str(tmp_path), timeout=600)
     want = model.backbone.embeddings.weight.detach()
+    results = run_distributed(_copies_worker, 4, 3, str(tmp_path), timeout=600)
     assert {stage_id for stage_id, *_ in results} == {0, 1}
-    for _, _, _, embedding in results:
-        assert torch.equal(torch.from_numpy(embedding), want)
+    by_stage = {}
+    for stage_id, metas, sent, loaded, trained in results:
+        assert torch.equal(torch.from_numpy(loaded), want)  # the one-process checkpoint loads into both copies
+        assert metas == [(1,), (1, 64, 128)]  # (micro-batch index, hidden): no MTP embeddings
+        if stage_id == 0:
+            assert sent and all(shapes == [(1,), (1, 64, 128)] for shapes in sent), sent
+        by_stage.setdefault(stage_id, []).append(torch.from_numpy(trained))
+    first, last = by_stage[0][0], by_stage[1][0]
+    assert not torch.equal(first, want)  # it trained
+    for embedding in by_stage[0] + by_stage[1]:
+        assert torch.equal(embedding, first)
+    assert torch.equal(last, first)
