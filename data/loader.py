@@ -96,7 +96,7 @@ class BatchLoader:
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Resume at a saved position. The saved tokenizer must be this one. With strict (the default) the data
         must be the same too; strict=False keeps the position but accepts changed data (a new blend)."""
-        if "streams" in state:  # written by a run with train.seq_len_schedule: continue the stream of this length
+        if "streams" in state or "consumed_tokens" in state:  # a run with train.seq_len_schedule
             state = stream_of_same_data(state, self.fingerprint)
         self._tokenizer.check_matches(state["tokenizer"], "the checkpoint's data position")
         if state["fingerprint"] != self.fingerprint:
@@ -118,57 +118,18 @@ class BatchLoader:
 
 
 def stream_of_same_data(state: dict, fingerprint: str) -> dict:
-    """From a MixedLengthLoader's saved position, the stream whose data (sequence length included) is this
-    loader's: a run that drops its train.seq_len_schedule continues the stream of its train.seq_len."""
-    for stream in state["streams"].values():
-        if stream["fingerprint"] == fingerprint:
-            return stream
-    lengths = sorted(int(length) for length in state["streams"])
+    """A BatchLoader's position from a saved position of a run with train.seq_len_schedule (data/mixed_length.py):
+    a run that drops its schedule continues the one order at the schedule's longest length."""
+    if "consumed_tokens" in state and state["fingerprint"] == fingerprint:
+        return {**state, "consumed_samples": int(state["consumed_tokens"]) // int(state["longest"])}
+    if "streams" in state:  # one position per length (before the one order)
+        for stream in state["streams"].values():
+            if stream["fingerprint"] == fingerprint:
+                return stream
     raise ValueError(
-        f"the checkpoint's data position holds streams of sequence lengths {lengths} (train.seq_len_schedule), "
-        "none with this run's data and train.seq_len: use one of those lengths or the original schedule"
+        "the checkpoint's data position is of a train.seq_len_schedule run whose longest length or data differ from "
+        "this run's: set train.seq_len to that longest length, or restore the schedule"
     )
-
-
-class MixedLengthLoader:
-    """The data of a run with train.seq_len_schedule: one BatchLoader (one global sample stream, its own position)
-    per sequence length, each with the micro-batch size of its phases. A step of length L reads its micro-batches
-    from stream L only, so each stream's order is that of a run at length L alone, and a resume anywhere in the
-    schedule (at a phase change or inside a phase) restores every stream's position exactly."""
-
-    def __init__(self, streams: Dict[int, BatchLoader]):
-        if not streams:
-            raise ValueError("MixedLengthLoader needs at least one sequence length")
-        self.streams = dict(streams)
-
-    def stream(self, seq_len: int) -> BatchLoader:
-        if seq_len not in self.streams:
-            raise KeyError(f"no data stream of sequence length {seq_len}; streams: {sorted(self.streams)}")
-        return self.streams[seq_len]
-
-    def state_dict(self) -> dict:
-        return {
-            "version": STATE_VERSION,
-            "streams": {str(length): loader.state_dict() for length, loader in self.streams.items()},
-        }
-
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Every stream's saved position. A checkpoint of a run without the schedule continues the stream of its
-        length; a length the checkpoint has no stream of (new in the schedule) starts at its first sample."""
-        if "streams" not in state:
-            matching = [loader for loader in self.streams.values() if loader.fingerprint == state["fingerprint"]]
-            if not matching:
-                raise ValueError(
-                    "the checkpoint's data position is of one sequence length that is not in this run's "
-                    f"train.seq_len_schedule (lengths {sorted(self.streams)}), or of other data: add that length "
-                    "to the schedule or restore the original data config"
-                )
-            matching[0].load_state_dict(state, strict)
-            return
-        for length, loader in self.streams.items():
-            saved = state["streams"].get(str(length))
-            if saved is not None:
-                loader.load_state_dict(saved, strict)
 
 
 def collate(rows) -> Dict[str, torch.Tensor]:

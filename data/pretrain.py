@@ -19,7 +19,8 @@ import numpy as np
 
 from latentforge.data.config import BUILTIN_STDLIB, SPLITS, DataConfig, resolve_cache_dir, split_shares
 from latentforge.data.indexed import inspect_prefix, normalize_prefix
-from latentforge.data.loader import BatchLoader, MixedLengthLoader, seq_idx_from_eod
+from latentforge.data.loader import BatchLoader, seq_idx_from_eod
+from latentforge.data.mixed_length import MixedLengthLoader
 from latentforge.data.tokenizer import Tokenizer
 from latentforge.data.util import derive_seed, megatron_datasets
 
@@ -245,21 +246,18 @@ def build_mixed_length_pretrain_loader(
     split: str = "train",
     readers: Optional[Dict[int, Tuple[int, int]]] = None,
 ) -> MixedLengthLoader:
-    """The data of a run with train.seq_len_schedule: one stream per sequence length (`micro_batch_sizes`: length ->
-    sequences per micro-batch), each the blended pretraining stream cut at that length, as build_pretrain_loader
-    builds it; call it on every rank, like build_pretrain_loader. `readers`: length -> (this rank's index, ranks)
-    reading distinct sequences of that length, where it is not (dp_rank, dp_size) (a phase without CP)."""
+    """The data of a run with train.seq_len_schedule: the blended pretraining stream cut at the longest length, as
+    build_pretrain_loader builds it, every length reading consecutive slices of it (data/mixed_length.py).
+    `micro_batch_sizes`: length -> sequences per micro-batch; `readers`: length -> (this rank's index, ranks)
+    reading distinct sequences of that length, where it is not (dp_rank, dp_size) (a phase without CP). Call it on
+    every rank, like build_pretrain_loader."""
     cfg = DataConfig.from_any(cfg)
     if cfg.kind != "pretrain":
         raise ValueError(f"train.seq_len_schedule needs data.kind=pretrain, got {cfg.kind!r}")
     prefixes = resolve_pretrain_prefixes(cfg, tokenizer)
-    streams = {}
-    for seq_len, micro_batch_size in micro_batch_sizes.items():
-        source = PretrainSource(
-            cfg, tokenizer, prefixes, seq_len=seq_len, seed=cfg.seed if seed is None else seed, split=split
-        )
-        rank, ranks = (readers or {}).get(seq_len, (dp_rank, dp_size))
-        streams[seq_len] = BatchLoader(
-            source, tokenizer, micro_batch_size=micro_batch_size, dp_rank=rank, dp_size=ranks
-        )
-    return MixedLengthLoader(streams)
+    rows = PretrainSource(
+        cfg, tokenizer, prefixes, seq_len=max(micro_batch_sizes), seed=cfg.seed if seed is None else seed, split=split
+    )
+    return MixedLengthLoader(
+        rows, tokenizer, micro_batch_sizes=micro_batch_sizes, dp_rank=dp_rank, dp_size=dp_size, readers=readers
+    )

@@ -82,7 +82,7 @@ def parse_phases(raw: Sequence) -> List[SeqLenPhase]:
     cp_by_length: Dict[int, bool] = {}
     for index, phase in enumerate(phases):
         if cp_by_length.setdefault(phase.seq_len, phase.context_parallel) != phase.context_parallel:
-            # each length is one data stream read by the same ranks (data.loader.MixedLengthLoader)
+            # each length is one data stream read by the same ranks (data.mixed_length.MixedLengthLoader)
             raise SeqLenScheduleError(
                 f"{KEY}[{index}]: seq_len={phase.seq_len} appears both with and without cp; give every phase of "
                 "one length the same cp"
@@ -132,6 +132,13 @@ class SeqLenSchedule:
             for index, phase in enumerate(self.phases)
         ]
         self.cycle = sum(phase.steps for phase in self.phases)
+        longest = max(phase.seq_len for phase in self.phases)
+        for index, phase in enumerate(self.phases):
+            if longest % phase.seq_len:
+                raise SeqLenScheduleError(
+                    f"{KEY}[{index}].seq_len={phase.seq_len} does not divide the schedule's longest length {longest}, "
+                    "whose rows every length reads in slices (data/mixed_length.py); use a divisor of it"
+                )
 
     @classmethod
     def of(cls, train_cfg, dp_size: int = 1, cp: int = 1) -> "SeqLenSchedule":

@@ -151,7 +151,7 @@ class Trainer:
         self.seq_schedule = SeqLenSchedule.of(train_cfg, runner.dp_size, runner.layout.cp)
         if train_cfg.seq_len_schedule and not hasattr(loader, "stream"):
             raise TypeError(
-                "train.seq_len_schedule needs a loader with one stream per length (data.loader.MixedLengthLoader, "
+                "train.seq_len_schedule needs a loader with one stream per length (data.mixed_length.MixedLengthLoader, "
                 f"built by data.pretrain.build_mixed_length_pretrain_loader), got {type(loader).__name__}"
             )
         self.optimizer = OptimizerContainer(runner.model_parts, optim_cfg)
@@ -338,7 +338,7 @@ class Trainer:
         return self.seq_schedule.shape(step)
 
     def _micro_batch_source(self, seq_len: int):
-        if self.cfg.seq_len_schedule:  # each length reads its own stream (data.loader.MixedLengthLoader)
+        if self.cfg.seq_len_schedule:  # every length reads the one order (data.mixed_length)
             return self.loader.stream(seq_len)
         if self._batches is None:
             self._batches = iter(self.loader)

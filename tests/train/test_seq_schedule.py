@@ -1,7 +1,8 @@
 """train.seq_len_schedule: the resolver against a hand expansion, bad schedules refused when the recipe loads, the
-per-length data streams and their saved positions, and `train/pretrain.py` runs alternating lengths: the logged
-shapes follow the schedule at a constant token budget, a resume at and inside a phase equals the uninterrupted
-run bitwise, the first long step equals a plain run at that length, and CP=2 on 2 processes equals one process."""
+one data order every length reads (a contiguous cover of the stream, whatever the schedule) and its saved position,
+phases without CP, and `train/pretrain.py` runs alternating lengths: the logged shapes follow the schedule at a
+constant token budget, a resume at and inside a phase equals the uninterrupted run bitwise, the first long step
+equals a plain run at that length, and CP=2 on 2 processes (with and without a no-CP phase) equals one process."""
 
 import os
 import subprocess
@@ -9,8 +10,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
-from latentforge.data.loader import BatchLoader, MixedLengthLoader
+from latentforge.data.loader import BatchLoader
+from latentforge.data.mixed_length import MixedLengthLoader
 from latentforge.train.callbacks.jsonl import read_jsonl
 from latentforge.train.config import TrainConfig, TrainConfigError
 from latentforge.train.parallel import ParallelConfig
@@ -105,65 +108,97 @@ class CountingTokenizer:
         assert recorded == self.fingerprint(), what
 
 
-class NumberedSource:
-    """Sample i of length L holds L copies of 1000 L + i: every token names its stream and its sample."""
+class PositionSource:
+    """Row i of `row_len` tokens holds the stream positions i * row_len, ..., each token its own position (so the
+    tokens read name where they came from); a label is the next position, documents are 3 tokens long."""
 
-    samples_per_epoch = 1000
+    samples_per_epoch = 3  # 24 tokens an epoch: the runs below cross epochs
 
-    def __init__(self, seq_len: int):
-        self.seq_len = seq_len
+    def __init__(self, row_len: int = 8):
+        self.row_len = row_len
 
     def prepare(self, start: int, stop: int) -> None:
         pass
 
     def sample(self, index: int):
-        row = np.full(self.seq_len, 1000 * self.seq_len + index, dtype=np.int64)
-        return {"input_ids": row, "labels": row, "seq_idx": np.zeros(self.seq_len, dtype=np.int32)}
+        ids = index * self.row_len + np.arange(self.row_len, dtype=np.int64)
+        return {"input_ids": ids, "labels": ids + 1, "seq_idx": (ids // 3).astype(np.int32)}
 
     def identity(self) -> dict:
-        return {"seq_len": self.seq_len}
+        return {"seq_len": self.row_len}
 
 
-def mixed(micro_batch_sizes, dp_rank=0, dp_size=1):
-    return MixedLengthLoader(
-        {
-            length: BatchLoader(
-                NumberedSource(length), CountingTokenizer(), micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size
-            )
-            for length, micro in micro_batch_sizes.items()
-        }
-    )
+BUDGET = 16  # tokens per step: 2 x 8 or 8 x 2; micro-batches of 1 x 8 or 2 x 2, over 2 data-parallel ranks
+STEPS_BY_LENGTH = [8, 2, 2, 8, 2, 2, 8]  # phases [{8, 1 step}, {2, 2 steps}]
 
 
-def first_tokens(loader, length, count):
-    return [next(loader.stream(length))["input_ids"][:, 0].tolist() for _ in range(count)]
+def ranks_loaders():
+    return [
+        MixedLengthLoader(PositionSource(), CountingTokenizer(), micro_batch_sizes={8: 1, 2: 2}, dp_rank=r, dp_size=2)
+        for r in (0, 1)
+    ]
 
 
-def test_each_length_reads_its_own_stream_and_a_restored_position_repeats_the_batches():
-    loader = mixed({8: 1, 2: 4}, dp_rank=1, dp_size=2)
-    assert first_tokens(loader, 8, 2) == [[8001], [8003]]  # dp rank 1 takes the second of every 2 samples
-    assert first_tokens(loader, 2, 1) == [[2004, 2005, 2006, 2007]]
-    saved = loader.state_dict()
-    expected = first_tokens(loader, 8, 1) + first_tokens(loader, 2, 2)
-    resumed = mixed({8: 1, 2: 4}, dp_rank=1, dp_size=2)
-    resumed.load_state_dict(saved)
-    assert first_tokens(resumed, 8, 1) + first_tokens(resumed, 2, 2) == expected
-    with pytest.raises(KeyError, match="no data stream of sequence length 4"):
-        resumed.stream(4)
+def read_steps(loaders, lengths):
+    """Every micro-batch of every step, in global order (micro-step, then data-parallel rank), as one list."""
+    batches = []
+    for length in lengths:
+        micro_steps = BUDGET // length // (2 * {8: 1, 2: 2}[length])
+        for _ in range(micro_steps):
+            batches += [next(loader.stream(length)) for loader in loaders]
+    return batches
+
+
+def test_every_length_reads_the_one_order_without_repeats_or_gaps():
+    batches = read_steps(ranks_loaders(), STEPS_BY_LENGTH)
+    tokens = np.concatenate([b["input_ids"].numpy().reshape(-1) for b in batches])
+    assert tokens.tolist() == list(range(BUDGET * len(STEPS_BY_LENGTH)))  # the independent expansion: positions
+    for batch in batches:
+        ids = batch["input_ids"].numpy()
+        assert (batch["labels"].numpy() == ids + 1).all()  # the next token, at a slice's last position too
+        expected_docs = ids // 3 - (ids[:, :1] // 3)  # document ids renumbered from each slice's first token
+        assert (batch["seq_idx"].numpy() == expected_docs).all()
+    other_order = read_steps(ranks_loaders(), [2, 2, 2, 2, 8, 8, 8])  # another schedule reads the same tokens
+    assert np.concatenate([b["input_ids"].numpy().reshape(-1) for b in other_order]).tolist() == tokens.tolist()
+
+
+@pytest.mark.parametrize("stop", [1, 2, 3, 5])  # at a change of length (1, 3) and inside the 2-token phase (2, 5)
+def test_a_restored_position_repeats_the_batches_bitwise(stop):
+    straight = read_steps(ranks_loaders(), STEPS_BY_LENGTH)
+    first = ranks_loaders()
+    read_steps(first, STEPS_BY_LENGTH[:stop])
+    resumed = ranks_loaders()
+    for loader, saved in zip(resumed, first):
+        loader.load_state_dict(saved.state_dict())
+    rest = read_steps(resumed, STEPS_BY_LENGTH[stop:])
+    done = len(straight) - len(rest)
+    for got, expected in zip(rest, straight[done:]):
+        assert all(torch.equal(got[key], expected[key]) for key in ("input_ids", "labels", "seq_idx"))
 
 
 def test_positions_carry_over_when_a_schedule_is_added_or_removed():
-    plain = BatchLoader(NumberedSource(8), CountingTokenizer(), micro_batch_size=2, dp_rank=0, dp_size=1)
-    next(plain)
-    scheduled = mixed({8: 2, 2: 8})
-    scheduled.load_state_dict(plain.state_dict())  # the stream of the old length continues, the new one starts
-    assert first_tokens(scheduled, 8, 1) == [[8002, 8003]] and first_tokens(scheduled, 2, 1)[0][0] == 2000
-    back = BatchLoader(NumberedSource(8), CountingTokenizer(), micro_batch_size=2, dp_rank=0, dp_size=1)
-    back.load_state_dict(scheduled.state_dict())
-    assert next(back)["input_ids"][:, 0].tolist() == [8004, 8005]
-    other = BatchLoader(NumberedSource(4), CountingTokenizer(), micro_batch_size=2, dp_rank=0, dp_size=1)
-    with pytest.raises(ValueError, match=r"sequence lengths \[2, 8\]"):
+    plain = BatchLoader(PositionSource(), CountingTokenizer(), micro_batch_size=2, dp_rank=0, dp_size=1)
+    next(plain)  # 2 rows of the longest length: 16 tokens
+    scheduled = MixedLengthLoader(PositionSource(), CountingTokenizer(), micro_batch_sizes={8: 2, 2: 8})
+    scheduled.load_state_dict(plain.state_dict())
+    assert next(scheduled.stream(2))["input_ids"][0].tolist() == [16, 17]
+    back = BatchLoader(PositionSource(), CountingTokenizer(), micro_batch_size=2, dp_rank=0, dp_size=1)
+    back.load_state_dict(scheduled.state_dict())  # 16 + 8 x 2 tokens read: 4 rows of 8
+    assert next(back)["input_ids"][:, 0].tolist() == [32, 40]
+    other = BatchLoader(PositionSource(4), CountingTokenizer(), micro_batch_size=2, dp_rank=0, dp_size=1)
+    with pytest.raises(ValueError, match="longest length or data differ"):
         other.load_state_dict(scheduled.state_dict())
+    per_length = {"version": 1, "streams": {"8": plain.state_dict()}}  # the format before the one order
+    with pytest.raises(ValueError, match="one position per sequence length") as error:
+        scheduled.load_state_dict(per_length)
+    assert "\n" not in str(error.value)
+    with pytest.raises(KeyError, match="no data stream of sequence length 4"):
+        scheduled.stream(4)
+
+
+def test_every_length_must_divide_the_longest():
+    with pytest.raises(SeqLenScheduleError, match=r"\[1\].seq_len=24 does not divide the schedule's longest length 32"):
+        SeqLenSchedule([32, 24, 8], seq_len=96, micro_batch_size=1, global_batch_size=1)
 
 
 # ----- train/pretrain.py runs ------------------------------------------------------------------------------------
