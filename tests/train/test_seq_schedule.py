@@ -377,3 +377,17 @@ def test_cp2_with_a_phase_without_cp_equals_one_process_and_resumes_bitwise(stra
         )
     resumed = records_by_step(resumed_dir)
     assert [resumed[s]["loss"] for s in sorted(resumed)] == [got[s]["loss"] for s in sorted(got)]
+
+
+def test_the_long_context_mix_recipe_plans_1m_on_cp64_and_4k_without_cp(capsys):
+    """recipes/recipe/super_120b_long_mixed.yaml: the 1M phase on CP64 x TP2, the 4K phase with the CP ranks as
+    data-parallel ones (dp_shard 64), 4 x 4096 tokens per micro-batch (the 16K tokens a rank held under CP)."""
+    from latentforge.train.pretrain import main
+
+    assert main(["recipe=super_120b_long_mixed", "--dry-run", "--world-size", "128"]) == 0
+    out = capsys.readouterr().out
+    long_plan, short_plan = out.split("phase(s) at 4096 tokens, without CP (cp: false):")
+    assert "dp_shard 1, cp 64, tp 2" in long_plan and "dp_shard 64, cp 1, tp 2" in short_plan
+    assert "4096 sequences x 4096 tokens = 16,777,216 tokens per step; micro-batch 4" in short_plan
+    assert long_plan.count("fits an 80 GB GPU") == 1 and short_plan.count("fits an 80 GB GPU") == 1
+    assert "NOT" not in out
