@@ -37,11 +37,16 @@ def reference(meta: bool):
     return _REFERENCES[meta]
 
 
-def _worker(rank, world_size, parallel, micro_batch_size, checkpoint_dir, meta, probe_guards=False):
-    if probe_guards:
-        _expect_different_weights_refused(rank, parallel)
-        _expect_uneven_micro_batch_counts_refused(rank, parallel)
-    return train_run(parallel, micro_batch_size=micro_batch_size, checkpoint_dir=checkpoint_dir, meta=meta)
+def _worker(rank, world_size, runs):
+    """Every layout of one world size in one launch of the ranks (a launch costs seconds on 2 CPU cores); each
+    train_run builds its own runner from seed 0."""
+    results = {}
+    for name, (parallel, micro_batch_size, checkpoint_dir, meta, probe_guards) in runs.items():
+        if probe_guards:
+            _expect_different_weights_refused(rank, parallel)
+            _expect_uneven_micro_batch_counts_refused(rank, parallel)
+        results[name] = train_run(parallel, micro_batch_size=micro_batch_size, checkpoint_dir=checkpoint_dir, meta=meta)
+    return results
 
 
 def _expect_different_weights_refused(rank, parallel):
@@ -91,17 +96,23 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_parallel_layout_matches_single_process(name, tmp_path):
-    parallel, world, micro_batch_size, save, meta = LAYOUTS[name]
-    checkpoint_dir = str(tmp_path / "ckpt") if save else None
-    results = run_distributed(
-        _worker, world, parallel, micro_batch_size, checkpoint_dir, meta, name == "fsdp2_checkpointed", timeout=600
-    )
-    worst_grad, worst_param = assert_same_training(reference(meta), results)
-    print(
-        f"{name}: worst gradient {worst_grad[0]:.1e} ({worst_grad[1]}), "
-        f"worst parameter {worst_param[0]:.1e} ({worst_param[1]})"
-    )
-    if save:
-        _check_checkpoint(checkpoint_dir, results)
+@pytest.mark.parametrize("world", sorted({world for _, world, *_ in LAYOUTS.values()}))
+def test_parallel_layouts_match_single_process(world, tmp_path):
+    runs = {
+        name: (parallel, micro_batch_size, str(tmp_path / name) if save else None, meta, name == "fsdp2_checkpointed")
+        for name, (parallel, layout_world, micro_batch_size, save, meta) in LAYOUTS.items()
+        if layout_world == world
+    }
+    per_rank = run_distributed(_worker, world, runs, timeout=600)
+    for name, (_, _, checkpoint_dir, meta, _) in runs.items():
+        results = [by_layout[name] for by_layout in per_rank]
+        try:
+            worst_grad, worst_param = assert_same_training(reference(meta), results)
+            if checkpoint_dir is not None:
+                _check_checkpoint(checkpoint_dir, results)
+        except AssertionError as error:
+            raise AssertionError(f"layout {name}: {error}") from error
+        print(
+            f"{name}: worst gradient {worst_grad[0]:.1e} ({worst_grad[1]}), "
+            f"worst parameter {worst_param[0]:.1e} ({worst_param[1]})"
+        )
