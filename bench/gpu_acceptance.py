@@ -580,16 +580,39 @@ def decode_rate(model, batch: int, draft_tokens: int, prompt_len: int, new_token
     seconds = time.perf_counter() - t0
     generated = sum(len(r.token_ids) for r in results)
     stats = engine.stats
+    steps = stats.steps
+    syncs = host_syncs_per_step(engine, prompts, params)
     return {
         "batch": batch,
         "draft_tokens": draft_tokens,
         "tokens_per_s": generated / seconds,
         "seconds": seconds,
-        "steps": stats.steps,
-        "ms_per_step": 1e3 * seconds / max(1, stats.steps),
+        "steps": steps,
+        "ms_per_step": 1e3 * seconds / max(1, steps),
+        # synchronizing CUDA calls per engine step, counted by torch's sync debug mode in a second, untimed run
+        # (admissions included); the engine reads the device back once per decode/verify step
+        "host_syncs_per_step": syncs,
         "mean_accepted_length": stats.mean_accepted_length if draft_tokens else 1.0,
         "outputs": [r.token_ids for r in results],
     }
+
+
+def host_syncs_per_step(engine, prompts: list, params) -> float | None:
+    """Synchronizing CUDA operations per engine step over one more generate (None off CUDA)."""
+    if not on_cuda():
+        return None
+    import warnings
+
+    first_step = engine.stats.steps
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.generate(prompts, params)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    return syncs / max(1, engine.stats.steps - first_step)
 
 
 def part_decode(args) -> dict:
@@ -719,18 +742,18 @@ def markdown_report(report: dict) -> str:
             decode["note"],
             "",
             "| batch | k | tok/s | x plain | accepted length | "
-            "verify cost (plain steps) | same greedy output | peak GiB |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "verify cost (plain steps) | same greedy output | host syncs / step | peak GiB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in decode["rows"]:
             if "skipped" in r:
-                lines.append(f"| {r['batch']} | {r['draft_tokens']} | skipped: {r['skipped']} | | | | | |")
+                lines.append(f"| {r['batch']} | {r['draft_tokens']} | skipped: {r['skipped']} | | | | | | |")
                 continue
             lines.append(
                 f"| {r['batch']} | {r['draft_tokens']} | {_fmt(r['tokens_per_s'], 4)} | "
                 f"{_fmt(r.get('speedup_vs_plain'))} | {_fmt(r['mean_accepted_length'])} | "
                 f"{_fmt(r.get('verify_cost_in_plain_steps'))} | {r.get('greedy_output_identical', '')} | "
-                f"{_fmt(r.get('peak_memory_gib'))} |"
+                f"{_fmt(r.get('host_syncs_per_step'))} | {_fmt(r.get('peak_memory_gib'))} |"
             )
     failed = [(n, e) for n, e in report["parts"].items() if e["status"] == "failed"]
     for name, entry in failed:

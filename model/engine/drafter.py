@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .runner import ModelRunner
+from .transfer import to_device
 
 
 class MTPDrafter:
@@ -69,32 +70,15 @@ class MTPDrafter:
         m = len(sequences)
         rows = slice(lo, lo + m)
         device = trunk_hidden.device
-        old = self.processed[lo : lo + m]
-        new = new_processed
-        drafted = [[] for _ in range(m)]
+        plan = self._plan(self.processed[lo : lo + m], new_processed, sequences, device)
+        drafted = torch.zeros(m, self.depths, dtype=torch.long, device=device)
         probs: list[torch.Tensor | None] = []
         carry_out = {}
         previous: torch.Tensor | None = None  # depth j-1 hidden over its run [first[j-1], new-1]
-        previous_first: list[int] = []
-        for depth in range(1, self.depths + 1):
-            first = [max(0, p - depth + 1) for p in old]
-            counts = [n - f for n, f in zip(new, first)]
-            width = max(counts)
-            rows_tokens = []
-            for i in range(m):
-                seq, p_new = sequences[i], new[i]
-                # position s reads token s+depth: known through p_new, this catch-up's drafts after it
-                head = first[i] + depth
-                row = seq[head : p_new + 1] + drafted[i][max(0, head - p_new - 1) :]
-                row = row[: counts[i]]
-                rows_tokens.append(row + [0] * (width - len(row)))
-            tokens = torch.tensor(rows_tokens, dtype=torch.long).to(device)
-            # one host->device copy for the per-row indices: column 0's position, last column, the shift against
-            # depth-1's run (1: prepend the carried hidden), and the column of h_depth(new - depth) to carry
-            shift = [pf - f for pf, f in zip(previous_first, first)] if depth > 1 else [0] * m
-            keep = [max(0, n - depth - f) for n, f in zip(new, first)]
-            meta = torch.tensor([first, [c - 1 for c in counts], shift, keep], dtype=torch.long).to(device)
-            start, last, shift, keep = meta
+        for depth, (known, draft_column, start, last, shift, keep, max_start) in enumerate(plan, start=1):
+            # drafted tokens stay on the device: a column >= 0 takes this catch-up's draft of that depth
+            tokens = torch.where(draft_column >= 0, drafted.gather(1, draft_column.clamp(min=0)), known)
+            width = tokens.shape[1]
             if previous is None:  # depth 1 reads the trunk
                 prev_hidden = trunk_hidden[:, :width]
             else:
@@ -102,19 +86,18 @@ class MTPDrafter:
                 index = torch.arange(width, device=device)[None, :] + 1 - shift[:, None]
                 index = index.clamp_(max=padded.shape[1] - 1)
                 prev_hidden = padded.gather(1, index[:, :, None].expand(-1, -1, padded.shape[-1]))
-            hidden, logits = self.runner.mtp_depth(depth, rows, tokens, prev_hidden, start, max(first), last)
+            hidden, logits = self.runner.mtp_depth(depth, rows, tokens, prev_hidden, start, max_start, last)
             chosen, chosen_probs = sampler(logits, depth)
-            for i, token in enumerate(chosen.tolist()):
-                drafted[i].append(token)
+            drafted[:, depth - 1] = chosen
             probs.append(chosen_probs)
             if depth < self.depths:
                 # keep h_depth(new - depth) for depth+1's next catch-up (final wherever new - depth >= 0)
                 carry_out[depth] = hidden[torch.arange(m, device=device), keep]
-            previous, previous_first = hidden, first
+            previous = hidden
         for depth, value in carry_out.items():
             self.carry[rows, depth - 1] = value
-        self.processed[lo : lo + m] = list(new)
-        self.drafts[rows] = torch.tensor(drafted, dtype=torch.long, device=device)
+        self.processed[lo : lo + m] = list(new_processed)
+        self.drafts[rows] = drafted
         distributions = [p for p in probs if p is not None]
         if len(distributions) < len(probs):  # greedy rows: q is the one-hot of the draft, built when needed
             self.has_probs[lo : lo + m] = [False] * m
@@ -126,6 +109,42 @@ class MTPDrafter:
             )
         self.draft_probs[rows] = stacked
         self.has_probs[lo : lo + m] = [True] * m
+
+    def _plan(self, old: list, new: list, sequences: list, device: torch.device) -> list:
+        """Per depth, what its MTP call reads, built on the host from lengths alone and sent in one copy:
+        (known tokens (m, c), draft column (m, c): -1 where the token is known, else the depth whose draft of
+        this catch-up goes there, start (m,), last (m,), shift (m,), keep (m,), the largest start)."""
+        m = len(old)
+        flat: list = []
+        shapes = []
+        previous_first: list = []
+        for depth in range(1, self.depths + 1):
+            first = [max(0, p - depth + 1) for p in old]
+            counts = [n - f for n, f in zip(new, first)]
+            width = max(counts)
+            known, column = [], []
+            for i in range(m):
+                # position s reads token s+depth: known through new[i], this catch-up's drafts after it
+                head, p_new = first[i] + depth, new[i]
+                tokens = [sequences[i][q] if q <= p_new else 0 for q in range(head, head + counts[i])]
+                columns = [-1 if q <= p_new else q - p_new - 1 for q in range(head, head + counts[i])]
+                known += tokens + [0] * (width - counts[i])
+                column += columns + [-1] * (width - counts[i])
+            # the shift against depth-1's run (1: prepend the carried hidden), the column of h_depth(new - depth)
+            shift = [pf - f for pf, f in zip(previous_first, first)] if depth > 1 else [0] * m
+            keep = [max(0, n - depth - f) for n, f in zip(new, first)]
+            flat += known + column + first + [c - 1 for c in counts] + shift + keep
+            shapes.append((width, max(first)))
+            previous_first = first
+        values = to_device(flat, device)
+        plan, offset = [], 0
+        for width, max_start in shapes:
+            known, column = values[offset : offset + 2 * m * width].view(2, m, width)
+            offset += 2 * m * width
+            start, last, shift, keep = values[offset : offset + 4 * m].view(4, m)
+            offset += 4 * m
+            plan.append((known, column, start, last, shift, keep, max_start))
+        return plan
 
     def draft_distributions(self, n: int, vocab: int, dtype) -> torch.Tensor:
         """q (n, k, V) of rows 0..n-1: the stored distributions, one-hot drafts for rows drafted greedily."""

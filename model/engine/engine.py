@@ -33,6 +33,7 @@ from .gate import DraftGate
 from .runner import BATCHED_PREFILL_MAX_TOKENS, ModelRunner
 from .sampling import greedy_accept, log_softmax_at, sample, sampling_probs, speculative_accept
 from .state import SlotStates
+from .transfer import to_device, to_host
 
 
 @dataclass
@@ -201,10 +202,11 @@ class Engine:
         joined = self.running[lo:]
         for request in joined:
             request.processed = len(request.sequence)
-        index = torch.tensor(source, device=self.device)
+        index = to_device(source, self.device)
         row_logits = logits[index]
         tokens, logprobs = self._choose(row_logits, lo, joined)
-        for request, token, logprob, one_row in zip(joined, tokens.tolist(), logprobs.tolist(), row_logits):
+        tokens, logprobs, kept_logits, _ = self._read_back(joined, tokens, logprobs, row_logits)
+        for request, token, logprob, one_row in zip(joined, tokens.tolist(), logprobs.tolist(), kept_logits):
             self._emit(request, token, logprob, one_row)
         if self.drafter is not None:
             for row in range(lo, lo + len(joined)):
@@ -335,20 +337,19 @@ class Engine:
             row = end
 
     def _decode(self, finished: list, keep_hidden: bool = False):
-        ids = torch.tensor([[r.sequence[-1]] for r in self.running], dtype=torch.long, device=self.device)
-        positions = [r.processed for r in self.running]
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        ids, pos, positions = self._step_inputs()
         out = self.runner.step(ids, pos, max(positions), keep_positions=False)
         logits = out.logits[:, 0]
         if keep_hidden:
             for request, hidden in zip(self.running, out.hidden[:, 0]):
                 request.pending_hidden.append(hidden)
         tokens, logprobs = self._choose(logits, 0, self.running)
+        tokens, logprobs, kept_logits, routes = self._read_back(self.running, tokens, logprobs, logits, out.routes)
         keep = []
         for i, (request, token, logprob, row_logits) in enumerate(
-            zip(self.running, tokens.tolist(), logprobs.tolist(), logits)
+            zip(self.running, tokens.tolist(), logprobs.tolist(), kept_logits)
         ):
-            self._keep_routes(request, out.routes, i, 1)
+            self._keep_routes(request, routes, i, 1)
             request.processed += 1
             self._emit(request, token, logprob, row_logits)
             reason = self._done_reason(request)
@@ -362,10 +363,8 @@ class Engine:
         """Main model over [next token, k drafts] per row, acceptance, rollback, MTP catch-up for the next drafts."""
         n, k = len(self.running), self.config.draft_tokens
         rows = slice(0, n)
-        pending = torch.tensor([[r.sequence[-1]] for r in self.running], dtype=torch.long, device=self.device)
+        pending, pos, positions = self._step_inputs()
         ids = torch.cat([pending, drafter.drafts[rows]], dim=1)
-        positions = [r.processed for r in self.running]
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         out = self.runner.step(ids, pos, max(positions), keep_positions=True)
 
         drafts = drafter.drafts[rows]
@@ -378,18 +377,12 @@ class Engine:
                 per_position(self.temperature),
                 per_position(self.top_k),
                 per_position(self.top_p),
+                cut=self._any_cut(self.running),
             ).view(n, k + 1, -1)
-            uniforms = torch.stack([r.uniforms(k + 1) for r in self.running]).to(self.device)
+            uniforms = to_device(torch.stack([r.uniforms(k + 1) for r in self.running]), self.device)
             draft_probs = drafter.draft_distributions(n, probs.shape[-1], probs.dtype)
             accepted, next_tokens = speculative_accept(probs, draft_probs, drafts, uniforms[:, :k], uniforms[:, k])
         self.runner.commit(out, accepted)  # Mamba/conv states after the last accepted token
-
-        counts = accepted.tolist()
-        self.stats.verify_rows += n
-        self.stats.verify_tokens += sum(counts) + n
-        for depth in range(k):
-            self.stats.drafted[depth] += n
-            self.stats.accepted[depth] += sum(1 for c in counts if c > depth)
 
         # emitted tokens per row: the accepted drafts, then the correction / bonus token
         emitted = torch.cat([drafts, next_tokens[:, None]], dim=1)
@@ -400,16 +393,28 @@ class Engine:
         if not self._all_greedy(rows):
             sampled = probs.gather(-1, emitted.unsqueeze(-1)).squeeze(-1).log()
             logprobs = torch.where(self.temperature[rows, None] > 0, sampled, logprobs.to(sampled.dtype))
-        emitted_list, logprob_list = emitted.tolist(), logprobs.tolist()
+        # the step's one read-back: what the host needs to emit tokens and decide who finished
+        both = torch.cat([accepted[:, None], emitted], dim=1)
+        both, logprobs, kept_logits, routes = self._read_back(self.running, both, logprobs, out.logits, out.routes)
+        counts, emitted_list = [row[0] for row in both.tolist()], [row[1:] for row in both.tolist()]
+        logprob_list = logprobs.tolist()
+        self.stats.verify_rows += n
+        self.stats.verify_tokens += sum(counts) + n
+        for depth in range(k):
+            self.stats.drafted[depth] += n
+            self.stats.accepted[depth] += sum(1 for c in counts if c > depth)
 
         keep = []
         for i, request in enumerate(self.running):
             # the pending token and the accepted drafts are consumed now (rejected drafts' routes are dropped; the
             # correction / bonus token is routed by the step that consumes it)
-            self._keep_routes(request, out.routes, i, counts[i] + 1)
+            self._keep_routes(request, routes, i, counts[i] + 1)
             request.processed += counts[i] + 1
             for j in range(counts[i] + 1):
-                self._emit(request, emitted_list[i][j], logprob_list[i][j], out.logits[i, j])
+                row_logits = kept_logits[i]
+                self._emit(
+                    request, emitted_list[i][j], logprob_list[i][j], None if row_logits is None else row_logits[j]
+                )
                 if self._done_reason(request):
                     break
             reason = self._done_reason(request)
@@ -421,7 +426,7 @@ class Engine:
             self._compact(keep)
         if survivors:
             m = len(survivors)
-            index = torch.tensor(survivors, device=self.device)
+            index = to_device(survivors, self.device)
             trunk = out.hidden[index, : max(counts[i] for i in survivors) + 1]
             drafter.catch_up(
                 0,
@@ -435,6 +440,31 @@ class Engine:
     def _all_greedy(self, rows: slice) -> bool:
         return all(request.params.greedy for request in self.running[rows])
 
+    def _any_cut(self, requests: list) -> bool:
+        """Whether a sampled row has a top-k or top-p cut (known from the requests, not read from the device)."""
+        vocab = self.vocab_size
+        return any(not r.params.greedy and (0 < r.params.top_k < vocab or r.params.top_p < 1) for r in requests)
+
+    def _step_inputs(self) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """The running rows' pending tokens (n, 1) and positions (n,), sent in one copy; positions as a list."""
+        positions = [r.processed for r in self.running]
+        both = to_device([[r.sequence[-1] for r in self.running], positions], self.device)
+        return both[0, :, None], both[1], positions
+
+    def _read_back(self, requests: list, tokens, logprobs, logits, routes=None) -> tuple:
+        """The step's tokens and log-probs on the host, with the logits only when a request keeps them and the
+        routes only when recorded, in one wait for the device. Rows of logits it does not copy stay None."""
+        wanted = [tokens, logprobs]
+        keep_logits = any(request.params.return_logits for request in requests)
+        if keep_logits:
+            wanted.append(logits.detach().float())
+        if routes is not None:
+            wanted.append(routes)
+        host = to_host(*wanted)
+        # per request: its rows of logits on the host, or None
+        kept_logits = list(host[2]) if keep_logits else [None] * len(requests)
+        return host[0], host[1], kept_logits, host[-1] if routes is not None else None
+
     def _sample_rows(
         self, logits: torch.Tensor, lo: int, requests: list
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -444,8 +474,10 @@ class Engine:
         rows = slice(lo, lo + len(requests))
         if self._all_greedy(rows):
             return logits.argmax(-1), None
-        probs = sampling_probs(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows])
-        uniforms = torch.stack([r.uniforms(1) for r in requests]).to(self.device)
+        probs = sampling_probs(
+            logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], cut=self._any_cut(requests)
+        )
+        uniforms = to_device(torch.stack([r.uniforms(1) for r in requests]), self.device)
         return sample(probs, uniforms[:, 0]), probs
 
     def _choose(self, logits: torch.Tensor, lo: int, requests: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -455,8 +487,8 @@ class Engine:
         if probs is None:
             return tokens, log_softmax_at(logits, tokens)
         logprobs = probs.gather(-1, tokens[:, None]).squeeze(-1).log()
-        greedy = self.temperature[lo : lo + len(requests)] <= 0
-        if bool(greedy.any()):
+        if any(request.params.greedy for request in requests):
+            greedy = self.temperature[lo : lo + len(requests)] <= 0
             logprobs = torch.where(greedy, log_softmax_at(logits, tokens).to(logprobs.dtype), logprobs)
         return tokens, logprobs
 
@@ -473,14 +505,16 @@ class Engine:
         self.top_p[row] = params.top_p
         self.top_k[row] = params.top_k
 
-    def _emit(self, request: _Request, token: int, logprob: float, logits: torch.Tensor):
+    def _emit(self, request: _Request, token: int, logprob: float, logits: Optional[torch.Tensor]):
+        """logits: the token's row on the host when the request keeps logits (`_read_back`), else None."""
         result = request.result
         request.sequence.append(token)
         result.token_ids.append(token)
         result.logprobs.append(logprob)
         result.versions.append(self.version)
         if request.params.return_logits:
-            request.logits.append(logits.detach().float().cpu())
+            assert logits is not None, "_read_back copies the logits when a request keeps them"
+            request.logits.append(logits.clone())
         self.stats.generated_tokens += 1
 
     @staticmethod
@@ -503,7 +537,7 @@ class Engine:
 
     @staticmethod
     def _routes_cpu(routes: Optional[torch.Tensor], row: int, count: int) -> Optional[torch.Tensor]:
-        return None if routes is None else routes[row, :count].cpu()
+        return None if routes is None else routes[row, :count].to("cpu", copy=True)
 
     def _keep_routes(self, request: _Request, routes: Optional[torch.Tensor], row: int, count: int):
         """Routes of the first `count` tokens fed for slot row `row` (recording on and the trunk has MoE layers)."""

@@ -14,13 +14,21 @@ reduces to "accept while the draft equals the argmax, then emit the argmax", i.e
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
 def sampling_probs(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    cut: Optional[bool] = None,
 ) -> torch.Tensor:
     """logits (n, V); per-row temperature (n,) (0 = greedy), top_k (n,) long (0 = off), top_p (n,) (1 = off).
+    cut: whether any row has a top-k / top-p cut; the engine knows it from the requests (None: read from top_k and
+    top_p, which waits for the device).
 
     Returns probabilities (n, V) in fp32 (fp64 for fp64 logits)."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -28,8 +36,9 @@ def sampling_probs(
     n, vocab = logits.shape
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).to(dtype)[:, None]
-    needs_cut = bool(((top_k > 0) & (top_k < vocab)).any()) or bool((top_p < 1).any())
-    if needs_cut:
+    if cut is None:
+        cut = bool(((top_k > 0) & (top_k < vocab)).any()) or bool((top_p < 1).any())
+    if cut:
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=logits.device)[None, :]
         k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))[:, None]
@@ -40,10 +49,8 @@ def sampling_probs(
         sorted_logits = sorted_logits.masked_fill(before >= top_p.to(dtype)[:, None], float("-inf"))
         scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(scaled, dim=-1)
-    if bool(greedy.any()):
-        one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-        probs = torch.where(greedy[:, None], one_hot, probs)
-    return probs
+    one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], one_hot, probs)
 
 
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -77,14 +84,13 @@ def speculative_accept(
     accept = accept_uniforms.to(p_draft.dtype) * q_draft < p_draft
     accepted = accept.long().cumprod(dim=1).sum(dim=1)
     dist = target[rows, accepted]  # the bonus distribution where everything was accepted
-    rejected = accepted < k
-    if bool(rejected.any()):
-        q_rejected = draft_probs[rows, accepted.clamp(max=k - 1)]
-        residual = (dist - q_rejected).clamp_(min=0)
-        # p == q at the rejected draft would make the residual empty; that rejection has probability 0
-        usable = residual.sum(-1, keepdim=True) > 0
-        residual = torch.where(usable, residual, dist)
-        dist = torch.where(rejected[:, None], residual, dist)
+    # computed for every row (no host read of which rows rejected); rows that accepted all drafts keep p
+    q_rejected = draft_probs[rows, accepted.clamp(max=k - 1)]
+    residual = (dist - q_rejected).clamp_(min=0)
+    # p == q at the rejected draft would make the residual empty; that rejection has probability 0
+    usable = residual.sum(-1, keepdim=True) > 0
+    residual = torch.where(usable, residual, dist)
+    dist = torch.where((accepted < k)[:, None], residual, dist)
     return accepted, sample(dist, sample_uniforms)
 
 

@@ -77,6 +77,12 @@ def test_sampling_probs_against_a_loop():
     got = sampling_probs(logits, temperature, top_k, top_p)
     for row, (t, k, p) in enumerate(settings):
         torch.testing.assert_close(got[row], naive_probs(logits[row], t, k, p), rtol=1e-12, atol=1e-12)
+    # the engine passes `cut` from the requests instead of reading it from the device: the same distributions
+    torch.testing.assert_close(sampling_probs(logits, temperature, top_k, top_p, cut=True), got, rtol=0, atol=0)
+    uncut = [0, 4]  # rows without top-k / top-p
+    torch.testing.assert_close(
+        sampling_probs(logits[uncut], temperature[uncut], top_k[uncut], top_p[uncut], cut=False), got[uncut]
+    )
 
 
 def test_sample_follows_the_distribution_and_skips_zero_mass():
