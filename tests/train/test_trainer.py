@@ -123,8 +123,11 @@ def test_loop_matches_a_hand_written_reference(tmp_path):
     assert [m["step"] for m in recorder.metrics] == [1, 2, 3]
     assert [m["loss"] for m in recorder.metrics] == pytest.approx(losses, rel=1e-5)
     assert [m["lr"] for m in recorder.metrics] == [sched.lr_at(s) for s in range(3)]
+    # Adam divides by sqrt(v): an element whose gradient is near zero turns its rounding (micro-batches summed vs one
+    # forward) into a step-sized difference. One element of 41K of a Mamba in_proj moved 2.2e-5 on an AVX512 CPU;
+    # 5e-5 is 0.5% of one step at lr 1e-2, while a wrong update moves elements by a whole step
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=5e-5, msg=name)
     for (name, b), c in zip(model.named_buffers(), ref.buffers()):
         torch.testing.assert_close(b, c, rtol=0, atol=0, msg=name)  # the expert bias followed the same loads
     assert recorder.metrics[-1]["moe_imbalance"] >= 1.0
