@@ -295,6 +295,8 @@ class GRPOLoop:
         self.counters = collections.Counter(state["counters"])
         for key, count in restarts.items():  # restart budgets are per launch, never rolled back
             self.counters[key] = count
+        # the steps after this state are trained again: their old records go (W&B keeps the first values it saw)
+        self._metrics_logger().rewind(self.version)
 
     def _loop_state(self) -> dict:
         prompts = self.source.state_dict()

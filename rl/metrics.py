@@ -11,6 +11,7 @@ import secrets
 import time
 from typing import List, Optional
 
+from latentforge.train.callbacks.jsonl import keep_records_up_to
 from latentforge.train.config import WandbConfig
 
 CONSOLE_KEYS = (
@@ -97,6 +98,13 @@ class MetricsLogger:
                 tags=self.wandb_cfg.tags or None,
             )
         return self.run_id
+
+    def rewind(self, step: int) -> None:
+        """Drop the records past `step` (steps the loop trains again after a resume or a trainer restart) and any
+        line cut short by a kill, so metrics.jsonl holds each step once: the run that the weights went through."""
+        self.file.close()
+        keep_records_up_to(self.path, step)
+        self.file = open(self.path, "a", buffering=1)
 
     def log(self, metrics: dict, console: bool = True) -> None:
         record = {"time": time.time(), **{str(k): _plain(v) for k, v in metrics.items()}}

@@ -67,8 +67,8 @@ def kill(handle) -> int:
 
 
 def final_history(run_dir):
-    """The logged steps the final weights went through: a step trained again after a trainer restart replaces
-    the abandoned one."""
+    """The logged steps, by step and in file order (a step trained again after a trainer restart replaced the
+    abandoned one's record: each step is logged once)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         steps = [r for r in map(json.loads, f) if "trained_groups" in r]
     return {s["step"]: s for s in steps}, steps
@@ -133,13 +133,15 @@ def test_dead_trainer_rank_rebuilds_the_group_from_the_checkpoint(local_ray, tmp
         trainer={"micro_batch_size": 4, "num_ranks": 2},
     )
     on_trainers = loop._on_trainers
+    logged_before_the_kill = []
 
-    def kill_during_step_3(futures):  # right after the ranks were given step 3's batch
-        if loop._training and loop.version == 2 and not killed:
+    def kill_during_step_4(futures):  # right after the ranks were given step 4's batch: step 3 is logged
+        if loop._training and loop.version == 3 and not killed:
+            logged_before_the_kill.extend(final_history(run_dir)[1])
             killed.append(kill(loop.trainers[1]))
         return on_trainers(futures)
 
-    loop._on_trainers = kill_during_step_3
+    loop._on_trainers = kill_during_step_4
     try:
         summary = loop.run()
         by_step, logged = final_history(run_dir)
@@ -149,8 +151,12 @@ def test_dead_trainer_rank_rebuilds_the_group_from_the_checkpoint(local_ray, tmp
     assert killed and summary["steps"] == 4 and sorted(by_step) == [1, 2, 3, 4]
     assert summary["counters"]["trainer_restarts"] == 1
     assert any("trainer group rebuilt from" in line and "step_00000002" in line for line in lines), lines
-    # the groups of steps 1-2 (in the checkpoint) are not trained again
-    assert [s["step"] for s in logged][:2] == [1, 2] and [s["step"] for s in logged].count(2) == 1
+    # steps 1-2 (in the checkpoint) are not trained again; the abandoned step 3's record gave way to the one
+    # trained again after the restart: every step logged once
+    assert [s["step"] for s in logged_before_the_kill] == [1, 2, 3]
+    assert [s["step"] for s in logged] == [1, 2, 3, 4]
+    assert [s["time"] for s in logged[:2]] == [s["time"] for s in logged_before_the_kill[:2]]
+    assert logged[2]["trainer_restarts"] == 1 and logged_before_the_kill[2]["trainer_restarts"] == 0
 
 
 def test_restart_budget_spent_stops_with_the_checkpoint_named(local_ray, tmp_path):
