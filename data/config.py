@@ -24,6 +24,13 @@ def default_cache_dir() -> str:
     return os.environ.get(DEFAULT_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "latentforge")
 
 
+def use_persistent_compile_cache() -> str:
+    """Inductor's compiled graphs in the project's cache dir (not /tmp): a restarted or resumed run, or the next
+    run of the same shapes, loads them instead of compiling again (the train step's `parallel.compile`, the
+    engine's `EngineConfig.compile`). An explicit TORCHINDUCTOR_CACHE_DIR wins."""
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(default_cache_dir(), "inductor"))
+
+
 def resolve_cache_dir(cache_dir: Optional[str]) -> str:
     path = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
     os.makedirs(path, exist_ok=True)

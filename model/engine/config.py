@@ -49,6 +49,10 @@ class EngineConfig:
     # rollout routing replay (R3): keep the experts each trunk MoE layer chose for every token the main model
     # consumed (GenerationResult.routes); off = decoding pays nothing
     record_routes: bool = False
+    # torch.compile (inductor, dynamic shapes) the decode / verify step's forward: fewer Python/per-op overheads per
+    # token, at a compile cost of minutes on CPU the first time (inductor's cache in the project cache dir keeps
+    # it for the next runs); prefill and the MTP block stay eager. See bench/RESULTS.md for where it pays
+    compile: bool = False
 
     def __post_init__(self):
         if self.max_batch < 1:

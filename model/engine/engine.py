@@ -81,7 +81,7 @@ class Engine:
         self.vocab_size = model.cfg.vocab_size
         # verify steps write k+1 positions past the row's length, MTP catch-up up to 2k past it
         self.states = SlotStates(model, cfg.max_batch, cfg.max_seq_len + 3 * k + 2, draft_depths=k)
-        self.runner = ModelRunner(model, self.states, record_routes=cfg.record_routes)
+        self.runner = ModelRunner(model, self.states, record_routes=cfg.record_routes, compile=cfg.compile)
         self.drafter = MTPDrafter(self.runner, k, cfg.max_batch) if k else None
         self.gate = DraftGate(probe_interval=cfg.draft_probe_interval) if k and cfg.draft_gate else None
         self.temperature = torch.zeros(cfg.max_batch, dtype=torch.float64, device=self.device)

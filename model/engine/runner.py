@@ -42,11 +42,22 @@ class ForwardCache:
 
 
 class ModelRunner:
-    def __init__(self, model: "HybridModel", states: SlotStates, record_routes: bool = False) -> None:
+    def __init__(
+        self, model: "HybridModel", states: SlotStates, record_routes: bool = False, compile: bool = False
+    ) -> None:
         self.model = model
         self.states = states
         self.record_routes = record_routes
         self.prefill_routes: Optional[torch.Tensor] = None
+        # what the decode / verify steps call: the model itself, or (EngineConfig.compile) torch.compile's wrapper
+        # of it, which runs the same forward and leaves the model object as it is (training may share it)
+        self.step_forward = model
+        if compile:
+            from latentforge.data.config import use_persistent_compile_cache
+
+            use_persistent_compile_cache()
+            # dynamic: the rows, the fed tokens and the cache length change from step to step
+            self.step_forward = torch.compile(model, dynamic=True)
 
     def _cache(
         self, rows: slice, length: int, pos: torch.Tensor, recurrent: bool, keep_per_token: bool = False
@@ -122,7 +133,7 @@ class ModelRunner:
         self.states.check_fits(length)
         rows = slice(0, n)
         cache = self._cache(rows, length, pos, recurrent=True, keep_per_token=keep_positions)
-        out = self.model(ids, cache=cache)
+        out = self.step_forward(ids, cache=cache)
         if keep_positions:
             pending = self._pending(cache)
         else:

@@ -42,7 +42,7 @@ def test_compiled_blocks_match_eager(monkeypatch):
 
 
 def test_compiled_runs_keep_inductors_cache_in_the_project_cache_dir(monkeypatch, tmp_path):
-    from latentforge.train.parallel.wrapping import use_persistent_compile_cache
+    from latentforge.data.config import use_persistent_compile_cache
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("LATENTFORGE_CACHE", str(tmp_path))

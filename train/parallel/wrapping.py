@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
+from latentforge.data.config import use_persistent_compile_cache
 from latentforge.model.config import ModelConfig
 from latentforge.model.hybrid import Block, HybridModel
 from latentforge.model.mtp import MTPBlock
@@ -105,16 +106,6 @@ def wrap_unit(kind: str, module: nn.Module, checkpointed: set[str], compile_bloc
         use_persistent_compile_cache()
         for target in compiled:
             target.compile()
-
-
-def use_persistent_compile_cache() -> str:
-    """Inductor's compiled graphs in the project's cache dir (not /tmp): a restarted or resumed run, or the next
-    run of the same shapes, loads them instead of compiling again. An explicit TORCHINDUCTOR_CACHE_DIR wins."""
-    import os
-
-    from latentforge.data.config import default_cache_dir
-
-    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(default_cache_dir(), "inductor"))
 
 
 class _AutocastHooks:
