@@ -3,6 +3,7 @@
     python bench/bench_generate.py ckpt=<HF dir or DCP checkpoint / run dir>   # the main job's tiny model
     python bench/bench_generate.py                      # no checkpoint: trains the tiny recipe briefly first (cached)
     python bench/bench_generate.py prompts=16 max_new_tokens=96 batches=1,8 drafts=1,2,3 threads=1 hf=true
+    python bench/bench_generate.py model=deep compile=true   # also every configuration with EngineConfig.compile
 
 Greedy decoding of held-out problems of the generated chat data (data/synthetic.py) in the chat template with
 reasoning on. Every configuration runs in this process on the same prompts, alternated over `repeats` rounds;
@@ -13,6 +14,14 @@ reported: on a shared machine the CPU-time ratios are the steadier ones. "prefil
 (the same work in every configuration of a batch size); "x plain (cpu, decode)" leaves it out of both sides, so it
 is the ratio of everything after the prompts' forwards, the drafter's catch-up over the prompts included. Nothing
 here asserts on time.
+
+compile=true runs every configuration twice, eager and with `EngineConfig(compile=True)` (the decode / verify
+steps through torch.compile), alternated in the same rounds; the compiled rows' ratios are against eager plain
+decoding at the same batch size and their tokens are checked against it. Before the timed rounds, one compiled
+pass over all configurations compiles the graphs (dynamo's cache outlives an engine): its seconds, less the
+compiled configurations' best times, are reported as the compile time. Inductor's on-disk cache
+(~/.cache/latentforge/inductor, or TORCHINDUCTOR_CACHE_DIR) makes a second run's compile shorter; point
+TORCHINDUCTOR_CACHE_DIR at an empty folder for a cold one.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ class BenchArgs:
     train_batch: int = 8
     train_lr: float = 3e-3
     seed: int = 0
+    compile: bool = False  # also every configuration with EngineConfig.compile (see the docstring)
 
 
 # ----- a brief training run of the tiny recipe on the chat data (when no checkpoint is given) ---------------------
@@ -157,15 +167,17 @@ def train_tiny(args: BenchArgs, tokenizer, cache_dir: str):
 
 
 # ----- timing ----------------------------------------------------------------------------------------------------
-def run_engine(model, prompts, stop, max_new, batch, draft):
+def run_engine(model, prompts, stop, max_new, batch, draft, compile=False):
     from latentforge.model.engine import Engine, EngineConfig, SamplingParams
 
-    engine = Engine(
-        model,
-        EngineConfig(
-            max_batch=batch, max_seq_len=max(map(len, prompts)) + max_new, draft_tokens=draft, prefix_cache_size=0
-        ),
+    cfg = EngineConfig(
+        max_batch=batch,
+        max_seq_len=max(map(len, prompts)) + max_new,
+        draft_tokens=draft,
+        prefix_cache_size=0,
+        compile=compile,
     )
+    engine = Engine(model, cfg)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new, stop_token_ids=stop)
     prefill_cpu = [0.0]  # the prompts' forwards (the same work with and without drafting), CPU seconds
 
@@ -253,16 +265,27 @@ def main(argv=None) -> int:
     )
 
     run_engine(model, prompts[:2], stop, 8, 2, max(drafts))  # warm-up
-    configs = [(b, k) for b in batches for k in [0] + drafts]
+    modes = [False, True] if args.compile else [False]
+    configs = [(b, k, c) for b in batches for c in modes for k in [0] + drafts]
+    first = {}
+    if args.compile:  # the compiled configurations once before the timed rounds: the graphs' compile
+        for batch, draft, compiled in configs:
+            if compiled:
+                r = run_engine(model, prompts, stop, args.max_new_tokens, batch, draft, True)
+                first[(batch, draft)] = r["wall"]
+                print(f"compile pass: batch {batch} k={draft} {r['wall']:.1f} s wall", flush=True)
     best = {}
     for _ in range(args.repeats):
-        for batch, draft in configs:
-            r = run_engine(model, prompts, stop, args.max_new_tokens, batch, draft)
-            if (batch, draft) in best:  # the fastest round, wall and CPU time each
-                r["wall"] = min(r["wall"], best[(batch, draft)]["wall"])
-                if r["cpu"] > best[(batch, draft)]["cpu"]:  # the decode-only column reads the same round
-                    r["cpu"], r["prefill_cpu"] = best[(batch, draft)]["cpu"], best[(batch, draft)]["prefill_cpu"]
-            best[(batch, draft)] = r
+        for config in configs:
+            r = run_engine(model, prompts, stop, args.max_new_tokens, *config)
+            if config in best:  # the fastest round, wall and CPU time each
+                r["wall"] = min(r["wall"], best[config]["wall"])
+                if r["cpu"] > best[config]["cpu"]:  # the decode-only column reads the same round
+                    r["cpu"], r["prefill_cpu"] = best[config]["cpu"], best[config]["prefill_cpu"]
+            best[config] = r
+    if args.compile:
+        compile_s = sum(first[(b, k)] - best[(b, k, True)]["wall"] for b, k, c in configs if c)
+        print(f"compile time (the compile pass less the compiled configurations' best runs): {compile_s:.1f} s wall")
 
     hf = None
     if args.hf:
@@ -272,39 +295,39 @@ def main(argv=None) -> int:
 
     correct = sum(
         check_answer(p, tokenizer.decode(t, skip_special_tokens=False))
-        for p, t in zip(problems, best[(batches[0], 0)]["tokens"])
+        for p, t in zip(problems, best[(batches[0], 0, False)]["tokens"])
     )
     print(f"answers correct (greedy): {correct}/{len(problems)}\n")
     header = (
-        f"{'batch':>5} {'draft k':>7} {'tokens':>7} {'wall s':>8} {'cpu s':>8} {'tok/s wall':>10} "
+        f"{'batch':>5} {'compiled':>8} {'draft k':>7} {'tokens':>7} {'wall s':>8} {'cpu s':>8} {'tok/s wall':>10} "
         f"{'tok/s cpu':>10} {'x plain (wall)':>14} {'x plain (cpu)':>13} {'prefill cpu s':>13} "
         f"{'x plain (cpu, decode)':>21} {'accepted len':>12} {'acceptance per depth':>22} {'same tokens':>11}"
     )
     print(header)
-    for batch, draft in configs:
-        r, base = best[(batch, draft)], best[(batch, 0)]
+    for batch, draft, compiled in configs:
+        r, base = best[(batch, draft, compiled)], best[(batch, 0, False)]  # against eager plain decoding
         n = sum(map(len, r["tokens"]))
         stats = r["stats"]
         acc = " ".join(f"{a:.2f}" for a in stats.acceptance_rate) if draft else "-"
         accepted = f"{stats.mean_accepted_length:.2f}" if draft else "-"
         decode = (base["cpu"] - base["prefill_cpu"]) / (r["cpu"] - r["prefill_cpu"])
         print(
-            f"{batch:>5} {draft:>7} {n:>7} {r['wall']:>8.2f} {r['cpu']:>8.2f} {n / r['wall']:>10.1f} "
+            f"{batch:>5} {str(compiled):>8} {draft:>7} {n:>7} {r['wall']:>8.2f} {r['cpu']:>8.2f} {n / r['wall']:>10.1f} "
             f"{n / r['cpu']:>10.1f} {base['wall'] / r['wall']:>14.2f} {base['cpu'] / r['cpu']:>13.2f} "
             f"{r['prefill_cpu']:>13.3f} {decode:>21.2f} {accepted:>12} {acc:>22} {str(r['tokens'] == base['tokens']):>11}"
         )
     if hf is not None:
         n = sum(map(len, hf["tokens"]))
-        same = sum(a == b for a, b in zip(hf["tokens"], best[(1, 0)]["tokens"])) if 1 in batches else "n/a"
+        same = sum(a == b for a, b in zip(hf["tokens"], best[(1, 0, False)]["tokens"])) if 1 in batches else "n/a"
         print(
             f"\ntransformers generate (batch 1): {n} tokens, {hf['wall']:.2f} s wall, {hf['cpu']:.2f} s cpu, "
             f"{n / hf['wall']:.1f} tok/s wall; same tokens as the engine for {same}/{len(prompts)} prompts"
         )
-        for batch, draft in configs:
-            r = best[(batch, draft)]
+        for batch, draft, compiled in configs:
+            r = best[(batch, draft, compiled)]
             m = sum(map(len, r["tokens"]))
             print(
-                f"  engine batch {batch} k={draft}: x{(m / r['wall']) / (n / hf['wall']):.2f} tok/s vs transformers "
+                f"  engine batch {batch} k={draft}{' compiled' if compiled else ''}: x{(m / r['wall']) / (n / hf['wall']):.2f} tok/s vs transformers "
                 f"(wall), x{(m / r['cpu']) / (n / hf['cpu']):.2f} (cpu)"
             )
     return 0
