@@ -394,9 +394,12 @@ class Engine:
             sampled = probs.gather(-1, emitted.unsqueeze(-1)).squeeze(-1).log()
             logprobs = torch.where(self.temperature[rows, None] > 0, sampled, logprobs.to(sampled.dtype))
         # the step's one read-back: what the host needs to emit tokens and decide who finished
-        both = torch.cat([accepted[:, None], emitted], dim=1)
-        both, logprobs, kept_logits, routes = self._read_back(self.running, both, logprobs, out.logits, out.routes)
-        counts, emitted_list = [row[0] for row in both.tolist()], [row[1:] for row in both.tolist()]
+        counted = torch.cat([accepted[:, None], emitted], dim=1)  # per row: accepted drafts, then emitted tokens
+        counted, logprobs, kept_logits, routes = self._read_back(
+            self.running, counted, logprobs, out.logits, out.routes
+        )
+        rows_back = counted.tolist()
+        counts, emitted_list = [row[0] for row in rows_back], [row[1:] for row in rows_back]
         logprob_list = logprobs.tolist()
         self.stats.verify_rows += n
         self.stats.verify_tokens += sum(counts) + n
