@@ -378,6 +378,7 @@ class Engine:
                 per_position(self.top_k),
                 per_position(self.top_p),
                 cut=self._any_cut(self.running),
+                any_greedy=not self._all_sampled(self.running),
             ).view(n, k + 1, -1)
             uniforms = to_device(torch.stack([r.uniforms(k + 1) for r in self.running]), self.device)
             draft_probs = drafter.draft_distributions(n, probs.shape[-1], probs.dtype)
@@ -443,6 +444,10 @@ class Engine:
     def _all_greedy(self, rows: slice) -> bool:
         return all(request.params.greedy for request in self.running[rows])
 
+    @staticmethod
+    def _all_sampled(requests: list) -> bool:
+        return not any(request.params.greedy for request in requests)
+
     def _any_cut(self, requests: list) -> bool:
         """Whether a sampled row has a top-k or top-p cut (known from the requests, not read from the device)."""
         vocab = self.vocab_size
@@ -478,7 +483,12 @@ class Engine:
         if self._all_greedy(rows):
             return logits.argmax(-1), None
         probs = sampling_probs(
-            logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], cut=self._any_cut(requests)
+            logits,
+            self.temperature[rows],
+            self.top_k[rows],
+            self.top_p[rows],
+            cut=self._any_cut(requests),
+            any_greedy=not self._all_sampled(requests),
         )
         uniforms = to_device(torch.stack([r.uniforms(1) for r in requests]), self.device)
         return sample(probs, uniforms[:, 0]), probs
@@ -490,7 +500,7 @@ class Engine:
         if probs is None:
             return tokens, log_softmax_at(logits, tokens)
         logprobs = probs.gather(-1, tokens[:, None]).squeeze(-1).log()
-        if any(request.params.greedy for request in requests):
+        if not self._all_sampled(requests):
             greedy = self.temperature[lo : lo + len(requests)] <= 0
             logprobs = torch.where(greedy, log_softmax_at(logits, tokens).to(logprobs.dtype), logprobs)
         return tokens, logprobs

@@ -25,10 +25,11 @@ def sampling_probs(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     cut: Optional[bool] = None,
+    any_greedy: Optional[bool] = None,
 ) -> torch.Tensor:
     """logits (n, V); per-row temperature (n,) (0 = greedy), top_k (n,) long (0 = off), top_p (n,) (1 = off).
-    cut: whether any row has a top-k / top-p cut; the engine knows it from the requests (None: read from top_k and
-    top_p, which waits for the device).
+    cut / any_greedy: whether any row has a top-k / top-p cut / is greedy; the engine knows both from the requests
+    (None: read from the tensors, which waits for the device).
 
     Returns probabilities (n, V) in fp32 (fp64 for fp64 logits)."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -49,6 +50,10 @@ def sampling_probs(
         sorted_logits = sorted_logits.masked_fill(before >= top_p.to(dtype)[:, None], float("-inf"))
         scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(scaled, dim=-1)
+    if any_greedy is None:
+        any_greedy = bool(greedy.any())
+    if not any_greedy:  # the usual sampled batch: no (n, V) one-hot to build
+        return probs
     one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     return torch.where(greedy[:, None], one_hot, probs)
 

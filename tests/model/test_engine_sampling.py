@@ -83,6 +83,14 @@ def test_sampling_probs_against_a_loop():
     torch.testing.assert_close(
         sampling_probs(logits[uncut], temperature[uncut], top_k[uncut], top_p[uncut], cut=False), got[uncut]
     )
+    sampled = [0, 1, 2, 3]  # rows with a temperature > 0: the same without the greedy one-hot
+    torch.testing.assert_close(
+        sampling_probs(logits[sampled], temperature[sampled], top_k[sampled], top_p[sampled], any_greedy=False),
+        got[sampled],
+        rtol=0,
+        atol=0,
+    )
+    torch.testing.assert_close(sampling_probs(logits, temperature, top_k, top_p, any_greedy=True), got, rtol=0, atol=0)
 
 
 def test_sample_follows_the_distribution_and_skips_zero_mass():
